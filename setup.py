@@ -1,0 +1,30 @@
+"""Install the toolkit.
+
+GPU users install Paddle's GPU wheel first and then ``pip install .``; the CPU wheel is only pulled
+by the ``cpu`` extra (``pip install .[cpu]``) so that two Paddle builds never share one environment.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="paddle-rlhf",
+    version="0.1.0",
+    description="PaddlePaddle-native RLHF: supervised fine-tuning, reward modelling and PPO with 3D parallelism",
+    packages=find_packages(include=["ppo", "ppo.*", "rm", "rm.*"]),
+    package_data={"ppo.tiny": ["data/*.jsonl"]},
+    python_requires=">=3.9",
+    install_requires=[
+        "paddlenlp==3.0.0b4",
+        "numpy<2",
+        "datasets>=2.19",
+        "sentencepiece",
+        "tqdm",
+        # paddlenlp imports aistudio_sdk.hub.download, removed in aistudio-sdk 0.3
+        "aistudio-sdk<0.3",
+    ],
+    extras_require={
+        "cpu": ["paddlepaddle>=3.0,<3.4"],
+        "test": ["pytest"],
+        "plot": ["matplotlib"],
+    },
+)
