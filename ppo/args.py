@@ -1,0 +1,250 @@
+"""Arguments of every stage: dataclasses built from shared parts, read from JSON + command line.
+
+``parse_args(RewardArgs, argv)`` reads ``argv[0]`` as a JSON file when it ends in ``.json`` and
+then applies ``--key value`` overrides (PaddleNLP's convention).  Every field carries a help
+string (``--help`` prints them).  Mistakes (unknown key, wrong type, out-of-range value, JSON
+syntax) raise ``UserError`` with one line naming the key and what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import typing
+from dataclasses import dataclass, field, fields
+
+from ppo.errors import UserError, closest
+
+
+def arg(default, help: str, choices=None):
+    """A dataclass field with a help string (and optionally the accepted values)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared parts
+
+
+@dataclass
+class TrainingArgs:
+    output_dir: str = arg("output", "Folder for checkpoints, metrics.jsonl and logs.")
+    seed: int = arg(42, "Random seed of model initialisation, data order, sampling and dropout.")
+    num_train_epochs: float = arg(1.0, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = arg(-1, "Total optimizer steps; overrides num_train_epochs when > 0.")
+    per_device_train_batch_size: int = arg(8, "Training micro-batch per device (pairs for the reward model).")
+    per_device_eval_batch_size: int = arg(16, "Evaluation batch per device.")
+    gradient_accumulation_steps: int = arg(1, "Micro-batches accumulated per optimizer step.")
+    learning_rate: float = arg(2e-5, "Peak learning rate (of the actor in PPO).")
+    weight_decay: float = arg(0.0, "AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = arg(0.9, "AdamW beta1.")
+    adam_beta2: float = arg(0.95, "AdamW beta2.")
+    adam_epsilon: float = arg(1e-8, "AdamW epsilon.")
+    lr_scheduler_type: str = arg("cosine", "Learning-rate schedule after warm-up.",
+                                 ("constant", "linear", "cosine"))
+    warmup_ratio: float = arg(0.0, "Share of the total steps spent in linear warm-up.")
+    warmup_steps: int = arg(0, "Warm-up steps; overrides warmup_ratio when > 0.")
+    max_grad_norm: float = arg(1.0, "Global gradient-norm clip (0 disables).")
+    logging_steps: int = arg(10, "Log metrics every this many optimizer steps.")
+    eval_steps: int = arg(0, "Evaluate every this many steps (0: only at the end).")
+    save_steps: int = arg(0, "Save a checkpoint every this many steps (0: only at the end).")
+    save_total_limit: int = arg(2, "Keep at most this many step checkpoints (the final model is always kept).")
+    bf16: bool = arg(False, "bfloat16 mixed precision (GPU builds; ignored with a warning on CPU).")
+    fp16: bool = arg(False, "float16 mixed precision (GPU builds; ignored with a warning on CPU).")
+    disable_tqdm: bool = arg(False, "Hide progress bars.")
+    resume_from_checkpoint: str = arg("", "Checkpoint folder to resume from, or 'auto' for the latest in output_dir.")
+
+
+@dataclass
+class ParallelArgs:
+    tensor_parallel_degree: int = arg(1, "Tensor (model) parallel degree.")
+    pipeline_parallel_degree: int = arg(1, "Pipeline parallel degree.")
+    sharding_parallel_degree: int = arg(1, "Sharding (ZeRO) degree; the remaining ranks are data parallel.")
+    sharding: str = arg("", "Sharding stage when sharding_parallel_degree > 1.", ("", "stage1", "stage2"))
+
+
+@dataclass
+class DataArgs:
+    train_datasets: str = arg("", "Training data: comma-separated NAME[:proportion[:path]].")
+    eval_datasets: str = arg("", "Evaluation data, same form; empty: hold out eval_split_ratio of the training data.")
+    eval_split_ratio: float = arg(0.0, "Share of the training data held out for evaluation when eval_datasets is empty.")
+    max_length: int = arg(512, "Maximum tokens of prompt + answer.")
+    prompt_template: str = arg("", "Prompt template with an {input} placeholder (default: safe-rlhf's conversation format).")
+    extra_modules: str = arg("", "Comma-separated Python modules or .py files to import first (register your own datasets).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+@dataclass
+class RewardArgs(TrainingArgs, ParallelArgs, DataArgs):
+    model_name_or_path: str = arg("", "Backbone to start from (a paddlenlp causal LM or a saved score model).")
+    loss_type: str = arg("sequence-wise", "Preference loss on end scores or over the differing span.",
+                         ("sequence-wise", "token-wise"))
+    regularization: float = arg(0.0, "L2 coefficient on the scores.")
+    margin: float = arg(0.0, "Margin m in -log sigmoid(r_better - r_worse - m).")
+    score_bias: bool = arg(True, "Give the score head a bias.")
+    normalize_score_during_training: bool = arg(False, "Normalise scores with the running statistics while training.")
+    normalizer_type: str = arg("RunningMeanStd", "Score normaliser whose statistics are saved with the model.",
+                               ("RunningMeanStd", "ExponentialMovingAverage", "none"))
+    normalizer_momentum: float = arg(0.9, "Momentum of the ExponentialMovingAverage normaliser.")
+
+
+@dataclass
+class SFTArgs(TrainingArgs, ParallelArgs, DataArgs):
+    model_name_or_path: str = arg("", "Causal LM to fine-tune (paddlenlp format).")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _base_type(tp):
+    if typing.get_origin(tp) is typing.Union:
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def _coerce(name: str, tp, value, source: str):
+    tp = _base_type(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):  # JSON lists of names are accepted as comma-separated
+            return ",".join(str(v) for v in value)
+    raise UserError(f"{source}: '{name}' must be {tp.__name__}, got {value!r}")
+
+
+def load_json_config(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"config file '{path}' does not exist")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"config file '{path}' is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file '{path}' must hold a JSON object of argument names to values")
+    return data
+
+
+def format_help(cls) -> str:
+    hints = typing.get_type_hints(cls)
+    lines = [f"usage: <script> [config.json] [--key value ...]\n\n{cls.__name__} arguments:"]
+    for f in fields(cls):
+        choices = f.metadata.get("choices")
+        extra = f" One of: {', '.join(repr(c) for c in choices)}." if choices else ""
+        lines.append(f"  --{f.name} ({_base_type(hints[f.name]).__name__}, default {f.default!r}): "
+                     f"{f.metadata.get('help', '')}{extra}")
+    return "\n".join(lines)
+
+
+def parse_args(cls, argv=None):
+    """Build ``cls`` from an optional JSON file (first argument) and ``--key value`` overrides."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(format_help(cls))
+        raise SystemExit(0)
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    values: dict = {}
+    sources: dict = {}
+    if argv and not argv[0].startswith("--"):
+        path = argv.pop(0)
+        for key, value in load_json_config(path).items():
+            values[key], sources[key] = value, f"config file '{path}'"
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--"):
+            raise UserError(f"unexpected command-line argument '{token}': expected a config .json first, then --key value pairs")
+        key, eq, inline = token[2:].partition("=")
+        if eq:
+            value, i = inline, i + 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value, i = argv[i + 1], i + 2
+        elif key in known and _base_type(hints[key]) is bool:
+            value, i = "true", i + 1  # a bare --flag means true
+        else:
+            raise UserError(f"command-line argument '--{key}' needs a value")
+        values[key], sources[key] = value, "command line"
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise UserError(f"{sources[key]}: unknown argument '{key}'{closest(key, known)}; "
+                            f"run with --help to list the {len(known)} accepted arguments")
+        kwargs[key] = _coerce(key, hints[key], value, sources[key])
+        choices = known[key].metadata.get("choices")
+        if choices is not None and kwargs[key] not in choices:
+            raise UserError(f"{sources[key]}: '{key}' must be one of {', '.join(repr(c) for c in choices)}, "
+                            f"got {kwargs[key]!r}{closest(str(kwargs[key]), [str(c) for c in choices])}")
+    args = cls(**kwargs)
+    validate(args)
+    return args
+
+
+def _require(ok: bool, message: str):
+    if not ok:
+        raise UserError(message)
+
+
+def validate(args) -> None:
+    """Range checks shared by all stages (stage-specific checks follow in their entry points)."""
+    names = {f.name for f in fields(args)}
+    for key in ("learning_rate", "critic_learning_rate", "adam_epsilon"):
+        if key in names:
+            _require(getattr(args, key) > 0, f"'{key}' must be > 0, got {getattr(args, key)}")
+    for key in ("weight_decay", "critic_weight_decay", "max_grad_norm", "regularization", "margin"):
+        if key in names:
+            _require(getattr(args, key) >= 0, f"'{key}' must be >= 0, got {getattr(args, key)}")
+    for key in ("adam_beta1", "adam_beta2"):
+        _require(0 <= getattr(args, key) < 1, f"'{key}' must be in [0, 1), got {getattr(args, key)}")
+    for key in ("warmup_ratio", "critic_warmup_ratio", "eval_split_ratio"):
+        if key in names:
+            _require(0 <= getattr(args, key) < 1, f"'{key}' must be in [0, 1), got {getattr(args, key)}")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "max_length", "logging_steps", "tensor_parallel_degree", "pipeline_parallel_degree",
+                "sharding_parallel_degree", "per_device_prompt_batch_size", "update_iters",
+                "num_return_sequences", "max_new_tokens"):
+        if key in names:
+            _require(getattr(args, key) >= 1, f"'{key}' must be >= 1, got {getattr(args, key)}")
+    _require(args.num_train_epochs > 0 or args.max_steps > 0,
+             f"'num_train_epochs' must be > 0 (or set max_steps), got {args.num_train_epochs}")
+    _require(args.save_total_limit >= 1, f"'save_total_limit' must be >= 1, got {args.save_total_limit}")
+    _require(not (args.bf16 and args.fp16), "'bf16' and 'fp16' cannot both be true")
+    _require(bool(getattr(args, "train_datasets", "x")), "'train_datasets' is empty: name at least one dataset")
+    if args.sharding_parallel_degree > 1:
+        _require(args.sharding in ("stage1", "stage2"),
+                 f"'sharding' must be 'stage1' or 'stage2' when sharding_parallel_degree > 1, got {args.sharding!r}")
+
+
+def to_dict(args) -> dict:
+    return dataclasses.asdict(args)

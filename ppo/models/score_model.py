@@ -1,0 +1,103 @@
+"""Score model: a paddlenlp LLaMA backbone with a scalar score head.
+
+Used as the reward model (``score_type="reward"``) and as the PPO critic (``score_type="critic"``).
+The head and the normaliser statistics are stored in the model config, so ``save_pretrained`` /
+``from_pretrained`` round-trip exactly and a causal-LM checkpoint can seed a new score model
+(its ``lm_head`` is ignored and the head starts from a fixed-seed random init).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import paddle
+import paddle.nn as nn
+from paddlenlp.transformers import LlamaConfig, LlamaModel, LlamaPretrainedModel
+
+from ppo.errors import UserError
+from ppo.models.loading import check_model_path
+from ppo.models.normalizer import Normalizer
+
+
+def position_ids_from_mask(attention_mask: paddle.Tensor) -> paddle.Tensor:
+    """[B, T] positions counted over real tokens only, so left and right padding give the same RoPE."""
+    mask = attention_mask.astype("int64")
+    return paddle.clip(paddle.cumsum(mask, axis=-1) - 1, min=0)
+
+
+def last_token_index(attention_mask: paddle.Tensor) -> paddle.Tensor:
+    """[B] index of the last real token: correct for right padding and for left padding."""
+    T = attention_mask.shape[-1]
+    positions = paddle.arange(T, dtype="int64").unsqueeze(0)
+    return (positions * attention_mask.astype("int64")).max(axis=-1)
+
+
+@dataclass
+class ScoreOutput:
+    scores: paddle.Tensor      # [B, T, score_dim] score after every token
+    end_scores: paddle.Tensor  # [B, score_dim] score at the last real token
+
+
+class LlamaModelForScore(LlamaPretrainedModel):
+    """LLaMA + linear score head; config keys: score_dim, score_bias, score_type, normaliser stats."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__(config)
+        self.llama = LlamaModel(config)
+        config.score_dim = int(getattr(config, "score_dim", 1))
+        config.score_bias = bool(getattr(config, "score_bias", True))
+        config.score_type = getattr(config, "score_type", "reward")
+        self.score_head = nn.Linear(config.hidden_size, config.score_dim,
+                                    bias_attr=None if config.score_bias else False)
+        self.normalizer = Normalizer.from_config(config)
+
+    def forward(self, input_ids, attention_mask, position_ids=None) -> ScoreOutput:
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask)
+        hidden = self.llama(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids, return_dict=True).last_hidden_state
+        scores = self.score_head(hidden.astype(self.score_head.weight.dtype))
+        index = last_token_index(attention_mask)
+        end_scores = paddle.take_along_axis(scores, index.reshape([-1, 1, 1]).expand(
+            [scores.shape[0], 1, scores.shape[-1]]), axis=1).squeeze(1)
+        return ScoreOutput(scores=scores, end_scores=end_scores)
+
+    def sync_normalizer_to_config(self) -> None:
+        for key, value in self.normalizer.to_config().items():
+            setattr(self.config, key, value)
+
+    def save_pretrained(self, save_dir, *args, **kwargs):
+        self.sync_normalizer_to_config()
+        return super().save_pretrained(save_dir, *args, **kwargs)
+
+
+def load_score_model(path: str, score_type: str = "reward", score_dim: int = 1, score_bias: bool = True,
+                     what: str = "model_name_or_path", **config_overrides) -> LlamaModelForScore:
+    """Load a score model, or start one from a causal-LM checkpoint (new head, fixed-seed init).
+
+    A saved score model whose head shape differs from ``score_dim`` is rejected with one line.
+    """
+    saved = check_model_path(path, what)
+    if saved.get("model_type", "llama") != "llama":
+        raise UserError(f"'{what}' = '{path}' is a {saved.get('model_type')!r} model; score models support: llama")
+    is_score = "score_dim" in saved
+    if is_score and int(saved["score_dim"]) != score_dim:
+        raise UserError(f"'{what}' = '{path}' has a score head of dim {saved['score_dim']}, "
+                        f"but score_dim={score_dim} was asked for")
+    config = LlamaConfig.from_pretrained(path)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    config.score_type = score_type
+    if not is_score:
+        config.score_dim, config.score_bias = score_dim, score_bias
+    # the head of a new score model gets the same init on every rank and every run
+    with paddle.utils.unique_name.guard():
+        paddle.seed(int(config_overrides.get("seed", 0)) if "seed" in config_overrides else 0)
+        try:
+            model = LlamaModelForScore.from_pretrained(path, config=config)
+        except RuntimeError as e:
+            if "score_head" in str(e):
+                raise UserError(f"'{what}' = '{path}': score head shape in the weights does not match its "
+                                f"config (score_dim={config.score_dim}, score_bias={config.score_bias})") from None
+            raise
+    return model

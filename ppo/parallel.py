@@ -1,0 +1,141 @@
+"""The only module that touches paddle.distributed / fleet: start-up, groups, collectives.
+
+Layout: world = data x sharding x pipeline x tensor (fleet's hybrid topology).  Trainers ask this
+module for the rank/degree they need and for reductions of python/numpy values; the math and the
+loop never import paddle.distributed themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+
+from ppo.errors import UserError
+
+
+@dataclass
+class ParallelContext:
+    world_size: int = 1
+    rank: int = 0
+    dp_degree: int = 1           # data-parallel replicas (sharding ranks also see different data)
+    dp_rank: int = 0
+    sharding_degree: int = 1
+    sharding_rank: int = 0
+    mp_degree: int = 1
+    pp_degree: int = 1
+    hcg: object = None           # fleet's HybridCommunicateGroup, None in a single process
+
+    @property
+    def data_world(self) -> int:
+        """Ranks that consume different samples: data parallel x sharding."""
+        return self.dp_degree * self.sharding_degree
+
+    @property
+    def data_rank(self) -> int:
+        return self.dp_rank * self.sharding_degree + self.sharding_rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+_CONTEXT = ParallelContext()
+
+
+def context() -> ParallelContext:
+    return _CONTEXT
+
+
+def device() -> str:
+    """'gpu' on CUDA builds with a visible device, else 'cpu'."""
+    if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        return "gpu"
+    return "cpu"
+
+
+def init_parallel(args) -> ParallelContext:
+    """Start fleet for the degrees in ``args`` (a no-op in a single process)."""
+    global _CONTEXT
+    world = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
+    mp = int(getattr(args, "tensor_parallel_degree", 1))
+    pp = int(getattr(args, "pipeline_parallel_degree", 1))
+    sd = int(getattr(args, "sharding_parallel_degree", 1))
+    if world % (mp * pp * sd) != 0:
+        raise UserError(f"tensor_parallel_degree ({mp}) x pipeline_parallel_degree ({pp}) x "
+                        f"sharding_parallel_degree ({sd}) = {mp * pp * sd} does not divide the world size {world}")
+    dp = world // (mp * pp * sd)
+    if world == 1:
+        _CONTEXT = ParallelContext()
+        return _CONTEXT
+    if mp > 1 or pp > 1:
+        raise UserError("tensor_parallel_degree and pipeline_parallel_degree > 1 are not supported yet; "
+                        "use data parallel and sharding")
+    paddle.set_device(device())
+    from paddle.distributed import fleet
+
+    strategy = fleet.DistributedStrategy()
+    strategy.hybrid_configs = {"dp_degree": dp, "mp_degree": mp, "pp_degree": pp, "sharding_degree": sd}
+    fleet.init(is_collective=True, strategy=strategy)
+    hcg = fleet.get_hybrid_communicate_group()
+    _CONTEXT = ParallelContext(
+        world_size=world, rank=dist.get_rank(), dp_degree=dp, dp_rank=hcg.get_data_parallel_rank(),
+        sharding_degree=sd, sharding_rank=hcg.get_sharding_parallel_rank(), mp_degree=mp, pp_degree=pp, hcg=hcg)
+    return _CONTEXT
+
+
+def wrap_for_training(model, optimizer, sharding_stage: str = ""):
+    """Hand a model and its optimizer to fleet (data parallel / sharding); identity in one process."""
+    if not _CONTEXT.distributed:
+        return model, optimizer
+    from paddle.distributed import fleet
+
+    if _CONTEXT.sharding_degree > 1 and sharding_stage == "stage2":
+        from paddle.distributed.sharding import group_sharded_parallel
+
+        group = _CONTEXT.hcg.get_sharding_parallel_group()
+        model, optimizer, _ = group_sharded_parallel(model, optimizer, level="os_g", group=group)
+        return model, optimizer
+    model = fleet.distributed_model(model)
+    optimizer = fleet.distributed_optimizer(optimizer)
+    return model, optimizer
+
+
+def _dp_groups():
+    """Groups across which different data is seen (data parallel, then sharding)."""
+    if not _CONTEXT.distributed:
+        return []
+    groups = []
+    if _CONTEXT.dp_degree > 1:
+        groups.append(_CONTEXT.hcg.get_data_parallel_group())
+    if _CONTEXT.sharding_degree > 1:
+        groups.append(_CONTEXT.hcg.get_sharding_parallel_group())
+    return groups
+
+
+def all_gather_data(values) -> np.ndarray:
+    """Concatenate a 1-D array from every data rank, in data-rank order."""
+    x = np.asarray(values, dtype=np.float64).reshape(-1)
+    for group in reversed(_dp_groups()):
+        # gather over the sharding group first, then data parallel: matches data_rank order
+        out = []
+        dist.all_gather(out, paddle.to_tensor(x), group=group)
+        x = np.concatenate([t.numpy() for t in out])
+    return x
+
+
+def mean_over_data(value: float) -> float:
+    """Average of a python float over the data ranks (every rank gets the result)."""
+    return float(all_gather_data([value]).mean())
+
+
+def barrier() -> None:
+    if _CONTEXT.distributed:
+        dist.barrier()

@@ -1,0 +1,24 @@
+"""Supervised fine-tuning of a causal LM on answer tokens.
+
+    python -m paddle.distributed.launch ppo/run_sft.py config/tiny/sft_argument.json [--key value ...]
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ppo  # noqa: E402,F401  (sets the MKL environment before paddle loads)
+from ppo.training import quiet_libraries, run_entry  # noqa: E402
+
+
+def main(argv=None):
+    from ppo.args import SFTArgs, parse_args
+    from ppo.sft_trainer import SFTTrainer
+
+    SFTTrainer(parse_args(SFTArgs, argv)).train()
+
+
+if __name__ == "__main__":
+    quiet_libraries()
+    run_entry(main)

@@ -1,0 +1,71 @@
+"""Supervised fine-tuning: next-token loss on answer tokens only (prompt tokens carry label -100)."""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from ppo import parallel
+from ppo.args import SFTArgs
+from ppo.data import SupervisedDataset
+from ppo.models import check_max_length, check_model_path, load_causal_lm, load_tokenizer, position_ids_from_mask
+from ppo.training import SingleModelTrainer, load_datasets, prepare_output_dir, set_seed
+
+
+def lm_logits(model, input_ids, attention_mask) -> paddle.Tensor:
+    """[B, T, V] logits with positions counted over real tokens (same for any padding side)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), return_dict=True)
+    return out.logits
+
+
+def answer_token_loss(logits, labels) -> tuple[paddle.Tensor, int]:
+    """Mean next-token cross entropy over labelled positions; logits [B, T, V], labels [B, T]."""
+    shift_logits = logits[:, :-1].astype("float32")
+    shift_labels = labels[:, 1:]
+    valid = (shift_labels != -100)
+    n = int(valid.astype("int64").sum())
+    per_token = F.cross_entropy(shift_logits, paddle.where(valid, shift_labels, paddle.zeros_like(shift_labels))
+                                .unsqueeze(-1), reduction="none").squeeze(-1)
+    return (per_token * valid.astype("float32")).sum() / max(n, 1), n
+
+
+class SFTTrainer(SingleModelTrainer):
+    stage = "sft"
+
+    def __init__(self, args: SFTArgs):
+        parallel.init_parallel(args)
+        prepare_output_dir(args.output_dir)
+        set_seed(args.seed)
+        config = check_model_path(args.model_name_or_path)
+        check_max_length(config, args.max_length, args.model_name_or_path)
+        tokenizer = load_tokenizer(args.model_name_or_path)
+        train_data, eval_data = load_datasets(SupervisedDataset, args, tokenizer)
+        model = load_causal_lm(args.model_name_or_path)
+        self.setup(args, model, tokenizer, train_data, eval_data)
+
+    def compute_loss(self, batch):
+        with self.precision.autocast():
+            logits = lm_logits(self.model, batch["input_ids"], batch["attention_mask"])
+        loss, _ = answer_token_loss(logits, batch["labels"])
+        return loss, {}
+
+    @paddle.no_grad()
+    def evaluate(self) -> dict:
+        """Token-weighted answer loss and perplexity on the eval set, over all data ranks."""
+        if self.eval_data is None:
+            return {}
+        mine, per_rank = self.eval_shard()
+        total, count = 0.0, 0
+        self.model.eval()
+        bs = self.args.per_device_eval_batch_size
+        for start in range(0, len(mine), bs):
+            batch = self.collate(self.eval_data, mine[start:start + bs])
+            loss, n = answer_token_loss(lm_logits(self.model, batch["input_ids"], batch["attention_mask"]),
+                                        batch["labels"])
+            total, count = total + float(loss) * n, count + n
+        self.model.train()
+        sums = parallel.all_gather_data([total, count]).reshape(-1, 2).sum(axis=0)
+        loss = float(sums[0] / max(sums[1], 1))
+        return {"loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "tokens": int(sums[1])}

@@ -1,0 +1,449 @@
+"""Pieces every stage's training loop uses: entry-point wrapper, seeding, batching over data ranks,
+optimizer and schedule, mixed precision, metrics logging and atomic checkpoint writes.
+
+The loops themselves (``rm/reward_trainer.py``, ``ppo/sft_trainer.py``, ``ppo/trainer.py``) own
+``backward()`` / ``optimizer.step()``; nothing here hides the algorithm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+
+import numpy as np
+import paddle
+from tqdm import tqdm
+
+from ppo.errors import UserError
+
+logger = logging.getLogger("ppo")
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def quiet_libraries() -> None:
+    """Keep paddle / paddlenlp start-up chatter out of the console."""
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*deprecated.*")
+    try:
+        from paddlenlp.utils.log import logger as nlp_logger
+
+        nlp_logger.set_level("WARNING")
+    except Exception:  # pragma: no cover - logging only
+        pass
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def run_entry(main, argv=None) -> None:
+    """Run ``main(argv)``; a ``UserError`` becomes one line on stderr and exit status 2."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    paddle.seed(seed)
+
+
+def prepare_output_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"output_dir '{path}' is not writable: {e.strerror}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def build_template(args):
+    from ppo.data import PromptTemplate
+
+    return PromptTemplate(first=args.prompt_template) if args.prompt_template else PromptTemplate()
+
+
+def load_datasets(cls, args, tokenizer):
+    """(train, eval or None) of dataset class ``cls`` from train/eval specs or a held-out split."""
+    from ppo.data import import_user_modules
+
+    if args.extra_modules:
+        import_user_modules([m for m in args.extra_modules.split(",") if m])
+    template = build_template(args)
+    train = cls(args.train_datasets, tokenizer, args.max_length, seed=args.seed, template=template)
+    if args.eval_datasets:
+        return train, cls(args.eval_datasets, tokenizer, args.max_length, seed=args.seed, template=template)
+    if args.eval_split_ratio > 0:
+        return train.split(args.eval_split_ratio, seed=args.seed)
+    return train, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching: the same global batches whatever the number of data ranks
+
+
+class GlobalBatchSampler:
+    """Yields, per optimizer step, this rank's micro-batches of sample indices.
+
+    Each epoch is a seeded permutation; step ``s`` takes the global batch ``perm[s*G:(s+1)*G]`` with
+    ``G = per_device_batch * accumulation * data_world``, split into contiguous per-rank chunks
+    and then into ``accumulation`` micro-batches.  One rank with batch 2B sees exactly the samples
+    two ranks with batch B see together, which is what makes runs comparable across layouts.
+    The position is a pure function of the global step, so resuming needs only the step.
+    """
+
+    def __init__(self, num_samples: int, per_device_batch: int, accumulation: int = 1, data_world: int = 1,
+                 data_rank: int = 0, seed: int = 42, shuffle: bool = True, what: str = "dataset"):
+        self.num_samples, self.per_device_batch, self.accumulation = num_samples, per_device_batch, accumulation
+        self.data_world, self.data_rank, self.seed, self.shuffle = data_world, data_rank, seed, shuffle
+        self.global_batch = per_device_batch * accumulation * data_world
+        self.steps_per_epoch = num_samples // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{what} has {num_samples} samples, fewer than one global batch of {self.global_batch} "
+                            f"(per-device batch {per_device_batch} x accumulation {accumulation} x {data_world} data ranks)")
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_samples)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This rank's ``accumulation`` micro-batches for global optimizer step ``step`` (0-based)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        perm = self.permutation(epoch)
+        start = within * self.global_batch + self.data_rank * self.per_device_batch * self.accumulation
+        mine = perm[start:start + self.per_device_batch * self.accumulation].tolist()
+        b = self.per_device_batch
+        return [mine[i * b:(i + 1) * b] for i in range(self.accumulation)]
+
+    def epoch_of(self, step: int) -> float:
+        return step / self.steps_per_epoch
+
+
+def total_steps(args, steps_per_epoch: int) -> int:
+    if args.max_steps > 0:
+        return args.max_steps
+    return max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def lr_lambda(kind: str, total: int, warmup: int):
+    """Multiplier of the peak learning rate at step ``s``: linear warm-up, then ``kind``."""
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+    return f
+
+
+def build_optimizer(model, learning_rate: float, weight_decay: float, total: int, *, scheduler_type: str = "cosine",
+                    warmup_ratio: float = 0.0, warmup_steps: int = 0, beta1: float = 0.9, beta2: float = 0.95,
+                    epsilon: float = 1e-8, max_grad_norm: float = 1.0):
+    """AdamW (no decay on biases and norms) with a warm-up schedule and global-norm clipping."""
+    warmup = warmup_steps if warmup_steps > 0 else int(round(warmup_ratio * total))
+    scheduler = paddle.optimizer.lr.LambdaDecay(learning_rate, lr_lambda(scheduler_type, total, warmup))
+    params = [p for p in model.parameters() if not p.stop_gradient]
+    decay = {p.name for n, p in model.named_parameters()
+             if not p.stop_gradient and not any(k in n for k in ("bias", "norm"))}
+    optimizer = paddle.optimizer.AdamW(
+        learning_rate=scheduler, parameters=params, weight_decay=weight_decay, beta1=beta1, beta2=beta2,
+        epsilon=epsilon, apply_decay_param_fun=lambda name: name in decay,
+        grad_clip=paddle.nn.ClipGradByGlobalNorm(max_grad_norm) if max_grad_norm > 0 else None)
+    return optimizer, scheduler
+
+
+def global_grad_norm(parameters) -> float:
+    total = 0.0
+    for p in parameters:
+        if p.grad is not None:
+            total += float((p.grad.astype("float32") ** 2).sum())
+    return math.sqrt(total)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed precision: GPU only; a no-op with one warning on CPU
+
+
+class Precision:
+    def __init__(self, bf16: bool, fp16: bool, on_gpu: bool):
+        self.dtype = "bfloat16" if bf16 else "float16" if fp16 else None
+        if self.dtype and not on_gpu:
+            logger.warning("%s requested but this is a CPU build: training in float32", self.dtype)
+            self.dtype = None
+        self.scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**15) if self.dtype == "float16" else None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return paddle.amp.auto_cast(dtype=self.dtype, level="O1")
+
+    def backward(self, loss) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, optimizer) -> None:
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+class MetricsLogger:
+    """Console line + ``metrics.jsonl`` (+ VisualDL when installed), on the main rank only."""
+
+    def __init__(self, output_dir: str, enabled: bool = True, use_visualdl: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.writer = None
+        if enabled and use_visualdl:
+            try:
+                from visualdl import LogWriter
+
+                self.writer = LogWriter(logdir=os.path.join(output_dir, "vdl"))
+            except Exception:
+                self.writer = None
+
+    def log(self, step: int, metrics: dict, split: str = "train", echo=None) -> None:
+        if not self.enabled:
+            return
+        record = {"split": split, "step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.writer.add_scalar(f"{split}/{k}", v, step)
+        line = f"[{split} step {step}] " + "  ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+        (echo or print)(line)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _plain(v):
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    return v
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+class Timer:
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - start
+
+    def pop(self) -> dict:
+        out, self.totals = {f"time/{k}": v for k, v in self.totals.items()}, {}
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary folder and renamed only when complete
+
+
+def unwrap(model):
+    """The plain layer inside fleet / DataParallel / sharding wrappers."""
+    while hasattr(model, "_layers"):
+        model = model._layers
+    while hasattr(model, "_layer") and not hasattr(model, "save_pretrained"):
+        model = model._layer
+    return model
+
+
+def atomic_save(target: str, write) -> None:
+    """``write(tmp_dir)``, then publish it as ``target``; a crash while writing leaves ``target`` intact.
+
+    A ``target`` that already holds other things (the final model goes to ``output_dir`` itself,
+    beside metrics and step checkpoints) gets the finished files moved in one by one with
+    ``os.replace``; otherwise the whole folder is renamed in one step.
+    """
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(os.path.abspath(target))}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if os.path.isdir(target) and not os.path.isfile(os.path.join(target, "config.json")) and os.listdir(target):
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(target, name))
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = os.path.join(parent, f".old-{os.path.basename(os.path.abspath(target))}")
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(target):
+        os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pretrained_atomic(model, tokenizer, target: str, extra: dict | None = None) -> None:
+    def write(tmp):
+        unwrap(model).save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if extra:
+            with open(os.path.join(tmp, "training_state.json"), "w") as f:
+                json.dump(extra, f, indent=1)
+    atomic_save(target, write)
+
+
+def rotate_checkpoints(output_dir: str, limit: int, prefix: str = "checkpoint-") -> None:
+    """Delete the oldest ``checkpoint-N`` folders beyond ``limit`` (never the newest)."""
+    found = sorted((int(d[len(prefix):]), d) for d in os.listdir(output_dir)
+                   if d.startswith(prefix) and d[len(prefix):].isdigit())
+    for _, d in found[:max(0, len(found) - max(1, limit))]:
+        shutil.rmtree(os.path.join(output_dir, d), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop shared by the single-model stages (reward model, SFT)
+
+
+class SingleModelTrainer:
+    """One model, one optimizer, one dataset: the loop of the reward-model and SFT stages.
+
+    Subclasses build the model and data, then implement ``compute_loss(batch) -> (loss, stats)``
+    (stats: python floats averaged into the log, plus optional numpy arrays the subclass consumes
+    in ``after_step``) and ``evaluate() -> dict``.
+    """
+
+    stage = "train"
+
+    def setup(self, args, model, tokenizer, train_data, eval_data) -> None:
+        from ppo import parallel
+
+        self.args, self.tokenizer = args, tokenizer
+        self.train_data, self.eval_data = train_data, eval_data
+        self.ctx = parallel.context()
+        self.sampler = GlobalBatchSampler(
+            len(train_data), args.per_device_train_batch_size, args.gradient_accumulation_steps,
+            self.ctx.data_world, self.ctx.data_rank, seed=args.seed, what=f"train_datasets '{args.train_datasets}'")
+        self.total_steps = total_steps(args, self.sampler.steps_per_epoch)
+        self.optimizer, self.scheduler = build_optimizer(
+            model, args.learning_rate, args.weight_decay, self.total_steps,
+            scheduler_type=args.lr_scheduler_type, warmup_ratio=args.warmup_ratio, warmup_steps=args.warmup_steps,
+            beta1=args.adam_beta1, beta2=args.adam_beta2, epsilon=args.adam_epsilon,
+            max_grad_norm=args.max_grad_norm)
+        self.model, self.optimizer = parallel.wrap_for_training(model, self.optimizer, args.sharding)
+        self.precision = Precision(args.bf16, args.fp16, parallel.device() == "gpu")
+        self.metrics = MetricsLogger(args.output_dir, enabled=self.ctx.is_main)
+
+    def collate(self, dataset, indices):
+        return dataset.get_collator()([dataset[i] for i in indices])
+
+    def compute_loss(self, batch):
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        return {}
+
+    def after_step(self, stats: list[dict]) -> None:
+        """Called once per optimizer step with the stats of this rank's micro-batches."""
+
+    def train(self) -> dict:
+        from ppo import parallel
+
+        args, ctx = self.args, self.ctx
+        bar = tqdm(total=self.total_steps, desc=self.stage, disable=args.disable_tqdm or not ctx.is_main,
+                   dynamic_ncols=True)
+        window: list[dict] = []
+        self.model.train()
+        for step in range(self.total_steps):
+            micro = self.sampler.micro_batches(step)
+            stats = []
+            for i, indices in enumerate(micro):
+                batch = self.collate(self.train_data, indices)
+                # data-parallel gradients are all-reduced once, on the last micro-batch
+                last = i == len(micro) - 1
+                sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+                with sync:
+                    loss, s = self.compute_loss(batch)
+                    self.precision.backward(loss / len(micro))
+                stats.append({"loss": float(loss), **s})
+            self.precision.step(self.optimizer)
+            self.optimizer.clear_grad()
+            self.scheduler.step()
+            self.after_step(stats)
+            scalars = {k for k, v in stats[0].items() if isinstance(v, float)}
+            window.append({k: parallel.mean_over_data(float(np.mean([s[k] for s in stats]))) for k in sorted(scalars)})
+            bar.update(1)
+            done = step + 1
+            if done % args.logging_steps == 0 or done == self.total_steps:
+                logged = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                logged.update(lr=float(self.optimizer.get_lr()), epoch=round(self.sampler.epoch_of(done), 3))
+                self.metrics.log(done, logged, echo=bar.write)
+                window = []
+            if args.eval_steps > 0 and done % args.eval_steps == 0 and done < self.total_steps:
+                self.log_eval(done, bar.write)
+            if args.save_steps > 0 and done % args.save_steps == 0 and done < self.total_steps:
+                self.save(os.path.join(args.output_dir, f"checkpoint-{done}"), done)
+                if ctx.is_main:
+                    rotate_checkpoints(args.output_dir, args.save_total_limit)
+        bar.close()
+        final = self.log_eval(self.total_steps, print)
+        self.save(args.output_dir, self.total_steps)
+        self.metrics.close()
+        return final
+
+    def log_eval(self, step: int, echo) -> dict:
+        metrics = self.evaluate()
+        if metrics:
+            self.metrics.log(step, metrics, split="eval", echo=echo)
+        return metrics
+
+    def eval_shard(self) -> tuple[list[int], int]:
+        """This data rank's contiguous share of the eval set and the padded per-rank size."""
+        n, world, rank = len(self.eval_data), self.ctx.data_world, self.ctx.data_rank
+        per_rank = -(-n // world)
+        return list(range(rank * per_rank, min(n, (rank + 1) * per_rank))), per_rank
+
+    def before_save(self) -> None:
+        """Hook to sync state into the model config before it is written."""
+
+    def save(self, target: str, step: int) -> None:
+        from ppo import parallel
+
+        parallel.barrier()
+        if self.ctx.is_main:
+            self.before_save()
+            save_pretrained_atomic(self.model, self.tokenizer, target,
+                                   extra={"global_step": step, "stage": self.stage, "args": vars(self.args)})
+        parallel.barrier()

@@ -1,0 +1,26 @@
+"""Train a reward model on preference pairs.
+
+    python -m paddle.distributed.launch rm/run_reward.py config/tiny/rm_argument.json [--key value ...]
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ppo  # noqa: E402,F401  (sets the MKL environment before paddle loads)
+from ppo.training import quiet_libraries, run_entry  # noqa: E402
+
+
+def main(argv=None):
+    from ppo.args import RewardArgs, parse_args
+    from rm.reward_trainer import RewardTrainer, validate_reward_args
+
+    args = parse_args(RewardArgs, argv)
+    validate_reward_args(args)
+    RewardTrainer(args).train()
+
+
+if __name__ == "__main__":
+    quiet_libraries()
+    run_entry(main)
