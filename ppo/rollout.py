@@ -1,0 +1,237 @@
+"""Rollout: generate responses with the actor, score them with every model -> ``Experience``.
+
+Generation is an explicit KV-cache decode loop (not paddlenlp's ``generate``) so that sampling
+follows exactly the processors below (repetition penalty -> temperature -> top-k -> top-p), the
+same temperature is applied when the trainer recomputes log-probs, and an EOS the model generates
+is kept as the last action of its response even when pad == eos.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import paddle
+import paddle.nn.functional as F
+
+from ppo.algorithms import entropy_from_logits, gather_log_probs
+from ppo.experience import Experience
+from ppo.models import position_ids_from_mask
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 128
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    num_return_sequences: int = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Logit processors (pure): [B, V] -> [B, V]
+
+
+def apply_repetition_penalty(logits, seen_mask, penalty: float):
+    """CTRL-style penalty on tokens already in the sequence: divide positive logits, multiply negative.
+
+    logits [B, V]; seen_mask [B, V] bool (token occurs in prompt or response so far).
+    """
+    if penalty == 1.0:
+        return logits
+    penalised = paddle.where(logits > 0, logits / penalty, logits * penalty)
+    return paddle.where(seen_mask, penalised, logits)
+
+
+def top_k_filter(logits, k: int):
+    """Keep the k largest logits per row (ties at the k-th value kept); the rest -> -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = paddle.topk(logits, k, axis=-1)[0][:, -1:]
+    return paddle.where(logits < kth, paddle.full_like(logits, float("-inf")), logits)
+
+
+def top_p_filter(logits, p: float):
+    """Nucleus filter: keep the smallest set of top tokens whose probability reaches p (at least one).
+
+    Implemented as a per-row threshold on the logits, so tokens tied with the last kept one stay.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits = paddle.sort(logits, axis=-1, descending=True)
+    probs = F.softmax(sorted_logits, axis=-1)
+    # a token is dropped when the tokens ranked before it already reach p
+    drop = (paddle.cumsum(probs, axis=-1) - probs) >= p
+    threshold = paddle.where(drop, paddle.full_like(sorted_logits, float("inf")), sorted_logits).min(
+        axis=-1, keepdim=True)
+    return paddle.where(logits < threshold, paddle.full_like(logits, float("-inf")), logits)
+
+
+def next_token(logits, config: GenerationConfig, seen_mask=None):
+    """Pick the next token for each row of ``logits`` [B, V] -> [B] int64."""
+    logits = logits.astype("float32")
+    if seen_mask is not None:
+        logits = apply_repetition_penalty(logits, seen_mask, config.repetition_penalty)
+    if not config.do_sample:
+        return paddle.argmax(logits, axis=-1)
+    logits = logits / config.temperature
+    logits = top_p_filter(top_k_filter(logits, config.top_k), config.top_p)
+    return paddle.multinomial(F.softmax(logits, axis=-1), num_samples=1).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+@paddle.no_grad()
+def generate(model, input_ids, attention_mask, config: GenerationConfig, eos_token_id: int, pad_token_id: int):
+    """KV-cache decoding from left-padded prompts.
+
+    input_ids, attention_mask: [B, P] (left padded).  Returns (sequences [B, P + R], attention_mask
+    [B, P + R]) with R <= max_new_tokens the longest response; a response ends with the EOS it
+    generated (mask 1) and is right-padded after it (mask 0).
+    """
+    B, P = input_ids.shape
+    V = model.config.vocab_size
+    position_ids = position_ids_from_mask(attention_mask)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=True, return_dict=True)
+    past, logits = out.past_key_values, out.logits[:, -1]
+    next_pos = position_ids[:, -1:] + 1
+    seen = None
+    if config.repetition_penalty != 1.0:
+        # [B, V] which tokens the real prompt tokens already used
+        counts = paddle.put_along_axis(paddle.zeros([B, V], "int64"), input_ids, attention_mask.astype("int64"),
+                                       axis=1, reduce="add")
+        seen = counts > 0
+    finished = paddle.zeros([B], dtype="bool")
+    tokens, masks = [], []
+    for _ in range(config.max_new_tokens):
+        token = next_token(logits, config, seen)
+        alive = ~finished
+        token = paddle.where(alive, token, paddle.full_like(token, pad_token_id))
+        tokens.append(token)
+        masks.append(alive.astype(attention_mask.dtype))
+        finished = finished | (token == eos_token_id)
+        if bool(finished.all()):
+            break
+        if seen is not None:
+            seen = seen | F.one_hot(token, V).astype("bool")
+        attention_mask = paddle.concat([attention_mask, masks[-1].unsqueeze(1)], axis=1)
+        out = model(input_ids=token.unsqueeze(1), attention_mask=attention_mask, position_ids=next_pos,
+                    past_key_values=past, use_cache=True, return_dict=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        next_pos = next_pos + 1
+    response = paddle.stack(tokens, axis=1)
+    response_mask = paddle.stack(masks, axis=1)
+    prompt_mask = attention_mask[:, :P]
+    return paddle.concat([input_ids, response], axis=1), paddle.concat([prompt_mask, response_mask], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def forward_log_probs(model, sequences, attention_mask, temperature: float = 1.0, with_entropy: bool = False):
+    """Log-probs [B, L-1] of tokens 1..L-1 under ``model`` at ``temperature`` (+ entropy [B, L-1])."""
+    out = model(input_ids=sequences, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), return_dict=True)
+    logits = out.logits[:, :-1]
+    log_probs = gather_log_probs(logits, sequences[:, 1:], temperature)
+    entropy = entropy_from_logits(logits, temperature) if with_entropy else None
+    return log_probs, entropy
+
+
+def action_mask_of(attention_mask, prompt_length: int):
+    """[B, L-1]: 1 where token t+1 is a real response token (the EOS it generated included)."""
+    mask = attention_mask[:, 1:].astype("float32").clone()
+    mask[:, : prompt_length - 1] = 0.0
+    return mask
+
+
+def same_vocabulary(tok_a, tok_b) -> bool:
+    return tok_a is tok_b or (len(tok_a) == len(tok_b) and tok_a.get_vocab() == tok_b.get_vocab())
+
+
+def retokenize(sequences, attention_mask, prompt_length: int, src_tokenizer, dst_tokenizer, max_length: int):
+    """Decode actor sequences to text and re-encode them for a model with another tokenizer.
+
+    The prompt and the response are decoded separately (without special tokens); a response that
+    ended with EOS gets the destination EOS.  Returns right-padded (input_ids, attention_mask).
+    """
+    rows = []
+    ids, mask = sequences.numpy(), attention_mask.numpy()
+    for b in range(ids.shape[0]):
+        prompt = [int(t) for t, m in zip(ids[b, :prompt_length], mask[b, :prompt_length]) if m]
+        response = [int(t) for t, m in zip(ids[b, prompt_length:], mask[b, prompt_length:]) if m]
+        ended = bool(response) and response[-1] == src_tokenizer.eos_token_id
+        prompt_text = src_tokenizer.decode(prompt, skip_special_tokens=True)
+        response_text = src_tokenizer.decode(response, skip_special_tokens=True)
+        new = dst_tokenizer(prompt_text)["input_ids"] + dst_tokenizer(" " + response_text.strip(),
+                                                                      add_special_tokens=False)["input_ids"]
+        if ended:
+            new.append(dst_tokenizer.eos_token_id)
+        rows.append(new[-max_length:])
+    T = max(len(r) for r in rows)
+    pad = dst_tokenizer.pad_token_id
+    out_ids = paddle.to_tensor([r + [pad] * (T - len(r)) for r in rows], dtype="int64")
+    out_mask = paddle.to_tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows], dtype="int64")
+    return out_ids, out_mask
+
+
+@dataclass
+class Models:
+    actor: object
+    reference: object
+    reward: object
+    critic: object | None           # None for critic-free advantage estimators
+    actor_tokenizer: object
+    reward_tokenizer: object
+
+
+@paddle.no_grad()
+def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, max_length: int,
+            normalize_reward: bool = False) -> Experience:
+    """Generate responses for a prompt batch and score them: everything PPO needs but advantages.
+
+    Prompts are repeated ``num_return_sequences`` times consecutively (a group per prompt).
+    """
+    tok = models.actor_tokenizer
+    n = config.num_return_sequences
+    if n > 1:
+        prompt_ids = paddle.repeat_interleave(prompt_ids, n, axis=0)
+        prompt_mask = paddle.repeat_interleave(prompt_mask, n, axis=0)
+    P = prompt_ids.shape[1]
+    was_training = models.actor.training
+    models.actor.eval()
+    sequences, attention_mask = generate(models.actor, prompt_ids, prompt_mask, config,
+                                         tok.eos_token_id, tok.pad_token_id)
+    old_log_probs, _ = forward_log_probs(models.actor, sequences, attention_mask, config.temperature)
+    if was_training:
+        models.actor.train()
+    ref_log_probs, _ = forward_log_probs(models.reference, sequences, attention_mask, config.temperature)
+    action_mask = action_mask_of(attention_mask, P)
+
+    if same_vocabulary(tok, models.reward_tokenizer):
+        end_scores = models.reward(sequences, attention_mask).end_scores.squeeze(-1)
+    else:
+        r_ids, r_mask = retokenize(sequences, attention_mask, P, tok, models.reward_tokenizer, max_length)
+        end_scores = models.reward(r_ids, r_mask).end_scores.squeeze(-1)
+    if normalize_reward:
+        end_scores = models.reward.normalizer.normalize(end_scores)
+
+    values = None
+    if models.critic is not None:
+        values = models.critic(sequences, attention_mask).scores.squeeze(-1)[:, :-1].astype("float32")
+
+    response_tokens = attention_mask[:, P:]
+    response_lengths = response_tokens.astype("int64").sum(axis=1)
+    last = paddle.take_along_axis(sequences[:, P:], paddle.clip(response_lengths - 1, min=0).unsqueeze(1),
+                                  axis=1).squeeze(1)
+    ended_with_eos = (last == tok.eos_token_id) & (response_lengths > 0)
+    return Experience(
+        sequences=sequences, attention_mask=attention_mask, action_mask=action_mask,
+        old_log_probs=old_log_probs.astype("float32"), ref_log_probs=ref_log_probs.astype("float32"),
+        values=values, end_scores=end_scores.astype("float32"), response_lengths=response_lengths,
+        ended_with_eos=ended_with_eos, prompt_length=P)
