@@ -97,6 +97,54 @@ class SFTArgs(TrainingArgs, ParallelArgs, DataArgs):
     model_name_or_path: str = arg("", "Causal LM to fine-tune (paddlenlp format).")
 
 
+@dataclass
+class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
+    # models
+    actor_model_name_or_path: str = arg("", "SFT model: the actor starts from it and the frozen reference is a copy.")
+    reward_model_name_or_path: str = arg("", "Trained reward (score) model, frozen.")
+    reward_critic_model_name_or_path: str = arg("", "Critic initialisation (default: the reward model).")
+    normalize_reward: bool = arg(False, "Normalise rewards with the statistics saved in the reward model's config.")
+    # data
+    ptx_datasets: str = arg("", "Supervised data for the ptx loss (empty: no ptx).")
+    ptx_coeff: float = arg(16.0, "Weight of the ptx language-model loss.")
+    per_device_prompt_batch_size: int = arg(16, "Prompts per device per rollout.")
+    update_iters: int = arg(1, "PPO epochs over each rollout batch.")
+    shuffle_minibatches: bool = arg(True, "Shuffle the rollout batch into mini-batches each PPO epoch.")
+    # critic optimizer
+    critic_learning_rate: float = arg(5e-6, "Critic peak learning rate.")
+    critic_weight_decay: float = arg(0.0, "Critic AdamW weight decay.")
+    critic_lr_scheduler_type: str = arg("constant", "Critic learning-rate schedule.", ("constant", "linear", "cosine"))
+    critic_warmup_ratio: float = arg(0.0, "Critic warm-up share of the total steps.")
+    # generation
+    max_new_tokens: int = arg(128, "Maximum response tokens per rollout (max_length bounds prompt + response).")
+    do_sample: bool = arg(True, "Sample responses (false: greedy).")
+    temperature: float = arg(1.0, "Sampling temperature; also applied to the logits of every log-prob.")
+    top_p: float = arg(1.0, "Nucleus sampling threshold (1.0: off).")
+    top_k: int = arg(0, "Top-k sampling (0: off).")
+    repetition_penalty: float = arg(1.0, "Penalty on tokens already in the sequence (1.0: off).")
+    num_return_sequences: int = arg(1, "Responses sampled per prompt (>= 2 for group advantage estimators).")
+    # algorithm
+    kl_coeff: float = arg(0.02, "KL coefficient (initial value when adaptive_kl).")
+    kl_estimator: str = arg("k1", "Per-token KL estimator.", ("k1", "k2", "k3"))
+    kl_mode: str = arg("reward", "Where the KL enters: shaped into the reward, or as a loss term.", ("reward", "loss"))
+    adaptive_kl: bool = arg(False, "Adapt kl_coeff towards kl_target (Ziegler et al. 2019).")
+    kl_target: float = arg(6.0, "Target per-sequence KL of the adaptive controller.")
+    kl_horizon: int = arg(10000, "Horizon of the adaptive controller, in sequences.")
+    clip_range_ratio: float = arg(0.2, "PPO ratio clip epsilon.")
+    clip_range_ratio_high: float = arg(0.0, "Upper ratio clip epsilon when > 0 (asymmetric clip).")
+    dual_clip: float = arg(0.0, "Dual-clip bound c > 1 for negative advantages (0: off).")
+    clip_range_score: float = arg(50.0, "Clip of the reward-model score.")
+    clip_range_value: float = arg(5.0, "Clip of the value update around the rollout values.")
+    missing_eos_penalty: float = arg(0.0, "Added to the score of responses that hit max_new_tokens without EOS.")
+    adv_estimator: str = arg("gae", "Advantage estimator.", ("gae", "grpo", "rloo", "reinforce_plus_plus"))
+    gamma: float = arg(1.0, "Discount.")
+    lam: float = arg(0.95, "GAE lambda.")
+    normalize_advantage: bool = arg(True, "Whiten advantages over the rollout batch's action tokens.")
+    entropy_coeff: float = arg(0.0, "Entropy bonus coefficient in the actor loss.")
+    # evaluation
+    eval_samples_to_write: int = arg(8, "Sample generations written per evaluation (eval_samples/step-N.jsonl).")
+
+
 # ---------------------------------------------------------------------------------------------
 # Parsing
 
@@ -241,6 +289,17 @@ def validate(args) -> None:
     _require(args.save_total_limit >= 1, f"'save_total_limit' must be >= 1, got {args.save_total_limit}")
     _require(not (args.bf16 and args.fp16), "'bf16' and 'fp16' cannot both be true")
     _require(bool(getattr(args, "train_datasets", "x")), "'train_datasets' is empty: name at least one dataset")
+    for key in ("clip_range_ratio", "clip_range_value", "clip_range_score", "temperature"):
+        if key in names:
+            _require(getattr(args, key) > 0, f"'{key}' must be > 0, got {getattr(args, key)}")
+    if "top_p" in names:
+        _require(0 < args.top_p <= 1, f"'top_p' must be in (0, 1], got {args.top_p}")
+        _require(args.kl_coeff >= 0, f"'kl_coeff' must be >= 0, got {args.kl_coeff}")
+        _require(args.dual_clip == 0 or args.dual_clip > 1, f"'dual_clip' must be 0 (off) or > 1, got {args.dual_clip}")
+        _require(0 <= args.gamma <= 1 and 0 <= args.lam <= 1, "'gamma' and 'lam' must be in [0, 1]")
+        _require(args.adv_estimator in ("gae", "reinforce_plus_plus") or args.num_return_sequences >= 2,
+                 f"adv_estimator '{args.adv_estimator}' compares responses within a group: "
+                 f"num_return_sequences must be >= 2, got {args.num_return_sequences}")
     if args.sharding_parallel_degree > 1:
         _require(args.sharding in ("stage1", "stage2"),
                  f"'sharding' must be 'stage1' or 'stage2' when sharding_parallel_degree > 1, got {args.sharding!r}")

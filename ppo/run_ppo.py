@@ -1,0 +1,24 @@
+"""Align a policy with PPO against a reward model.
+
+    python -m paddle.distributed.launch ppo/run_ppo.py config/tiny/ppo_argument.json [--key value ...]
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ppo  # noqa: E402,F401  (sets the MKL environment before paddle loads)
+from ppo.training import quiet_libraries, run_entry  # noqa: E402
+
+
+def main(argv=None):
+    from ppo.args import PPOArgs, parse_args
+    from ppo.trainer import PPOTrainer
+
+    PPOTrainer(parse_args(PPOArgs, argv)).train()
+
+
+if __name__ == "__main__":
+    quiet_libraries()
+    run_entry(main)

@@ -1,0 +1,417 @@
+"""The PPO loop.  Read ``train`` top to bottom: it is the algorithm.
+
+    for each prompt batch:
+        rollout    actor generates; actor/reference log-probs, reward score, critic values
+        advantages KL-shaped rewards -> GAE (or a group / REINFORCE++ estimator), whitening
+        update     update_iters epochs over mini-batches: actor step (clipped surrogate [+ ptx]),
+                   critic step (clipped value loss)
+        log / evaluate / save on their intervals
+
+Losses use one token-mean: every action token of an optimizer step (all its micro-batches, all
+data ranks) has the same weight, so batch 4 x accumulation 1 and batch 1 x accumulation 4 give
+the same update.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import paddle
+
+from ppo import algorithms as algo
+from ppo import parallel
+from ppo.args import PPOArgs
+from ppo.data import PromptOnlyDataset, SupervisedDataset
+from ppo.errors import UserError
+from ppo.experience import Experience
+from ppo.models import check_max_length, check_model_path, load_causal_lm, load_score_model, load_tokenizer
+from ppo.rollout import GenerationConfig, Models, collect, forward_log_probs, generate, same_vocabulary
+from ppo.sft_trainer import answer_token_loss, lm_logits
+from ppo.training import (
+    GlobalBatchSampler,
+    MetricsLogger,
+    Precision,
+    Timer,
+    build_optimizer,
+    build_template,
+    prepare_output_dir,
+    rotate_checkpoints,
+    save_pretrained_atomic,
+    set_seed,
+    total_steps,
+    unwrap,
+)
+
+
+class TrainingDiverged(UserError):
+    """A non-finite reward or loss: training stops, the last checkpoint is left as it was."""
+
+
+def freeze(model):
+    model.eval()
+    for p in model.parameters():
+        p.stop_gradient = True
+    return model
+
+
+def check_finite(name: str, value, step: int) -> None:
+    array = value.numpy() if isinstance(value, paddle.Tensor) else np.asarray(value)
+    if not np.all(np.isfinite(array)):
+        raise TrainingDiverged(f"non-finite {name} at PPO step {step}; stopping (the last saved checkpoint is intact)")
+
+
+class PPOTrainer:
+    def __init__(self, args: PPOArgs):
+        self.args = args
+        self.ctx = parallel.init_parallel(args)
+        prepare_output_dir(args.output_dir)
+        set_seed(args.seed)
+        self.gen = GenerationConfig(
+            max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+            top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+            num_return_sequences=args.num_return_sequences)
+        self.uses_critic = args.adv_estimator == "gae"
+        self._load_models()
+        self._load_data()
+        self._build_optimizers()
+        self.precision = Precision(args.bf16, args.fp16, parallel.device() == "gpu")
+        self.kl_ctl = (algo.AdaptiveKLController(args.kl_coeff, args.kl_target, args.kl_horizon)
+                       if args.adaptive_kl else algo.FixedKLController(args.kl_coeff))
+        self.metrics = MetricsLogger(args.output_dir, enabled=self.ctx.is_main)
+        self.timer = Timer()
+        self.shuffle_rng = np.random.default_rng([args.seed, self.ctx.data_rank])
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def _load_models(self):
+        args = self.args
+        actor_config = check_model_path(args.actor_model_name_or_path, "actor_model_name_or_path")
+        check_max_length(actor_config, args.max_length, args.actor_model_name_or_path)
+        check_model_path(args.reward_model_name_or_path, "reward_model_name_or_path")
+        critic_path = args.reward_critic_model_name_or_path or args.reward_model_name_or_path
+        self.tokenizer = load_tokenizer(args.actor_model_name_or_path, "actor_model_name_or_path")
+        reward_tokenizer = load_tokenizer(args.reward_model_name_or_path, "reward_model_name_or_path")
+        if self.uses_critic:
+            critic_tokenizer = load_tokenizer(critic_path, "reward_critic_model_name_or_path")
+            if not same_vocabulary(self.tokenizer, critic_tokenizer):
+                raise UserError(f"the critic ('{critic_path}') must share the actor's vocabulary "
+                                f"({len(critic_tokenizer)} vs {len(self.tokenizer)} tokens): it scores actor tokens")
+        self.actor = load_causal_lm(args.actor_model_name_or_path, "actor_model_name_or_path")
+        reference = freeze(load_causal_lm(args.actor_model_name_or_path, "actor_model_name_or_path"))
+        reward = freeze(load_score_model(args.reward_model_name_or_path, score_type="reward",
+                                         what="reward_model_name_or_path"))
+        if args.normalize_reward and reward.normalizer.kind == "none":
+            raise UserError(f"normalize_reward is set but the reward model at '{args.reward_model_name_or_path}' "
+                            "carries no score statistics (train it with normalizer_type RunningMeanStd)")
+        self.critic = (load_score_model(critic_path, score_type="critic", what="reward_critic_model_name_or_path")
+                       if self.uses_critic else None)
+        self.models = Models(actor=self.actor, reference=reference, reward=reward, critic=self.critic,
+                             actor_tokenizer=self.tokenizer, reward_tokenizer=reward_tokenizer)
+
+    def _load_data(self):
+        args, ctx = self.args, self.ctx
+        from ppo.data import import_user_modules
+
+        if args.extra_modules:
+            import_user_modules([m for m in args.extra_modules.split(",") if m])
+        template = build_template(args)
+        # prompts leave room for the response inside max_length
+        prompt_limit = max(1, args.max_length - args.max_new_tokens)
+        self.prompts = PromptOnlyDataset(args.train_datasets, self.tokenizer, prompt_limit, seed=args.seed,
+                                         template=template)
+        if args.eval_datasets:
+            self.eval_prompts = PromptOnlyDataset(args.eval_datasets, self.tokenizer, prompt_limit, seed=args.seed,
+                                                  template=template)
+        elif args.eval_split_ratio > 0:
+            self.prompts, self.eval_prompts = self.prompts.split(args.eval_split_ratio, seed=args.seed)
+        else:
+            self.eval_prompts = None
+        self.prompt_sampler = GlobalBatchSampler(
+            len(self.prompts), args.per_device_prompt_batch_size, 1, ctx.data_world, ctx.data_rank, seed=args.seed,
+            what=f"train_datasets '{args.train_datasets}'")
+        self.total_steps = total_steps(args, self.prompt_sampler.steps_per_epoch)
+        self.ptx = None
+        if args.ptx_datasets:
+            self.ptx = SupervisedDataset(args.ptx_datasets, self.tokenizer, args.max_length, seed=args.seed,
+                                         template=template)
+            self.ptx_sampler = GlobalBatchSampler(len(self.ptx), args.per_device_train_batch_size, 1, ctx.data_world,
+                                                  ctx.data_rank, seed=args.seed + 1,
+                                                  what=f"ptx_datasets '{args.ptx_datasets}'")
+            self.ptx_step = 0
+        rollout_batch = args.per_device_prompt_batch_size * args.num_return_sequences
+        group = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        if rollout_batch % group != 0:
+            raise UserError(f"per_device_prompt_batch_size x num_return_sequences = {rollout_batch} must be divisible "
+                            f"by per_device_train_batch_size x gradient_accumulation_steps = {group}")
+        self.steps_per_update = rollout_batch // group
+
+    def _build_optimizers(self):
+        args = self.args
+        optimizer_steps = self.total_steps * args.update_iters * self.steps_per_update
+        common = dict(beta1=args.adam_beta1, beta2=args.adam_beta2, epsilon=args.adam_epsilon,
+                      max_grad_norm=args.max_grad_norm)
+        self.actor_opt, self.actor_sched = build_optimizer(
+            self.actor, args.learning_rate, args.weight_decay, optimizer_steps, scheduler_type=args.lr_scheduler_type,
+            warmup_ratio=args.warmup_ratio, warmup_steps=args.warmup_steps, **common)
+        self.actor_train, self.actor_opt = parallel.wrap_for_training(self.actor, self.actor_opt, args.sharding)
+        if self.uses_critic:
+            self.critic_opt, self.critic_sched = build_optimizer(
+                self.critic, args.critic_learning_rate, args.critic_weight_decay, optimizer_steps,
+                scheduler_type=args.critic_lr_scheduler_type, warmup_ratio=args.critic_warmup_ratio, **common)
+            self.critic_train, self.critic_opt = parallel.wrap_for_training(self.critic, self.critic_opt,
+                                                                            args.sharding)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        from tqdm import tqdm
+
+        args = self.args
+        bar = tqdm(total=self.total_steps, desc="ppo", disable=args.disable_tqdm or not self.ctx.is_main,
+                   dynamic_ncols=True)
+        window = []
+        for step in range(self.total_steps):
+            with self.timer("rollout"):
+                exp = self.rollout(step)
+            check_finite("reward", exp.end_scores, step + 1)
+            with self.timer("advantages"):
+                self.compute_advantages(exp)
+            with self.timer("update"):
+                stats = self.update(exp, step + 1)
+            stats.update(self.rollout_stats(exp))
+            stats.update(self.timer.pop())
+            window.append(stats)
+            bar.update(1)
+            done = step + 1
+            if done % args.logging_steps == 0 or done == self.total_steps:
+                self.metrics.log(done, {k: float(np.mean([w[k] for w in window])) for k in window[0]}, echo=bar.write)
+                window = []
+            if args.eval_steps > 0 and done % args.eval_steps == 0 and done < self.total_steps:
+                self.evaluate(done, bar.write)
+            if args.save_steps > 0 and done % args.save_steps == 0 and done < self.total_steps:
+                self.save(os.path.join(args.output_dir, f"checkpoint-{done}"), done)
+        bar.close()
+        final = self.evaluate(self.total_steps, print)
+        self.save(args.output_dir, self.total_steps)
+        self.metrics.close()
+        return final
+
+    # -- phases ----------------------------------------------------------------------------
+
+    def prompt_batch(self, dataset, indices):
+        batch = dataset.get_collator()([dataset[i] for i in indices])
+        return batch["input_ids"], batch["attention_mask"]
+
+    def rollout(self, step: int) -> Experience:
+        ids, mask = self.prompt_batch(self.prompts, self.prompt_sampler.micro_batches(step)[0])
+        return collect(self.models, ids, mask, self.gen, self.args.max_length, self.args.normalize_reward)
+
+    def compute_advantages(self, exp: Experience) -> None:
+        """Fill kl, rewards, advantages and returns of ``exp`` (pure functions of its tensors)."""
+        args, mask = self.args, exp.action_mask
+        exp.kl = algo.compute_kl(exp.old_log_probs, exp.ref_log_probs, args.kl_estimator) * mask
+        kl_coeff = self.kl_ctl.value if args.kl_mode == "reward" else 0.0
+        penalty = args.missing_eos_penalty if args.missing_eos_penalty != 0 else None
+        exp.rewards = algo.shape_rewards(exp.end_scores, exp.kl, mask, kl_coeff, args.clip_range_score,
+                                         missing_eos=~exp.ended_with_eos, missing_eos_penalty=penalty)
+        if args.adv_estimator == "gae":
+            adv, exp.returns = algo.gae_advantages_and_returns(exp.values, exp.rewards, mask, args.gamma, args.lam)
+        elif args.adv_estimator in ("grpo", "rloo"):
+            sequence_reward = algo.masked_sum(exp.rewards, mask, axis=1)
+            adv = algo.broadcast_sequence_advantages(
+                algo.group_advantages(sequence_reward, args.num_return_sequences, args.adv_estimator), mask)
+            exp.returns = adv
+        else:  # reinforce_plus_plus: discounted reward-to-go, whitened over the batch
+            exp.returns = algo.reinforce_plus_plus_returns(exp.rewards, mask, args.gamma)
+            adv = algo.masked_whiten(exp.returns, mask)
+        if args.normalize_advantage and args.adv_estimator != "reinforce_plus_plus":
+            adv = algo.masked_whiten(adv, mask)
+        exp.advantages = (adv * mask).detach()
+        sequence_kl = float(algo.masked_sum(exp.kl, mask, axis=1).mean())
+        self.kl_ctl.update(parallel.mean_over_data(sequence_kl), exp.batch_size * self.ctx.data_world)
+
+    def update(self, exp: Experience, step: int) -> dict:
+        """``update_iters`` epochs of actor and critic steps over mini-batches of ``exp``."""
+        args = self.args
+        mb, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
+        stats: dict[str, list] = {}
+        for _ in range(args.update_iters):
+            order = self.shuffle_rng.permutation(exp.batch_size) if args.shuffle_minibatches \
+                else np.arange(exp.batch_size)
+            for s in range(self.steps_per_update):
+                rows = order[s * mb * accum:(s + 1) * mb * accum]
+                micro = [exp.select(rows[i * mb:(i + 1) * mb]) for i in range(accum)]
+                # the token count of the whole optimizer step over all data ranks: the token-mean
+                tokens = [float(m.action_mask.sum()) for m in micro]
+                step_tokens = parallel.mean_over_data(sum(tokens)) * self.ctx.data_world
+                weights = [t * self.ctx.data_world / step_tokens for t in tokens]
+                for k, v in self.actor_step(micro, weights, step).items():
+                    stats.setdefault(k, []).append(v)
+                if self.uses_critic:
+                    for k, v in self.critic_step(micro, weights, step).items():
+                        stats.setdefault(k, []).append(v)
+        return {k: parallel.mean_over_data(float(np.mean(v))) for k, v in stats.items()}
+
+    def actor_step(self, micro: list[Experience], weights: list[float], step: int) -> dict:
+        args = self.args
+        out = {"actor_loss": 0.0, "abs_actor_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "entropy": 0.0}
+        if self.ptx is not None:
+            out["ptx_loss"] = 0.0
+        for i, (m, w) in enumerate(zip(micro, weights)):
+            with self._sync(self.actor_train, i == len(micro) - 1):
+                with self.precision.autocast():
+                    log_probs, entropy = forward_log_probs(self.actor_train, m.sequences, m.attention_mask,
+                                                           args.temperature, with_entropy=True)
+                loss, s = algo.actor_loss(log_probs, m.old_log_probs, m.advantages, m.action_mask,
+                                          args.clip_range_ratio, args.clip_range_ratio_high or None,
+                                          args.dual_clip or None)
+                mean_entropy = algo.masked_mean(entropy, m.action_mask)
+                total = loss
+                if args.kl_mode == "loss":
+                    total = total + self.kl_ctl.value * algo.kl_loss(log_probs, m.ref_log_probs, m.action_mask,
+                                                                     args.kl_estimator)
+                if args.entropy_coeff:
+                    total = total - args.entropy_coeff * mean_entropy
+                total = total * w
+                if self.ptx is not None:
+                    ptx = self._ptx_loss()
+                    out["ptx_loss"] += float(ptx) / len(micro)
+                    total = total + args.ptx_coeff * ptx / len(micro)
+                check_finite("actor loss", total, step)
+                self.precision.backward(total)
+            out["actor_loss"] += float(loss) * w / self.ctx.data_world
+            out["abs_actor_loss"] += abs(float(loss)) / len(micro)
+            out["clip_frac"] += s["clip_frac"] / len(micro)
+            out["approx_kl"] += s["approx_kl"] / len(micro)
+            out["entropy"] += float(mean_entropy) / len(micro)
+        out["actor_grad_norm"] = self._step(self.actor_opt, self.actor_sched, self.actor)
+        return out
+
+    def critic_step(self, micro: list[Experience], weights: list[float], step: int) -> dict:
+        args = self.args
+        out = {"critic_loss": 0.0, "value_clip_frac": 0.0}
+        for i, (m, w) in enumerate(zip(micro, weights)):
+            with self._sync(self.critic_train, i == len(micro) - 1):
+                with self.precision.autocast():
+                    values = self.critic_train(m.sequences, m.attention_mask).scores.squeeze(-1)[:, :-1]
+                loss, s = algo.critic_loss(values.astype("float32"), m.values, m.returns, m.action_mask,
+                                           args.clip_range_value)
+                check_finite("critic loss", loss, step)
+                self.precision.backward(loss * w)
+            out["critic_loss"] += float(loss) * w / self.ctx.data_world
+            out["value_clip_frac"] += s["value_clip_frac"] / len(micro)
+        out["critic_grad_norm"] = self._step(self.critic_opt, self.critic_sched, self.critic)
+        return out
+
+    def _ptx_loss(self):
+        indices = self.ptx_sampler.micro_batches(self.ptx_step)[0]
+        self.ptx_step += 1
+        batch = self.ptx.get_collator()([self.ptx[i] for i in indices])
+        with self.precision.autocast():
+            logits = lm_logits(self.actor_train, batch["input_ids"], batch["attention_mask"])
+        return answer_token_loss(logits, batch["labels"])[0]
+
+    @staticmethod
+    def _sync(model, last: bool):
+        import contextlib
+
+        # data-parallel gradients are all-reduced once per optimizer step
+        return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+
+    def _step(self, optimizer, scheduler, model) -> float:
+        from ppo.training import global_grad_norm
+
+        norm = global_grad_norm(model.parameters())
+        self.precision.step(optimizer)
+        optimizer.clear_grad()
+        scheduler.step()
+        return norm
+
+    def rollout_stats(self, exp: Experience) -> dict:
+        mask = exp.action_mask
+        stats = {
+            "reward": float(exp.end_scores.mean()),
+            "kl": float(algo.masked_sum(exp.kl, mask, axis=1).mean()),
+            "kl_coeff": float(self.kl_ctl.value),
+            "response_length": float(exp.response_lengths.astype("float32").mean()),
+            "eos_rate": float(exp.ended_with_eos.astype("float32").mean()),
+            "advantage_mean": float(algo.masked_mean(exp.advantages, mask)),
+            "return_mean": float(algo.masked_mean(exp.returns, mask)),
+        }
+        if exp.values is not None:
+            stats["value_mean"] = float(algo.masked_mean(exp.values, mask))
+        return {k: parallel.mean_over_data(v) for k, v in stats.items()}
+
+    # -- evaluation and saving -------------------------------------------------------------
+
+    @paddle.no_grad()
+    def evaluate(self, step: int, echo) -> dict:
+        """Reward, KL and length of responses to the eval prompts; a few samples to a file."""
+        if self.eval_prompts is None:
+            return {}
+        args, ctx = self.args, self.ctx
+        rng_state = paddle.get_rng_state()
+        paddle.seed(args.seed + 7919)  # the same eval samples whatever the training history of the RNG
+        n = len(self.eval_prompts)
+        per_rank = -(-n // ctx.data_world)
+        mine = list(range(ctx.data_rank * per_rank, min(n, (ctx.data_rank + 1) * per_rank)))
+        gen = GenerationConfig(**{**self.gen.__dict__, "num_return_sequences": 1})
+        rows, scores, kls, lengths = [], [], [], []
+        for start in range(0, len(mine), args.per_device_eval_batch_size):
+            ids, mask = self.prompt_batch(self.eval_prompts, mine[start:start + args.per_device_eval_batch_size])
+            exp = collect(self.models, ids, mask, gen, args.max_length, args.normalize_reward)
+            kl = algo.masked_sum(algo.compute_kl(exp.old_log_probs, exp.ref_log_probs, "k1") * exp.action_mask,
+                                 exp.action_mask, axis=1)
+            scores.append(exp.end_scores.numpy())
+            kls.append(kl.numpy())
+            lengths.append(exp.response_lengths.numpy().astype("float64"))
+            P = exp.prompt_length
+            for b in range(exp.batch_size):
+                prompt = [int(t) for t, m in zip(exp.sequences[b, :P].numpy(), exp.attention_mask[b, :P].numpy()) if m]
+                response = [int(t) for t, m in zip(exp.sequences[b, P:].numpy(), exp.attention_mask[b, P:].numpy())
+                            if m]
+                rows.append({"prompt": self.tokenizer.decode(prompt, skip_special_tokens=True),
+                             "response": self.tokenizer.decode(response, skip_special_tokens=True),
+                             "reward": float(exp.end_scores[b]), "kl": float(kl[b])})
+        paddle.set_rng_state(rng_state)
+        pad = np.full(per_rank - len(mine), np.nan)
+        score = parallel.all_gather_data(np.concatenate(scores + [pad]))
+        kl_all = parallel.all_gather_data(np.concatenate(kls + [pad]))
+        length = parallel.all_gather_data(np.concatenate(lengths + [pad]))
+        keep = ~np.isnan(score)
+        metrics = {"reward": float(score[keep].mean()), "reward_std": float(score[keep].std()),
+                   "kl": float(kl_all[keep].mean()), "response_length": float(length[keep].mean())}
+        self._write_samples(step, rows)
+        self.metrics.log(step, metrics, split="eval", echo=echo)
+        return metrics
+
+    def _write_samples(self, step: int, rows: list[dict]) -> None:
+        """All of this rank's eval generations to eval_samples/step-N.rank-R.jsonl; a few echoed in the log."""
+        folder = os.path.join(self.args.output_dir, "eval_samples")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"step-{step}.rank-{self.ctx.rank}.jsonl"), "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+    def save(self, target: str, step: int) -> None:
+        parallel.barrier()
+        if self.ctx.is_main:
+            state = {"global_step": step, "stage": "ppo", "kl_coeff": float(self.kl_ctl.value), "args": vars(self.args)}
+            save_pretrained_atomic(self.actor, self.tokenizer, os.path.join(target, "policy"), extra=state)
+            if self.critic is not None:
+                save_pretrained_atomic(self.critic, self.tokenizer, os.path.join(target, "value"), extra=state)
+            if target != self.args.output_dir:
+                rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
+        parallel.barrier()
+
+
+def greedy_generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens: int):
+    """Deterministic responses (used by evaluation scripts and tests)."""
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False)
+    return generate(unwrap(model), prompt_ids, prompt_mask, config, tokenizer.eos_token_id, tokenizer.pad_token_id)
+
+
+__all__ = ["PPOTrainer", "TrainingDiverged", "greedy_generate", "shutil"]
