@@ -1,0 +1,31 @@
+"""Tokenizer set-up shared by every dataset."""
+
+from __future__ import annotations
+
+import logging
+
+from ppo.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def tokenizer_name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+
+
+def ensure_pad_token(tokenizer):
+    """Give ``tokenizer`` a pad token (its eos token) when it has none; returns it.
+
+    Reusing eos for padding is safe here because every attention mask and label mask is built
+    from sequence lengths, never from ``ids == pad_token_id``.
+    """
+    if tokenizer.pad_token_id is not None:
+        return tokenizer
+    if tokenizer.eos_token_id is None or tokenizer.eos_token is None:
+        raise UserError(f"tokenizer at '{tokenizer_name(tokenizer)}' has neither a pad nor an eos token; add one "
+                        "(e.g. tokenizer.add_special_tokens({'pad_token': '<pad>'})) and save it")
+    tokenizer.pad_token = tokenizer.eos_token
+    logger.warning("tokenizer at '%s' has no pad token; padding with its eos token '%s' (id %d). Attention masks "
+                   "come from sequence lengths, so real eos tokens stay visible and trained.",
+                   tokenizer_name(tokenizer), tokenizer.eos_token, tokenizer.eos_token_id)
+    return tokenizer
