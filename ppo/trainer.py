@@ -173,6 +173,8 @@ class PPOTrainer:
         bar = tqdm(total=self.total_steps, desc="ppo", disable=args.disable_tqdm or not self.ctx.is_main,
                    dynamic_ncols=True)
         window = []
+        if args.eval_steps > 0:
+            self.evaluate(0, bar.write)  # the starting point of every curve
         for step in range(self.total_steps):
             with self.timer("rollout"):
                 exp = self.rollout(step)

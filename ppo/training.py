@@ -63,7 +63,7 @@ def set_seed(seed: int) -> None:
 def prepare_output_dir(path: str) -> None:
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write-test")
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -385,6 +385,8 @@ class SingleModelTrainer:
         bar = tqdm(total=self.total_steps, desc=self.stage, disable=args.disable_tqdm or not ctx.is_main,
                    dynamic_ncols=True)
         window: list[dict] = []
+        if args.eval_steps > 0:
+            self.log_eval(0, bar.write)  # the starting point of the eval curve
         self.model.train()
         for step in range(self.total_steps):
             micro = self.sampler.micro_batches(step)

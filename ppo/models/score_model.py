@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import paddle
 import paddle.nn as nn
 from paddlenlp.transformers import LlamaConfig, LlamaModel, LlamaPretrainedModel
+from paddlenlp.transformers.model_outputs import ModelOutput
 
 from ppo.errors import UserError
 from ppo.models.loading import check_model_path
@@ -33,9 +34,11 @@ def last_token_index(attention_mask: paddle.Tensor) -> paddle.Tensor:
 
 
 @dataclass
-class ScoreOutput:
-    scores: paddle.Tensor      # [B, T, score_dim] score after every token
-    end_scores: paddle.Tensor  # [B, score_dim] score at the last real token
+class ScoreOutput(ModelOutput):
+    """A ModelOutput (an ordered dict) so data-parallel wrappers can find its tensors."""
+
+    scores: paddle.Tensor = None      # [B, T, score_dim] score after every token
+    end_scores: paddle.Tensor = None  # [B, score_dim] score at the last real token
 
 
 class LlamaModelForScore(LlamaPretrainedModel):
