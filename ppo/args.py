@@ -32,7 +32,7 @@ class TrainingArgs:
     output_dir: str = arg("output", "Folder for checkpoints, metrics.jsonl and logs.")
     seed: int = arg(42, "Random seed of model initialisation, data order, sampling and dropout.")
     num_train_epochs: float = arg(1.0, "Passes over the training data (ignored when max_steps > 0).")
-    max_steps: int = arg(-1, "Total optimizer steps; overrides num_train_epochs when > 0.")
+    max_steps: int = arg(-1, "Total steps (optimizer steps; in PPO, rollout iterations); overrides num_train_epochs when > 0.")
     per_device_train_batch_size: int = arg(8, "Training micro-batch per device (pairs for the reward model).")
     per_device_eval_batch_size: int = arg(16, "Evaluation batch per device.")
     gradient_accumulation_steps: int = arg(1, "Micro-batches accumulated per optimizer step.")
@@ -47,13 +47,12 @@ class TrainingArgs:
     warmup_steps: int = arg(0, "Warm-up steps; overrides warmup_ratio when > 0.")
     max_grad_norm: float = arg(1.0, "Global gradient-norm clip (0 disables).")
     logging_steps: int = arg(10, "Log metrics every this many optimizer steps.")
-    eval_steps: int = arg(0, "Evaluate every this many steps (0: only at the end).")
+    eval_steps: int = arg(0, "Evaluate every this many steps, and once before training (0: only at the end).")
     save_steps: int = arg(0, "Save a checkpoint every this many steps (0: only at the end).")
     save_total_limit: int = arg(2, "Keep at most this many step checkpoints (the final model is always kept).")
     bf16: bool = arg(False, "bfloat16 mixed precision (GPU builds; ignored with a warning on CPU).")
     fp16: bool = arg(False, "float16 mixed precision (GPU builds; ignored with a warning on CPU).")
     disable_tqdm: bool = arg(False, "Hide progress bars.")
-    resume_from_checkpoint: str = arg("", "Checkpoint folder to resume from, or 'auto' for the latest in output_dir.")
 
 
 @dataclass

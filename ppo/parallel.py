@@ -78,6 +78,9 @@ def init_parallel(args) -> ParallelContext:
     if mp > 1 or pp > 1:
         raise UserError("tensor_parallel_degree and pipeline_parallel_degree > 1 are not supported yet; "
                         "use data parallel and sharding")
+    if sd > 1 and getattr(args, "sharding", "") == "stage2" and device() == "cpu":
+        raise UserError("sharding 'stage2' runs on GPU builds only for now (paddle's group-sharded stage 2 "
+                        "asserts a GPU); on CPU use sharding 'stage1'")
     paddle.set_device(device())
     from paddle.distributed import fleet
 

@@ -60,11 +60,14 @@ def test_sft_lowers_answer_loss(tiny_dir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_reward_model_two_ranks_match_one(tiny_dir, tmp_path):
+@pytest.mark.parametrize("layout", [[], ["--sharding_parallel_degree", "2", "--sharding", "stage1"]],
+                         ids=["data-parallel", "sharding-stage1"])
+def test_reward_model_two_ranks_match_one(tiny_dir, tmp_path, layout):
     common = ["config/tiny/rm_argument.json", "--model_name_or_path", tiny_dir / "base", "--max_steps", "6",
               "--logging_steps", "1", "--eval_steps", "6"]
     run("rm/run_reward.py", *common, "--output_dir", tmp_path / "one", "--per_device_train_batch_size", "16")
-    run("rm/run_reward.py", *common, "--output_dir", tmp_path / "two", "--per_device_train_batch_size", "8", nproc=2)
+    run("rm/run_reward.py", *common, "--output_dir", tmp_path / "two", "--per_device_train_batch_size", "8", *layout,
+        nproc=2)
     one, two = metrics(tmp_path / "one", "train"), metrics(tmp_path / "two", "train")
     assert len(one) == len(two) == 6
     for a, b in zip(one, two):

@@ -1,0 +1,56 @@
+"""The argument tables of README.md, generated from the argument dataclasses (the single source).
+
+    python scripts/args_doc.py            # print them
+    python scripts/args_doc.py --write    # replace the block between the ARGS markers of README.md
+"""
+
+import dataclasses
+import os
+import sys
+import typing
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ppo.args import DataArgs, ParallelArgs, PPOArgs, RewardArgs, SFTArgs, TrainingArgs  # noqa: E402
+
+SECTIONS = [
+    ("Shared: training (all stages)", TrainingArgs, ()),
+    ("Shared: parallelism (all stages)", ParallelArgs, ()),
+    ("Shared: data (all stages)", DataArgs, ()),
+    ("SFT (`ppo/run_sft.py`)", SFTArgs, (TrainingArgs, ParallelArgs, DataArgs)),
+    ("Reward model (`rm/run_reward.py`)", RewardArgs, (TrainingArgs, ParallelArgs, DataArgs)),
+    ("PPO (`ppo/run_ppo.py`)", PPOArgs, (TrainingArgs, ParallelArgs, DataArgs)),
+]
+
+
+def render() -> str:
+    out = []
+    for title, cls, shared in SECTIONS:
+        skip = {f.name for s in shared for f in dataclasses.fields(s)}
+        hints = typing.get_type_hints(cls)
+        out.append(f"#### {title}\n\n| argument | type | default | meaning |\n| --- | --- | --- | --- |")
+        for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
+            choices = f.metadata.get("choices")
+            meaning = f.metadata["help"] + (f" One of: {', '.join(f'`{c}`' for c in choices if c)}." if choices else "")
+            out.append(f"| `{f.name}` | {hints[f.name].__name__} | `{f.default!r}` | {meaning} |")
+        out.append("")
+    return "\n".join(out)
+
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+BEGIN, END = "<!-- ARGS:BEGIN -->", "<!-- ARGS:END -->"
+
+
+def readme_block(text: str) -> str:
+    return text[text.index(BEGIN) + len(BEGIN):text.index(END)].strip()
+
+
+if __name__ == "__main__":
+    if "--write" in sys.argv:
+        text = open(README, encoding="utf-8").read()
+        new = text[:text.index(BEGIN) + len(BEGIN)] + "\n" + render() + "\n" + text[text.index(END):]
+        open(README, "w", encoding="utf-8").write(new)
+    else:
+        print(render())
