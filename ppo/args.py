@@ -53,6 +53,7 @@ class TrainingArgs:
     bf16: bool = arg(False, "bfloat16 mixed precision (GPU builds; ignored with a warning on CPU).")
     fp16: bool = arg(False, "float16 mixed precision (GPU builds; ignored with a warning on CPU).")
     disable_tqdm: bool = arg(False, "Hide progress bars.")
+    resume_from_checkpoint: str = arg("", "checkpoint-N folder to continue from exactly, or 'auto' for the latest complete one in output_dir.")
 
 
 @dataclass

@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import numpy as np
 import paddle
 
 from ppo import algorithms as algo
-from ppo import parallel
+from ppo import checkpoint, parallel
 from ppo.args import PPOArgs
 from ppo.data import PromptOnlyDataset, SupervisedDataset
 from ppo.errors import UserError
 from ppo.experience import Experience
 from ppo.models import check_max_length, check_model_path, load_causal_lm, load_score_model, load_tokenizer
-from ppo.rollout import GenerationConfig, Models, collect, forward_log_probs, generate, same_vocabulary
+from ppo.rollout import GenerationConfig, Models, collect, forward_log_probs, same_vocabulary
 from ppo.sft_trainer import answer_token_loss, lm_logits
 from ppo.training import (
     GlobalBatchSampler,
@@ -38,9 +37,9 @@ from ppo.training import (
     build_optimizer,
     build_template,
     prepare_output_dir,
-    rotate_checkpoints,
     save_pretrained_atomic,
     set_seed,
+    start_or_resume,
     total_steps,
     unwrap,
 )
@@ -83,6 +82,26 @@ class PPOTrainer:
         self.metrics = MetricsLogger(args.output_dir, enabled=self.ctx.is_main)
         self.timer = Timer()
         self.shuffle_rng = np.random.default_rng([args.seed, self.ctx.data_rank])
+        self.start_step = 0
+        folder = start_or_resume(args, self.ctx)
+        if folder:
+            self._resume(folder)
+
+    def _models_and_optimizers(self):
+        models, optimizers = {"policy": self.actor}, {"actor": self.actor_opt}
+        if self.uses_critic:
+            models["value"], optimizers["critic"] = self.critic, self.critic_opt
+        return models, optimizers
+
+    def _resume(self, folder: str) -> None:
+        models, optimizers = self._models_and_optimizers()
+        state, rng_extra = checkpoint.resume(folder, self.ctx, self.args, "ppo", models, optimizers)
+        self.start_step = int(state["global_step"])
+        self.kl_ctl.set_state_dict(state["extra"]["kl_controller"])
+        if self.ptx is not None:
+            self.ptx_step = int(state["extra"]["ptx_step"])
+        self.shuffle_rng.bit_generator.state = rng_extra["shuffle_rng"]
+        print(f"resumed from {folder} at PPO step {self.start_step}")
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -173,9 +192,10 @@ class PPOTrainer:
         bar = tqdm(total=self.total_steps, desc="ppo", disable=args.disable_tqdm or not self.ctx.is_main,
                    dynamic_ncols=True)
         window = []
-        if args.eval_steps > 0:
+        bar.update(self.start_step)
+        if args.eval_steps > 0 and self.start_step == 0:
             self.evaluate(0, bar.write)  # the starting point of every curve
-        for step in range(self.total_steps):
+        for step in range(self.start_step, self.total_steps):
             with self.timer("rollout"):
                 exp = self.rollout(step)
             check_finite("reward", exp.end_scores, step + 1)
@@ -194,7 +214,7 @@ class PPOTrainer:
             if args.eval_steps > 0 and done % args.eval_steps == 0 and done < self.total_steps:
                 self.evaluate(done, bar.write)
             if args.save_steps > 0 and done % args.save_steps == 0 and done < self.total_steps:
-                self.save(os.path.join(args.output_dir, f"checkpoint-{done}"), done)
+                self.save_checkpoint(done)
         bar.close()
         final = self.evaluate(self.total_steps, print)
         self.save(args.output_dir, self.total_steps)
@@ -398,22 +418,23 @@ class PPOTrainer:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
 
+    def save_checkpoint(self, step: int) -> None:
+        """A resumable ``checkpoint-<step>`` (policy/, value/, optimizers, random states; atomic)."""
+        models, optimizers = self._models_and_optimizers()
+        extra = {"kl_controller": self.kl_ctl.state_dict(), "ptx_step": getattr(self, "ptx_step", 0)}
+        checkpoint.save_checkpoint(
+            os.path.join(self.args.output_dir, f"checkpoint-{step}"), self.ctx, models, self.tokenizer, optimizers,
+            {"global_step": step, "epoch": self.prompt_sampler.epoch_of(step), "stage": "ppo",
+             "args": vars(self.args), "extra": extra},
+            rng_extra={"shuffle_rng": self.shuffle_rng.bit_generator.state})
+        if self.ctx.is_main:
+            checkpoint.rotate(self.args.output_dir, self.args.save_total_limit)
+
     def save(self, target: str, step: int) -> None:
+        """The final policy/ and value/ models (from_pretrained-loadable)."""
         parallel.barrier()
         if self.ctx.is_main:
             state = {"global_step": step, "stage": "ppo", "kl_coeff": float(self.kl_ctl.value), "args": vars(self.args)}
-            save_pretrained_atomic(self.actor, self.tokenizer, os.path.join(target, "policy"), extra=state)
-            if self.critic is not None:
-                save_pretrained_atomic(self.critic, self.tokenizer, os.path.join(target, "value"), extra=state)
-            if target != self.args.output_dir:
-                rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
+            for sub, model in self._models_and_optimizers()[0].items():
+                save_pretrained_atomic(model, self.tokenizer, os.path.join(target, sub), extra=state)
         parallel.barrier()
-
-
-def greedy_generate(model, tokenizer, prompt_ids, prompt_mask, max_new_tokens: int):
-    """Deterministic responses (used by evaluation scripts and tests)."""
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False)
-    return generate(unwrap(model), prompt_ids, prompt_mask, config, tokenizer.eos_token_id, tokenizer.pad_token_id)
-
-
-__all__ = ["PPOTrainer", "TrainingDiverged", "greedy_generate", "shutil"]

@@ -22,6 +22,7 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
+from ppo import checkpoint
 from ppo.errors import UserError
 
 logger = logging.getLogger("ppo")
@@ -325,12 +326,15 @@ def save_pretrained_atomic(model, tokenizer, target: str, extra: dict | None = N
     atomic_save(target, write)
 
 
-def rotate_checkpoints(output_dir: str, limit: int, prefix: str = "checkpoint-") -> None:
-    """Delete the oldest ``checkpoint-N`` folders beyond ``limit`` (never the newest)."""
-    found = sorted((int(d[len(prefix):]), d) for d in os.listdir(output_dir)
-                   if d.startswith(prefix) and d[len(prefix):].isdigit())
-    for _, d in found[:max(0, len(found) - max(1, limit))]:
-        shutil.rmtree(os.path.join(output_dir, d), ignore_errors=True)
+def start_or_resume(args, ctx) -> str | None:
+    """Clean unfinished checkpoint writes; the checkpoint to resume from, if any (all ranks agree)."""
+    from ppo import parallel
+
+    if ctx.is_main:
+        for name in checkpoint.clean_partial(args.output_dir):
+            logger.warning("removed the unfinished checkpoint write %s", os.path.join(args.output_dir, name))
+    parallel.barrier()
+    return checkpoint.resolve_resume(args.resume_from_checkpoint, args.output_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,6 +369,14 @@ class SingleModelTrainer:
         self.model, self.optimizer = parallel.wrap_for_training(model, self.optimizer, args.sharding)
         self.precision = Precision(args.bf16, args.fp16, parallel.device() == "gpu")
         self.metrics = MetricsLogger(args.output_dir, enabled=self.ctx.is_main)
+        self.start_step = 0
+        folder = start_or_resume(args, self.ctx)
+        if folder:
+            state, _ = checkpoint.resume(folder, self.ctx, args, self.stage, {"": self.model},
+                                         {"": self.optimizer})
+            self.start_step = int(state["global_step"])
+            self.restore_extra_state(state.get("extra", {}))
+            logger.info("resumed from %s at step %d", folder, self.start_step)
 
     def collate(self, dataset, indices):
         return dataset.get_collator()([dataset[i] for i in indices])
@@ -382,13 +394,13 @@ class SingleModelTrainer:
         from ppo import parallel
 
         args, ctx = self.args, self.ctx
-        bar = tqdm(total=self.total_steps, desc=self.stage, disable=args.disable_tqdm or not ctx.is_main,
-                   dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.start_step, desc=self.stage,
+                   disable=args.disable_tqdm or not ctx.is_main, dynamic_ncols=True)
         window: list[dict] = []
-        if args.eval_steps > 0:
+        if args.eval_steps > 0 and self.start_step == 0:
             self.log_eval(0, bar.write)  # the starting point of the eval curve
         self.model.train()
-        for step in range(self.total_steps):
+        for step in range(self.start_step, self.total_steps):
             micro = self.sampler.micro_batches(step)
             stats = []
             for i, indices in enumerate(micro):
@@ -416,9 +428,7 @@ class SingleModelTrainer:
             if args.eval_steps > 0 and done % args.eval_steps == 0 and done < self.total_steps:
                 self.log_eval(done, bar.write)
             if args.save_steps > 0 and done % args.save_steps == 0 and done < self.total_steps:
-                self.save(os.path.join(args.output_dir, f"checkpoint-{done}"), done)
-                if ctx.is_main:
-                    rotate_checkpoints(args.output_dir, args.save_total_limit)
+                self.save_checkpoint(done)
         bar.close()
         final = self.log_eval(self.total_steps, print)
         self.save(args.output_dir, self.total_steps)
@@ -439,6 +449,24 @@ class SingleModelTrainer:
 
     def before_save(self) -> None:
         """Hook to sync state into the model config before it is written."""
+
+    def extra_state(self) -> dict:
+        """Subclass state that a resumed run needs (JSON-serialisable)."""
+        return {}
+
+    def restore_extra_state(self, state: dict) -> None:
+        """Inverse of ``extra_state``."""
+
+    def save_checkpoint(self, step: int) -> None:
+        """A resumable ``checkpoint-<step>``: model, optimizer, random states, step (atomic)."""
+        if self.ctx.is_main:
+            self.before_save()
+        target = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+        checkpoint.save_checkpoint(target, self.ctx, {"": self.model}, self.tokenizer, {"": self.optimizer},
+                                   {"global_step": step, "epoch": self.sampler.epoch_of(step), "stage": self.stage,
+                                    "args": vars(self.args), "extra": self.extra_state()})
+        if self.ctx.is_main:
+            checkpoint.rotate(self.args.output_dir, self.args.save_total_limit)
 
     def save(self, target: str, step: int) -> None:
         from ppo import parallel

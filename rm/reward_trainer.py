@@ -98,6 +98,12 @@ class RewardTrainer(SingleModelTrainer):
     def before_save(self) -> None:
         unwrap(self.model).sync_normalizer_to_config()
 
+    def extra_state(self) -> dict:
+        return unwrap(self.model).normalizer.to_config()
+
+    def restore_extra_state(self, state: dict) -> None:
+        unwrap(self.model).normalizer = Normalizer.from_config(state)
+
 
 def validate_reward_args(args: RewardArgs) -> None:
     if not args.model_name_or_path:

@@ -93,14 +93,17 @@ def load_score_model(path: str, score_type: str = "reward", score_dim: int = 1, 
     config.score_type = score_type
     if not is_score:
         config.score_dim, config.score_bias = score_dim, score_bias
-    # the head of a new score model gets the same init on every rank and every run
-    with paddle.utils.unique_name.guard():
-        paddle.seed(int(config_overrides.get("seed", 0)) if "seed" in config_overrides else 0)
-        try:
-            model = LlamaModelForScore.from_pretrained(path, config=config)
-        except RuntimeError as e:
-            if "score_head" in str(e):
-                raise UserError(f"'{what}' = '{path}': score head shape in the weights does not match its "
-                                f"config (score_dim={config.score_dim}, score_bias={config.score_bias})") from None
-            raise
+    # the head of a new score model gets the same init on every rank and every run, without
+    # disturbing the caller's random stream
+    rng_state = paddle.get_rng_state()
+    paddle.seed(0)
+    try:
+        model = LlamaModelForScore.from_pretrained(path, config=config)
+    except RuntimeError as e:
+        if "score_head" in str(e):
+            raise UserError(f"'{what}' = '{path}': score head shape in the weights does not match its "
+                            f"config (score_dim={config.score_dim}, score_bias={config.score_bias})") from None
+        raise
+    finally:
+        paddle.set_rng_state(rng_state)
     return model

@@ -1,0 +1,291 @@
+"""Resumable checkpoints: everything a run needs to continue exactly, written atomically.
+
+A checkpoint folder ``checkpoint-N`` holds, besides the ``from_pretrained``-loadable models:
+
+* ``optimizer[-<role>].rank<R>.pdopt``: optimizer state of every rank (moments, LR scheduler);
+* ``rng.rank<R>.pkl``: paddle, numpy and python random states of every rank (+ trainer streams);
+* ``trainer_state.json``: global step, epoch, trainer extras (KL controller, ptx position), the
+  arguments and the library versions;
+* ``manifest.json``: every file with its size, written last.
+
+Every rank writes into ``.tmp-checkpoint-N``; after a barrier the main rank writes the manifest and
+renames the folder.  A folder without a valid manifest is incomplete: it is never resumed from and
+is removed on the next start.  The data order needs no state: batches are a function of the step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import platform
+import random
+import re
+import shutil
+
+import numpy as np
+import paddle
+
+from ppo.errors import UserError
+
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+# Arguments that must match to resume exactly (the rest, e.g. logging_steps, may change).
+RESUME_CRITICAL = (
+    "model_name_or_path", "actor_model_name_or_path", "reward_model_name_or_path", "reward_critic_model_name_or_path",
+    "train_datasets", "ptx_datasets", "max_length", "max_new_tokens", "seed", "per_device_train_batch_size",
+    "per_device_prompt_batch_size", "gradient_accumulation_steps", "num_return_sequences", "adv_estimator",
+    "tensor_parallel_degree", "pipeline_parallel_degree", "sharding_parallel_degree", "sharding", "world_size",
+)
+
+
+def versions() -> dict:
+    import paddlenlp
+
+    import ppo
+
+    return {"ppo": ppo.__version__, "paddle": paddle.__version__, "paddlenlp": paddlenlp.__version__,
+            "python": platform.python_version(), "numpy": np.__version__}
+
+
+# ---------------------------------------------------------------------------------------------
+# random states
+
+
+def capture_rng(extra: dict | None = None) -> dict:
+    return {"paddle": paddle.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "extra": extra or {}}
+
+
+def restore_rng(state: dict) -> dict:
+    paddle.set_rng_state(state["paddle"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    return state.get("extra", {})
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def tmp_folder(target: str) -> str:
+    parent, name = os.path.split(os.path.abspath(target))
+    return os.path.join(parent, f".tmp-{name}")
+
+
+def portable_optimizer_state(optimizer, model) -> dict:
+    """Optimizer state keyed by structured parameter names (``llama.layers.0...``) instead of paddle's
+    creation-order names (``linear_3.w_0``), so it loads into any process that built the same model."""
+    names = {p.name: n for n, p in unwrap_model(model).named_parameters()}
+    prefixes = sorted(names, key=len, reverse=True)
+    out = {}
+    for key, value in optimizer.state_dict().items():
+        if key == "master_weights":
+            out[key] = {names.get(k, k): v for k, v in value.items()}
+            continue
+        match = next((p for p in prefixes if key.startswith(p + "_")), None)
+        out[f"@{names[match]}{key[len(match):]}" if match else key] = value
+    return out
+
+
+def load_portable_optimizer_state(optimizer, model, state: dict) -> None:
+    names = {n: p.name for n, p in unwrap_model(model).named_parameters()}
+    restored = {}
+    for key, value in state.items():
+        if key == "master_weights":
+            restored[key] = {names.get(k, k): v for k, v in value.items()}
+        elif key.startswith("@"):
+            structured = next(n for n in sorted(names, key=len, reverse=True) if key[1:].startswith(n + "_"))
+            restored[names[structured] + key[1 + len(structured):]] = value
+        else:
+            restored[key] = value
+    optimizer.set_state_dict(restored)
+
+
+def unwrap_model(model):
+    from ppo.training import unwrap
+
+    return unwrap(model)
+
+
+def write_rank_state(tmp: str, rank: int, optimizers: dict, rng_extra: dict | None = None) -> None:
+    """This rank's optimizer states ({role: (optimizer, model)}) and random states into ``tmp``."""
+    os.makedirs(tmp, exist_ok=True)
+    for role, (optimizer, model) in optimizers.items():
+        suffix = f"-{role}" if role else ""
+        paddle.save(portable_optimizer_state(optimizer, model), os.path.join(tmp, f"optimizer{suffix}.rank{rank}.pdopt"))
+    with open(os.path.join(tmp, f"rng.rank{rank}.pkl"), "wb") as f:
+        pickle.dump(capture_rng(rng_extra), f)
+
+
+def finalize(tmp: str, target: str, state: dict) -> None:
+    """Main rank, after every rank wrote: trainer state, manifest (last), then the atomic rename."""
+    state = {**state, "versions": versions()}
+    with open(os.path.join(tmp, STATE), "w") as f:
+        json.dump(state, f, indent=1, default=str)
+    files = {}
+    for root, _, names in os.walk(tmp):
+        for name in names:
+            path = os.path.join(root, name)
+            files[os.path.relpath(path, tmp)] = os.path.getsize(path)
+    with open(os.path.join(tmp, MANIFEST + ".part"), "w") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(os.path.join(tmp, MANIFEST + ".part"), os.path.join(tmp, MANIFEST))
+    if os.path.exists(target):
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# finding and reading
+
+
+def is_complete(folder: str) -> bool:
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return all(os.path.isfile(os.path.join(folder, rel)) and os.path.getsize(os.path.join(folder, rel)) == size
+               for rel, size in files.items())
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete ``checkpoint-N`` folders of ``output_dir`` as (N, path), oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        m = _CHECKPOINT.match(name)
+        if m and is_complete(os.path.join(output_dir, name)):
+            found.append((int(m.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def clean_partial(output_dir: str) -> list[str]:
+    """Remove unfinished writes (``.tmp-*``) and checkpoint folders without a valid manifest."""
+    removed = []
+    if not os.path.isdir(output_dir):
+        return removed
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if name.startswith(".tmp-") or (_CHECKPOINT.match(name) and not is_complete(path)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+def rotate(output_dir: str, limit: int) -> None:
+    """Keep the newest ``limit`` complete checkpoints; never delete the only complete one."""
+    complete = list_checkpoints(output_dir)
+    for _, path in complete[:max(0, len(complete) - max(1, limit))]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_resume(value: str, output_dir: str) -> str | None:
+    """The checkpoint folder to resume from: a path, 'auto' (latest complete one, or None), or ''."""
+    if not value:
+        return None
+    if value == "auto":
+        found = list_checkpoints(output_dir)
+        return found[-1][1] if found else None
+    if not os.path.isdir(value) or not os.path.isfile(os.path.join(value, STATE)):
+        raise UserError(f"resume_from_checkpoint '{value}' is not a checkpoint folder (no {STATE}); "
+                        f"give a checkpoint-N folder or 'auto'")
+    if not is_complete(value):
+        raise UserError(f"resume_from_checkpoint '{value}' is incomplete (its manifest is missing or does not "
+                        "match its files); use an earlier checkpoint or 'auto'")
+    return value
+
+
+def load_state(folder: str, args, stage: str, world_size: int) -> dict:
+    """The saved trainer state, after checking it belongs to a compatible run."""
+    with open(os.path.join(folder, STATE)) as f:
+        state = json.load(f)
+    if state.get("stage") != stage:
+        raise UserError(f"checkpoint '{folder}' is from the {state.get('stage')!r} stage, not {stage!r}")
+    saved = dict(state.get("args", {}), world_size=state.get("world_size"))
+    current = dict(vars(args), world_size=world_size)
+    for key in RESUME_CRITICAL:
+        if key in current and key in saved and saved[key] != current[key]:
+            raise UserError(f"cannot resume from '{folder}': '{key}' was {saved[key]!r} there and is "
+                            f"{current[key]!r} now")
+    return state
+
+
+def load_rank_state(folder: str, rank: int, optimizers: dict) -> dict:
+    """Restore this rank's optimizers ({role: (optimizer, model)}) and random states; returns extra streams."""
+    for role, (optimizer, model) in optimizers.items():
+        suffix = f"-{role}" if role else ""
+        path = os.path.join(folder, f"optimizer{suffix}.rank{rank}.pdopt")
+        if not os.path.isfile(path):
+            raise UserError(f"checkpoint '{folder}' has no optimizer state for rank {rank} ({os.path.basename(path)})")
+        load_portable_optimizer_state(optimizer, model, paddle.load(path))
+    with open(os.path.join(folder, f"rng.rank{rank}.pkl"), "rb") as f:
+        return restore_rng(pickle.load(f))
+
+
+def load_weights(model, folder: str) -> None:
+    """Weights saved by ``save_pretrained`` into the (unwrapped) ``model``, exactly."""
+    path = os.path.join(folder, "model_state.pdparams")
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint '{folder}' has no model_state.pdparams")
+    model.set_state_dict(paddle.load(path))
+
+
+def save_checkpoint(target: str, ctx, models: dict, tokenizer, optimizers: dict, state: dict,
+                    rng_extra: dict | None = None) -> None:
+    """Write a resumable checkpoint from every rank (call on all ranks).
+
+    models: {subfolder: model} saved with save_pretrained by the main rank ('' = the folder itself).
+    """
+    from ppo import parallel
+    from ppo.training import unwrap
+
+    tmp = tmp_folder(target)
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for sub, model in models.items():
+            unwrap(model).save_pretrained(os.path.join(tmp, sub))
+            tokenizer.save_pretrained(os.path.join(tmp, sub))
+    parallel.barrier()
+    write_rank_state(tmp, ctx.rank, {role: (inner_optimizer(o), models[role_model(role)])
+                                     for role, o in optimizers.items()}, rng_extra)
+    parallel.barrier()
+    if os.environ.get("PPO_FAULT_KILL_IN_SAVE"):
+        # fault injection for the crash tests: die after every file but the manifest is written
+        os.kill(os.getpid(), 9)
+    if ctx.is_main:
+        finalize(tmp, target, {**state, "world_size": ctx.world_size})
+    parallel.barrier()
+
+
+def resume(folder: str, ctx, args, stage: str, models: dict, optimizers: dict) -> tuple[dict, dict]:
+    """Load weights, optimizer and random states of ``folder``; returns (trainer state, rng extras)."""
+    from ppo.training import unwrap
+
+    state = load_state(folder, args, stage, ctx.world_size)
+    for sub, model in models.items():
+        load_weights(unwrap(model), os.path.join(folder, sub))
+    extra = load_rank_state(folder, ctx.rank, {role: (inner_optimizer(o), models[role_model(role)])
+                                               for role, o in optimizers.items()})
+    return state, extra
+
+
+def role_model(role: str) -> str:
+    """The model subfolder an optimizer role belongs to."""
+    return {"": "", "actor": "policy", "critic": "value"}[role]
+
+
+def inner_optimizer(optimizer):
+    """The paddle optimizer inside fleet's wrappers (its state_dict is the real one)."""
+    while hasattr(optimizer, "_inner_opt"):
+        optimizer = optimizer._inner_opt
+    return optimizer

@@ -1,0 +1,154 @@
+"""Exact resume: k steps + resume to N equals N steps straight (bitwise on one CPU process), and
+crashes (SIGKILL during training, during a checkpoint write) lose only the work since the last
+complete checkpoint."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import paddle
+import pytest
+
+from ppo.args import PPOArgs, RewardArgs, SFTArgs
+from ppo.checkpoint import is_complete, list_checkpoints
+from ppo.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_metrics(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f) if r["split"] == "train"}
+
+
+def weights(path):
+    return {k: v.numpy() for k, v in paddle.load(str(path)).items()}
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def assert_same_metrics(straight, resumed, steps, skip=("time/",)):
+    for step in steps:
+        for key, value in straight[step].items():
+            if not key.startswith(skip):
+                assert resumed[step][key] == value, (step, key, value, resumed[step][key])
+
+
+@pytest.mark.parametrize("stage", ["reward", "sft"])
+def test_single_model_stage_resume_is_bitwise(stage, tiny_dir, tmp_path):
+    from ppo.sft_trainer import SFTTrainer
+    from rm.reward_trainer import RewardTrainer
+
+    cls, args_cls = (RewardTrainer, RewardArgs) if stage == "reward" else (SFTTrainer, SFTArgs)
+    data = "tiny-preference/train" if stage == "reward" else "tiny-sft"
+    common = dict(model_name_or_path=str(tiny_dir / "base"), train_datasets=data, max_length=64, max_steps=6,
+                  per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3,
+                  warmup_steps=2, logging_steps=1, disable_tqdm=True, seed=5)
+    if stage == "reward":
+        common.update(normalizer_type="RunningMeanStd")
+    cls(args_cls(output_dir=str(tmp_path / "straight"), save_steps=3, **common)).train()
+    ckpt = tmp_path / "straight" / "checkpoint-3"
+    assert is_complete(str(ckpt))
+    cls(args_cls(output_dir=str(tmp_path / "resumed"), resume_from_checkpoint=str(ckpt), **common)).train()
+    assert_bitwise_equal(weights(tmp_path / "straight" / "model_state.pdparams"),
+                         weights(tmp_path / "resumed" / "model_state.pdparams"))
+    straight, resumed = train_metrics(tmp_path / "straight"), train_metrics(tmp_path / "resumed")
+    assert sorted(resumed) == [4, 5, 6]
+    assert_same_metrics(straight, resumed, [4, 5, 6])
+    if stage == "reward":
+        a = json.load(open(tmp_path / "straight" / "config.json"))
+        b = json.load(open(tmp_path / "resumed" / "config.json"))
+        assert (a["norm_mean"], a["norm_var"], a["norm_count"]) == (b["norm_mean"], b["norm_var"], b["norm_count"])
+
+
+def test_ppo_resume_is_bitwise(tiny_dir, tiny_tokenizer, tmp_path):
+    from ppo.models import load_score_model
+    from ppo.trainer import PPOTrainer
+
+    rm = load_score_model(str(tiny_dir / "base"))
+    rm.save_pretrained(str(tmp_path / "rm"))
+    tiny_tokenizer.save_pretrained(str(tmp_path / "rm"))
+    common = dict(actor_model_name_or_path=str(tiny_dir / "base"), reward_model_name_or_path=str(tmp_path / "rm"),
+                  train_datasets="tiny-prompts/train", ptx_datasets="tiny-sft", ptx_coeff=0.3, max_length=48,
+                  max_new_tokens=6, per_device_prompt_batch_size=4, per_device_train_batch_size=2, update_iters=2,
+                  learning_rate=1e-3, critic_learning_rate=1e-3, adaptive_kl=True, kl_target=0.1, kl_horizon=50,
+                  max_steps=4, logging_steps=1, disable_tqdm=True, seed=9)
+    PPOTrainer(PPOArgs(output_dir=str(tmp_path / "straight"), save_steps=2, **common)).train()
+    ckpt = tmp_path / "straight" / "checkpoint-2"
+    PPOTrainer(PPOArgs(output_dir=str(tmp_path / "resumed"), resume_from_checkpoint=str(ckpt), **common)).train()
+    for sub in ("policy", "value"):
+        assert_bitwise_equal(weights(tmp_path / "straight" / sub / "model_state.pdparams"),
+                             weights(tmp_path / "resumed" / sub / "model_state.pdparams"))
+    straight, resumed = train_metrics(tmp_path / "straight"), train_metrics(tmp_path / "resumed")
+    assert sorted(resumed) == [3, 4]
+    assert_same_metrics(straight, resumed, [3, 4])  # sampled responses, rewards, KL coefficient, losses
+
+
+def test_resume_rejects_incompatible_arguments_and_non_checkpoints(tiny_dir, tmp_path):
+    from rm.reward_trainer import RewardTrainer
+
+    common = dict(model_name_or_path=str(tiny_dir / "base"), train_datasets="tiny-preference/train", max_length=64,
+                  per_device_train_batch_size=4, logging_steps=1, disable_tqdm=True)
+    RewardTrainer(RewardArgs(output_dir=str(tmp_path / "a"), max_steps=2, save_steps=1, **common)).train()
+    ckpt = str(tmp_path / "a" / "checkpoint-1")
+    changed = dict(common, per_device_train_batch_size=8)
+    with pytest.raises(UserError, match="'per_device_train_batch_size' was 4 there and is 8 now"):
+        RewardTrainer(RewardArgs(output_dir=str(tmp_path / "b"), max_steps=2, resume_from_checkpoint=ckpt, **changed))
+    with pytest.raises(UserError, match="is not a checkpoint folder"):
+        RewardTrainer(RewardArgs(output_dir=str(tmp_path / "b"), max_steps=2,
+                                 resume_from_checkpoint=str(tiny_dir / "base"), **common))
+
+
+# ---------------------------------------------------------------------------------------------
+# crashes, through the real entry point
+
+
+def rm_cmd(tiny_dir, out, *extra):
+    return [sys.executable, os.path.join(ROOT, "rm/run_reward.py"), os.path.join(ROOT, "config/tiny/rm_argument.json"),
+            "--model_name_or_path", str(tiny_dir / "base"), "--output_dir", str(out), "--max_steps", "12",
+            "--save_steps", "3", "--save_total_limit", "2", "--logging_steps", "1", "--disable_tqdm", "true",
+            "--per_device_train_batch_size", "8", *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_during_training_and_during_a_save(tiny_dir, tmp_path):
+    straight = tmp_path / "straight"
+    subprocess.run(rm_cmd(tiny_dir, straight), check=True, capture_output=True, cwd=ROOT)
+
+    # 1. SIGKILL in the middle of training, once checkpoint-3 is complete
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(rm_cmd(tiny_dir, out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list_checkpoints(str(out)) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list_checkpoints(str(out)), "no checkpoint was written before the kill"
+
+    # 2. killed again while writing the next checkpoint (fault injection at the last moment of a save)
+    env = dict(os.environ, PPO_FAULT_KILL_IN_SAVE="1")
+    crashed = subprocess.run(rm_cmd(tiny_dir, out, "--resume_from_checkpoint", "auto"), cwd=ROOT, env=env,
+                             capture_output=True)
+    assert crashed.returncode == -signal.SIGKILL
+    partial = [d for d in os.listdir(out) if d.startswith(".tmp-checkpoint-")]
+    assert partial, "the kill should have left an unfinished checkpoint write"
+    last_complete = list_checkpoints(str(out))[-1][0]
+
+    # 3. resume: the partial write is removed, training continues from the last complete checkpoint
+    done = subprocess.run(rm_cmd(tiny_dir, out, "--resume_from_checkpoint", "auto"), cwd=ROOT, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resumed from {out / f'checkpoint-{last_complete}'}" in done.stderr + done.stdout
+    assert not [d for d in os.listdir(out) if d.startswith(".tmp-")]
+    assert_bitwise_equal(weights(straight / "model_state.pdparams"), weights(out / "model_state.pdparams"))
+    assert len(list_checkpoints(str(out))) <= 2  # save_total_limit
+    shutil.rmtree(out)
