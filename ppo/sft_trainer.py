@@ -9,8 +9,8 @@ import paddle.nn.functional as F
 from ppo import parallel
 from ppo.args import SFTArgs
 from ppo.data import SupervisedDataset
-from ppo.models import check_max_length, check_model_path, load_causal_lm, load_tokenizer, position_ids_from_mask
-from ppo.training import SingleModelTrainer, load_datasets, prepare_output_dir, set_seed
+from ppo.models import load_causal_lm, position_ids_from_mask
+from ppo.training import SingleModelTrainer
 
 
 def lm_logits(model, input_ids, attention_mask) -> paddle.Tensor:
@@ -35,13 +35,7 @@ class SFTTrainer(SingleModelTrainer):
     stage = "sft"
 
     def __init__(self, args: SFTArgs):
-        parallel.init_parallel(args)
-        prepare_output_dir(args.output_dir)
-        set_seed(args.seed)
-        config = check_model_path(args.model_name_or_path)
-        check_max_length(config, args.max_length, args.model_name_or_path)
-        tokenizer = load_tokenizer(args.model_name_or_path)
-        train_data, eval_data = load_datasets(SupervisedDataset, args, tokenizer)
+        tokenizer, train_data, eval_data = self.begin(args, SupervisedDataset)
         model = load_causal_lm(args.model_name_or_path)
         self.setup(args, model, tokenizer, train_data, eval_data)
 

@@ -41,7 +41,6 @@ from ppo.training import (
     set_seed,
     start_or_resume,
     total_steps,
-    unwrap,
 )
 
 

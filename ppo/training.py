@@ -351,6 +351,20 @@ class SingleModelTrainer:
 
     stage = "train"
 
+    @staticmethod
+    def begin(args, dataset_cls):
+        """Start-up shared by the stages: ranks, output folder, seed, checks -> (tokenizer, train, eval)."""
+        from ppo import parallel
+        from ppo.models import check_max_length, check_model_path, load_tokenizer
+
+        parallel.init_parallel(args)
+        prepare_output_dir(args.output_dir)
+        set_seed(args.seed)
+        config = check_model_path(args.model_name_or_path)
+        check_max_length(config, args.max_length, args.model_name_or_path)
+        tokenizer = load_tokenizer(args.model_name_or_path)
+        return (tokenizer, *load_datasets(dataset_cls, args, tokenizer))
+
     def setup(self, args, model, tokenizer, train_data, eval_data) -> None:
         from ppo import parallel
 

@@ -16,8 +16,8 @@ from ppo import parallel
 from ppo.args import RewardArgs
 from ppo.data import PreferenceDataset
 from ppo.errors import UserError
-from ppo.models import Normalizer, check_max_length, check_model_path, load_score_model, load_tokenizer
-from ppo.training import SingleModelTrainer, load_datasets, prepare_output_dir, set_seed, unwrap
+from ppo.models import Normalizer, load_score_model
+from ppo.training import SingleModelTrainer, unwrap
 from rm.losses import divergence_span, score_regularization, sequence_wise_loss, token_wise_loss
 
 
@@ -32,13 +32,7 @@ class RewardTrainer(SingleModelTrainer):
     stage = "reward model"
 
     def __init__(self, args: RewardArgs):
-        parallel.init_parallel(args)
-        prepare_output_dir(args.output_dir)
-        set_seed(args.seed)
-        config = check_model_path(args.model_name_or_path)
-        check_max_length(config, args.max_length, args.model_name_or_path)
-        tokenizer = load_tokenizer(args.model_name_or_path)
-        train_data, eval_data = load_datasets(PreferenceDataset, args, tokenizer)
+        tokenizer, train_data, eval_data = self.begin(args, PreferenceDataset)
         model = load_score_model(args.model_name_or_path, score_type="reward", score_bias=args.score_bias)
         model.normalizer = Normalizer(args.normalizer_type, args.normalizer_momentum)
         self.setup(args, model, tokenizer, train_data, eval_data)

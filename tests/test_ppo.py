@@ -5,7 +5,6 @@ LM head, k1 KL, shaped rewards, GAE, whitening, the clipped actor and critic los
 gradients with respect to the LM head and the score head, and the AdamW step on those weights.
 """
 
-import copy
 
 import numpy as np
 import paddle

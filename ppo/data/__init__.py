@@ -7,6 +7,7 @@ subsets), alpaca and the tiny example.
 from ppo.data.base import (
     DatasetSpec,
     RawDataset,
+    SampleListDataset,
     RawSample,
     describe_source,
     import_user_modules,
@@ -37,7 +38,7 @@ from ppo.data.tokenizer_utils import ensure_pad_token
 
 __all__ = [
     "DEFAULT_FOLLOW_TEMPLATE", "DEFAULT_TEMPLATE", "IGNORE_INDEX",
-    "DatasetSpec", "RawDataset", "RawSample", "describe_source", "import_user_modules", "load_records",
+    "DatasetSpec", "RawDataset", "RawSample", "SampleListDataset", "describe_source", "import_user_modules", "load_records",
     "parse_dataset_spec", "require_fields", "require_type",
     "PreferenceDataset", "PromptOnlyDataset", "PromptTemplate", "SupervisedDataset", "TokenizedDataset",
     "TokenizedSubset", "collate_preference", "collate_prompts", "collate_supervised", "encode_answer",

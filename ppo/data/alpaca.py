@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from ppo.data.base import RawDataset, RawSample, describe_source, load_records, require_fields, require_type
+from ppo.data.base import (
+    RawSample,
+    SampleListDataset,
+    describe_source,
+    load_records,
+    require_fields,
+    require_type,
+)
 
 FIELDS = ("instruction", "output")  # plus an optional 'input' giving context to the instruction
 
@@ -18,7 +25,7 @@ def to_sample(record: dict, source: str, index: int) -> RawSample:
     return RawSample(input=instruction + ("\n\n" + context if context else ""), answer=answer)
 
 
-class Alpaca(RawDataset):
+class Alpaca(SampleListDataset):
     NAME = "alpaca"
     ALIASES = ("tatsu-lab/alpaca",)
     HUB_ID = "tatsu-lab/alpaca"
@@ -27,9 +34,3 @@ class Alpaca(RawDataset):
         records = load_records(path, "train", hub_id=self.HUB_ID, name=self.NAME)
         source = describe_source(self.NAME, path, self.HUB_ID)
         self.samples = [to_sample(r, source, i) for i, r in enumerate(records)]
-
-    def __getitem__(self, index: int) -> RawSample:
-        return self.samples[index]
-
-    def __len__(self) -> int:
-        return len(self.samples)

@@ -148,6 +148,18 @@ class RawDataset(abc.ABC):
 # Specs
 
 
+
+class SampleListDataset(RawDataset):
+    """A RawDataset whose samples are converted up front into ``self.samples``."""
+
+    samples: list
+
+    def __getitem__(self, index: int) -> RawSample:
+        return self.samples[index]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
 @dataclass
 class DatasetSpec:
     """One entry of a dataset spec: registered ``name``, mixing ``proportion``, optional local ``path``."""

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from ppo.data.base import RawDataset, RawSample, describe_source, load_records, require_fields, require_type
+from ppo.data.base import (
+    RawSample,
+    SampleListDataset,
+    describe_source,
+    load_records,
+    require_fields,
+    require_type,
+)
 from ppo.errors import UserError
 
 FIELDS = ("prompt", "response_0", "response_1", "better_response_id", "safer_response_id",
@@ -40,7 +47,7 @@ def to_sample(record: dict, source: str, index: int) -> RawSample:
     )
 
 
-class PKUSafeRLHFBase(RawDataset):
+class PKUSafeRLHFBase(SampleListDataset):
     """Loads ``SPLIT`` of hub dataset ``HUB_ID``, or a local file/folder with the same fields.
 
     The records are checked and converted up front: a bad record fails at start-up, not mid-run.
@@ -53,12 +60,6 @@ class PKUSafeRLHFBase(RawDataset):
         records = load_records(path, self.SPLIT, hub_id=self.HUB_ID, name=self.NAME)
         source = describe_source(self.NAME, path, self.HUB_ID)
         self.samples = [to_sample(r, source, i) for i, r in enumerate(records)]
-
-    def __getitem__(self, index: int) -> RawSample:
-        return self.samples[index]
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
 
 class PKUSafeRLHFTrain(PKUSafeRLHFBase):

@@ -8,11 +8,18 @@ from __future__ import annotations
 import os
 from typing import ClassVar
 
-from ppo.data.base import RawDataset, RawSample, describe_source, load_records, require_fields, require_type
+from ppo.data.base import (
+    RawSample,
+    SampleListDataset,
+    describe_source,
+    load_records,
+    require_fields,
+    require_type,
+)
 from ppo.tiny.task import DATA_DIR
 
 
-class TinyBase(RawDataset):
+class TinyBase(SampleListDataset):
     FILE: ClassVar[str]
     FIELDS: ClassVar[tuple[str, ...]]
 
@@ -27,12 +34,6 @@ class TinyBase(RawDataset):
 
     def to_sample(self, record: dict, source: str, index: int) -> RawSample:
         raise NotImplementedError
-
-    def __getitem__(self, index: int) -> RawSample:
-        return self.samples[index]
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
 
 class TinySFT(TinyBase):
