@@ -123,6 +123,8 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
     top_k: int = arg(0, "Top-k sampling (0: off).")
     repetition_penalty: float = arg(1.0, "Penalty on tokens already in the sequence (1.0: off).")
     num_return_sequences: int = arg(1, "Responses sampled per prompt (>= 2 for group advantage estimators).")
+    use_inference_model: bool = arg(True, "Roll out with the lean KV-cache inference model over the actor's live "
+                                          "weights (false: paddlenlp's forward with its own cache).")
     # algorithm
     kl_coeff: float = arg(0.02, "KL coefficient (initial value when adaptive_kl).")
     kl_estimator: str = arg("k1", "Per-token KL estimator.", ("k1", "k2", "k3"))

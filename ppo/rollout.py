@@ -84,20 +84,48 @@ def next_token(logits, config: GenerationConfig, seen_mask=None):
 # Generation
 
 
+class PaddleNLPDecoder:
+    """The reference decoder: the paddlenlp model's own forward with its ``past_key_values``."""
+
+    def __init__(self, model):
+        self.model = model
+        self.vocab_size = model.config.vocab_size
+
+    def start(self, input_ids, attention_mask, position_ids, max_new_tokens: int):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=True, return_dict=True)
+        self.past, self.mask = out.past_key_values, attention_mask
+        return out.logits[:, -1]
+
+    def step(self, token, token_mask, position_ids):
+        self.mask = paddle.concat([self.mask, token_mask.astype(self.mask.dtype).unsqueeze(1)], axis=1)
+        out = self.model(input_ids=token.unsqueeze(1), attention_mask=self.mask, position_ids=position_ids,
+                         past_key_values=self.past, use_cache=True, return_dict=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1]
+
+    def release(self) -> None:
+        self.past = None
+
+
+def decoder_for(model):
+    """A decoder (``start`` / ``step`` / ``release``) for ``model``: itself when it is one already."""
+    return model if hasattr(model, "start") and hasattr(model, "step") else PaddleNLPDecoder(model)
+
+
 @paddle.no_grad()
 def generate(model, input_ids, attention_mask, config: GenerationConfig, eos_token_id: int, pad_token_id: int):
-    """KV-cache decoding from left-padded prompts.
+    """KV-cache decoding from left-padded prompts with ``model`` (a causal LM or a decoder).
 
     input_ids, attention_mask: [B, P] (left padded).  Returns (sequences [B, P + R], attention_mask
     [B, P + R]) with R <= max_new_tokens the longest response; a response ends with the EOS it
     generated (mask 1) and is right-padded after it (mask 0).
     """
+    decoder = decoder_for(model)
     B, P = input_ids.shape
-    V = model.config.vocab_size
+    V = decoder.vocab_size
     position_ids = position_ids_from_mask(attention_mask)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=True, return_dict=True)
-    past, logits = out.past_key_values, out.logits[:, -1]
+    logits = decoder.start(input_ids, attention_mask, position_ids, config.max_new_tokens)
     next_pos = position_ids[:, -1:] + 1
     seen = None
     if config.repetition_penalty != 1.0:
@@ -118,15 +146,12 @@ def generate(model, input_ids, attention_mask, config: GenerationConfig, eos_tok
             break
         if seen is not None:
             seen = seen | F.one_hot(token, V).astype("bool")
-        attention_mask = paddle.concat([attention_mask, masks[-1].unsqueeze(1)], axis=1)
-        out = model(input_ids=token.unsqueeze(1), attention_mask=attention_mask, position_ids=next_pos,
-                    past_key_values=past, use_cache=True, return_dict=True)
-        past, logits = out.past_key_values, out.logits[:, -1]
+        logits = decoder.step(token, masks[-1], next_pos)
         next_pos = next_pos + 1
+    decoder.release()
     response = paddle.stack(tokens, axis=1)
     response_mask = paddle.stack(masks, axis=1)
-    prompt_mask = attention_mask[:, :P]
-    return paddle.concat([input_ids, response], axis=1), paddle.concat([prompt_mask, response_mask], axis=1)
+    return paddle.concat([input_ids, response], axis=1), paddle.concat([attention_mask, response_mask], axis=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +213,7 @@ class Models:
     critic: object | None           # None for critic-free advantage estimators
     actor_tokenizer: object
     reward_tokenizer: object
+    decoder: object | None = None   # rollout decoder over the actor's weights (None: the actor's own forward)
 
 
 @paddle.no_grad()
@@ -205,7 +231,7 @@ def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, m
     P = prompt_ids.shape[1]
     was_training = models.actor.training
     models.actor.eval()
-    sequences, attention_mask = generate(models.actor, prompt_ids, prompt_mask, config,
+    sequences, attention_mask = generate(models.decoder or models.actor, prompt_ids, prompt_mask, config,
                                          tok.eos_token_id, tok.pad_token_id)
     old_log_probs, _ = forward_log_probs(models.actor, sequences, attention_mask, config.temperature)
     if was_training:

@@ -26,6 +26,7 @@ from ppo.args import PPOArgs
 from ppo.data import PromptOnlyDataset, SupervisedDataset
 from ppo.errors import UserError
 from ppo.experience import Experience
+from ppo.inference import InferenceModel
 from ppo.models import check_max_length, check_model_path, load_causal_lm, load_score_model, load_tokenizer
 from ppo.rollout import GenerationConfig, Models, collect, forward_log_probs, same_vocabulary
 from ppo.sft_trainer import answer_token_loss, lm_logits
@@ -126,8 +127,10 @@ class PPOTrainer:
                             "carries no score statistics (train it with normalizer_type RunningMeanStd)")
         self.critic = (load_score_model(critic_path, score_type="critic", what="reward_critic_model_name_or_path")
                        if self.uses_critic else None)
+        # the rollout decoder reads the actor's parameters directly: always the current weights
+        decoder = InferenceModel(self.actor) if args.use_inference_model else None
         self.models = Models(actor=self.actor, reference=reference, reward=reward, critic=self.critic,
-                             actor_tokenizer=self.tokenizer, reward_tokenizer=reward_tokenizer)
+                             actor_tokenizer=self.tokenizer, reward_tokenizer=reward_tokenizer, decoder=decoder)
 
     def _load_data(self):
         args, ctx = self.args, self.ctx

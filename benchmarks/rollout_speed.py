@@ -1,0 +1,101 @@
+"""Rollout throughput: the toolkit's decode loop vs paddlenlp's stock ``generate`` on the same weights.
+
+    python benchmarks/rollout_speed.py [--config 33m|tiny] [--batch 16] [--prompt 64] [--new 64] [--repeats 3]
+
+Prints one JSON object: tokens/s of each path (median of the repeats), their ratio, and the
+fraction of the compute floor (2 x params x tokens at the fp32 matmul rate measured in this run).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ppo  # noqa: E402,F401  (MKL environment before paddle)
+
+
+def matmul_gflops(n=2048, repeats=5) -> float:
+    import paddle
+
+    a, b = paddle.randn([n, n]), paddle.randn([n, n])
+    paddle.matmul(a, b)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        paddle.matmul(a, b).numpy()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=["33m", "tiny"], default="33m")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip_stock", action="store_true", help="do not time paddlenlp's generate")
+    args = parser.parse_args(argv)
+
+    import paddle
+    from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
+
+    from ppo.rollout import GenerationConfig, generate
+    from ppo.tiny.build import BENCH_33M, TINY
+    from ppo.training import quiet_libraries
+
+    quiet_libraries()
+    dims = dict(BENCH_33M) if args.config == "33m" else dict(TINY, vocab_size=320)
+    paddle.seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**dims, use_flash_attention=False, tie_word_embeddings=False))
+    model.eval()
+    params = sum(p.size for p in model.parameters())
+    ids = paddle.randint(4, dims["vocab_size"], [args.batch, args.prompt])
+    mask = paddle.ones_like(ids)
+    # never stop early: our loop gets an EOS id outside the vocabulary; stock generate gets
+    # min_new_tokens = max_new_tokens (its EOS must be a valid id)
+    config = GenerationConfig(max_new_tokens=args.new, do_sample=True, temperature=1.0)
+    eos = dims["vocab_size"] + 1
+
+    def ours():
+        seqs, _ = generate(model, ids, mask, config, eos_token_id=eos, pad_token_id=0)
+        assert seqs.shape[1] == args.prompt + args.new
+
+    def stock():
+        out, _ = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new,
+                                min_new_tokens=args.new, decode_strategy="sampling", top_k=0, top_p=1.0,
+                                eos_token_id=dims["vocab_size"] - 1, pad_token_id=0, use_cache=True)
+        assert out.shape[1] == args.new
+
+    def timed(fn):
+        fn()  # warm-up
+        runs = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - t)
+        return statistics.median(runs)
+
+    gflops = matmul_gflops()
+    tokens = args.batch * args.new
+    floor_s = 2 * params * tokens / (gflops * 1e9)
+    result = {"config": args.config, "params": int(params), "batch": args.batch, "prompt": args.prompt,
+              "new_tokens": args.new, "matmul_gflops": round(gflops, 1), "floor_seconds": round(floor_s, 4)}
+    t_ours = timed(ours)
+    result["toolkit_seconds"] = round(t_ours, 3)
+    result["toolkit_tokens_per_s"] = round(tokens / t_ours, 1)
+    result["toolkit_fraction_of_floor"] = round(floor_s / t_ours, 3)
+    if not args.skip_stock:
+        t_stock = timed(stock)
+        result["stock_seconds"] = round(t_stock, 3)
+        result["stock_tokens_per_s"] = round(tokens / t_stock, 1)
+        result["speedup_vs_stock"] = round(t_stock / t_ours, 2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Make fleet's tensor-parallel and pipeline-parallel paths run over gloo on a CPU build.
+
+Paddle's CPU wheel ships fleet's mp/pp code but not what it needs underneath: some collective
+kernels have no CPU version and the gloo process group lacks the ``*_on_calc_stream`` methods.
+``enable_cpu_fleet()`` patches those gaps at the Python level, once, before ``fleet.init``:
+
+1. ``TensorParallel`` input broadcast asserts a gpu/xpu/custom device: broadcast on CPU instead.
+2. ``PipelineLayer`` reads ``ParallelEnv().device_id``, never set on CPU: default it to 0.
+3. ``ProcessGroupGloo`` gets the ``*_on_calc_stream`` methods, delegating to its plain (synchronous)
+   ones; pipeline p2p uses the blocking-safe order and whole-tensor sends (gloo has no partial send).
+4. ``mp_ops._c_identity`` / ``_mp_allreduce`` / ``_c_concat`` / ``_c_split`` /
+   ``_c_softmax_with_cross_entropy`` (no CPU kernels, or an in-place reduction autograd trips on)
+   become PyLayers over plain ``paddle.distributed`` collectives, out of place.
+
+On a GPU, XPU or custom-device build with a device present it does nothing.  The patched names are
+private paddle internals: written for paddle 3.3.1 (the same names exist in 3.0); any other
+major.minor is refused rather than patched blind.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import paddle
+import paddle.distributed as dist
+from paddle.autograd import PyLayer
+
+from ppo.errors import UserError
+
+WRITTEN_FOR = "3.3.1"
+SUPPORTED = ("3.3", "3.0")
+
+_ENABLED = False
+
+
+def enable_cpu_fleet() -> bool:
+    """Patch fleet for tensor/pipeline parallel over gloo on CPU; call once before ``fleet.init``.
+
+    Returns True when it patched something, False on an accelerator build or when already enabled.
+    """
+    global _ENABLED
+    if _ENABLED or _on_accelerator():
+        return False
+    version = ".".join(paddle.__version__.split(".")[:2])
+    if version not in SUPPORTED:
+        raise UserError(f"paddle {paddle.__version__}: ppo.cpu_fleet patches private fleet internals of "
+                        f"paddle {' / '.join(SUPPORTED)} (written for {WRITTEN_FOR}); install one of those "
+                        f"to run tensor or pipeline parallel on CPU")
+    _patch_broadcast_input_data()
+    _patch_device_id()
+    _patch_gloo_calc_stream()
+    _patch_pipeline_p2p()
+    _patch_mp_ops()
+    _ENABLED = True
+    return True
+
+
+def _on_accelerator() -> bool:
+    if paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        return True
+    return paddle.is_compiled_with_xpu() or bool(paddle.device.get_all_custom_device_type())
+
+
+# 1. TensorParallel._pre_forward -> broadcast_input_data asserts gpu/xpu/custom; the nested
+#    broadcast it wraps works on CPU tensors as they are.
+def _broadcast_input_data(hcg, *inputs, **kwargs):
+    from paddle.distributed.fleet.utils import hybrid_parallel_util as hpu
+
+    if inputs:
+        inputs = hpu._broadcast_nested_data(hcg, "cpu", paddle.CPUPlace(), inputs)
+    if kwargs:
+        kwargs = hpu._broadcast_nested_data(hcg, "cpu", paddle.CPUPlace(), kwargs)
+    return inputs, kwargs
+
+
+def _patch_broadcast_input_data():
+    from paddle.distributed.fleet.meta_parallel import tensor_parallel
+    from paddle.distributed.fleet.utils import hybrid_parallel_util
+
+    hybrid_parallel_util.broadcast_input_data = _broadcast_input_data
+    tensor_parallel.broadcast_input_data = _broadcast_input_data  # imported by name there
+
+
+# 2. PipelineLayer.__init__ reads ParallelEnv().device_id; only accelerator builds set _device_id.
+#    A class default is used by every instance that did not set its own.
+def _patch_device_id():
+    dist.ParallelEnv._device_id = 0
+
+
+# 3. The gloo group implements only the plain, synchronous methods; the mp layers and pipeline p2p
+#    call the *_on_calc_stream ones.  A synchronous call is already ordered like the calc stream.
+_SUM = paddle.base.core.ReduceOp.SUM
+_GLOO_CALC_STREAM = {
+    "all_reduce_on_calc_stream": lambda pg, t, op=_SUM: pg.all_reduce(t, op, True),
+    "broadcast_on_calc_stream": lambda pg, t, src: pg.broadcast(t, src, True),
+    "reduce_on_calc_stream": lambda pg, t, dst, op=_SUM: pg.reduce(t, dst, op, True),
+    "all_gather_on_calc_stream": lambda pg, out, t: pg.all_gather(out, t, True),
+    "all_gather_into_tensor_on_calc_stream": lambda pg, out, t: pg.all_gather_into_tensor(out, t, True),
+    "send_on_calc_stream": lambda pg, t, dst: pg.send(t, dst, True),
+    "recv_on_calc_stream": lambda pg, t, src: pg.recv(t, src, True),
+}
+
+
+def _patch_gloo_calc_stream():
+    for name, method in _GLOO_CALC_STREAM.items():
+        setattr(paddle.base.core.ProcessGroupGloo, name, method)
+
+
+# Gloo's send blocks until the peer receives, so the default batched order (both neighbours send
+# first) deadlocks: use the order paddle keeps for devices without async send.  Gloo has no
+# send_partial either: send whole tensors (then the mp all-gather after recv is skipped too).
+def _patch_pipeline_p2p():
+    from paddle.distributed.fleet.meta_parallel.pp_utils import p2p_communication as p2p
+
+    p2p._sync_send = True
+    p2p._is_valid_send_recv_partial = lambda tensor, mp_degree: False
+
+
+# 4. Model-parallel ops.  Forward and backward use plain collectives on copies: the stock
+#    _mp_allreduce reduces in place a tensor autograd saved, which TP backward rejects.
+def _all_reduce_copy(x, group, op=dist.ReduceOp.SUM):
+    out = x.clone()
+    dist.all_reduce(out, op=op, group=group)
+    return out
+
+
+def _all_gather_last(x, group):
+    parts = []
+    dist.all_gather(parts, x, group=group)
+    return paddle.concat(parts, axis=-1)
+
+
+def _own_chunk_last(x, group):
+    return paddle.split(x, group.nranks, axis=-1)[group.rank].clone()
+
+
+class _Identity(PyLayer):
+    """c_identity: forward x, backward the sum of the grads over the group."""
+
+    @staticmethod
+    def forward(ctx, x, group, skip):
+        ctx.group = group
+        return x if skip else x.clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _all_reduce_copy(dy, ctx.group)
+
+
+class _AllReduce(PyLayer):
+    """mp_allreduce_sum: forward the sum over the group, backward the grad as it is."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce_copy(x, group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy
+
+
+class _Concat(PyLayer):
+    """c_concat: forward all-gather along the last axis, backward this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_last(x, group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _own_chunk_last(dy, ctx.group)
+
+
+class _Split(PyLayer):
+    """c_split: forward this rank's slice of the last axis, backward all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _own_chunk_last(x, group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _all_gather_last(dy, ctx.group)
+
+
+class _VocabParallelCrossEntropy(PyLayer):
+    """c_softmax_with_cross_entropy: logits ``[..., V/n]`` (this rank's vocab slice), label ``[..., 1]``
+    global ids -> loss ``[..., 1]`` = logsumexp(all logits) - logit[label]; 0 where label == ignore_index.
+    Grad w.r.t. the slice: softmax - onehot(label), times the loss grad."""
+
+    @staticmethod
+    def forward(ctx, logits, label, group, ignore_index):
+        vocab = logits.shape[-1]
+        local = label - group.rank * vocab
+        inside = paddle.logical_and(local >= 0, local < vocab)
+        local = paddle.where(inside, local, paddle.zeros_like(local))
+        shifted = logits - _all_reduce_copy(logits.max(axis=-1, keepdim=True), group, dist.ReduceOp.MAX)
+        exp = paddle.exp(shifted)
+        total = _all_reduce_copy(exp.sum(axis=-1, keepdim=True), group)
+        picked = paddle.take_along_axis(shifted, local, axis=-1) * inside.astype(logits.dtype)
+        picked = _all_reduce_copy(picked, group)
+        keep = (label != ignore_index).astype(logits.dtype)
+        loss = (paddle.log(total) - picked) * keep
+        softmax = exp / total
+        ctx.save_for_backward(softmax, local, inside, keep)
+        return loss, softmax
+
+    @staticmethod
+    def backward(ctx, dloss, *unused):
+        softmax, local, inside, keep = ctx.saved_tensor()
+        onehot = paddle.nn.functional.one_hot(local.squeeze(-1), softmax.shape[-1]).astype(softmax.dtype)
+        grad = softmax - onehot * inside.astype(softmax.dtype)
+        return grad * (dloss * keep), None
+
+
+def _dygraph_or(original, impl):
+    """``impl`` in dynamic mode, called with ``original``'s arguments by name and ``group`` resolved
+    as paddle does (None: the default group; not a member: return None); static mode keeps ``original``."""
+    signature = inspect.signature(original)
+
+    def patched(*args, **kwargs):
+        if not paddle.in_dynamic_mode():
+            return original(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        params = bound.arguments
+        if params["group"] is None:
+            params["group"] = dist.collective._get_default_group()
+        elif not params["group"].is_member():
+            return None
+        return impl(**params)
+
+    return patched
+
+
+def _identity(tensor, group, skip_c_identity_dynamic):
+    return _Identity.apply(tensor, group, skip_c_identity_dynamic)
+
+
+def _mp_allreduce(tensor, op, group, use_calc_stream, use_model_parallel, skip_c_identity_dynamic):
+    assert op == dist.ReduceOp.SUM, f"Unknown parameter: {op}."
+    return _AllReduce.apply(tensor, group)
+
+
+def _softmax_with_cross_entropy(logits, label, group, return_softmax, ignore_index):
+    if label.ndim == logits.ndim - 1:
+        label = label.unsqueeze(-1)
+    loss, softmax = _VocabParallelCrossEntropy.apply(logits, label, group, ignore_index)
+    return (loss, softmax) if return_softmax else loss
+
+
+_MP_OPS = {
+    "_c_identity": _identity,
+    "_mp_allreduce": _mp_allreduce,
+    "_c_concat": lambda tensor, group: _Concat.apply(tensor, group),
+    "_c_split": lambda tensor, group: _Split.apply(tensor, group),
+    "_c_softmax_with_cross_entropy": _softmax_with_cross_entropy,
+}
+
+
+def _patch_mp_ops():
+    # Callers reach these as mp_ops.X (fleet layers) or paddle.distributed.collective.X (paddlenlp).
+    from paddle.distributed import collective
+    from paddle.distributed.fleet.layers.mpu import mp_ops
+
+    for name, impl in _MP_OPS.items():
+        patched = _dygraph_or(getattr(mp_ops, name), impl)
+        setattr(mp_ops, name, patched)
+        setattr(collective, name, patched)
