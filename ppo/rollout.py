@@ -218,10 +218,12 @@ class Models:
 
 @paddle.no_grad()
 def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, max_length: int,
-            normalize_reward: bool = False) -> Experience:
+            normalize_reward: bool = False, before_scoring=None) -> Experience:
     """Generate responses for a prompt batch and score them: everything PPO needs but advantages.
 
     Prompts are repeated ``num_return_sequences`` times consecutively (a group per prompt).
+    ``before_scoring()`` runs between generation and scoring (the trainer brings offloaded
+    scoring models back there).
     """
     tok = models.actor_tokenizer
     n = config.num_return_sequences
@@ -233,6 +235,8 @@ def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, m
     models.actor.eval()
     sequences, attention_mask = generate(models.decoder or models.actor, prompt_ids, prompt_mask, config,
                                          tok.eos_token_id, tok.pad_token_id)
+    if before_scoring is not None:
+        before_scoring()
     old_log_probs, _ = forward_log_probs(models.actor, sequences, attention_mask, config.temperature)
     if was_training:
         models.actor.train()

@@ -27,6 +27,14 @@ from ppo.data import PromptOnlyDataset, SupervisedDataset
 from ppo.errors import UserError
 from ppo.experience import Experience
 from ppo.inference import InferenceModel
+from ppo.offload import (
+    default_store,
+    offload_model,
+    offload_optimizer,
+    parse_offload_level,
+    reload_model,
+    reload_optimizer,
+)
 from ppo.models import check_max_length, check_model_path, load_causal_lm, load_score_model, load_tokenizer
 from ppo.rollout import GenerationConfig, Models, collect, forward_log_probs, same_vocabulary
 from ppo.sft_trainer import answer_token_loss, lm_logits
@@ -80,6 +88,7 @@ class PPOTrainer:
         self.kl_ctl = (algo.AdaptiveKLController(args.kl_coeff, args.kl_target, args.kl_horizon)
                        if args.adaptive_kl else algo.FixedKLController(args.kl_coeff))
         self.metrics = MetricsLogger(args.output_dir, enabled=self.ctx.is_main)
+        self.offload = Offload(parse_offload_level(args.offload_level), args.offload_dir, self)
         self.timer = Timer()
         self.shuffle_rng = np.random.default_rng([args.seed, self.ctx.data_rank])
         self.start_step = 0
@@ -221,6 +230,7 @@ class PPOTrainer:
         final = self.evaluate(self.total_steps, print)
         self.save(args.output_dir, self.total_steps)
         self.metrics.close()
+        self.offload.close()
         return final
 
     # -- phases ----------------------------------------------------------------------------
@@ -231,7 +241,11 @@ class PPOTrainer:
 
     def rollout(self, step: int) -> Experience:
         ids, mask = self.prompt_batch(self.prompts, self.prompt_sampler.micro_batches(step)[0])
-        return collect(self.models, ids, mask, self.gen, self.args.max_length, self.args.normalize_reward)
+        self.offload.before_generation()
+        exp = collect(self.models, ids, mask, self.gen, self.args.max_length, self.args.normalize_reward,
+                      before_scoring=self.offload.before_scoring)
+        self.offload.after_scoring()
+        return exp
 
     def compute_advantages(self, exp: Experience) -> None:
         """Fill kl, rewards, advantages and returns of ``exp`` (pure functions of its tensors)."""
@@ -259,6 +273,7 @@ class PPOTrainer:
 
     def update(self, exp: Experience, step: int) -> dict:
         """``update_iters`` epochs of actor and critic steps over mini-batches of ``exp``."""
+        self.offload.before_update()
         args = self.args
         mb, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
         stats: dict[str, list] = {}
@@ -350,7 +365,7 @@ class PPOTrainer:
 
         norm = global_grad_norm(model.parameters())
         self.precision.step(optimizer)
-        optimizer.clear_grad()
+        optimizer.clear_grad(set_to_zero=False)  # frees the gradients until the next backward
         scheduler.step()
         return norm
 
@@ -386,7 +401,10 @@ class PPOTrainer:
         rows, scores, kls, lengths = [], [], [], []
         for start in range(0, len(mine), args.per_device_eval_batch_size):
             ids, mask = self.prompt_batch(self.eval_prompts, mine[start:start + args.per_device_eval_batch_size])
-            exp = collect(self.models, ids, mask, gen, args.max_length, args.normalize_reward)
+            self.offload.before_generation()
+            exp = collect(self.models, ids, mask, gen, args.max_length, args.normalize_reward,
+                          before_scoring=self.offload.before_scoring)
+            self.offload.after_scoring()
             kl = algo.masked_sum(algo.compute_kl(exp.old_log_probs, exp.ref_log_probs, "k1") * exp.action_mask,
                                  exp.action_mask, axis=1)
             scores.append(exp.end_scores.numpy())
@@ -422,6 +440,7 @@ class PPOTrainer:
 
     def save_checkpoint(self, step: int) -> None:
         """A resumable ``checkpoint-<step>`` (policy/, value/, optimizers, random states; atomic)."""
+        self.offload.before_update()  # optimizer state must be resident to be saved
         models, optimizers = self._models_and_optimizers()
         extra = {"kl_controller": self.kl_ctl.state_dict(), "ptx_step": getattr(self, "ptx_step", 0)}
         checkpoint.save_checkpoint(
@@ -440,3 +459,54 @@ class PPOTrainer:
             for sub, model in self._models_and_optimizers()[0].items():
                 save_pretrained_atomic(model, self.tokenizer, os.path.join(target, sub), extra=state)
         parallel.barrier()
+
+
+class Offload:
+    """Which state leaves memory around which phase (``offload_level``); a no-op when empty.
+
+    generation: reference, reward model, critic weights and optimizer states may be out;
+    scoring:    reference, reward model and critic are back; optimizer states stay out;
+    update:     optimizer states are back; reference and reward model go out again.
+    Parameter objects keep their identity, so optimizers update the same tensors.
+    """
+
+    def __init__(self, levels: frozenset, folder: str, trainer: PPOTrainer):
+        self.levels, self.trainer = levels, trainer
+        self.store = default_store(folder or None) if levels else None
+        if "freeze_model" in levels:
+            self._frozen(offload_model)
+
+    def _frozen(self, move):
+        move(self.trainer.models.reference, self.store, "reference")
+        move(self.trainer.models.reward, self.store, "reward")
+
+    def _optimizers(self, move):
+        trainer = self.trainer
+        move(checkpoint.inner_optimizer(trainer.actor_opt), self.store, "actor")
+        if trainer.uses_critic:
+            move(checkpoint.inner_optimizer(trainer.critic_opt), self.store, "critic")
+
+    def before_generation(self):
+        if "optimizer" in self.levels:
+            self._optimizers(offload_optimizer)
+        if "train_model" in self.levels and self.trainer.critic is not None:
+            offload_model(self.trainer.critic, self.store, "critic")
+
+    def before_scoring(self):
+        if "freeze_model" in self.levels:
+            self._frozen(reload_model)
+        if "train_model" in self.levels and self.trainer.critic is not None:
+            reload_model(self.trainer.critic, self.store, "critic")
+
+    def after_scoring(self):
+        if "freeze_model" in self.levels:
+            self._frozen(offload_model)
+
+    def before_update(self):
+        if "optimizer" in self.levels:
+            self._optimizers(reload_optimizer)
+
+    def close(self):
+        """Everything back in memory and the store's files removed."""
+        if self.store is not None:
+            self.store.close()

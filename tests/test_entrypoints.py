@@ -10,10 +10,12 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(script, *args, nproc=1, check=True):
+def run(script, *args, nproc=1, check=True, log_dir=None):
     cmd = [sys.executable]
     if nproc > 1:
-        cmd += ["-m", "paddle.distributed.launch", "--nproc_per_node", str(nproc)]
+        # the launcher's logs go next to the run's outputs, not into the checkout
+        log_dir = log_dir or os.path.join(str(args[args.index("--output_dir") + 1]), "launch-logs")
+        cmd += ["-m", "paddle.distributed.launch", "--nproc_per_node", str(nproc), "--log_dir", log_dir]
     cmd += [os.path.join(ROOT, script), *map(str, args), "--disable_tqdm", "true"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:

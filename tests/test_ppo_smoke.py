@@ -153,3 +153,33 @@ def test_batch_sizes_must_divide(dirs):
 
     with pytest.raises(UserError, match="must be divisible"):
         PPOTrainer(args_for(dirs, "div", per_device_train_batch_size=3))
+
+
+def test_offload_levels_do_not_change_the_result(dirs, tmp_path):
+    """Two PPO iterations (with evaluation and a checkpoint) with every offload level equal the run
+    without offload bit for bit, and the offloaded models really were out of memory during generation."""
+    from ppo.trainer import PPOTrainer
+
+    common = dict(max_steps=2, save_steps=1, eval_steps=1, seed=21)
+    plain = PPOTrainer(args_for(dirs, "no-offload", **common))
+    plain.train()
+    offloaded = PPOTrainer(args_for(dirs, "offload", offload_level="freeze_model optimizer train_model",
+                                    offload_dir=str(tmp_path), **common))
+    seen = {}
+    original = offloaded.offload.before_scoring
+
+    def spy():
+        seen["reference"] = all(not p._is_initialized() for p in offloaded.models.reference.parameters())
+        seen["critic"] = all(not p._is_initialized() for p in offloaded.critic.parameters())
+        seen["files"] = len(os.listdir(offloaded.offload.store.dir))
+        original()
+
+    offloaded.offload.before_scoring = spy
+    offloaded.train()
+    assert seen == {"reference": True, "critic": True, "files": seen["files"]} and seen["files"] >= 3
+    for a, b in ((plain.actor, offloaded.actor), (plain.critic, offloaded.critic)):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            np.testing.assert_array_equal(x.numpy(), y.numpy(), err_msg=name)
+    assert not os.path.exists(offloaded.offload.store.dir)  # files removed at the end
+    with pytest.raises(UserError, match="did you mean 'optimizer'"):
+        PPOTrainer(args_for(dirs, "bad-offload", offload_level="optimzer"))
