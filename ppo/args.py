@@ -53,6 +53,8 @@ class TrainingArgs:
     bf16: bool = arg(False, "bfloat16 mixed precision (GPU builds; ignored with a warning on CPU).")
     fp16: bool = arg(False, "float16 mixed precision (GPU builds; ignored with a warning on CPU).")
     disable_tqdm: bool = arg(False, "Hide progress bars.")
+    max_nonfinite_steps: int = arg(3, "Consecutive updates with a non-finite loss, gradient norm, reward or KL that "
+                                      "are skipped (and counted) before training stops; 0 stops at the first.")
     resume_from_checkpoint: str = arg("", "checkpoint-N folder to continue from exactly, or 'auto' for the latest complete one in output_dir.")
 
 
@@ -292,6 +294,7 @@ def validate(args) -> None:
             _require(getattr(args, key) >= 1, f"'{key}' must be >= 1, got {getattr(args, key)}")
     _require(args.num_train_epochs > 0 or args.max_steps > 0,
              f"'num_train_epochs' must be > 0 (or set max_steps), got {args.num_train_epochs}")
+    _require(args.max_nonfinite_steps >= 0, f"'max_nonfinite_steps' must be >= 0, got {args.max_nonfinite_steps}")
     _require(args.save_total_limit >= 1, f"'save_total_limit' must be >= 1, got {args.save_total_limit}")
     _require(not (args.bf16 and args.fp16), "'bf16' and 'fp16' cannot both be true")
     _require(bool(getattr(args, "train_datasets", "x")), "'train_datasets' is empty: name at least one dataset")

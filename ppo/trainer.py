@@ -41,10 +41,13 @@ from ppo.sft_trainer import answer_token_loss, lm_logits
 from ppo.training import (
     GlobalBatchSampler,
     MetricsLogger,
+    NonFiniteGuard,
     Precision,
     Timer,
     build_optimizer,
     build_template,
+    check_weights_finite,
+    global_grad_norm,
     prepare_output_dir,
     save_pretrained_atomic,
     set_seed,
@@ -53,21 +56,11 @@ from ppo.training import (
 )
 
 
-class TrainingDiverged(UserError):
-    """A non-finite reward or loss: training stops, the last checkpoint is left as it was."""
-
-
 def freeze(model):
     model.eval()
     for p in model.parameters():
         p.stop_gradient = True
     return model
-
-
-def check_finite(name: str, value, step: int) -> None:
-    array = value.numpy() if isinstance(value, paddle.Tensor) else np.asarray(value)
-    if not np.all(np.isfinite(array)):
-        raise TrainingDiverged(f"non-finite {name} at PPO step {step}; stopping (the last saved checkpoint is intact)")
 
 
 class PPOTrainer:
@@ -89,6 +82,7 @@ class PPOTrainer:
                        if args.adaptive_kl else algo.FixedKLController(args.kl_coeff))
         self.metrics = MetricsLogger(args.output_dir, enabled=self.ctx.is_main)
         self.offload = Offload(parse_offload_level(args.offload_level), args.offload_dir, self)
+        self.guard = NonFiniteGuard(args.max_nonfinite_steps, "PPO")
         self.timer = Timer()
         self.shuffle_rng = np.random.default_rng([args.seed, self.ctx.data_rank])
         self.start_step = 0
@@ -207,20 +201,24 @@ class PPOTrainer:
         if args.eval_steps > 0 and self.start_step == 0:
             self.evaluate(0, bar.write)  # the starting point of every curve
         for step in range(self.start_step, self.total_steps):
+            done = step + 1
             with self.timer("rollout"):
                 exp = self.rollout(step)
-            check_finite("reward", exp.end_scores, step + 1)
-            with self.timer("advantages"):
-                self.compute_advantages(exp)
-            with self.timer("update"):
-                stats = self.update(exp, step + 1)
-            stats.update(self.rollout_stats(exp))
-            stats.update(self.timer.pop())
-            window.append(stats)
             bar.update(1)
-            done = step + 1
-            if done % args.logging_steps == 0 or done == self.total_steps:
-                self.metrics.log(done, {k: float(np.mean([w[k] for w in window])) for k in window[0]}, echo=bar.write)
+            log_ratio = (exp.old_log_probs - exp.ref_log_probs) * exp.action_mask
+            if self.guard.ok(done, reward=exp.end_scores, kl=log_ratio):
+                with self.timer("advantages"):
+                    self.compute_advantages(exp)
+                with self.timer("update"):
+                    stats = self.update(exp, done)
+                stats.update(self.rollout_stats(exp))
+                stats.update(self.timer.pop())
+                stats["skipped_updates"] = float(self.guard.skipped)
+                window.append(stats)
+            if (done % args.logging_steps == 0 or done == self.total_steps) and window:
+                keys = window[-1].keys()
+                self.metrics.log(done, {k: float(np.mean([w[k] for w in window if k in w])) for k in keys},
+                                 echo=bar.write)
                 window = []
             if args.eval_steps > 0 and done % args.eval_steps == 0 and done < self.total_steps:
                 self.evaluate(done, bar.write)
@@ -319,14 +317,14 @@ class PPOTrainer:
                     ptx = self._ptx_loss()
                     out["ptx_loss"] += float(ptx) / len(micro)
                     total = total + args.ptx_coeff * ptx / len(micro)
-                check_finite("actor loss", total, step)
                 self.precision.backward(total)
             out["actor_loss"] += float(loss) * w / self.ctx.data_world
             out["abs_actor_loss"] += abs(float(loss)) / len(micro)
             out["clip_frac"] += s["clip_frac"] / len(micro)
             out["approx_kl"] += s["approx_kl"] / len(micro)
             out["entropy"] += float(mean_entropy) / len(micro)
-        out["actor_grad_norm"] = self._step(self.actor_opt, self.actor_sched, self.actor)
+        out["actor_grad_norm"] = self._step(self.actor_opt, self.actor_sched, self.actor, step,
+                                            actor_loss=out["actor_loss"])
         return out
 
     def critic_step(self, micro: list[Experience], weights: list[float], step: int) -> dict:
@@ -338,11 +336,11 @@ class PPOTrainer:
                     values = self.critic_train(m.sequences, m.attention_mask).scores.squeeze(-1)[:, :-1]
                 loss, s = algo.critic_loss(values.astype("float32"), m.values, m.returns, m.action_mask,
                                            args.clip_range_value)
-                check_finite("critic loss", loss, step)
                 self.precision.backward(loss * w)
             out["critic_loss"] += float(loss) * w / self.ctx.data_world
             out["value_clip_frac"] += s["value_clip_frac"] / len(micro)
-        out["critic_grad_norm"] = self._step(self.critic_opt, self.critic_sched, self.critic)
+        out["critic_grad_norm"] = self._step(self.critic_opt, self.critic_sched, self.critic, step,
+                                             critic_loss=out["critic_loss"])
         return out
 
     def _ptx_loss(self):
@@ -360,11 +358,11 @@ class PPOTrainer:
         # data-parallel gradients are all-reduced once per optimizer step
         return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
 
-    def _step(self, optimizer, scheduler, model) -> float:
-        from ppo.training import global_grad_norm
-
+    def _step(self, optimizer, scheduler, model, step: int, **losses) -> float:
+        """Clip and apply the accumulated gradients, unless a loss or the gradient norm is not finite."""
         norm = global_grad_norm(model.parameters())
-        self.precision.step(optimizer)
+        if self.guard.ok(step, grad_norm=norm, **losses):
+            self.precision.step(optimizer)
         optimizer.clear_grad(set_to_zero=False)  # frees the gradients until the next backward
         scheduler.step()
         return norm
@@ -442,6 +440,7 @@ class PPOTrainer:
         """A resumable ``checkpoint-<step>`` (policy/, value/, optimizers, random states; atomic)."""
         self.offload.before_update()  # optimizer state must be resident to be saved
         models, optimizers = self._models_and_optimizers()
+        check_weights_finite(models)
         extra = {"kl_controller": self.kl_ctl.state_dict(), "ptx_step": getattr(self, "ptx_step", 0)}
         checkpoint.save_checkpoint(
             os.path.join(self.args.output_dir, f"checkpoint-{step}"), self.ctx, models, self.tokenizer, optimizers,

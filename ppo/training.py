@@ -188,6 +188,60 @@ def global_grad_norm(parameters) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# Numeric guard
+
+
+class TrainingDiverged(UserError):
+    """Too many non-finite updates in a row: training stops, the last checkpoint is left as it was."""
+
+
+def all_finite(value) -> bool:
+    array = value.numpy() if isinstance(value, paddle.Tensor) else np.asarray(value, dtype=np.float64)
+    return bool(np.all(np.isfinite(array)))
+
+
+class NonFiniteGuard:
+    """Skips an update whose loss, gradient norm, reward or KL is not finite, and counts it.
+
+    Every data rank takes the same decision (a non-finite value on any rank skips the update
+    everywhere).  After more than ``limit`` bad updates in a row, training stops with one line
+    naming the step and the quantity.
+    """
+
+    def __init__(self, limit: int, stage: str):
+        self.limit, self.stage = limit, stage
+        self.consecutive = 0
+        self.skipped = 0
+
+    def ok(self, step: int, **quantities) -> bool:
+        from ppo import parallel
+
+        bad = [name for name, value in quantities.items() if not all_finite(value)]
+        if parallel.mean_over_data(1.0 if bad else 0.0) == 0.0:
+            self.consecutive = 0
+            return True
+        self.consecutive += 1
+        self.skipped += 1
+        what = bad[0] if bad else "value on another rank"
+        if self.consecutive > self.limit:
+            raise TrainingDiverged(
+                f"non-finite {what} at {self.stage} step {step} ({self.consecutive} bad update(s) in a row, "
+                f"max_nonfinite_steps={self.limit}); stopping, the last saved checkpoint is intact")
+        logger.warning("non-finite %s at %s step %d: update skipped (%d in a row)", what, self.stage, step,
+                       self.consecutive)
+        return False
+
+
+def check_weights_finite(models: dict) -> None:
+    """Refuse to write a checkpoint with non-finite weights."""
+    for name, model in models.items():
+        for pname, p in unwrap(model).named_parameters():
+            if not all_finite(p):
+                raise TrainingDiverged(f"refusing to save a checkpoint: {name or 'model'} parameter {pname} "
+                                       "is not finite (the last saved checkpoint is intact)")
+
+
+# ---------------------------------------------------------------------------------------------
 # Mixed precision: GPU only; a no-op with one warning on CPU
 
 
@@ -383,6 +437,7 @@ class SingleModelTrainer:
         self.model, self.optimizer = parallel.wrap_for_training(model, self.optimizer, args.sharding)
         self.precision = Precision(args.bf16, args.fp16, parallel.device() == "gpu")
         self.metrics = MetricsLogger(args.output_dir, enabled=self.ctx.is_main)
+        self.guard = NonFiniteGuard(args.max_nonfinite_steps, self.stage)
         self.start_step = 0
         folder = start_or_resume(args, self.ctx)
         if folder:
@@ -426,12 +481,15 @@ class SingleModelTrainer:
                     loss, s = self.compute_loss(batch)
                     self.precision.backward(loss / len(micro))
                 stats.append({"loss": float(loss), **s})
-            self.precision.step(self.optimizer)
-            self.optimizer.clear_grad()
+            grad_norm = global_grad_norm(self.model.parameters())
+            if self.guard.ok(step + 1, loss=[s["loss"] for s in stats], grad_norm=grad_norm):
+                self.precision.step(self.optimizer)
+                self.after_step(stats)
+            self.optimizer.clear_grad(set_to_zero=False)
             self.scheduler.step()
-            self.after_step(stats)
             scalars = {k for k, v in stats[0].items() if isinstance(v, float)}
             window.append({k: parallel.mean_over_data(float(np.mean([s[k] for s in stats]))) for k in sorted(scalars)})
+            window[-1].update(grad_norm=grad_norm, skipped_updates=float(self.guard.skipped))
             bar.update(1)
             done = step + 1
             if done % args.logging_steps == 0 or done == self.total_steps:
@@ -473,6 +531,7 @@ class SingleModelTrainer:
 
     def save_checkpoint(self, step: int) -> None:
         """A resumable ``checkpoint-<step>``: model, optimizer, random states, step (atomic)."""
+        check_weights_finite({"": self.model})
         if self.ctx.is_main:
             self.before_save()
         target = os.path.join(self.args.output_dir, f"checkpoint-{step}")

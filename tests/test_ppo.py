@@ -175,10 +175,10 @@ def test_one_ppo_update_matches_numpy(ppo_dirs):
     grads = {}
     original_step = trainer._step
 
-    def recording_step(optimizer, scheduler, model):
+    def recording_step(optimizer, scheduler, model, *args, **kwargs):
         head = model.lm_head.weight if hasattr(model, "lm_head") else model.score_head.weight
         grads[model.__class__.__name__] = head.grad.numpy().astype(np.float64)
-        return original_step(optimizer, scheduler, model)
+        return original_step(optimizer, scheduler, model, *args, **kwargs)
 
     trainer._step = recording_step
     stats = trainer.update(exp, step=1)
@@ -201,11 +201,11 @@ def record_grads(trainer):
     grads = {}
     original = trainer._step
 
-    def step(optimizer, scheduler, model):
+    def step(optimizer, scheduler, model, *args, **kwargs):
         for name, p in model.named_parameters():
             if p.grad is not None:
                 grads[(model.__class__.__name__, name)] = p.grad.numpy().copy()
-        return original(optimizer, scheduler, model)
+        return original(optimizer, scheduler, model, *args, **kwargs)
 
     trainer._step = step
     return grads

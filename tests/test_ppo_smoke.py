@@ -124,23 +124,56 @@ def test_critic_must_share_the_actor_vocabulary(dirs, tmp_path):
         PPOTrainer(args_for(dirs, "vocab", reward_critic_model_name_or_path=str(tmp_path / "critic_base")))
 
 
-def test_non_finite_reward_stops_with_the_step(dirs, tmp_path):
-    from ppo.trainer import PPOTrainer, TrainingDiverged
-
+def nan_reward_model(dirs, folder):
     rm = load_score_model(dirs["rm"])
     w = rm.score_head.weight.numpy()
     w[:] = np.nan
     rm.score_head.weight.set_value(w)
-    rm.save_pretrained(str(tmp_path / "nan_rm"))
+    rm.save_pretrained(folder)
     from paddlenlp.transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(dirs["rm"]).save_pretrained(str(tmp_path / "nan_rm"))
-    args = args_for(dirs, "nan", reward_model_name_or_path=str(tmp_path / "nan_rm"),
-                    reward_critic_model_name_or_path=dirs["rm"])
-    trainer = PPOTrainer(args)
-    with pytest.raises(TrainingDiverged, match="non-finite reward at PPO step 1"):
-        trainer.train()
+    AutoTokenizer.from_pretrained(dirs["rm"]).save_pretrained(folder)
+    return folder
+
+
+def test_non_finite_reward_stops_with_the_step(dirs, tmp_path):
+    from ppo.trainer import PPOTrainer
+    from ppo.training import TrainingDiverged
+
+    nan_rm = nan_reward_model(dirs, str(tmp_path / "nan_rm"))
+    args = args_for(dirs, "nan", reward_model_name_or_path=nan_rm, reward_critic_model_name_or_path=dirs["rm"],
+                    max_nonfinite_steps=0)
+    with pytest.raises(TrainingDiverged, match=r"non-finite reward at PPO step 1 \(1 bad update"):
+        PPOTrainer(args).train()
     assert not os.path.exists(os.path.join(args.output_dir, "policy"))
+    # the default skips up to 3 bad iterations in a row, then stops naming the 4th
+    args = args_for(dirs, "nan3", reward_model_name_or_path=nan_rm, reward_critic_model_name_or_path=dirs["rm"],
+                    max_steps=6)
+    with pytest.raises(TrainingDiverged, match=r"non-finite reward at PPO step 4 \(4 bad update"):
+        PPOTrainer(args).train()
+
+
+def test_a_single_bad_iteration_is_skipped_and_counted(dirs):
+    from ppo.trainer import PPOTrainer
+
+    trainer = PPOTrainer(args_for(dirs, "skip-one", max_steps=3, save_steps=2))
+    original = trainer.rollout
+
+    def rollout(step):
+        exp = original(step)
+        if step == 1:  # the second iteration's reward is corrupted
+            exp.end_scores = exp.end_scores * float("nan")
+        return exp
+
+    trainer.rollout = rollout
+    before = {k: v.numpy().copy() for k, v in trainer.actor.state_dict().items()}
+    trainer.train()
+    logs = [json.loads(l) for l in open(os.path.join(trainer.args.output_dir, "metrics.jsonl"))]
+    train = {r["step"]: r for r in logs if r["split"] == "train"}
+    assert sorted(train) == [1, 3] and train[1]["skipped_updates"] == 0 and train[3]["skipped_updates"] == 1
+    for k, v in trainer.actor.state_dict().items():
+        assert np.all(np.isfinite(v.numpy())) and np.abs(v.numpy() - before[k]).max() > 0, k
+    assert os.path.isfile(os.path.join(trainer.args.output_dir, "checkpoint-2", "manifest.json"))
 
 
 def test_group_estimator_needs_two_samples(tmp_path):
