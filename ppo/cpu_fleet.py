@@ -11,15 +11,19 @@ kernels have no CPU version and the gloo process group lacks the ``*_on_calc_str
 4. ``mp_ops._c_identity`` / ``_mp_allreduce`` / ``_c_concat`` / ``_c_split`` /
    ``_c_softmax_with_cross_entropy`` (no CPU kernels, or an in-place reduction autograd trips on)
    become PyLayers over plain ``paddle.distributed`` collectives, out of place.
+5. Each new gloo group rendezvouses in a private store: in the shared one, groups created by
+   different ranks at once (4+ ranks) read each other's stale keys.
 
 On a GPU, XPU or custom-device build with a device present it does nothing.  The patched names are
-private paddle internals: written for paddle 3.3.1 (the same names exist in 3.0); any other
-major.minor is refused rather than patched blind.
+private paddle internals: written for paddle 3.3.1 and also tested on 3.0.0; any other major.minor
+is refused rather than patched blind.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
+import socket
 
 import paddle
 import paddle.distributed as dist
@@ -51,6 +55,7 @@ def enable_cpu_fleet() -> bool:
     _patch_gloo_calc_stream()
     _patch_pipeline_p2p()
     _patch_mp_ops()
+    _patch_new_group()
     _ENABLED = True
     return True
 
@@ -269,3 +274,36 @@ def _patch_mp_ops():
         patched = _dygraph_or(getattr(mp_ops, name), impl)
         setattr(mp_ops, name, patched)
         setattr(collective, name, patched)
+
+
+# 5. ProcessGroupGloo's constructor also rendezvouses through the shared store under keys without
+#    a group prefix, so with 4+ ranks a rank can read another group's stale address ("connect ...:
+#    Connection refused").  Each new gloo group gets a private store; its leader publishes the
+#    address under a key unique to the group id.
+_GROUP_STORES = []  # keep each group's store (and the leader's server) alive
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _patch_new_group():
+    from paddle.distributed import collective
+
+    original = collective._new_process_group_impl
+
+    def new_process_group(backend, store, rank, world_size, *args, group_id=0, **kwargs):
+        if backend == "gloo":
+            key = f"ppo.cpu_fleet/gloo_group_store/{group_id}"
+            if rank == 0:
+                host = os.environ.get("PADDLE_CURRENT_ENDPOINT", "127.0.0.1:0").rsplit(":", 1)[0]
+                store.set(key, f"{host}:{_free_port()}".encode())
+            store.wait(key)
+            host, port = bytes(store.get(key)).decode().rsplit(":", 1)
+            store = paddle.base.core.TCPStore(host, int(port), rank == 0, world_size)
+            _GROUP_STORES.append(store)
+        return original(backend, store, rank, world_size, *args, group_id=group_id, **kwargs)
+
+    collective._new_process_group_impl = new_process_group

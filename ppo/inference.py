@@ -98,7 +98,7 @@ class InferenceModel:
             v = v.reshape([B, S, self.n_kv, self.head_dim]).transpose([0, 2, 1, 3])
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            keys, values = self.cache[i]
+            keys, values = self.cache[0][i], self.cache[1][i]
             keys[:, :, start:start + S] = k
             values[:, :, start:start + S] = v
             if self.n_kv != self.n_heads:
@@ -113,6 +113,44 @@ class InferenceModel:
         last = _rms_norm(h.reshape([B, S, -1])[:, -1], llama.norm.weight, self.eps)
         head = self.model.lm_head
         return paddle.matmul(last, head.weight, transpose_y=getattr(head, "transpose_y", False)).astype("float32")
+
+    def _decode(self, token, cos, sin, cache_bias):
+        """One new token per row against the cache; returns (logits [B, V], new keys, new values).
+
+        The cache holds only earlier tokens: the new token's own key and value enter the softmax as
+        one extra column, and are written to the cache after the step (two writes per step instead
+        of two per layer).
+        """
+        llama = self.model.llama
+        B = token.shape[0]
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        h = F.embedding(token, llama.embed_tokens.weight)                 # [B, hidden]
+        scale = 1.0 / math.sqrt(D)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(llama.layers):
+            attn, qkv, ffn = self._layer_weights(layer)
+            q, k, v = self._qkv(_rms_norm(h, layer.input_layernorm.weight, self.eps), qkv)
+            q = q.reshape([B, H, 1, D])
+            k = k.reshape([B, KV, 1, D])
+            v = v.reshape([B, KV, 1, D])
+            q = (q * cos + _rotate_half(q) * sin) * scale
+            k = k * cos + _rotate_half(k) * sin
+            new_keys.append(k)
+            new_values.append(v)
+            keys, values = self.cache[0][i], self.cache[1][i]
+            if KV != H:
+                keys, values = (paddle.repeat_interleave(t, H // KV, axis=1) for t in (keys, values))
+                k, v = (paddle.repeat_interleave(t, H // KV, axis=1) for t in (k, v))
+            scores = paddle.concat([paddle.matmul(q, keys, transpose_y=True) + cache_bias,
+                                    (q * k).sum(-1, keepdim=True)], axis=-1)
+            probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
+            out = paddle.matmul(probs[..., :-1], values) + probs[..., -1:] * v   # [B, H, 1, D]
+            h = h + paddle.matmul(out.reshape([B, H * D]), attn.o_proj.weight)
+            h = h + self._mlp(_rms_norm(h, layer.post_attention_layernorm.weight, self.eps), layer.mlp, ffn)
+        last = _rms_norm(h, llama.norm.weight, self.eps)
+        head = self.model.lm_head
+        logits = paddle.matmul(last, head.weight, transpose_y=getattr(head, "transpose_y", False))
+        return logits.astype("float32"), new_keys, new_values
 
     def _bias(self, key_mask, S: int, start: int):
         """[B, 1, S, T_max] additive mask: padding, unwritten cache slots and the causal order."""
@@ -130,17 +168,30 @@ class InferenceModel:
         B, P = input_ids.shape
         T = P + max_new_tokens
         dtype = self.model.llama.embed_tokens.weight.dtype
-        self.cache = [(paddle.zeros([B, self.n_kv, T, self.head_dim], dtype),
-                       paddle.zeros([B, self.n_kv, T, self.head_dim], dtype)) for _ in self.model.llama.layers]
+        L = len(self.model.llama.layers)
+        # one tensor per K and V for all layers: a decode step writes each with a single assignment
+        self.cache = (paddle.zeros([L, B, self.n_kv, T, self.head_dim], dtype),
+                      paddle.zeros([L, B, self.n_kv, T, self.head_dim], dtype))
         self.key_mask = paddle.concat([attention_mask.astype("int64"), paddle.zeros([B, max_new_tokens], "int64")], 1)
         self.length = P
+        rotary = self.model.llama.layers[0].self_attn.rotary_emb
+        self.cos_table = rotary.cos_cached.squeeze([0, 2])  # [max_positions, D]
+        self.sin_table = rotary.sin_cached.squeeze([0, 2])
         return self._forward(input_ids, position_ids, 0, self._bias(self.key_mask, P, 0))
 
     def step(self, token, token_mask, position_ids):
         """Append one token per row (token_mask 0 for rows that already finished); next logits [B, V]."""
+        minimum = paddle.finfo(paddle.float32).min
+        # the cache's earlier slots: real tokens only (unwritten slots have key_mask 0)
+        cache_bias = ((1 - self.key_mask).astype("float32") * minimum).reshape([token.shape[0], 1, 1, -1])
+        pos = position_ids.reshape([-1])
+        cos = self.cos_table[pos].reshape([-1, 1, 1, self.head_dim])
+        sin = self.sin_table[pos].reshape([-1, 1, 1, self.head_dim])
+        logits, keys, values = self._decode(token, cos, sin, cache_bias)
+        # a finished row's token is padding: written but masked from later steps
+        self.cache[0][:, :, :, self.length] = paddle.stack(keys).squeeze(3)
+        self.cache[1][:, :, :, self.length] = paddle.stack(values).squeeze(3)
         self.key_mask[:, self.length] = token_mask.astype("int64")
-        logits = self._forward(token.unsqueeze(1), position_ids, self.length,
-                               self._bias(self.key_mask, 1, self.length))
         self.length += 1
         return logits
 

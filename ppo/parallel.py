@@ -84,6 +84,10 @@ def init_parallel(args) -> ParallelContext:
     paddle.set_device(device())
     from paddle.distributed import fleet
 
+    from ppo.cpu_fleet import enable_cpu_fleet
+
+    enable_cpu_fleet()  # CPU builds: fleet over gloo (no-op with an accelerator)
+
     strategy = fleet.DistributedStrategy()
     strategy.hybrid_configs = {"dp_degree": dp, "mp_degree": mp, "pp_degree": pp, "sharding_degree": sd}
     fleet.init(is_collective=True, strategy=strategy)

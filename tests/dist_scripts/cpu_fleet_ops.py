@@ -106,6 +106,7 @@ def check_gloo_methods(group, r, errors, flags):
     xs = [rng(70 + k).normal(size=(2, 3)) for k in range(n)]
 
     def both(calc, plain, make):
+        """The calc-stream call and the plain one, each on a fresh input from make()."""
         a, b = make(), make()
         task = calc(a)
         flags.setdefault("tasks_have_wait", True)

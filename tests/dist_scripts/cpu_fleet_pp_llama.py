@@ -22,7 +22,7 @@ def batch(vocab, seed=0):
 
 
 def exchange_both_ways(hcg):
-    """Both stages send, then receive, in one batched p2p call (the interleaved schedules do this)."""
+    """Both stages send, then receive, in one batched p2p call, as paddle's combined send/recv helpers do."""
     from paddle.distributed.fleet.meta_parallel.pp_utils import p2p_communication as p2p
 
     stage = hcg.get_stage_id()
@@ -57,8 +57,9 @@ def main():
         np.savez(f"{out_dir}/pp.npz", input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                  losses=np.array(losses))
     write_result(out_dir, dist.get_rank(), {
-        "patched": patched, "stage": hcg.get_stage_id(), "losses": losses, "exchanged": exchanged,
-        "local_params": len(model.parameters())})
+        "patched": patched, "stage": hcg.get_stage_id(), "mp_rank": hcg.get_model_parallel_rank(),
+        "losses": losses, "exchanged": exchanged,
+        "local_numel": int(sum(p.numel() for p in model.parameters()))})
 
 
 if __name__ == "__main__":
