@@ -233,11 +233,13 @@ def load_rank_state(folder: str, rank: int, optimizers: dict) -> dict:
 
 
 def load_weights(model, folder: str) -> None:
-    """Weights saved by ``save_pretrained`` into the (unwrapped) ``model``, exactly."""
+    """Weights saved by ``save_pretrained`` (merged) into this rank's ``model``, exactly."""
+    from ppo import parallel
+
     path = os.path.join(folder, "model_state.pdparams")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{folder}' has no model_state.pdparams")
-    model.set_state_dict(paddle.load(path))
+    parallel.load_full_weights(model, path)
 
 
 def save_checkpoint(target: str, ctx, models: dict, tokenizer, optimizers: dict, state: dict,
@@ -247,14 +249,13 @@ def save_checkpoint(target: str, ctx, models: dict, tokenizer, optimizers: dict,
     models: {subfolder: model} saved with save_pretrained by the main rank ('' = the folder itself).
     """
     from ppo import parallel
-    from ppo.training import unwrap
 
     tmp = tmp_folder(target)
     if ctx.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
-        for sub, model in models.items():
-            unwrap(model).save_pretrained(os.path.join(tmp, sub))
-            tokenizer.save_pretrained(os.path.join(tmp, sub))
+    parallel.barrier()
+    for sub, model in models.items():
+        parallel.save_model(model, os.path.join(tmp, sub), tokenizer)
     parallel.barrier()
     write_rank_state(tmp, ctx.rank, {role: (inner_optimizer(o), models[role_model(role)])
                                      for role, o in optimizers.items()}, rng_extra)
@@ -269,11 +270,9 @@ def save_checkpoint(target: str, ctx, models: dict, tokenizer, optimizers: dict,
 
 def resume(folder: str, ctx, args, stage: str, models: dict, optimizers: dict) -> tuple[dict, dict]:
     """Load weights, optimizer and random states of ``folder``; returns (trainer state, rng extras)."""
-    from ppo.training import unwrap
-
     state = load_state(folder, args, stage, ctx.world_size)
     for sub, model in models.items():
-        load_weights(unwrap(model), os.path.join(folder, sub))
+        load_weights(model, os.path.join(folder, sub))
     extra = load_rank_state(folder, ctx.rank, {role: (inner_optimizer(o), models[role_model(role)])
                                                for role, o in optimizers.items()})
     return state, extra

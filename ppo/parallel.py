@@ -26,7 +26,9 @@ class ParallelContext:
     sharding_degree: int = 1
     sharding_rank: int = 0
     mp_degree: int = 1
+    mp_rank: int = 0
     pp_degree: int = 1
+    pp_rank: int = 0
     hcg: object = None           # fleet's HybridCommunicateGroup, None in a single process
 
     @property
@@ -75,9 +77,9 @@ def init_parallel(args) -> ParallelContext:
     if world == 1:
         _CONTEXT = ParallelContext()
         return _CONTEXT
-    if mp > 1 or pp > 1:
-        raise UserError("tensor_parallel_degree and pipeline_parallel_degree > 1 are not supported yet; "
-                        "use data parallel and sharding")
+    if pp > 1:
+        raise UserError("pipeline_parallel_degree > 1 is not supported by the trainers yet; "
+                        "use tensor parallel, sharding and data parallel")
     if sd > 1 and getattr(args, "sharding", "") == "stage2" and device() == "cpu":
         raise UserError("sharding 'stage2' runs on GPU builds only for now (paddle's group-sharded stage 2 "
                         "asserts a GPU); on CPU use sharding 'stage1'")
@@ -94,8 +96,55 @@ def init_parallel(args) -> ParallelContext:
     hcg = fleet.get_hybrid_communicate_group()
     _CONTEXT = ParallelContext(
         world_size=world, rank=dist.get_rank(), dp_degree=dp, dp_rank=hcg.get_data_parallel_rank(),
-        sharding_degree=sd, sharding_rank=hcg.get_sharding_parallel_rank(), mp_degree=mp, pp_degree=pp, hcg=hcg)
+        sharding_degree=sd, sharding_rank=hcg.get_sharding_parallel_rank(), mp_degree=mp, pp_degree=pp, hcg=hcg,
+        mp_rank=hcg.get_model_parallel_rank())
     return _CONTEXT
+
+
+def tp_kwargs() -> dict:
+    """Config overrides that make paddlenlp build (and split at load time) this rank's model shard."""
+    if _CONTEXT.mp_degree <= 1:
+        return {}
+    return {"tensor_parallel_degree": _CONTEXT.mp_degree, "tensor_parallel_rank": _CONTEXT.mp_rank}
+
+
+def save_model(model, folder: str, tokenizer=None) -> None:
+    """``save_pretrained`` a full (merged) checkpoint; call on every rank.
+
+    With tensor parallel the ranks of the first data group gather their shards (paddlenlp's
+    ``merge_tensor_parallel``) and the global main rank writes; otherwise the main rank writes.
+    """
+    from ppo.training import unwrap
+
+    inner = unwrap(model)
+    if _CONTEXT.mp_degree > 1:
+        if _CONTEXT.data_rank == 0 and _CONTEXT.pp_rank == 0:
+            inner.save_pretrained(folder, merge_tensor_parallel=True, is_main_process=_CONTEXT.is_main)
+    elif _CONTEXT.is_main:
+        inner.save_pretrained(folder)
+    if _CONTEXT.is_main and tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def load_full_weights(model, path: str) -> None:
+    """Load a merged ``model_state.pdparams`` into this rank's (possibly tensor-parallel) model."""
+    from ppo.training import unwrap
+
+    inner = unwrap(model)
+    if _CONTEXT.mp_degree > 1:
+        state = inner.convert_tensor_parallel(path, inner.config)
+    else:
+        state = paddle.load(path)
+    inner.set_state_dict(state)
+
+
+def model_parallel_sum(local_sum: float, replicated_sum: float) -> float:
+    """Sum of a quantity split over the tensor-parallel ranks plus its replicated part."""
+    if _CONTEXT.mp_degree <= 1:
+        return local_sum + replicated_sum
+    t = paddle.to_tensor([local_sum], dtype="float64")
+    dist.all_reduce(t, group=_CONTEXT.hcg.get_model_parallel_group())
+    return float(t.numpy()[0]) + replicated_sum
 
 
 def wrap_for_training(model, optimizer, sharding_stage: str = ""):

@@ -36,7 +36,8 @@ class SFTTrainer(SingleModelTrainer):
 
     def __init__(self, args: SFTArgs):
         tokenizer, train_data, eval_data = self.begin(args, SupervisedDataset)
-        model = load_causal_lm(args.model_name_or_path)
+        # tensor parallel: gathered (full-vocabulary) logits feed the plain cross entropy
+        model = load_causal_lm(args.model_name_or_path, **parallel.tp_kwargs(), tensor_parallel_output=False)
         self.setup(args, model, tokenizer, train_data, eval_data)
 
     def compute_loss(self, batch):

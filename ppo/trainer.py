@@ -67,6 +67,9 @@ class PPOTrainer:
     def __init__(self, args: PPOArgs):
         self.args = args
         self.ctx = parallel.init_parallel(args)
+        if self.ctx.mp_degree > 1:
+            raise UserError("tensor_parallel_degree > 1 is not supported by the PPO trainer yet (the reward-model "
+                            "and SFT stages support it); use data parallel and sharding stage1 for PPO")
         prepare_output_dir(args.output_dir)
         set_seed(args.seed)
         self.gen = GenerationConfig(
@@ -452,12 +455,9 @@ class PPOTrainer:
 
     def save(self, target: str, step: int) -> None:
         """The final policy/ and value/ models (from_pretrained-loadable)."""
-        parallel.barrier()
-        if self.ctx.is_main:
-            state = {"global_step": step, "stage": "ppo", "kl_coeff": float(self.kl_ctl.value), "args": vars(self.args)}
-            for sub, model in self._models_and_optimizers()[0].items():
-                save_pretrained_atomic(model, self.tokenizer, os.path.join(target, sub), extra=state)
-        parallel.barrier()
+        state = {"global_step": step, "stage": "ppo", "kl_coeff": float(self.kl_ctl.value), "args": vars(self.args)}
+        for sub, model in self._models_and_optimizers()[0].items():
+            save_pretrained_atomic(model, self.tokenizer, os.path.join(target, sub), extra=state)
 
 
 class Offload:

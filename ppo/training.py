@@ -180,11 +180,19 @@ def build_optimizer(model, learning_rate: float, weight_decay: float, total: int
 
 
 def global_grad_norm(parameters) -> float:
-    total = 0.0
+    """L2 norm of all gradients; tensor-parallel shards (``is_distributed``) are summed over their group."""
+    from ppo import parallel
+
+    split, replicated = 0.0, 0.0
     for p in parameters:
         if p.grad is not None:
-            total += float((p.grad.astype("float32") ** 2).sum())
-    return math.sqrt(total)
+            g = p.grad.astype("float32")
+            value = float((g * g).sum())
+            if getattr(p, "is_distributed", False):
+                split += value
+            else:
+                replicated += value
+    return math.sqrt(parallel.model_parallel_sum(split, replicated))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,23 +353,33 @@ def unwrap(model):
 
 
 def atomic_save(target: str, write) -> None:
-    """``write(tmp_dir)``, then publish it as ``target``; a crash while writing leaves ``target`` intact.
+    """``write(tmp_dir)``, then publish it as ``target``; a crash while writing leaves ``target`` intact."""
+    tmp = _tmp_for(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    publish(tmp, target)
+
+
+def _tmp_for(target: str) -> str:
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    return os.path.join(parent, f".tmp-{os.path.basename(os.path.abspath(target))}")
+
+
+def publish(tmp: str, target: str) -> None:
+    """Make the finished folder ``tmp`` the new ``target``.
 
     A ``target`` that already holds other things (the final model goes to ``output_dir`` itself,
     beside metrics and step checkpoints) gets the finished files moved in one by one with
     ``os.replace``; otherwise the whole folder is renamed in one step.
     """
-    parent = os.path.dirname(os.path.abspath(target))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{os.path.basename(os.path.abspath(target))}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
     if os.path.isdir(target) and not os.path.isfile(os.path.join(target, "config.json")) and os.listdir(target):
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(target, name))
         shutil.rmtree(tmp, ignore_errors=True)
         return
-    old = os.path.join(parent, f".old-{os.path.basename(os.path.abspath(target))}")
+    parent, name = os.path.split(os.path.abspath(target))
+    old = os.path.join(parent, f".old-{name}")
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(target):
         os.rename(target, old)
@@ -370,14 +388,27 @@ def atomic_save(target: str, write) -> None:
 
 
 def save_pretrained_atomic(model, tokenizer, target: str, extra: dict | None = None) -> None:
+    """The final model, from_pretrained-loadable and merged over tensor parallel; call on every rank."""
+    from ppo import parallel
+
+    ctx = parallel.context()
+
     def write(tmp):
-        unwrap(model).save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if extra:
+        parallel.save_model(model, tmp, tokenizer)
+        if extra and ctx.is_main:
             with open(os.path.join(tmp, "training_state.json"), "w") as f:
                 json.dump(extra, f, indent=1)
-    atomic_save(target, write)
+
+    # with tensor parallel every rank of the first data group takes part in the merge
+    tmp = _tmp_for(target)
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    parallel.barrier()
+    write(tmp)
+    parallel.barrier()
+    if ctx.is_main:
+        publish(tmp, target)
+    parallel.barrier()
 
 
 def start_or_resume(args, ctx) -> str | None:
@@ -532,8 +563,7 @@ class SingleModelTrainer:
     def save_checkpoint(self, step: int) -> None:
         """A resumable ``checkpoint-<step>``: model, optimizer, random states, step (atomic)."""
         check_weights_finite({"": self.model})
-        if self.ctx.is_main:
-            self.before_save()
+        self.before_save()
         target = os.path.join(self.args.output_dir, f"checkpoint-{step}")
         checkpoint.save_checkpoint(target, self.ctx, {"": self.model}, self.tokenizer, {"": self.optimizer},
                                    {"global_step": step, "epoch": self.sampler.epoch_of(step), "stage": self.stage,
@@ -545,8 +575,7 @@ class SingleModelTrainer:
         from ppo import parallel
 
         parallel.barrier()
-        if self.ctx.is_main:
-            self.before_save()
-            save_pretrained_atomic(self.model, self.tokenizer, target,
-                                   extra={"global_step": step, "stage": self.stage, "args": vars(self.args)})
+        self.before_save()
+        save_pretrained_atomic(self.model, self.tokenizer, target,
+                               extra={"global_step": step, "stage": self.stage, "args": vars(self.args)})
         parallel.barrier()

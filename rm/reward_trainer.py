@@ -33,7 +33,8 @@ class RewardTrainer(SingleModelTrainer):
 
     def __init__(self, args: RewardArgs):
         tokenizer, train_data, eval_data = self.begin(args, PreferenceDataset)
-        model = load_score_model(args.model_name_or_path, score_type="reward", score_bias=args.score_bias)
+        model = load_score_model(args.model_name_or_path, score_type="reward", score_bias=args.score_bias,
+                                 **parallel.tp_kwargs())
         model.normalizer = Normalizer(args.normalizer_type, args.normalizer_momentum)
         self.setup(args, model, tokenizer, train_data, eval_data)
 

@@ -60,25 +60,57 @@ def test_sft_lowers_answer_loss(tiny_dir, tmp_path):
     assert os.path.isfile(out / "model_state.pdparams") and os.path.isfile(out / "tokenizer_config.json")
 
 
+LAYOUTS = {
+    # name: (arguments, per-device batch giving the same global batch of 16 pairs on 2 ranks)
+    "data-parallel": ([], 8),
+    "sharding-stage1": (["--sharding_parallel_degree", "2", "--sharding", "stage1"], 8),
+    "tensor-parallel": (["--tensor_parallel_degree", "2"], 16),
+}
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", [[], ["--sharding_parallel_degree", "2", "--sharding", "stage1"]],
-                         ids=["data-parallel", "sharding-stage1"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_reward_model_two_ranks_match_one(tiny_dir, tmp_path, layout):
+    args, per_device = LAYOUTS[layout]
     common = ["config/tiny/rm_argument.json", "--model_name_or_path", tiny_dir / "base", "--max_steps", "6",
               "--logging_steps", "1", "--eval_steps", "6"]
     run("rm/run_reward.py", *common, "--output_dir", tmp_path / "one", "--per_device_train_batch_size", "16")
-    run("rm/run_reward.py", *common, "--output_dir", tmp_path / "two", "--per_device_train_batch_size", "8", *layout,
-        nproc=2)
+    run("rm/run_reward.py", *common, "--output_dir", tmp_path / "two", "--per_device_train_batch_size",
+        str(per_device), *args, nproc=2)
     one, two = metrics(tmp_path / "one", "train"), metrics(tmp_path / "two", "train")
     assert len(one) == len(two) == 6
     for a, b in zip(one, two):
-        # same global batch of 16 pairs; gloo all-reduce sums in another order: ~1e-7 apart
+        # same global batch of 16 pairs; reductions in another order (all-reduce, split matmuls): ~1e-7 apart
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
         assert a["accuracy"] == b["accuracy"]
     ea, eb = metrics(tmp_path / "one", "eval")[-1], metrics(tmp_path / "two", "eval")[-1]
     assert ea["pairs"] == eb["pairs"] == 200 and abs(ea["accuracy"] - eb["accuracy"]) < 1e-9
     assert abs(ea["reward_mean"] - eb["reward_mean"]) < 1e-4
+    # the saved model is one full checkpoint whatever the layout, equal to the single-process one
+    import paddle
+
+    wa, wb = paddle.load(str(tmp_path / "one" / "model_state.pdparams")), \
+        paddle.load(str(tmp_path / "two" / "model_state.pdparams"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert wa[k].shape == wb[k].shape, k
+        assert float((wa[k] - wb[k]).abs().max()) < 1e-4, k
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sft_tensor_parallel_matches_one_rank(tiny_dir, tmp_path):
+    common = ["config/tiny/sft_argument.json", "--model_name_or_path", tiny_dir / "base", "--max_steps", "4",
+              "--logging_steps", "1", "--per_device_train_batch_size", "8"]
+    run("ppo/run_sft.py", *common, "--output_dir", tmp_path / "one")
+    run("ppo/run_sft.py", *common, "--output_dir", tmp_path / "tp", "--tensor_parallel_degree", "2", nproc=2)
+    one, tp = metrics(tmp_path / "one", "train"), metrics(tmp_path / "tp", "train")
+    for a, b in zip(one, tp):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 * max(1.0, a["loss"]), (a, b)
+    from paddlenlp.transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "tp"))  # merged: loads in one process
 
 
 # ---------------------------------------------------------------------------------------------

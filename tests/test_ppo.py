@@ -231,10 +231,16 @@ def test_batch_4x1_equals_batch_1x4(ppo_dirs):
         # float32 sums of the same terms in another order: equal to ~1e-6 of the gradient scale
         scale = max(np.abs(g1[k]).max(), 1e-12)
         np.testing.assert_allclose(g1[k], g2[k], rtol=1e-4, atol=1e-5 * scale, err_msg=str(k))
-    # Adam divides by |g|, so an element whose gradient is ~0 can turn float-order noise into a
-    # visible step: weights are compared at 1% of the largest possible per-step change (lr = 1e-3)
-    for k in w1:
-        np.testing.assert_allclose(w1[k], w2[k], rtol=0, atol=1e-5, err_msg=str(k))
+    # Adam divides by |g|: where a gradient is ~0 (below 1e-4 of its tensor's largest), float-order
+    # noise decides the step's sign, so there only the step bound (lr = 1e-3 per step) is checked;
+    # elsewhere the updated weights agree to 1% of one step
+    names = {"actor": "LlamaForCausalLM", "critic": "LlamaModelForScore"}
+    for (role, name), a in w1.items():
+        g = g1.get((names[role], name))
+        b = w2[(role, name)]
+        clear = np.abs(g) > 1e-4 * np.abs(g).max() if g is not None else np.ones(a.shape, bool)
+        np.testing.assert_allclose(a[clear], b[clear], rtol=0, atol=1e-5, err_msg=str(name))
+        assert np.abs(a - b).max() <= 2e-3 + 1e-7, name
     base = make_trainer(ppo_dirs, "base-weights")
     fixed_experience(base)  # same perturbation, no update
     moved = sum(int(np.abs(v.numpy() - w1[("actor", k)]).max() > 1e-5) for k, v in base.actor.state_dict().items())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 from paddlenlp.transformers import LlamaConfig, LlamaModel, LlamaPretrainedModel
@@ -74,6 +75,21 @@ class LlamaModelForScore(LlamaPretrainedModel):
         return super().save_pretrained(save_dir, *args, **kwargs)
 
 
+def init_score_head(model, seed: int = 0) -> None:
+    """A new head: normal(0, initializer_range) from its own numpy stream, zero bias.
+
+    Independent of paddle's global generator, so every rank and every parallel layout (whose
+    layers consume random numbers differently) starts from the same head.
+    """
+    head = model.score_head
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    rng = np.random.default_rng(seed)
+    weight = paddle.to_tensor(rng.normal(0.0, std, head.weight.shape).astype("float32"))
+    head.weight.set_value(weight.astype(head.weight.dtype))
+    if head.bias is not None:
+        head.bias.set_value(paddle.zeros(head.bias.shape, dtype=head.bias.dtype))
+
+
 def load_score_model(path: str, score_type: str = "reward", score_dim: int = 1, score_bias: bool = True,
                      what: str = "model_name_or_path", **config_overrides) -> LlamaModelForScore:
     """Load a score model, or start one from a causal-LM checkpoint (new head, fixed-seed init).
@@ -93,10 +109,6 @@ def load_score_model(path: str, score_type: str = "reward", score_dim: int = 1, 
     config.score_type = score_type
     if not is_score:
         config.score_dim, config.score_bias = score_dim, score_bias
-    # the head of a new score model gets the same init on every rank and every run, without
-    # disturbing the caller's random stream
-    rng_state = paddle.get_rng_state()
-    paddle.seed(0)
     try:
         model = LlamaModelForScore.from_pretrained(path, config=config)
     except RuntimeError as e:
@@ -104,6 +116,6 @@ def load_score_model(path: str, score_type: str = "reward", score_dim: int = 1, 
             raise UserError(f"'{what}' = '{path}': score head shape in the weights does not match its "
                             f"config (score_dim={config.score_dim}, score_bias={config.score_bias})") from None
         raise
-    finally:
-        paddle.set_rng_state(rng_state)
+    if not is_score:
+        init_score_head(model)
     return model
