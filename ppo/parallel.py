@@ -7,6 +7,7 @@ loop never import paddle.distributed themselves.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -195,3 +196,63 @@ def mean_over_data(value: float) -> float:
 def barrier() -> None:
     if _CONTEXT.distributed:
         dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary-parallel log-probabilities
+
+
+def vocab_is_split(model) -> bool:
+    """True when ``model``'s logits come out split over the tensor-parallel ranks' vocabularies."""
+    config = getattr(model, "config", None)
+    return _CONTEXT.mp_degree > 1 and bool(getattr(config, "tensor_parallel_output", False))
+
+
+@contextlib.contextmanager
+def full_vocab_logits(model):
+    """Within the block ``model`` returns full-vocabulary logits (gathered over tensor parallel).
+
+    Generation samples from the whole distribution; training keeps the split logits.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not vocab_is_split(model):
+        yield
+        return
+    config.tensor_parallel_output = False
+    try:
+        yield
+    finally:
+        config.tensor_parallel_output = True
+
+
+def vocab_parallel_log_probs(logits, labels, temperature: float = 1.0, with_entropy: bool = False):
+    """Log-probs [B, T] of ``labels`` (and entropy) from this rank's vocabulary slice of the logits.
+
+    logits [B, T, V / mp] hold vocabulary ids [rank * V/mp, (rank+1) * V/mp).  The log-softmax
+    normaliser is built from a max and a sum all-reduced over the tensor-parallel group, so no rank
+    ever holds the full vocabulary; the reductions pass gradients straight through to each shard.
+    """
+    from paddle.distributed.fleet.layers.mpu import mp_ops
+
+    group = _CONTEXT.hcg.get_model_parallel_group()
+
+    def reduce_sum(t):  # differentiable all-reduce: backward is the identity on each shard
+        return mp_ops._mp_allreduce(t, group=group, use_calc_stream=True, use_model_parallel=True)
+
+    x = logits.astype("float32") / temperature
+    global_max = x.max(axis=-1, keepdim=True).detach()
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
+    shifted = x - global_max
+    exp = paddle.exp(shifted)
+    sum_exp = reduce_sum(exp.sum(axis=-1, keepdim=True))
+    log_norm = paddle.log(sum_exp)                                   # [B, T, 1]
+    width = x.shape[-1]
+    local = labels - _CONTEXT.mp_rank * width
+    mine = ((local >= 0) & (local < width)).astype("float32")
+    picked = paddle.take_along_axis(shifted, paddle.clip(local, 0, width - 1).unsqueeze(-1), axis=-1).squeeze(-1)
+    log_probs = reduce_sum(picked * mine) - log_norm.squeeze(-1)
+    entropy = None
+    if with_entropy:
+        probs = exp / sum_exp
+        entropy = log_norm.squeeze(-1) - reduce_sum((probs * shifted).sum(axis=-1))
+    return log_probs, entropy

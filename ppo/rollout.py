@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import paddle
 import paddle.nn.functional as F
 
+from ppo import parallel
 from ppo.algorithms import entropy_from_logits, gather_log_probs
 from ppo.experience import Experience
 from ppo.models import position_ids_from_mask
+from ppo.training import unwrap
 
 
 @dataclass
@@ -121,7 +123,11 @@ def generate(model, input_ids, attention_mask, config: GenerationConfig, eos_tok
     [B, P + R]) with R <= max_new_tokens the longest response; a response ends with the EOS it
     generated (mask 1) and is right-padded after it (mask 0).
     """
-    decoder = decoder_for(model)
+    with parallel.full_vocab_logits(unwrap(model) if not hasattr(model, "start") else None):
+        return _generate(decoder_for(model), input_ids, attention_mask, config, eos_token_id, pad_token_id)
+
+
+def _generate(decoder, input_ids, attention_mask, config: GenerationConfig, eos_token_id: int, pad_token_id: int):
     B, P = input_ids.shape
     V = decoder.vocab_size
     position_ids = position_ids_from_mask(attention_mask)
@@ -159,10 +165,15 @@ def generate(model, input_ids, attention_mask, config: GenerationConfig, eos_tok
 
 
 def forward_log_probs(model, sequences, attention_mask, temperature: float = 1.0, with_entropy: bool = False):
-    """Log-probs [B, L-1] of tokens 1..L-1 under ``model`` at ``temperature`` (+ entropy [B, L-1])."""
+    """Log-probs [B, L-1] of tokens 1..L-1 under ``model`` at ``temperature`` (+ entropy [B, L-1]).
+
+    A tensor-parallel model with split logits gets the vocabulary-parallel computation.
+    """
     out = model(input_ids=sequences, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), return_dict=True)
     logits = out.logits[:, :-1]
+    if parallel.vocab_is_split(unwrap(model)):
+        return parallel.vocab_parallel_log_probs(logits, sequences[:, 1:], temperature, with_entropy)
     log_probs = gather_log_probs(logits, sequences[:, 1:], temperature)
     entropy = entropy_from_logits(logits, temperature) if with_entropy else None
     return log_probs, entropy

@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import inspect
 import math
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -292,6 +293,10 @@ def _load_file(file: str) -> list[dict]:
                         f"{', '.join(_FORMATS)} files or a folder")
     if os.path.getsize(file) == 0:
         raise UserError(f"dataset file '{file}' is empty; expected {fmt} records")
+    # the parser logs its own error before raising; the one-line error below replaces it
+    quiet = logging.getLogger("datasets")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         data = datasets.load_dataset(fmt, data_files=file, split="train")
     except Exception as e:
@@ -300,6 +305,8 @@ def _load_file(file: str) -> list[dict]:
         if type(cause).__name__ == "SchemaInferenceError" or "corresponds to no data" in first:
             raise UserError(f"dataset file '{file}' holds no records") from e
         raise UserError(f"dataset file '{file}' could not be read as {fmt} records: {first}") from e
+    finally:
+        quiet.setLevel(level)
     return data.to_list()
 
 

@@ -13,15 +13,23 @@ def tokenizer_name(tokenizer) -> str:
     return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
 
 
+def _special(tokenizer, name: str):
+    """The tokenizer's ``<name>_token`` or None, read without the error log paddlenlp's accessor
+    writes when it is unset."""
+    if hasattr(tokenizer, f"_{name}_token"):
+        return getattr(tokenizer, f"_{name}_token")
+    return getattr(tokenizer, f"{name}_token", None)
+
+
 def ensure_pad_token(tokenizer):
     """Give ``tokenizer`` a pad token (its eos token) when it has none; returns it.
 
     Reusing eos for padding is safe here because every attention mask and label mask is built
     from sequence lengths, never from ``ids == pad_token_id``.
     """
-    if tokenizer.pad_token_id is not None:
+    if _special(tokenizer, "pad") is not None and tokenizer.pad_token_id is not None:
         return tokenizer
-    if tokenizer.eos_token_id is None or tokenizer.eos_token is None:
+    if _special(tokenizer, "eos") is None or tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer at '{tokenizer_name(tokenizer)}' has neither a pad nor an eos token; add one "
                         "(e.g. tokenizer.add_special_tokens({'pad_token': '<pad>'})) and save it")
     tokenizer.pad_token = tokenizer.eos_token

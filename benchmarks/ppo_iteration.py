@@ -1,0 +1,536 @@
+"""One PPO iteration end to end: time per phase, peak memory, compute floor and start-up cost.
+
+For each model size (``tiny``: ``ppo.tiny.build.TINY``; ``33m``: ``ppo.tiny.build.BENCH_33M``,
+33.5M parameters) and each offload setting (off, and ``offload_level "freeze_model optimizer
+train_model"``) a fresh worker process of this script builds a ``PPOTrainer`` over random models
+written to a temporary folder, runs one warm-up iteration and ``--iterations`` timed ones on
+random prompts, and reports medians:
+
+* seconds per phase: ``generation`` (the rollout decode, prefill included), ``scoring`` (actor
+  old log-probs, reference log-probs, reward score, critic values; also split per model),
+  ``actor_update``, ``critic_update``, and the smaller parts (offload transfers, advantages,
+  other) so the phases add up to the iteration;
+* tokens/s: response tokens per second of the whole iteration, and of generation alone;
+* memory: ``ru_maxrss`` of the worker (a high-water mark over its whole life, model loading
+  included; one process per configuration for that reason) and the peak of the timed
+  iterations and of each phase (``VmHWM``, reset through ``/proc/self/clear_refs`` at each phase
+  boundary), with the offload on / off ratio;
+* the compute floor of each phase at the fp32 matmul rate measured in the same worker (median of
+  several 2048 x 2048 ``paddle.matmul``): 2 x params x tokens for every forward-only pass,
+  6 x params x tokens for the two update phases, and time / floor per phase and for the
+  iteration.  "params" here are the parameters used in matmuls: all of a model's parameters but
+  its input embedding table, which is a lookup.  The generation floor counts the prompt tokens of
+  the prefill and the generated tokens of the decode; every scoring and update pass counts the
+  real tokens of the full sequences;
+* start-up: from the parent launching the worker (interpreter start included) to the first
+  rollout, split into interpreter start, imports, trainer construction (model loading) and
+  prompt preparation.
+
+The phases are driven the way ``PPOTrainer.rollout`` and ``PPOTrainer.update`` drive them
+(``offload.before_generation`` -> ``collect(..., before_scoring=offload.before_scoring)`` ->
+``offload.after_scoring`` -> ``compute_advantages`` -> ``update``, which calls
+``offload.before_update``), with random prompt ids instead of the dataset.
+
+    python benchmarks/ppo_iteration.py [--config tiny|33m|both] [--iterations 2] [--quick]
+
+Prints one JSON object on stdout (progress goes to stderr).
+"""
+
+import time
+
+_PROCESS_T0 = time.time()  # first thing a worker does: before any heavy import
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+OFFLOAD_ON = "freeze_model optimizer train_model"
+CONFIGS = ("tiny", "33m")
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory of this process (Linux)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def rss_mb() -> float:
+    return _status_kb("VmRSS") / 1024
+
+
+def hwm_mb() -> float:
+    """The resident-set high-water mark since the process started or since the last reset."""
+    return _status_kb("VmHWM") / 1024
+
+
+def maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+class PeakMeter:
+    """Peak RSS of named, possibly nested windows of time, from the kernel's high-water mark.
+
+    Every ``open``/``close`` folds the current ``VmHWM`` into all open windows and then resets it
+    (``/proc/self/clear_refs``), so each window sees the peak of its own span.  Resetting also
+    lowers what ``ru_maxrss`` reports while no thread exits, so the process-lifetime peak is kept
+    here: the largest value seen before the first reset and at every fold since.
+    """
+
+    def __init__(self):
+        self.windows: dict[str, float] = {}
+        self.lifetime = max(maxrss_mb(), hwm_mb())
+        self.can_reset = True
+
+    def _fold(self) -> None:
+        peak = hwm_mb() if self.can_reset else maxrss_mb()
+        self.lifetime = max(self.lifetime, peak, maxrss_mb())
+        for name in self.windows:
+            self.windows[name] = max(self.windows[name], peak)
+        if self.can_reset:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:  # no reset: every window reports the process peak so far
+                self.can_reset = False
+
+    def open(self, name: str) -> None:
+        self._fold()
+        self.windows[name] = 0.0
+
+    def close(self, name: str) -> float:
+        self._fold()
+        return self.windows.pop(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models on disk (parent)
+
+
+def build_models(config: str, folder: str) -> dict:
+    """Random actor (causal LM) and reward model (score model started from it) saved in ``folder``."""
+    import ppo  # noqa: F401  (MKL environment before paddle)
+    from ppo.models import load_score_model
+    from ppo.tiny.build import BENCH_33M, TINY, build_llama, build_tokenizer
+    from ppo.training import quiet_libraries
+
+    quiet_libraries()
+    tokenizer = build_tokenizer(os.path.join(folder, "tokenizer"))
+    actor_dir, rm_dir = os.path.join(folder, "actor"), os.path.join(folder, "rm")
+    # 33m: the model's vocabulary (8000) is larger than the tokenizer's; prompts are random ids
+    # below the model's vocabulary size and nothing is decoded to text
+    sizes = dict(BENCH_33M) if config == "33m" else dict(TINY)
+    model = build_llama(actor_dir, tokenizer, seed=0, **sizes)
+    del model
+    reward = load_score_model(actor_dir)
+    reward.save_pretrained(rm_dir)
+    tokenizer.save_pretrained(rm_dir)
+    del reward
+    return {"actor": actor_dir, "rm": rm_dir}
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: one configuration in a fresh process
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 7) -> float:
+    import paddle
+
+    a, b = paddle.randn([n, n], dtype="float32"), paddle.randn([n, n], dtype="float32")
+    paddle.matmul(a, b).numpy()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        paddle.matmul(a, b).numpy()
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in matmuls: everything but the input embedding table."""
+    embed = model.llama.embed_tokens.weight
+    return int(sum(p.size for p in model.parameters() if p is not embed))
+
+
+def run_worker(opts) -> dict:
+    import ppo  # noqa: F401  (MKL environment before paddle)
+    import numpy as np
+    import paddle
+
+    from ppo.args import PPOArgs, validate
+    from ppo.rollout import collect
+    from ppo.trainer import PPOTrainer
+    from ppo.training import quiet_libraries
+
+    quiet_libraries()
+    t_imported = time.time()
+
+    train_batch = min(opts.train_batch, opts.batch)
+    args = PPOArgs(
+        actor_model_name_or_path=opts.actor, reward_model_name_or_path=opts.rm,
+        train_datasets="tiny-prompts/train", output_dir=os.path.join(opts.workdir, "output"),
+        max_length=opts.prompt_length + opts.new_tokens, max_new_tokens=opts.new_tokens,
+        per_device_prompt_batch_size=opts.batch, per_device_train_batch_size=train_batch,
+        max_steps=1 + opts.iterations, offload_level=opts.offload_level, offload_dir=opts.workdir,
+        disable_tqdm=True, seed=1)
+    validate(args)
+    trainer = PPOTrainer(args)
+    t_trainer = time.time()
+
+    models = trainer.models
+    vocab = int(trainer.actor.config.vocab_size)
+    rng = np.random.default_rng(0)
+
+    def prompts():
+        # ids 0-3 are <unk>, <s>, </s>, <pad>; no padding, so every prompt has prompt_length tokens
+        ids = paddle.to_tensor(rng.integers(4, vocab, size=(opts.batch, opts.prompt_length)), dtype="int64")
+        return ids, paddle.ones_like(ids)
+
+    first_prompts = prompts()
+    t_prepared = time.time()
+
+    meter = PeakMeter()
+    rss_before_first_rollout = rss_mb()
+
+    # -- timing hooks -------------------------------------------------------------------------
+    clock = time.perf_counter
+    acc: dict[str, float] = {}
+    peaks: dict[str, float] = {}
+
+    def add(key, seconds):
+        acc[key] = acc.get(key, 0.0) + seconds
+
+    def timed_method(obj, name, key, peak_key=None):
+        original = getattr(obj, name)
+
+        def wrapper(*a, **kw):
+            if peak_key:
+                meter.open(peak_key)
+            t = clock()
+            try:
+                return original(*a, **kw)
+            finally:
+                add(key, clock() - t)
+                if peak_key:
+                    peaks[peak_key] = max(peaks.get(peak_key, 0.0), meter.close(peak_key))
+
+        setattr(obj, name, wrapper)
+
+    # update phases (PPOTrainer.update calls these through self, so instance attributes win)
+    timed_method(trainer, "actor_step", "actor_update", "actor_update")
+    timed_method(trainer, "critic_step", "critic_update", "critic_update")
+    timed_method(trainer.offload, "before_update", "offload_before_update")
+
+    # per-model split of scoring: forward pre/post hooks, active only while scoring
+    scoring = {"active": False}
+    scored = {"actor_old_log_probs": models.actor, "reference_log_probs": models.reference,
+              "reward_score": models.reward, "critic_values": models.critic}
+    starts: dict[str, float] = {}
+
+    def pre_hook(key):
+        def hook(layer, inputs):
+            if scoring["active"]:
+                starts[key] = clock()
+        return hook
+
+    def post_hook(key):
+        def hook(layer, inputs, outputs):
+            if scoring["active"] and key in starts:
+                add("scoring_forward_" + key, clock() - starts.pop(key))
+        return hook
+
+    for key, model in scored.items():
+        if model is not None:
+            model.register_forward_pre_hook(pre_hook(key))
+            model.register_forward_post_hook(post_hook(key))
+
+    def iteration(step: int, ids, mask) -> dict:
+        acc.clear()
+        peaks.clear()
+        marks = {}
+        rss = {}
+
+        def before_scoring():
+            marks["generation_end"] = clock()
+            peaks["generation"] = meter.close("generation")
+            rss["after_generation"] = rss_mb()
+            meter.open("scoring")
+            marks["reload_start"] = clock()
+            trainer.offload.before_scoring()
+            marks["scoring_start"] = clock()
+            scoring["active"] = True
+
+        rss["iteration_start"] = rss_mb()
+        meter.open("iteration")
+        t0 = clock()
+        trainer.offload.before_generation()
+        t_offloaded = clock()
+        meter.open("generation")  # after the offload: the peak of generation itself
+        t1 = clock()
+        exp = collect(models, ids, mask, trainer.gen, args.max_length, args.normalize_reward,
+                      before_scoring=before_scoring)
+        t2 = clock()
+        scoring["active"] = False
+        trainer.offload.after_scoring()
+        t3 = clock()
+        peaks["scoring"] = meter.close("scoring")
+        rss["after_scoring"] = rss_mb()
+        meter.open("update")
+        t4 = clock()
+        trainer.compute_advantages(exp)
+        t5 = clock()
+        trainer.update(exp, step)
+        t6 = clock()
+        peaks["update"] = meter.close("update")
+        peaks["iteration"] = meter.close("iteration")
+        rss["after_update"] = rss_mb()
+
+        P = exp.prompt_length
+        attention = exp.attention_mask.astype("int64")
+        tokens = {
+            "prompt": int(attention[:, :P].sum()),
+            "response": int(attention[:, P:].sum()),
+            "sequence": int(attention.sum()),
+            "decode_steps": int(exp.sequences.shape[1] - P),
+            "decode_rows_x_steps": int(exp.sequences.shape[0] * (exp.sequences.shape[1] - P)),
+            "responses_ended_by_eos": int(exp.ended_with_eos.astype("int64").sum()),
+        }
+        seconds = {
+            "generation": marks["generation_end"] - t1,
+            "scoring": t2 - marks["scoring_start"],
+            "actor_update": acc.get("actor_update", 0.0),
+            "critic_update": acc.get("critic_update", 0.0),
+            "advantages": t5 - t4,
+            "offload_transfers": (t_offloaded - t0) + (marks["scoring_start"] - marks["reload_start"]) + (t3 - t2)
+            + acc.get("offload_before_update", 0.0),
+            "iteration": t6 - t0,
+        }
+        for key in scored:
+            if "scoring_forward_" + key in acc:
+                seconds["scoring_forward_" + key] = acc["scoring_forward_" + key]
+        seconds["scoring_log_softmax_and_rest"] = seconds["scoring"] - sum(
+            v for k, v in seconds.items() if k.startswith("scoring_forward_"))
+        main = ("generation", "scoring", "actor_update", "critic_update", "advantages", "offload_transfers")
+        seconds["other"] = seconds["iteration"] - sum(seconds[k] for k in main)
+        return {"seconds": seconds, "tokens": tokens, "peak_rss_mb": dict(peaks), "rss_mb": rss}
+
+    # -- run -----------------------------------------------------------------------------------
+    t_first_rollout = time.time()
+    warmup = iteration(1, *first_prompts)
+    timed = [iteration(2 + i, *prompts()) for i in range(opts.iterations)]
+    trainer.offload.close()
+    gflops = matmul_gflops()
+
+    def median_of(part):
+        keys = timed[0][part].keys()
+        return {k: statistics.median(r[part][k] for r in timed) for k in keys}
+
+    seconds, tokens = median_of("seconds"), median_of("tokens")
+    phase_peaks = {k: max(r["peak_rss_mb"][k] for r in timed) for k in timed[0]["peak_rss_mb"]}
+
+    # -- compute floor -------------------------------------------------------------------------
+    actor_params = int(sum(p.size for p in trainer.actor.parameters()))
+    pa = matmul_params(trainer.actor)
+    ps = matmul_params(models.reward)
+    pc = matmul_params(trainer.critic)
+    seq, iters = tokens["sequence"], args.update_iters
+    flops = {
+        "generation_prefill": 2 * pa * tokens["prompt"],
+        "generation_decode": 2 * pa * tokens["response"],
+        "scoring_actor_old_log_probs": 2 * pa * seq,
+        "scoring_reference_log_probs": 2 * pa * seq,
+        "scoring_reward_score": 2 * ps * seq,
+        "scoring_critic_values": 2 * pc * seq,
+        "actor_update": 6 * pa * seq * iters,
+        "critic_update": 6 * pc * seq * iters,
+    }
+    floor = {k: v / (gflops * 1e9) for k, v in flops.items()}
+    floor["generation"] = floor["generation_prefill"] + floor["generation_decode"]
+    floor["scoring"] = sum(v for k, v in floor.items() if k.startswith("scoring_"))
+    floor["iteration"] = floor["generation"] + floor["scoring"] + floor["actor_update"] + floor["critic_update"]
+    time_over_floor = {k: seconds[k] / floor[k] for k in ("generation", "scoring", "actor_update", "critic_update",
+                                                          "iteration")}
+
+    def r(x, n=4):
+        return round(float(x), n)
+
+    return {
+        "config": opts.config,
+        "offload_level": opts.offload_level or "(off)",
+        "model": {"actor_params": actor_params, "actor_params_in_matmuls": pa,
+                  "reward_model_params_in_matmuls": ps, "critic_params_in_matmuls": pc,
+                  "vocab_size": vocab, "hidden_size": int(trainer.actor.config.hidden_size),
+                  "num_hidden_layers": int(trainer.actor.config.num_hidden_layers)},
+        "shape": {"prompts_per_iteration": opts.batch, "prompt_length": opts.prompt_length,
+                  "max_new_tokens": opts.new_tokens, "train_micro_batch": train_batch,
+                  "optimizer_steps_per_iteration_per_model": trainer.steps_per_update * iters,
+                  "timed_iterations": opts.iterations, "warmup_iterations": 1},
+        "seconds_median": {k: r(v) for k, v in seconds.items()},
+        "warmup_iteration_seconds": r(warmup["seconds"]["iteration"]),
+        "tokens_per_iteration_median": tokens,
+        "tokens_per_second": {
+            "response_tokens_per_iteration_second": r(tokens["response"] / seconds["iteration"], 1),
+            "generation_tokens_per_generation_second": r(tokens["response"] / seconds["generation"], 1),
+        },
+        "compute_floor": {
+            "fp32_matmul_gflops": r(gflops, 1),
+            "floor_seconds": {k: r(v, 5) for k, v in floor.items()},
+            "measured_over_floor": {k: r(v, 2) for k, v in time_over_floor.items()},
+        },
+        "memory_mb": {
+            "peak_rss_process_lifetime": r(max(meter.lifetime, maxrss_mb()), 1),
+            "peak_rss_timed_iterations": r(phase_peaks["iteration"], 1),
+            "peak_rss_generation": r(phase_peaks["generation"], 1),
+            "peak_rss_scoring": r(phase_peaks["scoring"], 1),
+            "peak_rss_update": r(phase_peaks["update"], 1),
+            "peak_rss_warmup_iteration": r(warmup["peak_rss_mb"]["iteration"], 1),
+            "rss_before_first_rollout": r(rss_before_first_rollout, 1),
+            "rss_last_iteration": {k: r(v, 1) for k, v in timed[-1]["rss_mb"].items()},
+            "phase_peaks_are_resettable_hwm": meter.can_reset,
+        },
+        "_timestamps": {"process_start": _PROCESS_T0, "imports_done": t_imported, "trainer_built": t_trainer,
+                        "prompts_ready": t_prepared, "first_rollout_start": t_first_rollout},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent: build, launch one worker per configuration, collect
+
+
+def launch(config: str, offload_level: str, dirs: dict, opts, workdir: str) -> dict:
+    result_file = os.path.join(workdir, "result.json")
+    stderr_file = os.path.join(workdir, "stderr.txt")
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--config", config,
+           "--offload_level", offload_level, "--actor", dirs["actor"], "--rm", dirs["rm"], "--workdir", workdir,
+           "--result", result_file, "--iterations", str(opts.iterations), "--batch", str(opts.batch),
+           "--prompt_length", str(opts.prompt_length), "--new_tokens", str(opts.new_tokens),
+           "--train_batch", str(opts.train_batch)]
+    env = dict(os.environ)
+    env.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+    with open(stderr_file, "w") as err:
+        t_launch = time.time()
+        proc = subprocess.run(cmd, stdout=err, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        t_end = time.time()
+    if proc.returncode != 0 or not os.path.exists(result_file):
+        with open(stderr_file) as f:
+            tail = f.read()[-4000:]
+        raise SystemExit(f"worker {config} / offload '{offload_level}' failed (exit {proc.returncode}):\n{tail}")
+    with open(result_file) as f:
+        result = json.load(f)
+    ts = result.pop("_timestamps")
+    result["startup_seconds"] = {
+        "interpreter_start": round(ts["process_start"] - t_launch, 3),
+        "imports": round(ts["imports_done"] - ts["process_start"], 3),
+        "trainer_construction": round(ts["trainer_built"] - ts["imports_done"], 3),
+        "prompt_preparation": round(ts["prompts_ready"] - ts["trainer_built"], 3),
+        "launch_to_first_rollout": round(ts["first_rollout_start"] - t_launch, 3),
+    }
+    result["worker_wall_seconds"] = round(t_end - t_launch, 2)
+    return result
+
+
+def compare(off: dict, on: dict) -> dict:
+    def ratio(a, b):
+        return round(a / b, 3) if b else None
+
+    mo, mf = on["memory_mb"], off["memory_mb"]
+    so, sf = on["seconds_median"], off["seconds_median"]
+    return {
+        "peak_rss_process_lifetime_ratio_offload_over_no_offload": ratio(mo["peak_rss_process_lifetime"],
+                                                                         mf["peak_rss_process_lifetime"]),
+        "peak_rss_timed_iterations_ratio_offload_over_no_offload": ratio(mo["peak_rss_timed_iterations"],
+                                                                         mf["peak_rss_timed_iterations"]),
+        "peak_rss_timed_iterations_saved_mb": round(mf["peak_rss_timed_iterations"] - mo["peak_rss_timed_iterations"],
+                                                    1),
+        "iteration_seconds_ratio_offload_over_no_offload": ratio(so["iteration"], sf["iteration"]),
+        "offload_transfer_seconds_per_iteration": so["offload_transfers"],
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=["tiny", "33m", "both"], default=None,
+                        help="model size (default: both; tiny with --quick)")
+    parser.add_argument("--iterations", type=int, default=None, help="timed iterations after one warm-up (default 2)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke check: tiny model, 4 prompts of 16 tokens, 8 new tokens, 1 timed iteration")
+    parser.add_argument("--batch", type=int, default=None, help="prompts per iteration (default 16)")
+    parser.add_argument("--prompt_length", type=int, default=None, help="prompt tokens (default 64)")
+    parser.add_argument("--new_tokens", type=int, default=None, help="max_new_tokens (default 64)")
+    parser.add_argument("--train_batch", type=int, default=8, help="per_device_train_batch_size (default 8)")
+    # worker side (internal)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--offload_level", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--actor", help=argparse.SUPPRESS)
+    parser.add_argument("--rm", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+
+    quick_defaults = dict(config="tiny", iterations=1, batch=4, prompt_length=16, new_tokens=8)
+    full_defaults = dict(config="both", iterations=2, batch=16, prompt_length=64, new_tokens=64)
+    for key, value in (quick_defaults if opts.quick else full_defaults).items():
+        if getattr(opts, key) is None:
+            setattr(opts, key, value)
+    if opts.iterations < 1:
+        parser.error("--iterations must be >= 1")
+
+    if opts.worker:
+        result = run_worker(opts)
+        with open(opts.result, "w") as f:
+            json.dump(result, f)
+        return
+
+    configs = CONFIGS if opts.config == "both" else (opts.config,)
+    out = {
+        "benchmark": "ppo_iteration",
+        "command": "python " + " ".join([os.path.relpath(os.path.abspath(__file__), ROOT)] + (argv or sys.argv[1:])),
+        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "settings": {"prompts_per_iteration": opts.batch, "prompt_length": opts.prompt_length,
+                     "max_new_tokens": opts.new_tokens, "train_micro_batch": opts.train_batch,
+                     "timed_iterations": opts.iterations, "warmup_iterations": 1,
+                     "offload_on_level": OFFLOAD_ON, "quick": opts.quick,
+                     "prompts": "random token ids (no padding)", "sampling": "temperature 1, no top-k/top-p"},
+        "results": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="ppo-iteration-") as tmp:
+        for config in configs:
+            print(f"[ppo_iteration] building random {config} models", file=sys.stderr, flush=True)
+            dirs = build_models(config, os.path.join(tmp, config, "models"))
+            runs = {}
+            for name, level in (("offload_off", ""), ("offload_on", OFFLOAD_ON)):
+                print(f"[ppo_iteration] {config} {name}: fresh worker process", file=sys.stderr, flush=True)
+                workdir = os.path.join(tmp, config, name)
+                os.makedirs(workdir)
+                runs[name] = launch(config, level, dirs, opts, workdir)
+                s = runs[name]["seconds_median"]
+                print(f"[ppo_iteration] {config} {name}: {s['iteration']:.2f} s/iteration, peak "
+                      f"{runs[name]['memory_mb']['peak_rss_timed_iterations']:.0f} MB", file=sys.stderr, flush=True)
+            runs["offload_on_vs_off"] = compare(runs["offload_off"], runs["offload_on"])
+            out["results"][config] = runs
+    try:
+        import paddle
+
+        out["machine"]["paddle"] = paddle.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""Bad input through the real entry points: exit status 2, one ``error: ...`` line, checkpoints untouched.
+
+Every case runs an entry point (SFT ``ppo/run_sft.py``, reward model ``rm/run_reward.py``, PPO
+``ppo/run_ppo.py``) on one mistake and checks that
+
+* the process exits with status 2;
+* the last stderr line starts with ``error: `` and is the only line that mentions the problem
+  (no traceback anywhere on stderr);
+* that line names the offending input and what is accepted;
+* ``output_dir`` already holds a finished reward-model run with a complete ``checkpoint-1``
+  (written once by a real tiny training run): afterwards every file it held is byte-identical,
+  the checkpoint is still complete and no new checkpoint folder appeared.
+
+Most cases call the entry point in-process (``run_entry(main, argv)``) and read file descriptor 2
+with ``capfd``, so log lines written by paddle/paddlenlp handlers count as well.  A few cases run
+the scripts as real processes, and the world-size case goes through ``paddle.distributed.launch``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BAD_DATA = os.path.join(ROOT, "tests", "data", "bad")
+SCRIPTS = {"sft": "ppo/run_sft.py", "rm": "rm/run_reward.py", "ppo": "ppo/run_ppo.py"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs of the three stages (small settings; every bad input fails before training)
+
+
+def base_config(stage: str) -> dict:
+    """The stage's tiny example config pointed at the fixture models, with placeholders for paths."""
+    with open(os.path.join(ROOT, "config", "tiny", f"{stage}_argument.json")) as f:
+        config = json.load(f)
+    config.update(output_dir="{OUT}", logging_steps=1, disable_tqdm=True)
+    if stage == "sft":
+        config.update(model_name_or_path="{BASE}", max_steps=1, per_device_train_batch_size=4, eval_split_ratio=0.0)
+    elif stage == "rm":
+        # the same arguments as the run that wrote checkpoint-1 (resume compares them)
+        config.update(model_name_or_path="{BASE}", max_steps=2, save_steps=1, eval_datasets="",
+                      per_device_train_batch_size=16)
+    else:
+        config.update(actor_model_name_or_path="{BASE}", reward_model_name_or_path="{RM}", max_steps=1,
+                      max_new_tokens=4, per_device_prompt_batch_size=4, per_device_train_batch_size=4,
+                      per_device_eval_batch_size=4, eval_datasets="", eval_steps=0)
+    return config
+
+
+def fill(value, paths: dict):
+    """``value`` with every ``{NAME}`` placeholder of ``paths`` replaced (strings, lists, dicts)."""
+    if isinstance(value, str):
+        for key, path in paths.items():
+            value = value.replace("{" + key + "}", str(path))
+        return value
+    if isinstance(value, dict):
+        return {k: fill(v, paths) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(fill(v, paths) for v in value)
+    return value
+
+
+def entry_main(stage: str):
+    if stage == "sft":
+        from ppo.run_sft import main
+    elif stage == "rm":
+        from rm.run_reward import main
+    else:
+        from ppo.run_ppo import main
+    return main
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared models and the finished run whose checkpoint must survive every case
+
+
+@pytest.fixture(scope="module")
+def workspace(tiny_dir, tmp_path_factory):
+    """Paths of the fixture models: {BASE}, {RM} (a finished reward-model run with checkpoint-1),
+    {SCORE2} (a score model with a 2-dim head), {NOPAD} (a model whose tokenizer has neither pad nor
+    eos) and {VOCAB200} (a model with another tokenizer)."""
+    from paddlenlp.transformers import AutoTokenizer
+
+    from ppo import checkpoint
+    from ppo.models import load_score_model
+    from ppo.tiny.build import build_llama, build_tokenizer
+    from ppo.tiny.task import corpus
+    from ppo.training import run_entry
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    paths = {"BASE": tiny_dir / "base", "RM": root / "rm_run", "SCORE2": root / "score2",
+             "NOPAD": root / "nopad", "VOCAB200": root / "vocab200", "BAD": BAD_DATA}
+
+    # a real reward-model run: checkpoint-1 (resumable) and the final model in the same folder
+    config = fill(base_config("rm"), {**paths, "OUT": paths["RM"]})
+    (root / "rm_run.json").write_text(json.dumps(config))
+    run_entry(entry_main("rm"), [str(root / "rm_run.json")])
+    assert checkpoint.list_checkpoints(str(paths["RM"])) == [(1, str(paths["RM"] / "checkpoint-1"))]
+    assert json.load(open(paths["RM"] / "config.json"))["score_dim"] == 1
+
+    # a score model whose head has two outputs
+    score2 = load_score_model(str(tiny_dir / "base"), score_dim=2)
+    score2.save_pretrained(str(paths["SCORE2"]))
+    AutoTokenizer.from_pretrained(str(tiny_dir / "base")).save_pretrained(str(paths["SCORE2"]))
+    assert json.load(open(paths["SCORE2"] / "config.json"))["score_dim"] == 2
+
+    # the tiny model with a tokenizer that has no pad token and no eos token
+    shutil.copytree(tiny_dir / "base", paths["NOPAD"])
+    tokenizer = build_tokenizer(str(paths["NOPAD"]), with_pad=False)
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(str(paths["NOPAD"]))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        file = paths["NOPAD"] / name
+        data = json.load(open(file))
+        data.pop("pad_token", None)
+        data["eos_token"] = None
+        file.write_text(json.dumps(data))
+    reloaded = AutoTokenizer.from_pretrained(str(paths["NOPAD"]))
+    assert reloaded.pad_token is None and reloaded.eos_token is None
+
+    # a model with a smaller vocabulary (another tokenizer)
+    other = build_tokenizer(str(paths["VOCAB200"]), vocab_size=200, texts=list(corpus())[:800])
+    build_llama(str(paths["VOCAB200"]), other)
+    assert len(other) != len(AutoTokenizer.from_pretrained(str(tiny_dir / "base")))
+    paths["session_stderr"] = sys.stderr  # see route_log_handlers_to_stderr
+    return paths
+
+
+def route_log_handlers_to_stderr(monkeypatch, session_stderr) -> None:
+    """Log handlers made at import time hold the stream ``sys.stderr`` was then (pytest's session
+    capture); point them at the current ``sys.stderr`` so their lines are checked like the rest."""
+    import logging
+
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler):
+                continue
+            stream = getattr(handler, "stream", None)
+            if stream is session_stderr or stream is sys.__stderr__ or getattr(stream, "name", None) == "<stderr>":
+                monkeypatch.setattr(handler, "stream", sys.stderr)
+
+
+def make_output_dir(workspace, target) -> tuple[str, dict]:
+    """A copy of the finished run (final model + complete checkpoint-1) and its file hashes."""
+    shutil.copytree(workspace["RM"], target)
+    return str(target), snapshot(str(target))
+
+
+def snapshot(folder: str) -> dict:
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def assert_untouched(folder: str, before: dict) -> None:
+    from ppo import checkpoint
+
+    after = snapshot(folder)
+    changed = sorted(k for k in before if after.get(k) != before[k])
+    assert not changed, f"files of the previous run changed or vanished: {changed}"
+    tops = {p.split(os.sep)[0] for p in before}
+    new = sorted(n for n in os.listdir(folder) if n not in tops
+                 and (n.startswith(("checkpoint-", ".tmp-", ".old-")) or n == "model_state.pdparams"))
+    assert not new, f"new checkpoint/model files in output_dir: {new}"
+    assert checkpoint.list_checkpoints(folder) == [(1, os.path.join(folder, "checkpoint-1"))]
+
+
+def assert_one_line_error(code, err: str, expect, needle: str) -> None:
+    """Exit 2; the last stderr line is ``error: ...`` holding every ``expect`` fragment; ``needle``
+    (the problem) appears on no other line; no traceback."""
+    tail = "\n".join(err.splitlines()[-15:])
+    assert code == 2, f"exit status {code}, expected 2; stderr tail:\n{tail}"
+    assert "Traceback" not in err, f"traceback on stderr:\n{tail}"
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines, "nothing on stderr"
+    last = lines[-1]
+    assert last.startswith("error: "), f"last stderr line is not 'error: ...':\n{tail}"
+    assert sum(line.startswith("error:") for line in lines) == 1, tail
+    missing = [frag for frag in expect if frag not in last]
+    assert not missing, f"error line lacks {missing}:\n{last}"
+    others = [line for line in lines[:-1] if needle.lower() in line.lower()]
+    assert not others, f"{needle!r} is also mentioned on other stderr lines:\n" + "\n".join(others)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cases
+
+
+@dataclass
+class Case:
+    id: str
+    stage: str                      # sft | rm | ppo
+    expect: tuple                   # fragments of the error line: the offending input and what is accepted
+    needle: str                     # the problem, mentioned by the error line only
+    changes: dict = field(default_factory=dict)   # config file entries
+    argv: tuple = ()                # command-line overrides after the config file
+    env: dict = field(default_factory=dict)
+    config_text: str | None = None  # raw config file text (instead of base config + changes)
+    config_path: str | None = None  # a config path that is not written
+
+
+JSON_WITH_SYNTAX_ERROR = '{\n  "model_name_or_path": "{BASE}",\n  "max_steps": 1,,\n  "output_dir": "{OUT}"\n}\n'
+
+CASES = [
+    # -- arguments: names, types, ranges ---------------------------------------------------
+    Case("unknown-key-in-json", "rm", changes={"learning_rat": 0.001},
+         expect=("config file '{CONFIG}'", "unknown argument 'learning_rat'", "(did you mean 'learning_rate'?)", "--help"),
+         needle="'learning_rat'"),
+    Case("unknown-key-on-command-line", "sft", argv=("--per_device_train_batchsize", "4"),
+         expect=("unknown argument 'per_device_train_batchsize'", "(did you mean 'per_device_train_batch_size'?)"),
+         needle="batchsize"),
+    Case("unknown-key-ppo", "ppo", argv=("--kl_coef", "0.1"),
+         expect=("unknown argument 'kl_coef'", "(did you mean 'kl_coeff'?)"), needle="kl_coef'"),
+    Case("wrong-type-int", "rm", changes={"per_device_train_batch_size": "sixteen"},
+         expect=("'per_device_train_batch_size'", "must be int", "'sixteen'"), needle="sixteen"),
+    Case("wrong-type-bool", "ppo", argv=("--do_sample", "maybe"),
+         expect=("'do_sample'", "must be bool", "'maybe'"), needle="maybe"),
+    Case("unknown-choice", "sft", changes={"lr_scheduler_type": "cosin"},
+         expect=("'lr_scheduler_type'", "'constant'", "'linear'", "'cosine'", "'cosin'"), needle="cosin'"),
+    Case("negative-learning-rate", "sft", argv=("--learning_rate", "-0.001"),
+         expect=("'learning_rate'", "must be > 0", "-0.001"), needle="learning_rate"),
+    Case("negative-critic-learning-rate", "ppo", changes={"critic_learning_rate": -5e-6},
+         expect=("'critic_learning_rate'", "must be > 0", "-5e-06"), needle="critic_learning_rate"),
+    Case("clip-range-ratio-zero", "ppo", changes={"clip_range_ratio": 0},
+         expect=("'clip_range_ratio'", "must be > 0", "got 0"), needle="clip_range_ratio"),
+    Case("clip-range-value-negative", "ppo", argv=("--clip_range_value", "-1"),
+         expect=("'clip_range_value'", "must be > 0", "-1"), needle="clip_range_value"),
+    Case("clip-range-score-zero", "ppo", changes={"clip_range_score": 0.0},
+         expect=("'clip_range_score'", "must be > 0", "got 0"), needle="clip_range_score"),
+    Case("top-p-out-of-range", "ppo", argv=("--top_p", "1.5"),
+         expect=("'top_p'", "(0, 1]", "1.5"), needle="top_p"),
+    Case("grpo-needs-two-samples", "ppo", changes={"adv_estimator": "grpo", "num_return_sequences": 1},
+         expect=("adv_estimator 'grpo'", "num_return_sequences must be >= 2", "got 1"), needle="num_return_sequences"),
+    # -- config file ------------------------------------------------------------------------
+    Case("json-syntax-error", "rm", config_text=JSON_WITH_SYNTAX_ERROR,
+         expect=("config file '{CONFIG}'", "not valid JSON", "at line 3 column 18"), needle="JSON"),
+    Case("missing-config-file", "ppo", config_path="{MISSING}/ppo_argument.json",
+         expect=("config file '{MISSING}/ppo_argument.json'", "does not exist"), needle="ppo_argument.json"),
+    # -- parallel layout ----------------------------------------------------------------------
+    Case("degree-does-not-divide-one-process", "sft", argv=("--tensor_parallel_degree", "2"),
+         expect=("tensor_parallel_degree (2)", "does not divide the world size 1"), needle="divide"),
+    # the launcher sets PADDLE_TRAINERS_NUM in every rank; the check runs before fleet starts
+    Case("sharding-stage2-on-cpu", "rm", env={"PADDLE_TRAINERS_NUM": "2"},
+         argv=("--sharding_parallel_degree", "2", "--sharding", "stage2"),
+         expect=("sharding 'stage2'", "GPU", "'stage1'"), needle="stage2"),
+    Case("batch-sizes-not-divisible", "ppo", argv=("--per_device_train_batch_size", "3"),
+         expect=("per_device_prompt_batch_size x num_return_sequences = 4",
+                 "per_device_train_batch_size x gradient_accumulation_steps = 3", "divisible"),
+         needle="divisible"),
+    # -- datasets -----------------------------------------------------------------------------
+    Case("unknown-dataset-name", "rm", changes={"train_datasets": "tiny-preferences/train"},
+         expect=("unknown dataset 'tiny-preferences/train'", "(did you mean 'tiny-preference/train'?)",
+                 "registered", "tiny-preference/test", "PKU-SafeRLHF/train", "alpaca"),
+         needle="tiny-preferences"),
+    Case("unknown-ptx-dataset-name", "ppo", changes={"ptx_datasets": "tiny-sftt"},
+         expect=("unknown dataset 'tiny-sftt'", "(did you mean 'tiny-sft'?)", "registered"), needle="tiny-sftt"),
+    Case("malformed-dataset-spec", "sft", changes={"train_datasets": "tiny-sft:abc"},
+         expect=("'tiny-sft:abc'", "proportion 'abc'", "not a number", "NAME[:PROPORTION[:PATH]]"), needle="abc"),
+    Case("negative-dataset-proportion", "rm", changes={"train_datasets": "tiny-preference/train:-1"},
+         expect=("'tiny-preference/train:-1'", "must be a number > 0", "NAME[:PROPORTION[:PATH]]"), needle=":-1"),
+    Case("missing-data-path", "rm", changes={"train_datasets": "tiny-preference/train:1:{MISSING}/pairs.jsonl"},
+         expect=("'{MISSING}/pairs.jsonl'", "does not exist", ".jsonl", "folder"), needle="pairs.jsonl"),
+    Case("data-with-wrong-schema", "sft", changes={"train_datasets": "tiny-sft:1:{BAD}/missing_field.jsonl"},
+         expect=("missing_field.jsonl", "record 0", "missing field(s) 'answer'", "expected fields: prompt, answer"),
+         needle="missing field"),
+    Case("data-not-json", "rm", changes={"train_datasets": "tiny-preference/train:1:{BAD}/not_json.jsonl"},
+         expect=("not_json.jsonl", "could not be read as json records"), needle="not_json.jsonl"),
+    Case("empty-data-file", "ppo", changes={"train_datasets": "tiny-prompts/train:1:{BAD}/empty.jsonl"},
+         expect=("'{BAD}/empty.jsonl'", "is empty", "json records"), needle="empty.jsonl"),
+    Case("preference-pairs-all-identical", "rm",
+         changes={"train_datasets": "tiny-preference/train:1:{BAD}/identical_pairs.jsonl"},
+         expect=("all 6 pairs", "identical_pairs.jsonl", "identical answers", "answers differ"),
+         needle="identical answers"),
+    # -- models and tokenizers ------------------------------------------------------------------
+    Case("model-path-missing", "sft", changes={"model_name_or_path": "{MISSING}/model"},
+         expect=("'model_name_or_path'", "'{MISSING}/model'", "not a model folder", "config.json"),
+         needle="not a model folder"),
+    Case("actor-path-missing", "ppo", changes={"actor_model_name_or_path": "{MISSING}/sft"},
+         expect=("'actor_model_name_or_path'", "'{MISSING}/sft'", "not a model folder", "config.json"),
+         needle="not a model folder"),
+    Case("score-head-dim-mismatch", "ppo", changes={"reward_model_name_or_path": "{SCORE2}"},
+         expect=("'reward_model_name_or_path'", "'{SCORE2}'", "score head of dim 2", "score_dim=1"),
+         needle="score head"),
+    Case("tokenizer-without-pad-and-eos", "sft", changes={"model_name_or_path": "{NOPAD}"},
+         expect=("'{NOPAD}'", "neither a pad nor an eos token", "pad_token"), needle="not set"),
+    Case("critic-vocabulary-mismatch", "ppo", changes={"reward_critic_model_name_or_path": "{VOCAB200}"},
+         expect=("'{VOCAB200}'", "must share the actor's vocabulary"), needle="vocabulary"),
+    Case("max-length-above-position-limit", "rm", changes={"max_length": 1000},
+         expect=("max_length=1000", "exceeds the position limit 256", "'{BASE}'"), needle="position limit"),
+    Case("offload-level-unknown-word", "ppo", changes={"offload_level": "freeze_models optimizer"},
+         expect=("offload_level", "unknown word 'freeze_models'", "(did you mean 'freeze_model'?)",
+                 "freeze_model, optimizer, train_model"), needle="freeze_models"),
+    # -- output folder and resume ---------------------------------------------------------------
+    Case("output-dir-under-a-file", "sft", changes={"output_dir": "{FILE}/out"},
+         expect=("output_dir '{FILE}/out'", "not writable", "Not a directory"), needle="writable"),
+    Case("resume-from-a-model-not-a-checkpoint", "rm", changes={"resume_from_checkpoint": "{BASE}"},
+         expect=("resume_from_checkpoint '{BASE}'", "not a checkpoint folder", "trainer_state.json",
+                 "checkpoint-N", "'auto'"), needle="not a checkpoint"),
+    Case("resume-with-another-batch-size", "rm",
+         changes={"resume_from_checkpoint": "{OUT}/checkpoint-1", "per_device_train_batch_size": 8},
+         expect=("cannot resume from '{OUT}/checkpoint-1'", "'per_device_train_batch_size' was 16 there and is 8 now"),
+         needle="cannot resume"),
+    Case("resume-auto-with-another-seed", "rm", changes={"resume_from_checkpoint": "auto", "seed": 7},
+         expect=("cannot resume from '{OUT}/checkpoint-1'", "'seed' was 42 there and is 7 now"),
+         needle="cannot resume"),
+]
+
+assert len({c.id for c in CASES}) == len(CASES)
+
+
+def case_paths(workspace, tmp_path) -> dict:
+    file = tmp_path / "a_regular_file"
+    file.write_text("not a folder\n")
+    workspace = {k: v for k, v in workspace.items() if k != "session_stderr"}
+    return {**workspace, "OUT": tmp_path / "out", "MISSING": tmp_path / "no-such-folder", "FILE": file}
+
+
+def write_case_config(case: Case, paths: dict, tmp_path) -> str:
+    if case.config_path is not None:
+        return fill(case.config_path, paths)
+    path = tmp_path / "config.json"
+    if case.config_text is not None:
+        path.write_text(fill(case.config_text, paths))
+    else:
+        config = base_config(case.stage)
+        config.update(case.changes)
+        path.write_text(json.dumps(fill(config, paths), indent=1))
+    return str(path)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_in_process(case, workspace, tmp_path, capfd, monkeypatch):
+    from ppo.training import run_entry
+
+    paths = case_paths(workspace, tmp_path)
+    out, before = make_output_dir(workspace, paths["OUT"])
+    config = write_case_config(case, paths, tmp_path)
+    paths["CONFIG"] = config
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
+    route_log_handlers_to_stderr(monkeypatch, workspace["session_stderr"])
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_entry(entry_main(case.stage), [config, *fill(case.argv, paths)])
+    err = capfd.readouterr().err
+    assert_one_line_error(exit_info.value.code, err, fill(case.expect, paths), case.needle)
+    assert_untouched(out, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real processes: the scripts as a user runs them
+
+
+PROCESS_CASES = [
+    Case("process-rm-json-syntax-error", "rm", config_text='{\n  "max_steps": 1,\n}\n',
+         expect=("config file '{CONFIG}'", "not valid JSON", "at line 3 column 1"), needle="JSON"),
+    Case("process-sft-unknown-dataset", "sft", changes={"train_datasets": "tiny-sfft"},
+         expect=("unknown dataset 'tiny-sfft'", "(did you mean 'tiny-sft'?)", "registered"), needle="tiny-sfft"),
+    Case("process-sft-tokenizer-without-pad-and-eos", "sft", changes={"model_name_or_path": "{NOPAD}"},
+         expect=("'{NOPAD}'", "neither a pad nor an eos token", "pad_token"), needle="not set"),
+    Case("process-ppo-score-head-dim-mismatch", "ppo", changes={"reward_model_name_or_path": "{SCORE2}"},
+         expect=("'reward_model_name_or_path'", "'{SCORE2}'", "score head of dim 2", "score_dim=1"),
+         needle="score head"),
+]
+
+
+@pytest.mark.parametrize("case", PROCESS_CASES, ids=[c.id for c in PROCESS_CASES])
+def test_bad_input_real_process(case, workspace, tmp_path):
+    # one at a time: paddle's start-up is CPU bound, parallel processes are not faster on 2 cores
+    paths = case_paths(workspace, tmp_path)
+    out, before = make_output_dir(workspace, paths["OUT"])
+    paths["CONFIG"] = write_case_config(case, paths, tmp_path)
+    cmd = [sys.executable, os.path.join(ROOT, SCRIPTS[case.stage]), paths["CONFIG"], *fill(case.argv, paths)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(proc.returncode, proc.stderr, fill(case.expect, paths), case.needle)
+    assert_untouched(out, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parallel layouts a real two-rank launch cannot run
+
+
+LAUNCH_CASES = [
+    (("--sharding_parallel_degree", "3", "--sharding", "stage1"),
+     ("sharding_parallel_degree (3)", "= 3 does not divide the world size 2"), "divide"),
+    (("--sharding_parallel_degree", "2", "--sharding", "stage2"),
+     ("sharding 'stage2'", "GPU", "'stage1'"), "stage2"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("argv,expect,needle", LAUNCH_CASES, ids=["degrees-do-not-divide-world-size", "sharding-stage2-on-cpu"])
+def test_bad_parallel_layout_two_ranks(workspace, tmp_path, argv, expect, needle):
+    paths = case_paths(workspace, tmp_path)
+    out, before = make_output_dir(workspace, paths["OUT"])
+    config = write_case_config(Case("launch", "rm", expect=(), needle=""), paths, tmp_path)
+    log_dir = tmp_path / "launch-logs"
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir),
+           os.path.join(ROOT, SCRIPTS["rm"]), config, *argv]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # the launcher's own status depends on which rank it saw fail first (it stops the other one)
+    assert proc.returncode != 0, f"launcher exit status 0:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    finished = 0
+    for rank in (0, 1):
+        # the launcher writes each rank's stdout and stderr to workerlog.<rank>
+        log = (log_dir / f"workerlog.{rank}").read_text()
+        assert "Traceback" not in log, log[-3000:]
+        if "error: " in log:  # a rank the launcher stopped first may have written nothing yet
+            assert_one_line_error(2, log, expect, needle)
+            finished += 1
+    assert finished >= 1, "no rank wrote the error line"
+    assert_untouched(out, before)
