@@ -13,6 +13,8 @@ implemented once in :func:`masked_mean`.
 
 from __future__ import annotations
 
+import math
+
 import paddle
 import paddle.nn.functional as F
 
@@ -74,15 +76,20 @@ def masked_var(values, mask, unbiased=True):
     return sq_sum / n
 
 
-def masked_whiten(values, mask, shift_mean=True, eps=1e-8):
+def masked_whiten(values, mask, shift_mean=True, eps=1e-8, moments=None):
     """``(v - mean) / sqrt(var + eps)`` with mean/unbiased var over the masked elements.
 
     With ``shift_mean=False`` the mean is added back (only the scale changes). Every position is
-    transformed, masked or not; callers apply the mask.
+    transformed, masked or not; callers apply the mask.  ``moments=(mean, var)`` supplies the
+    statistics (e.g. over every data rank's batch) instead of computing them from ``values``.
     """
-    mean = masked_mean(values, mask)
-    var = masked_var(values, mask, unbiased=True)
-    whitened = (values - mean) * paddle.rsqrt(var + eps)
+    if moments is not None:
+        mean, var = (float(m) for m in moments)
+    else:
+        mean = masked_mean(values, mask)
+        var = masked_var(values, mask, unbiased=True)
+    scale = 1.0 / math.sqrt(var + eps) if moments is not None else paddle.rsqrt(var + eps)
+    whitened = (values - mean) * scale
     if not shift_mean:
         whitened = whitened + mean
     return whitened
@@ -99,9 +106,12 @@ def gather_log_probs(logits, labels, temperature=1.0):
     logits = _float32_logits(logits)
     if temperature != 1.0:
         logits = logits / temperature
-    log_probs = F.log_softmax(logits, axis=-1)
+    # picked logit - logsumexp: the same value as indexing F.log_softmax, but paddle's CPU
+    # log_softmax kernel is about 50x slower than logsumexp on [B, T, V] (measured: 9 s vs 0.17 s
+    # for 16 x 128 x 8000), and this never materialises the [B, T, V] log-probabilities
     index = labels.astype(paddle.int64).unsqueeze(-1)
-    return paddle.take_along_axis(log_probs, index, axis=-1).squeeze(-1)
+    picked = paddle.take_along_axis(logits, index, axis=-1).squeeze(-1)
+    return picked - paddle.logsumexp(logits, axis=-1)
 
 
 def entropy_from_logits(logits, temperature=1.0):
@@ -109,8 +119,8 @@ def entropy_from_logits(logits, temperature=1.0):
     logits = _float32_logits(logits)
     if temperature != 1.0:
         logits = logits / temperature
-    log_p = F.log_softmax(logits, axis=-1)
-    return -(paddle.exp(log_p) * log_p).sum(axis=-1)
+    # H = logsumexp(x) - sum softmax(x) * x  (no log_softmax: see gather_log_probs)
+    return paddle.logsumexp(logits, axis=-1) - (F.softmax(logits, axis=-1) * logits).sum(axis=-1)
 
 
 # ------------------------------------------------------------------------------ KL and rewards

@@ -148,6 +148,43 @@ def model_parallel_sum(local_sum: float, replicated_sum: float) -> float:
     return float(t.numpy()[0]) + replicated_sum
 
 
+def sync_sharded_grads(optimizer, parameters):
+    """Sharding (stage 1): run the optimizer's gradient synchronisation now and return the
+    parameters this rank owns (whose gradients are now the averaged ones); None otherwise.
+
+    The optimizer's next ``step`` skips its own synchronisation, so gradients are reduced once.
+    """
+    sync = getattr(optimizer, "_hybrid_sync_grad", None)
+    if sync is None or not getattr(optimizer, "_sharding_enable", False):
+        return None
+    if not hasattr(optimizer, "_ppo_sync_once"):
+        original = type(optimizer)._hybrid_sync_grad
+
+        def sync_once(params, _opt=optimizer, _original=original):
+            if _opt._ppo_synced:
+                _opt._ppo_synced = False
+                return
+            _original(_opt, params)
+
+        optimizer._ppo_sync_once = True
+        optimizer._ppo_synced = False
+        optimizer._hybrid_sync_grad = sync_once
+    from paddle.distributed.fleet.utils.hybrid_parallel_util import obtain_optimizer_parameters_list
+
+    all_params = list(obtain_optimizer_parameters_list(optimizer._inner_opt))
+    type(optimizer)._hybrid_sync_grad(optimizer, all_params)
+    optimizer._ppo_synced = True
+    owned = set(id(p) for p in optimizer._inner_opt.filter_parameters(all_params, _CONTEXT.hcg))
+    return [p for p in parameters if id(p) in owned]
+
+
+def sharding_sum(values):
+    """Element-wise sum of a list of floats over the sharding group."""
+    t = paddle.to_tensor(np.asarray(values, dtype=np.float64))
+    dist.all_reduce(t, group=_CONTEXT.hcg.get_sharding_parallel_group())
+    return [float(v) for v in t.numpy()]
+
+
 def wrap_for_training(model, optimizer, sharding_stage: str = ""):
     """Hand a model and its optimizer to fleet (data parallel / sharding); identity in one process."""
     if not _CONTEXT.distributed:
@@ -256,3 +293,17 @@ def vocab_parallel_log_probs(logits, labels, temperature: float = 1.0, with_entr
         probs = exp / sum_exp
         entropy = log_norm.squeeze(-1) - reduce_sum((probs * shifted).sum(axis=-1))
     return log_probs, entropy
+
+
+
+def broadcast_model_parallel(tensor):
+    """``tensor`` of the first tensor-parallel rank, on every rank of its group (identity otherwise).
+
+    Tensor-parallel ranks decode from the same gathered logits with the same random state, so
+    their samples already agree; broadcasting each sampled token keeps their control flow (when
+    every sequence has ended) identical even if a kernel rounded differently on one rank.
+    """
+    if _CONTEXT.mp_degree > 1:
+        dist.broadcast(tensor, src=_CONTEXT.hcg.get_model_parallel_group_src_rank(),
+                       group=_CONTEXT.hcg.get_model_parallel_group())
+    return tensor

@@ -142,7 +142,7 @@ def _generate(decoder, input_ids, attention_mask, config: GenerationConfig, eos_
     finished = paddle.zeros([B], dtype="bool")
     tokens, masks = [], []
     for _ in range(config.max_new_tokens):
-        token = next_token(logits, config, seen)
+        token = parallel.broadcast_model_parallel(next_token(logits, config, seen))
         alive = ~finished
         token = paddle.where(alive, token, paddle.full_like(token, pad_token_id))
         tokens.append(token)

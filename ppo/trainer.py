@@ -37,7 +37,6 @@ from ppo.offload import (
 )
 from ppo.models import check_max_length, check_model_path, load_causal_lm, load_score_model, load_tokenizer
 from ppo.rollout import GenerationConfig, Models, collect, forward_log_probs, same_vocabulary
-from ppo.sft_trainer import answer_token_loss, lm_logits
 from ppo.training import (
     GlobalBatchSampler,
     MetricsLogger,
@@ -67,9 +66,6 @@ class PPOTrainer:
     def __init__(self, args: PPOArgs):
         self.args = args
         self.ctx = parallel.init_parallel(args)
-        if self.ctx.mp_degree > 1:
-            raise UserError("tensor_parallel_degree > 1 is not supported by the PPO trainer yet (the reward-model "
-                            "and SFT stages support it); use data parallel and sharding stage1 for PPO")
         prepare_output_dir(args.output_dir)
         set_seed(args.seed)
         self.gen = GenerationConfig(
@@ -124,17 +120,27 @@ class PPOTrainer:
             if not same_vocabulary(self.tokenizer, critic_tokenizer):
                 raise UserError(f"the critic ('{critic_path}') must share the actor's vocabulary "
                                 f"({len(critic_tokenizer)} vs {len(self.tokenizer)} tokens): it scores actor tokens")
-        self.actor = load_causal_lm(args.actor_model_name_or_path, "actor_model_name_or_path")
-        reference = freeze(load_causal_lm(args.actor_model_name_or_path, "actor_model_name_or_path"))
+        # tensor parallel: every rank loads its shard of the single checkpoint; the policies keep
+        # their logits split over the vocabulary (log-probs are computed without gathering them)
+        tp = parallel.tp_kwargs()
+        policy_tp = {**tp, "tensor_parallel_output": True} if tp else {}
+        self.actor = load_causal_lm(args.actor_model_name_or_path, "actor_model_name_or_path", **policy_tp)
+        reference = freeze(load_causal_lm(args.actor_model_name_or_path, "actor_model_name_or_path", **policy_tp))
         reward = freeze(load_score_model(args.reward_model_name_or_path, score_type="reward",
-                                         what="reward_model_name_or_path"))
+                                         what="reward_model_name_or_path", **tp))
         if args.normalize_reward and reward.normalizer.kind == "none":
             raise UserError(f"normalize_reward is set but the reward model at '{args.reward_model_name_or_path}' "
                             "carries no score statistics (train it with normalizer_type RunningMeanStd)")
-        self.critic = (load_score_model(critic_path, score_type="critic", what="reward_critic_model_name_or_path")
-                       if self.uses_critic else None)
-        # the rollout decoder reads the actor's parameters directly: always the current weights
-        decoder = InferenceModel(self.actor) if args.use_inference_model else None
+        self.critic = (load_score_model(critic_path, score_type="critic", what="reward_critic_model_name_or_path",
+                                        **tp) if self.uses_critic else None)
+        # the rollout decoder reads the actor's parameters directly: always the current weights.
+        # Tensor-parallel actors generate with the training model (full-vocabulary logits).
+        decoder = None
+        if args.use_inference_model and self.ctx.mp_degree == 1:
+            decoder = InferenceModel(self.actor)
+        elif args.use_inference_model and self.ctx.is_main:
+            print("use_inference_model: the inference model is single-shard; with tensor_parallel_degree "
+                  f"{self.ctx.mp_degree} the rollout decodes with the tensor-parallel training model")
         self.models = Models(actor=self.actor, reference=reference, reward=reward, critic=self.critic,
                              actor_tokenizer=self.tokenizer, reward_tokenizer=reward_tokenizer, decoder=decoder)
 
@@ -265,12 +271,25 @@ class PPOTrainer:
             exp.returns = adv
         else:  # reinforce_plus_plus: discounted reward-to-go, whitened over the batch
             exp.returns = algo.reinforce_plus_plus_returns(exp.rewards, mask, args.gamma)
-            adv = algo.masked_whiten(exp.returns, mask)
+            adv = algo.masked_whiten(exp.returns, mask, moments=self._global_moments(exp.returns, mask))
         if args.normalize_advantage and args.adv_estimator != "reinforce_plus_plus":
-            adv = algo.masked_whiten(adv, mask)
+            adv = algo.masked_whiten(adv, mask, moments=self._global_moments(adv, mask))
         exp.advantages = (adv * mask).detach()
         sequence_kl = float(algo.masked_sum(exp.kl, mask, axis=1).mean())
         self.kl_ctl.update(parallel.mean_over_data(sequence_kl), exp.batch_size * self.ctx.data_world)
+
+    def _global_moments(self, values, mask):
+        """(mean, unbiased var) of the masked ``values`` over every data rank's rollout; None in one
+        data rank (``masked_whiten`` computes them locally)."""
+        if self.ctx.data_world == 1:
+            return None
+        m = mask.astype("float64")
+        v = values.astype("float64") * m
+        local = np.array([float(v.sum()), float((v * v).sum()), float(m.sum())])
+        total = parallel.all_gather_data(local).reshape(-1, 3).sum(axis=0)
+        mean = total[0] / total[2]
+        var = (total[1] - total[2] * mean * mean) / max(total[2] - 1, 1)
+        return mean, var
 
     def update(self, exp: Experience, step: int) -> dict:
         """``update_iters`` epochs of actor and critic steps over mini-batches of ``exp``."""
@@ -321,7 +340,7 @@ class PPOTrainer:
                     out["ptx_loss"] += float(ptx) / len(micro)
                     total = total + args.ptx_coeff * ptx / len(micro)
                 self.precision.backward(total)
-            out["actor_loss"] += float(loss) * w / self.ctx.data_world
+            out["actor_loss"] += float(loss) * w  # the mean over data ranks (update) makes it the token-mean
             out["abs_actor_loss"] += abs(float(loss)) / len(micro)
             out["clip_frac"] += s["clip_frac"] / len(micro)
             out["approx_kl"] += s["approx_kl"] / len(micro)
@@ -340,19 +359,22 @@ class PPOTrainer:
                 loss, s = algo.critic_loss(values.astype("float32"), m.values, m.returns, m.action_mask,
                                            args.clip_range_value)
                 self.precision.backward(loss * w)
-            out["critic_loss"] += float(loss) * w / self.ctx.data_world
+            out["critic_loss"] += float(loss) * w
             out["value_clip_frac"] += s["value_clip_frac"] / len(micro)
         out["critic_grad_norm"] = self._step(self.critic_opt, self.critic_sched, self.critic, step,
                                              critic_loss=out["critic_loss"])
         return out
 
     def _ptx_loss(self):
+        """Mean negative log-likelihood of the answer tokens of the next ptx batch (the SFT loss)."""
         indices = self.ptx_sampler.micro_batches(self.ptx_step)[0]
         self.ptx_step += 1
         batch = self.ptx.get_collator()([self.ptx[i] for i in indices])
         with self.precision.autocast():
-            logits = lm_logits(self.actor_train, batch["input_ids"], batch["attention_mask"])
-        return answer_token_loss(logits, batch["labels"])[0]
+            # split-vocabulary safe: the same log-prob path as the actor loss
+            log_probs, _ = forward_log_probs(self.actor_train, batch["input_ids"], batch["attention_mask"])
+        answer = (batch["labels"][:, 1:] != -100).astype("float32")
+        return -(log_probs.astype("float32") * answer).sum() / answer.sum().clip(min=1.0)
 
     @staticmethod
     def _sync(model, last: bool):
@@ -363,7 +385,7 @@ class PPOTrainer:
 
     def _step(self, optimizer, scheduler, model, step: int, **losses) -> float:
         """Clip and apply the accumulated gradients, unless a loss or the gradient norm is not finite."""
-        norm = global_grad_norm(model.parameters())
+        norm = global_grad_norm(model.parameters(), optimizer)
         if self.guard.ok(step, grad_norm=norm, **losses):
             self.precision.step(optimizer)
         optimizer.clear_grad(set_to_zero=False)  # frees the gradients until the next backward

@@ -179,12 +179,21 @@ def build_optimizer(model, learning_rate: float, weight_decay: float, total: int
     return optimizer, scheduler
 
 
-def global_grad_norm(parameters) -> float:
-    """L2 norm of all gradients; tensor-parallel shards (``is_distributed``) are summed over their group."""
+def global_grad_norm(parameters, optimizer=None) -> float:
+    """L2 norm of the gradients the optimizer is about to apply.
+
+    Tensor-parallel shards (``is_distributed``) are summed over their group.  Under sharding the
+    gradients are only averaged over the ranks inside the optimizer's step; with ``optimizer``
+    given this synchronises them first (once: the step then skips its own synchronisation) and
+    sums the squares of the parameters each rank owns, so the norm is the one of the averaged
+    gradient, the same as in one process.
+    """
     from ppo import parallel
 
+    parameters = list(parameters)
+    synced = parallel.sync_sharded_grads(optimizer, parameters) if optimizer is not None else None
     split, replicated = 0.0, 0.0
-    for p in parameters:
+    for p in (synced if synced is not None else parameters):
         if p.grad is not None:
             g = p.grad.astype("float32")
             value = float((g * g).sum())
@@ -192,6 +201,8 @@ def global_grad_norm(parameters) -> float:
                 split += value
             else:
                 replicated += value
+    if synced is not None:
+        split, replicated = parallel.sharding_sum([split, replicated])
     return math.sqrt(parallel.model_parallel_sum(split, replicated))
 
 
@@ -512,7 +523,7 @@ class SingleModelTrainer:
                     loss, s = self.compute_loss(batch)
                     self.precision.backward(loss / len(micro))
                 stats.append({"loss": float(loss), **s})
-            grad_norm = global_grad_norm(self.model.parameters())
+            grad_norm = global_grad_norm(self.model.parameters(), self.optimizer)
             if self.guard.ok(step + 1, loss=[s["loss"] for s in stats], grad_norm=grad_norm):
                 self.precision.step(self.optimizer)
                 self.after_step(stats)

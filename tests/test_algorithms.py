@@ -614,3 +614,17 @@ def test_adaptive_kl_controller_sequence():
     assert restored.value == c.value
     restored.update(5.7, 200)  # error -0.05 -> x0.999
     assert restored.value == pytest.approx(0.10009737593856 * 0.999, rel=1e-10)
+
+
+def test_masked_whiten_with_given_moments_equals_pooled_statistics():
+    """Whitening with moments pooled over several ranks' batches equals whitening their concatenation."""
+    rng = np.random.default_rng(3)
+    parts = [rng.normal(size=(3, 5)).astype("float32") for _ in range(2)]
+    masks = [(rng.random((3, 5)) > 0.3).astype("float32") for _ in range(2)]
+    flat = np.concatenate([p[m > 0] for p, m in zip(parts, masks)]).astype(np.float64)
+    mean, var = flat.mean(), flat.var(ddof=1)
+    whole = A.masked_whiten(paddle.to_tensor(np.concatenate(parts)), paddle.to_tensor(np.concatenate(masks)))
+    for i, (p, m) in enumerate(zip(parts, masks)):
+        got = A.masked_whiten(paddle.to_tensor(p), paddle.to_tensor(m), moments=(mean, var)).numpy()
+        np.testing.assert_allclose(got, (p - mean) / np.sqrt(var + 1e-8), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got, whole.numpy()[3 * i:3 * (i + 1)], rtol=1e-5, atol=1e-5)

@@ -1,6 +1,7 @@
 """Argument parsing, batching over data ranks and the learning-rate schedule."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -8,6 +9,8 @@ import pytest
 from ppo.args import RewardArgs, parse_args
 from ppo.errors import UserError
 from ppo.training import GlobalBatchSampler, lr_lambda
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write(tmp_path, data, name="c.json"):
@@ -78,3 +81,18 @@ def test_lr_schedule_values():
     np.testing.assert_allclose(f(6), 0.5 * (1 + np.cos(np.pi * 4 / 8)))
     assert lr_lambda("linear", 10, 0)(5) == pytest.approx(0.5)
     assert lr_lambda("constant", 10, 3)(9) == 1.0
+
+
+@pytest.mark.parametrize("path", sorted(
+    os.path.relpath(os.path.join(d, f), ROOT)
+    for d, _, files in os.walk(os.path.join(ROOT, "config")) for f in files if f.endswith(".json")))
+def test_shipped_configs_parse(path):
+    """Every preset parses and validates (keys, types, ranges) with its stage's arguments."""
+    from ppo.args import PPOArgs, SFTArgs
+
+    cls = {"rm_argument.json": RewardArgs, "sft_argument.json": SFTArgs,
+           "ppo_argument.json": PPOArgs}[os.path.basename(path)]
+    args = parse_args(cls, [os.path.join(ROOT, path)])
+    with open(os.path.join(ROOT, path)) as f:
+        for key, value in json.load(f).items():
+            assert getattr(args, key) == value, key

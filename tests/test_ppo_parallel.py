@@ -1,0 +1,92 @@
+"""PPO under two-rank layouts (real ``paddle.distributed.launch``, gloo on CPU) equals one process.
+
+Every run starts from the same tiny actor (also the reward model and critic, with the score head's
+fixed-seed initialisation), sees the same global prompt batch of 8 and decodes greedily, so the
+comparison does not depend on sampling.  One optimizer step per ``update_iters`` epoch (the train
+micro-batch is the whole per-rank rollout) and no mini-batch shuffling: the global batch of every
+step is the same rows whatever the layout.
+
+Tolerance: the layouts compute the same sums in another order (an all-reduce over ranks, matmuls
+split over the hidden or vocabulary dimension, a log-softmax normaliser assembled from per-shard
+max and sum), about 1e-7 relative per operation in float32; six Adam steps carry that into
+differences of about 1e-6 in losses and weights.  The bounds below (1e-4 on losses and rewards,
+1e-4 absolute on weights, 2e-3 relative on gradient norms) leave room for that and are still far
+below what one changed row, token or step would move (1e-2 and more).
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from test_entrypoints import run
+
+STEPS = 3
+COMMON = ["--max_steps", str(STEPS), "--do_sample", "false", "--max_new_tokens", "8", "--update_iters", "2",
+          "--shuffle_minibatches", "false", "--logging_steps", "1", "--eval_datasets", "", "--eval_steps", "0",
+          "--learning_rate", "0.001", "--critic_learning_rate", "0.001", "--save_steps", "0"]
+
+LAYOUTS = {
+    # name: (arguments, per-device prompt batch giving the same global batch of 8 prompts on 2 ranks)
+    "data-parallel": ([], 4),
+    "sharding-stage1": (["--sharding_parallel_degree", "2", "--sharding", "stage1"], 4),
+    "tensor-parallel": (["--tensor_parallel_degree", "2"], 8),
+}
+
+
+def train_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == "train"]
+
+
+def ppo(tiny_dir, out, batch, *extra, nproc=1):
+    base = str(tiny_dir / "base")
+    run("ppo/run_ppo.py", "config/tiny/ppo_argument.json", "--actor_model_name_or_path", base,
+        "--reward_model_name_or_path", base, "--output_dir", out, *COMMON,
+        "--per_device_prompt_batch_size", str(batch), "--per_device_train_batch_size", str(batch), *extra,
+        nproc=nproc)
+    return train_metrics(out)
+
+
+@pytest.fixture(scope="module")
+def single(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo-single")
+    return out, ppo(tiny_dir, out, 8)
+
+
+def assert_same_weights(folder_a, folder_b, atol):
+    import paddle
+
+    a = paddle.load(os.path.join(folder_a, "model_state.pdparams"))
+    b = paddle.load(os.path.join(folder_b, "model_state.pdparams"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        np.testing.assert_allclose(b[k].numpy(), a[k].numpy(), rtol=0, atol=atol, err_msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_ppo_two_ranks_match_one(tiny_dir, tmp_path, single, layout):
+    extra, batch = LAYOUTS[layout]
+    one_dir, one = single
+    two = ppo(tiny_dir, tmp_path / layout, batch, *extra, nproc=2)
+    assert len(one) == len(two) == STEPS
+    for a, b in zip(one, two):
+        assert a["response_length"] == b["response_length"], (a, b)  # the same greedy responses
+        for key in ("actor_loss", "critic_loss", "reward", "kl", "value_mean", "return_mean", "entropy"):
+            assert abs(a[key] - b[key]) < 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
+        for key in ("actor_grad_norm", "critic_grad_norm"):
+            assert abs(a[key] - b[key]) < 2e-3 * max(1e-3, abs(a[key])), (key, a[key], b[key])
+    # training moved the policy: the final weights differ from the start by far more than the tolerance
+    import paddle
+
+    start = paddle.load(str(tiny_dir / "base" / "model_state.pdparams"))
+    final = paddle.load(str(one_dir / "policy" / "model_state.pdparams"))
+    moved = max(float((final[k] - start[k]).abs().max()) for k in final if k in start)
+    assert moved > 1e-3
+    # merged checkpoints, loadable in one process, equal to the single-process ones
+    for sub in ("policy", "value"):
+        assert_same_weights(one_dir / sub, tmp_path / layout / sub, atol=1e-4)
