@@ -84,6 +84,10 @@ class PPOTrainer:
         self.guard = NonFiniteGuard(args.max_nonfinite_steps, "PPO")
         self.timer = Timer()
         self.shuffle_rng = np.random.default_rng([args.seed, self.ctx.data_rank])
+        if self.ctx.data_rank > 0:
+            # each data rank samples its responses from its own random stream (the ranks of one
+            # tensor-parallel group share a data rank, hence a stream, and decode identically)
+            paddle.seed(args.seed + 1_000_003 * self.ctx.data_rank)
         self.start_step = 0
         folder = start_or_resume(args, self.ctx)
         if folder:

@@ -112,43 +112,115 @@ def test_resume_rejects_incompatible_arguments_and_non_checkpoints(tiny_dir, tmp
 # crashes, through the real entry point
 
 
-def rm_cmd(tiny_dir, out, *extra):
-    return [sys.executable, os.path.join(ROOT, "rm/run_reward.py"), os.path.join(ROOT, "config/tiny/rm_argument.json"),
-            "--model_name_or_path", str(tiny_dir / "base"), "--output_dir", str(out), "--max_steps", "12",
-            "--save_steps", "3", "--save_total_limit", "2", "--logging_steps", "1", "--disable_tqdm", "true",
-            "--per_device_train_batch_size", "8", *extra]
+CRASH_RUNS = {
+    # name: (script, config, arguments, ranks, saved model folders)
+    "reward-1-rank": ("rm/run_reward.py", "config/tiny/rm_argument.json",
+                      ["--max_steps", "12", "--save_steps", "3", "--per_device_train_batch_size", "8"], 1, [""]),
+    "ppo-1-rank": ("ppo/run_ppo.py", "config/tiny/ppo_argument.json",
+                   ["--max_steps", "8", "--save_steps", "2", "--per_device_prompt_batch_size", "4",
+                    "--per_device_train_batch_size", "2", "--max_new_tokens", "6", "--eval_datasets", "",
+                    "--eval_steps", "0"], 1, ["policy", "value"]),
+    "reward-2-ranks-sharding": ("rm/run_reward.py", "config/tiny/rm_argument.json",
+                                ["--max_steps", "12", "--save_steps", "3", "--per_device_train_batch_size", "4",
+                                 "--sharding_parallel_degree", "2", "--sharding", "stage1"], 2, [""]),
+}
+
+
+def crash_cmd(name, tiny_dir, out, *extra):
+    script, config, args, ranks, _ = CRASH_RUNS[name]
+    base = str(tiny_dir / "base")
+    model = ["--actor_model_name_or_path", base, "--reward_model_name_or_path", base] if script.startswith("ppo") \
+        else ["--model_name_or_path", base]
+    launcher = ["-m", "paddle.distributed.launch", "--nproc_per_node", str(ranks), "--log_dir",
+                str(out) + "-logs"] if ranks > 1 else []
+    return [sys.executable, *launcher, os.path.join(ROOT, script), os.path.join(ROOT, config), *model,
+            "--output_dir", str(out), "--save_total_limit", "2", "--logging_steps", "1", "--disable_tqdm", "true",
+            *args, *extra]
+
+
+def logs_of(out, proc_output: str) -> str:
+    """What the run printed: its own output, plus every rank's log under the launcher."""
+    text = proc_output
+    folder = str(out) + "-logs"
+    if os.path.isdir(folder):
+        for name in sorted(os.listdir(folder)):
+            if name.startswith("workerlog."):
+                with open(os.path.join(folder, name)) as f:
+                    text += f.read()
+    return text
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (the launcher starts its ranks in their own process groups)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and everything below it, the parent first (a launcher would restart ranks)."""
+    below = descendants(pid)
+    for p in [pid, *below]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.mark.slow
-def test_sigkill_during_training_and_during_a_save(tiny_dir, tmp_path):
+@pytest.mark.parametrize("name", list(CRASH_RUNS))
+def test_sigkill_during_training_and_during_a_save(name, tiny_dir, tmp_path):
+    subs = CRASH_RUNS[name][4]
     straight = tmp_path / "straight"
-    subprocess.run(rm_cmd(tiny_dir, straight), check=True, capture_output=True, cwd=ROOT)
+    subprocess.run(crash_cmd(name, tiny_dir, straight), check=True, capture_output=True, cwd=ROOT)
 
-    # 1. SIGKILL in the middle of training, once checkpoint-3 is complete
+    # 1. SIGKILL (the launcher and every rank) in the middle of training, once a checkpoint is complete
     out = tmp_path / "killed"
-    proc = subprocess.Popen(rm_cmd(tiny_dir, out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(crash_cmd(name, tiny_dir, out), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not list_checkpoints(str(out)) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    kill_tree(proc.pid)
     proc.wait()
+    time.sleep(0.5)  # the killed ranks' file handles are gone before the next run starts
     assert list_checkpoints(str(out)), "no checkpoint was written before the kill"
+    final = out / subs[0] / "model_state.pdparams"
+    assert not final.exists(), "the run finished before it was killed"
 
     # 2. killed again while writing the next checkpoint (fault injection at the last moment of a save)
+    shutil.rmtree(str(out) + "-logs", ignore_errors=True)
     env = dict(os.environ, PPO_FAULT_KILL_IN_SAVE="1")
-    crashed = subprocess.run(rm_cmd(tiny_dir, out, "--resume_from_checkpoint", "auto"), cwd=ROOT, env=env,
+    crashed = subprocess.run(crash_cmd(name, tiny_dir, out, "--resume_from_checkpoint", "auto"), cwd=ROOT, env=env,
                              capture_output=True)
-    assert crashed.returncode == -signal.SIGKILL
+    assert crashed.returncode != 0
+    if CRASH_RUNS[name][3] == 1:
+        assert crashed.returncode == -signal.SIGKILL
     partial = [d for d in os.listdir(out) if d.startswith(".tmp-checkpoint-")]
     assert partial, "the kill should have left an unfinished checkpoint write"
     last_complete = list_checkpoints(str(out))[-1][0]
 
     # 3. resume: the partial write is removed, training continues from the last complete checkpoint
-    done = subprocess.run(rm_cmd(tiny_dir, out, "--resume_from_checkpoint", "auto"), cwd=ROOT, capture_output=True,
-                          text=True)
+    shutil.rmtree(str(out) + "-logs", ignore_errors=True)
+    done = subprocess.run(crash_cmd(name, tiny_dir, out, "--resume_from_checkpoint", "auto"), cwd=ROOT,
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert f"resumed from {out / f'checkpoint-{last_complete}'}" in done.stderr + done.stdout
+    assert f"resumed from {out / f'checkpoint-{last_complete}'}" in logs_of(out, done.stderr + done.stdout)
     assert not [d for d in os.listdir(out) if d.startswith(".tmp-")]
-    assert_bitwise_equal(weights(straight / "model_state.pdparams"), weights(out / "model_state.pdparams"))
+    for sub in subs:
+        assert_bitwise_equal(weights(straight / sub / "model_state.pdparams"), weights(out / sub / "model_state.pdparams"))
+    assert_same_metrics(train_metrics(straight), train_metrics(out), [max(train_metrics(straight))])
     assert len(list_checkpoints(str(out))) <= 2  # save_total_limit
     shutil.rmtree(out)

@@ -1,0 +1,192 @@
+"""PPO under each parallel layout: time per iteration and memory per rank, through the real launcher.
+
+For each model size (``tiny``, ``33m``: ``ppo.tiny.build.TINY`` / ``BENCH_33M``) and each layout
+(one process; 2 ranks of data parallel, sharding stage1, tensor parallel) this runs ``--steps``
+PPO iterations of the real trainer with ``paddle.distributed.launch`` on random models and the
+built-in prompts, and reports per rank:
+
+* ``iteration_seconds``: median wall time of the iterations after the first (rollout + advantages
+  + update, from the trainer's own phase timers in ``metrics.jsonl``; every rank does the same
+  work, rank 0 reports);
+* ``peak_rss_mb``: the rank's resident-set high-water mark (``VmHWM``) at the end;
+* ``parameter_mb``: bytes of the actor's and critic's parameters held by the rank (a
+  tensor-parallel rank holds its shard);
+* ``optimizer_state_mb``: bytes of the optimizer moments held by the rank (sharding stage1 keeps
+  the moments of the parameters the rank owns only).
+
+The global batch is the same in every layout (``--prompts`` prompts per iteration), so the figures
+compare like with like.  On this 2-core machine two ranks share two cores: the times show the
+parallel overhead, not a speed-up.
+
+    python benchmarks/parallel_layouts.py [--config tiny|33m|both] [--steps 3] [--quick]
+
+Prints one JSON object on stdout.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+LAYOUTS = {
+    # name: (ranks, arguments, per-device prompt divisor)
+    "single": (1, [], 1),
+    "data_parallel_2": (2, [], 2),
+    "sharding_stage1_2": (2, ["--sharding_parallel_degree", "2", "--sharding", "stage1"], 2),
+    "tensor_parallel_2": (2, ["--tensor_parallel_degree", "2"], 1),
+}
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def tensor_mb(tensors) -> float:
+    seen, total = set(), 0
+    for t in tensors:
+        if id(t) in seen or not hasattr(t, "_numel"):
+            continue
+        seen.add(id(t))
+        total += t._numel() * t.element_size()
+    return total / 2**20
+
+
+def optimizer_state(optimizer):
+    from ppo.checkpoint import inner_optimizer
+
+    inner = inner_optimizer(optimizer)
+    while hasattr(inner, "_inner_opt"):
+        inner = inner._inner_opt
+    accumulators = getattr(inner, "_accumulators", {})
+    return [t for per_param in accumulators.values() for t in per_param.values()]
+
+
+def worker(argv):
+    """One rank: train, then write this rank's figures next to the run's output."""
+    import ppo  # noqa: F401
+    import paddle.distributed as dist
+
+    from ppo.args import PPOArgs, parse_args
+    from ppo.trainer import PPOTrainer
+    from ppo.training import quiet_libraries
+
+    quiet_libraries()
+    args = parse_args(PPOArgs, argv)
+    trainer = PPOTrainer(args)
+    trainer.train()
+    rank = dist.get_rank() if trainer.ctx.distributed else 0
+    params = list(trainer.actor.parameters()) + (list(trainer.critic.parameters()) if trainer.critic else [])
+    states = optimizer_state(trainer.actor_opt) + (optimizer_state(trainer.critic_opt) if trainer.critic else [])
+    figures = {"rank": rank, "peak_rss_mb": round(_status_kb("VmHWM") / 1024, 1),
+               "parameter_mb": round(tensor_mb(params), 2), "optimizer_state_mb": round(tensor_mb(states), 2)}
+    with open(os.path.join(args.output_dir, f"figures.rank{rank}.json"), "w") as f:
+        json.dump(figures, f)
+
+
+def build_models(config: str, folder: str) -> dict:
+    import ppo  # noqa: F401
+    from ppo.models import load_score_model
+    from ppo.tiny.build import BENCH_33M, TINY, build_llama, build_tokenizer
+    from ppo.training import quiet_libraries
+
+    quiet_libraries()
+    tokenizer = build_tokenizer(os.path.join(folder, "tokenizer"))
+    actor, rm = os.path.join(folder, "actor"), os.path.join(folder, "rm")
+    build_llama(actor, tokenizer, seed=0, **(dict(BENCH_33M) if config == "33m" else dict(TINY)))
+    reward = load_score_model(actor)
+    reward.save_pretrained(rm)
+    tokenizer.save_pretrained(rm)
+    return {"actor": actor, "rm": rm}
+
+
+def run_layout(name: str, models: dict, opts, workdir: str) -> dict:
+    ranks, extra, divisor = LAYOUTS[name]
+    out = os.path.join(workdir, name)
+    argv = [os.path.join(ROOT, "config", "tiny", "ppo_argument.json"), "--actor_model_name_or_path", models["actor"],
+            "--reward_model_name_or_path", models["rm"], "--output_dir", out, "--max_steps", str(opts.steps),
+            "--per_device_prompt_batch_size", str(opts.prompts // divisor),
+            "--per_device_train_batch_size", str(opts.prompts // divisor), "--update_iters", "1",
+            "--max_length", str(opts.max_length), "--max_new_tokens", str(opts.new_tokens), "--eval_datasets", "",
+            "--eval_steps", "0", "--save_steps", "0", "--logging_steps", "1", "--disable_tqdm", "true", *extra]
+    cmd = [sys.executable]
+    if ranks > 1:
+        cmd += ["-m", "paddle.distributed.launch", "--nproc_per_node", str(ranks), "--log_dir", out + "-logs"]
+    cmd += [os.path.abspath(__file__), "--worker", *argv]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"layout {name} failed:\n{proc.stderr[-3000:]}")
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if r["split"] == "train"]
+    phases = ("time/rollout", "time/advantages", "time/update")
+    per_step = [sum(r.get(k, 0.0) for k in phases) for r in rows[1:]] or [sum(rows[0].get(k, 0.0) for k in phases)]
+    ranks_figures = []
+    for rank in range(ranks):
+        with open(os.path.join(out, f"figures.rank{rank}.json")) as f:
+            ranks_figures.append(json.load(f))
+    return {"ranks": ranks, "arguments": " ".join(extra) or "(none)",
+            "iteration_seconds": round(statistics.median(per_step), 3),
+            "phase_seconds": {k.split("/")[1]: round(statistics.median(r.get(k, 0.0) for r in rows[1:] or rows), 3)
+                              for k in phases},
+            "per_rank": ranks_figures}
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--worker":
+        return worker(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=["tiny", "33m", "both"], default=None)
+    parser.add_argument("--steps", type=int, default=3, help="PPO iterations per layout (the first is warm-up)")
+    parser.add_argument("--prompts", type=int, default=16, help="global prompts per iteration")
+    parser.add_argument("--new_tokens", type=int, default=32)
+    parser.add_argument("--max_length", type=int, default=96)
+    parser.add_argument("--quick", action="store_true", help="tiny model, 2 iterations, 8 prompts, 8 new tokens")
+    opts = parser.parse_args(argv)
+    if opts.quick:
+        opts.config, opts.steps, opts.prompts, opts.new_tokens = opts.config or "tiny", 2, 8, 8
+    opts.config = opts.config or "both"
+    if opts.steps < 2:
+        parser.error("--steps must be >= 2 (the first iteration is warm-up)")
+    out = {"benchmark": "parallel_layouts",
+           "command": "python benchmarks/parallel_layouts.py " + " ".join(argv),
+           "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version()},
+           "settings": {"global_prompts_per_iteration": opts.prompts, "max_new_tokens": opts.new_tokens,
+                        "iterations": opts.steps, "timed": "median of iterations 2..N"},
+           "results": {}}
+    with tempfile.TemporaryDirectory(prefix="ppo-layouts-") as tmp:
+        for config in (("tiny", "33m") if opts.config == "both" else (opts.config,)):
+            models = build_models(config, os.path.join(tmp, config, "models"))
+            results = {}
+            for name in LAYOUTS:
+                print(f"[parallel_layouts] {config} {name}", file=sys.stderr, flush=True)
+                results[name] = run_layout(name, models, opts, os.path.join(tmp, config))
+            single = results["single"]["per_rank"][0]
+            for name, r in results.items():
+                first = r["per_rank"][0]
+                r["ratios_to_single"] = {
+                    "iteration_seconds": round(r["iteration_seconds"] / results["single"]["iteration_seconds"], 3),
+                    "parameter_mb_per_rank": round(first["parameter_mb"] / single["parameter_mb"], 3),
+                    "optimizer_state_mb_per_rank": round(first["optimizer_state_mb"] / single["optimizer_state_mb"], 3)
+                    if single["optimizer_state_mb"] else None,
+                    "peak_rss_mb_per_rank": round(first["peak_rss_mb"] / single["peak_rss_mb"], 3)}
+            out["results"][config] = results
+    import paddle
+
+    out["machine"]["paddle"] = paddle.__version__
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
