@@ -35,7 +35,17 @@ def _rotate_half(x):
 
 
 class InferenceModel:
-    """KV-cache decoding for a LLaMA causal LM, sharing the model's parameters."""
+    """KV-cache decoding for a LLaMA causal LM, sharing the model's parameters; also no-grad
+    scoring (log-probs, score-model scores) of full sequences on the same fast layout."""
+
+    @classmethod
+    def of(cls, model) -> "InferenceModel":
+        """The (cached) inference view of ``model``: it reads the live parameters, so one per model."""
+        view = getattr(model, "_ppo_inference_view", None)
+        if view is None:
+            view = cls(model)
+            model._ppo_inference_view = view
+        return view
 
     def __init__(self, model):
         self.model = model
@@ -81,6 +91,15 @@ class InferenceModel:
         positions [B, S] are RoPE positions (real tokens counted); key_bias [B, 1, S, T_max] is 0 where
         a query may attend and the dtype's minimum elsewhere.
         """
+        B, S = ids.shape
+        h = self._hidden(ids, positions, start, key_bias)
+        last = _rms_norm(h.reshape([B, S, -1])[:, -1], self.model.llama.norm.weight, self.eps)
+        head = self.model.lm_head
+        return paddle.matmul(last, head.weight, transpose_y=getattr(head, "transpose_y", False)).astype("float32")
+
+    def _hidden(self, ids, positions, start: int, key_bias):
+        """Hidden states [B*S, hidden] before the final norm.  With a cache (prefill) keys and values
+        are written to it at ``start``; without one (scoring) the sequence attends to itself."""
         llama = self.model.llama
         B, S = ids.shape
         # activations stay 2-D [B*S, hidden]: paddle's CPU matmul is 2-3x faster on 2-D inputs
@@ -98,9 +117,12 @@ class InferenceModel:
             v = v.reshape([B, S, self.n_kv, self.head_dim]).transpose([0, 2, 1, 3])
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            keys, values = self.cache[0][i], self.cache[1][i]
-            keys[:, :, start:start + S] = k
-            values[:, :, start:start + S] = v
+            if self.cache is not None:
+                keys, values = self.cache[0][i], self.cache[1][i]
+                keys[:, :, start:start + S] = k
+                values[:, :, start:start + S] = v
+            else:
+                keys, values = k, v
             if self.n_kv != self.n_heads:
                 keys = paddle.repeat_interleave(keys, self.n_heads // self.n_kv, axis=1)
                 values = paddle.repeat_interleave(values, self.n_heads // self.n_kv, axis=1)
@@ -110,9 +132,47 @@ class InferenceModel:
             h = h + paddle.matmul(out, attn.o_proj.weight)
             x = _rms_norm(h, layer.post_attention_layernorm.weight, self.eps)
             h = h + self._mlp(x, layer.mlp, ffn)
-        last = _rms_norm(h.reshape([B, S, -1])[:, -1], llama.norm.weight, self.eps)
+        return h
+
+    # -- scoring: every position of full sequences, no cache ------------------------------------
+
+    @paddle.no_grad()
+    def final_hidden(self, sequences, attention_mask):
+        """The backbone's last hidden states [B, L, hidden] (after the final norm), as paddlenlp's
+        ``LlamaModel`` returns them, for right- or left-padded ``sequences`` [B, L]."""
+        from ppo.models import position_ids_from_mask
+
+        B, L = sequences.shape
+        saved, self.cache = self.cache, None
+        try:
+            h = self._hidden(sequences, position_ids_from_mask(attention_mask), 0,
+                             self._bias(attention_mask.astype("int64"), L, 0))
+        finally:
+            self.cache = saved
+        return _rms_norm(h, self.model.llama.norm.weight, self.eps).reshape([B, L, -1])
+
+    @paddle.no_grad()
+    def log_probs(self, sequences, attention_mask, temperature: float = 1.0):
+        """Log-probs [B, L-1] of tokens 1..L-1 (``ppo.rollout.forward_log_probs`` without grad)."""
+        from ppo.algorithms import gather_log_probs
+
+        B, L = sequences.shape
+        hidden = self.final_hidden(sequences, attention_mask)[:, :-1].reshape([B * (L - 1), -1])
         head = self.model.lm_head
-        return paddle.matmul(last, head.weight, transpose_y=getattr(head, "transpose_y", False)).astype("float32")
+        logits = paddle.matmul(hidden, head.weight, transpose_y=getattr(head, "transpose_y", False))
+        return gather_log_probs(logits, sequences[:, 1:].reshape([-1]), temperature).reshape([B, L - 1])
+
+    @paddle.no_grad()
+    def scores(self, sequences, attention_mask):
+        """A score model's per-token scores [B, L, score_dim] and end scores [B, score_dim]."""
+        from ppo.models.score_model import last_token_index
+
+        hidden = self.final_hidden(sequences, attention_mask)
+        head = self.model.score_head
+        scores = head(hidden.astype(head.weight.dtype))
+        index = last_token_index(attention_mask)
+        end = paddle.take_along_axis(scores, index.reshape([-1, 1, 1]).expand([-1, 1, scores.shape[-1]]), axis=1)
+        return scores, end.squeeze(1)
 
     def _decode(self, token, cos, sin, cache_bias):
         """One new token per row against the cache; returns (logits [B, V], new keys, new values).

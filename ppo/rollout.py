@@ -16,6 +16,7 @@ import paddle.nn.functional as F
 from ppo import parallel
 from ppo.algorithms import entropy_from_logits, gather_log_probs
 from ppo.experience import Experience
+from ppo.inference import InferenceModel
 from ppo.models import position_ids_from_mask
 from ppo.training import unwrap
 
@@ -248,23 +249,39 @@ def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, m
                                          tok.eos_token_id, tok.pad_token_id)
     if before_scoring is not None:
         before_scoring()
-    old_log_probs, _ = forward_log_probs(models.actor, sequences, attention_mask, config.temperature)
-    if was_training:
-        models.actor.train()
-    ref_log_probs, _ = forward_log_probs(models.reference, sequences, attention_mask, config.temperature)
-    action_mask = action_mask_of(attention_mask, P)
+    # scoring: no gradients; with the inference model in use (single-shard models) every model is
+    # scored on its fast layout, otherwise through the model's own forward
+    fast = models.decoder is not None
 
-    if same_vocabulary(tok, models.reward_tokenizer):
-        end_scores = models.reward(sequences, attention_mask).end_scores.squeeze(-1)
-    else:
-        r_ids, r_mask = retokenize(sequences, attention_mask, P, tok, models.reward_tokenizer, max_length)
-        end_scores = models.reward(r_ids, r_mask).end_scores.squeeze(-1)
-    if normalize_reward:
-        end_scores = models.reward.normalizer.normalize(end_scores)
+    def log_probs(model):
+        if fast:
+            return InferenceModel.of(model).log_probs(sequences, attention_mask, config.temperature)
+        return forward_log_probs(model, sequences, attention_mask, config.temperature)[0]
 
-    values = None
-    if models.critic is not None:
-        values = models.critic(sequences, attention_mask).scores.squeeze(-1)[:, :-1].astype("float32")
+    def scored(model, ids, mask):
+        if fast:
+            return InferenceModel.of(model).scores(ids, mask)
+        out = model(ids, mask)
+        return out.scores, out.end_scores
+
+    with paddle.no_grad():
+        old_log_probs = log_probs(models.actor)
+        if was_training:
+            models.actor.train()
+        ref_log_probs = log_probs(models.reference)
+        action_mask = action_mask_of(attention_mask, P)
+
+        if same_vocabulary(tok, models.reward_tokenizer):
+            end_scores = scored(models.reward, sequences, attention_mask)[1].squeeze(-1)
+        else:
+            r_ids, r_mask = retokenize(sequences, attention_mask, P, tok, models.reward_tokenizer, max_length)
+            end_scores = scored(models.reward, r_ids, r_mask)[1].squeeze(-1)
+        if normalize_reward:
+            end_scores = models.reward.normalizer.normalize(end_scores)
+
+        values = None
+        if models.critic is not None:
+            values = scored(models.critic, sequences, attention_mask)[0].squeeze(-1)[:, :-1].astype("float32")
 
     response_tokens = attention_mask[:, P:]
     response_lengths = response_tokens.astype("int64").sum(axis=1)

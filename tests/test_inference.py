@@ -109,3 +109,49 @@ def test_rollout_after_an_update_uses_the_updated_weights():
     with paddle.no_grad():
         stale_lp, _ = forward_log_probs(stale, seqs, full_mask, temperature=0.8)
     assert np.abs(stale_lp.numpy()[:, P - 1:][live] - train_lp[live]).max() > 1e-2
+
+
+def rollout_like(B=5, P=7, R=6, vocab=320, seed=2):
+    """Prompt (left padded, mixed lengths) + response (right padded, mixed lengths), as collect makes."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, vocab, size=(B, P + R))
+    mask = np.ones((B, P + R), dtype="int64")
+    for b in range(B):
+        mask[b, : b % 3] = 0
+        mask[b, P + R - (b % 4):] = 0
+    ids[mask == 0] = 3
+    return paddle.to_tensor(ids, dtype="int64"), paddle.to_tensor(mask)
+
+
+@pytest.mark.parametrize("extra", [{}, {"num_key_value_heads": 2}, {"fuse_attention_qkv": True,
+                                                                      "fuse_attention_ffn": True}],
+                         ids=["plain", "grouped-kv", "fused-weights"])
+def test_scoring_log_probs_equal_the_training_forward(extra):
+    model = make_model(**extra)
+    seqs, mask = rollout_like()
+    with paddle.no_grad():
+        want, _ = forward_log_probs(model, seqs, mask, temperature=0.7)
+    got = InferenceModel.of(model).log_probs(seqs, mask, temperature=0.7)
+    real = mask[:, 1:].numpy() * mask[:, :-1].numpy() > 0  # positions whose query and target are real tokens
+    np.testing.assert_allclose(got.numpy()[real], want.numpy()[real], rtol=1e-5, atol=1e-5)
+    assert np.isfinite(got.numpy()).all()  # padding positions too: they are masked by multiplication later
+    assert InferenceModel.of(model) is InferenceModel.of(model)  # one cached view per model
+
+
+def test_scoring_scores_equal_the_score_model_forward():
+    from ppo.models.score_model import LlamaModelForScore
+
+    paddle.seed(4)
+    config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=128, use_flash_attention=False, score_dim=1,
+                         score_bias=True)
+    model = LlamaModelForScore(config)
+    model.eval()
+    seqs, mask = rollout_like(seed=5)
+    with paddle.no_grad():
+        out = model(seqs, mask)
+    scores, end = InferenceModel.of(model).scores(seqs, mask)
+    real = mask.numpy() > 0
+    assert np.isfinite(scores.numpy()).all()
+    np.testing.assert_allclose(scores.numpy()[..., 0][real], out.scores.numpy()[..., 0][real], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(end.numpy(), out.end_scores.numpy(), rtol=1e-5, atol=1e-5)
