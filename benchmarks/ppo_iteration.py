@@ -173,6 +173,7 @@ def run_worker(opts) -> dict:
     import paddle
 
     from ppo.args import PPOArgs, validate
+    from ppo.inference import InferenceModel
     from ppo.rollout import collect
     from ppo.trainer import PPOTrainer
     from ppo.training import quiet_libraries
@@ -248,6 +249,19 @@ def run_worker(opts) -> dict:
                 starts[key] = clock()
         return hook
 
+    def timed_scoring_method(view, name, key):
+        original = getattr(view, name)
+
+        def wrapper(*a, **kw):
+            t = clock()
+            try:
+                return original(*a, **kw)
+            finally:
+                if scoring["active"]:
+                    add("scoring_forward_" + key, clock() - t)
+
+        setattr(view, name, wrapper)
+
     def post_hook(key):
         def hook(layer, inputs, outputs):
             if scoring["active"] and key in starts:
@@ -258,6 +272,10 @@ def run_worker(opts) -> dict:
         if model is not None:
             model.register_forward_pre_hook(pre_hook(key))
             model.register_forward_post_hook(post_hook(key))
+            # with the inference model in use, scoring runs on the models' inference views
+            view = InferenceModel.of(model)
+            for method in ("log_probs", "scores"):
+                timed_scoring_method(view, method, key)
 
     def iteration(step: int, ids, mask) -> dict:
         acc.clear()
@@ -323,7 +341,7 @@ def run_worker(opts) -> dict:
         for key in scored:
             if "scoring_forward_" + key in acc:
                 seconds["scoring_forward_" + key] = acc["scoring_forward_" + key]
-        seconds["scoring_log_softmax_and_rest"] = seconds["scoring"] - sum(
+        seconds["scoring_rest"] = seconds["scoring"] - sum(
             v for k, v in seconds.items() if k.startswith("scoring_forward_"))
         main = ("generation", "scoring", "actor_update", "critic_update", "advantages", "offload_transfers")
         seconds["other"] = seconds["iteration"] - sum(seconds[k] for k in main)

@@ -24,14 +24,27 @@ import paddle.nn.functional as F
 
 
 def _rms_norm(x, weight, eps):
-    x32 = x.astype("float32")
+    # every op counts in a decode step: no dtype casts when everything is float32 already
+    x32 = x if x.dtype == paddle.float32 else x.astype("float32")
     variance = (x32 * x32).mean(-1, keepdim=True)  # x * x: paddle's pow kernel is ~50x slower on CPU
-    return (paddle.rsqrt(variance + eps) * x).astype(weight.dtype) * weight
+    normed = paddle.rsqrt(variance + eps) * x
+    return (normed if normed.dtype == weight.dtype else normed.astype(weight.dtype)) * weight
 
 
 def _rotate_half(x):
     half = x.shape[-1] // 2
     return paddle.concat([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def _rotation_matrix(D: int, dtype):
+    """[D, D] with ``x @ R == _rotate_half(x)``: out[j] = -x[j + D/2] (j < D/2), x[j - D/2] (j >= D/2)."""
+    import numpy as np
+
+    half = D // 2
+    r = np.zeros((D, D), dtype="float32")
+    r[np.arange(half) + half, np.arange(half)] = -1.0
+    r[np.arange(half), np.arange(half) + half] = 1.0
+    return paddle.to_tensor(r).astype(dtype)
 
 
 class InferenceModel:
@@ -75,8 +88,12 @@ class InferenceModel:
     def _qkv(self, h, qkv):
         if isinstance(qkv, tuple):
             return [paddle.matmul(h, w) for w in qkv]
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        return paddle.split(paddle.matmul(h, qkv), [q_size, kv_size, kv_size], axis=-1)
+        # paddlenlp's fused layout: per kv head, its group of query heads, then its key and value
+        mixed = paddle.matmul(h, qkv).reshape([-1, self.n_kv, (self.n_heads // self.n_kv + 2) * self.head_dim])
+        q, k, v = paddle.split(mixed, [self.n_heads // self.n_kv * self.head_dim, self.head_dim, self.head_dim],
+                               axis=-1)
+        return q.reshape([-1, self.n_heads * self.head_dim]), k.reshape([-1, self.n_kv * self.head_dim]), \
+            v.reshape([-1, self.n_kv * self.head_dim])
 
     def _mlp(self, h, mlp, ffn):
         if isinstance(ffn, tuple):
@@ -193,8 +210,9 @@ class InferenceModel:
             q = q.reshape([B, H, 1, D])
             k = k.reshape([B, KV, 1, D])
             v = v.reshape([B, KV, 1, D])
-            q = (q * cos + _rotate_half(q) * sin) * scale
-            k = k * cos + _rotate_half(k) * sin
+            # rotary with rotate_half as one matmul by a signed permutation (instead of 4 ops)
+            q = (q * cos + paddle.matmul(q, self.rotation) * sin) * scale
+            k = k * cos + paddle.matmul(k, self.rotation) * sin
             new_keys.append(k)
             new_values.append(v)
             keys, values = self.cache[0][i], self.cache[1][i]
@@ -236,6 +254,7 @@ class InferenceModel:
         self.length = P
         rotary = self.model.llama.layers[0].self_attn.rotary_emb
         self.cos_table = rotary.cos_cached.squeeze([0, 2])  # [max_positions, D]
+        self.rotation = _rotation_matrix(self.head_dim, self.cos_table.dtype)
         self.sin_table = rotary.sin_cached.squeeze([0, 2])
         return self._forward(input_ids, position_ids, 0, self._bias(self.key_mask, P, 0))
 

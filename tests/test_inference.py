@@ -14,8 +14,13 @@ def make_model(seed=0, **extra):
     paddle.seed(seed)
     dims = dict(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=128, use_flash_attention=False)
-    dims.update(extra)
-    model = LlamaForCausalLM(LlamaConfig(**dims))
+    config = LlamaConfig(**dims)
+    for key, value in extra.items():
+        # set after construction: PretrainedConfig.__init__ resets fuse_attention_* to False
+        setattr(config, key, value)
+    model = LlamaForCausalLM(config)
+    attn = model.llama.layers[0].self_attn
+    assert hasattr(attn, "qkv_proj") == bool(extra.get("fuse_attention_qkv"))  # the variant is really built
     model.eval()
     return model
 
@@ -31,8 +36,9 @@ def prompts(B=5, P=9, vocab=320, seed=1):
 
 
 @pytest.mark.parametrize("extra", [{}, {"num_key_value_heads": 2}, {"fuse_attention_qkv": True,
-                                                                      "fuse_attention_ffn": True}],
-                         ids=["plain", "grouped-kv", "fused-weights"])
+                                                                      "fuse_attention_ffn": True},
+                                   {"num_key_value_heads": 2, "fuse_attention_qkv": True}],
+                         ids=["plain", "grouped-kv", "fused-weights", "grouped-kv-fused-qkv"])
 def test_greedy_tokens_equal_the_training_model(extra):
     model = make_model(**extra)
     ids, mask = prompts()
@@ -124,8 +130,9 @@ def rollout_like(B=5, P=7, R=6, vocab=320, seed=2):
 
 
 @pytest.mark.parametrize("extra", [{}, {"num_key_value_heads": 2}, {"fuse_attention_qkv": True,
-                                                                      "fuse_attention_ffn": True}],
-                         ids=["plain", "grouped-kv", "fused-weights"])
+                                                                      "fuse_attention_ffn": True},
+                                   {"num_key_value_heads": 2, "fuse_attention_qkv": True}],
+                         ids=["plain", "grouped-kv", "fused-weights", "grouped-kv-fused-qkv"])
 def test_scoring_log_probs_equal_the_training_forward(extra):
     model = make_model(**extra)
     seqs, mask = rollout_like()
