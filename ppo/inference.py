@@ -63,15 +63,67 @@ class InferenceModel:
     def __init__(self, model):
         self.model = model
         config = model.config
-        if getattr(config, "tensor_parallel_degree", 1) > 1:
-            raise ValueError("InferenceModel runs on a single-rank model; export tensor-parallel weights first")
+        attn = model.llama.layers[0].self_attn
+        # tensor parallel: this rank's heads, MLP columns and vocabulary slice; the partial sums of
+        # the row-parallel projections and of the vocabulary-split embedding are all-reduced here
+        self.mp = max(1, int(getattr(config, "tensor_parallel_degree", 1) or 1))
+        if self.mp > 1 and (getattr(attn, "kv_indices", None) is not None or getattr(config, "sequence_parallel", False)):
+            raise ValueError("InferenceModel: key/value heads not divisible by tensor_parallel_degree and sequence "
+                             "parallel are not supported")
         self.vocab_size = config.vocab_size
-        self.n_heads = config.num_attention_heads
-        self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = config.hidden_size // self.n_heads
+        self.n_heads = attn.num_heads
+        self.n_kv = attn.num_key_value_heads
+        self.head_dim = attn.head_dim
         self.eps = config.rms_norm_eps
         self.max_positions = config.max_position_embeddings
         self.cache = None
+
+    # -- tensor parallel ---------------------------------------------------------------------
+
+    def _group(self):
+        from ppo import parallel
+
+        return parallel.context().hcg.get_model_parallel_group()
+
+    def _reduce(self, x):
+        """Sum of the row-parallel partial results over the tensor-parallel group (in place)."""
+        if self.mp > 1:
+            import paddle.distributed as dist
+
+            dist.all_reduce(x, group=self._group())
+        return x
+
+    def _embed(self, ids):
+        weight = self.model.llama.embed_tokens.weight
+        rows = weight.shape[0]
+        if self.mp == 1 or rows == self.vocab_size:
+            return F.embedding(ids, weight)
+        from ppo import parallel
+
+        local = ids - parallel.context().mp_rank * rows      # VocabParallelEmbedding's slice of the ids
+        inside = ((local >= 0) & (local < rows)).astype(weight.dtype).unsqueeze(-1)
+        return self._reduce(F.embedding(paddle.clip(local, 0, rows - 1), weight) * inside)
+
+    def _vocab_split(self) -> bool:
+        head = self.model.lm_head
+        width = head.weight.shape[0] if getattr(head, "transpose_y", False) else head.weight.shape[-1]
+        return self.mp > 1 and width != self.vocab_size
+
+    def _logits(self, hidden):
+        """Logits of this rank's vocabulary slice (all of it without tensor parallel)."""
+        head = self.model.lm_head
+        return paddle.matmul(hidden, head.weight, transpose_y=getattr(head, "transpose_y", False))
+
+    def _full_logits(self, hidden):
+        """Full-vocabulary logits [N, V] in float32 (gathered over tensor parallel to sample from)."""
+        logits = self._logits(hidden)
+        if self._vocab_split():
+            import paddle.distributed as dist
+
+            parts = []
+            dist.all_gather(parts, logits, group=self._group())
+            logits = paddle.concat(parts, axis=-1)
+        return logits.astype("float32")
 
     # -- the computation ---------------------------------------------------------------------
 
@@ -100,7 +152,7 @@ class InferenceModel:
             gate, up = paddle.matmul(h, ffn[0]), paddle.matmul(h, ffn[1])
         else:
             gate, up = paddle.chunk(paddle.matmul(h, ffn), 2, axis=-1)
-        return paddle.matmul(F.silu(gate) * up, mlp.down_proj.weight)
+        return self._reduce(paddle.matmul(F.silu(gate) * up, mlp.down_proj.weight))
 
     def _forward(self, ids, positions, start: int, key_bias):
         """Run positions ``start .. start+S-1`` for ``ids`` [B, S]; returns last-position logits [B, V].
@@ -111,8 +163,7 @@ class InferenceModel:
         B, S = ids.shape
         h = self._hidden(ids, positions, start, key_bias)
         last = _rms_norm(h.reshape([B, S, -1])[:, -1], self.model.llama.norm.weight, self.eps)
-        head = self.model.lm_head
-        return paddle.matmul(last, head.weight, transpose_y=getattr(head, "transpose_y", False)).astype("float32")
+        return self._full_logits(last)
 
     def _hidden(self, ids, positions, start: int, key_bias):
         """Hidden states [B*S, hidden] before the final norm.  With a cache (prefill) keys and values
@@ -120,7 +171,7 @@ class InferenceModel:
         llama = self.model.llama
         B, S = ids.shape
         # activations stay 2-D [B*S, hidden]: paddle's CPU matmul is 2-3x faster on 2-D inputs
-        h = F.embedding(ids.reshape([-1]), llama.embed_tokens.weight)
+        h = self._embed(ids.reshape([-1]))
         rotary = llama.layers[0].self_attn.rotary_emb
         cos = rotary.cos_cached.squeeze([0, 2])[positions].unsqueeze(1)  # [B, 1, S, D]
         sin = rotary.sin_cached.squeeze([0, 2])[positions].unsqueeze(1)
@@ -146,7 +197,7 @@ class InferenceModel:
             scores = paddle.matmul(q * scale, keys, transpose_y=True) + key_bias
             probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
             out = paddle.matmul(probs, values).transpose([0, 2, 1, 3]).reshape([B * S, -1])
-            h = h + paddle.matmul(out, attn.o_proj.weight)
+            h = h + self._reduce(paddle.matmul(out, attn.o_proj.weight))
             x = _rms_norm(h, layer.post_attention_layernorm.weight, self.eps)
             h = h + self._mlp(x, layer.mlp, ffn)
         return h
@@ -175,8 +226,11 @@ class InferenceModel:
 
         B, L = sequences.shape
         hidden = self.final_hidden(sequences, attention_mask)[:, :-1].reshape([B * (L - 1), -1])
-        head = self.model.lm_head
-        logits = paddle.matmul(hidden, head.weight, transpose_y=getattr(head, "transpose_y", False))
+        logits = self._logits(hidden)
+        if self._vocab_split():  # no rank gathers the [B, L, V] logits
+            from ppo import parallel
+
+            return parallel.vocab_parallel_log_probs(logits.reshape([B, L - 1, -1]), sequences[:, 1:], temperature)[0]
         return gather_log_probs(logits, sequences[:, 1:].reshape([-1]), temperature).reshape([B, L - 1])
 
     @paddle.no_grad()
@@ -201,7 +255,7 @@ class InferenceModel:
         llama = self.model.llama
         B = token.shape[0]
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        h = F.embedding(token, llama.embed_tokens.weight)                 # [B, hidden]
+        h = self._embed(token)                                             # [B, hidden]
         scale = 1.0 / math.sqrt(D)
         new_keys, new_values = [], []
         for i, layer in enumerate(llama.layers):
@@ -223,12 +277,10 @@ class InferenceModel:
                                     (q * k).sum(-1, keepdim=True)], axis=-1)
             probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
             out = paddle.matmul(probs[..., :-1], values) + probs[..., -1:] * v   # [B, H, 1, D]
-            h = h + paddle.matmul(out.reshape([B, H * D]), attn.o_proj.weight)
+            h = h + self._reduce(paddle.matmul(out.reshape([B, H * D]), attn.o_proj.weight))
             h = h + self._mlp(_rms_norm(h, layer.post_attention_layernorm.weight, self.eps), layer.mlp, ffn)
         last = _rms_norm(h, llama.norm.weight, self.eps)
-        head = self.model.lm_head
-        logits = paddle.matmul(last, head.weight, transpose_y=getattr(head, "transpose_y", False))
-        return logits.astype("float32"), new_keys, new_values
+        return self._full_logits(last), new_keys, new_values
 
     def _bias(self, key_mask, S: int, start: int):
         """[B, 1, S, T_max] additive mask: padding, unwritten cache slots and the causal order."""

@@ -137,14 +137,9 @@ class PPOTrainer:
                             "carries no score statistics (train it with normalizer_type RunningMeanStd)")
         self.critic = (load_score_model(critic_path, score_type="critic", what="reward_critic_model_name_or_path",
                                         **tp) if self.uses_critic else None)
-        # the rollout decoder reads the actor's parameters directly: always the current weights.
-        # Tensor-parallel actors generate with the training model (full-vocabulary logits).
-        decoder = None
-        if args.use_inference_model and self.ctx.mp_degree == 1:
-            decoder = InferenceModel(self.actor)
-        elif args.use_inference_model and self.ctx.is_main:
-            print("use_inference_model: the inference model is single-shard; with tensor_parallel_degree "
-                  f"{self.ctx.mp_degree} the rollout decodes with the tensor-parallel training model")
+        # the rollout decoder reads the actor's parameters directly: always the current weights
+        # (under tensor parallel, this rank's shards, with the partial sums all-reduced)
+        decoder = InferenceModel(self.actor) if args.use_inference_model else None
         self.models = Models(actor=self.actor, reference=reference, reward=reward, critic=self.critic,
                              actor_tokenizer=self.tokenizer, reward_tokenizer=reward_tokenizer, decoder=decoder)
 

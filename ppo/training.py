@@ -50,6 +50,11 @@ def run_entry(main, argv=None) -> None:
     """Run ``main(argv)``; a ``UserError`` becomes one line on stderr and exit status 2."""
     try:
         main(argv)
+        from ppo import parallel
+
+        # ranks leave together: one rank tearing down its communicators while another still
+        # finishes its last write has aborted a process at exit (seen with gloo)
+        parallel.barrier()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -176,3 +176,52 @@ def test_pipeline_with_tensor_parallel_on_four_ranks(tiny_dir, tmp_path):
     # split by mp: the 4 ranks together hold the model about once (norm weights are replicated)
     assert sum(r["local_numel"] for r in results) < 1.05 * full
     check_pipeline(results, tmp_path, tiny_dir / "base", steps=2)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tensor_parallel_inference_model_matches_single_process(tiny_dir, tmp_path):
+    """The rollout inference model over TP2 shards (heads, MLP columns, vocabulary split; partial
+    sums all-reduced) gives a single-process model's logits, greedy tokens, log-probs and scores."""
+    import importlib.util
+
+    import paddle
+
+    from ppo.models import load_score_model, position_ids_from_mask
+    from ppo.rollout import GenerationConfig, forward_log_probs, generate
+
+    results = launch("tp_inference.py", tmp_path, tiny_dir / "base", tmp_path)
+    assert [r["mp_rank"] for r in results] == [0, 1]
+    assert all(r["vocab_split"] and r["local_embedding_rows"] == 160 for r in results)  # 320 / 2
+    got = np.load(tmp_path / "tp.npz")
+    if SCRIPTS not in sys.path:
+        sys.path.insert(0, SCRIPTS)  # the script's own import of _common
+    spec = importlib.util.spec_from_file_location("tp_inference", os.path.join(SCRIPTS, "tp_inference.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ids, mask, seqs, smask = script.inputs()
+
+    model = single_process_model(tiny_dir / "base")
+    model.eval()
+    scorer = load_score_model(str(tiny_dir / "base"))
+    scorer.eval()
+    with paddle.no_grad():
+        pos = position_ids_from_mask(mask)
+        first = model(input_ids=ids, attention_mask=mask, position_ids=pos, return_dict=True).logits[:, -1]
+        token = paddle.argmax(first, axis=-1)
+        ids2 = paddle.concat([ids, token.unsqueeze(1)], axis=1)
+        mask2 = paddle.concat([mask, paddle.ones_like(token).unsqueeze(1)], axis=1)
+        second = model(input_ids=ids2, attention_mask=mask2, position_ids=position_ids_from_mask(mask2),
+                       return_dict=True).logits[:, -1]
+        greedy, greedy_mask = generate(model, ids, mask, GenerationConfig(max_new_tokens=6, do_sample=False), 2, 3)
+        log_probs, _ = forward_log_probs(model, seqs, smask, temperature=0.7)
+        out = scorer(seqs, smask)
+    np.testing.assert_allclose(got["first"], first.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["second"], second.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got["greedy"], greedy.numpy())
+    np.testing.assert_array_equal(got["greedy_mask"], greedy_mask.numpy())
+    real = (smask[:, 1:].numpy() * smask[:, :-1].numpy()) > 0
+    np.testing.assert_allclose(got["log_probs"][real], log_probs.numpy()[real], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got["end"], out.end_scores.numpy(), rtol=1e-5, atol=1e-5)
+    live = smask.numpy() > 0
+    np.testing.assert_allclose(got["scores"][..., 0][live], out.scores.numpy()[..., 0][live], rtol=1e-5, atol=1e-5)
