@@ -120,6 +120,14 @@ CRASH_RUNS = {
                    ["--max_steps", "8", "--save_steps", "2", "--per_device_prompt_batch_size", "4",
                     "--per_device_train_batch_size", "2", "--max_new_tokens", "6", "--eval_datasets", "",
                     "--eval_steps", "0"], 1, ["policy", "value"]),
+    "sft-1-rank": ("ppo/run_sft.py", "config/tiny/sft_argument.json",
+                   ["--max_steps", "12", "--save_steps", "3", "--per_device_train_batch_size", "8",
+                    "--eval_split_ratio", "0"], 1, [""]),
+    "ppo-2-ranks-tensor-parallel": ("ppo/run_ppo.py", "config/tiny/ppo_argument.json",
+                                    ["--max_steps", "8", "--save_steps", "2", "--per_device_prompt_batch_size", "4",
+                                     "--per_device_train_batch_size", "2", "--max_new_tokens", "6",
+                                     "--eval_datasets", "", "--eval_steps", "0", "--tensor_parallel_degree", "2"],
+                                    2, ["policy", "value"]),
     "reward-2-ranks-sharding": ("rm/run_reward.py", "config/tiny/rm_argument.json",
                                 ["--max_steps", "12", "--save_steps", "3", "--per_device_train_batch_size", "4",
                                  "--sharding_parallel_degree", "2", "--sharding", "stage1"], 2, [""]),
@@ -129,7 +137,7 @@ CRASH_RUNS = {
 def crash_cmd(name, tiny_dir, out, *extra):
     script, config, args, ranks, _ = CRASH_RUNS[name]
     base = str(tiny_dir / "base")
-    model = ["--actor_model_name_or_path", base, "--reward_model_name_or_path", base] if script.startswith("ppo") \
+    model = ["--actor_model_name_or_path", base, "--reward_model_name_or_path", base] if script.endswith("run_ppo.py") \
         else ["--model_name_or_path", base]
     launcher = ["-m", "paddle.distributed.launch", "--nproc_per_node", str(ranks), "--log_dir",
                 str(out) + "-logs"] if ranks > 1 else []
