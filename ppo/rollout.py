@@ -165,18 +165,29 @@ def _generate(decoder, input_ids, attention_mask, config: GenerationConfig, eos_
 # Scoring
 
 
-def forward_log_probs(model, sequences, attention_mask, temperature: float = 1.0, with_entropy: bool = False):
+def forward_log_probs(model, sequences, attention_mask, temperature: float = 1.0, with_entropy: bool = False,
+                      entropy_grad: bool = True):
     """Log-probs [B, L-1] of tokens 1..L-1 under ``model`` at ``temperature`` (+ entropy [B, L-1]).
 
-    A tensor-parallel model with split logits gets the vocabulary-parallel computation.
+    A tensor-parallel model with split logits gets the vocabulary-parallel computation.  With
+    ``entropy_grad=False`` the entropy is a statistic only: computed without a backward graph.
     """
     out = model(input_ids=sequences, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), return_dict=True)
     logits = out.logits[:, :-1]
-    if parallel.vocab_is_split(unwrap(model)):
-        return parallel.vocab_parallel_log_probs(logits, sequences[:, 1:], temperature, with_entropy)
-    log_probs = gather_log_probs(logits, sequences[:, 1:], temperature)
-    entropy = entropy_from_logits(logits, temperature) if with_entropy else None
+    labels = sequences[:, 1:]
+    split = parallel.vocab_is_split(unwrap(model))
+    if split:
+        log_probs, entropy = parallel.vocab_parallel_log_probs(logits, labels, temperature,
+                                                               with_entropy and entropy_grad)
+    else:
+        log_probs = gather_log_probs(logits, labels, temperature)
+        entropy = entropy_from_logits(logits, temperature) if with_entropy and entropy_grad else None
+    if with_entropy and not entropy_grad:
+        with paddle.no_grad():
+            detached = logits.detach()
+            entropy = (parallel.vocab_parallel_log_probs(detached, labels, temperature, True)[1] if split
+                       else entropy_from_logits(detached, temperature))
     return log_probs, entropy
 
 

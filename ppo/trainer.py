@@ -322,7 +322,8 @@ class PPOTrainer:
             with self._sync(self.actor_train, i == len(micro) - 1):
                 with self.precision.autocast():
                     log_probs, entropy = forward_log_probs(self.actor_train, m.sequences, m.attention_mask,
-                                                           args.temperature, with_entropy=True)
+                                                           args.temperature, with_entropy=True,
+                                                           entropy_grad=bool(args.entropy_coeff))
                 loss, s = algo.actor_loss(log_probs, m.old_log_probs, m.advantages, m.action_mask,
                                           args.clip_range_ratio, args.clip_range_ratio_high or None,
                                           args.dual_clip or None)

@@ -160,3 +160,26 @@ def test_retokenize_between_different_tokenizers(tiny_tokenizer, tmp_path):
     expected = other("BEGINNING OF CONVERSATION: USER: Tell me about the cat. ASSISTANT:")["input_ids"] + \
         other(" The cat is kind and warm.", add_special_tokens=False)["input_ids"] + [other.eos_token_id]
     assert got == expected
+
+
+def test_entropy_is_a_statistic_without_a_graph_unless_it_is_trained(lm):
+    """entropy_grad=False (entropy_coeff 0): same values, no backward graph; True: gradients flow,
+    and d(sum H)/d(logits) matches the analytic -p (log p + H) of a softmax entropy."""
+    ids = paddle.to_tensor(np.random.default_rng(0).integers(4, 300, size=(2, 7)), dtype="int64")
+    mask = paddle.ones_like(ids)
+    lm.train()
+    _, h_stat = forward_log_probs(lm, ids, mask, 0.8, with_entropy=True, entropy_grad=False)
+    _, h_train = forward_log_probs(lm, ids, mask, 0.8, with_entropy=True, entropy_grad=True)
+    np.testing.assert_allclose(h_stat.numpy(), h_train.numpy(), rtol=1e-6, atol=1e-6)
+    assert h_stat.stop_gradient and not h_train.stop_gradient
+    logits = paddle.to_tensor(np.random.default_rng(1).normal(size=(3, 11)).astype("float32"), stop_gradient=False)
+    from ppo.algorithms import entropy_from_logits
+
+    entropy_from_logits(logits).sum().backward()
+    z = logits.numpy()
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    H = -(p * np.log(p)).sum(-1, keepdims=True)
+    np.testing.assert_allclose(logits.grad.numpy(), -p * (np.log(p) + H), rtol=1e-4, atol=1e-6)
+    lm.clear_gradients()
+    lm.eval()
