@@ -123,6 +123,9 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
     temperature: float = arg(1.0, "Sampling temperature; also applied to the logits of every log-prob.")
     top_p: float = arg(1.0, "Nucleus sampling threshold (1.0: off).")
     top_k: int = arg(0, "Top-k sampling (0: off).")
+    rollout_micro_batch_size: int = arg(0, "Generate at most this many sequences at a time, prompts grouped by "
+                                           "length (less padding, a smaller KV cache); 0: the whole rollout batch "
+                                           "at once.")
     repetition_penalty: float = arg(1.0, "Penalty on tokens already in the sequence (1.0: off).")
     num_return_sequences: int = arg(1, "Responses sampled per prompt (>= 2 for group advantage estimators).")
     offload_level: str = arg("", "What leaves memory between phases, space separated: freeze_model (reference and "
@@ -304,6 +307,8 @@ def validate(args) -> None:
     if "top_p" in names:
         _require(0 < args.top_p <= 1, f"'top_p' must be in (0, 1], got {args.top_p}")
         _require(args.kl_coeff >= 0, f"'kl_coeff' must be >= 0, got {args.kl_coeff}")
+        _require(args.rollout_micro_batch_size >= 0,
+                 f"'rollout_micro_batch_size' must be >= 0 (0: the whole batch), got {args.rollout_micro_batch_size}")
         _require(args.dual_clip == 0 or args.dual_clip > 1, f"'dual_clip' must be 0 (off) or > 1, got {args.dual_clip}")
         _require(0 <= args.gamma <= 1 and 0 <= args.lam <= 1, "'gamma' and 'lam' must be in [0, 1]")
         _require(args.adv_estimator in ("gae", "reinforce_plus_plus") or args.num_return_sequences >= 2,

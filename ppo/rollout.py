@@ -30,6 +30,7 @@ class GenerationConfig:
     top_k: int = 0
     repetition_penalty: float = 1.0
     num_return_sequences: int = 1
+    micro_batch_size: int = 0       # rows generated at a time, grouped by prompt length (0: all at once)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,6 +127,42 @@ def generate(model, input_ids, attention_mask, config: GenerationConfig, eos_tok
     """
     with parallel.full_vocab_logits(unwrap(model) if not hasattr(model, "start") else None):
         return _generate(decoder_for(model), input_ids, attention_mask, config, eos_token_id, pad_token_id)
+
+
+def generate_in_buckets(model, input_ids, attention_mask, config: GenerationConfig, eos_token_id: int,
+                        pad_token_id: int):
+    """``generate`` over groups of at most ``config.micro_batch_size`` rows with similar prompt lengths.
+
+    Rows are sorted by prompt length (stable), each group is cut to its own longest prompt (less
+    padding, a shorter KV cache) and decoded alone; the results come back in the input order and in
+    ``generate``'s layout: prompts left padded to the batch's prompt width, responses right padded
+    to the longest response.  Greedy results equal ``generate``'s; sampling draws in another order.
+    """
+    import numpy as np
+
+    B, P = input_ids.shape
+    size = config.micro_batch_size
+    if size <= 0 or size >= B:
+        return generate(model, input_ids, attention_mask, config, eos_token_id, pad_token_id)
+    lengths = attention_mask.astype("int64").sum(axis=1).numpy()
+    order = np.argsort(-lengths, kind="stable")
+    pieces = []
+    for start in range(0, B, size):
+        rows = order[start:start + size]
+        index = paddle.to_tensor(rows, dtype="int64")
+        cut = P - int(lengths[rows].max())  # padding every row of the group has
+        ids = paddle.index_select(input_ids, index)[:, cut:]
+        mask = paddle.index_select(attention_mask, index)[:, cut:]
+        seq, seq_mask = generate(model, ids, mask, config, eos_token_id, pad_token_id)
+        pieces.append((rows, cut, seq.numpy(), seq_mask.numpy()))
+    R = max(seq.shape[1] - (P - cut) for _, cut, seq, _ in pieces)
+    out = np.full((B, P + R), pad_token_id, dtype=np.int64)
+    out_mask = np.zeros((B, P + R), dtype=pieces[0][3].dtype)
+    for rows, cut, seq, seq_mask in pieces:
+        width = seq.shape[1]
+        out[rows, cut:cut + width] = seq
+        out_mask[rows, cut:cut + width] = seq_mask
+    return paddle.to_tensor(out), paddle.to_tensor(out_mask)
 
 
 def _generate(decoder, input_ids, attention_mask, config: GenerationConfig, eos_token_id: int, pad_token_id: int):
@@ -256,8 +293,8 @@ def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, m
     P = prompt_ids.shape[1]
     was_training = models.actor.training
     models.actor.eval()
-    sequences, attention_mask = generate(models.decoder or models.actor, prompt_ids, prompt_mask, config,
-                                         tok.eos_token_id, tok.pad_token_id)
+    sequences, attention_mask = generate_in_buckets(models.decoder or models.actor, prompt_ids, prompt_mask, config,
+                                                    tok.eos_token_id, tok.pad_token_id)
     if before_scoring is not None:
         before_scoring()
     # scoring: no gradients; with the inference model in use (single-shard models) every model is

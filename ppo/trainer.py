@@ -71,7 +71,7 @@ class PPOTrainer:
         self.gen = GenerationConfig(
             max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
             top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-            num_return_sequences=args.num_return_sequences)
+            num_return_sequences=args.num_return_sequences, micro_batch_size=args.rollout_micro_batch_size)
         self.uses_critic = args.adv_estimator == "gae"
         self._load_models()
         self._load_data()
