@@ -211,8 +211,11 @@ def forward_log_probs(model, sequences, attention_mask, temperature: float = 1.0
     """
     out = model(input_ids=sequences, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), return_dict=True)
-    logits = out.logits[:, :-1]
-    labels = sequences[:, 1:]
+    # every position is scored against the next token (the last one against a dummy) and the last
+    # column dropped afterwards: slicing the [B, L, V] logits instead costs a full-size copy forward
+    # and a zero-filled [B, L, V] gradient backward
+    logits = out.logits
+    labels = paddle.concat([sequences[:, 1:], sequences[:, -1:]], axis=1)
     split = parallel.vocab_is_split(unwrap(model))
     if split:
         log_probs, entropy = parallel.vocab_parallel_log_probs(logits, labels, temperature,
@@ -225,7 +228,7 @@ def forward_log_probs(model, sequences, attention_mask, temperature: float = 1.0
             detached = logits.detach()
             entropy = (parallel.vocab_parallel_log_probs(detached, labels, temperature, True)[1] if split
                        else entropy_from_logits(detached, temperature))
-    return log_probs, entropy
+    return log_probs[:, :-1], (entropy[:, :-1] if entropy is not None else None)
 
 
 def action_mask_of(attention_mask, prompt_length: int):
