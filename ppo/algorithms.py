@@ -313,6 +313,12 @@ def kl_loss(log_probs, ref_log_probs, action_mask, estimator="k3"):
     return masked_mean(kl, action_mask)
 
 
+def masked_nll(log_probs, valid):
+    """Mean negative log-likelihood ``-mean(log_probs)`` over ``valid`` positions; 0 when none is."""
+    m = valid.astype(log_probs.dtype)
+    return -(log_probs * m).sum() / paddle.clip(m.sum(), min=1.0)
+
+
 def ptx_loss(logits, labels, ignore_index=-100):
     """Language-model loss ``-mean log_softmax(logits)[labels]`` over labels != ignore_index.
 
@@ -321,9 +327,7 @@ def ptx_loss(logits, labels, ignore_index=-100):
     """
     valid = labels != ignore_index
     safe_labels = paddle.where(valid, labels, paddle.zeros_like(labels))
-    nll = -gather_log_probs(logits, safe_labels)
-    m = valid.astype(nll.dtype)
-    return (nll * m).sum() / paddle.clip(m.sum(), min=1.0)
+    return masked_nll(gather_log_probs(logits, safe_labels), valid)
 
 
 # ------------------------------------------------------------------------------ KL controllers

@@ -161,13 +161,13 @@ class InferenceModel:
         a query may attend and the dtype's minimum elsewhere.
         """
         B, S = ids.shape
-        h = self._hidden(ids, positions, start, key_bias)
+        h = self._hidden(ids, positions, start, key_bias, self.cache)
         last = _rms_norm(h.reshape([B, S, -1])[:, -1], self.model.llama.norm.weight, self.eps)
         return self._full_logits(last)
 
-    def _hidden(self, ids, positions, start: int, key_bias):
-        """Hidden states [B*S, hidden] before the final norm.  With a cache (prefill) keys and values
-        are written to it at ``start``; without one (scoring) the sequence attends to itself."""
+    def _hidden(self, ids, positions, start: int, key_bias, cache=None):
+        """Hidden states [B*S, hidden] before the final norm.  With a ``cache`` (prefill) keys and
+        values are written to it at ``start``; without one (scoring) the sequence attends to itself."""
         llama = self.model.llama
         B, S = ids.shape
         # activations stay 2-D [B*S, hidden]: paddle's CPU matmul is 2-3x faster on 2-D inputs
@@ -185,8 +185,8 @@ class InferenceModel:
             v = v.reshape([B, S, self.n_kv, self.head_dim]).transpose([0, 2, 1, 3])
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            if self.cache is not None:
-                keys, values = self.cache[0][i], self.cache[1][i]
+            if cache is not None:
+                keys, values = cache[0][i], cache[1][i]
                 keys[:, :, start:start + S] = k
                 values[:, :, start:start + S] = v
             else:
@@ -211,12 +211,8 @@ class InferenceModel:
         from ppo.models import position_ids_from_mask
 
         B, L = sequences.shape
-        saved, self.cache = self.cache, None
-        try:
-            h = self._hidden(sequences, position_ids_from_mask(attention_mask), 0,
-                             self._bias(attention_mask.astype("int64"), L, 0))
-        finally:
-            self.cache = saved
+        h = self._hidden(sequences, position_ids_from_mask(attention_mask), 0,
+                         self._bias(attention_mask.astype("int64"), L, 0))
         return _rms_norm(h, self.model.llama.norm.weight, self.eps).reshape([B, L, -1])
 
     @paddle.no_grad()

@@ -143,9 +143,14 @@ def model_parallel_sum(local_sum: float, replicated_sum: float) -> float:
     """Sum of a quantity split over the tensor-parallel ranks plus its replicated part."""
     if _CONTEXT.mp_degree <= 1:
         return local_sum + replicated_sum
-    t = paddle.to_tensor([local_sum], dtype="float64")
-    dist.all_reduce(t, group=_CONTEXT.hcg.get_model_parallel_group())
-    return float(t.numpy()[0]) + replicated_sum
+    return _sum_over(_CONTEXT.hcg.get_model_parallel_group(), [local_sum])[0] + replicated_sum
+
+
+def _sum_over(group, values) -> list:
+    """Element-wise sum of a list of floats over ``group`` (float64)."""
+    t = paddle.to_tensor(np.asarray(values, dtype=np.float64))
+    dist.all_reduce(t, group=group)
+    return [float(v) for v in t.numpy()]
 
 
 def sync_sharded_grads(optimizer, parameters):
@@ -180,9 +185,7 @@ def sync_sharded_grads(optimizer, parameters):
 
 def sharding_sum(values):
     """Element-wise sum of a list of floats over the sharding group."""
-    t = paddle.to_tensor(np.asarray(values, dtype=np.float64))
-    dist.all_reduce(t, group=_CONTEXT.hcg.get_sharding_parallel_group())
-    return [float(v) for v in t.numpy()]
+    return _sum_over(_CONTEXT.hcg.get_sharding_parallel_group(), values)
 
 
 def wrap_for_training(model, optimizer, sharding_stage: str = ""):
@@ -265,33 +268,28 @@ def full_vocab_logits(model):
 def vocab_parallel_log_probs(logits, labels, temperature: float = 1.0, with_entropy: bool = False):
     """Log-probs [B, T] of ``labels`` (and entropy) from this rank's vocabulary slice of the logits.
 
-    logits [B, T, V / mp] hold vocabulary ids [rank * V/mp, (rank+1) * V/mp).  The log-softmax
-    normaliser is built from a max and a sum all-reduced over the tensor-parallel group, so no rank
-    ever holds the full vocabulary; the reductions pass gradients straight through to each shard.
+    logits [B, T, V / mp] hold vocabulary ids [rank * V/mp, (rank+1) * V/mp).  The log-probs are
+    fleet's vocabulary-parallel cross entropy (``ParallelCrossEntropy``: the fused kernel on GPU,
+    ``ppo.cpu_fleet``'s adaptation on CPU), negated; the entropy is built from a max and sums
+    all-reduced over the group.  No rank ever holds the full vocabulary.
     """
     from paddle.distributed.fleet.layers.mpu import mp_ops
+    from paddle.distributed.fleet.meta_parallel import ParallelCrossEntropy
 
     group = _CONTEXT.hcg.get_model_parallel_group()
-
-    def reduce_sum(t):  # differentiable all-reduce: backward is the identity on each shard
-        return mp_ops._mp_allreduce(t, group=group, use_calc_stream=True, use_model_parallel=True)
-
     x = logits.astype("float32") / temperature
-    global_max = x.max(axis=-1, keepdim=True).detach()
-    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-    shifted = x - global_max
-    exp = paddle.exp(shifted)
-    sum_exp = reduce_sum(exp.sum(axis=-1, keepdim=True))
-    log_norm = paddle.log(sum_exp)                                   # [B, T, 1]
-    width = x.shape[-1]
-    local = labels - _CONTEXT.mp_rank * width
-    mine = ((local >= 0) & (local < width)).astype("float32")
-    picked = paddle.take_along_axis(shifted, paddle.clip(local, 0, width - 1).unsqueeze(-1), axis=-1).squeeze(-1)
-    log_probs = reduce_sum(picked * mine) - log_norm.squeeze(-1)
+    log_probs = -ParallelCrossEntropy(mp_group=group)(x, labels.astype("int64")).reshape(labels.shape)
     entropy = None
     if with_entropy:
-        probs = exp / sum_exp
-        entropy = log_norm.squeeze(-1) - reduce_sum((probs * shifted).sum(axis=-1))
+        def reduce_sum(t):  # differentiable all-reduce: backward is the identity on each shard
+            return mp_ops._mp_allreduce(t, group=group, use_calc_stream=True, use_model_parallel=True)
+
+        # H = logsumexp(x) - sum softmax(x) * x; the max is a constant shift (exact), so detached
+        shift = x.max(axis=-1, keepdim=True).detach()
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
+        e = paddle.exp(x - shift)
+        total = reduce_sum(e.sum(axis=-1))
+        entropy = paddle.log(total) + shift.squeeze(-1) - reduce_sum((e * x).sum(axis=-1)) / total
     return log_probs, entropy
 
 

@@ -373,8 +373,7 @@ class PPOTrainer:
         with self.precision.autocast():
             # split-vocabulary safe: the same log-prob path as the actor loss
             log_probs, _ = forward_log_probs(self.actor_train, batch["input_ids"], batch["attention_mask"])
-        answer = (batch["labels"][:, 1:] != -100).astype("float32")
-        return -(log_probs.astype("float32") * answer).sum() / answer.sum().clip(min=1.0)
+        return algo.masked_nll(log_probs.astype("float32"), batch["labels"][:, 1:] != -100)
 
     @staticmethod
     def _sync(model, last: bool):
