@@ -36,6 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from _common import status_kb  # noqa: E402  (benchmarks/_common.py)
+
 LAYOUTS = {
     # name: (ranks, arguments, per-device prompt divisor)
     "single": (1, [], 1),
@@ -43,14 +45,6 @@ LAYOUTS = {
     "sharding_stage1_2": (2, ["--sharding_parallel_degree", "2", "--sharding", "stage1"], 2),
     "tensor_parallel_2": (2, ["--tensor_parallel_degree", "2"], 1),
 }
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def tensor_mb(tensors) -> float:
@@ -89,7 +83,7 @@ def worker(argv):
     rank = dist.get_rank() if trainer.ctx.distributed else 0
     params = list(trainer.actor.parameters()) + (list(trainer.critic.parameters()) if trainer.critic else [])
     states = optimizer_state(trainer.actor_opt) + (optimizer_state(trainer.critic_opt) if trainer.critic else [])
-    figures = {"rank": rank, "peak_rss_mb": round(_status_kb("VmHWM") / 1024, 1),
+    figures = {"rank": rank, "peak_rss_mb": round(status_kb("VmHWM") / 1024, 1),
                "parameter_mb": round(tensor_mb(params), 2), "optimizer_state_mb": round(tensor_mb(states), 2)}
     with open(os.path.join(args.output_dir, f"figures.rank{rank}.json"), "w") as f:
         json.dump(figures, f)

@@ -54,20 +54,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from _common import matmul_gflops, status_kb as _status_kb  # noqa: E402  (benchmarks/_common.py)
+
 OFFLOAD_ON = "freeze_model optimizer train_model"
 CONFIGS = ("tiny", "33m")
 
 
 # ---------------------------------------------------------------------------------------------
 # Memory of this process (Linux)
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def rss_mb() -> float:
@@ -148,19 +142,6 @@ def build_models(config: str, folder: str) -> dict:
 # Worker: one configuration in a fresh process
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 7) -> float:
-    import paddle
-
-    a, b = paddle.randn([n, n], dtype="float32"), paddle.randn([n, n], dtype="float32")
-    paddle.matmul(a, b).numpy()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        paddle.matmul(a, b).numpy()
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times) / 1e9
-
-
 def matmul_params(model) -> int:
     """Parameters that take part in matmuls: everything but the input embedding table."""
     embed = model.llama.embed_tokens.weight
@@ -237,45 +218,15 @@ def run_worker(opts) -> dict:
     timed_method(trainer, "critic_step", "critic_update", "critic_update")
     timed_method(trainer.offload, "before_update", "offload_before_update")
 
-    # per-model split of scoring: forward pre/post hooks, active only while scoring
-    scoring = {"active": False}
+    # per-model split of scoring: collect scores every model on its inference view (the worker
+    # runs one process with the default use_inference_model), called during scoring only
     scored = {"actor_old_log_probs": models.actor, "reference_log_probs": models.reference,
               "reward_score": models.reward, "critic_values": models.critic}
-    starts: dict[str, float] = {}
-
-    def pre_hook(key):
-        def hook(layer, inputs):
-            if scoring["active"]:
-                starts[key] = clock()
-        return hook
-
-    def timed_scoring_method(view, name, key):
-        original = getattr(view, name)
-
-        def wrapper(*a, **kw):
-            t = clock()
-            try:
-                return original(*a, **kw)
-            finally:
-                if scoring["active"]:
-                    add("scoring_forward_" + key, clock() - t)
-
-        setattr(view, name, wrapper)
-
-    def post_hook(key):
-        def hook(layer, inputs, outputs):
-            if scoring["active"] and key in starts:
-                add("scoring_forward_" + key, clock() - starts.pop(key))
-        return hook
-
     for key, model in scored.items():
         if model is not None:
-            model.register_forward_pre_hook(pre_hook(key))
-            model.register_forward_post_hook(post_hook(key))
-            # with the inference model in use, scoring runs on the models' inference views
             view = InferenceModel.of(model)
             for method in ("log_probs", "scores"):
-                timed_scoring_method(view, method, key)
+                timed_method(view, method, "scoring_forward_" + key)
 
     def iteration(step: int, ids, mask) -> dict:
         acc.clear()
@@ -291,7 +242,6 @@ def run_worker(opts) -> dict:
             marks["reload_start"] = clock()
             trainer.offload.before_scoring()
             marks["scoring_start"] = clock()
-            scoring["active"] = True
 
         rss["iteration_start"] = rss_mb()
         meter.open("iteration")
@@ -303,7 +253,6 @@ def run_worker(opts) -> dict:
         exp = collect(models, ids, mask, trainer.gen, args.max_length, args.normalize_reward,
                       before_scoring=before_scoring)
         t2 = clock()
-        scoring["active"] = False
         trainer.offload.after_scoring()
         t3 = clock()
         peaks["scoring"] = meter.close("scoring")

@@ -17,24 +17,11 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ppo  # noqa: E402,F401  (MKL environment before paddle)
-
-
-def matmul_gflops(n=2048, repeats=5) -> float:
-    import paddle
-
-    a, b = paddle.randn([n, n]), paddle.randn([n, n])
-    paddle.matmul(a, b)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        paddle.matmul(a, b).numpy()
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times) / 1e9
+from _common import matmul_gflops  # noqa: E402  (benchmarks/_common.py)
 
 
 def main(argv=None):
@@ -93,7 +80,7 @@ def main(argv=None):
             runs.append(time.perf_counter() - t)
         return statistics.median(runs)
 
-    gflops = matmul_gflops()
+    gflops = matmul_gflops(repeats=5)
     tokens = args.batch * args.new
     floor_s = 2 * params * tokens / (gflops * 1e9)
     floor_all = 2 * params * args.batch * (args.prompt + args.new) / (gflops * 1e9)
