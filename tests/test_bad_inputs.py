@@ -242,6 +242,8 @@ CASES = [
          expect=("'clip_range_score'", "must be > 0", "got 0"), needle="clip_range_score"),
     Case("top-p-out-of-range", "ppo", argv=("--top_p", "1.5"),
          expect=("'top_p'", "(0, 1]", "1.5"), needle="top_p"),
+    Case("rollout-micro-batch-negative", "ppo", argv=("--rollout_micro_batch_size", "-1"),
+         expect=("'rollout_micro_batch_size'", "must be >= 0", "got -1"), needle="rollout_micro_batch_size"),
     Case("grpo-needs-two-samples", "ppo", changes={"adv_estimator": "grpo", "num_return_sequences": 1},
          expect=("adv_estimator 'grpo'", "num_return_sequences must be >= 2", "got 1"), needle="num_return_sequences"),
     # -- config file ------------------------------------------------------------------------
