@@ -134,6 +134,12 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
     offload_dir: str = arg("", "Folder of the CPU offload files (default: the system temp folder; use a real disk).")
     use_inference_model: bool = arg(True, "Roll out with the lean KV-cache inference model over the actor's live "
                                           "weights (false: paddlenlp's forward with its own cache).")
+    eval_mode: str = arg("", "Rollout models when they cannot be the training models: 'tensor_parallel' (split "
+                             "like training, without its pipeline) or 'single' (whole on every rank). Their "
+                             "weights are exported from the training models before every rollout and the "
+                             "rollout batch is split over the ranks of one pipeline. Empty: the training models "
+                             "roll out themselves, 'tensor_parallel' under pipeline parallel.",
+                         ("", "single", "tensor_parallel"))
     # algorithm
     kl_coeff: float = arg(0.02, "KL coefficient (initial value when adaptive_kl).")
     kl_estimator: str = arg("k1", "Per-token KL estimator.", ("k1", "k2", "k3"))

@@ -64,8 +64,13 @@ def device() -> str:
     return "cpu"
 
 
-def init_parallel(args) -> ParallelContext:
-    """Start fleet for the degrees in ``args`` (a no-op in a single process)."""
+def init_parallel(args, pipeline: bool = False) -> ParallelContext:
+    """Start fleet for the degrees in ``args`` (a no-op in a single process).
+
+    ``pipeline``: the caller trains pipeline-parallel models (the PPO actor and critic); fleet's
+    pipeline schedule then splits each optimizer step into ``gradient_accumulation_steps``
+    micro-batches of ``per_device_train_batch_size`` rows.
+    """
     global _CONTEXT
     world = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
     mp = int(getattr(args, "tensor_parallel_degree", 1))
@@ -78,9 +83,12 @@ def init_parallel(args) -> ParallelContext:
     if world == 1:
         _CONTEXT = ParallelContext()
         return _CONTEXT
-    if pp > 1:
-        raise UserError("pipeline_parallel_degree > 1 is not supported by the trainers yet; "
-                        "use tensor parallel, sharding and data parallel")
+    if pp > 1 and not pipeline:
+        raise UserError("pipeline_parallel_degree > 1 is supported for PPO (actor and critic); reward-model and "
+                        "SFT training use tensor parallel, sharding and data parallel")
+    if pp > 1 and sd > 1:
+        raise UserError("pipeline_parallel_degree > 1 combines with tensor and data parallel; "
+                        "sharding_parallel_degree must be 1 with it")
     if sd > 1 and getattr(args, "sharding", "") == "stage2" and device() == "cpu":
         raise UserError("sharding 'stage2' runs on GPU builds only for now (paddle's group-sharded stage 2 "
                         "asserts a GPU); on CPU use sharding 'stage1'")
@@ -93,13 +101,89 @@ def init_parallel(args) -> ParallelContext:
 
     strategy = fleet.DistributedStrategy()
     strategy.hybrid_configs = {"dp_degree": dp, "mp_degree": mp, "pp_degree": pp, "sharding_degree": sd}
+    if pp > 1:
+        # shapes change between updates (each rollout has its own length): no p2p shape cache
+        strategy.pipeline_configs = {"accumulate_steps": int(args.gradient_accumulation_steps),
+                                     "micro_batch_size": int(args.per_device_train_batch_size),
+                                     "p2p_cache_shape": False}
     fleet.init(is_collective=True, strategy=strategy)
     hcg = fleet.get_hybrid_communicate_group()
     _CONTEXT = ParallelContext(
         world_size=world, rank=dist.get_rank(), dp_degree=dp, dp_rank=hcg.get_data_parallel_rank(),
         sharding_degree=sd, sharding_rank=hcg.get_sharding_parallel_rank(), mp_degree=mp, pp_degree=pp, hcg=hcg,
-        mp_rank=hcg.get_model_parallel_rank())
+        mp_rank=hcg.get_model_parallel_rank(), pp_rank=hcg.get_stage_id())
     return _CONTEXT
+
+
+_ROLLOUT_GROUPS: dict = {}
+
+
+def rollout_group(merge_tensor_parallel: bool):
+    """The ranks that share one data rank's rollout and split it between them (None: no split).
+
+    They are the ranks of one pipeline (the pipeline group) and, when the rollout model is whole
+    on every rank (``merge_tensor_parallel``), also its tensor-parallel ranks.  Collective on first
+    use: every rank must call it with the same argument.
+    """
+    if not _CONTEXT.distributed:
+        return None
+    ranks_per_group = _CONTEXT.pp_degree * (_CONTEXT.mp_degree if merge_tensor_parallel else 1)
+    if ranks_per_group == 1:
+        return None
+    if merge_tensor_parallel not in _ROLLOUT_GROUPS:
+        hcg = _CONTEXT.hcg
+        if not merge_tensor_parallel:
+            _ROLLOUT_GROUPS[False] = hcg.get_pipe_parallel_group()
+        elif _CONTEXT.pp_degree == 1:
+            _ROLLOUT_GROUPS[True] = hcg.get_model_parallel_group()
+        else:
+            _ROLLOUT_GROUPS[True] = hcg.create_fuse_group(["pipe", "model"])[1]
+    return _ROLLOUT_GROUPS[merge_tensor_parallel]
+
+
+def gather_rows(arrays: dict, group) -> dict:
+    """Concatenate each array of ``arrays`` (numpy, rows first) over ``group`` in rank order.
+
+    Arrays of rank >= 2 are padded on axis 1 to the longest over the group (with the value given
+    as ``arrays['_pad'][name]``, default 0) before gathering.
+    """
+    pads = arrays.get("_pad", {})
+    out = {}
+    for name, a in arrays.items():
+        if name == "_pad":
+            continue
+        a = np.asarray(a)
+        dtype = a.dtype
+        work = a.astype(np.int64) if dtype == np.bool_ else a
+        if work.ndim >= 2:
+            widths = []
+            dist.all_gather(widths, paddle.to_tensor(np.array([work.shape[1]], dtype=np.int64)), group=group)
+            width = max(int(w.numpy()[0]) for w in widths)
+            if work.shape[1] < width:
+                pad = [(0, 0)] * work.ndim
+                pad[1] = (0, width - work.shape[1])
+                work = np.pad(work, pad, constant_values=pads.get(name, 0))
+        parts = []
+        dist.all_gather(parts, paddle.to_tensor(work), group=group)
+        out[name] = np.concatenate([p.numpy() for p in parts]).astype(dtype)
+    return out
+
+
+def pipeline_sum(values) -> list:
+    """Element-wise sum of a list of floats over the pipeline stages (identity without pipeline)."""
+    if _CONTEXT.pp_degree <= 1:
+        return [float(v) for v in values]
+    return _sum_over(_CONTEXT.hcg.get_pipe_parallel_group(), values)
+
+
+def broadcast_from_last_stage(values) -> list:
+    """The last pipeline stage's list of floats, on every stage (identity without pipeline)."""
+    if _CONTEXT.pp_degree <= 1:
+        return [float(v) for v in values]
+    group = _CONTEXT.hcg.get_pipe_parallel_group()
+    t = paddle.to_tensor(np.asarray(values, dtype=np.float64))
+    dist.broadcast(t, src=group.ranks[-1], group=group)
+    return [float(v) for v in t.numpy()]
 
 
 def tp_kwargs() -> dict:
@@ -118,13 +202,32 @@ def save_model(model, folder: str, tokenizer=None) -> None:
     from ppo.training import unwrap
 
     inner = unwrap(model)
-    if _CONTEXT.mp_degree > 1:
-        if _CONTEXT.data_rank == 0 and _CONTEXT.pp_rank == 0:
+    if _CONTEXT.pp_degree > 1:
+        _save_pipeline(inner, folder)
+    elif _CONTEXT.mp_degree > 1:
+        if _CONTEXT.data_rank == 0:
             inner.save_pretrained(folder, merge_tensor_parallel=True, is_main_process=_CONTEXT.is_main)
     elif _CONTEXT.is_main:
         inner.save_pretrained(folder)
     if _CONTEXT.is_main and tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+def _save_pipeline(pipe, folder: str) -> None:
+    """Gather a pipeline (and tensor) parallel model into one checkpoint of its non-pipeline class."""
+    import copy
+
+    from ppo.pipeline import merged_state_dict
+
+    state = merged_state_dict(pipe)
+    if not _CONTEXT.is_main:
+        return
+    os.makedirs(folder, exist_ok=True)
+    config = copy.deepcopy(pipe.config)
+    config.tensor_parallel_degree, config.tensor_parallel_rank = 1, 0
+    config.architectures = [pipe.single_class_name]
+    config.save_pretrained(folder)
+    paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, os.path.join(folder, "model_state.pdparams"))
 
 
 def load_full_weights(model, path: str) -> None:
@@ -153,15 +256,18 @@ def _sum_over(group, values) -> list:
     return [float(v) for v in t.numpy()]
 
 
-def sync_sharded_grads(optimizer, parameters):
-    """Sharding (stage 1): run the optimizer's gradient synchronisation now and return the
-    parameters this rank owns (whose gradients are now the averaged ones); None otherwise.
+def sync_grads(optimizer, parameters):
+    """Run a hybrid optimizer's gradient synchronisation now, when it does one in its ``step``
+    (sharding stage 1; data parallel next to tensor or pipeline parallel), and return
+    (the parameters whose gradients this rank now holds averaged, whether they are a sharding
+    rank's share); (None, False) otherwise.
 
     The optimizer's next ``step`` skips its own synchronisation, so gradients are reduced once.
     """
     sync = getattr(optimizer, "_hybrid_sync_grad", None)
-    if sync is None or not getattr(optimizer, "_sharding_enable", False):
-        return None
+    sharded = bool(getattr(optimizer, "_sharding_enable", False))
+    if sync is None or not (sharded or getattr(optimizer, "_dp_enable", False)):
+        return None, False
     if not hasattr(optimizer, "_ppo_sync_once"):
         original = type(optimizer)._hybrid_sync_grad
 
@@ -179,8 +285,10 @@ def sync_sharded_grads(optimizer, parameters):
     all_params = list(obtain_optimizer_parameters_list(optimizer._inner_opt))
     type(optimizer)._hybrid_sync_grad(optimizer, all_params)
     optimizer._ppo_synced = True
+    if not sharded:
+        return list(parameters), False
     owned = set(id(p) for p in optimizer._inner_opt.filter_parameters(all_params, _CONTEXT.hcg))
-    return [p for p in parameters if id(p) in owned]
+    return [p for p in parameters if id(p) in owned], True
 
 
 def sharding_sum(values):
@@ -245,7 +353,8 @@ def barrier() -> None:
 def vocab_is_split(model) -> bool:
     """True when ``model``'s logits come out split over the tensor-parallel ranks' vocabularies."""
     config = getattr(model, "config", None)
-    return _CONTEXT.mp_degree > 1 and bool(getattr(config, "tensor_parallel_output", False))
+    return (_CONTEXT.mp_degree > 1 and int(getattr(config, "tensor_parallel_degree", 1) or 1) > 1
+            and bool(getattr(config, "tensor_parallel_output", False)))
 
 
 @contextlib.contextmanager

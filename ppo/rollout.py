@@ -112,6 +112,12 @@ class PaddleNLPDecoder:
         self.past = None
 
 
+def decoder_model_parallel(decoder) -> int:
+    """The tensor-parallel degree a decoder runs at (its ranks decode the same rows together)."""
+    model = getattr(decoder, "model", decoder)
+    return int(getattr(getattr(model, "config", None), "tensor_parallel_degree", 1) or 1)
+
+
 def decoder_for(model):
     """A decoder (``start`` / ``step`` / ``release``) for ``model``: itself when it is one already."""
     return model if hasattr(model, "start") and hasattr(model, "step") else PaddleNLPDecoder(model)
@@ -179,8 +185,11 @@ def _generate(decoder, input_ids, attention_mask, config: GenerationConfig, eos_
         seen = counts > 0
     finished = paddle.zeros([B], dtype="bool")
     tokens, masks = [], []
+    split_model = decoder_model_parallel(decoder) > 1
     for _ in range(config.max_new_tokens):
-        token = parallel.broadcast_model_parallel(next_token(logits, config, seen))
+        token = next_token(logits, config, seen)
+        if split_model:
+            token = parallel.broadcast_model_parallel(token)
         alive = ~finished
         token = paddle.where(alive, token, paddle.full_like(token, pad_token_id))
         tokens.append(token)
@@ -211,12 +220,17 @@ def forward_log_probs(model, sequences, attention_mask, temperature: float = 1.0
     """
     out = model(input_ids=sequences, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), return_dict=True)
+    return log_probs_from_logits(out.logits, sequences, temperature, parallel.vocab_is_split(unwrap(model)),
+                                 with_entropy, entropy_grad)
+
+
+def log_probs_from_logits(logits, sequences, temperature: float = 1.0, split: bool = False,
+                          with_entropy: bool = False, entropy_grad: bool = True):
+    """``forward_log_probs`` from the logits [B, L, V] (or this rank's vocabulary slice, ``split``)."""
     # every position is scored against the next token (the last one against a dummy) and the last
     # column dropped afterwards: slicing the [B, L, V] logits instead costs a full-size copy forward
     # and a zero-filled [B, L, V] gradient backward
-    logits = out.logits
     labels = paddle.concat([sequences[:, 1:], sequences[:, -1:]], axis=1)
-    split = parallel.vocab_is_split(unwrap(model))
     if split:
         log_probs, entropy = parallel.vocab_parallel_log_probs(logits, labels, temperature,
                                                                with_entropy and entropy_grad)

@@ -36,7 +36,8 @@ from ppo.offload import (
     reload_optimizer,
 )
 from ppo.models import check_max_length, check_model_path, load_causal_lm, load_score_model, load_tokenizer
-from ppo.rollout import GenerationConfig, Models, collect, forward_log_probs, same_vocabulary
+from ppo.models.score_model import position_ids_from_mask
+from ppo.rollout import GenerationConfig, Models, collect, forward_log_probs, log_probs_from_logits, same_vocabulary
 from ppo.training import (
     GlobalBatchSampler,
     MetricsLogger,
@@ -65,7 +66,7 @@ def freeze(model):
 class PPOTrainer:
     def __init__(self, args: PPOArgs):
         self.args = args
-        self.ctx = parallel.init_parallel(args)
+        self.ctx = parallel.init_parallel(args, pipeline=True)
         prepare_output_dir(args.output_dir)
         set_seed(args.seed)
         self.gen = GenerationConfig(
@@ -84,10 +85,12 @@ class PPOTrainer:
         self.guard = NonFiniteGuard(args.max_nonfinite_steps, "PPO")
         self.timer = Timer()
         self.shuffle_rng = np.random.default_rng([args.seed, self.ctx.data_rank])
-        if self.ctx.data_rank > 0:
-            # each data rank samples its responses from its own random stream (the ranks of one
-            # tensor-parallel group share a data rank, hence a stream, and decode identically)
-            paddle.seed(args.seed + 1_000_003 * self.ctx.data_rank)
+        stream = 1_000_003 * self.ctx.data_rank + 10_007 * self.rollout_part
+        if stream > 0:
+            # each data rank (and each share of a split rollout) samples its responses from its own
+            # random stream; the ranks of one tensor-parallel rollout model share theirs and decode
+            # identically
+            paddle.seed(args.seed + stream)
         self.start_step = 0
         folder = start_or_resume(args, self.ctx)
         if folder:
@@ -126,22 +129,71 @@ class PPOTrainer:
                                 f"({len(critic_tokenizer)} vs {len(self.tokenizer)} tokens): it scores actor tokens")
         # tensor parallel: every rank loads its shard of the single checkpoint; the policies keep
         # their logits split over the vocabulary (log-probs are computed without gathering them)
+        ctx = self.ctx
+        self.pipeline = ctx.pp_degree > 1
+        eval_mode = args.eval_mode or ("tensor_parallel" if self.pipeline else "")
+        # rollout on separate copies: the pipeline cannot decode, and 'single' merges the TP shards
+        self.merge_for_rollout = eval_mode == "single" and ctx.mp_degree > 1
+        self.separate_rollout = self.pipeline or self.merge_for_rollout
+        self.rollout_split = parallel.rollout_group(self.merge_for_rollout) if self.separate_rollout else None
+        self.rollout_part = self.rollout_split.rank if self.rollout_split is not None else 0
         tp = parallel.tp_kwargs()
-        policy_tp = {**tp, "tensor_parallel_output": True} if tp else {}
-        self.actor = load_causal_lm(args.actor_model_name_or_path, "actor_model_name_or_path", **policy_tp)
-        reference = freeze(load_causal_lm(args.actor_model_name_or_path, "actor_model_name_or_path", **policy_tp))
+        rollout_tp = {} if self.merge_for_rollout else tp
+
+        def policy(kwargs):
+            return load_causal_lm(args.actor_model_name_or_path, "actor_model_name_or_path",
+                                  **({**kwargs, "tensor_parallel_output": True} if kwargs else {}))
+
+        def critic(kwargs):
+            return load_score_model(critic_path, score_type="critic", what="reward_critic_model_name_or_path",
+                                    **kwargs)
+
+        self.actor = self._trainable(policy(tp), args.actor_model_name_or_path, "actor_model_name_or_path")
+        reference = freeze(policy(rollout_tp))
         reward = freeze(load_score_model(args.reward_model_name_or_path, score_type="reward",
-                                         what="reward_model_name_or_path", **tp))
+                                         what="reward_model_name_or_path", **rollout_tp))
         if args.normalize_reward and reward.normalizer.kind == "none":
             raise UserError(f"normalize_reward is set but the reward model at '{args.reward_model_name_or_path}' "
                             "carries no score statistics (train it with normalizer_type RunningMeanStd)")
-        self.critic = (load_score_model(critic_path, score_type="critic", what="reward_critic_model_name_or_path",
-                                        **tp) if self.uses_critic else None)
+        self.critic = (self._trainable(critic(tp), critic_path, "reward_critic_model_name_or_path")
+                       if self.uses_critic else None)
+        # the models that roll out: the training models themselves, or copies refreshed from them
+        # before every rollout (export_rollout_weights)
+        self.rollout_actor, self.rollout_critic = self.actor, self.critic
+        if self.separate_rollout:
+            self.rollout_actor = freeze(policy(rollout_tp))
+            self.rollout_critic = freeze(critic(rollout_tp)) if self.uses_critic else None
+        self._rollout_stale = self.separate_rollout
         # the rollout decoder reads the actor's parameters directly: always the current weights
         # (under tensor parallel, this rank's shards, with the partial sums all-reduced)
-        decoder = InferenceModel(self.actor) if args.use_inference_model else None
-        self.models = Models(actor=self.actor, reference=reference, reward=reward, critic=self.critic,
+        decoder = InferenceModel(self.rollout_actor) if args.use_inference_model else None
+        self.models = Models(actor=self.rollout_actor, reference=reference, reward=reward, critic=self.rollout_critic,
                              actor_tokenizer=self.tokenizer, reward_tokenizer=reward_tokenizer, decoder=decoder)
+
+    def _trainable(self, model, path: str, what: str):
+        """The model that trains: ``model`` itself, or its pipeline-parallel twin (this rank's stage)."""
+        if not self.pipeline:
+            return model
+        from ppo import pipeline
+
+        pipeline.check_pipeline_config(model.config, what, path)
+        return pipeline.score_pipe(model) if hasattr(model, "score_head") else pipeline.policy_pipe(model)
+
+    def export_rollout_weights(self) -> None:
+        """Refresh the rollout copies from the training models (after every update; exact copies)."""
+        if not self._rollout_stale:
+            return
+        from ppo import pipeline
+
+        pairs = [(self.actor, self.rollout_actor)]
+        if self.uses_critic:
+            pairs.append((self.critic, self.rollout_critic))
+        for trained, target in pairs:
+            if self.pipeline:
+                pipeline.export_weights(trained, target, self.merge_for_rollout)
+            else:
+                pipeline.export_tensor_parallel(trained, target)
+        self._rollout_stale = False
 
     def _load_data(self):
         args, ctx = self.args, self.ctx
@@ -175,6 +227,11 @@ class PPOTrainer:
             self.ptx_step = 0
         rollout_batch = args.per_device_prompt_batch_size * args.num_return_sequences
         group = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        split = self.rollout_split.nranks if self.rollout_split is not None else 1
+        if args.per_device_prompt_batch_size % split != 0:
+            raise UserError(f"per_device_prompt_batch_size = {args.per_device_prompt_batch_size} must be divisible by "
+                            f"the {split} ranks that share its rollout (pipeline_parallel_degree"
+                            f"{' x tensor_parallel_degree' if self.merge_for_rollout else ''})")
         if rollout_batch % group != 0:
             raise UserError(f"per_device_prompt_batch_size x num_return_sequences = {rollout_batch} must be divisible "
                             f"by per_device_train_batch_size x gradient_accumulation_steps = {group}")
@@ -247,11 +304,16 @@ class PPOTrainer:
 
     def rollout(self, step: int) -> Experience:
         ids, mask = self.prompt_batch(self.prompts, self.prompt_sampler.micro_batches(step)[0])
+        self.export_rollout_weights()
+        split = self.rollout_split
+        if split is not None:  # this rank's share of the data rank's prompts
+            share = ids.shape[0] // split.nranks
+            ids, mask = (t[self.rollout_part * share:(self.rollout_part + 1) * share] for t in (ids, mask))
         self.offload.before_generation()
         exp = collect(self.models, ids, mask, self.gen, self.args.max_length, self.args.normalize_reward,
                       before_scoring=self.offload.before_scoring)
         self.offload.after_scoring()
-        return exp
+        return gather_experience(exp, split, self.tokenizer.pad_token_id) if split is not None else exp
 
     def compute_advantages(self, exp: Experience) -> None:
         """Fill kl, rewards, advantages and returns of ``exp`` (pure functions of its tensors)."""
@@ -313,67 +375,172 @@ class PPOTrainer:
                         stats.setdefault(k, []).append(v)
         return {k: parallel.mean_over_data(float(np.mean(v))) for k, v in stats.items()}
 
+    # One optimizer step of the actor or critic over the micro-batches ``micro`` (weights ``weights``:
+    # each micro-batch's share of the step's token-mean).  The objectives are written once and run
+    # either per micro-batch here or inside the pipeline's last stage (``_pipeline_pass``).
+
+    def _actor_objective(self, log_probs, entropy, m, w):
+        """(weighted loss to differentiate, stats) of one micro-batch from its log-probs."""
+        args = self.args
+        loss, s = algo.actor_loss(log_probs, m.old_log_probs, m.advantages, m.action_mask, args.clip_range_ratio,
+                                  args.clip_range_ratio_high or None, args.dual_clip or None)
+        mean_entropy = algo.masked_mean(entropy, m.action_mask)
+        total = loss
+        if args.kl_mode == "loss":
+            total = total + self.kl_ctl.value * algo.kl_loss(log_probs, m.ref_log_probs, m.action_mask,
+                                                             args.kl_estimator)
+        if args.entropy_coeff:
+            total = total - args.entropy_coeff * mean_entropy
+        # the mean over data ranks (update) makes the w-weighted actor_loss the token-mean
+        return total * w, {"actor_loss": float(loss) * w, "abs_actor_loss": abs(float(loss)),
+                           "clip_frac": s["clip_frac"], "approx_kl": s["approx_kl"], "entropy": float(mean_entropy)}
+
+    def _critic_objective(self, scores, m, w):
+        values = scores.squeeze(-1)[:, :-1].astype("float32")
+        loss, s = algo.critic_loss(values, m.values, m.returns, m.action_mask, self.args.clip_range_value)
+        return loss * w, {"critic_loss": float(loss) * w, "value_clip_frac": s["value_clip_frac"]}
+
+    @staticmethod
+    def _combine(parts: list[dict], weighted: tuple) -> dict:
+        """Stats of a step from its micro-batches': sums for the pre-weighted ones, means for the rest."""
+        n = len(parts)
+        return {k: sum(p[k] for p in parts) / (1 if k in weighted else n) for k in parts[0]}
+
     def actor_step(self, micro: list[Experience], weights: list[float], step: int) -> dict:
         args = self.args
-        out = {"actor_loss": 0.0, "abs_actor_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "entropy": 0.0}
-        if self.ptx is not None:
-            out["ptx_loss"] = 0.0
-        for i, (m, w) in enumerate(zip(micro, weights)):
-            with self._sync(self.actor_train, i == len(micro) - 1):
-                with self.precision.autocast():
-                    log_probs, entropy = forward_log_probs(self.actor_train, m.sequences, m.attention_mask,
-                                                           args.temperature, with_entropy=True,
-                                                           entropy_grad=bool(args.entropy_coeff))
-                loss, s = algo.actor_loss(log_probs, m.old_log_probs, m.advantages, m.action_mask,
-                                          args.clip_range_ratio, args.clip_range_ratio_high or None,
-                                          args.dual_clip or None)
-                mean_entropy = algo.masked_mean(entropy, m.action_mask)
-                total = loss
-                if args.kl_mode == "loss":
-                    total = total + self.kl_ctl.value * algo.kl_loss(log_probs, m.ref_log_probs, m.action_mask,
-                                                                     args.kl_estimator)
-                if args.entropy_coeff:
-                    total = total - args.entropy_coeff * mean_entropy
-                total = total * w
-                if self.ptx is not None:
-                    ptx = self._ptx_loss()
-                    out["ptx_loss"] += float(ptx) / len(micro)
-                    total = total + args.ptx_coeff * ptx / len(micro)
-                self.precision.backward(total)
-            out["actor_loss"] += float(loss) * w  # the mean over data ranks (update) makes it the token-mean
-            out["abs_actor_loss"] += abs(float(loss)) / len(micro)
-            out["clip_frac"] += s["clip_frac"] / len(micro)
-            out["approx_kl"] += s["approx_kl"] / len(micro)
-            out["entropy"] += float(mean_entropy) / len(micro)
+        if self.pipeline:
+            out = self._pipeline_actor(micro, weights)
+        else:
+            parts = []
+            for i, (m, w) in enumerate(zip(micro, weights)):
+                with self._sync(self.actor_train, i == len(micro) - 1):
+                    with self.precision.autocast():
+                        log_probs, entropy = forward_log_probs(self.actor_train, m.sequences, m.attention_mask,
+                                                               args.temperature, with_entropy=True,
+                                                               entropy_grad=bool(args.entropy_coeff))
+                    total, stats = self._actor_objective(log_probs, entropy, m, w)
+                    if self.ptx is not None:
+                        ptx = self._ptx_loss()
+                        stats["ptx_loss"] = float(ptx)
+                        total = total + args.ptx_coeff * ptx / len(micro)
+                    self.precision.backward(total)
+                parts.append(stats)
+            out = self._combine(parts, weighted=("actor_loss",))
         out["actor_grad_norm"] = self._step(self.actor_opt, self.actor_sched, self.actor, step,
                                             actor_loss=out["actor_loss"])
         return out
 
     def critic_step(self, micro: list[Experience], weights: list[float], step: int) -> dict:
-        args = self.args
-        out = {"critic_loss": 0.0, "value_clip_frac": 0.0}
-        for i, (m, w) in enumerate(zip(micro, weights)):
-            with self._sync(self.critic_train, i == len(micro) - 1):
-                with self.precision.autocast():
-                    values = self.critic_train(m.sequences, m.attention_mask).scores.squeeze(-1)[:, :-1]
-                loss, s = algo.critic_loss(values.astype("float32"), m.values, m.returns, m.action_mask,
-                                           args.clip_range_value)
-                self.precision.backward(loss * w)
-            out["critic_loss"] += float(loss) * w
-            out["value_clip_frac"] += s["value_clip_frac"] / len(micro)
+        if self.pipeline:
+            out = self._pipeline_critic(micro, weights)
+        else:
+            parts = []
+            for i, (m, w) in enumerate(zip(micro, weights)):
+                with self._sync(self.critic_train, i == len(micro) - 1):
+                    with self.precision.autocast():
+                        scores = self.critic_train(m.sequences, m.attention_mask).scores
+                    total, stats = self._critic_objective(scores, m, w)
+                    self.precision.backward(total)
+                parts.append(stats)
+            out = self._combine(parts, weighted=("critic_loss",))
         out["critic_grad_norm"] = self._step(self.critic_opt, self.critic_sched, self.critic, step,
                                              critic_loss=out["critic_loss"])
         return out
 
-    def _ptx_loss(self):
-        """Mean negative log-likelihood of the answer tokens of the next ptx batch (the SFT loss)."""
+    def _ptx_batch(self):
         indices = self.ptx_sampler.micro_batches(self.ptx_step)[0]
         self.ptx_step += 1
-        batch = self.ptx.get_collator()([self.ptx[i] for i in indices])
+        return self.ptx.get_collator()([self.ptx[i] for i in indices])
+
+    def _ptx_loss(self):
+        """Mean negative log-likelihood of the answer tokens of the next ptx batch (the SFT loss)."""
+        batch = self._ptx_batch()
         with self.precision.autocast():
             # split-vocabulary safe: the same log-prob path as the actor loss
             log_probs, _ = forward_log_probs(self.actor_train, batch["input_ids"], batch["attention_mask"])
         return algo.masked_nll(log_probs.astype("float32"), batch["labels"][:, 1:] != -100)
+
+    # -- pipeline parallel: the same objectives inside fleet's 1F1B schedule -------------------
+
+    def _pipeline_pass(self, train_model, optimizer, inputs, labels, compute, keys) -> list[dict]:
+        """One forward/backward pass of fleet's pipeline schedule over len(micro) micro-batches; the
+        last stage runs ``compute(output, labels)``.  Returns every micro-batch's stats (``keys``),
+        on every stage."""
+        from ppo.training import unwrap
+
+        loss_layer = unwrap(train_model)._loss_fn[0]
+        loss_layer.compute, loss_layer.stats = compute, []
+        loss_layer.accumulate_steps = self.args.gradient_accumulation_steps
+        data = train_model._prepare_training([inputs, labels], optimizer, None)
+        train_model.forward_backward_pipeline(data, self.precision.scaler)
+        n = self.args.gradient_accumulation_steps
+        flat = [s[k] for s in loss_layer.stats for k in keys] if loss_layer.stats else [0.0] * (n * len(keys))
+        flat = parallel.broadcast_from_last_stage(flat)
+        return [dict(zip(keys, flat[i * len(keys):(i + 1) * len(keys)])) for i in range(n)]
+
+    @staticmethod
+    def _pipeline_inputs(m: Experience):
+        # (ids, mask, positions): a bool mask, so paddlenlp's pipeline stages read the int64 third
+        # tensor as the position ids on every device type
+        return (m.sequences, m.attention_mask.astype("bool"), position_ids_from_mask(m.attention_mask))
+
+    @staticmethod
+    def _row_weights(micro: list[Experience], weights: list[float]):
+        # [rows, 1]: the pipeline slices every label tensor as [micro-batch rows, :]
+        return paddle.to_tensor(np.concatenate([np.full([m.batch_size, 1], w, dtype=np.float32)
+                                                for m, w in zip(micro, weights)]))
+
+    def _pipeline_actor(self, micro: list[Experience], weights: list[float]) -> dict:
+        args = self.args
+        whole = _concat_experience(micro)
+        labels = (whole.sequences, whole.attention_mask, whole.old_log_probs, whole.advantages, whole.action_mask,
+                  whole.ref_log_probs, self._row_weights(micro, weights))
+        split = parallel.vocab_is_split(unwrap_training(self.actor))
+
+        def compute(logits, labels):
+            sequences, attention_mask, old, adv, mask, ref, w = labels
+            log_probs, entropy = log_probs_from_logits(logits, sequences, args.temperature, split, with_entropy=True,
+                                                       entropy_grad=bool(args.entropy_coeff))
+            m = Experience(sequences=sequences, attention_mask=attention_mask, action_mask=mask, old_log_probs=old,
+                           ref_log_probs=ref, advantages=adv, end_scores=None, response_lengths=None,
+                           ended_with_eos=None, prompt_length=0)
+            return self._actor_objective(log_probs, entropy, m, float(w[0, 0]))
+
+        keys = ("actor_loss", "abs_actor_loss", "clip_frac", "approx_kl", "entropy")
+        parts = self._pipeline_pass(self.actor_train, self.actor_opt, self._pipeline_inputs(whole), labels,
+                                    compute, keys)
+        out = self._combine(parts, weighted=("actor_loss",))
+        if self.ptx is not None:
+            batch = _pad_batches([self._ptx_batch() for _ in micro], self.tokenizer.pad_token_id)
+
+            def ptx_compute(logits, labels):
+                sequences, answer = labels
+                log_probs, _ = log_probs_from_logits(logits, sequences, 1.0, split)
+                ptx = algo.masked_nll(log_probs.astype("float32"), answer)
+                return args.ptx_coeff * ptx / len(micro), {"ptx_loss": float(ptx)}
+
+            inputs = (batch["input_ids"], batch["attention_mask"].astype("bool"),
+                      position_ids_from_mask(batch["attention_mask"]))
+            ptx_parts = self._pipeline_pass(self.actor_train, self.actor_opt, inputs,
+                                            (batch["input_ids"], batch["labels"][:, 1:] != -100), ptx_compute,
+                                            ("ptx_loss",))
+            out["ptx_loss"] = float(np.mean([p["ptx_loss"] for p in ptx_parts]))
+        return out
+
+    def _pipeline_critic(self, micro: list[Experience], weights: list[float]) -> dict:
+        whole = _concat_experience(micro)
+        labels = (whole.values, whole.returns, whole.action_mask, self._row_weights(micro, weights))
+
+        def compute(scores, labels):
+            old_values, returns, mask, w = labels
+            m = Experience(sequences=None, attention_mask=None, action_mask=mask, old_log_probs=None,
+                           ref_log_probs=None, values=old_values, returns=returns, end_scores=None,
+                           response_lengths=None, ended_with_eos=None, prompt_length=0)
+            return self._critic_objective(scores, m, float(w[0, 0]))
+
+        parts = self._pipeline_pass(self.critic_train, self.critic_opt, self._pipeline_inputs(whole), labels,
+                                    compute, ("critic_loss", "value_clip_frac"))
+        return self._combine(parts, weighted=("critic_loss",))
 
     @staticmethod
     def _sync(model, last: bool):
@@ -387,6 +554,7 @@ class PPOTrainer:
         norm = global_grad_norm(model.parameters(), optimizer)
         if self.guard.ok(step, grad_norm=norm, **losses):
             self.precision.step(optimizer)
+            self._rollout_stale = self.separate_rollout
         optimizer.clear_grad(set_to_zero=False)  # frees the gradients until the next backward
         scheduler.step()
         return norm
@@ -413,6 +581,7 @@ class PPOTrainer:
         """Reward, KL and length of responses to the eval prompts; a few samples to a file."""
         if self.eval_prompts is None:
             return {}
+        self.export_rollout_weights()
         args, ctx = self.args, self.ctx
         rng_state = paddle.get_rng_state()
         paddle.seed(args.seed + 7919)  # the same eval samples whatever the training history of the RNG
@@ -479,6 +648,53 @@ class PPOTrainer:
         state = {"global_step": step, "stage": "ppo", "kl_coeff": float(self.kl_ctl.value), "args": vars(self.args)}
         for sub, model in self._models_and_optimizers()[0].items():
             save_pretrained_atomic(model, self.tokenizer, os.path.join(target, sub), extra=state)
+
+
+def unwrap_training(model):
+    from ppo.training import unwrap
+
+    return unwrap(model)
+
+
+def _concat_experience(micro: list[Experience]) -> Experience:
+    """The micro-batches of one step as one batch (the pipeline splits it back in the same order)."""
+    if len(micro) == 1:
+        return micro[0]
+    import dataclasses
+
+    joined = {}
+    for f in dataclasses.fields(Experience):
+        first = getattr(micro[0], f.name)
+        joined[f.name] = (paddle.concat([getattr(m, f.name) for m in micro]) if isinstance(first, paddle.Tensor)
+                          else first)
+    return Experience(**joined)
+
+
+def _pad_batches(batches: list[dict], pad_token_id: int) -> dict:
+    """SFT batches of different lengths as one right-padded batch (pipeline micro-batches share a shape)."""
+    width = max(int(b["input_ids"].shape[1]) for b in batches)
+    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100}
+    out = {}
+    for key, value in fill.items():
+        parts = []
+        for b in batches:
+            t = b[key]
+            if t.shape[1] < width:
+                t = paddle.concat([t, paddle.full([t.shape[0], width - t.shape[1]], value, dtype=t.dtype)], axis=1)
+            parts.append(t)
+        out[key] = paddle.concat(parts)
+    return out
+
+
+def gather_experience(exp: Experience, group, pad_token_id: int) -> Experience:
+    """The rollout shares of the ranks in ``group`` as one experience batch (in rank order),
+    responses right-padded to the longest."""
+    names = ["sequences", "attention_mask", "action_mask", "old_log_probs", "ref_log_probs", "end_scores",
+             "response_lengths", "ended_with_eos"] + (["values"] if exp.values is not None else [])
+    arrays = {n: getattr(exp, n).numpy() for n in names}
+    arrays["_pad"] = {"sequences": pad_token_id}
+    out = parallel.gather_rows(arrays, group)
+    return Experience(**{n: paddle.to_tensor(v) for n, v in out.items()}, prompt_length=exp.prompt_length)
 
 
 class Offload:

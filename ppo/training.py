@@ -202,7 +202,7 @@ def global_grad_norm(parameters, optimizer=None) -> float:
     from ppo import parallel
 
     parameters = list(parameters)
-    synced = parallel.sync_sharded_grads(optimizer, parameters) if optimizer is not None else None
+    synced, sharded = parallel.sync_grads(optimizer, parameters) if optimizer is not None else (None, False)
     split, replicated = 0.0, 0.0
     for p in (synced if synced is not None else parameters):
         if p.grad is not None:
@@ -212,9 +212,10 @@ def global_grad_norm(parameters, optimizer=None) -> float:
                 split += value
             else:
                 replicated += value
-    if synced is not None:
+    if sharded:
         split, replicated = parallel.sharding_sum([split, replicated])
-    return math.sqrt(parallel.model_parallel_sum(split, replicated))
+    # pipeline stages hold different parameters (embeddings are never tied under pipeline)
+    return math.sqrt(parallel.pipeline_sum([parallel.model_parallel_sum(split, replicated)])[0])
 
 
 # ---------------------------------------------------------------------------------------------

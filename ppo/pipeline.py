@@ -1,0 +1,240 @@
+"""Pipeline-parallel actor and critic, and the export of their weights to the rollout models.
+
+Under ``pipeline_parallel_degree > 1`` the actor and the critic train as fleet ``PipelineLayer``s
+(paddlenlp's LLaMA pipeline stages: embedding, decoder layers, final norm, then the LM head or the
+score head) driven by fleet's 1F1B schedule (``PipelineParallel.forward_backward_pipeline``).  The
+PPO losses run inside the last stage (:class:`PipeLoss`).  Every micro-batch of one pass has the
+same sequence length: the rows of one update come from one rollout, padded to its longest row.
+
+Rollout does not run on the pipeline: it runs on ordinary (non-pipeline) copies of the actor and
+critic, either tensor parallel like the training model (``eval_mode tensor_parallel``) or whole on
+every rank (``eval_mode single``).  :func:`export_weights` refreshes those copies from the training
+model before every rollout: each stage's parameters are broadcast over the pipeline group, and for
+``single`` the tensor-parallel shards are gathered and merged first.  The copies therefore hold
+exactly the training model's current weights.
+"""
+
+from __future__ import annotations
+
+import paddle
+import paddle.distributed as dist
+import paddle.nn as nn
+
+from ppo import parallel
+from ppo.errors import UserError
+
+
+def _pipeline_classes():
+    """Built on first use: importing paddlenlp's pipeline module needs fleet's hybrid group."""
+    from paddle.distributed import fleet
+    from paddle.distributed.fleet.meta_parallel import LayerDesc, PipelineLayer
+    from paddlenlp.transformers import LlamaForCausalLMPipe
+    from paddlenlp.transformers.llama.modeling_pp import LlamaDecoderLayerPipe, LlamaEmbeddingPipe, LlamaRMSNormPipe
+    from paddlenlp.transformers.model_utils import PipelinePretrainedModel
+
+    from ppo.models.score_model import LlamaModelForScore
+
+    class PolicyPipe(LlamaForCausalLMPipe):
+        """paddlenlp's LLaMA pipeline with the PPO actor loss in the last stage."""
+
+        single_class_name = "LlamaForCausalLM"
+
+        def get_loss_fn(self, config):
+            return PipeLoss()
+
+    class ScoreHeadPipe(nn.Layer):
+        def __init__(self, config):
+            super().__init__()
+            self.score_head = nn.Linear(config.hidden_size, config.score_dim,
+                                        bias_attr=None if config.score_bias else False)
+
+        def forward(self, args):
+            hidden = args[0] if isinstance(args, tuple) else args
+            return self.score_head(hidden.astype(self.score_head.weight.dtype))
+
+    class ScorePipe(PipelinePretrainedModel, PipelineLayer):
+        """The critic (``LlamaModelForScore``) as pipeline stages, the value loss in the last one.
+
+        Parameter names map to the score model's (``llama.*``, ``score_head.*``)."""
+
+        single_class_name = "LlamaModelForScore"
+        config_class = LlamaModelForScore.config_class
+        _get_tensor_parallel_mappings = LlamaModelForScore._get_tensor_parallel_mappings
+        _init_weights = LlamaModelForScore._init_weights
+
+        def __init__(self, config):
+            self.config = config
+            hcg = fleet.get_hybrid_communicate_group()
+            config.tensor_parallel_degree = max(hcg.get_model_parallel_world_size(), 1)
+            config.tensor_parallel_rank = max(hcg.get_model_parallel_rank(), 0)
+            self.add_sequential_layer(LayerDesc(LlamaEmbeddingPipe, config=config), "llama")
+            for i in range(config.num_hidden_layers):
+                self.add_sequential_layer(LayerDesc(LlamaDecoderLayerPipe, config=config), f"llama.layers.{i}")
+            self.add_sequential_layer(LayerDesc(LlamaRMSNormPipe, config=config), "llama")
+            self.add_sequential_layer(LayerDesc(ScoreHeadPipe, config=config), "")
+            PipelineLayer.__init__(
+                self, layers=self.get_sequential_layers(), loss_fn=PipeLoss(), topology=hcg.topology(),
+                seg_method="layer:LlamaDecoderLayer" if config.num_hidden_layers % hcg.get_pipe_parallel_world_size()
+                == 0 else "uniform")
+
+    return PolicyPipe, ScorePipe
+
+
+class PipeLoss(nn.Layer):
+    """The last stage's loss.  The trainer sets ``compute(output, labels) -> (loss, stats)`` before
+    a pass; the stats of every micro-batch are kept in ``stats``.
+
+    The pipeline divides every micro-batch loss by its accumulate_steps; ``compute`` returns the
+    micro-batch's share of the step's loss (already weighted), so that division is undone here.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.compute = None
+        self.accumulate_steps = 1
+        self.stats: list[dict] = []
+
+    def forward(self, output, labels):
+        loss, stats = self.compute(output, labels)
+        self.stats.append(stats)
+        return loss * self.accumulate_steps
+
+
+def check_pipeline_config(config, what: str, path: str) -> None:
+    pp = parallel.context().pp_degree
+    if getattr(config, "tie_word_embeddings", False):
+        raise UserError(f"'{what}' = '{path}' ties its input and output embeddings; pipeline_parallel_degree > 1 "
+                        "needs untied embeddings (tie_word_embeddings false)")
+    if config.num_hidden_layers < pp:
+        raise UserError(f"'{what}' = '{path}' has {config.num_hidden_layers} layers, fewer than "
+                        f"pipeline_parallel_degree = {pp}")
+
+
+def policy_pipe(model):
+    """The pipeline-parallel twin of the causal LM ``model`` (this rank's stage, its weights)."""
+    PolicyPipe, _ = _pipeline_classes()
+    return _build(PolicyPipe, model)
+
+
+def score_pipe(model):
+    """The pipeline-parallel twin of the score model ``model`` (this rank's stage, its weights)."""
+    _, ScorePipe = _pipeline_classes()
+    return _build(ScorePipe, model)
+
+
+def _build(cls, model):
+    import copy
+
+    config = copy.deepcopy(model.config)
+    pipe = cls(config)
+    state = model.state_dict()
+    pipe.set_state_dict(dict(state))  # (it renames the keys of the dict it is given)
+    mine = pipe.state_dict()
+    for name, value in mine.items():  # every parameter of this stage came from the model
+        if name not in state or tuple(state[name].shape) != tuple(value.shape):
+            raise RuntimeError(f"pipeline stage parameter {name} has no counterpart in the model")
+    return pipe
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline's full (merged) weights
+
+
+def _stage_keys(pipe) -> list[list[str]]:
+    """Parameter names (single-model names) of every pipeline stage, in stage order (cached)."""
+    cached = getattr(pipe, "_ppo_stage_keys", None)
+    if cached is None:
+        ctx = parallel.context()
+        mine = sorted(pipe.state_dict().keys())
+        cached = []
+        dist.all_gather_object(cached, mine, group=ctx.hcg.get_pipe_parallel_group())
+        pipe._ppo_stage_keys = cached
+    return cached
+
+
+def _tp_merge_actions(pipe) -> dict:
+    """{name: merge function of the tensor-parallel shards} (paddlenlp's own split rules)."""
+    if parallel.context().mp_degree <= 1:
+        return {}
+    return type(pipe)._get_tensor_parallel_mappings(pipe.config, is_split=False)
+
+
+def _merged_over_tp(name, value, actions):
+    """The whole tensor of this rank's shard ``value`` (gathered over the tensor-parallel group)."""
+    action = actions.get(name)
+    if action is None:
+        return value
+    shards = []
+    dist.all_gather(shards, value, group=parallel.context().hcg.get_model_parallel_group())
+    return paddle.to_tensor(action([s.numpy() for s in shards]))
+
+
+def iter_full_state(pipe, merge_tensor_parallel: bool):
+    """Yield (name, tensor) for every parameter of the whole model, on every rank of the pipeline
+    group: this rank's shard of it (``merge_tensor_parallel=False``) or the merged tensor."""
+    ctx = parallel.context()
+    group = ctx.hcg.get_pipe_parallel_group()
+    local = pipe.state_dict()
+    actions = _tp_merge_actions(pipe) if merge_tensor_parallel else {}
+    shapes = getattr(pipe, "_ppo_full_shapes", {})
+    for stage, names in enumerate(_stage_keys(pipe)):
+        src = group.ranks[stage]
+        for name in names:
+            value = _merged_over_tp(name, local[name], actions) if stage == ctx.pp_rank else None
+            if name not in shapes:  # first export: the owner announces shape and dtype
+                box = [[tuple(value.shape), str(value.dtype).split(".")[-1]] if value is not None else None]
+                dist.broadcast_object_list(box, src=src, group=group)
+                shapes[name] = box[0]
+            if value is None:
+                shape, dtype = shapes[name]
+                value = paddle.empty(list(shape), dtype=dtype)
+            dist.broadcast(value, src=src, group=group)
+            yield name, value
+    pipe._ppo_full_shapes = shapes
+
+
+@paddle.no_grad()
+def export_weights(pipe, target, merge_tensor_parallel: bool) -> None:
+    """Copy the pipeline model's current weights into the non-pipeline ``target`` (in place)."""
+    params = target.state_dict()
+    missing = set(params)
+    for name, value in iter_full_state(pipe, merge_tensor_parallel):
+        dest = params.get(name)
+        if dest is None:
+            raise RuntimeError(f"weight export: the rollout model has no parameter {name}")
+        if tuple(dest.shape) != tuple(value.shape):
+            raise RuntimeError(f"weight export: {name} is {tuple(value.shape)} in training, "
+                               f"{tuple(dest.shape)} in the rollout model")
+        paddle.assign(value.astype(dest.dtype), output=dest)
+        missing.discard(name)
+    if missing:
+        raise RuntimeError(f"weight export: rollout-model parameters not in the training model: {sorted(missing)}")
+
+
+@paddle.no_grad()
+def export_tensor_parallel(model, target) -> None:
+    """Merge a tensor-parallel (non-pipeline) model's shards into the whole ``target`` (TP -> single)."""
+    actions = _tp_merge_actions(model)
+    params = target.state_dict()
+    for name, value in model.state_dict().items():
+        paddle.assign(_merged_over_tp(name, value, actions).astype(params[name].dtype), output=params[name])
+
+
+def merged_state_dict(model) -> dict | None:
+    """The whole model's weights as numpy arrays on the global main rank (None elsewhere); call on
+    every rank.  Works for pipeline and tensor-parallel models alike."""
+    ctx = parallel.context()
+    out = {}
+    first_group = ctx.data_rank == 0
+    if ctx.pp_degree > 1:
+        if first_group:
+            for name, value in iter_full_state(model, merge_tensor_parallel=True):
+                if ctx.is_main:
+                    out[name] = value.numpy()
+    elif first_group:
+        actions = _tp_merge_actions(model)
+        for name, value in model.state_dict().items():
+            merged = _merged_over_tp(name, value, actions)
+            if ctx.is_main:
+                out[name] = merged.numpy()
+    return out if ctx.is_main else None
