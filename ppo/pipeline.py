@@ -159,9 +159,16 @@ def _tp_merge_actions(pipe) -> dict:
     return type(pipe)._get_tensor_parallel_mappings(pipe.config, is_split=False)
 
 
+def _action_for(name: str, actions: dict):
+    """paddlenlp names its split rules without the base-model prefix (``layers.0.mlp...``)."""
+    if name in actions:
+        return actions[name]
+    return next((a for key, a in actions.items() if name.endswith("." + key)), None)
+
+
 def _merged_over_tp(name, value, actions):
     """The whole tensor of this rank's shard ``value`` (gathered over the tensor-parallel group)."""
-    action = actions.get(name)
+    action = _action_for(name, actions)
     if action is None:
         return value
     shards = []
@@ -176,7 +183,7 @@ def iter_full_state(pipe, merge_tensor_parallel: bool):
     group = ctx.hcg.get_pipe_parallel_group()
     local = pipe.state_dict()
     actions = _tp_merge_actions(pipe) if merge_tensor_parallel else {}
-    shapes = getattr(pipe, "_ppo_full_shapes", {})
+    shapes = getattr(pipe, "_ppo_full_shapes", {}).setdefault(merge_tensor_parallel, {})
     for stage, names in enumerate(_stage_keys(pipe)):
         src = group.ranks[stage]
         for name in names:
@@ -190,7 +197,7 @@ def iter_full_state(pipe, merge_tensor_parallel: bool):
                 value = paddle.empty(list(shape), dtype=dtype)
             dist.broadcast(value, src=src, group=group)
             yield name, value
-    pipe._ppo_full_shapes = shapes
+    pipe._ppo_full_shapes = {**getattr(pipe, "_ppo_full_shapes", {}), merge_tensor_parallel: shapes}
 
 
 @paddle.no_grad()
