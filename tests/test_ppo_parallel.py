@@ -1,4 +1,8 @@
-"""PPO under two-rank layouts (real ``paddle.distributed.launch``, gloo on CPU) equals one process.
+"""PPO under parallel layouts (real ``paddle.distributed.launch``, gloo on CPU) equals one process.
+
+Layouts: data parallel, sharding stage 1, tensor parallel (rolling out on the training model or on
+a merged single copy), pipeline parallel and tensor x pipeline parallel (4 ranks; rollout on
+tensor-parallel copies exported from the pipeline, the batch split over the pipeline's ranks).
 
 Every run starts from the same tiny actor (also the reward model and critic, with the score head's
 fixed-seed initialisation), sees the same global prompt batch of 8 and decodes greedily, so the
@@ -27,11 +31,17 @@ COMMON = ["--max_steps", str(STEPS), "--do_sample", "false", "--max_new_tokens",
           "--shuffle_minibatches", "false", "--logging_steps", "1", "--eval_datasets", "", "--eval_steps", "0",
           "--learning_rate", "0.001", "--critic_learning_rate", "0.001", "--save_steps", "0"]
 
+# the pipeline layouts step over 2 micro-batches of 4 (fleet's 1F1B schedule with a steady phase);
+# the token-mean makes that the same update as one batch of 8
+PIPELINE = ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"]
 LAYOUTS = {
-    # name: (arguments, per-device prompt batch giving the same global batch of 8 prompts on 2 ranks)
-    "data-parallel": ([], 4),
-    "sharding-stage1": (["--sharding_parallel_degree", "2", "--sharding", "stage1"], 4),
-    "tensor-parallel": (["--tensor_parallel_degree", "2"], 8),
+    # name: (arguments, per-device prompt batch giving the same global batch of 8 prompts, ranks)
+    "data-parallel": ([], 4, 2),
+    "sharding-stage1": (["--sharding_parallel_degree", "2", "--sharding", "stage1"], 4, 2),
+    "tensor-parallel": (["--tensor_parallel_degree", "2"], 8, 2),
+    "tensor-parallel-single-rollout": (["--tensor_parallel_degree", "2", "--eval_mode", "single"], 8, 2),
+    "pipeline-parallel": (["--pipeline_parallel_degree", "2", *PIPELINE], 8, 2),
+    "tp2xpp2": (["--tensor_parallel_degree", "2", "--pipeline_parallel_degree", "2", *PIPELINE], 8, 4),
 }
 
 
@@ -44,7 +54,8 @@ def ppo(tiny_dir, out, batch, *extra, nproc=1):
     base = str(tiny_dir / "base")
     run("ppo/run_ppo.py", "config/tiny/ppo_argument.json", "--actor_model_name_or_path", base,
         "--reward_model_name_or_path", base, "--output_dir", out, *COMMON,
-        "--per_device_prompt_batch_size", str(batch), "--per_device_train_batch_size", str(batch), *extra,
+        "--per_device_prompt_batch_size", str(batch), "--per_device_train_batch_size", str(batch),
+        "--gradient_accumulation_steps", "1", *extra,
         nproc=nproc)
     return train_metrics(out)
 
@@ -69,10 +80,10 @@ def assert_same_weights(folder_a, folder_b, atol):
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_ppo_two_ranks_match_one(tiny_dir, tmp_path, single, layout):
-    extra, batch = LAYOUTS[layout]
+def test_ppo_layouts_match_one_process(tiny_dir, tmp_path, single, layout):
+    extra, batch, nproc = LAYOUTS[layout]
     one_dir, one = single
-    two = ppo(tiny_dir, tmp_path / layout, batch, *extra, nproc=2)
+    two = ppo(tiny_dir, tmp_path / layout, batch, *extra, nproc=nproc)
     assert len(one) == len(two) == STEPS
     for a, b in zip(one, two):
         assert a["response_length"] == b["response_length"], (a, b)  # the same greedy responses
