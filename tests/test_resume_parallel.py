@@ -1,7 +1,7 @@
 """Exact resume with two ranks (real ``paddle.distributed.launch``): k steps + resume to N equals N
 steps straight, for the reward model under sharding stage 1 (optimizer state split over ranks), SFT
-under data parallel and PPO under tensor parallel with sampled responses (random state of every
-rank restored).
+under data parallel and PPO under tensor parallel and under pipeline parallel with sampled
+responses, a ptx loss and an adaptive KL coefficient (random state of every rank restored).
 
 The comparison is bitwise: a resumed run repeats the same operations in the same order on the same
 layout (gloo's reductions are deterministic), so nothing may differ, not even in the last bit.
@@ -28,6 +28,13 @@ STAGES = {
                              "--max_new_tokens", "6", "--eval_datasets", "", "--eval_steps", "0",
                              "--ptx_datasets", "tiny-sft", "--ptx_coeff", "0.3", "--adaptive_kl", "true"],
                             ["policy", "value"]),
+    "ppo-pipeline-parallel": ("ppo/run_ppo.py", "config/tiny/ppo_argument.json", "--actor_model_name_or_path",
+                              ["--pipeline_parallel_degree", "2"],
+                              ["--per_device_prompt_batch_size", "4", "--per_device_train_batch_size", "1",
+                               "--gradient_accumulation_steps", "2", "--max_new_tokens", "6",
+                               "--eval_datasets", "", "--eval_steps", "0", "--ptx_datasets", "tiny-sft",
+                               "--ptx_coeff", "0.3", "--adaptive_kl", "true"],
+                              ["policy", "value"]),
 }
 
 
