@@ -1,7 +1,8 @@
 """PPO under each parallel layout: time per iteration and memory per rank, through the real launcher.
 
 For each model size (``tiny``, ``33m``: ``ppo.tiny.build.TINY`` / ``BENCH_33M``) and each layout
-(one process; 2 ranks of data parallel, sharding stage1, tensor parallel) this runs ``--steps``
+(one process; 2 ranks of data parallel, sharding stage1, tensor parallel, pipeline parallel; 4 ranks
+of tensor x pipeline parallel) this runs ``--steps``
 PPO iterations of the real trainer with ``paddle.distributed.launch`` on random models and the
 built-in prompts, and reports per rank:
 
@@ -12,7 +13,12 @@ built-in prompts, and reports per rank:
 * ``parameter_mb``: bytes of the actor's and critic's parameters held by the rank (a
   tensor-parallel rank holds its shard);
 * ``optimizer_state_mb``: bytes of the optimizer moments held by the rank (sharding stage1 keeps
-  the moments of the parameters the rank owns only).
+  the moments of the parameters the rank owns only);
+* ``rollout_copy_mb``: bytes of the separate rollout copies of actor and critic (pipeline layouts
+  roll out on non-pipeline copies; 0 when the training models roll out themselves).
+
+Ratios to the single process use the largest figure over the ranks (pipeline stages differ: the
+embedding sits on the first, the output head on the last).
 
 The global batch is the same in every layout (``--prompts`` prompts per iteration), so the figures
 compare like with like.  On this 2-core machine two ranks share two cores: the times show the
@@ -44,6 +50,11 @@ LAYOUTS = {
     "data_parallel_2": (2, [], 2),
     "sharding_stage1_2": (2, ["--sharding_parallel_degree", "2", "--sharding", "stage1"], 2),
     "tensor_parallel_2": (2, ["--tensor_parallel_degree", "2"], 1),
+    # pipeline: 2 micro-batches per optimizer step (fleet's 1F1B schedule); rollout on
+    # tensor-parallel copies exported from the pipeline, the batch split over its stages
+    "pipeline_parallel_2": (2, ["--pipeline_parallel_degree", "2", "--gradient_accumulation_steps", "2"], 1),
+    "tensor_x_pipeline_2x2": (4, ["--tensor_parallel_degree", "2", "--pipeline_parallel_degree", "2",
+                                  "--gradient_accumulation_steps", "2"], 1),
 }
 
 
@@ -83,8 +94,13 @@ def worker(argv):
     rank = dist.get_rank() if trainer.ctx.distributed else 0
     params = list(trainer.actor.parameters()) + (list(trainer.critic.parameters()) if trainer.critic else [])
     states = optimizer_state(trainer.actor_opt) + (optimizer_state(trainer.critic_opt) if trainer.critic else [])
+    copies = []
+    if trainer.separate_rollout:
+        copies = list(trainer.rollout_actor.parameters()) + (list(trainer.rollout_critic.parameters())
+                                                             if trainer.rollout_critic else [])
     figures = {"rank": rank, "peak_rss_mb": round(status_kb("VmHWM") / 1024, 1),
-               "parameter_mb": round(tensor_mb(params), 2), "optimizer_state_mb": round(tensor_mb(states), 2)}
+               "parameter_mb": round(tensor_mb(params), 2), "optimizer_state_mb": round(tensor_mb(states), 2),
+               "rollout_copy_mb": round(tensor_mb(copies), 2)}
     with open(os.path.join(args.output_dir, f"figures.rank{rank}.json"), "w") as f:
         json.dump(figures, f)
 
@@ -107,11 +123,13 @@ def build_models(config: str, folder: str) -> dict:
 
 def run_layout(name: str, models: dict, opts, workdir: str) -> dict:
     ranks, extra, divisor = LAYOUTS[name]
+    accumulation = int(extra[extra.index("--gradient_accumulation_steps") + 1]) \
+        if "--gradient_accumulation_steps" in extra else 1
     out = os.path.join(workdir, name)
     argv = [os.path.join(ROOT, "config", "tiny", "ppo_argument.json"), "--actor_model_name_or_path", models["actor"],
             "--reward_model_name_or_path", models["rm"], "--output_dir", out, "--max_steps", str(opts.steps),
             "--per_device_prompt_batch_size", str(opts.prompts // divisor),
-            "--per_device_train_batch_size", str(opts.prompts // divisor), "--update_iters", "1",
+            "--per_device_train_batch_size", str(opts.prompts // divisor // accumulation), "--update_iters", "1",
             "--max_length", str(opts.max_length), "--max_new_tokens", str(opts.new_tokens), "--eval_datasets", "",
             "--eval_steps", "0", "--save_steps", "0", "--logging_steps", "1", "--disable_tqdm", "true", *extra]
     cmd = [sys.executable]
@@ -168,7 +186,8 @@ def main(argv=None):
                 results[name] = run_layout(name, models, opts, os.path.join(tmp, config))
             single = results["single"]["per_rank"][0]
             for name, r in results.items():
-                first = r["per_rank"][0]
+                first = {k: max(f[k] for f in r["per_rank"]) for k in ("parameter_mb", "optimizer_state_mb",
+                                                                        "peak_rss_mb")}
                 r["ratios_to_single"] = {
                     "iteration_seconds": round(r["iteration_seconds"] / results["single"]["iteration_seconds"], 3),
                     "parameter_mb_per_rank": round(first["parameter_mb"] / single["parameter_mb"], 3),
