@@ -285,6 +285,6 @@ def role_model(role: str) -> str:
 
 def inner_optimizer(optimizer):
     """The paddle optimizer inside fleet's wrappers (its state_dict is the real one)."""
-    while hasattr(optimizer, "_inner_opt"):
-        optimizer = optimizer._inner_opt
+    while hasattr(optimizer, "_inner_opt") or hasattr(optimizer, "_optim"):
+        optimizer = getattr(optimizer, "_inner_opt", None) or optimizer._optim
     return optimizer

@@ -13,6 +13,12 @@ kernels have no CPU version and the gloo process group lacks the ``*_on_calc_str
    become PyLayers over plain ``paddle.distributed`` collectives, out of place.
 5. Each new gloo group rendezvouses in a private store: in the shared one, groups created by
    different ranks at once (4+ ranks) read each other's stale keys.
+6. Group-sharded stage 2 (``sharding stage2``): ``group_sharded_parallel`` and its optimizer assert
+   a GPU, the optimizer and its gradient clip parse a device id out of the device name ("gpu:0"),
+   and the parameter storage moves each parameter "to the host" and clears it, which on CPU is the
+   same tensor (the data is lost).  The wrapper builds the same two stage-2 classes for "cpu", the
+   optimizer is constructed and clips under the name "cpu:0", and parameters are copied into the
+   storage in place.
 
 On a GPU, XPU or custom-device build with a device present it does nothing.  The patched names are
 private paddle internals: written for paddle 3.3.1 and also tested on 3.0.0; any other major.minor
@@ -56,6 +62,7 @@ def enable_cpu_fleet() -> bool:
     _patch_pipeline_p2p()
     _patch_mp_ops()
     _patch_new_group()
+    _patch_group_sharded_stage2()
     _ENABLED = True
     return True
 
@@ -307,3 +314,83 @@ def _patch_new_group():
         return original(backend, store, rank, world_size, *args, group_id=group_id, **kwargs)
 
     collective._new_process_group_impl = new_process_group
+
+
+# 6. Group-sharded stage 2 on CPU.
+def _group_sharded_parallel_cpu(model, optimizer, level, scaler=None, group=None, offload=False,
+                                sync_buffers=False, buffer_max_size=2**23, segment_size=2**20, sync_comm=False,
+                                dp_group=None, exclude_layer=None):
+    """paddle's ``group_sharded_parallel`` for levels 'os' / 'os_g' with device 'cpu' (its own
+    device check admits accelerators only)."""
+    from paddle.distributed.fleet.meta_parallel.sharding.group_sharded_optimizer_stage2 import (
+        GroupShardedOptimizerStage2,
+    )
+    from paddle.distributed.fleet.meta_parallel.sharding.group_sharded_stage2 import GroupShardedStage2
+
+    if level not in ("os", "os_g"):
+        raise UserError(f"group-sharded level {level!r} runs on GPU builds only; on CPU use stage 1 or 2")
+    optimizer = GroupShardedOptimizerStage2(params=optimizer._parameter_list, optim=optimizer, group=group,
+                                            offload=offload, dp_group=dp_group, device="cpu")
+    model = GroupShardedStage2(model, optimizer, group=group, sync_buffers=sync_buffers,
+                               buffer_max_size=buffer_max_size, dp_group=dp_group, device="cpu")
+    return model, optimizer, scaler
+
+
+class _DeviceName:
+    """Within the block ``paddle.get_device()`` names the CPU "cpu:0" (and, with ``cuda``, the
+    build claims CUDA for the optimizer's entry assert only)."""
+
+    def __init__(self, module, attr="get_device", cuda=False):
+        self.module, self.attr, self.cuda = module, attr, cuda
+
+    def __enter__(self):
+        from paddle.base import core
+
+        self.saved = getattr(self.module, self.attr), core.is_compiled_with_cuda
+        setattr(self.module, self.attr, lambda: "cpu:0")
+        if self.cuda:
+            core.is_compiled_with_cuda = lambda: True
+
+    def __exit__(self, *exc):
+        from paddle.base import core
+
+        setattr(self.module, self.attr, self.saved[0])
+        core.is_compiled_with_cuda = self.saved[1]
+
+
+def _patch_group_sharded_stage2():
+    import paddle.distributed.sharding as sharding
+    from paddle.distributed.fleet.meta_parallel.sharding import group_sharded_optimizer_stage2 as stage2_opt
+    from paddle.distributed.fleet.meta_parallel.sharding import group_sharded_storage as storage
+    from paddle.distributed.fleet.meta_parallel.sharding import group_sharded_utils as utils
+    from paddle.distributed.sharding import group_sharded
+
+    sharding.group_sharded_parallel = _group_sharded_parallel_cpu
+    group_sharded.group_sharded_parallel = _group_sharded_parallel_cpu
+
+    init = stage2_opt.GroupShardedOptimizerStage2.__init__
+
+    def optimizer_init(self, *args, **kwargs):
+        # the device-name parsing happens with paddle.get_device; device_guard restores devices
+        # through paddle.device.get_device, which stays truthful
+        with _DeviceName(paddle, cuda=True):
+            init(self, *args, **kwargs)
+
+    stage2_opt.GroupShardedOptimizerStage2.__init__ = optimizer_init
+
+    clip = utils.GroupShardedClipGrad._dygraph_clip
+
+    def dygraph_clip(self, params_grads):
+        # "cpu" would send the norm to a CUDA device; "cpu:0" keeps it here
+        with _DeviceName(paddle.device):
+            return clip(self, params_grads)
+
+    utils.GroupShardedClipGrad._dygraph_clip = dygraph_clip
+
+    add = storage.ParamStorage.add_rank_params
+
+    def add_rank_params(self, trainable_params, param2align, convert_gpu=True):
+        return add(self, trainable_params, param2align, False)  # CPU: copy in place, nothing to move
+
+    storage.ParamStorage.add_rank_params = add_rank_params
+    storage.cvt_to_device = lambda x, dev_id, blocking=True: x  # CPU buffers stay on the CPU

@@ -89,9 +89,9 @@ def init_parallel(args, pipeline: bool = False) -> ParallelContext:
     if pp > 1 and sd > 1:
         raise UserError("pipeline_parallel_degree > 1 combines with tensor and data parallel; "
                         "sharding_parallel_degree must be 1 with it")
-    if sd > 1 and getattr(args, "sharding", "") == "stage2" and device() == "cpu":
-        raise UserError("sharding 'stage2' runs on GPU builds only for now (paddle's group-sharded stage 2 "
-                        "asserts a GPU); on CPU use sharding 'stage1'")
+    if sd > 1 and getattr(args, "sharding", "") == "stage2" and (mp > 1 or pp > 1 or dp > 1):
+        raise UserError(f"sharding 'stage2' shards over all data ranks alone: set sharding_parallel_degree to the "
+                        f"world size {world} (tensor, pipeline and data parallel degree 1), or use 'stage1'")
     paddle.set_device(device())
     from paddle.distributed import fleet
 
@@ -264,6 +264,9 @@ def sync_grads(optimizer, parameters):
 
     The optimizer's next ``step`` skips its own synchronisation, so gradients are reduced once.
     """
+    owner = getattr(optimizer, "_param2rank", None)
+    if owner is not None:  # group-sharded stage 2: gradients were reduced to their owner in backward
+        return [p for p in parameters if owner.get(p.name) == optimizer._rank], True
     sync = getattr(optimizer, "_hybrid_sync_grad", None)
     sharded = bool(getattr(optimizer, "_sharding_enable", False))
     if sync is None or not (sharded or getattr(optimizer, "_dp_enable", False)):
@@ -306,6 +309,7 @@ def wrap_for_training(model, optimizer, sharding_stage: str = ""):
         from paddle.distributed.sharding import group_sharded_parallel
 
         group = _CONTEXT.hcg.get_sharding_parallel_group()
+        # (ppo.cpu_fleet provides the CPU build of this call)
         model, optimizer, _ = group_sharded_parallel(model, optimizer, level="os_g", group=group)
         return model, optimizer
     model = fleet.distributed_model(model)

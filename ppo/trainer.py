@@ -47,6 +47,7 @@ from ppo.training import (
     build_optimizer,
     build_template,
     check_weights_finite,
+    clear_grad,
     global_grad_norm,
     prepare_output_dir,
     save_pretrained_atomic,
@@ -555,7 +556,7 @@ class PPOTrainer:
         if self.guard.ok(step, grad_norm=norm, **losses):
             self.precision.step(optimizer)
             self._rollout_stale = self.separate_rollout
-        optimizer.clear_grad(set_to_zero=False)  # frees the gradients until the next backward
+        clear_grad(optimizer)  # frees the gradients until the next backward
         scheduler.step()
         return norm
 

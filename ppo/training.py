@@ -214,8 +214,20 @@ def global_grad_norm(parameters, optimizer=None) -> float:
                 replicated += value
     if sharded:
         split, replicated = parallel.sharding_sum([split, replicated])
+        if hasattr(optimizer, "_param2rank"):
+            # stage 2 holds the sums of the ranks' gradients until its step averages them
+            scale = float(parallel.context().sharding_degree) ** 2
+            split, replicated = split / scale, replicated / scale
     # pipeline stages hold different parameters (embeddings are never tied under pipeline)
     return math.sqrt(parallel.pipeline_sum([parallel.model_parallel_sum(split, replicated)])[0])
+
+
+def clear_grad(optimizer) -> None:
+    """Free the gradients until the next backward (group-sharded stage 2 clears its own storage)."""
+    if hasattr(optimizer, "_param2rank"):
+        optimizer.clear_grad()
+    else:
+        optimizer.clear_grad(set_to_zero=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -539,7 +551,7 @@ class SingleModelTrainer:
             if self.guard.ok(step + 1, loss=[s["loss"] for s in stats], grad_norm=grad_norm):
                 self.precision.step(self.optimizer)
                 self.after_step(stats)
-            self.optimizer.clear_grad(set_to_zero=False)
+            clear_grad(self.optimizer)
             self.scheduler.step()
             scalars = {k for k, v in stats[0].items() if isinstance(v, float)}
             window.append({k: parallel.mean_over_data(float(np.mean([s[k] for s in stats]))) for k in sorted(scalars)})

@@ -1,6 +1,6 @@
 """PPO under parallel layouts (real ``paddle.distributed.launch``, gloo on CPU) equals one process.
 
-Layouts: data parallel, sharding stage 1, tensor parallel (rolling out on the training model or on
+Layouts: data parallel, sharding stage 1 and 2, tensor parallel (rolling out on the training model or on
 a merged single copy), pipeline parallel and tensor x pipeline parallel (4 ranks; rollout on
 tensor-parallel copies exported from the pipeline, the batch split over the pipeline's ranks).
 
@@ -38,6 +38,7 @@ LAYOUTS = {
     # name: (arguments, per-device prompt batch giving the same global batch of 8 prompts, ranks)
     "data-parallel": ([], 4, 2),
     "sharding-stage1": (["--sharding_parallel_degree", "2", "--sharding", "stage1"], 4, 2),
+    "sharding-stage2": (["--sharding_parallel_degree", "2", "--sharding", "stage2"], 4, 2),
     "tensor-parallel": (["--tensor_parallel_degree", "2"], 8, 2),
     "tensor-parallel-single-rollout": (["--tensor_parallel_degree", "2", "--eval_mode", "single"], 8, 2),
     "pipeline-parallel": (["--pipeline_parallel_degree", "2", *PIPELINE], 8, 2),

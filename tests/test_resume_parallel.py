@@ -1,5 +1,6 @@
 """Exact resume with two ranks (real ``paddle.distributed.launch``): k steps + resume to N equals N
-steps straight, for the reward model under sharding stage 1 (optimizer state split over ranks), SFT
+steps straight, for the reward model under sharding stage 1 and stage 2 (optimizer state split over
+ranks), SFT
 under data parallel and PPO under tensor parallel and under pipeline parallel with sampled
 responses, a ptx loss and an adaptive KL coefficient (random state of every rank restored).
 
@@ -18,6 +19,9 @@ STAGES = {
     # stage: (script, config, model argument, layout, extra arguments, saved model folders)
     "reward-sharding-stage1": ("rm/run_reward.py", "config/tiny/rm_argument.json", "--model_name_or_path",
                                ["--sharding_parallel_degree", "2", "--sharding", "stage1"],
+                               ["--per_device_train_batch_size", "8", "--eval_datasets", ""], [""]),
+    "reward-sharding-stage2": ("rm/run_reward.py", "config/tiny/rm_argument.json", "--model_name_or_path",
+                               ["--sharding_parallel_degree", "2", "--sharding", "stage2"],
                                ["--per_device_train_batch_size", "8", "--eval_datasets", ""], [""]),
     "sft-data-parallel": ("ppo/run_sft.py", "config/tiny/sft_argument.json", "--model_name_or_path", [],
                           ["--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
