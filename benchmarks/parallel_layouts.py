@@ -1,7 +1,8 @@
 """PPO under each parallel layout: time per iteration and memory per rank, through the real launcher.
 
 For each model size (``tiny``, ``33m``: ``ppo.tiny.build.TINY`` / ``BENCH_33M``) and each layout
-(one process; 2 ranks of data parallel, sharding stage1, tensor parallel, pipeline parallel; 4 ranks
+(one process; 2 ranks of data parallel, sharding stage1 and stage2, tensor parallel, pipeline
+parallel; 4 ranks
 of tensor x pipeline parallel) this runs ``--steps``
 PPO iterations of the real trainer with ``paddle.distributed.launch`` on random models and the
 built-in prompts, and reports per rank:
@@ -13,7 +14,7 @@ built-in prompts, and reports per rank:
 * ``parameter_mb``: bytes of the actor's and critic's parameters held by the rank (a
   tensor-parallel rank holds its shard);
 * ``optimizer_state_mb``: bytes of the optimizer moments held by the rank (sharding stage1 keeps
-  the moments of the parameters the rank owns only);
+  the moments of the parameters the rank owns only, and so does stage2);
 * ``rollout_copy_mb``: bytes of the separate rollout copies of actor and critic (pipeline layouts
   roll out on non-pipeline copies; 0 when the training models roll out themselves).
 
@@ -49,6 +50,7 @@ LAYOUTS = {
     "single": (1, [], 1),
     "data_parallel_2": (2, [], 2),
     "sharding_stage1_2": (2, ["--sharding_parallel_degree", "2", "--sharding", "stage1"], 2),
+    "sharding_stage2_2": (2, ["--sharding_parallel_degree", "2", "--sharding", "stage2"], 2),
     "tensor_parallel_2": (2, ["--tensor_parallel_degree", "2"], 1),
     # pipeline: 2 micro-batches per optimizer step (fleet's 1F1B schedule); rollout on
     # tensor-parallel copies exported from the pipeline, the batch split over its stages
