@@ -102,3 +102,43 @@ def test_ppo_layouts_match_one_process(tiny_dir, tmp_path, single, layout):
     # merged checkpoints, loadable in one process, equal to the single-process ones
     for sub in ("policy", "value"):
         assert_same_weights(one_dir / sub, tmp_path / layout / sub, atol=1e-4)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_node_launch_on_localhost(tiny_dir, tmp_path, single):
+    """The multi-node command (``--master``/``--nnodes``), as two launchers of one rank each on this
+    machine, trains the same as one process (data parallel over the two "nodes")."""
+    import subprocess
+    import sys
+
+    from test_entrypoints import ROOT
+
+    one_dir, one = single
+    out, base = tmp_path / "two-nodes", str(tiny_dir / "base")
+    master = f"127.0.0.1:{free_port()}"
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "paddle.distributed.launch", "--master", master, "--nnodes", "2",
+               "--nproc_per_node", "1", "--log_dir", str(tmp_path / f"node{node}-logs"),
+               os.path.join(ROOT, "ppo/run_ppo.py"), "config/tiny/ppo_argument.json",
+               "--actor_model_name_or_path", base, "--reward_model_name_or_path", base, "--output_dir", str(out),
+               *COMMON, "--per_device_prompt_batch_size", "4", "--per_device_train_batch_size", "4",
+               "--disable_tqdm", "true"]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    two = train_metrics(out)
+    assert len(two) == STEPS
+    for a, b in zip(one, two):
+        for key in ("actor_loss", "critic_loss", "reward", "kl"):
+            assert abs(a[key] - b[key]) < 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
+    assert_same_weights(one_dir / "policy", out / "policy", atol=1e-4)
