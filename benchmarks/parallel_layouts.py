@@ -140,7 +140,13 @@ def run_layout(name: str, models: dict, opts, workdir: str) -> dict:
     cmd += [os.path.abspath(__file__), "--worker", *argv]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"layout {name} failed:\n{proc.stderr[-3000:]}")
+        logs = ""
+        for rank in range(ranks if ranks > 1 else 0):
+            path = os.path.join(out + "-logs", f"workerlog.{rank}")
+            if os.path.exists(path):
+                with open(path) as f:
+                    logs += f"\n--- rank {rank} ---\n" + f.read()[-2000:]
+        raise SystemExit(f"layout {name} failed:\n{proc.stderr[-3000:]}{logs}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [r for r in map(json.loads, f) if r["split"] == "train"]
     phases = ("time/rollout", "time/advantages", "time/update")

@@ -256,6 +256,15 @@ def _sum_over(group, values) -> list:
     return [float(v) for v in t.numpy()]
 
 
+def is_sharding_stage2(optimizer) -> bool:
+    """True for paddle's group-sharded stage-2 optimizer wrapper."""
+    from paddle.distributed.fleet.meta_parallel.sharding.group_sharded_optimizer_stage2 import (
+        GroupShardedOptimizerStage2,
+    )
+
+    return isinstance(optimizer, GroupShardedOptimizerStage2)
+
+
 def sync_grads(optimizer, parameters):
     """Run a hybrid optimizer's gradient synchronisation now, when it does one in its ``step``
     (sharding stage 1; data parallel next to tensor or pipeline parallel), and return
@@ -264,9 +273,8 @@ def sync_grads(optimizer, parameters):
 
     The optimizer's next ``step`` skips its own synchronisation, so gradients are reduced once.
     """
-    owner = getattr(optimizer, "_param2rank", None)
-    if owner is not None:  # group-sharded stage 2: gradients were reduced to their owner in backward
-        return [p for p in parameters if owner.get(p.name) == optimizer._rank], True
+    if is_sharding_stage2(optimizer):  # gradients were reduced to their owner in backward
+        return [p for p in parameters if optimizer._param2rank.get(p.name) == optimizer._rank], True
     sync = getattr(optimizer, "_hybrid_sync_grad", None)
     sharded = bool(getattr(optimizer, "_sharding_enable", False))
     if sync is None or not (sharded or getattr(optimizer, "_dp_enable", False)):

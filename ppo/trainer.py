@@ -43,6 +43,7 @@ from ppo.training import (
     MetricsLogger,
     NonFiniteGuard,
     Precision,
+    StepCadence,
     Timer,
     build_optimizer,
     build_template,
@@ -262,7 +263,7 @@ class PPOTrainer:
         args = self.args
         bar = tqdm(total=self.total_steps, desc="ppo", disable=args.disable_tqdm or not self.ctx.is_main,
                    dynamic_ncols=True)
-        window = []
+        cadence = StepCadence(args, self.total_steps, self.metrics, self.evaluate, self.save_checkpoint)
         bar.update(self.start_step)
         if args.eval_steps > 0 and self.start_step == 0:
             self.evaluate(0, bar.write)  # the starting point of every curve
@@ -272,6 +273,7 @@ class PPOTrainer:
                 exp = self.rollout(step)
             bar.update(1)
             log_ratio = (exp.old_log_probs - exp.ref_log_probs) * exp.action_mask
+            stats = None
             if self.guard.ok(done, reward=exp.end_scores, kl=log_ratio):
                 with self.timer("advantages"):
                     self.compute_advantages(exp)
@@ -280,16 +282,7 @@ class PPOTrainer:
                 stats.update(self.rollout_stats(exp))
                 stats.update(self.timer.pop())
                 stats["skipped_updates"] = float(self.guard.skipped)
-                window.append(stats)
-            if (done % args.logging_steps == 0 or done == self.total_steps) and window:
-                keys = window[-1].keys()
-                self.metrics.log(done, {k: float(np.mean([w[k] for w in window if k in w])) for k in keys},
-                                 echo=bar.write)
-                window = []
-            if args.eval_steps > 0 and done % args.eval_steps == 0 and done < self.total_steps:
-                self.evaluate(done, bar.write)
-            if args.save_steps > 0 and done % args.save_steps == 0 and done < self.total_steps:
-                self.save_checkpoint(done)
+            cadence.end_of_step(done, stats, bar.write)
         bar.close()
         final = self.evaluate(self.total_steps, print)
         self.save(args.output_dir, self.total_steps)

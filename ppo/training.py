@@ -214,7 +214,7 @@ def global_grad_norm(parameters, optimizer=None) -> float:
                 replicated += value
     if sharded:
         split, replicated = parallel.sharding_sum([split, replicated])
-        if hasattr(optimizer, "_param2rank"):
+        if parallel.is_sharding_stage2(optimizer):
             # stage 2 holds the sums of the ranks' gradients until its step averages them
             scale = float(parallel.context().sharding_degree) ** 2
             split, replicated = split / scale, replicated / scale
@@ -222,9 +222,43 @@ def global_grad_norm(parameters, optimizer=None) -> float:
     return math.sqrt(parallel.pipeline_sum([parallel.model_parallel_sum(split, replicated)])[0])
 
 
+class StepCadence:
+    """What happens after every step of a training loop (SFT, reward model and PPO alike).
+
+    The step's stats join a window that is logged (its mean, key by key) every ``logging_steps``
+    and at the last step; ``evaluate(step, echo)`` runs every ``eval_steps`` and ``save(step)``
+    every ``save_steps``, except at the last step, which the loop ends with a final evaluation and
+    save of its own.
+    """
+
+    def __init__(self, args, total_steps: int, metrics, evaluate, save):
+        self.args, self.total_steps = args, total_steps
+        self.metrics, self.evaluate, self.save = metrics, evaluate, save
+        self.window: list[dict] = []
+
+    def end_of_step(self, done: int, stats: dict | None, echo, extra=None) -> None:
+        """``stats``: the step's figures (None for a step without any, e.g. a skipped update);
+        ``extra()``: figures read at logging time only (learning rate, epoch)."""
+        args = self.args
+        if stats is not None:
+            self.window.append(stats)
+        if (done % args.logging_steps == 0 or done == self.total_steps) and self.window:
+            keys = self.window[-1].keys()
+            logged = {k: float(np.mean([w[k] for w in self.window if k in w])) for k in keys}
+            logged.update(extra() if extra else {})
+            self.metrics.log(done, logged, echo=echo)
+            self.window = []
+        if args.eval_steps > 0 and done % args.eval_steps == 0 and done < self.total_steps:
+            self.evaluate(done, echo)
+        if args.save_steps > 0 and done % args.save_steps == 0 and done < self.total_steps:
+            self.save(done)
+
+
 def clear_grad(optimizer) -> None:
     """Free the gradients until the next backward (group-sharded stage 2 clears its own storage)."""
-    if hasattr(optimizer, "_param2rank"):
+    from ppo import parallel
+
+    if parallel.is_sharding_stage2(optimizer):
         optimizer.clear_grad()
     else:
         optimizer.clear_grad(set_to_zero=False)
@@ -531,7 +565,7 @@ class SingleModelTrainer:
         args, ctx = self.args, self.ctx
         bar = tqdm(total=self.total_steps, initial=self.start_step, desc=self.stage,
                    disable=args.disable_tqdm or not ctx.is_main, dynamic_ncols=True)
-        window: list[dict] = []
+        cadence = StepCadence(args, self.total_steps, self.metrics, self.log_eval, self.save_checkpoint)
         if args.eval_steps > 0 and self.start_step == 0:
             self.log_eval(0, bar.write)  # the starting point of the eval curve
         self.model.train()
@@ -554,19 +588,12 @@ class SingleModelTrainer:
             clear_grad(self.optimizer)
             self.scheduler.step()
             scalars = {k for k, v in stats[0].items() if isinstance(v, float)}
-            window.append({k: parallel.mean_over_data(float(np.mean([s[k] for s in stats]))) for k in sorted(scalars)})
-            window[-1].update(grad_norm=grad_norm, skipped_updates=float(self.guard.skipped))
+            summary = {k: parallel.mean_over_data(float(np.mean([s[k] for s in stats]))) for k in sorted(scalars)}
+            summary.update(grad_norm=grad_norm, skipped_updates=float(self.guard.skipped))
             bar.update(1)
             done = step + 1
-            if done % args.logging_steps == 0 or done == self.total_steps:
-                logged = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-                logged.update(lr=float(self.optimizer.get_lr()), epoch=round(self.sampler.epoch_of(done), 3))
-                self.metrics.log(done, logged, echo=bar.write)
-                window = []
-            if args.eval_steps > 0 and done % args.eval_steps == 0 and done < self.total_steps:
-                self.log_eval(done, bar.write)
-            if args.save_steps > 0 and done % args.save_steps == 0 and done < self.total_steps:
-                self.save_checkpoint(done)
+            cadence.end_of_step(done, summary, bar.write, lambda: {
+                "lr": float(self.optimizer.get_lr()), "epoch": round(self.sampler.epoch_of(done), 3)})
         bar.close()
         final = self.log_eval(self.total_steps, print)
         self.save(args.output_dir, self.total_steps)
