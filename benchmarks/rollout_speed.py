@@ -1,8 +1,9 @@
 """Rollout throughput: the inference model vs paddlenlp's stock ``generate`` on the same weights.
 
-Three paths are timed in one run: ``inference`` (``ppo.inference.InferenceModel``, the default
-rollout path), ``forward_loop`` (the same sampling loop over paddlenlp's forward and cache) and
-``stock`` (paddlenlp's ``generate``).
+Four paths are timed in one run: ``inference`` (``ppo.inference.InferenceModel``, the default
+rollout path), ``inference_static`` (the same with its decode step compiled as a static graph,
+``rollout_static_graph``), ``forward_loop`` (the same sampling loop over paddlenlp's forward and
+cache) and ``stock`` (paddlenlp's ``generate``).
 
     python benchmarks/rollout_speed.py [--config 33m|tiny] [--batch 16] [--prompt 64] [--new 64] [--repeats 3]
 
@@ -56,9 +57,14 @@ def main(argv=None):
     eos = dims["vocab_size"] + 1
 
     inference = InferenceModel(model)
+    inference_static = InferenceModel(model, static_decode=True)
 
     def run_inference():
         seqs, _ = generate(inference, ids, mask, config, eos_token_id=eos, pad_token_id=0)
+        assert seqs.shape[1] == args.prompt + args.new
+
+    def run_inference_static():
+        seqs, _ = generate(inference_static, ids, mask, config, eos_token_id=eos, pad_token_id=0)
         assert seqs.shape[1] == args.prompt + args.new
 
     def run_forward_loop():
@@ -87,7 +93,8 @@ def main(argv=None):
     result = {"config": args.config, "params": int(params), "batch": args.batch, "prompt": args.prompt,
               "new_tokens": args.new, "matmul_gflops": round(gflops, 1),
               "floor_generated_seconds": round(floor_s, 4), "floor_all_seconds": round(floor_all, 4)}
-    for name, fn in (("inference", run_inference), ("forward_loop", run_forward_loop)) + \
+    for name, fn in (("inference", run_inference), ("inference_static", run_inference_static),
+                     ("forward_loop", run_forward_loop)) + \
             ((("stock", stock),) if not args.skip_stock else ()):
         seconds = timed(fn)
         result[f"{name}_seconds"] = round(seconds, 3)

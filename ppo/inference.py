@@ -13,6 +13,12 @@ by concatenation every step).  ``InferenceModel`` runs the same computation with
 It implements the decoder interface of ``ppo.rollout.generate`` (``start`` / ``step``), so
 sampling, EOS handling and masks are shared with the reference path.  Logits agree with the
 paddlenlp forward to float rounding (tested, 1e-5).
+
+``static_decode``: the decode step as one static graph (``paddle.jit.to_static``), compiled once
+per shape (batch x cache length: one per rollout bucket).  The parameters enter the program by
+reference, so it also runs the current weights.  On this CPU build it measured no faster than the
+eager step (``benchmarks/rollout_speed.py``): the step's time is in its kernels, not in launching
+them; it is off by default and meant for accelerators, where launches cost more.
 """
 
 from __future__ import annotations
@@ -60,8 +66,10 @@ class InferenceModel:
             model._ppo_inference_view = view
         return view
 
-    def __init__(self, model):
+    def __init__(self, model, static_decode: bool = False):
         self.model = model
+        self.static_decode = static_decode
+        self._static_step = None
         config = model.config
         attn = model.llama.layers[0].self_attn
         # tensor parallel: this rank's heads, MLP columns and vocabulary slice; the partial sums of
@@ -175,6 +183,14 @@ class InferenceModel:
         rotary = llama.layers[0].self_attn.rotary_emb
         cos = rotary.cos_cached.squeeze([0, 2])[positions].unsqueeze(1)  # [B, 1, S, D]
         sin = rotary.sin_cached.squeeze([0, 2])[positions].unsqueeze(1)
+        # paddle's CPU kernels broadcast slowly: expand the per-position factors once for all layers
+        # (and the mask for a prompt prefill; a long scored sequence keeps it [B, 1, S, T])
+        D = self.head_dim
+        cos_q, sin_q = cos.expand([B, self.n_heads, S, D]), sin.expand([B, self.n_heads, S, D])
+        cos_k, sin_k = (cos_q, sin_q) if self.n_kv == self.n_heads else \
+            (cos.expand([B, self.n_kv, S, D]), sin.expand([B, self.n_kv, S, D]))
+        if cache is not None:
+            key_bias = key_bias.expand([B, self.n_heads, S, key_bias.shape[-1]])
         scale = 1.0 / math.sqrt(self.head_dim)
         for i, layer in enumerate(llama.layers):
             attn, qkv, ffn = self._layer_weights(layer)
@@ -183,8 +199,8 @@ class InferenceModel:
             q = q.reshape([B, S, self.n_heads, self.head_dim]).transpose([0, 2, 1, 3])
             k = k.reshape([B, S, self.n_kv, self.head_dim]).transpose([0, 2, 1, 3])
             v = v.reshape([B, S, self.n_kv, self.head_dim]).transpose([0, 2, 1, 3])
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q = q * cos_q + _rotate_half(q) * sin_q
+            k = k * cos_k + _rotate_half(k) * sin_k
             if cache is not None:
                 keys, values = cache[0][i], cache[1][i]
                 keys[:, :, start:start + S] = k
@@ -241,18 +257,38 @@ class InferenceModel:
         end = paddle.take_along_axis(scores, index.reshape([-1, 1, 1]).expand([-1, 1, scores.shape[-1]]), axis=1)
         return scores, end.squeeze(1)
 
-    def _decode(self, token, cos, sin, cache_bias):
+    def _decode_step(self, token, cos, sin, cache_bias):
+        """``_decode`` eagerly, or as its compiled static graph (``static_decode``)."""
+        if not self.static_decode or self.mp > 1:  # (tensor parallel decodes eagerly: collectives)
+            return self._decode(token, cos, sin, cache_bias, self.cache)
+        if self._static_step is None:
+            if not paddle.is_compiled_with_cuda():
+                # the static executor's thread pool only adds hand-offs to a CPU step
+                paddle.set_flags({"FLAGS_new_executor_serial_run": True})
+
+            def step(token, cos, sin, cache_bias, keys, values):
+                return self._decode(token, cos, sin, cache_bias, (keys, values))
+
+            self._static_step = paddle.jit.to_static(step, full_graph=True)
+        return self._static_step(token, cos, sin, cache_bias, self.cache[0], self.cache[1])
+
+    def _decode(self, token, cos, sin, cache_bias, cache):
         """One new token per row against the cache; returns (logits [B, V], new keys, new values).
 
         The cache holds only earlier tokens: the new token's own key and value enter the softmax as
         one extra column, and are written to the cache after the step (two writes per step instead
-        of two per layer).
+        of two per layer).  New keys and values come stacked: [layers, B, kv_heads, 1, head_dim].
         """
         llama = self.model.llama
         B = token.shape[0]
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         h = self._embed(token)                                             # [B, hidden]
         scale = 1.0 / math.sqrt(D)
+        # paddle's CPU kernels broadcast slowly (8x for [B, 1, 1, D] against [B, H, 1, D]): the
+        # per-step factors are expanded once to the shapes every layer multiplies them with
+        cos_q, sin_q = cos.expand([B, H, 1, D]), sin.expand([B, H, 1, D])
+        cos_k, sin_k = (cos_q, sin_q) if KV == H else (cos.expand([B, KV, 1, D]), sin.expand([B, KV, 1, D]))
+        cache_bias = cache_bias.expand([B, H, 1, cache_bias.shape[-1]])
         new_keys, new_values = [], []
         for i, layer in enumerate(llama.layers):
             attn, qkv, ffn = self._layer_weights(layer)
@@ -261,22 +297,22 @@ class InferenceModel:
             k = k.reshape([B, KV, 1, D])
             v = v.reshape([B, KV, 1, D])
             # rotary with rotate_half as one matmul by a signed permutation (instead of 4 ops)
-            q = (q * cos + paddle.matmul(q, self.rotation) * sin) * scale
-            k = k * cos + paddle.matmul(k, self.rotation) * sin
+            q = (q * cos_q + paddle.matmul(q, self.rotation) * sin_q) * scale
+            k = k * cos_k + paddle.matmul(k, self.rotation) * sin_k
             new_keys.append(k)
             new_values.append(v)
-            keys, values = self.cache[0][i], self.cache[1][i]
+            keys, values = cache[0][i], cache[1][i]
             if KV != H:
                 keys, values = (paddle.repeat_interleave(t, H // KV, axis=1) for t in (keys, values))
                 k, v = (paddle.repeat_interleave(t, H // KV, axis=1) for t in (k, v))
             scores = paddle.concat([paddle.matmul(q, keys, transpose_y=True) + cache_bias,
                                     (q * k).sum(-1, keepdim=True)], axis=-1)
             probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
-            out = paddle.matmul(probs[..., :-1], values) + probs[..., -1:] * v   # [B, H, 1, D]
+            out = paddle.matmul(probs[..., :-1], values) + probs[..., -1:].expand([B, H, 1, D]) * v  # [B, H, 1, D]
             h = h + self._reduce(paddle.matmul(out.reshape([B, H * D]), attn.o_proj.weight))
             h = h + self._mlp(_rms_norm(h, layer.post_attention_layernorm.weight, self.eps), layer.mlp, ffn)
         last = _rms_norm(h, llama.norm.weight, self.eps)
-        return self._full_logits(last), new_keys, new_values
+        return self._full_logits(last), paddle.stack(new_keys), paddle.stack(new_values)
 
     def _bias(self, key_mask, S: int, start: int):
         """[B, 1, S, T_max] additive mask: padding, unwritten cache slots and the causal order."""
@@ -314,10 +350,10 @@ class InferenceModel:
         pos = position_ids.reshape([-1])
         cos = self.cos_table[pos].reshape([-1, 1, 1, self.head_dim])
         sin = self.sin_table[pos].reshape([-1, 1, 1, self.head_dim])
-        logits, keys, values = self._decode(token, cos, sin, cache_bias)
+        logits, keys, values = self._decode_step(token, cos, sin, cache_bias)
         # a finished row's token is padding: written but masked from later steps
-        self.cache[0][:, :, :, self.length] = paddle.stack(keys).squeeze(3)
-        self.cache[1][:, :, :, self.length] = paddle.stack(values).squeeze(3)
+        self.cache[0][:, :, :, self.length] = keys.squeeze(3)
+        self.cache[1][:, :, :, self.length] = values.squeeze(3)
         self.key_mask[:, self.length] = token_mask.astype("int64")
         self.length += 1
         return logits

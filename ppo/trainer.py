@@ -168,7 +168,8 @@ class PPOTrainer:
         self._rollout_stale = self.separate_rollout
         # the rollout decoder reads the actor's parameters directly: always the current weights
         # (under tensor parallel, this rank's shards, with the partial sums all-reduced)
-        decoder = InferenceModel(self.rollout_actor) if args.use_inference_model else None
+        decoder = (InferenceModel(self.rollout_actor, static_decode=args.rollout_static_graph)
+                   if args.use_inference_model else None)
         self.models = Models(actor=self.rollout_actor, reference=reference, reward=reward, critic=self.rollout_critic,
                              actor_tokenizer=self.tokenizer, reward_tokenizer=reward_tokenizer, decoder=decoder)
 
