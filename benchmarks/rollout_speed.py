@@ -5,7 +5,7 @@ rollout path), ``inference_static`` (the same with its decode step compiled as a
 ``rollout_static_graph``), ``forward_loop`` (the same sampling loop over paddlenlp's forward and
 cache) and ``stock`` (paddlenlp's ``generate``).
 
-    python benchmarks/rollout_speed.py [--config 33m|tiny] [--batch 16] [--prompt 64] [--new 64] [--repeats 3]
+    python benchmarks/rollout_speed.py [--config 33m|tiny] [--batch 16] [--prompt 64] [--new 64] [--repeats 5]
 
 Prints one JSON object: tokens/s of each path (median of the repeats), their ratio, and the
 fraction of the compute floor at the fp32 matmul rate measured in this run, counted two ways:
@@ -31,7 +31,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip_stock", action="store_true", help="do not time paddlenlp's generate")
     args = parser.parse_args(argv)
 
