@@ -130,7 +130,8 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
     num_return_sequences: int = arg(1, "Responses sampled per prompt (>= 2 for group advantage estimators).")
     offload_level: str = arg("", "What leaves memory between phases, space separated: freeze_model (reference and "
                                  "reward model outside scoring), optimizer (optimizer state outside updates), "
-                                 "train_model (critic weights while responses are generated).")
+                                 "train_model (critic weights while responses are generated; also the actor's when "
+                                 "rollout runs on separate copies, see eval_mode).")
     offload_dir: str = arg("", "Folder of the CPU offload files (default: the system temp folder; use a real disk).")
     use_inference_model: bool = arg(True, "Roll out with the lean KV-cache inference model over the actor's live "
                                           "weights (false: paddlenlp's forward with its own cache).")

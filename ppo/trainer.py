@@ -188,6 +188,7 @@ class PPOTrainer:
             return
         from ppo import pipeline
 
+        self.offload.reload_trained()
         pairs = [(self.actor, self.rollout_actor)]
         if self.uses_critic:
             pairs.append((self.critic, self.rollout_critic))
@@ -640,6 +641,7 @@ class PPOTrainer:
 
     def save(self, target: str, step: int) -> None:
         """The final policy/ and value/ models (from_pretrained-loadable)."""
+        self.offload.reload_trained()
         state = {"global_step": step, "stage": "ppo", "kl_coeff": float(self.kl_ctl.value), "args": vars(self.args)}
         for sub, model in self._models_and_optimizers()[0].items():
             save_pretrained_atomic(model, self.tokenizer, os.path.join(target, sub), extra=state)
@@ -698,6 +700,8 @@ class Offload:
     generation: reference, reward model, critic weights and optimizer states may be out;
     scoring:    reference, reward model and critic are back; optimizer states stay out;
     update:     optimizer states are back; reference and reward model go out again.
+    When rollout runs on separate copies (``eval_mode``, pipeline parallel), ``train_model`` takes
+    the training actor and critic out from generation to the update: the copies decode and score.
     Parameter objects keep their identity, so optimizers update the same tensors.
     """
 
@@ -717,17 +721,28 @@ class Offload:
         if trainer.uses_critic:
             move(checkpoint.inner_optimizer(trainer.critic_opt), self.store, "critic")
 
+    def _trained(self):
+        """The training models that leave during generation (and come back for their use)."""
+        trainer = self.trainer
+        if "train_model" not in self.levels:
+            return {}
+        models = {"actor": trainer.actor} if trainer.separate_rollout else {}  # else: it decodes
+        if trainer.critic is not None:
+            models["critic"] = trainer.critic
+        return models
+
     def before_generation(self):
         if "optimizer" in self.levels:
             self._optimizers(offload_optimizer)
-        if "train_model" in self.levels and self.trainer.critic is not None:
-            offload_model(self.trainer.critic, self.store, "critic")
+        for name, model in self._trained().items():
+            offload_model(model, self.store, name)
 
     def before_scoring(self):
         if "freeze_model" in self.levels:
             self._frozen(reload_model)
-        if "train_model" in self.levels and self.trainer.critic is not None:
-            reload_model(self.trainer.critic, self.store, "critic")
+        if not self.trainer.separate_rollout:  # the critic scores with its training weights
+            for name, model in self._trained().items():
+                reload_model(model, self.store, name)
 
     def after_scoring(self):
         if "freeze_model" in self.levels:
@@ -736,6 +751,12 @@ class Offload:
     def before_update(self):
         if "optimizer" in self.levels:
             self._optimizers(reload_optimizer)
+        self.reload_trained()
+
+    def reload_trained(self):
+        """The training weights back in memory (a no-op for what is not out)."""
+        for name, model in self._trained().items():
+            reload_model(model, self.store, name)
 
     def close(self):
         """Everything back in memory and the store's files removed."""

@@ -40,7 +40,9 @@ LAYOUTS = {
     "sharding-stage1": (["--sharding_parallel_degree", "2", "--sharding", "stage1"], 4, 2),
     "sharding-stage2": (["--sharding_parallel_degree", "2", "--sharding", "stage2"], 4, 2),
     "tensor-parallel": (["--tensor_parallel_degree", "2"], 8, 2),
-    "tensor-parallel-single-rollout": (["--tensor_parallel_degree", "2", "--eval_mode", "single"], 8, 2),
+    # with every offload level: the training actor and critic leave while the copies roll out
+    "tensor-parallel-single-rollout": (["--tensor_parallel_degree", "2", "--eval_mode", "single", "--offload_level",
+                                        "freeze_model optimizer train_model"], 8, 2),
     "pipeline-parallel": (["--pipeline_parallel_degree", "2", *PIPELINE], 8, 2),
     "tp2xpp2": (["--tensor_parallel_degree", "2", "--pipeline_parallel_degree", "2", *PIPELINE], 8, 4),
 }
