@@ -402,26 +402,36 @@ class PPOTrainer:
         n = len(parts)
         return {k: sum(p[k] for p in parts) / (1 if k in weighted else n) for k in parts[0]}
 
+    def _micro_steps(self, train_model, micro, weights, objective) -> list[dict]:
+        """Backward of ``objective(m, w) -> (loss, stats)`` for every micro-batch (gradients
+        accumulate; data-parallel ones are reduced on the last); each micro-batch's stats."""
+        parts = []
+        for i, (m, w) in enumerate(zip(micro, weights)):
+            with self._sync(train_model, i == len(micro) - 1):
+                total, stats = objective(m, w)
+                self.precision.backward(total)
+            parts.append(stats)
+        return parts
+
     def actor_step(self, micro: list[Experience], weights: list[float], step: int) -> dict:
         args = self.args
         if self.pipeline:
             out = self._pipeline_actor(micro, weights)
         else:
-            parts = []
-            for i, (m, w) in enumerate(zip(micro, weights)):
-                with self._sync(self.actor_train, i == len(micro) - 1):
-                    with self.precision.autocast():
-                        log_probs, entropy = forward_log_probs(self.actor_train, m.sequences, m.attention_mask,
-                                                               args.temperature, with_entropy=True,
-                                                               entropy_grad=bool(args.entropy_coeff))
-                    total, stats = self._actor_objective(log_probs, entropy, m, w)
-                    if self.ptx is not None:
-                        ptx = self._ptx_loss()
-                        stats["ptx_loss"] = float(ptx)
-                        total = total + args.ptx_coeff * ptx / len(micro)
-                    self.precision.backward(total)
-                parts.append(stats)
-            out = self._combine(parts, weighted=("actor_loss",))
+            def objective(m, w):
+                with self.precision.autocast():
+                    log_probs, entropy = forward_log_probs(self.actor_train, m.sequences, m.attention_mask,
+                                                           args.temperature, with_entropy=True,
+                                                           entropy_grad=bool(args.entropy_coeff))
+                total, stats = self._actor_objective(log_probs, entropy, m, w)
+                if self.ptx is not None:
+                    ptx = self._ptx_loss()
+                    stats["ptx_loss"] = float(ptx)
+                    total = total + args.ptx_coeff * ptx / len(micro)
+                return total, stats
+
+            out = self._combine(self._micro_steps(self.actor_train, micro, weights, objective),
+                                weighted=("actor_loss",))
         out["actor_grad_norm"] = self._step(self.actor_opt, self.actor_sched, self.actor, step,
                                             actor_loss=out["actor_loss"])
         return out
@@ -430,15 +440,13 @@ class PPOTrainer:
         if self.pipeline:
             out = self._pipeline_critic(micro, weights)
         else:
-            parts = []
-            for i, (m, w) in enumerate(zip(micro, weights)):
-                with self._sync(self.critic_train, i == len(micro) - 1):
-                    with self.precision.autocast():
-                        scores = self.critic_train(m.sequences, m.attention_mask).scores
-                    total, stats = self._critic_objective(scores, m, w)
-                    self.precision.backward(total)
-                parts.append(stats)
-            out = self._combine(parts, weighted=("critic_loss",))
+            def objective(m, w):
+                with self.precision.autocast():
+                    scores = self.critic_train(m.sequences, m.attention_mask).scores
+                return self._critic_objective(scores, m, w)
+
+            out = self._combine(self._micro_steps(self.critic_train, micro, weights, objective),
+                                weighted=("critic_loss",))
         out["critic_grad_norm"] = self._step(self.critic_opt, self.critic_sched, self.critic, step,
                                              critic_loss=out["critic_loss"])
         return out

@@ -109,7 +109,8 @@ def test_reward_model_with_another_tokenizer(dirs, tmp_path):
     assert int(r_ids.max()) < len(other)
     with paddle.no_grad():
         expected = trainer.models.reward(r_ids, r_mask).end_scores.squeeze(-1).numpy()
-    np.testing.assert_allclose(exp.end_scores.numpy(), expected, rtol=1e-6)
+    # scored by the inference model (paddle's fused RMSNorm) vs paddlenlp's forward: float rounding
+    np.testing.assert_allclose(exp.end_scores.numpy(), expected, rtol=1e-5, atol=1e-6)
     trainer.train()  # a full run through the re-tokenizing path
 
 
