@@ -86,9 +86,6 @@ def init_parallel(args, pipeline: bool = False) -> ParallelContext:
     if pp > 1 and not pipeline:
         raise UserError("pipeline_parallel_degree > 1 is supported for PPO (actor and critic); reward-model and "
                         "SFT training use tensor parallel, sharding and data parallel")
-    if pp > 1 and sd > 1:
-        raise UserError("pipeline_parallel_degree > 1 combines with tensor and data parallel; "
-                        "sharding_parallel_degree must be 1 with it")
     if sd > 1 and getattr(args, "sharding", "") == "stage2" and (mp > 1 or pp > 1 or dp > 1):
         raise UserError(f"sharding 'stage2' shards over all data ranks alone: set sharding_parallel_degree to the "
                         f"world size {world} (tensor, pipeline and data parallel degree 1), or use 'stage1'")
