@@ -327,6 +327,10 @@ def validate(args) -> None:
     if args.sharding_parallel_degree > 1:
         _require(args.sharding in ("stage1", "stage2"),
                  f"'sharding' must be 'stage1' or 'stage2' when sharding_parallel_degree > 1, got {args.sharding!r}")
+        # stage 2 keeps the parameters as views of one shared buffer: releasing them cuts the link
+        _require(not (args.sharding == "stage2" and "train_model" in str(getattr(args, "offload_level", "")).split()),
+                 "offload_level 'train_model' does not combine with sharding 'stage2' (its parameters are views "
+                 "of one shared buffer); use 'freeze_model optimizer' with it, or sharding 'stage1'")
 
 
 def to_dict(args) -> dict:

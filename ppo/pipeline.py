@@ -102,6 +102,9 @@ class PipeLoss(nn.Layer):
 
 def check_pipeline_config(config, what: str, path: str) -> None:
     pp = parallel.context().pp_degree
+    if getattr(config, "model_type", "llama") != "llama":
+        raise UserError(f"'{what}' = '{path}' is a {config.model_type!r} model; pipeline_parallel_degree > 1 "
+                        "supports: llama")
     if getattr(config, "tie_word_embeddings", False):
         raise UserError(f"'{what}' = '{path}' ties its input and output embeddings; pipeline_parallel_degree > 1 "
                         "needs untied embeddings (tie_word_embeddings false)")
@@ -183,7 +186,10 @@ def iter_full_state(pipe, merge_tensor_parallel: bool):
     group = ctx.hcg.get_pipe_parallel_group()
     local = pipe.state_dict()
     actions = _tp_merge_actions(pipe) if merge_tensor_parallel else {}
-    shapes = getattr(pipe, "_ppo_full_shapes", {}).setdefault(merge_tensor_parallel, {})
+    cache = getattr(pipe, "_ppo_full_shapes", None)
+    if cache is None:
+        cache = pipe._ppo_full_shapes = {}
+    shapes = cache.setdefault(merge_tensor_parallel, {})
     for stage, names in enumerate(_stage_keys(pipe)):
         src = group.ranks[stage]
         for name in names:
@@ -197,7 +203,6 @@ def iter_full_state(pipe, merge_tensor_parallel: bool):
                 value = paddle.empty(list(shape), dtype=dtype)
             dist.broadcast(value, src=src, group=group)
             yield name, value
-    pipe._ppo_full_shapes = {**getattr(pipe, "_ppo_full_shapes", {}), merge_tensor_parallel: shapes}
 
 
 @paddle.no_grad()

@@ -476,7 +476,8 @@ class PPOTrainer:
         loss_layer.compute, loss_layer.stats = compute, []
         loss_layer.accumulate_steps = self.args.gradient_accumulation_steps
         data = train_model._prepare_training([inputs, labels], optimizer, None)
-        train_model.forward_backward_pipeline(data, self.precision.scaler)
+        with self.precision.autocast():
+            train_model.forward_backward_pipeline(data, self.precision.scaler)
         n = self.args.gradient_accumulation_steps
         flat = [s[k] for s in loss_layer.stats for k in keys] if loss_layer.stats else [0.0] * (n * len(keys))
         flat = parallel.broadcast_from_last_stage(flat)
@@ -499,7 +500,7 @@ class PPOTrainer:
         whole = _concat_experience(micro)
         labels = (whole.sequences, whole.attention_mask, whole.old_log_probs, whole.advantages, whole.action_mask,
                   whole.ref_log_probs, self._row_weights(micro, weights))
-        split = parallel.vocab_is_split(unwrap_training(self.actor))
+        split = parallel.vocab_is_split(self.actor)
 
         def compute(logits, labels):
             sequences, attention_mask, old, adv, mask, ref, w = labels
@@ -653,12 +654,6 @@ class PPOTrainer:
         state = {"global_step": step, "stage": "ppo", "kl_coeff": float(self.kl_ctl.value), "args": vars(self.args)}
         for sub, model in self._models_and_optimizers()[0].items():
             save_pretrained_atomic(model, self.tokenizer, os.path.join(target, sub), extra=state)
-
-
-def unwrap_training(model):
-    from ppo.training import unwrap
-
-    return unwrap(model)
 
 
 def _concat_experience(micro: list[Experience]) -> Experience:

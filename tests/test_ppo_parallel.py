@@ -1,9 +1,9 @@
 """PPO under parallel layouts (real ``paddle.distributed.launch``, gloo on CPU) equals one process.
 
 Layouts: data parallel, sharding stage 1 and 2, tensor parallel (rolling out on the training model or on
-a merged single copy), pipeline parallel, tensor x pipeline parallel and pipeline x sharding
-stage 1 (4 ranks; rollout on copies exported from the pipeline, the batch split over the
-pipeline's ranks).
+a merged single copy), pipeline parallel, tensor x pipeline parallel (rolling out on
+tensor-parallel or single copies), data x pipeline parallel and pipeline x sharding stage 1 (4
+ranks; rollout on copies exported from the pipeline, the batch split over the pipeline's ranks).
 
 Every run starts from the same tiny actor (also the reward model and critic, with the score head's
 fixed-seed initialisation), sees the same global prompt batch of 8 and decodes greedily, so the
@@ -46,6 +46,10 @@ LAYOUTS = {
                                         "freeze_model optimizer train_model"], 8, 2),
     "pipeline-parallel": (["--pipeline_parallel_degree", "2", *PIPELINE], 8, 2),
     "tp2xpp2": (["--tensor_parallel_degree", "2", "--pipeline_parallel_degree", "2", *PIPELINE], 8, 4),
+    "tp2xpp2-single-rollout": (["--tensor_parallel_degree", "2", "--pipeline_parallel_degree", "2", "--eval_mode",
+                                "single", *PIPELINE], 8, 4),
+    "dp2xpp2": (["--pipeline_parallel_degree", "2", "--per_device_train_batch_size", "2",
+                 "--gradient_accumulation_steps", "2"], 4, 4),
     "pp2xsharding-stage1": (["--pipeline_parallel_degree", "2", "--sharding_parallel_degree", "2", "--sharding",
                              "stage1", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"], 4, 4),
 }
