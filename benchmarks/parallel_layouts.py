@@ -2,8 +2,7 @@
 
 For each model size (``tiny``, ``33m``: ``ppo.tiny.build.TINY`` / ``BENCH_33M``) and each layout
 (one process; 2 ranks of data parallel, sharding stage1 and stage2, tensor parallel, pipeline
-parallel; 4 ranks
-of tensor x pipeline parallel) this runs ``--steps``
+parallel; 4 ranks of tensor x pipeline parallel) this runs ``--steps``
 PPO iterations of the real trainer with ``paddle.distributed.launch`` on random models and the
 built-in prompts, and reports per rank:
 
@@ -194,14 +193,14 @@ def main(argv=None):
                 results[name] = run_layout(name, models, opts, os.path.join(tmp, config))
             single = results["single"]["per_rank"][0]
             for name, r in results.items():
-                first = {k: max(f[k] for f in r["per_rank"]) for k in ("parameter_mb", "optimizer_state_mb",
-                                                                        "peak_rss_mb")}
+                largest = {k: max(f[k] for f in r["per_rank"]) for k in ("parameter_mb", "optimizer_state_mb",
+                                                                          "peak_rss_mb")}
                 r["ratios_to_single"] = {
                     "iteration_seconds": round(r["iteration_seconds"] / results["single"]["iteration_seconds"], 3),
-                    "parameter_mb_per_rank": round(first["parameter_mb"] / single["parameter_mb"], 3),
-                    "optimizer_state_mb_per_rank": round(first["optimizer_state_mb"] / single["optimizer_state_mb"], 3)
+                    "parameter_mb_per_rank": round(largest["parameter_mb"] / single["parameter_mb"], 3),
+                    "optimizer_state_mb_per_rank": round(largest["optimizer_state_mb"] / single["optimizer_state_mb"], 3)
                     if single["optimizer_state_mb"] else None,
-                    "peak_rss_mb_per_rank": round(first["peak_rss_mb"] / single["peak_rss_mb"], 3)}
+                    "peak_rss_mb_per_rank": round(largest["peak_rss_mb"] / single["peak_rss_mb"], 3)}
             out["results"][config] = results
     import paddle
 

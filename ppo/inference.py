@@ -200,12 +200,9 @@ class InferenceModel:
         rotary = llama.layers[0].self_attn.rotary_emb
         cos = rotary.cos_cached.squeeze([0, 2])[positions].unsqueeze(1)  # [B, 1, S, D]
         sin = rotary.sin_cached.squeeze([0, 2])[positions].unsqueeze(1)
-        # paddle's CPU kernels broadcast slowly: expand the per-position factors once for all layers
-        # (and the mask for a prompt prefill; a long scored sequence keeps it [B, 1, S, T])
-        D = self.head_dim
-        cos_q, sin_q = cos.expand([B, self.n_heads, S, D]), sin.expand([B, self.n_heads, S, D])
-        cos_k, sin_k = (cos_q, sin_q) if self.n_kv == self.n_heads else \
-            (cos.expand([B, self.n_kv, S, D]), sin.expand([B, self.n_kv, S, D]))
+        # broadcast factors expanded once for all layers (_per_head), and the mask for a prompt
+        # prefill too (a long scored sequence keeps it [B, 1, S, T])
+        (cos_q, sin_q), (cos_k, sin_k) = self._per_head(cos, sin)
         if cache is not None:
             key_bias = key_bias.expand([B, self.n_heads, S, key_bias.shape[-1]])
         scale = 1.0 / math.sqrt(self.head_dim)
@@ -301,10 +298,7 @@ class InferenceModel:
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         h = self._embed(token)                                             # [B, hidden]
         scale = 1.0 / math.sqrt(D)
-        # paddle's CPU kernels broadcast slowly (8x for [B, 1, 1, D] against [B, H, 1, D]): the
-        # per-step factors are expanded once to the shapes every layer multiplies them with
-        cos_q, sin_q = cos.expand([B, H, 1, D]), sin.expand([B, H, 1, D])
-        cos_k, sin_k = (cos_q, sin_q) if KV == H else (cos.expand([B, KV, 1, D]), sin.expand([B, KV, 1, D]))
+        (cos_q, sin_q), (cos_k, sin_k) = self._per_head(cos, sin)
         cache_bias = cache_bias.expand([B, H, 1, cache_bias.shape[-1]])
         new_keys, new_values = [], []
         for i, layer in enumerate(llama.layers):
@@ -330,6 +324,15 @@ class InferenceModel:
             h = h + self._mlp(_rms_norm(h, layer.post_attention_layernorm.weight, self.eps), layer.mlp, ffn)
         last = _rms_norm(h, llama.norm.weight, self.eps)
         return self._full_logits(last), paddle.stack(new_keys), paddle.stack(new_values)
+
+    def _per_head(self, cos, sin):
+        """RoPE factors [B, 1, S, D] expanded to the query and the key heads, once for all layers:
+        paddle's CPU kernels broadcast slowly (8x for [B, 1, 1, D] against [B, H, 1, D])."""
+        B, _, S, D = cos.shape
+        query = (cos.expand([B, self.n_heads, S, D]), sin.expand([B, self.n_heads, S, D]))
+        if self.n_kv == self.n_heads:
+            return query, query
+        return query, (cos.expand([B, self.n_kv, S, D]), sin.expand([B, self.n_kv, S, D]))
 
     def _bias(self, key_mask, S: int, start: int):
         """[B, 1, S, T_max] additive mask: padding, unwritten cache slots and the causal order."""

@@ -145,21 +145,20 @@ def gather_rows(arrays: dict, group) -> dict:
     as ``arrays['_pad'][name]``, default 0) before gathering.
     """
     pads = arrays.get("_pad", {})
+    arrays = {name: np.asarray(a) for name, a in arrays.items() if name != "_pad"}
+    # the longest axis 1 of every array over the group, in one gather
+    local = np.array([a.shape[1] if a.ndim >= 2 else 0 for a in arrays.values()], dtype=np.int64)
+    gathered = []
+    dist.all_gather(gathered, paddle.to_tensor(local), group=group)
+    widths = np.max([g.numpy() for g in gathered], axis=0)
     out = {}
-    for name, a in arrays.items():
-        if name == "_pad":
-            continue
-        a = np.asarray(a)
+    for (name, a), width in zip(arrays.items(), widths):
         dtype = a.dtype
         work = a.astype(np.int64) if dtype == np.bool_ else a
-        if work.ndim >= 2:
-            widths = []
-            dist.all_gather(widths, paddle.to_tensor(np.array([work.shape[1]], dtype=np.int64)), group=group)
-            width = max(int(w.numpy()[0]) for w in widths)
-            if work.shape[1] < width:
-                pad = [(0, 0)] * work.ndim
-                pad[1] = (0, width - work.shape[1])
-                work = np.pad(work, pad, constant_values=pads.get(name, 0))
+        if work.ndim >= 2 and work.shape[1] < width:
+            pad = [(0, 0)] * work.ndim
+            pad[1] = (0, int(width) - work.shape[1])
+            work = np.pad(work, pad, constant_values=pads.get(name, 0))
         parts = []
         dist.all_gather(parts, paddle.to_tensor(work), group=group)
         out[name] = np.concatenate([p.numpy() for p in parts]).astype(dtype)
@@ -178,9 +177,7 @@ def broadcast_from_last_stage(values) -> list:
     if _CONTEXT.pp_degree <= 1:
         return [float(v) for v in values]
     group = _CONTEXT.hcg.get_pipe_parallel_group()
-    t = paddle.to_tensor(np.asarray(values, dtype=np.float64))
-    dist.broadcast(t, src=group.ranks[-1], group=group)
-    return [float(v) for v in t.numpy()]
+    return _floats_over(group, values, lambda t: dist.broadcast(t, src=group.ranks[-1], group=group))
 
 
 def tp_kwargs() -> dict:
@@ -246,11 +243,16 @@ def model_parallel_sum(local_sum: float, replicated_sum: float) -> float:
     return _sum_over(_CONTEXT.hcg.get_model_parallel_group(), [local_sum])[0] + replicated_sum
 
 
+def _floats_over(group, values, collective) -> list:
+    """A list of floats through ``collective(tensor)`` over ``group``, as one float64 tensor."""
+    t = paddle.to_tensor(np.asarray(values, dtype=np.float64))
+    collective(t)
+    return [float(v) for v in t.numpy()]
+
+
 def _sum_over(group, values) -> list:
     """Element-wise sum of a list of floats over ``group`` (float64)."""
-    t = paddle.to_tensor(np.asarray(values, dtype=np.float64))
-    dist.all_reduce(t, group=group)
-    return [float(v) for v in t.numpy()]
+    return _floats_over(group, values, lambda t: dist.all_reduce(t, group=group))
 
 
 def is_sharding_stage2(optimizer) -> bool:

@@ -208,9 +208,21 @@ def iter_full_state(pipe, merge_tensor_parallel: bool):
 @paddle.no_grad()
 def export_weights(pipe, target, merge_tensor_parallel: bool) -> None:
     """Copy the pipeline model's current weights into the non-pipeline ``target`` (in place)."""
+    _copy_into(target, iter_full_state(pipe, merge_tensor_parallel))
+
+
+@paddle.no_grad()
+def export_tensor_parallel(model, target) -> None:
+    """Merge a tensor-parallel (non-pipeline) model's shards into the whole ``target`` (TP -> single)."""
+    actions = _tp_merge_actions(model)
+    _copy_into(target, ((name, _merged_over_tp(name, value, actions)) for name, value in model.state_dict().items()))
+
+
+def _copy_into(target, named_values) -> None:
+    """Every (name, tensor) into ``target``'s parameter of that name, which must all be covered."""
     params = target.state_dict()
     missing = set(params)
-    for name, value in iter_full_state(pipe, merge_tensor_parallel):
+    for name, value in named_values:
         dest = params.get(name)
         if dest is None:
             raise RuntimeError(f"weight export: the rollout model has no parameter {name}")
@@ -223,30 +235,13 @@ def export_weights(pipe, target, merge_tensor_parallel: bool) -> None:
         raise RuntimeError(f"weight export: rollout-model parameters not in the training model: {sorted(missing)}")
 
 
-@paddle.no_grad()
-def export_tensor_parallel(model, target) -> None:
-    """Merge a tensor-parallel (non-pipeline) model's shards into the whole ``target`` (TP -> single)."""
-    actions = _tp_merge_actions(model)
-    params = target.state_dict()
-    for name, value in model.state_dict().items():
-        paddle.assign(_merged_over_tp(name, value, actions).astype(params[name].dtype), output=params[name])
-
-
-def merged_state_dict(model) -> dict | None:
-    """The whole model's weights as numpy arrays on the global main rank (None elsewhere); call on
-    every rank.  Works for pipeline and tensor-parallel models alike."""
+def merged_state_dict(pipe) -> dict | None:
+    """The whole pipeline model's weights (merged over tensor parallel too) as numpy arrays on the
+    global main rank (None elsewhere); call on every rank."""
     ctx = parallel.context()
     out = {}
-    first_group = ctx.data_rank == 0
-    if ctx.pp_degree > 1:
-        if first_group:
-            for name, value in iter_full_state(model, merge_tensor_parallel=True):
-                if ctx.is_main:
-                    out[name] = value.numpy()
-    elif first_group:
-        actions = _tp_merge_actions(model)
-        for name, value in model.state_dict().items():
-            merged = _merged_over_tp(name, value, actions)
+    if ctx.data_rank == 0:  # the first pipeline(s) gather; every data replica holds the same weights
+        for name, value in iter_full_state(pipe, merge_tensor_parallel=True):
             if ctx.is_main:
-                out[name] = merged.numpy()
+                out[name] = value.numpy()
     return out if ctx.is_main else None

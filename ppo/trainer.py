@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import paddle
@@ -451,9 +452,13 @@ class PPOTrainer:
                                              critic_loss=out["critic_loss"])
         return out
 
-    def _ptx_batch(self):
-        indices = self.ptx_sampler.micro_batches(self.ptx_step)[0]
-        self.ptx_step += 1
+    def _ptx_batch(self, count: int = 1):
+        """The next ``count`` ptx micro-batches as one batch (rows in order, right-padded by the
+        dataset's collator to the longest)."""
+        indices = []
+        for _ in range(count):
+            indices += list(self.ptx_sampler.micro_batches(self.ptx_step)[0])
+            self.ptx_step += 1
         return self.ptx.get_collator()([self.ptx[i] for i in indices])
 
     def _ptx_loss(self):
@@ -484,10 +489,10 @@ class PPOTrainer:
         return [dict(zip(keys, flat[i * len(keys):(i + 1) * len(keys)])) for i in range(n)]
 
     @staticmethod
-    def _pipeline_inputs(m: Experience):
+    def _pipeline_inputs(ids, mask):
         # (ids, mask, positions): a bool mask, so paddlenlp's pipeline stages read the int64 third
         # tensor as the position ids on every device type
-        return (m.sequences, m.attention_mask.astype("bool"), position_ids_from_mask(m.attention_mask))
+        return (ids, mask.astype("bool"), position_ids_from_mask(mask))
 
     @staticmethod
     def _row_weights(micro: list[Experience], weights: list[float]):
@@ -498,25 +503,23 @@ class PPOTrainer:
     def _pipeline_actor(self, micro: list[Experience], weights: list[float]) -> dict:
         args = self.args
         whole = _concat_experience(micro)
-        labels = (whole.sequences, whole.attention_mask, whole.old_log_probs, whole.advantages, whole.action_mask,
-                  whole.ref_log_probs, self._row_weights(micro, weights))
+        labels = (whole.sequences, whole.old_log_probs, whole.advantages, whole.action_mask, whole.ref_log_probs,
+                  self._row_weights(micro, weights))
         split = parallel.vocab_is_split(self.actor)
 
         def compute(logits, labels):
-            sequences, attention_mask, old, adv, mask, ref, w = labels
+            sequences, old, adv, mask, ref, w = labels
             log_probs, entropy = log_probs_from_logits(logits, sequences, args.temperature, split, with_entropy=True,
                                                        entropy_grad=bool(args.entropy_coeff))
-            m = Experience(sequences=sequences, attention_mask=attention_mask, action_mask=mask, old_log_probs=old,
-                           ref_log_probs=ref, advantages=adv, end_scores=None, response_lengths=None,
-                           ended_with_eos=None, prompt_length=0)
+            m = SimpleNamespace(action_mask=mask, old_log_probs=old, ref_log_probs=ref, advantages=adv)
             return self._actor_objective(log_probs, entropy, m, float(w[0, 0]))
 
         keys = ("actor_loss", "abs_actor_loss", "clip_frac", "approx_kl", "entropy")
-        parts = self._pipeline_pass(self.actor_train, self.actor_opt, self._pipeline_inputs(whole), labels,
-                                    compute, keys)
+        parts = self._pipeline_pass(self.actor_train, self.actor_opt,
+                                    self._pipeline_inputs(whole.sequences, whole.attention_mask), labels, compute, keys)
         out = self._combine(parts, weighted=("actor_loss",))
         if self.ptx is not None:
-            batch = _pad_batches([self._ptx_batch() for _ in micro], self.tokenizer.pad_token_id)
+            batch = self._ptx_batch(len(micro))  # one ptx micro-batch per pipeline micro-batch
 
             def ptx_compute(logits, labels):
                 sequences, answer = labels
@@ -524,8 +527,7 @@ class PPOTrainer:
                 ptx = algo.masked_nll(log_probs.astype("float32"), answer)
                 return args.ptx_coeff * ptx / len(micro), {"ptx_loss": float(ptx)}
 
-            inputs = (batch["input_ids"], batch["attention_mask"].astype("bool"),
-                      position_ids_from_mask(batch["attention_mask"]))
+            inputs = self._pipeline_inputs(batch["input_ids"], batch["attention_mask"])
             ptx_parts = self._pipeline_pass(self.actor_train, self.actor_opt, inputs,
                                             (batch["input_ids"], batch["labels"][:, 1:] != -100), ptx_compute,
                                             ("ptx_loss",))
@@ -538,12 +540,11 @@ class PPOTrainer:
 
         def compute(scores, labels):
             old_values, returns, mask, w = labels
-            m = Experience(sequences=None, attention_mask=None, action_mask=mask, old_log_probs=None,
-                           ref_log_probs=None, values=old_values, returns=returns, end_scores=None,
-                           response_lengths=None, ended_with_eos=None, prompt_length=0)
+            m = SimpleNamespace(action_mask=mask, values=old_values, returns=returns)
             return self._critic_objective(scores, m, float(w[0, 0]))
 
-        parts = self._pipeline_pass(self.critic_train, self.critic_opt, self._pipeline_inputs(whole), labels,
+        parts = self._pipeline_pass(self.critic_train, self.critic_opt,
+                                    self._pipeline_inputs(whole.sequences, whole.attention_mask), labels,
                                     compute, ("critic_loss", "value_clip_frac"))
         return self._combine(parts, weighted=("critic_loss",))
 
@@ -670,22 +671,6 @@ def _concat_experience(micro: list[Experience]) -> Experience:
     return Experience(**joined)
 
 
-def _pad_batches(batches: list[dict], pad_token_id: int) -> dict:
-    """SFT batches of different lengths as one right-padded batch (pipeline micro-batches share a shape)."""
-    width = max(int(b["input_ids"].shape[1]) for b in batches)
-    fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": -100}
-    out = {}
-    for key, value in fill.items():
-        parts = []
-        for b in batches:
-            t = b[key]
-            if t.shape[1] < width:
-                t = paddle.concat([t, paddle.full([t.shape[0], width - t.shape[1]], value, dtype=t.dtype)], axis=1)
-            parts.append(t)
-        out[key] = paddle.concat(parts)
-    return out
-
-
 def gather_experience(exp: Experience, group, pad_token_id: int) -> Experience:
     """The rollout shares of the ranks in ``group`` as one experience batch (in rank order),
     responses right-padded to the longest."""
@@ -744,8 +729,7 @@ class Offload:
         if "freeze_model" in self.levels:
             self._frozen(reload_model)
         if not self.trainer.separate_rollout:  # the critic scores with its training weights
-            for name, model in self._trained().items():
-                reload_model(model, self.store, name)
+            self.reload_trained()
 
     def after_scoring(self):
         if "freeze_model" in self.levels:
