@@ -266,6 +266,8 @@ CASES = [
     Case("pipeline-with-sharding-stage2", "ppo", env={"PADDLE_TRAINERS_NUM": "4"},
          argv=("--pipeline_parallel_degree", "2", "--sharding_parallel_degree", "2", "--sharding", "stage2"),
          expect=("sharding 'stage2' shards over all data ranks alone", "'stage1'"), needle="stage2"),
+    Case("unknown-eval-mode", "ppo", argv=("--eval_mode", "pipeline"),
+         expect=("'eval_mode' must be one of", "'single'", "'tensor_parallel'"), needle="eval_mode"),
     Case("train-model-offload-with-sharding-stage2", "ppo",
          argv=("--sharding_parallel_degree", "2", "--sharding", "stage2", "--offload_level", "freeze_model train_model"),
          expect=("offload_level 'train_model' does not combine with sharding 'stage2'", "'stage1'"),
@@ -408,23 +410,27 @@ def test_bad_input_real_process(case, workspace, tmp_path):
 
 
 LAUNCH_CASES = [
-    (("--sharding_parallel_degree", "3", "--sharding", "stage1"),
+    ("rm", ("--sharding_parallel_degree", "3", "--sharding", "stage1"),
      ("sharding_parallel_degree (3)", "= 3 does not divide the world size 2"), "divide"),
-    (("--pipeline_parallel_degree", "2"),
+    ("rm", ("--pipeline_parallel_degree", "2"),
      ("pipeline_parallel_degree > 1 is supported for PPO",), "pipeline"),
+    ("ppo", ("--pipeline_parallel_degree", "2", "--per_device_prompt_batch_size", "3"),
+     ("per_device_prompt_batch_size = 3 must be divisible by the 2 ranks that share its rollout",), "divisible"),
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("argv,expect,needle", LAUNCH_CASES, ids=["degrees-do-not-divide-world-size", "pipeline-for-the-reward-model"])
-def test_bad_parallel_layout_two_ranks(workspace, tmp_path, argv, expect, needle):
+@pytest.mark.parametrize("stage,argv,expect,needle", LAUNCH_CASES,
+                         ids=["degrees-do-not-divide-world-size", "pipeline-for-the-reward-model",
+                              "prompt-batch-not-divisible-over-the-pipeline"])
+def test_bad_parallel_layout_two_ranks(workspace, tmp_path, stage, argv, expect, needle):
     paths = case_paths(workspace, tmp_path)
     out, before = make_output_dir(workspace, paths["OUT"])
-    config = write_case_config(Case("launch", "rm", expect=(), needle=""), paths, tmp_path)
+    config = write_case_config(Case("launch", stage, expect=(), needle=""), paths, tmp_path)
     log_dir = tmp_path / "launch-logs"
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(log_dir),
-           os.path.join(ROOT, SCRIPTS["rm"]), config, *argv]
+           os.path.join(ROOT, SCRIPTS[stage]), config, *argv]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     # the launcher's own status depends on which rank it saw fail first (it stops the other one)
     assert proc.returncode != 0, f"launcher exit status 0:\n{proc.stderr[-3000:]}"
