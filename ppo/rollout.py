@@ -8,6 +8,7 @@ is kept as the last action of its response even when pad == eos.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import paddle
@@ -144,6 +145,13 @@ def generate_in_buckets(model, input_ids, attention_mask, config: GenerationConf
     ``generate``'s layout: prompts left padded to the batch's prompt width, responses right padded
     to the longest response.  Greedy results equal ``generate``'s; sampling draws in another order.
     """
+    # a decoder with its own weight copy (the fused GPU model) refreshes it once for all buckets
+    with getattr(model, "current_weights", contextlib.nullcontext)():
+        return _generate_in_buckets(model, input_ids, attention_mask, config, eos_token_id, pad_token_id)
+
+
+def _generate_in_buckets(model, input_ids, attention_mask, config: GenerationConfig, eos_token_id: int,
+                         pad_token_id: int):
     import numpy as np
 
     B, P = input_ids.shape

@@ -27,7 +27,7 @@ from ppo.args import PPOArgs
 from ppo.data import PromptOnlyDataset, SupervisedDataset
 from ppo.errors import UserError
 from ppo.experience import Experience
-from ppo.inference import InferenceModel
+from ppo.fused_inference import rollout_decoder
 from ppo.offload import (
     default_store,
     offload_model,
@@ -77,10 +77,10 @@ class PPOTrainer:
             top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
             num_return_sequences=args.num_return_sequences, micro_batch_size=args.rollout_micro_batch_size)
         self.uses_critic = args.adv_estimator == "gae"
+        self.precision = Precision(args.bf16, args.fp16, parallel.device() == "gpu")
         self._load_models()
         self._load_data()
         self._build_optimizers()
-        self.precision = Precision(args.bf16, args.fp16, parallel.device() == "gpu")
         self.kl_ctl = (algo.AdaptiveKLController(args.kl_coeff, args.kl_target, args.kl_horizon)
                        if args.adaptive_kl else algo.FixedKLController(args.kl_coeff))
         self.metrics = MetricsLogger(args.output_dir, enabled=self.ctx.is_main)
@@ -169,8 +169,9 @@ class PPOTrainer:
         self._rollout_stale = self.separate_rollout
         # the rollout decoder reads the actor's parameters directly: always the current weights
         # (under tensor parallel, this rank's shards, with the partial sums all-reduced)
-        decoder = (InferenceModel(self.rollout_actor, static_decode=args.rollout_static_graph)
-                   if args.use_inference_model else None)
+        # (on GPU builds with paddlenlp_ops: PaddleNLP's fused model, refreshed before every rollout)
+        decoder = (rollout_decoder(self.rollout_actor, static_decode=args.rollout_static_graph,
+                                   dtype=self.precision.dtype) if args.use_inference_model else None)
         self.models = Models(actor=self.rollout_actor, reference=reference, reward=reward, critic=self.rollout_critic,
                              actor_tokenizer=self.tokenizer, reward_tokenizer=reward_tokenizer, decoder=decoder)
 

@@ -1,0 +1,170 @@
+"""Rollout on PaddleNLP's fused multi-transformer LLaMA (GPU builds with ``paddlenlp_ops``).
+
+Which decoder rolls out (``rollout_decoder``):
+
+* a GPU build where the ``paddlenlp_ops`` custom operators import: PaddleNLP's
+  ``LlamaForCausalLMInferenceModel`` (fused QKV and FFN GEMMs, rotary and cached attention in
+  fused kernels, the KV cache written in place);
+* a GPU build without those operators: ``ppo.inference.InferenceModel``, after one warning;
+* a CPU build: ``ppo.inference.InferenceModel`` (the operators are CUDA-only; no warning).
+
+Both implement the decoder interface of ``ppo.rollout.generate`` (``start`` / ``step`` /
+``release``), so sampling, top-k / top-p, repetition penalty, EOS handling and the tensor-parallel
+token broadcast are the same code on both paths.  Only generation moves to the fused model: the
+no-grad scoring of rollouts (log-probs, values, rewards) keeps ``InferenceModel``.
+
+Weights.  The fused model holds its own copy in its own layout (QKV concatenated, projections
+transposed, cast to the training precision).  ``refresh`` rebuilds that copy from the actor's
+current state dict through PaddleNLP's ``set_state_dict``, which takes this rank's
+tensor-parallel shards as they are (the fused model is built with the actor's tensor-parallel
+degree and rank).  A generation call refreshes once before its first bucket, so a rollout never
+decodes stale weights; the copy stays allocated between rollouts.
+
+Input contract (PaddleNLP's dynamic-batching inference model): the prefill takes the prompts
+right-padded with their lengths (``seq_len_encoder``), positions ``0 .. len - 1`` and an additive
+causal mask over each row's real tokens, and returns the logits of each row's last token; each
+decode step takes one token per row at position ``tgt_pos`` with ``seq_len_decoder`` tokens
+already cached, and per-layer caches ``[2, B, kv_heads, T, head_dim]``.
+
+Testing.  The operators cannot run in this project's CPU CI.  The CPU tests cover the selection
+(with its single warning) and this adapter's bookkeeping against a stand-in model that checks the
+contract above and computes the logits with the training model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import logging
+
+import numpy as np
+import paddle
+
+from ppo.inference import InferenceModel
+
+logger = logging.getLogger("ppo")
+_warned = False
+
+
+def fused_ops_available() -> bool:
+    """True when the ``paddlenlp_ops`` custom operators can be imported."""
+    return importlib.util.find_spec("paddlenlp_ops") is not None
+
+
+def rollout_decoder(model, static_decode: bool = False, dtype: str | None = None):
+    """The rollout decoder over ``model`` (a paddlenlp ``LlamaForCausalLM``): fused on GPU builds
+    with ``paddlenlp_ops``, else ``InferenceModel`` (see the module docstring)."""
+    global _warned
+    from ppo import parallel
+
+    if parallel.device() == "gpu":
+        if fused_ops_available():
+            return FusedInferenceModel(model, dtype=dtype)
+        if not _warned:
+            logger.warning("paddlenlp_ops is not importable: rollout uses ppo.inference.InferenceModel instead of "
+                           "PaddleNLP's fused inference model (install paddlenlp_ops for the fused GPU path)")
+            _warned = True
+    return InferenceModel(model, static_decode=static_decode)
+
+
+def _paddlenlp_fused_llama(config, dtype: str):
+    from paddlenlp.experimental.transformers import LlamaForCausalLMInferenceModel
+    from paddlenlp.transformers.model_utils import dtype_guard
+
+    with dtype_guard(dtype):
+        return LlamaForCausalLMInferenceModel(config)
+
+
+def right_packed(input_ids, attention_mask):
+    """Left-padded prompts moved to the left edge: (ids [B, P] right padded with 0, lengths [B] int64)."""
+    ids = input_ids.numpy()
+    mask = attention_mask.numpy().astype(bool)
+    lengths = mask.sum(axis=1)
+    out = np.zeros_like(ids)
+    for b in range(ids.shape[0]):
+        out[b, :lengths[b]] = ids[b][mask[b]]
+    return paddle.to_tensor(out), lengths.astype("int64")
+
+
+class FusedInferenceModel:
+    """The decoder interface over PaddleNLP's fused LLaMA inference model (see the module docstring).
+
+    ``factory(config, dtype)`` builds the fused model; PaddleNLP's by default.
+    """
+
+    def __init__(self, model, dtype: str | None = None, factory=_paddlenlp_fused_llama):
+        self.model = model
+        self.vocab_size = model.config.vocab_size
+        self.dtype = dtype or "float32"
+        self.factory = factory
+        self.fused = None
+        self.cache = None
+        self._held = False
+
+    def refresh(self) -> None:
+        """Copy the actor's current weights into the fused model (built on first use)."""
+        if self.fused is None:
+            config = copy.deepcopy(self.model.config)
+            config.quant_type = ""            # plain weights ...
+            config.cachekv_int8_type = None   # ... and a plain dense KV cache
+            config.append_attn = False
+            config.single_card_ptq = True
+            self.fused = self.factory(config, self.dtype)
+            self.fused.eval()
+        self.fused.set_state_dict({name: value.numpy() for name, value in self.model.state_dict().items()})
+
+    @contextlib.contextmanager
+    def current_weights(self):
+        """One refresh for a whole generation call: every bucket decodes the same weights."""
+        if self._held:
+            yield
+            return
+        self.refresh()
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
+
+    def _logits(self, inputs):
+        out = self.fused(**inputs)
+        logits = out[0] if isinstance(out, (tuple, list)) else out.logits
+        return logits.astype("float32")
+
+    def start(self, input_ids, attention_mask, position_ids, max_new_tokens: int):
+        """Prefill a left-padded prompt batch; logits [B, V] for the first new token."""
+        if not self._held:
+            self.refresh()
+        ids, lengths = right_packed(input_ids, attention_mask)
+        B, P = ids.shape
+        T = P + max_new_tokens
+        self.cache = [paddle.zeros(shape, self.dtype)
+                      for shape in self.fused.get_cache_kvs_shape(self.fused.config, B, T)]
+        slots = np.arange(P)
+        real = slots[None, :] < lengths[:, None]                                     # [B, P]
+        positions = np.where(real, slots[None, :], 0)
+        causal = np.tril(np.ones((P, P), dtype=bool))[None] & real[:, None, :] & real[:, :, None]
+        seq_lens = paddle.to_tensor(lengths.reshape(-1, 1).astype("int32"))
+        # attention over every cached slot up to a row's own length (the kernel bounds it by seq_len_decoder)
+        self.generation_mask = paddle.ones([B, 1, 1, T], self.dtype)
+        inputs = self.fused.prepare_inputs_for_generation(
+            ids, self.cache, seq_lens, seq_lens, None, None, None,
+            position_ids=paddle.to_tensor(positions.astype("int64")),
+            attention_mask=paddle.to_tensor(causal[:, None].astype("float32")).astype(self.dtype), cache=None)
+        self.seq_lens = seq_lens
+        return self._logits(inputs)
+
+    def step(self, token, token_mask, position_ids):
+        """One token per row at ``position_ids`` (a finished row's padding is decoded and ignored)."""
+        token = token.reshape([-1, 1]).astype("int64")
+        position = position_ids.reshape([-1, 1]).astype("int64")
+        # right packed, a row's position is also the number of tokens already in its cache
+        inputs = self.fused.prepare_inputs_for_generation(
+            token, self.cache, self.seq_lens, position.astype("int32"), token, position, self.generation_mask,
+            cache=0)
+        return self._logits(inputs)
+
+    def release(self) -> None:
+        """Drop the KV cache (the weight copy stays for the next rollout)."""
+        self.cache = None

@@ -1,0 +1,163 @@
+"""The fused GPU rollout adapter (ppo.fused_inference), on CPU.
+
+PaddleNLP's fused inference model needs the CUDA-only ``paddlenlp_ops``, so these tests run the
+adapter against ``ContractLlama``: a stand-in that takes the same inputs as
+``LlamaForCausalLMInferenceModel`` (prepare_inputs_for_generation, then the forward), checks every
+input against the contract written in the ppo.fused_inference docstring, and computes the logits
+with its own copy of a paddlenlp ``LlamaForCausalLM`` over each row's token history.  What they
+cover: the adapter's packing, positions, cache shapes, sequence lengths and weight refresh; the
+decoder selection and its single warning.  What they cannot cover: the fused kernels themselves.
+"""
+
+import logging
+
+import numpy as np
+import paddle
+import pytest
+from paddlenlp.transformers import LlamaForCausalLM
+
+from ppo import fused_inference, parallel
+from ppo.fused_inference import FusedInferenceModel, right_packed, rollout_decoder
+from ppo.inference import InferenceModel
+from ppo.rollout import GenerationConfig, generate, generate_in_buckets
+from tests.test_inference import make_model, prompts
+
+
+class ContractLlama:
+    """Follows LlamaForCausalLMInferenceModel's input contract; logits from a plain LLaMA copy."""
+
+    def __init__(self, config, dtype):
+        self.config = config
+        self.dtype = dtype
+        self.copy = LlamaForCausalLM(config)
+        self.copy.eval()
+        self.loads = 0
+        self.history = None
+
+    def eval(self):
+        pass
+
+    @staticmethod
+    def get_cache_kvs_shape(config, max_batch_size, max_length):
+        heads = config.num_key_value_heads // max(config.tensor_parallel_degree, 1)
+        return [[2, max_batch_size, heads, max_length, config.hidden_size // config.num_attention_heads]
+                for _ in range(config.num_hidden_layers)]
+
+    def set_state_dict(self, state):
+        assert all(isinstance(v, np.ndarray) for v in state.values())
+        assert set(state) == set(self.copy.state_dict())
+        self.copy.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
+        self.loads += 1
+
+    def prepare_inputs_for_generation(self, input_ids, cache_kvs, seq_len_encoder, seq_len_decoder, tgt_ids, tgt_pos,
+                                      tgt_generation_mask, **kwargs):
+        decode = kwargs.get("cache") is not None
+        mask = tgt_generation_mask if decode else kwargs["attention_mask"]
+        return dict(input_ids=tgt_ids if decode else input_ids,
+                    position_ids=tgt_pos if decode else kwargs["position_ids"],
+                    attention_mask=(mask - 1) * 1e4, cache_kvs=cache_kvs, seq_len_encoder=seq_len_encoder,
+                    seq_len_decoder=seq_len_decoder, cache=kwargs.get("cache"))
+
+    def _last_logits(self):
+        rows = []
+        for tokens in self.history:
+            ids = paddle.to_tensor([tokens], dtype="int64")
+            with paddle.no_grad():
+                rows.append(self.copy(input_ids=ids, return_dict=True).logits[0, -1])
+        return (paddle.stack(rows),)
+
+    def __call__(self, input_ids, position_ids, attention_mask, cache_kvs, seq_len_encoder, seq_len_decoder, cache):
+        B = input_ids.shape[0]
+        shapes = self.get_cache_kvs_shape(self.config, B, cache_kvs[0].shape[3])
+        assert [list(c.shape) for c in cache_kvs] == shapes and cache_kvs[0].dtype == paddle.float32
+        mask = attention_mask.numpy()
+        if cache is None:  # prefill: right padded, lengths in seq_len_encoder
+            lengths = seq_len_encoder.numpy().reshape(-1)
+            assert seq_len_encoder.dtype == paddle.int32 and (seq_len_decoder.numpy().reshape(-1) == lengths).all()
+            P = input_ids.shape[1]
+            assert mask.shape == (B, 1, P, P)
+            ids, pos = input_ids.numpy(), position_ids.numpy()
+            self.history = []
+            for b, n in enumerate(lengths):
+                allowed = np.zeros((P, P), bool)
+                allowed[:n, :n] = np.tril(np.ones((n, n), bool))
+                np.testing.assert_array_equal(mask[b, 0], np.where(allowed, 0.0, -1e4))
+                np.testing.assert_array_equal(pos[b, :n], np.arange(n))
+                self.history.append(list(ids[b, :n]))
+        else:  # decode: one token per row at position == tokens already cached
+            assert input_ids.shape == [B, 1] and mask.shape == (B, 1, 1, cache_kvs[0].shape[3]) and (mask == 0).all()
+            pos, cached = position_ids.numpy().reshape(-1), seq_len_decoder.numpy().reshape(-1)
+            assert seq_len_decoder.dtype == paddle.int32
+            for b, tokens in enumerate(self.history):
+                assert pos[b] == cached[b] == len(tokens)
+                tokens.append(int(input_ids[b, 0]))
+        return self._last_logits()
+
+
+def fused(model):
+    return FusedInferenceModel(model, factory=ContractLlama)
+
+
+def test_right_packed_moves_each_prompt_to_the_left_edge():
+    ids, mask = prompts(B=6, P=7)
+    got, lengths = right_packed(ids, mask)
+    ids, mask = ids.numpy(), mask.numpy()
+    for b in range(6):  # naive reference
+        real = [int(t) for t, m in zip(ids[b], mask[b]) if m]
+        assert lengths[b] == len(real)
+        assert list(got.numpy()[b, :len(real)]) == real
+        assert (got.numpy()[b, len(real):] == 0).all()
+
+
+@pytest.mark.parametrize("extra", [{}, {"num_key_value_heads": 2}])
+def test_greedy_tokens_equal_the_training_model(extra):
+    model = make_model(**extra)
+    ids, mask = prompts()
+    config = GenerationConfig(max_new_tokens=8, do_sample=False, repetition_penalty=1.3)
+    ref, ref_mask = generate(model, ids, mask, config, eos_token_id=2, pad_token_id=3)
+    got, got_mask = generate(fused(model), ids, mask, config, eos_token_id=2, pad_token_id=3)
+    np.testing.assert_array_equal(got.numpy(), ref.numpy())
+    np.testing.assert_array_equal(got_mask.numpy(), ref_mask.numpy())
+
+
+def test_buckets_refresh_once_and_every_rollout_decodes_the_current_weights():
+    model = make_model()
+    decoder = fused(model)
+    ids, mask = prompts(B=6)
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, micro_batch_size=2)
+    first, _ = generate_in_buckets(decoder, ids, mask, config, eos_token_id=2, pad_token_id=3)
+    assert decoder.fused.loads == 1  # three buckets, one weight copy
+    np.testing.assert_array_equal(first.numpy(), generate(model, ids, mask, config, 2, 3)[0].numpy())
+
+    opt = paddle.optimizer.SGD(learning_rate=0.5, parameters=model.parameters())
+    model.train()
+    model(input_ids=ids, attention_mask=mask, return_dict=True).logits[:, :, 7].mean().backward()
+    opt.step()
+    model.eval()
+    # the fused copy is stale until the next generation call refreshes it
+    name = "llama.layers.0.mlp.down_proj.weight"
+    assert not np.allclose(decoder.fused.copy.state_dict()[name].numpy(), model.state_dict()[name].numpy())
+    second, _ = generate_in_buckets(decoder, ids, mask, config, eos_token_id=2, pad_token_id=3)
+    assert decoder.fused.loads == 2
+    np.testing.assert_array_equal(second.numpy(), generate(model, ids, mask, config, 2, 3)[0].numpy())
+    assert not np.array_equal(first.numpy(), second.numpy())  # the update changed the rollout
+    decoder.release()
+    assert decoder.cache is None
+
+
+def test_selection_cpu_build_gpu_without_ops_warns_once_gpu_with_ops(monkeypatch, caplog):
+    assert not fused_inference.fused_ops_available()  # this CPU environment has no paddlenlp_ops
+    model = make_model()
+    with caplog.at_level(logging.WARNING, logger="ppo"):
+        assert type(rollout_decoder(model)) is InferenceModel  # CPU build: no warning
+        assert not caplog.records
+        monkeypatch.setattr(parallel, "device", lambda: "gpu")
+        monkeypatch.setattr(fused_inference, "fused_ops_available", lambda: False)
+        monkeypatch.setattr(fused_inference, "_warned", False)
+        assert type(rollout_decoder(model)) is InferenceModel
+        assert type(rollout_decoder(model, static_decode=True)) is InferenceModel
+        warnings = [r.getMessage() for r in caplog.records]
+        assert len(warnings) == 1 and "paddlenlp_ops" in warnings[0]
+        monkeypatch.setattr(fused_inference, "fused_ops_available", lambda: True)
+        decoder = rollout_decoder(model, dtype="bfloat16")
+    assert type(decoder) is FusedInferenceModel and decoder.dtype == "bfloat16" and decoder.model is model
