@@ -3,7 +3,8 @@
 Layouts: data parallel, sharding stage 1 and 2, tensor parallel (rolling out on the training model or on
 a merged single copy), pipeline parallel, tensor x pipeline parallel (rolling out on
 tensor-parallel or single copies), data x pipeline parallel and pipeline x sharding stage 1 (4
-ranks; rollout on copies exported from the pipeline, the batch split over the pipeline's ranks).
+ranks; rollout on copies exported from the pipeline, the batch split over the pipeline's ranks);
+also the ptx loss under pipeline parallel.
 
 Every run starts from the same tiny actor (also the reward model and critic, with the score head's
 fixed-seed initialisation), sees the same global prompt batch of 8 and decodes greedily, so the
@@ -87,6 +88,17 @@ def assert_same_weights(folder_a, folder_b, atol):
         np.testing.assert_allclose(b[k].numpy(), a[k].numpy(), rtol=0, atol=atol, err_msg=k)
 
 
+def assert_same_steps(one, two, extra_keys=()):
+    assert len(one) == len(two) == STEPS
+    for a, b in zip(one, two):
+        assert a["response_length"] == b["response_length"], (a, b)  # the same greedy responses
+        for key in ("actor_loss", "critic_loss", "reward", "kl", "value_mean", "return_mean", "entropy",
+                    *extra_keys):
+            assert abs(a[key] - b[key]) < 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
+        for key in ("actor_grad_norm", "critic_grad_norm"):
+            assert abs(a[key] - b[key]) < 2e-3 * max(1e-3, abs(a[key])), (key, a[key], b[key])
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -94,13 +106,7 @@ def test_ppo_layouts_match_one_process(tiny_dir, tmp_path, single, layout):
     extra, batch, nproc = LAYOUTS[layout]
     one_dir, one = single
     two = ppo(tiny_dir, tmp_path / layout, batch, *extra, nproc=nproc)
-    assert len(one) == len(two) == STEPS
-    for a, b in zip(one, two):
-        assert a["response_length"] == b["response_length"], (a, b)  # the same greedy responses
-        for key in ("actor_loss", "critic_loss", "reward", "kl", "value_mean", "return_mean", "entropy"):
-            assert abs(a[key] - b[key]) < 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
-        for key in ("actor_grad_norm", "critic_grad_norm"):
-            assert abs(a[key] - b[key]) < 2e-3 * max(1e-3, abs(a[key])), (key, a[key], b[key])
+    assert_same_steps(one, two)
     # training moved the policy: the final weights differ from the start by far more than the tolerance
     import paddle
 
@@ -151,3 +157,20 @@ def test_two_node_launch_on_localhost(tiny_dir, tmp_path, single):
         for key in ("actor_loss", "critic_loss", "reward", "kl"):
             assert abs(a[key] - b[key]) < 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
     assert_same_weights(one_dir / "policy", out / "policy", atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ptx_under_pipeline_parallel_matches_one_process(tiny_dir, tmp_path):
+    """The ptx loss runs as a second pipeline pass (one ptx micro-batch per pipeline micro-batch);
+    it equals one process stepping the same 2 micro-batches of 4 with the same ptx rows."""
+    ptx = ["--ptx_datasets", "tiny-sft", "--ptx_coeff", "0.5", *PIPELINE]
+    one = ppo(tiny_dir, tmp_path / "one", 8, *ptx)
+    two = ppo(tiny_dir, tmp_path / "pp2", 8, "--pipeline_parallel_degree", "2", *ptx, nproc=2)
+    assert all(r["ptx_loss"] > 0 for r in one)
+    assert_same_steps(one, two, extra_keys=("ptx_loss",))
+    # the ptx term is in the update: without it the actor ends elsewhere
+    plain = ppo(tiny_dir, tmp_path / "plain", 8, *PIPELINE)
+    assert abs(plain[-1]["actor_grad_norm"] - one[-1]["actor_grad_norm"]) > 1e-2 * one[-1]["actor_grad_norm"]
+    for sub in ("policy", "value"):
+        assert_same_weights(tmp_path / "one" / sub, tmp_path / "pp2" / sub, atol=1e-4)
