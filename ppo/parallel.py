@@ -390,28 +390,35 @@ def vocab_parallel_log_probs(logits, labels, temperature: float = 1.0, with_entr
 
     logits [B, T, V / mp] hold vocabulary ids [rank * V/mp, (rank+1) * V/mp).  The log-probs are
     fleet's vocabulary-parallel cross entropy (``ParallelCrossEntropy``: the fused kernel on GPU,
-    ``ppo.cpu_fleet``'s adaptation on CPU), negated; the entropy is built from a max and sums
-    all-reduced over the group.  No rank ever holds the full vocabulary.
+    ``ppo.cpu_fleet``'s adaptation on CPU), negated.  No rank ever holds the full vocabulary.
     """
-    from paddle.distributed.fleet.layers.mpu import mp_ops
     from paddle.distributed.fleet.meta_parallel import ParallelCrossEntropy
 
     group = _CONTEXT.hcg.get_model_parallel_group()
     x = logits.astype("float32") / temperature
     log_probs = -ParallelCrossEntropy(mp_group=group)(x, labels.astype("int64")).reshape(labels.shape)
-    entropy = None
-    if with_entropy:
-        def reduce_sum(t):  # differentiable all-reduce: backward is the identity on each shard
-            return mp_ops._mp_allreduce(t, group=group, use_calc_stream=True, use_model_parallel=True)
+    return log_probs, (_vocab_parallel_entropy(x, group) if with_entropy else None)
 
-        # H = logsumexp(x) - sum softmax(x) * x; the max is a constant shift (exact), so detached
-        shift = x.max(axis=-1, keepdim=True).detach()
-        dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
-        e = paddle.exp(x - shift)
-        total = reduce_sum(e.sum(axis=-1))
-        entropy = paddle.log(total) + shift.squeeze(-1) - reduce_sum((e * x).sum(axis=-1)) / total
-    return log_probs, entropy
 
+def vocab_parallel_entropy(logits, temperature: float = 1.0):
+    """Entropy [B, T] of the softmax over the whole vocabulary, from this rank's slice of the logits."""
+    return _vocab_parallel_entropy(logits.astype("float32") / temperature,
+                                   _CONTEXT.hcg.get_model_parallel_group())
+
+
+def _vocab_parallel_entropy(x, group):
+    from paddle.distributed.fleet.layers.mpu import mp_ops
+
+    def reduce_sum(t):  # differentiable all-reduce: backward is the identity on each shard
+        return mp_ops._mp_allreduce(t, group=group, use_calc_stream=True, use_model_parallel=True)
+
+    # H = logsumexp(x) - sum softmax(x) * x from a max and sums all-reduced over the group; the max
+    # is a constant shift (exact), so detached
+    shift = x.max(axis=-1, keepdim=True).detach()
+    dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
+    e = paddle.exp(x - shift)
+    total = reduce_sum(e.sum(axis=-1))
+    return paddle.log(total) + shift.squeeze(-1) - reduce_sum((e * x).sum(axis=-1)) / total
 
 
 def broadcast_model_parallel(tensor):

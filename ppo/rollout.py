@@ -248,7 +248,7 @@ def log_probs_from_logits(logits, sequences, temperature: float = 1.0, split: bo
     if with_entropy and not entropy_grad:
         with paddle.no_grad():
             detached = logits.detach()
-            entropy = (parallel.vocab_parallel_log_probs(detached, labels, temperature, True)[1] if split
+            entropy = (parallel.vocab_parallel_entropy(detached, temperature) if split
                        else entropy_from_logits(detached, temperature))
     return log_probs[:, :-1], (entropy[:, :-1] if entropy is not None else None)
 

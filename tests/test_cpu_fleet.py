@@ -182,7 +182,9 @@ def test_pipeline_with_tensor_parallel_on_four_ranks(tiny_dir, tmp_path):
 @pytest.mark.distributed
 def test_tensor_parallel_inference_model_matches_single_process(tiny_dir, tmp_path):
     """The rollout inference model over TP2 shards (heads, MLP columns, vocabulary split; partial
-    sums all-reduced) gives a single-process model's logits, greedy tokens, log-probs and scores."""
+    sums all-reduced) gives a single-process model's logits, greedy tokens, log-probs and scores;
+    the training path's vocabulary-parallel entropy gives its entropy and, through the backward,
+    its gradients (each rank's LM-head columns, the replicated final norm)."""
     import importlib.util
 
     import paddle
@@ -225,6 +227,18 @@ def test_tensor_parallel_inference_model_matches_single_process(tiny_dir, tmp_pa
     np.testing.assert_allclose(got["end"], out.end_scores.numpy(), rtol=1e-5, atol=1e-5)
     live = smask.numpy() > 0
     np.testing.assert_allclose(got["scores"][..., 0][live], out.scores.numpy()[..., 0][live], rtol=1e-5, atol=1e-5)
+
+    _, entropy = forward_log_probs(model, seqs, smask, temperature=0.7, with_entropy=True)
+    (entropy * paddle.to_tensor(real.astype("float32"))).sum().backward()
+    assert got["entropy_has_grad"] and not got["detached_has_grad"]
+    for key in ("entropy", "entropy_detached"):
+        np.testing.assert_allclose(got[key][real], entropy.numpy()[real], rtol=1e-5, atol=1e-5)
+    full_grad = model.lm_head.weight.grad.numpy()  # [hidden, vocab]; rank k holds columns k * 160 ...
+    assert np.abs(full_grad).max() > 1e-3
+    for k in range(2):
+        grads = np.load(tmp_path / f"grad{k}.npz")
+        np.testing.assert_allclose(grads["lm_head"], full_grad[:, 160 * k:160 * (k + 1)], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(grads["norm"], model.llama.norm.weight.grad.numpy(), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.distributed

@@ -3,8 +3,10 @@
 Usage: python -m paddle.distributed.launch --nproc_per_node 2 tp_inference.py MODEL_DIR OUT_DIR
 Loads MODEL_DIR split over the two ranks (causal LM and a score model started from it), then on a
 fixed left-padded prompt batch: prefill logits, one decode step's logits, greedy generation, and
-on fixed full sequences: log-probs and scores.  Rank 0 writes OUT_DIR/tp.npz; every rank writes
-OUT_DIR/rank<k>.json.
+on fixed full sequences: log-probs and scores; then the training path's vocabulary-parallel
+entropy, detached and with its backward (the summed entropy's gradient on this rank's LM-head
+columns and on the final norm).  Rank 0 writes OUT_DIR/tp.npz; every rank writes
+OUT_DIR/grad<k>.npz and OUT_DIR/rank<k>.json.
 """
 
 import sys
@@ -38,7 +40,7 @@ def main():
     from ppo import parallel
     from ppo.inference import InferenceModel
     from ppo.models import load_causal_lm, load_score_model, position_ids_from_mask
-    from ppo.rollout import GenerationConfig, generate
+    from ppo.rollout import GenerationConfig, forward_log_probs, generate
 
     model_dir, out_dir = sys.argv[1], sys.argv[2]
     ctx = parallel.init_parallel(SimpleNamespace(tensor_parallel_degree=2, pipeline_parallel_degree=1,
@@ -58,10 +60,17 @@ def main():
         greedy, greedy_mask = generate(view, ids, mask, GenerationConfig(max_new_tokens=6, do_sample=False), 2, 3)
         log_probs = view.log_probs(seqs, smask, temperature=0.7)
         scores, end = InferenceModel.of(scorer).scores(seqs, smask)
+    real = (smask[:, 1:] * smask[:, :-1]).astype("float32")
+    _, detached = forward_log_probs(actor, seqs, smask, temperature=0.7, with_entropy=True, entropy_grad=False)
+    _, entropy = forward_log_probs(actor, seqs, smask, temperature=0.7, with_entropy=True, entropy_grad=True)
+    (entropy * real).sum().backward()
+    np.savez(f"{out_dir}/grad{dist.get_rank()}.npz", lm_head=actor.lm_head.weight.grad.numpy(),
+             norm=actor.llama.norm.weight.grad.numpy())
     if dist.get_rank() == 0:
         np.savez(f"{out_dir}/tp.npz", first=first.numpy(), second=second.numpy(), greedy=greedy.numpy(),
                  greedy_mask=greedy_mask.numpy(), log_probs=log_probs.numpy(), scores=scores.numpy(),
-                 end=end.numpy())
+                 end=end.numpy(), entropy=entropy.detach().numpy(), entropy_detached=detached.numpy(),
+                 entropy_has_grad=not entropy.stop_gradient, detached_has_grad=not detached.stop_gradient)
     write_result(out_dir, dist.get_rank(), {
         "mp_rank": ctx.mp_rank, "local_heads": view.n_heads,
         "local_embedding_rows": int(actor.llama.embed_tokens.weight.shape[0]),
