@@ -166,7 +166,8 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
     normalize_advantage: bool = arg(True, "Whiten advantages over the rollout batch's action tokens.")
     entropy_coeff: float = arg(0.0, "Entropy bonus coefficient in the actor loss.")
     # evaluation
-    eval_samples_to_write: int = arg(8, "Sample generations written per evaluation (eval_samples/step-N.jsonl).")
+    eval_samples_to_write: int = arg(8, "Eval generations echoed to the console per evaluation (all of them are "
+                                          "written to eval_samples/step-N.rank-R.jsonl).")
 
 
 # ---------------------------------------------------------------------------------------------

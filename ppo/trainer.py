@@ -595,6 +595,10 @@ class PPOTrainer:
         n = len(self.eval_prompts)
         per_rank = -(-n // ctx.data_world)
         mine = list(range(ctx.data_rank * per_rank, min(n, (ctx.data_rank + 1) * per_rank)))
+        # the ranks that split a rollout (one pipeline) split the data rank's eval prompts too
+        split = self.rollout_split
+        per_part = -(-per_rank // (split.nranks if split is not None else 1))
+        mine = mine[self.rollout_part * per_part:(self.rollout_part + 1) * per_part]
         gen = GenerationConfig(**{**self.gen.__dict__, "num_return_sequences": 1})
         rows, scores, kls, lengths = [], [], [], []
         for start in range(0, len(mine), args.per_device_eval_batch_size):
@@ -617,19 +621,29 @@ class PPOTrainer:
                              "response": self.tokenizer.decode(response, skip_special_tokens=True),
                              "reward": float(exp.end_scores[b]), "kl": float(kl[b])})
         paddle.set_rng_state(rng_state)
-        pad = np.full(per_rank - len(mine), np.nan)
-        score = parallel.all_gather_data(np.concatenate(scores + [pad]))
-        kl_all = parallel.all_gather_data(np.concatenate(kls + [pad]))
-        length = parallel.all_gather_data(np.concatenate(lengths + [pad]))
+        pad = np.full(per_part - len(mine), np.nan)  # equal sizes for the gathers; NaN marks no prompt
+        values = {"score": np.concatenate(scores + [pad]), "kl": np.concatenate(kls + [pad]),
+                  "length": np.concatenate(lengths + [pad])}
+        if split is not None:
+            values = parallel.gather_rows(values, split)
+        score, kl_all, length = (parallel.all_gather_data(values[k]) for k in ("score", "kl", "length"))
         keep = ~np.isnan(score)
         metrics = {"reward": float(score[keep].mean()), "reward_std": float(score[keep].std()),
                    "kl": float(kl_all[keep].mean()), "response_length": float(length[keep].mean())}
         self._write_samples(step, rows)
         self.metrics.log(step, metrics, split="eval", echo=echo)
+        if ctx.is_main:
+            for row in rows[:args.eval_samples_to_write]:
+                (echo or print)(f"  reward {row['reward']:+.3f}  kl {row['kl']:+.3f}  "
+                                f"{row['prompt']!r} -> {row['response']!r}")
         return metrics
 
     def _write_samples(self, step: int, rows: list[dict]) -> None:
-        """All of this rank's eval generations to eval_samples/step-N.rank-R.jsonl; a few echoed in the log."""
+        """All of this rank's eval generations to eval_samples/step-N.rank-R.jsonl; a few echoed in the log.
+
+        The ranks of a tensor-parallel rollout model generate the same rows: its first rank writes them."""
+        if self.ctx.mp_rank != 0 and not self.merge_for_rollout:
+            return
         folder = os.path.join(self.args.output_dir, "eval_samples")
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, f"step-{step}.rank-{self.ctx.rank}.jsonl"), "w", encoding="utf-8") as f:

@@ -30,7 +30,7 @@ from test_entrypoints import run
 
 STEPS = 3
 COMMON = ["--max_steps", str(STEPS), "--do_sample", "false", "--max_new_tokens", "8", "--update_iters", "2",
-          "--shuffle_minibatches", "false", "--logging_steps", "1", "--eval_datasets", "", "--eval_steps", "0",
+          "--shuffle_minibatches", "false", "--logging_steps", "1", "--eval_steps", "100",
           "--learning_rate", "0.001", "--critic_learning_rate", "0.001", "--save_steps", "0"]
 
 # the pipeline layouts step over 2 micro-batches of 4 (fleet's 1F1B schedule with a steady phase);
@@ -56,9 +56,38 @@ LAYOUTS = {
 }
 
 
-def train_metrics(output_dir):
+def train_metrics(output_dir, split="train"):
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["split"] == "train"]
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def eval_samples(output_dir):
+    """Every rank's eval generations of each eval step, as sorted (prompt, response, reward) rows."""
+    folder = os.path.join(output_dir, "eval_samples")
+    found = {}
+    for name in os.listdir(folder):
+        step = int(name.split(".")[0].split("-")[1])
+        with open(os.path.join(folder, name)) as f:
+            found.setdefault(step, []).extend(json.loads(line) for line in f)
+    return {step: sorted(rows, key=lambda r: (r["prompt"], r["response"])) for step, rows in found.items()}
+
+
+def assert_same_eval(one_dir, two_dir):
+    """The same eval reward, KL and lengths, and the same eval generations (24 prompts, every rank's
+    share: a redundant or missing share would change the row count)."""
+    one, two = train_metrics(one_dir, "eval"), train_metrics(two_dir, "eval")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [0, STEPS]
+    for a, b in zip(one, two):
+        for key in ("reward", "reward_std", "kl", "response_length"):
+            assert abs(a[key] - b[key]) < 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
+    rows_one, rows_two = eval_samples(one_dir), eval_samples(two_dir)
+    assert rows_one.keys() == rows_two.keys()
+    for step in rows_one:
+        assert len(rows_one[step]) == len(rows_two[step]) == 24
+        assert [(r["prompt"], r["response"]) for r in rows_one[step]] == \
+            [(r["prompt"], r["response"]) for r in rows_two[step]]
+        np.testing.assert_allclose([r["reward"] for r in rows_two[step]], [r["reward"] for r in rows_one[step]],
+                                   atol=1e-4)
 
 
 def ppo(tiny_dir, out, batch, *extra, nproc=1):
@@ -107,6 +136,7 @@ def test_ppo_layouts_match_one_process(tiny_dir, tmp_path, single, layout):
     one_dir, one = single
     two = ppo(tiny_dir, tmp_path / layout, batch, *extra, nproc=nproc)
     assert_same_steps(one, two)
+    assert_same_eval(one_dir, tmp_path / layout)
     # training moved the policy: the final weights differ from the start by far more than the tolerance
     import paddle
 

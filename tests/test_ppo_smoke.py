@@ -71,10 +71,13 @@ def test_estimators_train(dirs, estimator, extra):
     assert os.path.isfile(os.path.join(args.output_dir, "value", "config.json")) == (estimator == "gae")
 
 
-def test_checkpoints_and_eval_samples(dirs):
-    args = args_for(dirs, "ckpt", max_steps=4, save_steps=1, save_total_limit=2, eval_steps=2)
+def test_checkpoints_and_eval_samples(dirs, capsys):
+    args = args_for(dirs, "ckpt", max_steps=4, save_steps=1, save_total_limit=2, eval_steps=2,
+                    eval_samples_to_write=3)
     run(args)
     out = args.output_dir
+    echoed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  reward ")]
+    assert len(echoed) == 3 * 3 and all(" -> " in line for line in echoed)  # 3 evaluations x 3 samples
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-3"]
     for d in ("checkpoint-3/policy", "checkpoint-3/value", "policy", "value"):
         assert os.path.isfile(os.path.join(out, d, "config.json")), d
