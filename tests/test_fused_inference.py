@@ -20,7 +20,7 @@ from ppo import fused_inference, parallel
 from ppo.fused_inference import FusedInferenceModel, right_packed, rollout_decoder
 from ppo.inference import InferenceModel
 from ppo.rollout import GenerationConfig, generate, generate_in_buckets
-from tests.test_inference import make_model, prompts
+from tests.test_inference import assert_same_greedy, make_model, prompts
 
 
 class ContractLlama:
@@ -112,12 +112,7 @@ def test_right_packed_moves_each_prompt_to_the_left_edge():
 @pytest.mark.parametrize("extra", [{}, {"num_key_value_heads": 2}])
 def test_greedy_tokens_equal_the_training_model(extra):
     model = make_model(**extra)
-    ids, mask = prompts()
-    config = GenerationConfig(max_new_tokens=8, do_sample=False, repetition_penalty=1.3)
-    ref, ref_mask = generate(model, ids, mask, config, eos_token_id=2, pad_token_id=3)
-    got, got_mask = generate(fused(model), ids, mask, config, eos_token_id=2, pad_token_id=3)
-    np.testing.assert_array_equal(got.numpy(), ref.numpy())
-    np.testing.assert_array_equal(got_mask.numpy(), ref_mask.numpy())
+    assert_same_greedy(fused(model), model, GenerationConfig(max_new_tokens=8, do_sample=False, repetition_penalty=1.3))
 
 
 def test_buckets_refresh_once_and_every_rollout_decodes_the_current_weights():

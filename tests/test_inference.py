@@ -41,10 +41,14 @@ def prompts(B=5, P=9, vocab=320, seed=1):
                          ids=["plain", "grouped-kv", "fused-weights", "grouped-kv-fused-qkv"])
 def test_greedy_tokens_equal_the_training_model(extra):
     model = make_model(**extra)
+    assert_same_greedy(InferenceModel(model), model, GenerationConfig(max_new_tokens=12, do_sample=False))
+
+
+def assert_same_greedy(decoder, model, config):
+    """``decoder`` generates the training model's greedy tokens and masks on mixed-length prompts."""
     ids, mask = prompts()
-    config = GenerationConfig(max_new_tokens=12, do_sample=False)
     ref, ref_mask = generate(model, ids, mask, config, eos_token_id=2, pad_token_id=3)
-    got, got_mask = generate(InferenceModel(model), ids, mask, config, eos_token_id=2, pad_token_id=3)
+    got, got_mask = generate(decoder, ids, mask, config, eos_token_id=2, pad_token_id=3)
     np.testing.assert_array_equal(got.numpy(), ref.numpy())
     np.testing.assert_array_equal(got_mask.numpy(), ref_mask.numpy())
 
