@@ -5,7 +5,9 @@ Which decoder rolls out (``rollout_decoder``):
 * a GPU build where the ``paddlenlp_ops`` custom operators import: PaddleNLP's
   ``LlamaForCausalLMInferenceModel`` (fused QKV and FFN GEMMs, rotary and cached attention in
   fused kernels, the KV cache written in place);
-* a GPU build without those operators: ``ppo.inference.InferenceModel``, after one warning;
+* a GPU build without them (or whose paddle lacks an operator PaddleNLP's fused module imports),
+  or a model the fused kernels cannot reproduce (rotary scaling; heads not divisible by the
+  tensor-parallel degree): ``ppo.inference.InferenceModel``, after one warning naming the reason;
 * a CPU build: ``ppo.inference.InferenceModel`` (the operators are CUDA-only; no warning).
 
 Both implement the decoder interface of ``ppo.rollout.generate`` (``start`` / ``step`` /
@@ -18,7 +20,8 @@ transposed, cast to the training precision).  ``refresh`` rebuilds that copy fro
 current state dict through PaddleNLP's ``set_state_dict``, which takes this rank's
 tensor-parallel shards as they are (the fused model is built with the actor's tensor-parallel
 degree and rank).  A generation call refreshes once before its first bucket, so a rollout never
-decodes stale weights; the copy stays allocated between rollouts.
+decodes stale weights; the copy stays allocated between rollouts.  PaddleNLP names the fused
+parameters by layer index, so a process holds one fused model (the actor's).
 
 Input contract (PaddleNLP's dynamic-batching inference model): the prefill takes the prompts
 right-padded with their lengths (``seq_len_encoder``), positions ``0 .. len - 1`` and an additive
@@ -35,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import logging
 
 import numpy as np
@@ -45,25 +47,50 @@ from ppo.inference import InferenceModel
 
 logger = logging.getLogger("ppo")
 _warned = False
+_UNAVAILABLE: list = []  # the cached reason (one import attempt per process)
 
 
-def fused_ops_available() -> bool:
-    """True when the ``paddlenlp_ops`` custom operators can be imported."""
-    return importlib.util.find_spec("paddlenlp_ops") is not None
+def fused_unavailable_reason() -> str | None:
+    """Why PaddleNLP's fused inference model cannot be used in this process (None: it can).
+
+    Both ``paddlenlp_ops`` and PaddleNLP's fused model module must import: the module also needs
+    fused operators of the installed paddle (some paddle releases dropped one it imports).
+    """
+    if not _UNAVAILABLE:
+        try:
+            import paddlenlp_ops  # noqa: F401
+            from paddlenlp.experimental.transformers import LlamaForCausalLMInferenceModel  # noqa: F401
+
+            _UNAVAILABLE.append(None)
+        except Exception as e:  # ImportError, or an error raised while the modules import
+            _UNAVAILABLE.append(f"{type(e).__name__}: {e}".splitlines()[0])
+    return _UNAVAILABLE[0]
+
+
+def unsupported_config(config) -> str | None:
+    """Why the fused model cannot reproduce ``config``'s model (None: it can)."""
+    mp = max(1, int(getattr(config, "tensor_parallel_degree", 1) or 1))
+    if (getattr(config, "rope_scaling_type", None) or float(getattr(config, "rope_scaling_factor", 1.0)) != 1.0
+            or getattr(config, "use_long_sequence_strategies", False)):
+        return "rotary scaling (the fused rotary kernel takes rope_theta only)"
+    if config.num_key_value_heads % mp or config.num_attention_heads % mp:
+        return f"attention heads not divisible by tensor_parallel_degree {mp}"
+    return None
 
 
 def rollout_decoder(model, static_decode: bool = False, dtype: str | None = None):
     """The rollout decoder over ``model`` (a paddlenlp ``LlamaForCausalLM``): fused on GPU builds
-    with ``paddlenlp_ops``, else ``InferenceModel`` (see the module docstring)."""
+    where PaddleNLP's fused model is usable, else ``InferenceModel`` (see the module docstring)."""
     global _warned
     from ppo import parallel
 
     if parallel.device() == "gpu":
-        if fused_ops_available():
+        reason = fused_unavailable_reason() or unsupported_config(model.config)
+        if reason is None:
             return FusedInferenceModel(model, dtype=dtype)
         if not _warned:
-            logger.warning("paddlenlp_ops is not importable: rollout uses ppo.inference.InferenceModel instead of "
-                           "PaddleNLP's fused inference model (install paddlenlp_ops for the fused GPU path)")
+            logger.warning("PaddleNLP's fused inference model is not used (%s): rollout runs on "
+                           "ppo.inference.InferenceModel (install paddlenlp_ops for the fused GPU path)", reason)
             _warned = True
     return InferenceModel(model, static_decode=static_decode)
 
@@ -77,14 +104,32 @@ def _paddlenlp_fused_llama(config, dtype: str):
 
 
 def right_packed(input_ids, attention_mask):
-    """Left-padded prompts moved to the left edge: (ids [B, P] right padded with 0, lengths [B] int64)."""
+    """Left-padded prompts moved to the left edge: (ids [B, longest prompt] right padded with 0,
+    lengths [B] int64).  The width must be the longest prompt: the fused model's padding offsets
+    assume it."""
     ids = input_ids.numpy()
     mask = attention_mask.numpy().astype(bool)
     lengths = mask.sum(axis=1)
-    out = np.zeros_like(ids)
+    out = np.zeros((ids.shape[0], int(lengths.max())), dtype=ids.dtype)
     for b in range(ids.shape[0]):
         out[b, :lengths[b]] = ids[b][mask[b]]
     return paddle.to_tensor(out), lengths.astype("int64")
+
+
+def fused_model_state(model) -> dict:
+    """``model``'s state dict as numpy, in a layout PaddleNLP's ``set_state_dict`` loads.
+
+    It loads unfused or fully fused layers, but not a fused QKV next to separate gate and up
+    projections: those are concatenated into the fused ``gate_up_fused_proj`` ([gate | up] on the
+    output axis, per tensor-parallel shard, PaddleNLP's fused layout).
+    """
+    state = {name: value.numpy() for name, value in model.state_dict().items()}
+    for name in [n for n in state if n.endswith(".self_attn.qkv_proj.weight")]:
+        prefix = name[:-len("self_attn.qkv_proj.weight")] + "mlp."
+        if prefix + "gate_proj.weight" in state:
+            gate, up = state.pop(prefix + "gate_proj.weight"), state.pop(prefix + "up_proj.weight")
+            state[prefix + "gate_up_fused_proj.weight"] = np.concatenate([gate, up], axis=-1)
+    return state
 
 
 class FusedInferenceModel:
@@ -110,9 +155,13 @@ class FusedInferenceModel:
             config.cachekv_int8_type = None   # ... and a plain dense KV cache
             config.append_attn = False
             config.single_card_ptq = True
+            config.sequence_parallel = False  # rows, not a sequence-parallel split, reach its LM head
             self.fused = self.factory(config, self.dtype)
             self.fused.eval()
-        self.fused.set_state_dict({name: value.numpy() for name, value in self.model.state_dict().items()})
+        from paddlenlp.transformers.model_utils import dtype_guard
+
+        with dtype_guard(self.dtype):  # it casts some weights to the default dtype
+            self.fused.set_state_dict(fused_model_state(self.model))
 
     @contextlib.contextmanager
     def current_weights(self):
@@ -138,7 +187,7 @@ class FusedInferenceModel:
             self.refresh()
         ids, lengths = right_packed(input_ids, attention_mask)
         B, P = ids.shape
-        T = P + max_new_tokens
+        T = P + max_new_tokens  # a row's last decode position is its length + max_new_tokens - 1
         self.cache = [paddle.zeros(shape, self.dtype)
                       for shape in self.fused.get_cache_kvs_shape(self.fused.config, B, T)]
         slots = np.arange(P)

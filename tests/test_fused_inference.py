@@ -17,7 +17,7 @@ import pytest
 from paddlenlp.transformers import LlamaForCausalLM
 
 from ppo import fused_inference, parallel
-from ppo.fused_inference import FusedInferenceModel, right_packed, rollout_decoder
+from ppo.fused_inference import FusedInferenceModel, fused_model_state, right_packed, rollout_decoder
 from ppo.inference import InferenceModel
 from ppo.rollout import GenerationConfig, generate, generate_in_buckets
 from tests.test_inference import assert_same_greedy, make_model, prompts
@@ -45,6 +45,7 @@ class ContractLlama:
 
     def set_state_dict(self, state):
         assert all(isinstance(v, np.ndarray) for v in state.values())
+        self.default_dtype_at_load = paddle.get_default_dtype()
         assert set(state) == set(self.copy.state_dict())
         self.copy.set_state_dict({k: paddle.to_tensor(v) for k, v in state.items()})
         self.loads += 1
@@ -75,7 +76,7 @@ class ContractLlama:
             lengths = seq_len_encoder.numpy().reshape(-1)
             assert seq_len_encoder.dtype == paddle.int32 and (seq_len_decoder.numpy().reshape(-1) == lengths).all()
             P = input_ids.shape[1]
-            assert mask.shape == (B, 1, P, P)
+            assert P == lengths.max() and mask.shape == (B, 1, P, P)  # as wide as the longest prompt
             ids, pos = input_ids.numpy(), position_ids.numpy()
             self.history = []
             for b, n in enumerate(lengths):
@@ -98,11 +99,14 @@ def fused(model):
     return FusedInferenceModel(model, factory=ContractLlama)
 
 
-def test_right_packed_moves_each_prompt_to_the_left_edge():
+@pytest.mark.parametrize("rows", [slice(0, 6), slice(1, 4)], ids=["one-full-row", "every-row-padded"])
+def test_right_packed_moves_each_prompt_to_the_left_edge(rows):
     ids, mask = prompts(B=6, P=7)
+    ids, mask = ids[rows], mask[rows]
     got, lengths = right_packed(ids, mask)
     ids, mask = ids.numpy(), mask.numpy()
-    for b in range(6):  # naive reference
+    assert got.shape == [len(ids), mask.sum(axis=1).max()]
+    for b in range(len(ids)):  # naive reference
         real = [int(t) for t, m in zip(ids[b], mask[b]) if m]
         assert lengths[b] == len(real)
         assert list(got.numpy()[b, :len(real)]) == real
@@ -113,6 +117,35 @@ def test_right_packed_moves_each_prompt_to_the_left_edge():
 def test_greedy_tokens_equal_the_training_model(extra):
     model = make_model(**extra)
     assert_same_greedy(fused(model), model, GenerationConfig(max_new_tokens=8, do_sample=False, repetition_penalty=1.3))
+
+
+def test_prompts_that_all_have_padding():
+    model = make_model()
+    ids, mask = prompts()
+    config = GenerationConfig(max_new_tokens=5, do_sample=False)
+    ref, _ = generate(model, ids[1:4], mask[1:4], config, eos_token_id=2, pad_token_id=3)
+    got, _ = generate(fused(model), ids[1:4], mask[1:4], config, eos_token_id=2, pad_token_id=3)
+    np.testing.assert_array_equal(got.numpy(), ref.numpy())
+
+
+def test_weights_load_in_the_fused_precision_and_layout():
+    decoder = FusedInferenceModel(make_model(), dtype="float64", factory=ContractLlama)
+    decoder.refresh()
+    assert decoder.fused.default_dtype_at_load == "float64" and paddle.get_default_dtype() == "float32"
+    # a fused QKV next to separate gate / up projections: those are fused for PaddleNLP's loader
+    model = make_model(fuse_attention_qkv=True)
+    state = fused_model_state(model)
+    plain = {k: v.numpy() for k, v in model.state_dict().items()}
+    for i in range(2):
+        prefix = f"llama.layers.{i}.mlp."
+        assert prefix + "gate_proj.weight" not in state and prefix + "up_proj.weight" not in state
+        np.testing.assert_array_equal(state[prefix + "gate_up_fused_proj.weight"],
+                                      np.concatenate([plain[prefix + "gate_proj.weight"],
+                                                      plain[prefix + "up_proj.weight"]], axis=1))
+    assert set(state) - set(plain) == {f"llama.layers.{i}.mlp.gate_up_fused_proj.weight" for i in range(2)}
+    unfused = make_model()
+    assert {k: v.numpy().tolist() for k, v in unfused.state_dict().items()} == \
+        {k: v.tolist() for k, v in fused_model_state(unfused).items()}
 
 
 def test_buckets_refresh_once_and_every_rollout_decodes_the_current_weights():
@@ -141,18 +174,33 @@ def test_buckets_refresh_once_and_every_rollout_decodes_the_current_weights():
 
 
 def test_selection_cpu_build_gpu_without_ops_warns_once_gpu_with_ops(monkeypatch, caplog):
-    assert not fused_inference.fused_ops_available()  # this CPU environment has no paddlenlp_ops
+    # this CPU environment has no paddlenlp_ops (and its paddle lacks fused_moe, which the module imports)
+    assert fused_inference.fused_unavailable_reason() is not None
     model = make_model()
     with caplog.at_level(logging.WARNING, logger="ppo"):
         assert type(rollout_decoder(model)) is InferenceModel  # CPU build: no warning
         assert not caplog.records
         monkeypatch.setattr(parallel, "device", lambda: "gpu")
-        monkeypatch.setattr(fused_inference, "fused_ops_available", lambda: False)
+        monkeypatch.setattr(fused_inference, "fused_unavailable_reason",
+                            lambda: "ModuleNotFoundError: No module named 'paddlenlp_ops'")
         monkeypatch.setattr(fused_inference, "_warned", False)
         assert type(rollout_decoder(model)) is InferenceModel
         assert type(rollout_decoder(model, static_decode=True)) is InferenceModel
         warnings = [r.getMessage() for r in caplog.records]
         assert len(warnings) == 1 and "paddlenlp_ops" in warnings[0]
-        monkeypatch.setattr(fused_inference, "fused_ops_available", lambda: True)
+        monkeypatch.setattr(fused_inference, "fused_unavailable_reason", lambda: None)
         decoder = rollout_decoder(model, dtype="bfloat16")
-    assert type(decoder) is FusedInferenceModel and decoder.dtype == "bfloat16" and decoder.model is model
+        assert type(decoder) is FusedInferenceModel and decoder.dtype == "bfloat16" and decoder.model is model
+        # a model the fused kernels cannot reproduce falls back (with the one warning already given)
+        model.config.rope_scaling_type = "linear"
+        assert type(rollout_decoder(model)) is InferenceModel
+
+
+def test_unsupported_configs_are_named():
+    config = make_model().config
+    assert fused_inference.unsupported_config(config) is None
+    config.rope_scaling_factor = 2.0
+    assert "rotary scaling" in fused_inference.unsupported_config(config)
+    config.rope_scaling_factor = 1.0
+    config.tensor_parallel_degree = 8  # 4 heads
+    assert "not divisible" in fused_inference.unsupported_config(config)
