@@ -313,10 +313,14 @@ def kl_loss(log_probs, ref_log_probs, action_mask, estimator="k3"):
     return masked_mean(kl, action_mask)
 
 
+def nll_sum(log_probs, valid):
+    """Summed negative log-likelihood ``-sum(log_probs)`` over ``valid`` positions ([B, T])."""
+    return -(log_probs * valid.astype(log_probs.dtype)).sum()
+
+
 def masked_nll(log_probs, valid):
     """Mean negative log-likelihood ``-mean(log_probs)`` over ``valid`` positions; 0 when none is."""
-    m = valid.astype(log_probs.dtype)
-    return -(log_probs * m).sum() / paddle.clip(m.sum(), min=1.0)
+    return nll_sum(log_probs, valid) / paddle.clip(valid.astype(log_probs.dtype).sum(), min=1.0)
 
 
 def ptx_loss(logits, labels, ignore_index=-100):

@@ -10,7 +10,7 @@ from ppo import parallel
 from ppo.args import SFTArgs
 from ppo.data import SupervisedDataset
 from ppo.models import load_causal_lm, position_ids_from_mask
-from ppo.training import SingleModelTrainer
+from ppo.training import SingleModelTrainer, token_mean_weights
 
 
 def lm_logits(model, input_ids, attention_mask) -> paddle.Tensor:
@@ -39,6 +39,11 @@ class SFTTrainer(SingleModelTrainer):
         # tensor parallel: gathered (full-vocabulary) logits feed the plain cross entropy
         model = load_causal_lm(args.model_name_or_path, **parallel.tp_kwargs(), tensor_parallel_output=False)
         self.setup(args, model, tokenizer, train_data, eval_data)
+
+    def micro_weights(self, batches: list) -> list:
+        """Token-mean over the step: every answer token of every micro-batch and data rank counts once."""
+        return token_mean_weights([int((b["labels"][:, 1:] != -100).astype("int64").sum()) for b in batches],
+                                  self.ctx.data_world)
 
     def compute_loss(self, batch):
         with self.precision.autocast():

@@ -55,6 +55,7 @@ from ppo.training import (
     save_pretrained_atomic,
     set_seed,
     start_or_resume,
+    token_mean_weights,
     total_steps,
 )
 
@@ -362,10 +363,8 @@ class PPOTrainer:
             for s in range(self.steps_per_update):
                 rows = order[s * mb * accum:(s + 1) * mb * accum]
                 micro = [exp.select(rows[i * mb:(i + 1) * mb]) for i in range(accum)]
-                # the token count of the whole optimizer step over all data ranks: the token-mean
-                tokens = [float(m.action_mask.sum()) for m in micro]
-                step_tokens = parallel.mean_over_data(sum(tokens)) * self.ctx.data_world
-                weights = [t * self.ctx.data_world / step_tokens for t in tokens]
+                # the token-mean over the whole optimizer step (every micro-batch and data rank)
+                weights = token_mean_weights([float(m.action_mask.sum()) for m in micro], self.ctx.data_world)
                 for k, v in self.actor_step(micro, weights, step).items():
                     stats.setdefault(k, []).append(v)
                 if self.uses_critic:
@@ -426,14 +425,23 @@ class PPOTrainer:
                                                            args.temperature, with_entropy=True,
                                                            entropy_grad=bool(args.entropy_coeff))
                 total, stats = self._actor_objective(log_probs, entropy, m, w)
-                if self.ptx is not None:
-                    ptx = self._ptx_loss()
+                if ptx_batches:
+                    batch = ptx_batches.pop(0)
+                    with self.precision.autocast():
+                        # split-vocabulary safe: the same log-prob path as the actor loss
+                        ptx_lp, _ = forward_log_probs(self.actor_train, batch["input_ids"], batch["attention_mask"])
+                    ptx = algo.nll_sum(ptx_lp.astype("float32"), batch["labels"][:, 1:] != -100) * ptx_scale
                     stats["ptx_loss"] = float(ptx)
-                    total = total + args.ptx_coeff * ptx / len(micro)
+                    total = total + args.ptx_coeff * ptx
                 return total, stats
 
+            ptx_batches, ptx_scale = [], 0.0
+            if self.ptx is not None:  # one ptx micro-batch per micro-batch, one token-mean over the step
+                ptx_batches = [self._ptx_batch() for _ in micro]
+                ptx_scale = self._ptx_scale(sum(int((b["labels"][:, 1:] != -100).astype("int64").sum())
+                                                for b in ptx_batches))
             out = self._combine(self._micro_steps(self.actor_train, micro, weights, objective),
-                                weighted=("actor_loss",))
+                                weighted=("actor_loss", "ptx_loss"))
         out["actor_grad_norm"] = self._step(self.actor_opt, self.actor_sched, self.actor, step,
                                             actor_loss=out["actor_loss"])
         return out
@@ -462,13 +470,10 @@ class PPOTrainer:
             self.ptx_step += 1
         return self.ptx.get_collator()([self.ptx[i] for i in indices])
 
-    def _ptx_loss(self):
-        """Mean negative log-likelihood of the answer tokens of the next ptx batch (the SFT loss)."""
-        batch = self._ptx_batch()
-        with self.precision.autocast():
-            # split-vocabulary safe: the same log-prob path as the actor loss
-            log_probs, _ = forward_log_probs(self.actor_train, batch["input_ids"], batch["attention_mask"])
-        return algo.masked_nll(log_probs.astype("float32"), batch["labels"][:, 1:] != -100)
+    def _ptx_scale(self, answer_tokens: int) -> float:
+        """The factor that makes a ptx negative log-likelihood sum a token-mean over the step's ptx
+        answer tokens on every data rank (times data_world, which the data-parallel mean undoes)."""
+        return token_mean_weights([answer_tokens], self.ctx.data_world)[0] / max(answer_tokens, 1)
 
     # -- pipeline parallel: the same objectives inside fleet's 1F1B schedule -------------------
 
@@ -521,18 +526,19 @@ class PPOTrainer:
         out = self._combine(parts, weighted=("actor_loss",))
         if self.ptx is not None:
             batch = self._ptx_batch(len(micro))  # one ptx micro-batch per pipeline micro-batch
+            answer = batch["labels"][:, 1:] != -100
+            ptx_scale = self._ptx_scale(int(answer.astype("int64").sum()))
 
             def ptx_compute(logits, labels):
                 sequences, answer = labels
                 log_probs, _ = log_probs_from_logits(logits, sequences, 1.0, split)
-                ptx = algo.masked_nll(log_probs.astype("float32"), answer)
-                return args.ptx_coeff * ptx / len(micro), {"ptx_loss": float(ptx)}
+                ptx = algo.nll_sum(log_probs.astype("float32"), answer) * ptx_scale
+                return args.ptx_coeff * ptx, {"ptx_loss": float(ptx)}
 
             inputs = self._pipeline_inputs(batch["input_ids"], batch["attention_mask"])
             ptx_parts = self._pipeline_pass(self.actor_train, self.actor_opt, inputs,
-                                            (batch["input_ids"], batch["labels"][:, 1:] != -100), ptx_compute,
-                                            ("ptx_loss",))
-            out["ptx_loss"] = float(np.mean([p["ptx_loss"] for p in ptx_parts]))
+                                            (batch["input_ids"], answer), ptx_compute, ("ptx_loss",))
+            out["ptx_loss"] = float(sum(p["ptx_loss"] for p in ptx_parts))
         return out
 
     def _pipeline_critic(self, micro: list[Experience], weights: list[float]) -> dict:

@@ -254,6 +254,20 @@ class StepCadence:
             self.save(done)
 
 
+def token_mean_weights(tokens: list, data_world: int) -> list:
+    """Weights that turn per-micro-batch means into one token-mean over an optimizer step.
+
+    ``tokens``: this rank's token count of each micro-batch.  Micro-batch i's mean loss times
+    ``w_i = n_i * data_world / N`` (N: the step's tokens over every micro-batch of every data rank)
+    sums to the mean over all N tokens once data parallel averages the gradients over its ranks
+    (the ``data_world`` factor undoes that average).  Collective over the data ranks.
+    """
+    from ppo import parallel
+
+    total = parallel.mean_over_data(float(sum(tokens))) * data_world
+    return [float(t) * data_world / max(total, 1.0) for t in tokens]
+
+
 def clear_grad(optimizer) -> None:
     """Free the gradients until the next backward (group-sharded stage 2 clears its own storage)."""
     from ppo import parallel
@@ -553,6 +567,10 @@ class SingleModelTrainer:
     def compute_loss(self, batch):
         raise NotImplementedError
 
+    def micro_weights(self, batches: list) -> list:
+        """The weight of each micro-batch's loss in the step's loss (default: their mean)."""
+        return [1.0 / len(batches)] * len(batches)
+
     def evaluate(self) -> dict:
         return {}
 
@@ -570,17 +588,18 @@ class SingleModelTrainer:
             self.log_eval(0, bar.write)  # the starting point of the eval curve
         self.model.train()
         for step in range(self.start_step, self.total_steps):
-            micro = self.sampler.micro_batches(step)
+            batches = [self.collate(self.train_data, indices) for indices in self.sampler.micro_batches(step)]
+            weights = self.micro_weights(batches)
             stats = []
-            for i, indices in enumerate(micro):
-                batch = self.collate(self.train_data, indices)
+            for i, (batch, weight) in enumerate(zip(batches, weights)):
                 # data-parallel gradients are all-reduced once, on the last micro-batch
-                last = i == len(micro) - 1
+                last = i == len(batches) - 1
                 sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
                 with sync:
                     loss, s = self.compute_loss(batch)
-                    self.precision.backward(loss / len(micro))
-                stats.append({"loss": float(loss), **s})
+                    self.precision.backward(loss * weight)
+                # the step's loss: the weighted micro-batch losses (their sum), averaged below over data ranks
+                stats.append({"loss": float(loss) * weight * len(batches), **s})
             grad_norm = global_grad_norm(self.model.parameters(), self.optimizer)
             if self.guard.ok(step + 1, loss=[s["loss"] for s in stats], grad_norm=grad_norm):
                 self.precision.step(self.optimizer)

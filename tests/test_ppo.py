@@ -211,11 +211,14 @@ def record_grads(trainer):
     return grads
 
 
-def test_batch_4x1_equals_batch_1x4(ppo_dirs):
+@pytest.mark.parametrize("extra", [{}, {"ptx_datasets": "tiny-sft", "ptx_coeff": 0.5}], ids=["ppo", "ppo+ptx"])
+def test_batch_4x1_equals_batch_1x4(ppo_dirs, extra):
+    """One token-mean per optimizer step: the same update from 1 micro-batch of 4 as from 4 of 1
+    (the rows' response lengths differ, and with ptx so do the ptx rows' answer lengths)."""
     results = []
     for name, mb, accum in (("b4a1", 4, 1), ("b1a4", 1, 4)):
-        trainer = make_trainer(ppo_dirs, name, per_device_train_batch_size=mb, gradient_accumulation_steps=accum,
-                               max_grad_norm=1.0, clip_range_value=5.0)
+        trainer = make_trainer(ppo_dirs, name + "-".join(extra), per_device_train_batch_size=mb,
+                               gradient_accumulation_steps=accum, max_grad_norm=1.0, clip_range_value=5.0, **extra)
         exp = fixed_experience(trainer)
         trainer.compute_advantages(exp)
         grads = record_grads(trainer)
@@ -225,6 +228,8 @@ def test_batch_4x1_equals_batch_1x4(ppo_dirs):
         results.append((stats, grads, weights))
     (s1, g1, w1), (s2, g2, w2) = results
     assert abs(s1["actor_loss"] - s2["actor_loss"]) < 1e-6
+    if extra:
+        assert s1["ptx_loss"] > 0.1 and abs(s1["ptx_loss"] - s2["ptx_loss"]) < 1e-5 * s1["ptx_loss"]
     assert abs(s1["critic_loss"] - s2["critic_loss"]) < 1e-6 * max(1, abs(s1["critic_loss"]))
     assert set(g1) == set(g2) and len(g1) > 10
     for k in g1:
