@@ -85,12 +85,14 @@ def rollout_decoder(model, static_decode: bool = False, dtype: str | None = None
     from ppo import parallel
 
     if parallel.device() == "gpu":
-        reason = fused_unavailable_reason() or unsupported_config(model.config)
+        missing = fused_unavailable_reason()
+        reason = missing or unsupported_config(model.config)
         if reason is None:
             return FusedInferenceModel(model, dtype=dtype)
         if not _warned:
+            hint = " (install paddlenlp_ops built for this paddle for the fused GPU path)" if missing else ""
             logger.warning("PaddleNLP's fused inference model is not used (%s): rollout runs on "
-                           "ppo.inference.InferenceModel (install paddlenlp_ops for the fused GPU path)", reason)
+                           "ppo.inference.InferenceModel%s", reason, hint)
             _warned = True
     return InferenceModel(model, static_decode=static_decode)
 
