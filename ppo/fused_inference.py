@@ -19,8 +19,12 @@ Weights.  The fused model holds its own copy in its own layout (QKV concatenated
 transposed, cast to the training precision).  ``refresh`` rebuilds that copy from the actor's
 current state dict through PaddleNLP's ``set_state_dict``, which takes this rank's
 tensor-parallel shards as they are (the fused model is built with the actor's tensor-parallel
-degree and rank).  A generation call refreshes once before its first bucket, so a rollout never
-decodes stale weights; the copy stays allocated between rollouts.  PaddleNLP names the fused
+degree and rank).  The trainer marks the copy stale whenever the actor's weights change (every
+actor update, every export to a rollout copy); a generation call then refreshes it once before
+its first bucket, so a rollout never decodes stale weights and unchanged weights are not copied
+again (evaluation batches).  The copy stays allocated between rollouts (no offload level moves
+it).  The fused path runs in the training's half precision (``bf16`` / ``fp16``); float32
+training rolls out on ``InferenceModel``.  PaddleNLP names the fused
 parameters by layer index, so a process holds one fused model (the actor's).
 
 Input contract (PaddleNLP's dynamic-batching inference model): the prefill takes the prompts
@@ -80,13 +84,15 @@ def unsupported_config(config) -> str | None:
 
 def rollout_decoder(model, static_decode: bool = False, dtype: str | None = None):
     """The rollout decoder over ``model`` (a paddlenlp ``LlamaForCausalLM``): fused on GPU builds
-    where PaddleNLP's fused model is usable, else ``InferenceModel`` (see the module docstring)."""
+    where PaddleNLP's fused model is usable, else ``InferenceModel`` (see the module docstring).
+    ``dtype``: the training precision (bfloat16 / float16; None for float32)."""
     global _warned
     from ppo import parallel
 
     if parallel.device() == "gpu":
         missing = fused_unavailable_reason()
-        reason = missing or unsupported_config(model.config)
+        reason = missing or unsupported_config(model.config) or (
+            None if dtype in ("bfloat16", "float16") else "float32 training: it runs in the bf16 / fp16 precision")
         if reason is None:
             return FusedInferenceModel(model, dtype=dtype)
         if not _warned:
@@ -118,14 +124,15 @@ def right_packed(input_ids, attention_mask):
     return paddle.to_tensor(out), lengths.astype("int64")
 
 
-def fused_model_state(model) -> dict:
-    """``model``'s state dict as numpy, in a layout PaddleNLP's ``set_state_dict`` loads.
+def fused_model_state(model, dtype: str = "float32") -> dict:
+    """``model``'s state dict as numpy in ``dtype`` (its loader casts some weights, not the LM
+    head), in a layout PaddleNLP's ``set_state_dict`` loads.
 
     It loads unfused or fully fused layers, but not a fused QKV next to separate gate and up
     projections: those are concatenated into the fused ``gate_up_fused_proj`` ([gate | up] on the
     output axis, per tensor-parallel shard, PaddleNLP's fused layout).
     """
-    state = {name: value.numpy() for name, value in model.state_dict().items()}
+    state = {name: value.astype(dtype).numpy() for name, value in model.state_dict().items()}
     for name in [n for n in state if n.endswith(".self_attn.qkv_proj.weight")]:
         prefix = name[:-len("self_attn.qkv_proj.weight")] + "mlp."
         if prefix + "gate_proj.weight" in state:
@@ -147,31 +154,49 @@ class FusedInferenceModel:
         self.factory = factory
         self.fused = None
         self.cache = None
+        self.stale = True  # the copy needs the actor's weights (set by weights_changed)
         self._held = False
+
+    def weights_changed(self) -> None:
+        """The actor's weights moved (an optimizer step, an export): refresh before decoding again."""
+        self.stale = True
+
+    def _build(self):
+        config = copy.deepcopy(self.model.config)
+        config.quant_type = ""            # plain weights ...
+        config.cachekv_int8_type = None   # ... and a plain dense KV cache
+        config.append_attn = False
+        config.single_card_ptq = True
+        config.sequence_parallel = False  # rows, not a sequence-parallel split, reach its LM head
+        # its parameter initialisers draw random numbers: the run's random streams must not see them
+        states = paddle.get_rng_state(), paddle.get_rng_state("cpu")
+        try:
+            fused = self.factory(config, self.dtype)
+        finally:
+            paddle.set_rng_state(states[0])
+            paddle.set_rng_state(states[1], "cpu")
+        fused.eval()
+        return fused
 
     def refresh(self) -> None:
         """Copy the actor's current weights into the fused model (built on first use)."""
-        if self.fused is None:
-            config = copy.deepcopy(self.model.config)
-            config.quant_type = ""            # plain weights ...
-            config.cachekv_int8_type = None   # ... and a plain dense KV cache
-            config.append_attn = False
-            config.single_card_ptq = True
-            config.sequence_parallel = False  # rows, not a sequence-parallel split, reach its LM head
-            self.fused = self.factory(config, self.dtype)
-            self.fused.eval()
         from paddlenlp.transformers.model_utils import dtype_guard
 
+        if self.fused is None:
+            self.fused = self._build()
         with dtype_guard(self.dtype):  # it casts some weights to the default dtype
-            self.fused.set_state_dict(fused_model_state(self.model))
+            self.fused.set_state_dict(fused_model_state(self.model, self.dtype))
+        self.stale = False
 
     @contextlib.contextmanager
     def current_weights(self):
-        """One refresh for a whole generation call: every bucket decodes the same weights."""
+        """A generation call decodes the actor's current weights, refreshed at most once for all
+        its buckets (and not at all while they have not changed)."""
         if self._held:
             yield
             return
-        self.refresh()
+        if self.stale:
+            self.refresh()
         self._held = True
         try:
             yield
@@ -185,7 +210,7 @@ class FusedInferenceModel:
 
     def start(self, input_ids, attention_mask, position_ids, max_new_tokens: int):
         """Prefill a left-padded prompt batch; logits [B, V] for the first new token."""
-        if not self._held:
+        if self.stale and not self._held:
             self.refresh()
         ids, lengths = right_packed(input_ids, attention_mask)
         B, P = ids.shape

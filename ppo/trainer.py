@@ -201,6 +201,13 @@ class PPOTrainer:
             else:
                 pipeline.export_tensor_parallel(trained, target)
         self._rollout_stale = False
+        self._decoder_weights_changed()
+
+    def _decoder_weights_changed(self) -> None:
+        """A rollout decoder with its own weight copy (the fused GPU model) refreshes it before its next use."""
+        changed = getattr(self.models.decoder, "weights_changed", None)
+        if changed is not None:
+            changed()
 
     def _load_data(self):
         args, ctx = self.args, self.ctx
@@ -568,6 +575,7 @@ class PPOTrainer:
         if self.guard.ok(step, grad_norm=norm, **losses):
             self.precision.step(optimizer)
             self._rollout_stale = self.separate_rollout
+            self._decoder_weights_changed()
         clear_grad(optimizer)  # frees the gradients until the next backward
         scheduler.step()
         return norm

@@ -24,12 +24,18 @@ from tests.test_inference import assert_same_greedy, make_model, prompts
 
 
 class ContractLlama:
-    """Follows LlamaForCausalLMInferenceModel's input contract; logits from a plain LLaMA copy."""
+    """Follows LlamaForCausalLMInferenceModel's input contract; logits from a plain LLaMA copy.
+    With ``live`` set (a model), every prefill also checks that the copy holds its weights."""
+
+    live = None
 
     def __init__(self, config, dtype):
         self.config = config
         self.dtype = dtype
-        self.copy = LlamaForCausalLM(config)
+        from paddlenlp.transformers.model_utils import dtype_guard
+
+        with dtype_guard(dtype):  # as PaddleNLP's model is built
+            self.copy = LlamaForCausalLM(config)
         self.copy.eval()
         self.loads = 0
         self.history = None
@@ -70,9 +76,13 @@ class ContractLlama:
     def __call__(self, input_ids, position_ids, attention_mask, cache_kvs, seq_len_encoder, seq_len_decoder, cache):
         B = input_ids.shape[0]
         shapes = self.get_cache_kvs_shape(self.config, B, cache_kvs[0].shape[3])
-        assert [list(c.shape) for c in cache_kvs] == shapes and cache_kvs[0].dtype == paddle.float32
+        assert [list(c.shape) for c in cache_kvs] == shapes and str(cache_kvs[0].dtype).endswith(self.dtype)
         mask = attention_mask.numpy()
         if cache is None:  # prefill: right padded, lengths in seq_len_encoder
+            if self.live is not None:
+                mine = self.copy.state_dict()
+                for name, value in self.live.state_dict().items():
+                    np.testing.assert_array_equal(mine[name].numpy(), value.numpy(), err_msg=name)
             lengths = seq_len_encoder.numpy().reshape(-1)
             assert seq_len_encoder.dtype == paddle.int32 and (seq_len_decoder.numpy().reshape(-1) == lengths).all()
             P = input_ids.shape[1]
@@ -129,9 +139,15 @@ def test_prompts_that_all_have_padding():
 
 
 def test_weights_load_in_the_fused_precision_and_layout():
-    decoder = FusedInferenceModel(make_model(), dtype="float64", factory=ContractLlama)
-    decoder.refresh()
+    model = make_model()
+    decoder = FusedInferenceModel(model, dtype="float64", factory=ContractLlama)
+    paddle.seed(11)
+    decoder.refresh()  # builds the fused model: its initialisers must not move the run's random stream
+    after = paddle.rand([4]).numpy()
+    paddle.seed(11)
+    np.testing.assert_array_equal(after, paddle.rand([4]).numpy())
     assert decoder.fused.default_dtype_at_load == "float64" and paddle.get_default_dtype() == "float32"
+    assert all(v.dtype == np.float64 for v in fused_model_state(model, "float64").values())
     # a fused QKV next to separate gate / up projections: those are fused for PaddleNLP's loader
     model = make_model(fuse_attention_qkv=True)
     state = fused_model_state(model)
@@ -162,11 +178,15 @@ def test_buckets_refresh_once_and_every_rollout_decodes_the_current_weights():
     model(input_ids=ids, attention_mask=mask, return_dict=True).logits[:, :, 7].mean().backward()
     opt.step()
     model.eval()
-    # the fused copy is stale until the next generation call refreshes it
+    # the fused copy is stale until it is told so (the trainer does after every update) and the next
+    # generation call refreshes it
     name = "llama.layers.0.mlp.down_proj.weight"
     assert not np.allclose(decoder.fused.copy.state_dict()[name].numpy(), model.state_dict()[name].numpy())
+    decoder.weights_changed()
     second, _ = generate_in_buckets(decoder, ids, mask, config, eos_token_id=2, pad_token_id=3)
     assert decoder.fused.loads == 2
+    generate_in_buckets(decoder, ids, mask, config, eos_token_id=2, pad_token_id=3)
+    assert decoder.fused.loads == 2  # unchanged weights are not copied again
     np.testing.assert_array_equal(second.numpy(), generate(model, ids, mask, config, 2, 3)[0].numpy())
     assert not np.array_equal(first.numpy(), second.numpy())  # the update changed the rollout
     decoder.release()
@@ -191,6 +211,7 @@ def test_selection_cpu_build_gpu_without_ops_warns_once_gpu_with_ops(monkeypatch
         monkeypatch.setattr(fused_inference, "fused_unavailable_reason", lambda: None)
         decoder = rollout_decoder(model, dtype="bfloat16")
         assert type(decoder) is FusedInferenceModel and decoder.dtype == "bfloat16" and decoder.model is model
+        assert type(rollout_decoder(model)) is InferenceModel  # float32 training
         # a model the fused kernels cannot reproduce falls back (with the one warning already given)
         model.config.rope_scaling_type = "linear"
         assert type(rollout_decoder(model)) is InferenceModel
@@ -204,3 +225,31 @@ def test_unsupported_configs_are_named():
     config.rope_scaling_factor = 1.0
     config.tensor_parallel_degree = 8  # 4 heads
     assert "not divisible" in fused_inference.unsupported_config(config)
+
+
+def test_ppo_refreshes_the_fused_copy_after_each_update_only(tiny_dir, tmp_path, monkeypatch):
+    """The PPO trainer with the fused decoder (over the stand-in): every prefill decodes the actor's
+    current weights, and the copy is refreshed once per generation call after an update, not for
+    unchanged weights (the evaluation before training and the first rollout share one copy)."""
+    import ppo.trainer as trainer_module
+    from ppo.args import PPOArgs
+    from ppo.models import load_score_model
+
+    load_score_model(str(tiny_dir / "base")).save_pretrained(str(tmp_path / "rm"))
+    from paddlenlp.transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(tiny_dir / "base")).save_pretrained(str(tmp_path / "rm"))
+    monkeypatch.setattr(trainer_module, "rollout_decoder",
+                        lambda model, static_decode=False, dtype=None: FusedInferenceModel(model, factory=ContractLlama))
+    args = PPOArgs(actor_model_name_or_path=str(tiny_dir / "base"), reward_model_name_or_path=str(tmp_path / "rm"),
+                   train_datasets="tiny-prompts/train", eval_datasets="tiny-prompts/eval",
+                   output_dir=str(tmp_path / "ppo"), max_length=48, max_new_tokens=6, per_device_prompt_batch_size=4,
+                   per_device_train_batch_size=4, per_device_eval_batch_size=12, learning_rate=1e-3,
+                   critic_learning_rate=1e-3, max_steps=2, eval_steps=10, logging_steps=1, disable_tqdm=True, seed=3)
+    trainer = trainer_module.PPOTrainer(args)
+    decoder = trainer.models.decoder
+    assert type(decoder) is FusedInferenceModel
+    monkeypatch.setattr(ContractLlama, "live", trainer.rollout_actor)
+    trainer.train()
+    # eval at 0 (two batches) and rollout 1: one copy; rollout 2 after update 1; final eval after update 2
+    assert decoder.fused.loads == 3
