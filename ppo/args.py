@@ -134,9 +134,9 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
                                  "rollout runs on separate copies, see eval_mode).")
     offload_dir: str = arg("", "Folder of the CPU offload files (default: the system temp folder; use a real disk).")
     use_inference_model: bool = arg(True, "Roll out with the lean KV-cache inference model over the actor's live "
-                                          "weights; on GPU builds with paddlenlp_ops, PaddleNLP's fused inference "
-                                          "model, refreshed from the actor before every rollout (false: "
-                                          "paddlenlp's forward with its own cache).")
+                                          "weights; on GPU builds with paddlenlp_ops and bf16/fp16 training, "
+                                          "PaddleNLP's fused inference model, its weight copy refreshed after "
+                                          "every actor update (false: paddlenlp's forward with its own cache).")
     rollout_static_graph: bool = arg(False, "Run the inference model's decode step as a static graph compiled once "
                                            "per batch and length bucket (no faster on CPU, measured; for "
                                            "accelerators; tensor parallel decodes eagerly; the fused GPU model "
