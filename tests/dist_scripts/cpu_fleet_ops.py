@@ -6,7 +6,7 @@ Writes OUT_DIR/rank<k>.json: {"errors": {check: max abs error}, "flags": {check:
 
 import sys
 
-import _common  # noqa: F401  (puts the repo on sys.path)
+import _common  # puts the repo on sys.path; finish() at the end
 import numpy as np
 import paddle
 import paddle.distributed as dist
@@ -180,3 +180,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    _common.finish()

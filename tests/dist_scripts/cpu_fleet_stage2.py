@@ -9,7 +9,7 @@ in one process on the whole batches.
 
 import sys
 
-import _common  # noqa: F401  (puts the repo on sys.path)
+import _common  # puts the repo on sys.path; finish() at the end
 import numpy as np
 import paddle
 import paddle.distributed as dist
@@ -65,3 +65,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    _common.finish()

@@ -7,7 +7,7 @@ back with paddlenlp's own tensor-parallel mappings); every rank writes OUT_DIR/r
 
 import sys
 
-import _common  # noqa: F401  (puts the repo on sys.path)
+import _common  # puts the repo on sys.path; finish() at the end
 import numpy as np
 import paddle
 import paddle.distributed as dist
@@ -78,3 +78,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    _common.finish()

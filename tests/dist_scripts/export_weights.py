@@ -13,7 +13,7 @@ shards with numpy and compares.
 
 import sys
 
-import _common  # noqa: F401  (puts the repo on sys.path)
+import _common  # puts the repo on sys.path; finish() at the end
 import numpy as np
 import paddle
 
@@ -71,3 +71,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    _common.finish()

@@ -12,7 +12,7 @@ OUT_DIR/grad<k>.npz and OUT_DIR/rank<k>.json.
 import sys
 from types import SimpleNamespace
 
-import _common  # noqa: F401  (puts the repo on sys.path)
+import _common  # puts the repo on sys.path; finish() at the end
 import numpy as np
 import paddle
 import paddle.distributed as dist
@@ -79,3 +79,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    _common.finish()
