@@ -8,7 +8,7 @@ import paddle.nn.functional as F
 
 from ppo import parallel
 from ppo.args import SFTArgs
-from ppo.data import SupervisedDataset
+from ppo.data import SupervisedDataset, answer_mask
 from ppo.models import load_causal_lm, position_ids_from_mask
 from ppo.training import SingleModelTrainer, token_mean_weights
 
@@ -24,7 +24,7 @@ def answer_token_loss(logits, labels) -> tuple[paddle.Tensor, int]:
     """Mean next-token cross entropy over labelled positions; logits [B, T, V], labels [B, T]."""
     shift_logits = logits[:, :-1].astype("float32")
     shift_labels = labels[:, 1:]
-    valid = (shift_labels != -100)
+    valid = answer_mask(labels)
     n = int(valid.astype("int64").sum())
     per_token = F.cross_entropy(shift_logits, paddle.where(valid, shift_labels, paddle.zeros_like(shift_labels))
                                 .unsqueeze(-1), reduction="none").squeeze(-1)
@@ -42,7 +42,7 @@ class SFTTrainer(SingleModelTrainer):
 
     def micro_weights(self, batches: list) -> list:
         """Token-mean over the step: every answer token of every micro-batch and data rank counts once."""
-        return token_mean_weights([int((b["labels"][:, 1:] != -100).astype("int64").sum()) for b in batches],
+        return token_mean_weights([int(answer_mask(b["labels"]).astype("int64").sum()) for b in batches],
                                   self.ctx.data_world)
 
     def compute_loss(self, batch):

@@ -24,7 +24,7 @@ import paddle
 from ppo import algorithms as algo
 from ppo import checkpoint, parallel
 from ppo.args import PPOArgs
-from ppo.data import PromptOnlyDataset, SupervisedDataset
+from ppo.data import PromptOnlyDataset, SupervisedDataset, answer_mask
 from ppo.errors import UserError
 from ppo.experience import Experience
 from ppo.fused_inference import rollout_decoder
@@ -169,8 +169,9 @@ class PPOTrainer:
             self.rollout_critic = freeze(critic(rollout_tp)) if self.uses_critic else None
         self._rollout_stale = self.separate_rollout
         # the rollout decoder reads the actor's parameters directly: always the current weights
-        # (under tensor parallel, this rank's shards, with the partial sums all-reduced)
-        # (on GPU builds with paddlenlp_ops: PaddleNLP's fused model, refreshed before every rollout)
+        # (under tensor parallel, this rank's shards, with the partial sums all-reduced); on GPU
+        # builds with paddlenlp_ops, PaddleNLP's fused model holds a copy, marked stale after every
+        # update (_decoder_weights_changed) and refreshed before the next generation
         decoder = (rollout_decoder(self.rollout_actor, static_decode=args.rollout_static_graph,
                                    dtype=self.precision.dtype) if args.use_inference_model else None)
         self.models = Models(actor=self.rollout_actor, reference=reference, reward=reward, critic=self.rollout_critic,
@@ -432,21 +433,22 @@ class PPOTrainer:
                                                            args.temperature, with_entropy=True,
                                                            entropy_grad=bool(args.entropy_coeff))
                 total, stats = self._actor_objective(log_probs, entropy, m, w)
-                if ptx_batches:
-                    batch = ptx_batches.pop(0)
+                if ptx_feed is not None:
+                    batch, answer = next(ptx_feed)
                     with self.precision.autocast():
                         # split-vocabulary safe: the same log-prob path as the actor loss
                         ptx_lp, _ = forward_log_probs(self.actor_train, batch["input_ids"], batch["attention_mask"])
-                    ptx = algo.nll_sum(ptx_lp.astype("float32"), batch["labels"][:, 1:] != -100) * ptx_scale
+                    ptx = algo.nll_sum(ptx_lp.astype("float32"), answer) * ptx_scale
                     stats["ptx_loss"] = float(ptx)
                     total = total + args.ptx_coeff * ptx
                 return total, stats
 
-            ptx_batches, ptx_scale = [], 0.0
+            ptx_feed = None
             if self.ptx is not None:  # one ptx micro-batch per micro-batch, one token-mean over the step
                 ptx_batches = [self._ptx_batch() for _ in micro]
-                ptx_scale = self._ptx_scale(sum(int((b["labels"][:, 1:] != -100).astype("int64").sum())
-                                                for b in ptx_batches))
+                answers = [answer_mask(b["labels"]) for b in ptx_batches]
+                ptx_scale = self._ptx_scale(answers)
+                ptx_feed = iter(zip(ptx_batches, answers))
             out = self._combine(self._micro_steps(self.actor_train, micro, weights, objective),
                                 weighted=("actor_loss", "ptx_loss"))
         out["actor_grad_norm"] = self._step(self.actor_opt, self.actor_sched, self.actor, step,
@@ -477,10 +479,12 @@ class PPOTrainer:
             self.ptx_step += 1
         return self.ptx.get_collator()([self.ptx[i] for i in indices])
 
-    def _ptx_scale(self, answer_tokens: int) -> float:
+    def _ptx_scale(self, answers: list) -> float:
         """The factor that makes a ptx negative log-likelihood sum a token-mean over the step's ptx
-        answer tokens on every data rank (times data_world, which the data-parallel mean undoes)."""
-        return token_mean_weights([answer_tokens], self.ctx.data_world)[0] / max(answer_tokens, 1)
+        answer tokens (``answers``: this rank's answer masks) on every data rank (times data_world,
+        which the data-parallel mean undoes)."""
+        tokens = sum(int(a.astype("int64").sum()) for a in answers)
+        return token_mean_weights([tokens], self.ctx.data_world)[0] / max(tokens, 1)
 
     # -- pipeline parallel: the same objectives inside fleet's 1F1B schedule -------------------
 
@@ -533,8 +537,8 @@ class PPOTrainer:
         out = self._combine(parts, weighted=("actor_loss",))
         if self.ptx is not None:
             batch = self._ptx_batch(len(micro))  # one ptx micro-batch per pipeline micro-batch
-            answer = batch["labels"][:, 1:] != -100
-            ptx_scale = self._ptx_scale(int(answer.astype("int64").sum()))
+            answer = answer_mask(batch["labels"])
+            ptx_scale = self._ptx_scale([answer])
 
             def ptx_compute(logits, labels):
                 sequences, answer = labels

@@ -53,14 +53,7 @@ def run_entry(main, argv=None) -> None:
         from ppo import parallel
 
         if parallel.context().distributed:
-            # Every output is written and closed at this point.  Ranks leave together, and without
-            # the interpreter's teardown: destroying the communicators after another rank has gone
-            # has aborted a rank at exit (SIGABRT after a finished run, seen with gloo on CPU).
-            parallel.barrier()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            logging.shutdown()
-            os._exit(0)
+            parallel.exit_together()  # every output is written and closed at this point
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -25,6 +25,7 @@ from ppo.data.datasets import (
     SupervisedDataset,
     TokenizedDataset,
     TokenizedSubset,
+    answer_mask,
     collate_preference,
     collate_prompts,
     collate_supervised,

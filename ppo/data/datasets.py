@@ -32,6 +32,12 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # label of tokens the loss skips (prompt and user turns, padding)
 
 
+def answer_mask(labels):
+    """[B, T-1] bool: positions t whose next token (t+1) is a labelled answer token, aligned with
+    next-token log-probs and logits[:, :-1]; labels [B, T]."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
 def _check_template(template: Any, which: str) -> None:
     if not isinstance(template, str):
         raise UserError(f"prompt template '{which}' is a {type(template).__name__}; expected a string "

@@ -33,12 +33,7 @@ def write_result(out_dir, rank, result):
 
 
 def finish() -> None:
-    """Leave like the entry points do (``ppo.training.run_entry``): every rank together, without
-    the interpreter's teardown, which has aborted a finished gloo rank at exit (SIGABRT while
-    destroying communicators after its peer had gone)."""
-    import paddle.distributed as dist
+    """Leave like the entry points do: ``ppo.parallel.exit_together``."""
+    from ppo import parallel
 
-    dist.barrier()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    parallel.exit_together()
