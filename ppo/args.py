@@ -323,6 +323,8 @@ def validate(args) -> None:
         _require(args.kl_coeff >= 0, f"'kl_coeff' must be >= 0, got {args.kl_coeff}")
         _require(args.rollout_micro_batch_size >= 0,
                  f"'rollout_micro_batch_size' must be >= 0 (0: the whole batch), got {args.rollout_micro_batch_size}")
+        _require(args.eval_samples_to_write >= 0,
+                 f"'eval_samples_to_write' must be >= 0 (0: none echoed), got {args.eval_samples_to_write}")
         _require(args.dual_clip == 0 or args.dual_clip > 1, f"'dual_clip' must be 0 (off) or > 1, got {args.dual_clip}")
         _require(0 <= args.gamma <= 1 and 0 <= args.lam <= 1, "'gamma' and 'lam' must be in [0, 1]")
         _require(args.adv_estimator in ("gae", "reinforce_plus_plus") or args.num_return_sequences >= 2,

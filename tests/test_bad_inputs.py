@@ -244,6 +244,8 @@ CASES = [
          expect=("'top_p'", "(0, 1]", "1.5"), needle="top_p"),
     Case("rollout-micro-batch-negative", "ppo", argv=("--rollout_micro_batch_size", "-1"),
          expect=("'rollout_micro_batch_size'", "must be >= 0", "got -1"), needle="rollout_micro_batch_size"),
+    Case("eval-samples-negative", "ppo", argv=("--eval_samples_to_write", "-2"),
+         expect=("'eval_samples_to_write'", "must be >= 0", "got -2"), needle="eval_samples_to_write"),
     Case("grpo-needs-two-samples", "ppo", changes={"adv_estimator": "grpo", "num_return_sequences": 1},
          expect=("adv_estimator 'grpo'", "num_return_sequences must be >= 2", "got 1"), needle="num_return_sequences"),
     # -- config file ------------------------------------------------------------------------
