@@ -259,7 +259,7 @@ def run_worker(opts) -> dict:
         rss["after_scoring"] = rss_mb()
         meter.open("update")
         t4 = clock()
-        trainer.compute_advantages(exp)
+        exp = trainer.advantages(exp)
         t5 = clock()
         trainer.update(exp, step)
         t6 = clock()

@@ -23,6 +23,7 @@ import paddle
 
 from ppo import algorithms as algo
 from ppo import checkpoint, parallel
+from ppo.advantages import compute_advantages, mean_sequence_kl
 from ppo.args import PPOArgs
 from ppo.data import PromptOnlyDataset, SupervisedDataset, answer_mask
 from ppo.errors import UserError
@@ -289,7 +290,8 @@ class PPOTrainer:
             stats = None
             if self.guard.ok(done, reward=exp.end_scores, kl=log_ratio):
                 with self.timer("advantages"):
-                    self.compute_advantages(exp)
+                    exp = self.advantages(exp)
+                self.update_kl_controller(exp)
                 with self.timer("update"):
                     stats = self.update(exp, done)
                 stats.update(self.rollout_stats(exp))
@@ -322,29 +324,13 @@ class PPOTrainer:
         self.offload.after_scoring()
         return gather_experience(exp, split, self.tokenizer.pad_token_id) if split is not None else exp
 
-    def compute_advantages(self, exp: Experience) -> None:
-        """Fill kl, rewards, advantages and returns of ``exp`` (pure functions of its tensors)."""
-        args, mask = self.args, exp.action_mask
-        exp.kl = algo.compute_kl(exp.old_log_probs, exp.ref_log_probs, args.kl_estimator) * mask
-        kl_coeff = self.kl_ctl.value if args.kl_mode == "reward" else 0.0
-        penalty = args.missing_eos_penalty if args.missing_eos_penalty != 0 else None
-        exp.rewards = algo.shape_rewards(exp.end_scores, exp.kl, mask, kl_coeff, args.clip_range_score,
-                                         missing_eos=~exp.ended_with_eos, missing_eos_penalty=penalty)
-        if args.adv_estimator == "gae":
-            adv, exp.returns = algo.gae_advantages_and_returns(exp.values, exp.rewards, mask, args.gamma, args.lam)
-        elif args.adv_estimator in ("grpo", "rloo"):
-            sequence_reward = algo.masked_sum(exp.rewards, mask, axis=1)
-            adv = algo.broadcast_sequence_advantages(
-                algo.group_advantages(sequence_reward, args.num_return_sequences, args.adv_estimator), mask)
-            exp.returns = adv
-        else:  # reinforce_plus_plus: discounted reward-to-go, whitened over the batch
-            exp.returns = algo.reinforce_plus_plus_returns(exp.rewards, mask, args.gamma)
-            adv = algo.masked_whiten(exp.returns, mask, moments=self._global_moments(exp.returns, mask))
-        if args.normalize_advantage and args.adv_estimator != "reinforce_plus_plus":
-            adv = algo.masked_whiten(adv, mask, moments=self._global_moments(adv, mask))
-        exp.advantages = (adv * mask).detach()
-        sequence_kl = float(algo.masked_sum(exp.kl, mask, axis=1).mean())
-        self.kl_ctl.update(parallel.mean_over_data(sequence_kl), exp.batch_size * self.ctx.data_world)
+    def advantages(self, exp: Experience) -> Experience:
+        """``exp`` with KL, shaped rewards, advantages and returns (``ppo.advantages``, pure)."""
+        return compute_advantages(exp, self.args, self.kl_ctl.value, moments=self._global_moments)
+
+    def update_kl_controller(self, exp: Experience) -> None:
+        """Steer the KL coefficient by this iteration's mean sequence KL over every data rank."""
+        self.kl_ctl.update(parallel.mean_over_data(mean_sequence_kl(exp)), exp.batch_size * self.ctx.data_world)
 
     def _global_moments(self, values, mask):
         """(mean, unbiased var) of the masked ``values`` over every data rank's rollout; None in one

@@ -167,7 +167,7 @@ def test_one_ppo_update_matches_numpy(ppo_dirs):
     mask = exp.action_mask.numpy()
     np.testing.assert_allclose(exp.old_log_probs.numpy() * mask, ref["logp"] * mask, rtol=1e-5, atol=1e-5)
 
-    trainer.compute_advantages(exp)
+    exp = trainer.advantages(exp)
     np.testing.assert_allclose(exp.rewards.numpy(), ref["rewards"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(exp.returns.numpy(), ref["returns"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(exp.advantages.numpy(), ref["advantages"], rtol=1e-5, atol=1e-5)
@@ -220,7 +220,7 @@ def test_batch_4x1_equals_batch_1x4(ppo_dirs, extra):
         trainer = make_trainer(ppo_dirs, name + "-".join(extra), per_device_train_batch_size=mb,
                                gradient_accumulation_steps=accum, max_grad_norm=1.0, clip_range_value=5.0, **extra)
         exp = fixed_experience(trainer)
-        trainer.compute_advantages(exp)
+        exp = trainer.advantages(exp)
         grads = record_grads(trainer)
         stats = trainer.update(exp, step=1)
         weights = {("actor", k): v.numpy().copy() for k, v in trainer.actor.state_dict().items()}

@@ -46,7 +46,7 @@ def main():
         "--eval_datasets", "", "--disable_tqdm", "true", *layout])
     trainer = PPOTrainer(args)
     exp = trainer.rollout(0)
-    trainer.compute_advantages(exp)
+    exp = trainer.advantages(exp)
     trainer.update(exp, 1)
     assert trainer._rollout_stale, "an update must mark the rollout copies stale"
     trainer.export_rollout_weights()
