@@ -96,9 +96,9 @@ def worker(argv):
     params = list(trainer.actor.parameters()) + (list(trainer.critic.parameters()) if trainer.critic else [])
     states = optimizer_state(trainer.actor_opt) + (optimizer_state(trainer.critic_opt) if trainer.critic else [])
     copies = []
-    if trainer.separate_rollout:
-        copies = list(trainer.rollout_actor.parameters()) + (list(trainer.rollout_critic.parameters())
-                                                             if trainer.rollout_critic else [])
+    if trainer.layout.separate_rollout:
+        copies = list(trainer.models.actor.parameters()) + (list(trainer.models.critic.parameters())
+                                                             if trainer.models.critic else [])
     figures = {"rank": rank, "peak_rss_mb": round(status_kb("VmHWM") / 1024, 1),
                "parameter_mb": round(tensor_mb(params), 2), "optimizer_state_mb": round(tensor_mb(states), 2),
                "rollout_copy_mb": round(tensor_mb(copies), 2)}

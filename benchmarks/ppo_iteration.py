@@ -26,10 +26,10 @@ random prompts, and reports medians:
   rollout, split into interpreter start, imports, trainer construction (model loading) and
   prompt preparation.
 
-The phases are driven the way ``PPOTrainer.rollout`` and ``PPOTrainer.update`` drive them
-(``offload.before_generation`` -> ``collect(..., before_scoring=offload.before_scoring)`` ->
-``offload.after_scoring`` -> ``compute_advantages`` -> ``update``, which calls
-``offload.before_update``), with random prompt ids instead of the dataset.
+The phases are driven through the trainer itself
+(``trainer.experience`` -> ``trainer.advantages`` -> ``trainer.update_kl_controller`` ->
+``trainer.update``: the same methods ``PPOTrainer.train`` calls), with random prompt ids instead
+of the dataset.
 
     python benchmarks/ppo_iteration.py [--config tiny|33m|both] [--iterations 2] [--quick]
 
@@ -155,7 +155,6 @@ def run_worker(opts) -> dict:
 
     from ppo.args import PPOArgs, validate
     from ppo.inference import InferenceModel
-    from ppo.rollout import collect
     from ppo.trainer import PPOTrainer
     from ppo.training import quiet_libraries
 
@@ -216,7 +215,6 @@ def run_worker(opts) -> dict:
     # update phases (PPOTrainer.update calls these through self, so instance attributes win)
     timed_method(trainer, "actor_step", "actor_update", "actor_update")
     timed_method(trainer, "critic_step", "critic_update", "critic_update")
-    timed_method(trainer.offload, "before_update", "offload_before_update")
 
     # per-model split of scoring: collect scores every model on its inference view (the worker
     # runs one process with the default use_inference_model), called during scoring only
@@ -228,38 +226,63 @@ def run_worker(opts) -> dict:
             for method in ("log_probs", "scores"):
                 timed_method(view, method, "scoring_forward_" + key)
 
+    # offload transfers, timed where the trainer's phases call them; the generation and scoring
+    # peaks exclude them (generation's meter opens after the offload before it)
+    offload = trainer.offload
+
+    def around(name, before=None, after=None):
+        original = getattr(offload, name)
+
+        def wrapper(*a, **kw):
+            if before:
+                before()
+            t = clock()
+            try:
+                return original(*a, **kw)
+            finally:
+                add("offload_transfers", clock() - t)
+                add("offload_" + name, clock() - t)
+                if after:
+                    after()
+
+        setattr(offload, name, wrapper)
+
+    marks: dict[str, float] = {}
+    rss: dict[str, float] = {}
+
+    def generation_starts():
+        marks["generation_start"] = clock()
+        meter.open("generation")
+
+    def generation_ends():
+        marks["generation_end"] = clock()
+        peaks["generation"] = meter.close("generation")
+        rss["after_generation"] = rss_mb()
+        meter.open("scoring")
+
+    around("before_generation", after=generation_starts)
+    around("before_scoring", before=generation_ends)
+    around("after_scoring")
+    around("before_update")
+
     def iteration(step: int, ids, mask) -> dict:
+        """One iteration through the trainer's own phases: experience (generation + scoring),
+        advantages, the KL controller, update."""
         acc.clear()
         peaks.clear()
-        marks = {}
-        rss = {}
-
-        def before_scoring():
-            marks["generation_end"] = clock()
-            peaks["generation"] = meter.close("generation")
-            rss["after_generation"] = rss_mb()
-            meter.open("scoring")
-            marks["reload_start"] = clock()
-            trainer.offload.before_scoring()
-            marks["scoring_start"] = clock()
-
+        marks.clear()
+        rss.clear()
         rss["iteration_start"] = rss_mb()
         meter.open("iteration")
         t0 = clock()
-        trainer.offload.before_generation()
-        t_offloaded = clock()
-        meter.open("generation")  # after the offload: the peak of generation itself
-        t1 = clock()
-        exp = collect(models, ids, mask, trainer.gen, args.max_length, args.normalize_reward,
-                      before_scoring=before_scoring)
-        t2 = clock()
-        trainer.offload.after_scoring()
+        exp = trainer.experience(ids, mask, before_scoring=lambda: marks.update(scoring_start=clock()))
         t3 = clock()
         peaks["scoring"] = meter.close("scoring")
         rss["after_scoring"] = rss_mb()
         meter.open("update")
         t4 = clock()
         exp = trainer.advantages(exp)
+        trainer.update_kl_controller(exp)
         t5 = clock()
         trainer.update(exp, step)
         t6 = clock()
@@ -278,13 +301,12 @@ def run_worker(opts) -> dict:
             "responses_ended_by_eos": int(exp.ended_with_eos.astype("int64").sum()),
         }
         seconds = {
-            "generation": marks["generation_end"] - t1,
-            "scoring": t2 - marks["scoring_start"],
+            "generation": marks["generation_end"] - marks["generation_start"],
+            "scoring": t3 - marks["scoring_start"] - acc.get("offload_after_scoring", 0.0),
             "actor_update": acc.get("actor_update", 0.0),
             "critic_update": acc.get("critic_update", 0.0),
             "advantages": t5 - t4,
-            "offload_transfers": (t_offloaded - t0) + (marks["scoring_start"] - marks["reload_start"]) + (t3 - t2)
-            + acc.get("offload_before_update", 0.0),
+            "offload_transfers": acc.get("offload_transfers", 0.0),
             "iteration": t6 - t0,
         }
         for key in scored:

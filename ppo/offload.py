@@ -254,3 +254,63 @@ def offloaded(models=(), optimizers=(), *, store: OffloadStore):
     finally:
         for reload, obj in reversed(moved):
             reload(obj, store)
+
+
+# ---------------------------------------------------------------------------------------------
+# Around the PPO phases
+
+
+class PhaseOffload:
+    """Which state leaves memory around which PPO phase (``offload_level``); a no-op when empty.
+
+    generation: reference, reward model, critic weights and optimizer states may be out;
+    scoring:    reference, reward model and critic are back; optimizer states stay out;
+    update:     optimizer states are back; reference and reward model go out again.
+    When rollout runs on separate copies (``eval_mode``, pipeline parallel), ``train_model`` takes
+    the training actor and critic out from generation to the update: the copies decode and score.
+    Parameter objects keep their identity, so optimizers update the same tensors.
+
+    ``frozen``: name -> never-trained model; ``optimizers``: name -> inner optimizer;
+    ``trained``: name -> training model that may leave during generation (``train_model``);
+    ``trained_scores``: the training critic itself scores (no separate rollout copy), so the
+    trained models come back before scoring.
+    """
+
+    def __init__(self, levels: frozenset, folder: str, frozen: dict, optimizers: dict, trained: dict,
+                 trained_scores: bool):
+        self.levels = levels
+        self.store = default_store(folder or None) if levels else None
+        self.frozen = frozen if "freeze_model" in levels else {}
+        self.optimizers = optimizers if "optimizer" in levels else {}
+        self.trained = trained if "train_model" in levels else {}
+        self.trained_scores = trained_scores
+        self._move(self.frozen, offload_model)
+
+    def _move(self, objects: dict, move) -> None:
+        for name, obj in objects.items():
+            move(obj, self.store, name)
+
+    def before_generation(self):
+        self._move(self.optimizers, offload_optimizer)
+        self._move(self.trained, offload_model)
+
+    def before_scoring(self):
+        self._move(self.frozen, reload_model)
+        if self.trained_scores:
+            self.reload_trained()
+
+    def after_scoring(self):
+        self._move(self.frozen, offload_model)
+
+    def before_update(self):
+        self._move(self.optimizers, reload_optimizer)
+        self.reload_trained()
+
+    def reload_trained(self):
+        """The training weights back in memory (a no-op for what is not out)."""
+        self._move(self.trained, reload_model)
+
+    def close(self):
+        """Everything back in memory and the store's files removed."""
+        if self.store is not None:
+            self.store.close()

@@ -16,12 +16,14 @@ exactly the training model's current weights.
 
 from __future__ import annotations
 
+import numpy as np
 import paddle
 import paddle.distributed as dist
 import paddle.nn as nn
 
 from ppo import parallel
 from ppo.errors import UserError
+from ppo.models.score_model import position_ids_from_mask
 
 
 def _pipeline_classes():
@@ -245,3 +247,37 @@ def merged_state_dict(pipe) -> dict | None:
             if ctx.is_main:
                 out[name] = value.numpy()
     return out if ctx.is_main else None
+
+
+# -- one training pass of fleet's 1F1B schedule ---------------------------------------------------
+
+
+def pipeline_pass(train_model, optimizer, inputs, labels, compute, keys, accumulate_steps: int, precision) -> list[dict]:
+    """One forward/backward pass of fleet's pipeline schedule over ``accumulate_steps`` micro-batches;
+    the last stage runs ``compute(output, labels) -> (loss, stats)``.  Returns every micro-batch's
+    stats (``keys``), on every stage (broadcast from the last)."""
+    from ppo.training import unwrap  # MERGE: parallel.unwrap
+
+    loss_layer = unwrap(train_model)._loss_fn[0]
+    loss_layer.compute, loss_layer.stats = compute, []
+    loss_layer.accumulate_steps = accumulate_steps
+    data = train_model._prepare_training([inputs, labels], optimizer, None)
+    with precision.autocast():
+        train_model.forward_backward_pipeline(data, precision.scaler)
+    n = accumulate_steps
+    flat = [s[k] for s in loss_layer.stats for k in keys] if loss_layer.stats else [0.0] * (n * len(keys))
+    flat = parallel.broadcast_from_last_stage(flat)
+    return [dict(zip(keys, flat[i * len(keys):(i + 1) * len(keys)])) for i in range(n)]
+
+
+def pipeline_inputs(ids, mask):
+    """(ids, mask, positions) as paddlenlp's pipeline stages read them: a bool mask, so the int64
+    third tensor is taken as the position ids on every device type."""
+    return (ids, mask.astype("bool"), position_ids_from_mask(mask))
+
+
+def row_weights(row_counts: list[int], weights: list[float]):
+    """``[rows, 1]`` float32: each micro-batch's weight on its rows (the pipeline slices every label
+    tensor as ``[micro-batch rows, :]``)."""
+    return paddle.to_tensor(np.concatenate([np.full([n, 1], w, dtype=np.float32)
+                                            for n, w in zip(row_counts, weights)]))

@@ -9,6 +9,7 @@ is kept as the last action of its response even when pad == eos.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import paddle
@@ -366,3 +367,15 @@ def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, m
         old_log_probs=old_log_probs.astype("float32"), ref_log_probs=ref_log_probs.astype("float32"),
         values=values, end_scores=end_scores.astype("float32"), response_lengths=response_lengths,
         ended_with_eos=ended_with_eos, prompt_length=P)
+
+
+def gather_experience(exp: Experience, group, pad_token_id: int) -> Experience:
+    """The rollout shares of the ranks in ``group`` as one experience batch (in rank order),
+    responses right-padded to the longest (sequences with ``pad_token_id``, the rest with 0).
+    Every tensor field of ``Experience`` is gathered, so a new field cannot silently vanish."""
+    names = [f.name for f in dataclasses.fields(Experience) if isinstance(getattr(exp, f.name), paddle.Tensor)]
+    arrays = {n: getattr(exp, n).numpy() for n in names}
+    arrays["_pad"] = {"sequences": pad_token_id}
+    out = parallel.gather_rows(arrays, group)
+    scalars = {f.name: getattr(exp, f.name) for f in dataclasses.fields(Experience) if f.name not in out}
+    return Experience(**{n: paddle.to_tensor(v) for n, v in out.items()}, **scalars)

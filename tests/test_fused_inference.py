@@ -231,6 +231,7 @@ def test_ppo_refreshes_the_fused_copy_after_each_update_only(tiny_dir, tmp_path,
     """The PPO trainer with the fused decoder (over the stand-in): every prefill decodes the actor's
     current weights, and the copy is refreshed once per generation call after an update, not for
     unchanged weights (the evaluation before training and the first rollout share one copy)."""
+    import ppo.ppo_models as models_module
     import ppo.trainer as trainer_module
     from ppo.args import PPOArgs
     from ppo.models import load_score_model
@@ -239,7 +240,7 @@ def test_ppo_refreshes_the_fused_copy_after_each_update_only(tiny_dir, tmp_path,
     from paddlenlp.transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(str(tiny_dir / "base")).save_pretrained(str(tmp_path / "rm"))
-    monkeypatch.setattr(trainer_module, "rollout_decoder",
+    monkeypatch.setattr(models_module, "rollout_decoder",
                         lambda model, static_decode=False, dtype=None: FusedInferenceModel(model, factory=ContractLlama))
     args = PPOArgs(actor_model_name_or_path=str(tiny_dir / "base"), reward_model_name_or_path=str(tmp_path / "rm"),
                    train_datasets="tiny-prompts/train", eval_datasets="tiny-prompts/eval",
@@ -249,7 +250,7 @@ def test_ppo_refreshes_the_fused_copy_after_each_update_only(tiny_dir, tmp_path,
     trainer = trainer_module.PPOTrainer(args)
     decoder = trainer.models.decoder
     assert type(decoder) is FusedInferenceModel
-    monkeypatch.setattr(ContractLlama, "live", trainer.rollout_actor)
+    monkeypatch.setattr(ContractLlama, "live", trainer.models.actor)
     trainer.train()
     # eval at 0 (two batches) and rollout 1: one copy; rollout 2 after update 1; final eval after update 2
     assert decoder.fused.loads == 3

@@ -11,6 +11,7 @@ import pytest
 from ppo.args import PPOArgs, parse_args
 from ppo.errors import UserError
 from ppo.models import load_score_model
+from ppo.ppo_evaluation import prompt_batch
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def test_reward_model_with_another_tokenizer(dirs, tmp_path):
 
     trainer = PPOTrainer(args_for(dirs, "retok", reward_model_name_or_path=str(tmp_path / "rm2"),
                                   reward_critic_model_name_or_path=dirs["rm"]))
-    ids, mask = trainer.prompt_batch(trainer.prompts, [0, 1, 2])
+    ids, mask = prompt_batch(trainer.data.prompts, [0, 1, 2])
     paddle.seed(11)
     exp = collect(trainer.models, ids, mask, trainer.gen, 48)
     r_ids, r_mask = retokenize(exp.sequences, exp.attention_mask, exp.prompt_length, trainer.tokenizer, other, 48)

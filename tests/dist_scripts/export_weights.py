@@ -48,22 +48,22 @@ def main():
     exp = trainer.rollout(0)
     exp = trainer.advantages(exp)
     trainer.update(exp, 1)
-    assert trainer._rollout_stale, "an update must mark the rollout copies stale"
-    trainer.export_rollout_weights()
+    assert trainer.weights.copies_stale, "an update must mark the rollout copies stale"
+    trainer.weights.refresh()
 
     ctx = parallel.context()
     out = {"pp_rank": ctx.pp_rank, "mp_rank": ctx.mp_rank, "mp_degree": ctx.mp_degree}
     for prefix, model in (("actor", trainer.actor), ("critic", trainer.critic)):
         for name, value in unwrap(model).state_dict().items():
             out[f"t/{prefix}/{name}"] = value.numpy()
-    for prefix, model in (("actor", trainer.rollout_actor), ("critic", trainer.rollout_critic)):
+    for prefix, model in (("actor", trainer.models.actor), ("critic", trainer.models.critic)):
         for name, value in model.state_dict().items():
             out[f"r/{prefix}/{name}"] = value.numpy()
     ids, mask = fixed_batch()
-    with paddle.no_grad(), parallel.full_vocab_logits(trainer.rollout_actor):
-        out["logits"] = trainer.rollout_actor(input_ids=ids, attention_mask=mask,
+    with paddle.no_grad(), parallel.full_vocab_logits(trainer.models.actor):
+        out["logits"] = trainer.models.actor(input_ids=ids, attention_mask=mask,
                                               position_ids=position_ids_from_mask(mask), return_dict=True).logits.numpy()
-        out["scores"] = trainer.rollout_critic(ids, mask).scores.numpy()
+        out["scores"] = trainer.models.critic(ids, mask).scores.numpy()
     np.savez(f"{out_dir}/arrays{ctx.rank}.npz", **out)
     write_result(out_dir, ctx.rank, {k: out[k] for k in ("pp_rank", "mp_rank", "mp_degree")})
     parallel.barrier()

@@ -1,0 +1,158 @@
+"""The four PPO roles in the run's layout: which models exist on this rank, which of them train,
+which roll out, and whether the rollout weights are current.
+
+    actor      trains (a pipeline stage under pipeline parallel); its policy makes the rollout
+    reference  frozen copy of the initial actor (KL anchor)
+    reward     frozen score model (end scores)
+    critic     trains (value head); only with the ``gae`` estimator
+    rollout_*  the models that decode and score: the training models themselves, or separate
+               copies when the training layout cannot decode (pipeline) or ``eval_mode single``
+               merges the tensor-parallel shards; the copies are refreshed from the training
+               models before a rollout that follows an update (``RolloutWeights``)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ppo import parallel, pipeline
+from ppo.errors import UserError
+from ppo.fused_inference import rollout_decoder
+from ppo.models import check_max_length, check_model_path, load_causal_lm, load_score_model, load_tokenizer
+from ppo.rollout import Models, same_vocabulary
+
+
+def freeze(model):
+    model.eval()
+    for p in model.parameters():
+        p.stop_gradient = True
+    return model
+
+
+@dataclass
+class RolloutLayout:
+    """Where rollout runs relative to the training layout (``eval_mode``, PaddleNLP's name for it)."""
+    pipeline: bool                # the training models are pipeline stages
+    merge_for_rollout: bool       # eval_mode 'single' under tensor parallel: rollout on whole copies
+    separate_rollout: bool        # rollout on copies (pipeline, or merged tensor-parallel shards)
+    split: object | None          # the group of ranks that split one data rank's prompts (None: no split)
+    part: int                     # this rank's share of that split
+
+    @property
+    def split_ranks(self) -> int:
+        return self.split.nranks if self.split is not None else 1
+
+
+def rollout_layout(args, ctx) -> RolloutLayout:
+    pipeline_on = ctx.pp_degree > 1
+    # eval_mode picks the rollout layout (PaddleNLP's name): '' follows the training layout;
+    # the pipeline cannot decode, so it rolls out on tensor-parallel copies by default
+    eval_mode = args.eval_mode or ("tensor_parallel" if pipeline_on else "")
+    merge = eval_mode == "single" and ctx.mp_degree > 1
+    separate = pipeline_on or merge
+    split = parallel.rollout_group(merge) if separate else None
+    return RolloutLayout(pipeline=pipeline_on, merge_for_rollout=merge, separate_rollout=separate, split=split,
+                         part=split.rank if split is not None else 0)
+
+
+@dataclass
+class PPOModels:
+    actor: object                 # the actor that trains (this rank's pipeline stage under pipeline)
+    critic: object | None         # the critic that trains (None without the gae estimator)
+    tokenizer: object             # the actor's tokenizer
+    rollout: Models               # what rollout decodes and scores with (copies or the training models)
+    layout: RolloutLayout
+
+
+def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOModels:
+    """Load the actor, reference, reward model and critic in this run's layout (tensor-parallel
+    shards, pipeline stages, rollout copies) and the rollout decoder."""
+    actor_config = check_model_path(args.actor_model_name_or_path, "actor_model_name_or_path")
+    check_max_length(actor_config, args.max_length, args.actor_model_name_or_path)
+    check_model_path(args.reward_model_name_or_path, "reward_model_name_or_path")
+    critic_path = args.reward_critic_model_name_or_path or args.reward_model_name_or_path
+    tokenizer = load_tokenizer(args.actor_model_name_or_path, "actor_model_name_or_path")
+    reward_tokenizer = load_tokenizer(args.reward_model_name_or_path, "reward_model_name_or_path")
+    if uses_critic:
+        critic_tokenizer = load_tokenizer(critic_path, "reward_critic_model_name_or_path")
+        if not same_vocabulary(tokenizer, critic_tokenizer):
+            raise UserError(f"the critic ('{critic_path}') must share the actor's vocabulary "
+                            f"({len(critic_tokenizer)} vs {len(tokenizer)} tokens): it scores actor tokens")
+    layout = rollout_layout(args, ctx)
+    # tensor parallel: every rank loads its shard of the single checkpoint; the policies keep
+    # their logits split over the vocabulary (log-probs are computed without gathering them)
+    tp = parallel.tp_kwargs()
+    rollout_tp = {} if layout.merge_for_rollout else tp
+
+    def policy(kwargs):
+        return load_causal_lm(args.actor_model_name_or_path, "actor_model_name_or_path",
+                              **({**kwargs, "tensor_parallel_output": True} if kwargs else {}))
+
+    def critic(kwargs):
+        return load_score_model(critic_path, score_type="critic", what="reward_critic_model_name_or_path", **kwargs)
+
+    def trainable(model, path: str, what: str):
+        # the model that trains: the model itself, or its pipeline-parallel twin (this rank's stage)
+        if not layout.pipeline:
+            return model
+        pipeline.check_pipeline_config(model.config, what, path)
+        return pipeline.score_pipe(model) if hasattr(model, "score_head") else pipeline.policy_pipe(model)
+
+    actor = trainable(policy(tp), args.actor_model_name_or_path, "actor_model_name_or_path")
+    reference = freeze(policy(rollout_tp))
+    reward = freeze(load_score_model(args.reward_model_name_or_path, score_type="reward",
+                                     what="reward_model_name_or_path", **rollout_tp))
+    if args.normalize_reward and reward.normalizer.kind == "none":
+        raise UserError(f"normalize_reward is set but the reward model at '{args.reward_model_name_or_path}' "
+                        "carries no score statistics (train it with normalizer_type RunningMeanStd)")
+    trained_critic = trainable(critic(tp), critic_path, "reward_critic_model_name_or_path") if uses_critic else None
+    rollout_actor, rollout_critic = actor, trained_critic
+    if layout.separate_rollout:
+        rollout_actor = freeze(policy(rollout_tp))
+        rollout_critic = freeze(critic(rollout_tp)) if uses_critic else None
+    # the lean decoder reads the rollout actor's parameters directly (never stale); on GPU builds
+    # with paddlenlp_ops, PaddleNLP's fused model holds a copy that RolloutWeights refreshes
+    decoder = (rollout_decoder(rollout_actor, static_decode=args.rollout_static_graph, dtype=dtype)
+               if args.use_inference_model else None)
+    rollout = Models(actor=rollout_actor, reference=reference, reward=reward, critic=rollout_critic,
+                     actor_tokenizer=tokenizer, reward_tokenizer=reward_tokenizer, decoder=decoder)
+    return PPOModels(actor=actor, critic=trained_critic, tokenizer=tokenizer, rollout=rollout, layout=layout)
+
+
+class RolloutWeights:
+    """Knows whether what rolls out decodes the training weights, and makes it so.
+
+    Two things can hold a copy of the trained weights: the rollout copies (``separate_rollout``)
+    and a rollout decoder with its own weight layout (the fused GPU model).  ``changed()`` after
+    every update marks both stale; ``refresh()`` before a rollout brings them up to date (once).
+    """
+
+    def __init__(self, models: PPOModels, before_export=None):
+        self.models = models
+        self.before_export = before_export  # brings offloaded training weights back first
+        self.copies_stale = models.layout.separate_rollout
+
+    def changed(self) -> None:
+        self.copies_stale = self.models.layout.separate_rollout
+        self._decoder_reloads()
+
+    def refresh(self) -> None:
+        if not self.copies_stale:
+            return
+        if self.before_export is not None:
+            self.before_export()
+        m, layout = self.models, self.models.layout
+        pairs = [(m.actor, m.rollout.actor)] + ([(m.critic, m.rollout.critic)] if m.critic is not None else [])
+        for trained, target in pairs:
+            if layout.pipeline:
+                pipeline.export_weights(trained, target, layout.merge_for_rollout)
+            else:
+                pipeline.export_tensor_parallel(trained, target)
+        self.copies_stale = False
+        self._decoder_reloads()
+
+    def _decoder_reloads(self) -> None:
+        # a decoder with its own weight layout (the fused GPU model) reloads before its next use
+        decoder_changed = getattr(self.models.rollout.decoder, "weights_changed", None)
+        if decoder_changed is not None:
+            decoder_changed()
