@@ -47,7 +47,7 @@ def call(name, responses, references=None, ids=None, options=None, **context):
 
 
 def test_builtins_registered():
-    assert {"math_exact", "format", "overlong"} <= set(RewardFunction.names())
+    assert {"math_exact", "format", "overlong", "remote"} <= set(RewardFunction.names())
 
 
 def test_parse_spec():

@@ -1,4 +1,4 @@
-"""Reward functions registered by NAME (``math_exact``, ``format``, ``overlong``), the
+"""Reward functions registered by NAME (``math_exact``, ``format``, ``overlong``, ``remote``), the
 ``reward_functions`` spec and the weighted combination of their scores.
 
 Importing this package registers the built-ins.
@@ -19,9 +19,10 @@ from ppo.rewards.builtin import (
     parse_number,
     reference_answer,
 )
+from ppo.rewards.remote import check_reachable, post_batch
 
 __all__ = [
     "DEFAULT_FORMAT_PATTERN", "RewardFunction", "RewardScores", "RewardSpec", "answers_equal",
-    "build_reward_functions", "combine", "extract_answer", "parse_number",
-    "parse_reward_functions", "reference_answer",
+    "build_reward_functions", "check_reachable", "combine", "extract_answer", "parse_number",
+    "parse_reward_functions", "post_batch", "reference_answer",
 ]
