@@ -3,7 +3,6 @@ and the arithmetic task's generated data."""
 
 import json
 import re
-import sys
 
 import pytest
 
