@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="PaddlePaddle-native RLHF: supervised fine-tuning, reward modelling and PPO with 3D parallelism",
     packages=find_packages(include=["ppo", "ppo.*", "rm", "rm.*"]),
-    package_data={"ppo.tiny": ["data/*.jsonl"]},
+    package_data={"ppo.tiny": ["data/*.jsonl", "data/arithmetic/*.jsonl"]},
     python_requires=">=3.9",
     install_requires=[
         "paddlenlp==3.0.0b4",

@@ -37,6 +37,8 @@ class RawSample(TypedDict, total=False):
     ``input`` is the prompt, or a dialogue ``[user, assistant, user, ..., user]`` whose last turn
     is the user turn to answer.  ``better`` is True when ``answer`` beats ``other_answer``;
     ``safer``/``is_safe``/``is_other_safe`` are the safety labels of safe-rlhf data.
+    ``reference`` is the ground-truth answer of a prompt that reward functions check responses
+    against (e.g. ``"72"`` for a GSM8K problem); prompt-only data may carry it.
     """
 
     input: str | list[str]
@@ -46,6 +48,7 @@ class RawSample(TypedDict, total=False):
     safer: bool
     is_safe: bool
     is_other_safe: bool
+    reference: str
     dialogue: Any  # reserved
 
 
@@ -342,16 +345,17 @@ def _split_files(folder: str, split: str) -> list[str]:
 
 
 def load_records(path: str | None, split: str | None = None, *, hub_id: str | None = None,
-                 name: str | None = None) -> list[dict]:
+                 name: str | None = None, hub_config: str | None = None) -> list[dict]:
     """Records of a local file or folder, or of hub dataset ``hub_id`` when ``path`` is None.
 
     A file: ``.json`` (a list of records or JSON lines), ``.jsonl``, ``.parquet`` or ``.csv``
     (``split`` is ignored).  A folder: a ``datasets`` ``save_to_disk`` folder, or one holding
     ``{split}.jsonl|json|parquet|csv`` or hub-style ``data/{split}-*.parquet`` shards
-    (``split`` defaults to 'train').  ``name`` is the dataset NAME, used in messages.
+    (``split`` defaults to 'train').  ``name`` is the dataset NAME, used in messages;
+    ``hub_config`` the hub dataset's configuration (e.g. 'main' of openai/gsm8k).
     """
     if path is None:
-        return _load_hub(hub_id, split, name)
+        return _load_hub(hub_id, split, name, hub_config)
     path = os.path.expanduser(os.fspath(path))
     if not os.path.exists(path):
         raise UserError(f"dataset path '{path}' does not exist; give a .json, .jsonl, .parquet or .csv "
@@ -379,13 +383,13 @@ def load_records(path: str | None, split: str | None = None, *, hub_id: str | No
     return records
 
 
-def _load_hub(hub_id: str | None, split: str | None, name: str | None) -> list[dict]:
+def _load_hub(hub_id: str | None, split: str | None, name: str | None, config: str | None = None) -> list[dict]:
     if hub_id is None:
         raise UserError(f"dataset '{name}' needs a local path: give it as '{name}:1.0:/path/to/file-or-folder'")
     import datasets
 
     try:
-        data = datasets.load_dataset(hub_id, split=split)
+        data = datasets.load_dataset(hub_id, config, split=split)
     except Exception as e:
         first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise UserError(f"could not load '{hub_id}' (split '{split}') from the Hugging Face hub for dataset "

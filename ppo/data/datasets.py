@@ -241,6 +241,9 @@ class TokenizedDataset(paddle.io.Dataset):
         for field in ("answer", "other_answer"):
             if field in self.REQUIRED and not isinstance(sample[field], str):
                 raise UserError(f"{where} field '{field}' is {type(sample[field]).__name__}; expected a string")
+        if sample.get("reference") is not None and not isinstance(sample["reference"], str):
+            raise UserError(f"{where} field 'reference' is {type(sample['reference']).__name__}; expected a string "
+                            "(the answer reward functions check responses against) or nothing")
         if "better" in self.REQUIRED and not _is_bool(sample["better"]):
             raise UserError(f"{where} field 'better' is {sample['better']!r}; expected True or False")
 
@@ -317,20 +320,31 @@ class TokenizedSubset(paddle.io.Dataset):
     def get_collator(self):
         return self.dataset.get_collator()
 
+    def references(self, indices) -> list[str | None]:
+        """References of items ``indices`` of this subset (PromptOnlyDataset only)."""
+        return self.dataset.references([self.indices[i] for i in indices])
+
 
 class PromptOnlyDataset(TokenizedDataset):
     """Items ``{"input_ids": [P]}``: each distinct prompt once (first occurrence kept).
 
     A prompt longer than ``max_length`` keeps its last ``max_length`` tokens (the end of the
-    prompt, where the answer starts, matters most).
+    prompt, where the answer starts, matters most).  Each item's reference answer (``None`` when
+    its sample has none; the first occurrence's for a repeated prompt) is ``references([i])``:
+    kept beside the items so the collated batch stays tensors only.
     """
 
     KIND = "prompts"
 
     def __init__(self, *args, **kwargs):
         self._seen: set = set()  # inputs already taken, for the de-duplication in tokenize
+        self._references: list[str | None] = []
         super().__init__(*args, **kwargs)
         del self._seen
+
+    def references(self, indices) -> list[str | None]:
+        """Reference answers of items ``indices`` (e.g. the indices a prompt batch was collated from)."""
+        return [self._references[int(i)] for i in indices]
 
     def tokenize(self, sample):
         key = sample["input"] if isinstance(sample["input"], str) else tuple(sample["input"])
@@ -342,6 +356,7 @@ class PromptOnlyDataset(TokenizedDataset):
         if len(ids) > self.max_length:
             self.counts["truncated"] += 1
             ids = ids[-self.max_length:]
+        self._references.append(sample.get("reference"))  # every kept prompt yields one item
         return {"input_ids": ids}
 
     def get_collator(self):

@@ -1,0 +1,196 @@
+"""Reward functions: a registry of named programs that score responses, their spec and combination.
+
+A reward function scores a batch of decoded responses, one float each, from the prompts, the
+response texts and token ids, and each prompt's reference answer (``None`` when the dataset has
+none).  Subclasses register under ``NAME`` when they are defined, so ``reward_functions`` can name
+them as ``"math_exact,format:0.5"``.  Users add their own by subclassing ``RewardFunction`` in a
+module listed in ``extra_modules``::
+
+    class Shorter(RewardFunction):
+        NAME = "shorter"
+        def __call__(self, prompts, responses, response_ids, references, **context):
+            return [-len(ids) / context["max_new_tokens"] for ids in response_ids]
+
+Options reach a function through its ``__init__``: each keyword parameter named like a run argument
+(``reward_format_pattern``, ``max_new_tokens``, ...) receives that argument's value.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+
+from ppo.errors import UserError, closest
+
+SPEC_FORM = "comma-separated NAME[:WEIGHT], e.g. 'math_exact,format:0.2'"
+
+
+def _class_id(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _same_definition(a: type, b: type) -> bool:
+    """Whether two classes come from one source (a module imported twice, or reloaded)."""
+    if a.__qualname__ != b.__qualname__ or "<locals>" in a.__qualname__:
+        return False
+    if a.__module__ == b.__module__:
+        return True
+    files = [getattr(sys.modules.get(c.__module__), "__file__", None) for c in (a, b)]
+    return None not in files and os.path.realpath(files[0]) == os.path.realpath(files[1])
+
+
+class RewardFunction:
+    """Scores a batch of responses; registered under ``NAME`` (classes without one are not).
+
+    Subclasses implement ``__call__(prompts, responses, response_ids, references, **context)``:
+    ``prompts``, ``responses`` and ``references`` are lists of length ``B`` (a reference may be
+    None), ``response_ids`` the ``B`` generated token-id lists (without padding); ``context`` holds
+    run facts such as ``max_new_tokens``.  It returns ``B`` finite floats.
+    """
+
+    NAME: ClassVar[str | None] = None
+    _registry: ClassVar[dict[str, type[RewardFunction]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("NAME")
+        if name is None:
+            return
+        if not isinstance(name, str) or not name.strip() or name != name.strip() or "," in name or ":" in name:
+            raise UserError(f"reward function class {_class_id(cls)} has an invalid NAME {name!r}; names are "
+                            "non-empty strings without ',', ':' or surrounding spaces")
+        other = RewardFunction._registry.get(name)
+        # The same class defined again (a module imported twice or reloaded) replaces itself.
+        if other is not None and not _same_definition(other, cls):
+            raise UserError(f"reward function name '{name}' of {_class_id(cls)} is already registered by "
+                            f"{_class_id(other)}; choose another NAME")
+        RewardFunction._registry[name] = cls
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """Registered ``NAME``s, sorted."""
+        return sorted(RewardFunction._registry)
+
+    @classmethod
+    def load(cls, name: str, options: Mapping[str, Any] | None = None) -> RewardFunction:
+        """An instance of the function registered as ``name``, built with the ``options`` its
+        ``__init__`` names (all of them if it takes ``**kwargs``)."""
+        target = RewardFunction._registry.get(name)
+        if target is None:
+            raise UserError(f"unknown reward function '{name}'{closest(name, RewardFunction._registry)}; "
+                            f"registered: {', '.join(cls.names())} (add your own: subclass "
+                            "ppo.rewards.RewardFunction in a module listed in extra_modules)")
+        options = dict(options or {})
+        params = inspect.signature(target.__init__).parameters
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            options = {k: v for k, v in options.items() if k in params and k != "self"}
+        return target(**options)
+
+    def __init__(self):
+        """Functions without options take none (``load`` passes an ``__init__`` only what it names)."""
+
+    def __call__(self, prompts: list[str], responses: list[str], response_ids: list[list[int]],
+                 references: list[str | None], **context) -> list[float]:
+        raise NotImplementedError(f"reward function {_class_id(type(self))} does not define __call__")
+
+
+@dataclass
+class RewardSpec:
+    """One entry of ``reward_functions``: a registered ``name`` and the ``weight`` of its score."""
+
+    name: str
+    weight: float = 1.0
+
+
+def parse_reward_functions(spec: str | None) -> list[RewardSpec]:
+    """``"math_exact,format:0.5"`` -> ``[RewardSpec('math_exact', 1.0), RewardSpec('format', 0.5)]``.
+
+    An empty spec gives ``[]``.  A weight is any finite number (0 logs a function without rewarding
+    it; negative weights turn a score into a penalty).  Unknown or repeated names are errors.
+    """
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return []
+    if not isinstance(spec, str):
+        raise UserError(f"reward_functions {spec!r} is a {type(spec).__name__}; expected {SPEC_FORM}")
+    out: list[RewardSpec] = []
+    for entry in spec.split(","):
+        name, sep, weight = entry.strip().partition(":")
+        name = name.strip()
+        if not name:
+            raise UserError(f"reward_functions {spec!r} has an empty entry; expected {SPEC_FORM}")
+        if name not in RewardFunction._registry:
+            raise UserError(f"reward_functions {spec!r}: unknown reward function '{name}'"
+                            f"{closest(name, RewardFunction._registry)}; registered: "
+                            f"{', '.join(RewardFunction.names())} (add your own in a module listed in extra_modules)")
+        value = 1.0
+        if sep:
+            try:
+                value = float(weight)
+            except ValueError:
+                value = math.nan
+            if not math.isfinite(value):
+                raise UserError(f"reward_functions {spec!r}: weight {weight.strip()!r} of '{name}' is not a finite "
+                                f"number; expected {SPEC_FORM}")
+        if any(s.name == name for s in out):
+            raise UserError(f"reward_functions {spec!r} names '{name}' twice; give each function once with "
+                            "its weight")
+        out.append(RewardSpec(name, value))
+    return out
+
+
+def build_reward_functions(spec: str | None, options: Mapping[str, Any] | None = None
+                           ) -> list[tuple[RewardFunction, float]]:
+    """``(function, weight)`` per entry of ``spec``, each built with ``options`` (the run arguments)."""
+    return [(RewardFunction.load(s.name, options), s.weight) for s in parse_reward_functions(spec)]
+
+
+@dataclass
+class RewardScores:
+    """Scores of one batch: ``per_function[name]`` [B] float64 (unweighted) and ``total`` [B], the
+    weighted sum that is added to the reward model's score (or replaces it)."""
+
+    per_function: dict[str, np.ndarray]
+    total: np.ndarray
+
+
+def combine(functions: list[tuple[RewardFunction, float]], prompts: list[str], responses: list[str],
+            response_ids: list[list[int]], references: list[str | None], **context) -> RewardScores:
+    """Calls every function on the batch and sums ``weight * score``; ``total`` [B] float64.
+
+    A function that returns anything but ``B`` finite numbers is a UserError naming it.
+    """
+    B = len(responses)
+    if not len(prompts) == len(response_ids) == len(references) == B:
+        raise ValueError(f"batch lists differ in length: {len(prompts)} prompts, {B} responses, "
+                         f"{len(response_ids)} response ids, {len(references)} references")
+    total = np.zeros(B, dtype=np.float64)
+    per_function: dict[str, np.ndarray] = {}
+    for function, weight in functions:
+        name = type(function).NAME or _class_id(type(function))
+        scores = function(prompts, responses, response_ids, references, **context)
+        per_function[name] = _check_scores(scores, B, f"reward function '{name}' ({_class_id(type(function))})")
+        total += weight * per_function[name]
+    return RewardScores(per_function, total)
+
+
+def _check_scores(scores: Any, B: int, who: str) -> np.ndarray:
+    """``scores`` as [B] float64, or a UserError naming ``who`` when they are not B finite numbers."""
+    try:
+        n = len(scores)
+    except TypeError:
+        raise UserError(f"{who} returned a {type(scores).__name__}; expected a list of {B} floats") from None
+    if n != B:
+        raise UserError(f"{who} returned {n} scores for {B} responses; expected one float per response")
+    bad = [(i, s) for i, s in enumerate(scores)
+           if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, float, np.integer, np.floating))
+           or not math.isfinite(float(s))]
+    if bad:
+        i, s = bad[0]
+        raise UserError(f"{who} returned {s!r} for response {i} ({len(bad)} bad of {B}); expected finite floats")
+    return np.asarray([float(s) for s in scores], dtype=np.float64)
