@@ -4,11 +4,17 @@
 then applies ``--key value`` overrides (PaddleNLP's convention).  Every field carries a help
 string (``--help`` prints them).  Mistakes (unknown key, wrong type, out-of-range value, JSON
 syntax) raise ``UserError`` with one line naming the key and what is accepted.
+
+PaddleNLP's argument files run unchanged: :data:`PADDLENLP_KEYS` lists the keys of its
+``llm/config/*/`` files that are not fields here, each either honoured under this toolkit's name
+or accepted with one notice line saying why it has no effect.  Relative paths inside a config
+file resolve against the project root (the folder holding ``ppo/`` and ``rm/``), so a preset
+works from the root and from ``cd ppo`` alike; paths on the command line resolve against the
+current folder, as in any shell command.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -18,9 +24,43 @@ from dataclasses import dataclass, field, fields
 from ppo.errors import UserError, closest
 
 
-def arg(default, help: str, choices=None):
-    """A dataclass field with a help string (and optionally the accepted values)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def arg(default, help: str, choices=None, path: str = ""):
+    """A dataclass field with a help string (and optionally the accepted values).
+
+    ``path``: "path" for a file or folder, "datasets" for NAME[:proportion[:path]] specs,
+    "modules" for comma-separated modules or .py files: the relative paths a config file gives
+    these resolve against the project root.
+    """
+    return field(default=default, metadata={"help": help, "choices": choices, "path": path})
+
+
+def _require(ok: bool, message: str):
+    if not ok:
+        raise UserError(message)
+
+
+def _positive(args, *keys):
+    for key in keys:
+        _require(getattr(args, key) > 0, f"'{key}' must be > 0, got {getattr(args, key)}")
+
+
+def _non_negative(args, *keys):
+    for key in keys:
+        _require(getattr(args, key) >= 0, f"'{key}' must be >= 0, got {getattr(args, key)}")
+
+
+def _at_least_one(args, *keys):
+    for key in keys:
+        _require(getattr(args, key) >= 1, f"'{key}' must be >= 1, got {getattr(args, key)}")
+
+
+def _fraction(args, *keys):
+    for key in keys:
+        _require(0 <= getattr(args, key) < 1, f"'{key}' must be in [0, 1), got {getattr(args, key)}")
+
+
+STRATEGIES = ("steps", "epoch", "no")
+RECOMPUTE_GRANULARITIES = ("full", "full_attn", "core_attn")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -29,7 +69,13 @@ def arg(default, help: str, choices=None):
 
 @dataclass
 class TrainingArgs:
-    output_dir: str = arg("output", "Folder for checkpoints, metrics.jsonl and logs.")
+    output_dir: str = arg("output", "Folder for checkpoints, metrics.jsonl and logs.", path="path")
+    overwrite_output_dir: bool = arg(False, "Start afresh in an output_dir that already holds a run's checkpoints or "
+                                            "final model instead of stopping with an error (resume_from_checkpoint "
+                                            "continues such a run instead).")
+    do_train: bool = arg(True, "PaddleNLP's switch; only true is accepted: these entry points always train.")
+    do_eval: bool = arg(True, "false: no evaluation at all (evaluation data is not loaded and eval_split_ratio "
+                              "holds nothing out).")
     seed: int = arg(42, "Random seed of model initialisation, data order, sampling and dropout.")
     num_train_epochs: float = arg(1.0, "Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = arg(-1, "Total steps (optimizer steps; in PPO, rollout iterations); overrides num_train_epochs when > 0.")
@@ -47,15 +93,44 @@ class TrainingArgs:
     warmup_steps: int = arg(0, "Warm-up steps; overrides warmup_ratio when > 0.")
     max_grad_norm: float = arg(1.0, "Global gradient-norm clip (0 disables).")
     logging_steps: int = arg(10, "Log metrics every this many optimizer steps.")
+    evaluation_strategy: str = arg("steps", "When to evaluate during training: every eval_steps, at the end of every "
+                                            "epoch over the training data, or never ('no' also skips the final "
+                                            "evaluation).", STRATEGIES)
     eval_steps: int = arg(0, "Evaluate every this many steps, and once before training (0: only at the end).")
+    save_strategy: str = arg("steps", "When to write resumable checkpoints: every save_steps, at the end of every "
+                                      "epoch, or never (the final model is written in every case).", STRATEGIES)
     save_steps: int = arg(0, "Save a checkpoint every this many steps (0: only at the end).")
     save_total_limit: int = arg(2, "Keep at most this many step checkpoints (the final model is always kept).")
     bf16: bool = arg(False, "bfloat16 mixed precision (GPU builds; ignored with a warning on CPU).")
     fp16: bool = arg(False, "float16 mixed precision (GPU builds; ignored with a warning on CPU).")
     disable_tqdm: bool = arg(False, "Hide progress bars.")
+    dataloader_drop_last: bool = arg(True, "Drop the samples left over after the last full global batch of an "
+                                           "epoch (false: one more step per epoch, its batch completed with the "
+                                           "epoch's first samples, so every step has the same global batch).")
+    recompute: bool = arg(False, "Activation checkpointing of the trained model (the actor in PPO): keep only "
+                                 "the recompute_granularity blocks' inputs in the forward pass and recompute the "
+                                 "rest during backward (less memory, about a third more compute).")
+    recompute_granularity: str = arg("full", "What recompute recomputes: whole decoder layers, their attention "
+                                             "blocks, or the attention core (softmax(QK^T)V) only.",
+                                     RECOMPUTE_GRANULARITIES)
     max_nonfinite_steps: int = arg(3, "Consecutive updates with a non-finite loss, gradient norm, reward or KL that "
                                       "are skipped (and counted) before training stops; 0 stops at the first.")
-    resume_from_checkpoint: str = arg("", "checkpoint-N folder to continue from exactly, or 'auto' for the latest complete one in output_dir.")
+    resume_from_checkpoint: str = arg("", "checkpoint-N folder to continue from exactly, or 'auto' for the latest complete one in output_dir.",
+                                      path="path")
+
+    def validate(self) -> None:
+        _positive(self, "learning_rate", "adam_epsilon")
+        _non_negative(self, "weight_decay", "max_grad_norm")
+        _fraction(self, "adam_beta1", "adam_beta2", "warmup_ratio")
+        _at_least_one(self, "per_device_train_batch_size", "per_device_eval_batch_size",
+                      "gradient_accumulation_steps", "logging_steps")
+        _require(self.num_train_epochs > 0 or self.max_steps > 0,
+                 f"'num_train_epochs' must be > 0 (or set max_steps), got {self.num_train_epochs}")
+        _require(self.max_nonfinite_steps >= 0, f"'max_nonfinite_steps' must be >= 0, got {self.max_nonfinite_steps}")
+        _require(self.save_total_limit >= 1, f"'save_total_limit' must be >= 1, got {self.save_total_limit}")
+        _require(not (self.bf16 and self.fp16), "'bf16' and 'fp16' cannot both be true")
+        _require(self.do_train, "'do_train' is false: these entry points always train (PaddleNLP's evaluation-only "
+                                "runs have no counterpart here); drop the key or set it to true")
 
 
 @dataclass
@@ -65,24 +140,52 @@ class ParallelArgs:
     sharding_parallel_degree: int = arg(1, "Sharding (ZeRO) degree; the remaining ranks are data parallel.")
     sharding: str = arg("", "Sharding stage when sharding_parallel_degree > 1.", ("", "stage1", "stage2"))
 
+    def validate(self) -> None:
+        _at_least_one(self, "tensor_parallel_degree", "pipeline_parallel_degree", "sharding_parallel_degree")
+        if self.sharding_parallel_degree > 1:
+            _require(self.sharding in ("stage1", "stage2"),
+                     f"'sharding' must be 'stage1' or 'stage2' when sharding_parallel_degree > 1, got {self.sharding!r}")
+
 
 @dataclass
 class DataArgs:
-    train_datasets: str = arg("", "Training data: comma-separated NAME[:proportion[:path]].")
-    eval_datasets: str = arg("", "Evaluation data, same form; empty: hold out eval_split_ratio of the training data.")
+    train_datasets: str = arg("", "Training data: comma-separated NAME[:proportion[:path]].", path="datasets")
+    eval_datasets: str = arg("", "Evaluation data, same form; empty: hold out eval_split_ratio of the training data.",
+                             path="datasets")
     eval_split_ratio: float = arg(0.0, "Share of the training data held out for evaluation when eval_datasets is empty.")
     max_length: int = arg(512, "Maximum tokens of prompt + answer.")
     prompt_template: str = arg("", "Prompt template with an {input} placeholder (default: safe-rlhf's conversation format).")
-    extra_modules: str = arg("", "Comma-separated Python modules or .py files to import first (register your own datasets).")
+    extra_modules: str = arg("", "Comma-separated Python modules or .py files to import first (register your own datasets).",
+                             path="modules")
+
+    def __post_init__(self):
+        # do_eval false / evaluation_strategy 'no' (PaddleNLP's switches): nothing is evaluated, so
+        # no evaluation data is loaded and nothing is held out of the training data
+        if not getattr(self, "do_eval", True) or getattr(self, "evaluation_strategy", "steps") == "no":
+            self.eval_datasets, self.eval_split_ratio = "", 0.0
+            if hasattr(self, "eval_steps"):
+                self.eval_steps = 0
+
+    def validate(self) -> None:
+        _fraction(self, "eval_split_ratio")
+        _at_least_one(self, "max_length")
+        _require(bool(self.train_datasets), "'train_datasets' is empty: name at least one dataset")
 
 
 # ---------------------------------------------------------------------------------------------
 # Stages
 
 
+def _validate_shared(args) -> None:
+    TrainingArgs.validate(args)
+    ParallelArgs.validate(args)
+    DataArgs.validate(args)
+
+
 @dataclass
 class RewardArgs(TrainingArgs, ParallelArgs, DataArgs):
-    model_name_or_path: str = arg("", "Backbone to start from (a paddlenlp causal LM or a saved score model).")
+    model_name_or_path: str = arg("", "Backbone to start from (a paddlenlp causal LM or a saved score model).",
+                                  path="path")
     loss_type: str = arg("sequence-wise", "Preference loss on end scores or over the differing span.",
                          ("sequence-wise", "token-wise"))
     regularization: float = arg(0.0, "L2 coefficient on the scores.")
@@ -93,21 +196,32 @@ class RewardArgs(TrainingArgs, ParallelArgs, DataArgs):
                                ("RunningMeanStd", "ExponentialMovingAverage", "none"))
     normalizer_momentum: float = arg(0.9, "Momentum of the ExponentialMovingAverage normaliser.")
 
+    def validate(self) -> None:
+        _validate_shared(self)
+        _non_negative(self, "regularization", "margin")
+
 
 @dataclass
 class SFTArgs(TrainingArgs, ParallelArgs, DataArgs):
-    model_name_or_path: str = arg("", "Causal LM to fine-tune (paddlenlp format).")
+    model_name_or_path: str = arg("", "Causal LM to fine-tune (paddlenlp format).", path="path")
+
+    def validate(self) -> None:
+        _validate_shared(self)
 
 
 @dataclass
 class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
     # models
-    actor_model_name_or_path: str = arg("", "SFT model: the actor starts from it and the frozen reference is a copy.")
-    reward_model_name_or_path: str = arg("", "Trained reward (score) model, frozen.")
-    reward_critic_model_name_or_path: str = arg("", "Critic initialisation (default: the reward model).")
+    actor_model_name_or_path: str = arg("", "SFT model: the actor starts from it and the frozen reference is a copy.",
+                                        path="path")
+    reward_model_name_or_path: str = arg("", "Trained reward (score) model, frozen.", path="path")
+    reward_critic_model_name_or_path: str = arg("", "Critic initialisation (default: the reward model).", path="path")
+    critic_recompute: bool = arg(False, "Activation checkpointing of the critic (see recompute).")
+    critic_recompute_granularity: str = arg("full", "What critic_recompute recomputes (see recompute_granularity).",
+                                            RECOMPUTE_GRANULARITIES)
     normalize_reward: bool = arg(False, "Normalise rewards with the statistics saved in the reward model's config.")
     # data
-    ptx_datasets: str = arg("", "Supervised data for the ptx loss (empty: no ptx).")
+    ptx_datasets: str = arg("", "Supervised data for the ptx loss (empty: no ptx).", path="datasets")
     ptx_coeff: float = arg(16.0, "Weight of the ptx language-model loss.")
     per_device_prompt_batch_size: int = arg(16, "Prompts per device per rollout.")
     update_iters: int = arg(1, "PPO epochs over each rollout batch.")
@@ -132,7 +246,8 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
                                  "reward model outside scoring), optimizer (optimizer state outside updates), "
                                  "train_model (critic weights while responses are generated; also the actor's when "
                                  "rollout runs on separate copies, see eval_mode).")
-    offload_dir: str = arg("", "Folder of the CPU offload files (default: the system temp folder; use a real disk).")
+    offload_dir: str = arg("", "Folder of the CPU offload files (default: the system temp folder; use a real disk).",
+                           path="path")
     use_inference_model: bool = arg(True, "Roll out with the lean KV-cache inference model over the actor's live "
                                           "weights; on GPU builds with paddlenlp_ops and bf16/fp16 training, "
                                           "PaddleNLP's fused inference model, its weight copy refreshed after "
@@ -141,7 +256,9 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
                                            "per batch and length bucket (no faster on CPU, measured; for "
                                            "accelerators; tensor parallel decodes eagerly; the fused GPU model "
                                            "does not use it).")
-    eval_mode: str = arg("", "Rollout models when they cannot be the training models: 'tensor_parallel' (split "
+    # the name is PaddleNLP's (kept so its configs run unchanged); it picks the rollout layout
+    eval_mode: str = arg("", "The rollout layout (PaddleNLP's name for it): the models that generate responses "
+                             "when they cannot be the training models: 'tensor_parallel' (split "
                              "like training, without its pipeline) or 'single' (whole on every rank). Their "
                              "weights are exported from the training models before every rollout and the "
                              "rollout batch is split over the ranks of one pipeline. Empty: the training models "
@@ -168,6 +285,159 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
     # evaluation
     eval_samples_to_write: int = arg(8, "Eval generations echoed to the console per evaluation (all of them are "
                                           "written to eval_samples/step-N.rank-R.jsonl).")
+
+    def validate(self) -> None:
+        _validate_shared(self)
+        _positive(self, "critic_learning_rate", "clip_range_ratio", "clip_range_value", "clip_range_score",
+                  "temperature")
+        _non_negative(self, "critic_weight_decay")
+        _fraction(self, "critic_warmup_ratio")
+        _at_least_one(self, "per_device_prompt_batch_size", "update_iters", "num_return_sequences", "max_new_tokens")
+        _require(0 < self.top_p <= 1, f"'top_p' must be in (0, 1], got {self.top_p}")
+        _require(self.kl_coeff >= 0, f"'kl_coeff' must be >= 0, got {self.kl_coeff}")
+        _require(self.rollout_micro_batch_size >= 0,
+                 f"'rollout_micro_batch_size' must be >= 0 (0: the whole batch), got {self.rollout_micro_batch_size}")
+        _require(self.eval_samples_to_write >= 0,
+                 f"'eval_samples_to_write' must be >= 0 (0: none echoed), got {self.eval_samples_to_write}")
+        _require(self.dual_clip == 0 or self.dual_clip > 1, f"'dual_clip' must be 0 (off) or > 1, got {self.dual_clip}")
+        _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "'gamma' and 'lam' must be in [0, 1]")
+        _require(self.adv_estimator in ("gae", "reinforce_plus_plus") or self.num_return_sequences >= 2,
+                 f"adv_estimator '{self.adv_estimator}' compares responses within a group: "
+                 f"num_return_sequences must be >= 2, got {self.num_return_sequences}")
+        # stage 2 keeps the parameters as views of one shared buffer: releasing them cuts the link
+        _require(not (self.sharding_parallel_degree > 1 and self.sharding == "stage2"
+                      and "train_model" in self.offload_level.split()),
+                 "offload_level 'train_model' does not combine with sharding 'stage2' (its parameters are views "
+                 "of one shared buffer); use 'freeze_model optimizer' with it, or sharding 'stage1'")
+
+
+# ---------------------------------------------------------------------------------------------
+# PaddleNLP's keys that are not fields here
+#
+# From PaddleNLP's llm/config/llama/{ppo,rm,sft}_argument.json, llm/alignment/ppo/ppo_config.json
+# and the TrainingArguments fields they set.  PaddleNLP keys that ARE fields here (recompute,
+# critic_recompute, recompute_granularity, evaluation_strategy, save_strategy, do_train, do_eval,
+# dataloader_drop_last, overwrite_output_dir, eval_mode, ...) are honoured as documented in their help.
+
+
+@dataclass(frozen=True)
+class Renamed:
+    """A PaddleNLP key honoured under this toolkit's name for the same setting."""
+    field: str
+    why: str = ""
+
+
+@dataclass(frozen=True)
+class NoEffect:
+    """A PaddleNLP key accepted with one notice line: it has no effect here, for the reason given."""
+    why: str
+
+
+PADDLENLP_KEYS: dict = {
+    "use_fusemt": Renamed("use_inference_model", "PaddleNLP's switch for rolling out with a separate inference "
+                                                 "model (its fused GPU kernels where available)"),
+    "max_dec_len": Renamed("max_new_tokens", "the maximum response length"),
+    "rollout_n": Renamed("num_return_sequences", "responses sampled per prompt"),
+    "dataset_name_or_path": Renamed("train_datasets", "the SFT training data (a registered NAME, or NAME::path)"),
+    "fp16_opt_level": NoEffect("bf16/fp16 select autocast mixed precision with float32 master weights; "
+                               "AMP levels are not selectable"),
+    "use_flash_attention": NoEffect("flash attention is a GPU kernel this toolkit does not switch on; "
+                                    "attention runs paddlenlp's default kernel"),
+    "use_fused_head_and_loss_fn": NoEffect("a GPU fused kernel; log-probs come from the toolkit's own head and loss"),
+    "fused_linear": NoEffect("a GPU fused kernel; projections run paddle's default matmul"),
+    "tensor_parallel_output": NoEffect("tensor-parallel logits are gathered by the toolkit's own log-prob code"),
+    "sequence_parallel": NoEffect("sequence parallel is not implemented; activations stay whole on each "
+                                  "tensor-parallel rank"),
+    "pipeline_parallel_config": NoEffect("fleet's pipeline options are set by the toolkit's pipeline schedule"),
+    "recompute_use_reentrant": NoEffect("recompute uses paddle's default recompute implementation"),
+    "release_grads": NoEffect("gradients are already released after every optimizer step"),
+    "min_dec_len": NoEffect("there is no minimum response length: a response ends at its first EOS"),
+    "min_learning_rate": NoEffect("the linear and cosine schedules decay to 0"),
+    "critic_min_learning_rate": NoEffect("the linear and cosine schedules decay to 0"),
+    "logging_dir": NoEffect("metrics go to output_dir (metrics.jsonl and the VisualDL log)"),
+    "autotuner_benchmark": NoEffect("a PaddleNLP Trainer benchmarking switch"),
+    "skip_profile_timer": NoEffect("a PaddleNLP Trainer profiling switch; phase timings are always logged"),
+    "eval_accumulation_steps": NoEffect("evaluation metrics are always accumulated over the whole eval set"),
+    "load_best_model_at_end": NoEffect("the final model is always the last step's"),
+    "metric_for_best_model": NoEffect("the final model is always the last step's (no best-model selection)"),
+    "unified_checkpoint": NoEffect("final models are always written whole (loadable at any parallel degree), "
+                                   "the form unified_checkpoint gives"),
+    "src_length": NoEffect("prompts are not cut separately; max_length bounds prompt + answer"),
+    "eval_with_do_generation": NoEffect("SFT evaluation reports the answer loss, without generating"),
+    "zero_padding": NoEffect("batches are padded, not packed"),
+}
+
+_noticed: set = set()
+
+
+def _notice(key: str, why: str) -> None:
+    """One line per key and process, on stderr (PaddleNLP files carry many such keys)."""
+    if key not in _noticed:
+        _noticed.add(key)
+        print(f"notice: argument '{key}' (PaddleNLP) has no effect here: {why}", file=sys.stderr, flush=True)
+
+
+def _map_paddlenlp_keys(values: dict, sources: dict, known) -> None:
+    """Rename PaddleNLP's keys to their fields here and drop (with a notice) those without effect."""
+    for key in [k for k in values if k not in known and k in PADDLENLP_KEYS]:
+        entry = PADDLENLP_KEYS[key]
+        value, source = values.pop(key), sources.pop(key)
+        if isinstance(entry, NoEffect):
+            _notice(key, entry.why)
+        elif entry.field in known:
+            if entry.field in values and values[entry.field] != value:
+                raise UserError(f"{source}: '{key}' is PaddleNLP's name of '{entry.field}', which "
+                                f"{sources[entry.field]} sets to a different value: give only one of them")
+            values.setdefault(entry.field, value)
+            sources.setdefault(entry.field, f"{source} (as '{key}')")
+        else:  # a PaddleNLP key of another stage (use_fusemt in an SFT file) stays unknown
+            values[key], sources[key] = value, source
+
+
+# ---------------------------------------------------------------------------------------------
+# Relative paths
+
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESET_OUTPUT = os.path.join(PROJECT_ROOT, "output", "tiny")
+
+
+def _from_root(path: str) -> str:
+    """A config file's relative path, re-expressed relative to the current folder (unchanged from the root)."""
+    if not path or os.path.isabs(path):
+        return path
+    return os.path.relpath(os.path.join(PROJECT_ROOT, path))
+
+
+def resolve_config_paths(name: str, kind: str, value):
+    """``value`` of field ``name`` as given in a config file, its relative paths taken from the project root."""
+    if not isinstance(value, str) or not value:
+        return value
+    if kind == "path":
+        return value if name == "resume_from_checkpoint" and value == "auto" else _from_root(value)
+    if kind == "modules":  # module names stay, .py files are paths
+        return ",".join(_from_root(m) if m.endswith(".py") else m for m in value.split(","))
+    if kind == "datasets":  # NAME[:proportion[:path]]
+        specs = []
+        for spec in value.split(","):
+            parts = spec.split(":", 2)
+            if len(parts) == 3 and parts[2]:
+                parts[2] = _from_root(parts[2])
+            specs.append(":".join(parts))
+        return ",".join(specs)
+    return value
+
+
+def check_preset_models(args) -> None:
+    """A model folder under output/tiny that is missing: say which command builds the tiny example.
+
+    Called by the entry points before anything loads (parsing alone does not need the folders)."""
+    for f in fields(args):
+        value = getattr(args, f.name)
+        if f.name.endswith("model_name_or_path") and value and not os.path.exists(value) \
+                and os.path.abspath(value).startswith(PRESET_OUTPUT + os.sep):
+            raise UserError(f"'{f.name}' folder '{value}' does not exist: it is built by the tiny example's "
+                            f"pipeline, `python -m ppo.tiny.pipeline` run from {PROJECT_ROOT}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +523,8 @@ def parse_args(cls, argv=None):
     if argv and not argv[0].startswith("--"):
         path = argv.pop(0)
         for key, value in load_json_config(path).items():
+            if key in known:
+                value = resolve_config_paths(key, known[key].metadata.get("path", ""), value)
             values[key], sources[key] = value, f"config file '{path}'"
     i = 0
     while i < len(argv):
@@ -269,6 +541,7 @@ def parse_args(cls, argv=None):
         else:
             raise UserError(f"command-line argument '--{key}' needs a value")
         values[key], sources[key] = value, "command line"
+    _map_paddlenlp_keys(values, sources, known)
     kwargs = {}
     for key, value in values.items():
         if key not in known:
@@ -280,64 +553,10 @@ def parse_args(cls, argv=None):
             raise UserError(f"{sources[key]}: '{key}' must be one of {', '.join(repr(c) for c in choices)}, "
                             f"got {kwargs[key]!r}{closest(str(kwargs[key]), [str(c) for c in choices])}")
     args = cls(**kwargs)
-    validate(args)
+    args.validate()
     return args
 
 
-def _require(ok: bool, message: str):
-    if not ok:
-        raise UserError(message)
-
-
 def validate(args) -> None:
-    """Range checks shared by all stages (stage-specific checks follow in their entry points)."""
-    names = {f.name for f in fields(args)}
-    for key in ("learning_rate", "critic_learning_rate", "adam_epsilon"):
-        if key in names:
-            _require(getattr(args, key) > 0, f"'{key}' must be > 0, got {getattr(args, key)}")
-    for key in ("weight_decay", "critic_weight_decay", "max_grad_norm", "regularization", "margin"):
-        if key in names:
-            _require(getattr(args, key) >= 0, f"'{key}' must be >= 0, got {getattr(args, key)}")
-    for key in ("adam_beta1", "adam_beta2"):
-        _require(0 <= getattr(args, key) < 1, f"'{key}' must be in [0, 1), got {getattr(args, key)}")
-    for key in ("warmup_ratio", "critic_warmup_ratio", "eval_split_ratio"):
-        if key in names:
-            _require(0 <= getattr(args, key) < 1, f"'{key}' must be in [0, 1), got {getattr(args, key)}")
-    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "max_length", "logging_steps", "tensor_parallel_degree", "pipeline_parallel_degree",
-                "sharding_parallel_degree", "per_device_prompt_batch_size", "update_iters",
-                "num_return_sequences", "max_new_tokens"):
-        if key in names:
-            _require(getattr(args, key) >= 1, f"'{key}' must be >= 1, got {getattr(args, key)}")
-    _require(args.num_train_epochs > 0 or args.max_steps > 0,
-             f"'num_train_epochs' must be > 0 (or set max_steps), got {args.num_train_epochs}")
-    _require(args.max_nonfinite_steps >= 0, f"'max_nonfinite_steps' must be >= 0, got {args.max_nonfinite_steps}")
-    _require(args.save_total_limit >= 1, f"'save_total_limit' must be >= 1, got {args.save_total_limit}")
-    _require(not (args.bf16 and args.fp16), "'bf16' and 'fp16' cannot both be true")
-    _require(bool(getattr(args, "train_datasets", "x")), "'train_datasets' is empty: name at least one dataset")
-    for key in ("clip_range_ratio", "clip_range_value", "clip_range_score", "temperature"):
-        if key in names:
-            _require(getattr(args, key) > 0, f"'{key}' must be > 0, got {getattr(args, key)}")
-    if "top_p" in names:
-        _require(0 < args.top_p <= 1, f"'top_p' must be in (0, 1], got {args.top_p}")
-        _require(args.kl_coeff >= 0, f"'kl_coeff' must be >= 0, got {args.kl_coeff}")
-        _require(args.rollout_micro_batch_size >= 0,
-                 f"'rollout_micro_batch_size' must be >= 0 (0: the whole batch), got {args.rollout_micro_batch_size}")
-        _require(args.eval_samples_to_write >= 0,
-                 f"'eval_samples_to_write' must be >= 0 (0: none echoed), got {args.eval_samples_to_write}")
-        _require(args.dual_clip == 0 or args.dual_clip > 1, f"'dual_clip' must be 0 (off) or > 1, got {args.dual_clip}")
-        _require(0 <= args.gamma <= 1 and 0 <= args.lam <= 1, "'gamma' and 'lam' must be in [0, 1]")
-        _require(args.adv_estimator in ("gae", "reinforce_plus_plus") or args.num_return_sequences >= 2,
-                 f"adv_estimator '{args.adv_estimator}' compares responses within a group: "
-                 f"num_return_sequences must be >= 2, got {args.num_return_sequences}")
-    if args.sharding_parallel_degree > 1:
-        _require(args.sharding in ("stage1", "stage2"),
-                 f"'sharding' must be 'stage1' or 'stage2' when sharding_parallel_degree > 1, got {args.sharding!r}")
-        # stage 2 keeps the parameters as views of one shared buffer: releasing them cuts the link
-        _require(not (args.sharding == "stage2" and "train_model" in str(getattr(args, "offload_level", "")).split()),
-                 "offload_level 'train_model' does not combine with sharding 'stage2' (its parameters are views "
-                 "of one shared buffer); use 'freeze_model optimizer' with it, or sharding 'stage1'")
-
-
-def to_dict(args) -> dict:
-    return dataclasses.asdict(args)
+    """Range checks of a stage's arguments: each part checks its own fields, the stage its own."""
+    args.validate()

@@ -13,10 +13,12 @@ from ppo.training import quiet_libraries, run_entry  # noqa: E402
 
 
 def main(argv=None):
-    from ppo.args import PPOArgs, parse_args
+    from ppo.args import PPOArgs, check_preset_models, parse_args
     from ppo.trainer import PPOTrainer
 
-    PPOTrainer(parse_args(PPOArgs, argv)).train()
+    args = parse_args(PPOArgs, argv)
+    check_preset_models(args)
+    PPOTrainer(args).train()
 
 
 if __name__ == "__main__":

@@ -13,10 +13,12 @@ from ppo.training import quiet_libraries, run_entry  # noqa: E402
 
 
 def main(argv=None):
-    from ppo.args import SFTArgs, parse_args
+    from ppo.args import SFTArgs, check_preset_models, parse_args
     from ppo.sft_trainer import SFTTrainer
 
-    SFTTrainer(parse_args(SFTArgs, argv)).train()
+    args = parse_args(SFTArgs, argv)
+    check_preset_models(args)
+    SFTTrainer(args).train()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from ppo import parallel
 from ppo.args import SFTArgs
 from ppo.data import SupervisedDataset, answer_mask
 from ppo.models import load_causal_lm, position_ids_from_mask
+from ppo.models.recompute import enable_recompute
 from ppo.training import SingleModelTrainer, token_mean_weights
 
 
@@ -38,6 +39,8 @@ class SFTTrainer(SingleModelTrainer):
         tokenizer, train_data, eval_data = self.begin(args, SupervisedDataset)
         # tensor parallel: gathered (full-vocabulary) logits feed the plain cross entropy
         model = load_causal_lm(args.model_name_or_path, **parallel.tp_kwargs(), tensor_parallel_output=False)
+        if args.recompute:
+            enable_recompute(model, args.recompute_granularity)
         self.setup(args, model, tokenizer, train_data, eval_data)
 
     def micro_weights(self, batches: list) -> list:

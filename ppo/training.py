@@ -116,11 +116,13 @@ class GlobalBatchSampler:
     """
 
     def __init__(self, num_samples: int, per_device_batch: int, accumulation: int = 1, data_world: int = 1,
-                 data_rank: int = 0, seed: int = 42, shuffle: bool = True, what: str = "dataset"):
+                 data_rank: int = 0, seed: int = 42, shuffle: bool = True, what: str = "dataset",
+                 drop_last: bool = True):
         self.num_samples, self.per_device_batch, self.accumulation = num_samples, per_device_batch, accumulation
         self.data_world, self.data_rank, self.seed, self.shuffle = data_world, data_rank, seed, shuffle
         self.global_batch = per_device_batch * accumulation * data_world
-        self.steps_per_epoch = num_samples // self.global_batch
+        # drop_last false: a last, partial global batch is completed with the epoch's first samples
+        self.steps_per_epoch = num_samples // self.global_batch if drop_last else -(-num_samples // self.global_batch)
         if self.steps_per_epoch == 0:
             raise UserError(f"{what} has {num_samples} samples, fewer than one global batch of {self.global_batch} "
                             f"(per-device batch {per_device_batch} x accumulation {accumulation} x {data_world} data ranks)")
@@ -134,6 +136,8 @@ class GlobalBatchSampler:
         """This rank's ``accumulation`` micro-batches for global optimizer step ``step`` (0-based)."""
         epoch, within = divmod(step, self.steps_per_epoch)
         perm = self.permutation(epoch)
+        if len(perm) < self.steps_per_epoch * self.global_batch:
+            perm = np.concatenate([perm, perm[:self.steps_per_epoch * self.global_batch - len(perm)]])
         start = within * self.global_batch + self.data_rank * self.per_device_batch * self.accumulation
         mine = perm[start:start + self.per_device_batch * self.accumulation].tolist()
         b = self.per_device_batch
@@ -220,14 +224,19 @@ class StepCadence:
 
     The step's stats join a window that is logged (its mean, key by key) every ``logging_steps``
     and at the last step; ``evaluate(step, echo)`` runs every ``eval_steps`` and ``save(step)``
-    every ``save_steps``, except at the last step, which the loop ends with a final evaluation and
-    save of its own.
+    every ``save_steps`` (or every epoch, or never: ``evaluation_strategy`` / ``save_strategy``),
+    except at the last step, which the loop ends with a final evaluation and save of its own.
     """
 
-    def __init__(self, args, total_steps: int, metrics, evaluate, save):
+    def __init__(self, args, total_steps: int, metrics, evaluate, save, steps_per_epoch: int | None = None):
         self.args, self.total_steps = args, total_steps
         self.metrics, self.evaluate, self.save = metrics, evaluate, save
         self.window: list[dict] = []
+        if steps_per_epoch is None:  # an epoch's length from the step budget, when epochs set it
+            steps_per_epoch = math.ceil(total_steps / args.num_train_epochs) if args.max_steps <= 0 else total_steps
+        # evaluation_strategy / save_strategy (PaddleNLP's names): 0 means not during training
+        self.eval_every = {"steps": args.eval_steps, "epoch": steps_per_epoch, "no": 0}[args.evaluation_strategy]
+        self.save_every = {"steps": args.save_steps, "epoch": steps_per_epoch, "no": 0}[args.save_strategy]
 
     def end_of_step(self, done: int, stats: dict | None, echo, extra=None) -> None:
         """``stats``: the step's figures (None for a step without any, e.g. a skipped update);
@@ -241,9 +250,9 @@ class StepCadence:
             logged.update(extra() if extra else {})
             self.metrics.log(done, logged, echo=echo)
             self.window = []
-        if args.eval_steps > 0 and done % args.eval_steps == 0 and done < self.total_steps:
+        if self.eval_every > 0 and done % self.eval_every == 0 and done < self.total_steps:
             self.evaluate(done, echo)
-        if args.save_steps > 0 and done % args.save_steps == 0 and done < self.total_steps:
+        if self.save_every > 0 and done % self.save_every == 0 and done < self.total_steps:
             self.save(done)
 
 
@@ -534,7 +543,8 @@ class SingleModelTrainer:
         self.ctx = parallel.context()
         self.sampler = GlobalBatchSampler(
             len(train_data), args.per_device_train_batch_size, args.gradient_accumulation_steps,
-            self.ctx.data_world, self.ctx.data_rank, seed=args.seed, what=f"train_datasets '{args.train_datasets}'")
+            self.ctx.data_world, self.ctx.data_rank, seed=args.seed, what=f"train_datasets '{args.train_datasets}'",
+            drop_last=args.dataloader_drop_last)
         self.total_steps = total_steps(args, self.sampler.steps_per_epoch)
         self.optimizer, self.scheduler = build_optimizer(
             model, args.learning_rate, args.weight_decay, self.total_steps,
@@ -576,7 +586,8 @@ class SingleModelTrainer:
         args, ctx = self.args, self.ctx
         bar = tqdm(total=self.total_steps, initial=self.start_step, desc=self.stage,
                    disable=args.disable_tqdm or not ctx.is_main, dynamic_ncols=True)
-        cadence = StepCadence(args, self.total_steps, self.metrics, self.log_eval, self.save_checkpoint)
+        cadence = StepCadence(args, self.total_steps, self.metrics, self.log_eval, self.save_checkpoint,
+                              steps_per_epoch=self.sampler.steps_per_epoch)
         if args.eval_steps > 0 and self.start_step == 0:
             self.log_eval(0, bar.write)  # the starting point of the eval curve
         self.model.train()

@@ -17,6 +17,7 @@ from ppo.args import RewardArgs
 from ppo.data import PreferenceDataset
 from ppo.errors import UserError
 from ppo.models import Normalizer, load_score_model
+from ppo.models.recompute import enable_recompute
 from ppo.training import SingleModelTrainer, unwrap
 from rm.losses import divergence_span, score_regularization, sequence_wise_loss, token_wise_loss
 
@@ -36,6 +37,8 @@ class RewardTrainer(SingleModelTrainer):
         model = load_score_model(args.model_name_or_path, score_type="reward", score_bias=args.score_bias,
                                  **parallel.tp_kwargs())
         model.normalizer = Normalizer(args.normalizer_type, args.normalizer_momentum)
+        if args.recompute:
+            enable_recompute(model, args.recompute_granularity)
         self.setup(args, model, tokenizer, train_data, eval_data)
 
     def compute_loss(self, batch):

@@ -13,10 +13,11 @@ from ppo.training import quiet_libraries, run_entry  # noqa: E402
 
 
 def main(argv=None):
-    from ppo.args import RewardArgs, parse_args
+    from ppo.args import RewardArgs, check_preset_models, parse_args
     from rm.reward_trainer import RewardTrainer, validate_reward_args
 
     args = parse_args(RewardArgs, argv)
+    check_preset_models(args)
     validate_reward_args(args)
     RewardTrainer(args).train()
 

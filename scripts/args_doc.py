@@ -11,7 +11,8 @@ import typing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ppo.args import DataArgs, ParallelArgs, PPOArgs, RewardArgs, SFTArgs, TrainingArgs  # noqa: E402
+from ppo.args import (PADDLENLP_KEYS, DataArgs, NoEffect, ParallelArgs, PPOArgs, RewardArgs, SFTArgs,  # noqa: E402
+                      TrainingArgs)
 
 SECTIONS = [
     ("Shared: training (all stages)", TrainingArgs, ()),
@@ -36,6 +37,13 @@ def render() -> str:
             meaning = f.metadata["help"] + (f" One of: {', '.join(f'`{c}`' for c in choices if c)}." if choices else "")
             out.append(f"| `{f.name}` | {hints[f.name].__name__} | `{f.default!r}` | {meaning} |")
         out.append("")
+    out.append("#### PaddleNLP keys that are not fields here\n\nPaddleNLP argument files run unchanged: these keys "
+               "are honoured under this toolkit's name, or accepted with one notice line. Any other unknown key "
+               "stops with an error.\n\n| PaddleNLP key | here | why |\n| --- | --- | --- |")
+    for key, entry in PADDLENLP_KEYS.items():
+        here = "no effect (notice)" if isinstance(entry, NoEffect) else f"`{entry.field}`"
+        out.append(f"| `{key}` | {here} | {entry.why} |")
+    out.append("")
     return "\n".join(out)
 
 
