@@ -35,7 +35,8 @@ def load_ppo_data(args, ctx, tokenizer, split_ranks: int, merge_for_rollout: boo
     elif args.eval_split_ratio > 0:
         prompts, eval_prompts = prompts.split(args.eval_split_ratio, seed=args.seed)
     sampler = GlobalBatchSampler(len(prompts), args.per_device_prompt_batch_size, 1, ctx.data_world, ctx.data_rank,
-                                 seed=args.seed, what=f"train_datasets '{args.train_datasets}'")
+                                 seed=args.seed, what=f"train_datasets '{args.train_datasets}'",
+                                 drop_last=args.dataloader_drop_last)
     ptx = None
     if args.ptx_datasets:
         ptx_data = SupervisedDataset(args.ptx_datasets, tokenizer, args.max_length, seed=args.seed, template=template)

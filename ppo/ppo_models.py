@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ppo import parallel, pipeline
 from ppo.errors import UserError
 from ppo.fused_inference import rollout_decoder
+from ppo.models.recompute import enable_recompute
 from ppo.models import check_max_length, check_model_path, load_causal_lm, load_score_model, load_tokenizer
 from ppo.rollout import Models, same_vocabulary
 
@@ -99,6 +100,8 @@ def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOMode
         return pipeline.score_pipe(model) if hasattr(model, "score_head") else pipeline.policy_pipe(model)
 
     actor = trainable(policy(tp), args.actor_model_name_or_path, "actor_model_name_or_path")
+    if args.recompute:
+        enable_recompute(actor, args.recompute_granularity)
     reference = freeze(policy(rollout_tp))
     reward = freeze(load_score_model(args.reward_model_name_or_path, score_type="reward",
                                      what="reward_model_name_or_path", **rollout_tp))
@@ -106,6 +109,8 @@ def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOMode
         raise UserError(f"normalize_reward is set but the reward model at '{args.reward_model_name_or_path}' "
                         "carries no score statistics (train it with normalizer_type RunningMeanStd)")
     trained_critic = trainable(critic(tp), critic_path, "reward_critic_model_name_or_path") if uses_critic else None
+    if trained_critic is not None and args.critic_recompute:
+        enable_recompute(trained_critic, args.critic_recompute_granularity)
     rollout_actor, rollout_critic = actor, trained_critic
     if layout.separate_rollout:
         rollout_actor = freeze(policy(rollout_tp))

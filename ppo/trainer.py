@@ -125,7 +125,8 @@ class PPOTrainer:
         args = self.args
         bar = tqdm(total=self.total_steps, desc="ppo", disable=args.disable_tqdm or not self.ctx.is_main,
                    dynamic_ncols=True)
-        cadence = StepCadence(args, self.total_steps, self.metrics, self.evaluate, self.save_checkpoint)
+        cadence = StepCadence(args, self.total_steps, self.metrics, self.evaluate, self.save_checkpoint,
+                              steps_per_epoch=self.data.prompt_sampler.steps_per_epoch)
         bar.update(self.start_step)
         if args.eval_steps > 0 and self.start_step == 0:
             self.evaluate(0, bar.write)  # the starting point of every curve

@@ -250,3 +250,27 @@ def test_batch_4x1_equals_batch_1x4(ppo_dirs, extra):
     fixed_experience(base)  # same perturbation, no update
     moved = sum(int(np.abs(v.numpy() - w1[("actor", k)]).max() > 1e-5) for k, v in base.actor.state_dict().items())
     assert moved > 0.9 * len(base.actor.state_dict())  # the update really changed the weights
+
+
+def test_recompute_gives_the_same_ppo_update(ppo_dirs):
+    """recompute / critic_recompute change what backward keeps, not the update: one PPO update
+    with full-layer recompute on actor and critic equals the one without, bit for bit on CPU."""
+    results = []
+    for name, flag in (("no-recompute", False), ("recompute", True)):
+        trainer = make_trainer(ppo_dirs, name, recompute=flag, critic_recompute=flag)
+        if flag:  # the switch really reached the decoder layers
+            assert any(getattr(layer, "enable_recompute", False) for layer in trainer.actor.sublayers())
+            assert any(getattr(layer, "enable_recompute", False) for layer in trainer.critic.sublayers())
+        exp = trainer.advantages(fixed_experience(trainer))
+        calls = []
+        backbone = trainer.actor.llama
+        original = backbone.recompute_training_full
+        backbone.recompute_training_full = lambda *a, **k: calls.append(1) or original(*a, **k)
+        trainer.update(exp, step=1)
+        assert bool(calls) == flag  # the actor's layers were recomputed exactly when asked
+        results.append({(role, k): v.numpy().copy() for role, model in (("actor", trainer.actor),
+                                                                        ("critic", trainer.critic))
+                        for k, v in model.state_dict().items()})
+    plain, recomputed = results
+    for key in plain:
+        np.testing.assert_array_equal(plain[key], recomputed[key], err_msg=str(key))
