@@ -39,6 +39,7 @@ class ContractLlama:
         self.copy.eval()
         self.loads = 0
         self.history = None
+        self.cache_lengths = []  # the slots per row of every prefill's KV cache
 
     def eval(self):
         pass
@@ -86,6 +87,7 @@ class ContractLlama:
             lengths = seq_len_encoder.numpy().reshape(-1)
             assert seq_len_encoder.dtype == paddle.int32 and (seq_len_decoder.numpy().reshape(-1) == lengths).all()
             P = input_ids.shape[1]
+            self.cache_lengths.append(cache_kvs[0].shape[3])
             assert P == lengths.max() and mask.shape == (B, 1, P, P)  # as wide as the longest prompt
             ids, pos = input_ids.numpy(), position_ids.numpy()
             self.history = []
@@ -100,7 +102,8 @@ class ContractLlama:
             pos, cached = position_ids.numpy().reshape(-1), seq_len_decoder.numpy().reshape(-1)
             assert seq_len_decoder.dtype == paddle.int32
             for b, tokens in enumerate(self.history):
-                assert pos[b] == cached[b] == len(tokens)
+                # the kernel writes this token's keys and values at slot pos: it must exist
+                assert pos[b] == cached[b] == len(tokens) < cache_kvs[0].shape[3]
                 tokens.append(int(input_ids[b, 0]))
         return self._last_logits()
 
@@ -136,6 +139,20 @@ def test_prompts_that_all_have_padding():
     ref, _ = generate(model, ids[1:4], mask[1:4], config, eos_token_id=2, pad_token_id=3)
     got, _ = generate(fused(model), ids[1:4], mask[1:4], config, eos_token_id=2, pad_token_id=3)
     np.testing.assert_array_equal(got.numpy(), ref.numpy())
+
+
+@pytest.mark.parametrize("rows,longest", [(slice(0, 5), 9), (slice(1, 4), 8)], ids=["one-full-row", "every-row-padded"])
+def test_kv_cache_holds_the_longest_prompt_and_every_new_token(rows, longest):
+    """The cache is as long as the longest real prompt + max_new_tokens (counted here from the
+    mask), not the padded prompt width; an EOS that never comes makes every decode step run."""
+    model = make_model()
+    ids, mask = (t[rows] for t in prompts(B=5, P=9))
+    config = GenerationConfig(max_new_tokens=5, do_sample=False)
+    decoder = fused(model)
+    got, _ = generate(decoder, ids, mask, config, eos_token_id=10_000, pad_token_id=3)
+    assert got.shape[1] == 9 + 5
+    assert max(sum(int(m) for m in row) for row in mask.numpy()) == longest  # real tokens of the longest prompt
+    assert decoder.fused.cache_lengths == [longest + config.max_new_tokens]
 
 
 def test_weights_load_in_the_fused_precision_and_layout():
