@@ -145,7 +145,9 @@ class InferenceModel(RolloutDecoder):
         inside = ((local >= 0) & (local < rows)).astype(weight.dtype).unsqueeze(-1)
         return self._reduce(F.embedding(paddle.clip(local, 0, rows - 1), weight) * inside)
 
-    def _vocab_split(self, layout: DecoderLayout) -> bool:
+    def _vocab_split(self, layout: DecoderLayout | None = None) -> bool:
+        """Whether this rank holds a slice of the LM head's vocabulary (tensor parallel)."""
+        layout = self.layout() if layout is None else layout
         head = layout.lm_head
         width = head.shape[0] if layout.lm_head_transposed else head.shape[-1]
         return self.mp > 1 and width != self.vocab_size
