@@ -120,6 +120,7 @@ def build_models(config: str, folder: str) -> dict:
     """Random actor (causal LM) and reward model (score model started from it) saved in ``folder``."""
     import ppo  # noqa: F401  (MKL environment before paddle)
     from ppo.models import load_score_model
+    from ppo.models import family_of_model
     from ppo.tiny.build import BENCH_33M, TINY, build_llama, build_tokenizer
     from ppo.training import quiet_libraries
 
@@ -144,7 +145,7 @@ def build_models(config: str, folder: str) -> dict:
 
 def matmul_params(model) -> int:
     """Parameters that take part in matmuls: everything but the input embedding table."""
-    embed = model.llama.embed_tokens.weight
+    embed = family_of_model(model).backbone(model).embed_tokens.weight
     return int(sum(p.size for p in model.parameters() if p is not embed))
 
 

@@ -1,16 +1,17 @@
-"""Rollout on PaddleNLP's fused multi-transformer LLaMA (GPU builds with ``paddlenlp_ops``).
+"""Rollout on PaddleNLP's fused multi-transformer models (GPU builds with ``paddlenlp_ops``).
 
 Which decoder rolls out (``rollout_decoder``):
 
-* a GPU build where the ``paddlenlp_ops`` custom operators import: PaddleNLP's
-  ``LlamaForCausalLMInferenceModel`` (fused QKV and FFN GEMMs, rotary and cached attention in
-  fused kernels, the KV cache written in place);
+* a GPU build where the ``paddlenlp_ops`` custom operators import: the model family's fused
+  inference model (``ModelFamily.fused_inference_class``, e.g. PaddleNLP's fused LLaMA: fused QKV
+  and FFN GEMMs, rotary and cached attention in fused kernels, the KV cache written in place);
 * a GPU build without them (or whose paddle lacks an operator PaddleNLP's fused module imports),
   or a model the fused kernels cannot reproduce (rotary scaling; heads not divisible by the
-  tensor-parallel degree): ``ppo.inference.InferenceModel``, after one warning naming the reason;
+  tensor-parallel degree; a family without a fused model): ``ppo.inference.InferenceModel``, after
+  one warning naming the reason;
 * a CPU build: ``ppo.inference.InferenceModel`` (the operators are CUDA-only; no warning).
 
-Both implement the decoder interface of ``ppo.rollout.generate`` (``start`` / ``step`` /
+Both implement the decoder protocol (``ppo.decoding.RolloutDecoder``: ``start`` / ``step`` /
 ``release``), so sampling, top-k / top-p, repetition penalty, EOS handling and the tensor-parallel
 token broadcast are the same code on both paths.  Only generation moves to the fused model: the
 no-grad scoring of rollouts (log-probs, values, rewards) keeps ``InferenceModel``.
@@ -47,7 +48,9 @@ import logging
 import numpy as np
 import paddle
 
+from ppo.decoding import RolloutDecoder, WeightCopyDecoder
 from ppo.inference import InferenceModel
+from ppo.models.families import family_of
 
 logger = logging.getLogger("ppo")
 _warned = False
@@ -57,13 +60,13 @@ _UNAVAILABLE: list = []  # the cached reason (one import attempt per process)
 def fused_unavailable_reason() -> str | None:
     """Why PaddleNLP's fused inference model cannot be used in this process (None: it can).
 
-    Both ``paddlenlp_ops`` and PaddleNLP's fused model module must import: the module also needs
+    Both ``paddlenlp_ops`` and PaddleNLP's fused model package must import: the package also needs
     fused operators of the installed paddle (some paddle releases dropped one it imports).
     """
     if not _UNAVAILABLE:
         try:
             import paddlenlp_ops  # noqa: F401
-            from paddlenlp.experimental.transformers import LlamaForCausalLMInferenceModel  # noqa: F401
+            import paddlenlp.experimental.transformers  # noqa: F401
 
             _UNAVAILABLE.append(None)
         except Exception as e:  # ImportError, or an error raised while the modules import
@@ -73,6 +76,9 @@ def fused_unavailable_reason() -> str | None:
 
 def unsupported_config(config) -> str | None:
     """Why the fused model cannot reproduce ``config``'s model (None: it can)."""
+    family = family_of(config)
+    if family.fused_inference_name is None:
+        return f"PaddleNLP has no fused inference model for the {family.name} family"
     mp = max(1, int(getattr(config, "tensor_parallel_degree", 1) or 1))
     if (getattr(config, "rope_scaling_type", None) or float(getattr(config, "rope_scaling_factor", 1.0)) != 1.0
             or getattr(config, "use_long_sequence_strategies", False)):
@@ -82,8 +88,8 @@ def unsupported_config(config) -> str | None:
     return None
 
 
-def rollout_decoder(model, static_decode: bool = False, dtype: str | None = None):
-    """The rollout decoder over ``model`` (a paddlenlp ``LlamaForCausalLM``): fused on GPU builds
+def rollout_decoder(model, static_decode: bool = False, dtype: str | None = None) -> RolloutDecoder:
+    """The rollout decoder over ``model`` (a causal LM of a registered family): fused on GPU builds
     where PaddleNLP's fused model is usable, else ``InferenceModel`` (see the module docstring).
     ``dtype``: the training precision (bfloat16 / float16; None for float32)."""
     global _warned
@@ -103,12 +109,13 @@ def rollout_decoder(model, static_decode: bool = False, dtype: str | None = None
     return InferenceModel(model, static_decode=static_decode)
 
 
-def _paddlenlp_fused_llama(config, dtype: str):
-    from paddlenlp.experimental.transformers import LlamaForCausalLMInferenceModel
+def _paddlenlp_fused_model(config, dtype: str):
+    """The family's fused inference model (PaddleNLP's) for ``config``, its weights in ``dtype``."""
     from paddlenlp.transformers.model_utils import dtype_guard
 
+    fused_class = family_of(config).fused_inference_class()
     with dtype_guard(dtype):
-        return LlamaForCausalLMInferenceModel(config)
+        return fused_class(config)
 
 
 def right_packed(input_ids, attention_mask):
@@ -141,13 +148,13 @@ def fused_model_state(model, dtype: str = "float32") -> dict:
     return state
 
 
-class FusedInferenceModel:
-    """The decoder interface over PaddleNLP's fused LLaMA inference model (see the module docstring).
+class FusedInferenceModel(WeightCopyDecoder):
+    """The decoder protocol over a family's PaddleNLP fused inference model (see the module docstring).
 
     ``factory(config, dtype)`` builds the fused model; PaddleNLP's by default.
     """
 
-    def __init__(self, model, dtype: str | None = None, factory=_paddlenlp_fused_llama):
+    def __init__(self, model, dtype: str | None = None, factory=_paddlenlp_fused_model):
         self.model = model
         self.vocab_size = model.config.vocab_size
         self.dtype = dtype or "float32"

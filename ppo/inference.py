@@ -1,4 +1,4 @@
-"""A lean decode path for rollout over the live weights of a paddlenlp ``LlamaForCausalLM``.
+"""A lean decode path for rollout over the live weights of a paddlenlp decoder-only causal LM.
 
 Why: paddlenlp's forward spends most of a decode step outside arithmetic (on this CPU build its
 attention multiplies by a transposed key view, a slow batched-matmul path, and the KV cache grows
@@ -10,8 +10,10 @@ by concatenation every step).  ``InferenceModel`` runs the same computation with
 * the model's own parameters and rotary tables, read at every call: there is no copy to refresh,
   so a rollout always sees the training model's current weights.
 
-It implements the decoder interface of ``ppo.rollout.generate`` (``start`` / ``step``), so
-sampling, EOS handling and masks are shared with the reference path.  Logits agree with the
+It implements the decoder protocol (``ppo.decoding.RolloutDecoder``), so sampling, EOS handling
+and masks are shared with the reference path.  It is family-agnostic: it reads the model through its
+family's ``DecoderLayout`` (``ppo.models.families``): separate or fused projections, optional
+projection biases, tied or untied LM head.  Logits agree with the
 paddlenlp forward to float rounding (tested, 1e-5).
 
 ``static_decode``: the decode step as one static graph (``paddle.jit.to_static``), compiled once
@@ -27,6 +29,9 @@ import math
 
 import paddle
 import paddle.nn.functional as F
+
+from ppo.decoding import RolloutDecoder
+from ppo.models.families import DecoderLayout, LayerWeights, Projection, family_of_model
 
 
 def _fused_rms_norm():
@@ -70,9 +75,15 @@ def _rotation_matrix(D: int, dtype):
     return paddle.to_tensor(r).astype(dtype)
 
 
-class InferenceModel:
-    """KV-cache decoding for a LLaMA causal LM, sharing the model's parameters; also no-grad
-    scoring (log-probs, score-model scores) of full sequences on the same fast layout."""
+def _linear(x, projection: Projection):
+    """x [N, in] @ weight [in, out] (+ bias [out]) -> [N, out]."""
+    y = paddle.matmul(x, projection.weight)
+    return y if projection.bias is None else y + projection.bias
+
+
+class InferenceModel(RolloutDecoder):
+    """KV-cache decoding for a causal LM of any registered family, sharing the model's parameters;
+    also no-grad scoring (log-probs, score-model scores) of full sequences on the same fast layout."""
 
     @classmethod
     def of(cls, model) -> "InferenceModel":
@@ -88,18 +99,19 @@ class InferenceModel:
         self.static_decode = static_decode
         self._static_step = None
         config = model.config
-        attn = model.llama.layers[0].self_attn
+        self.family = family_of_model(model)
+        layout = self.family.layout(model)
         # tensor parallel: this rank's heads, MLP columns and vocabulary slice; the partial sums of
         # the row-parallel projections and of the vocabulary-split embedding are all-reduced here
         self.mp = max(1, int(getattr(config, "tensor_parallel_degree", 1) or 1))
-        if self.mp > 1 and (getattr(attn, "kv_indices", None) is not None or getattr(config, "sequence_parallel", False)):
+        if self.mp > 1 and (layout.kv_indices is not None or getattr(config, "sequence_parallel", False)):
             raise ValueError("InferenceModel: key/value heads not divisible by tensor_parallel_degree and sequence "
                              "parallel are not supported")
         self.vocab_size = config.vocab_size
-        self.n_heads = attn.num_heads
-        self.n_kv = attn.num_key_value_heads
-        self.head_dim = attn.head_dim
-        self.eps = config.rms_norm_eps
+        self.n_heads = layout.num_heads
+        self.n_kv = layout.num_kv_heads
+        self.head_dim = layout.head_dim
+        self.eps = layout.rms_norm_eps
         self.max_positions = config.max_position_embeddings
         self.cache = None
 
@@ -118,8 +130,12 @@ class InferenceModel:
             dist.all_reduce(x, group=self._group())
         return x
 
-    def _embed(self, ids):
-        weight = self.model.llama.embed_tokens.weight
+    def layout(self) -> DecoderLayout:
+        """The model's weights, read afresh on every call (no copy: always the current parameters)."""
+        return self.family.layout(self.model)
+
+    def _embed(self, ids, layout: DecoderLayout):
+        weight = layout.embed_tokens
         rows = weight.shape[0]
         if self.mp == 1 or rows == self.vocab_size:
             return F.embedding(ids, weight)
@@ -129,20 +145,21 @@ class InferenceModel:
         inside = ((local >= 0) & (local < rows)).astype(weight.dtype).unsqueeze(-1)
         return self._reduce(F.embedding(paddle.clip(local, 0, rows - 1), weight) * inside)
 
-    def _vocab_split(self) -> bool:
-        head = self.model.lm_head
-        width = head.weight.shape[0] if getattr(head, "transpose_y", False) else head.weight.shape[-1]
+    def _vocab_split(self, layout: DecoderLayout | None = None) -> bool:
+        """Whether this rank holds a slice of the LM head's vocabulary (tensor parallel)."""
+        layout = self.layout() if layout is None else layout
+        head = layout.lm_head
+        width = head.shape[0] if layout.lm_head_transposed else head.shape[-1]
         return self.mp > 1 and width != self.vocab_size
 
-    def _logits(self, hidden):
+    def _logits(self, hidden, layout: DecoderLayout):
         """Logits of this rank's vocabulary slice (all of it without tensor parallel)."""
-        head = self.model.lm_head
-        return paddle.matmul(hidden, head.weight, transpose_y=getattr(head, "transpose_y", False))
+        return paddle.matmul(hidden, layout.lm_head, transpose_y=layout.lm_head_transposed)
 
-    def _full_logits(self, hidden):
+    def _full_logits(self, hidden, layout: DecoderLayout):
         """Full-vocabulary logits [N, V] in float32 (gathered over tensor parallel to sample from)."""
-        logits = self._logits(hidden)
-        if self._vocab_split():
+        logits = self._logits(hidden, layout)
+        if self._vocab_split(layout):
             import paddle.distributed as dist
 
             parts = []
@@ -152,32 +169,28 @@ class InferenceModel:
 
     # -- the computation ---------------------------------------------------------------------
 
-    def _layer_weights(self, layer):
-        attn, mlp = layer.self_attn, layer.mlp
-        if getattr(attn, "fuse_attention_qkv", False):
-            qkv = attn.qkv_proj.weight
-        else:
-            qkv = (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
-        ffn = mlp.gate_up_fused_proj.weight if getattr(mlp, "fuse_attention_ffn", False) else \
-            (mlp.gate_proj.weight, mlp.up_proj.weight)
-        return attn, qkv, ffn
+    def _row_parallel(self, x, projection: Projection):
+        """A row-parallel projection (attention output, MLP down): the partial products summed over
+        tensor parallel, then the bias (held whole by every rank: added once, after the sum)."""
+        y = self._reduce(paddle.matmul(x, projection.weight))
+        return y if projection.bias is None else y + projection.bias
 
-    def _qkv(self, h, qkv):
-        if isinstance(qkv, tuple):
-            return [paddle.matmul(h, w) for w in qkv]
+    def _qkv(self, h, weights: LayerWeights):
+        if weights.qkv is None:
+            return _linear(h, weights.q), _linear(h, weights.k), _linear(h, weights.v)
         # paddlenlp's fused layout: per kv head, its group of query heads, then its key and value
-        mixed = paddle.matmul(h, qkv).reshape([-1, self.n_kv, (self.n_heads // self.n_kv + 2) * self.head_dim])
+        mixed = _linear(h, weights.qkv).reshape([-1, self.n_kv, (self.n_heads // self.n_kv + 2) * self.head_dim])
         q, k, v = paddle.split(mixed, [self.n_heads // self.n_kv * self.head_dim, self.head_dim, self.head_dim],
                                axis=-1)
         return q.reshape([-1, self.n_heads * self.head_dim]), k.reshape([-1, self.n_kv * self.head_dim]), \
             v.reshape([-1, self.n_kv * self.head_dim])
 
-    def _mlp(self, h, mlp, ffn):
-        if isinstance(ffn, tuple):
-            gate, up = paddle.matmul(h, ffn[0]), paddle.matmul(h, ffn[1])
+    def _mlp(self, h, weights: LayerWeights):
+        if weights.gate_up is None:
+            gate, up = _linear(h, weights.gate), _linear(h, weights.up)
         else:
-            gate, up = paddle.chunk(paddle.matmul(h, ffn), 2, axis=-1)
-        return self._reduce(paddle.matmul(F.silu(gate) * up, mlp.down_proj.weight))
+            gate, up = paddle.chunk(_linear(h, weights.gate_up), 2, axis=-1)
+        return self._row_parallel(F.silu(gate) * up, weights.down)
 
     def _forward(self, ids, positions, start: int, key_bias):
         """Run positions ``start .. start+S-1`` for ``ids`` [B, S]; returns last-position logits [B, V].
@@ -186,30 +199,28 @@ class InferenceModel:
         a query may attend and the dtype's minimum elsewhere.
         """
         B, S = ids.shape
-        h = self._hidden(ids, positions, start, key_bias, self.cache)
-        last = _rms_norm(h.reshape([B, S, -1])[:, -1], self.model.llama.norm.weight, self.eps)
-        return self._full_logits(last)
+        layout = self.layout()
+        h = self._hidden(ids, positions, start, key_bias, layout, self.cache)
+        last = _rms_norm(h.reshape([B, S, -1])[:, -1], layout.norm, self.eps)
+        return self._full_logits(last, layout)
 
-    def _hidden(self, ids, positions, start: int, key_bias, cache=None):
+    def _hidden(self, ids, positions, start: int, key_bias, layout: DecoderLayout, cache=None):
         """Hidden states [B*S, hidden] before the final norm.  With a ``cache`` (prefill) keys and
         values are written to it at ``start``; without one (scoring) the sequence attends to itself."""
-        llama = self.model.llama
         B, S = ids.shape
         # activations stay 2-D [B*S, hidden]: paddle's CPU matmul is 2-3x faster on 2-D inputs
-        h = self._embed(ids.reshape([-1]))
-        rotary = llama.layers[0].self_attn.rotary_emb
-        cos = rotary.cos_cached.squeeze([0, 2])[positions].unsqueeze(1)  # [B, 1, S, D]
-        sin = rotary.sin_cached.squeeze([0, 2])[positions].unsqueeze(1)
+        h = self._embed(ids.reshape([-1]), layout)
+        cos = layout.cos[positions].unsqueeze(1)  # [B, 1, S, D]
+        sin = layout.sin[positions].unsqueeze(1)
         # broadcast factors expanded once for all layers (_per_head), and the mask for a prompt
         # prefill too (a long scored sequence keeps it [B, 1, S, T])
         (cos_q, sin_q), (cos_k, sin_k) = self._per_head(cos, sin)
         if cache is not None:
             key_bias = key_bias.expand([B, self.n_heads, S, key_bias.shape[-1]])
         scale = 1.0 / math.sqrt(self.head_dim)
-        for i, layer in enumerate(llama.layers):
-            attn, qkv, ffn = self._layer_weights(layer)
-            x = _rms_norm(h, layer.input_layernorm.weight, self.eps)
-            q, k, v = self._qkv(x, qkv)
+        for i, weights in enumerate(layout.layers):
+            x = _rms_norm(h, weights.input_norm, self.eps)
+            q, k, v = self._qkv(x, weights)
             q = q.reshape([B, S, self.n_heads, self.head_dim]).transpose([0, 2, 1, 3])
             k = k.reshape([B, S, self.n_kv, self.head_dim]).transpose([0, 2, 1, 3])
             v = v.reshape([B, S, self.n_kv, self.head_dim]).transpose([0, 2, 1, 3])
@@ -227,23 +238,24 @@ class InferenceModel:
             scores = paddle.matmul(q * scale, keys, transpose_y=True) + key_bias
             probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
             out = paddle.matmul(probs, values).transpose([0, 2, 1, 3]).reshape([B * S, -1])
-            h = h + self._reduce(paddle.matmul(out, attn.o_proj.weight))
-            x = _rms_norm(h, layer.post_attention_layernorm.weight, self.eps)
-            h = h + self._mlp(x, layer.mlp, ffn)
+            h = h + self._row_parallel(out, weights.o)
+            x = _rms_norm(h, weights.post_attention_norm, self.eps)
+            h = h + self._mlp(x, weights)
         return h
 
     # -- scoring: every position of full sequences, no cache ------------------------------------
 
     @paddle.no_grad()
     def final_hidden(self, sequences, attention_mask):
-        """The backbone's last hidden states [B, L, hidden] (after the final norm), as paddlenlp's
-        ``LlamaModel`` returns them, for right- or left-padded ``sequences`` [B, L]."""
+        """The backbone's last hidden states [B, L, hidden] (after the final norm), as the family's
+        paddlenlp backbone returns them, for right- or left-padded ``sequences`` [B, L]."""
         from ppo.models import position_ids_from_mask
 
         B, L = sequences.shape
+        layout = self.layout()
         h = self._hidden(sequences, position_ids_from_mask(attention_mask), 0,
-                         self._bias(attention_mask.astype("int64"), L, 0))
-        return _rms_norm(h, self.model.llama.norm.weight, self.eps).reshape([B, L, -1])
+                         self._bias(attention_mask.astype("int64"), L, 0), layout)
+        return _rms_norm(h, layout.norm, self.eps).reshape([B, L, -1])
 
     @paddle.no_grad()
     def log_probs(self, sequences, attention_mask, temperature: float = 1.0):
@@ -252,8 +264,9 @@ class InferenceModel:
 
         B, L = sequences.shape
         hidden = self.final_hidden(sequences, attention_mask)[:, :-1].reshape([B * (L - 1), -1])
-        logits = self._logits(hidden)
-        if self._vocab_split():  # no rank gathers the [B, L, V] logits
+        layout = self.layout()
+        logits = self._logits(hidden, layout)
+        if self._vocab_split(layout):  # no rank gathers the [B, L, V] logits
             from ppo import parallel
 
             return parallel.vocab_parallel_log_probs(logits.reshape([B, L - 1, -1]), sequences[:, 1:], temperature)[0]
@@ -293,17 +306,16 @@ class InferenceModel:
         one extra column, and are written to the cache after the step (two writes per step instead
         of two per layer).  New keys and values come stacked: [layers, B, kv_heads, 1, head_dim].
         """
-        llama = self.model.llama
+        layout = self.layout()
         B = token.shape[0]
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        h = self._embed(token)                                             # [B, hidden]
+        h = self._embed(token, layout)                                     # [B, hidden]
         scale = 1.0 / math.sqrt(D)
         (cos_q, sin_q), (cos_k, sin_k) = self._per_head(cos, sin)
         cache_bias = cache_bias.expand([B, H, 1, cache_bias.shape[-1]])
         new_keys, new_values = [], []
-        for i, layer in enumerate(llama.layers):
-            attn, qkv, ffn = self._layer_weights(layer)
-            q, k, v = self._qkv(_rms_norm(h, layer.input_layernorm.weight, self.eps), qkv)
+        for i, weights in enumerate(layout.layers):
+            q, k, v = self._qkv(_rms_norm(h, weights.input_norm, self.eps), weights)
             q = q.reshape([B, H, 1, D])
             k = k.reshape([B, KV, 1, D])
             v = v.reshape([B, KV, 1, D])
@@ -320,10 +332,10 @@ class InferenceModel:
                                     (q * k).sum(-1, keepdim=True)], axis=-1)
             probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
             out = paddle.matmul(probs[..., :-1], values) + probs[..., -1:].expand([B, H, 1, D]) * v  # [B, H, 1, D]
-            h = h + self._reduce(paddle.matmul(out.reshape([B, H * D]), attn.o_proj.weight))
-            h = h + self._mlp(_rms_norm(h, layer.post_attention_layernorm.weight, self.eps), layer.mlp, ffn)
-        last = _rms_norm(h, llama.norm.weight, self.eps)
-        return self._full_logits(last), paddle.stack(new_keys), paddle.stack(new_values)
+            h = h + self._row_parallel(out.reshape([B, H * D]), weights.o)
+            h = h + self._mlp(_rms_norm(h, weights.post_attention_norm, self.eps), weights)
+        last = _rms_norm(h, layout.norm, self.eps)
+        return self._full_logits(last, layout), paddle.stack(new_keys), paddle.stack(new_values)
 
     def _per_head(self, cos, sin):
         """RoPE factors [B, 1, S, D] expanded to the query and the key heads, once for all layers:
@@ -343,23 +355,23 @@ class InferenceModel:
         allowed = (slots <= query).unsqueeze(0) & key_mask.astype("bool").unsqueeze(1)  # [B, S, T]
         return paddle.where(allowed, paddle.zeros([1], "float32"), paddle.full([1], minimum, "float32")).unsqueeze(1)
 
-    # -- the decoder interface of ppo.rollout.generate ---------------------------------------
+    # -- the decoder protocol (ppo.decoding.RolloutDecoder) -------------------------------------
 
     def start(self, input_ids, attention_mask, position_ids, max_new_tokens: int):
         """Prefill a left-padded prompt batch; returns the logits [B, V] for the first new token."""
         B, P = input_ids.shape
         T = P + max_new_tokens
-        dtype = self.model.llama.embed_tokens.weight.dtype
-        L = len(self.model.llama.layers)
+        layout = self.layout()
+        dtype = layout.embed_tokens.dtype
+        L = len(layout.layers)
         # one tensor per K and V for all layers: a decode step writes each with a single assignment
         self.cache = (paddle.zeros([L, B, self.n_kv, T, self.head_dim], dtype),
                       paddle.zeros([L, B, self.n_kv, T, self.head_dim], dtype))
         self.key_mask = paddle.concat([attention_mask.astype("int64"), paddle.zeros([B, max_new_tokens], "int64")], 1)
         self.length = P
-        rotary = self.model.llama.layers[0].self_attn.rotary_emb
-        self.cos_table = rotary.cos_cached.squeeze([0, 2])  # [max_positions, D]
+        self.cos_table = layout.cos  # [max_positions, D]
         self.rotation = _rotation_matrix(self.head_dim, self.cos_table.dtype)
-        self.sin_table = rotary.sin_cached.squeeze([0, 2])
+        self.sin_table = layout.sin
         return self._forward(input_ids, position_ids, 0, self._bias(self.key_mask, P, 0))
 
     def step(self, token, token_mask, position_ids):

@@ -1,8 +1,8 @@
 """Pipeline-parallel actor and critic, and the export of their weights to the rollout models.
 
 Under ``pipeline_parallel_degree > 1`` the actor and the critic train as fleet ``PipelineLayer``s
-(paddlenlp's LLaMA pipeline stages: embedding, decoder layers, final norm, then the LM head or the
-score head) driven by fleet's 1F1B schedule (``PipelineParallel.forward_backward_pipeline``).  The
+(the model family's paddlenlp pipeline stages: embedding, decoder layers, final norm, then the LM
+head or the score head) driven by fleet's 1F1B schedule (``PipelineParallel.forward_backward_pipeline``).  The
 PPO losses run inside the last stage (:class:`PipeLoss`).  Every micro-batch of one pass has the
 same sequence length: the rows of one update come from one rollout, padded to its longest row.
 
@@ -23,23 +23,24 @@ import paddle.nn as nn
 
 from ppo import parallel
 from ppo.errors import UserError
+from ppo.models.families import ModelFamily, family_of, family_of_model
 from ppo.models.score_model import position_ids_from_mask
 
 
-def _pipeline_classes():
+def _pipeline_classes(family: ModelFamily):
     """Built on first use: importing paddlenlp's pipeline module needs fleet's hybrid group."""
     from paddle.distributed import fleet
     from paddle.distributed.fleet.meta_parallel import LayerDesc, PipelineLayer
-    from paddlenlp.transformers import LlamaForCausalLMPipe
-    from paddlenlp.transformers.llama.modeling_pp import LlamaDecoderLayerPipe, LlamaEmbeddingPipe, LlamaRMSNormPipe
     from paddlenlp.transformers.model_utils import PipelinePretrainedModel
 
-    from ppo.models.score_model import LlamaModelForScore
+    parts = family.pipeline_parts()
+    score_model = family.score_model_class
+    prefix = family.prefix
 
-    class PolicyPipe(LlamaForCausalLMPipe):
-        """paddlenlp's LLaMA pipeline with the PPO actor loss in the last stage."""
+    class PolicyPipe(parts.causal_lm):
+        """The family's paddlenlp pipeline with the PPO actor loss in the last stage."""
 
-        single_class_name = "LlamaForCausalLM"
+        single_class_name = family.causal_lm_class.__name__
 
         def get_loss_fn(self, config):
             return PipeLoss()
@@ -55,29 +56,29 @@ def _pipeline_classes():
             return self.score_head(hidden.astype(self.score_head.weight.dtype))
 
     class ScorePipe(PipelinePretrainedModel, PipelineLayer):
-        """The critic (``LlamaModelForScore``) as pipeline stages, the value loss in the last one.
+        """The critic (the family's score model) as pipeline stages, the value loss in the last one.
 
-        Parameter names map to the score model's (``llama.*``, ``score_head.*``)."""
+        Parameter names map to the score model's (``<prefix>.*``, ``score_head.*``)."""
 
-        single_class_name = "LlamaModelForScore"
-        config_class = LlamaModelForScore.config_class
-        _get_tensor_parallel_mappings = LlamaModelForScore._get_tensor_parallel_mappings
-        _init_weights = LlamaModelForScore._init_weights
+        single_class_name = score_model.__name__
+        config_class = score_model.config_class
+        _get_tensor_parallel_mappings = score_model._get_tensor_parallel_mappings
+        _init_weights = score_model._init_weights
 
         def __init__(self, config):
             self.config = config
             hcg = fleet.get_hybrid_communicate_group()
             config.tensor_parallel_degree = max(hcg.get_model_parallel_world_size(), 1)
             config.tensor_parallel_rank = max(hcg.get_model_parallel_rank(), 0)
-            self.add_sequential_layer(LayerDesc(LlamaEmbeddingPipe, config=config), "llama")
+            self.add_sequential_layer(LayerDesc(parts.embedding, config=config), prefix)
             for i in range(config.num_hidden_layers):
-                self.add_sequential_layer(LayerDesc(LlamaDecoderLayerPipe, config=config), f"llama.layers.{i}")
-            self.add_sequential_layer(LayerDesc(LlamaRMSNormPipe, config=config), "llama")
+                self.add_sequential_layer(LayerDesc(parts.decoder_layer, config=config), f"{prefix}.layers.{i}")
+            self.add_sequential_layer(LayerDesc(parts.norm, config=config), prefix)
             self.add_sequential_layer(LayerDesc(ScoreHeadPipe, config=config), "")
             PipelineLayer.__init__(
                 self, layers=self.get_sequential_layers(), loss_fn=PipeLoss(), topology=hcg.topology(),
-                seg_method="layer:LlamaDecoderLayer" if config.num_hidden_layers % hcg.get_pipe_parallel_world_size()
-                == 0 else "uniform")
+                seg_method=f"layer:{parts.decoder_layer_name}"
+                if config.num_hidden_layers % hcg.get_pipe_parallel_world_size() == 0 else "uniform")
 
     return PolicyPipe, ScorePipe
 
@@ -103,13 +104,11 @@ class PipeLoss(nn.Layer):
 
 
 def check_pipeline_config(config, what: str, path: str) -> None:
+    """UserError (one line naming ``what`` = ``path``) when ``config``'s model cannot train as pipeline stages."""
     pp = parallel.context().pp_degree
-    if getattr(config, "model_type", "llama") != "llama":
-        raise UserError(f"'{what}' = '{path}' is a {config.model_type!r} model; pipeline_parallel_degree > 1 "
-                        "supports: llama")
-    if getattr(config, "tie_word_embeddings", False):
-        raise UserError(f"'{what}' = '{path}' ties its input and output embeddings; pipeline_parallel_degree > 1 "
-                        "needs untied embeddings (tie_word_embeddings false)")
+    reason = family_of(config, what, path).pipeline_unsupported(config)
+    if reason is not None:
+        raise UserError(f"'{what}' = '{path}' {reason}")
     if config.num_hidden_layers < pp:
         raise UserError(f"'{what}' = '{path}' has {config.num_hidden_layers} layers, fewer than "
                         f"pipeline_parallel_degree = {pp}")
@@ -117,13 +116,13 @@ def check_pipeline_config(config, what: str, path: str) -> None:
 
 def policy_pipe(model):
     """The pipeline-parallel twin of the causal LM ``model`` (this rank's stage, its weights)."""
-    PolicyPipe, _ = _pipeline_classes()
+    PolicyPipe, _ = _pipeline_classes(family_of_model(model))
     return _build(PolicyPipe, model)
 
 
 def score_pipe(model):
     """The pipeline-parallel twin of the score model ``model`` (this rank's stage, its weights)."""
-    _, ScorePipe = _pipeline_classes()
+    _, ScorePipe = _pipeline_classes(family_of_model(model))
     return _build(ScorePipe, model)
 
 

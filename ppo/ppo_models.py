@@ -19,7 +19,15 @@ from ppo import parallel, pipeline
 from ppo.errors import UserError
 from ppo.fused_inference import rollout_decoder
 from ppo.models.recompute import enable_recompute
-from ppo.models import check_max_length, check_model_path, load_causal_lm, load_score_model, load_tokenizer
+from ppo.decoding import WeightCopyDecoder
+from ppo.models import (
+    ScoreModel,
+    check_max_length,
+    check_model_path,
+    load_causal_lm,
+    load_score_model,
+    load_tokenizer,
+)
 from ppo.rollout import Models, same_vocabulary
 
 
@@ -97,7 +105,7 @@ def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOMode
         if not layout.pipeline:
             return model
         pipeline.check_pipeline_config(model.config, what, path)
-        return pipeline.score_pipe(model) if hasattr(model, "score_head") else pipeline.policy_pipe(model)
+        return pipeline.score_pipe(model) if isinstance(model, ScoreModel) else pipeline.policy_pipe(model)
 
     actor = trainable(policy(tp), args.actor_model_name_or_path, "actor_model_name_or_path")
     if args.recompute:
@@ -158,6 +166,5 @@ class RolloutWeights:
 
     def _decoder_reloads(self) -> None:
         # a decoder with its own weight layout (the fused GPU model) reloads before its next use
-        decoder_changed = getattr(self.models.rollout.decoder, "weights_changed", None)
-        if decoder_changed is not None:
-            decoder_changed()
+        if isinstance(self.models.rollout.decoder, WeightCopyDecoder):
+            self.models.rollout.decoder.weights_changed()

@@ -8,7 +8,6 @@ is kept as the last action of its response even when pad == eos.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import paddle.nn.functional as F
 
 from ppo import parallel
 from ppo.algorithms import entropy_from_logits, gather_log_probs
+from ppo.decoding import RolloutDecoder, current_weights
 from ppo.experience import Experience
 from ppo.inference import InferenceModel
 from ppo.models import position_ids_from_mask
@@ -90,7 +90,7 @@ def next_token(logits, config: GenerationConfig, seen_mask=None):
 # Generation
 
 
-class PaddleNLPDecoder:
+class PaddleNLPDecoder(RolloutDecoder):
     """The reference decoder: the paddlenlp model's own forward with its ``past_key_values``."""
 
     def __init__(self, model):
@@ -120,9 +120,9 @@ def decoder_model_parallel(decoder) -> int:
     return int(getattr(getattr(model, "config", None), "tensor_parallel_degree", 1) or 1)
 
 
-def decoder_for(model):
-    """A decoder (``start`` / ``step`` / ``release``) for ``model``: itself when it is one already."""
-    return model if hasattr(model, "start") and hasattr(model, "step") else PaddleNLPDecoder(model)
+def decoder_for(model) -> RolloutDecoder:
+    """A decoder for ``model``: itself when it is one already, else its own forward's."""
+    return model if isinstance(model, RolloutDecoder) else PaddleNLPDecoder(model)
 
 
 @paddle.no_grad()
@@ -133,7 +133,7 @@ def generate(model, input_ids, attention_mask, config: GenerationConfig, eos_tok
     [B, P + R]) with R <= max_new_tokens the longest response; a response ends with the EOS it
     generated (mask 1) and is right-padded after it (mask 0).
     """
-    with parallel.full_vocab_logits(unwrap(model) if not hasattr(model, "start") else None):
+    with parallel.full_vocab_logits(None if isinstance(model, RolloutDecoder) else unwrap(model)):
         return _generate(decoder_for(model), input_ids, attention_mask, config, eos_token_id, pad_token_id)
 
 
@@ -147,7 +147,7 @@ def generate_in_buckets(model, input_ids, attention_mask, config: GenerationConf
     to the longest response.  Greedy results equal ``generate``'s; sampling draws in another order.
     """
     # a decoder with its own weight copy (the fused GPU model) refreshes it once for all buckets
-    with getattr(model, "current_weights", contextlib.nullcontext)():
+    with current_weights(model):
         return _generate_in_buckets(model, input_ids, attention_mask, config, eos_token_id, pad_token_id)
 
 
@@ -180,7 +180,8 @@ def _generate_in_buckets(model, input_ids, attention_mask, config: GenerationCon
     return paddle.to_tensor(out), paddle.to_tensor(out_mask)
 
 
-def _generate(decoder, input_ids, attention_mask, config: GenerationConfig, eos_token_id: int, pad_token_id: int):
+def _generate(decoder: RolloutDecoder, input_ids, attention_mask, config: GenerationConfig, eos_token_id: int,
+              pad_token_id: int):
     B, P = input_ids.shape
     V = decoder.vocab_size
     position_ids = position_ids_from_mask(attention_mask)

@@ -150,7 +150,7 @@ def test_scoring_log_probs_equal_the_training_forward(extra):
 
 
 def test_scoring_scores_equal_the_score_model_forward():
-    from ppo.models.score_model import LlamaModelForScore
+    from ppo.models.families.llama import LlamaModelForScore
 
     paddle.seed(4)
     config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2,

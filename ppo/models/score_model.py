@@ -1,4 +1,4 @@
-"""Score model: a paddlenlp LLaMA backbone with a scalar score head.
+"""Score models: a family's paddlenlp backbone with a scalar score head (``ScoreModel``).
 
 Used as the reward model (``score_type="reward"``) and as the PPO critic (``score_type="critic"``).
 The head and the normaliser statistics are stored in the model config, so ``save_pretrained`` /
@@ -13,11 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import paddle
 import paddle.nn as nn
-from paddlenlp.transformers import LlamaConfig, LlamaModel, LlamaPretrainedModel
 from paddlenlp.transformers.model_outputs import ModelOutput
 
-from ppo.errors import UserError
-from ppo.models.loading import check_model_path
 from ppo.models.normalizer import Normalizer
 
 
@@ -42,12 +39,20 @@ class ScoreOutput(ModelOutput):
     end_scores: paddle.Tensor = None  # [B, score_dim] score at the last real token
 
 
-class LlamaModelForScore(LlamaPretrainedModel):
-    """LLaMA + linear score head; config keys: score_dim, score_bias, score_type, normaliser stats."""
+class ScoreModel:
+    """A backbone with a linear score head (mixed into a family's paddlenlp ``PretrainedModel``).
 
-    def __init__(self, config: LlamaConfig):
+    A family's score model is ``class XModelForScore(ScoreModel, XPretrainedModel)`` with
+    ``backbone_class = XModel``; the backbone sits at the paddlenlp ``base_model_prefix`` attribute
+    (``llama``, ``qwen2``), so parameter names match the causal LM's.  Config keys: score_dim,
+    score_bias, score_type, normaliser stats.
+    """
+
+    backbone_class: type
+
+    def __init__(self, config):
         super().__init__(config)
-        self.llama = LlamaModel(config)
+        setattr(self, self.base_model_prefix, self.backbone_class(config))
         config.score_dim = int(getattr(config, "score_dim", 1))
         config.score_bias = bool(getattr(config, "score_bias", True))
         config.score_type = getattr(config, "score_type", "reward")
@@ -56,10 +61,12 @@ class LlamaModelForScore(LlamaPretrainedModel):
         self.normalizer = Normalizer.from_config(config)
 
     def forward(self, input_ids, attention_mask, position_ids=None) -> ScoreOutput:
+        """input_ids, attention_mask [B, T] -> scores [B, T, score_dim], end_scores [B, score_dim]."""
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask)
-        hidden = self.llama(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids, return_dict=True).last_hidden_state
+        backbone = getattr(self, self.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids, return_dict=True).last_hidden_state
         scores = self.score_head(hidden.astype(self.score_head.weight.dtype))
         index = last_token_index(attention_mask)
         end_scores = paddle.take_along_axis(scores, index.reshape([-1, 1, 1]).expand(
@@ -88,34 +95,3 @@ def init_score_head(model, seed: int = 0) -> None:
     head.weight.set_value(weight.astype(head.weight.dtype))
     if head.bias is not None:
         head.bias.set_value(paddle.zeros(head.bias.shape, dtype=head.bias.dtype))
-
-
-def load_score_model(path: str, score_type: str = "reward", score_dim: int = 1, score_bias: bool = True,
-                     what: str = "model_name_or_path", **config_overrides) -> LlamaModelForScore:
-    """Load a score model, or start one from a causal-LM checkpoint (new head, fixed-seed init).
-
-    A saved score model whose head shape differs from ``score_dim`` is rejected with one line.
-    """
-    saved = check_model_path(path, what)
-    if saved.get("model_type", "llama") != "llama":
-        raise UserError(f"'{what}' = '{path}' is a {saved.get('model_type')!r} model; score models support: llama")
-    is_score = "score_dim" in saved
-    if is_score and int(saved["score_dim"]) != score_dim:
-        raise UserError(f"'{what}' = '{path}' has a score head of dim {saved['score_dim']}, "
-                        f"but score_dim={score_dim} was asked for")
-    config = LlamaConfig.from_pretrained(path)
-    for key, value in config_overrides.items():
-        setattr(config, key, value)
-    config.score_type = score_type
-    if not is_score:
-        config.score_dim, config.score_bias = score_dim, score_bias
-    try:
-        model = LlamaModelForScore.from_pretrained(path, config=config)
-    except RuntimeError as e:
-        if "score_head" in str(e):
-            raise UserError(f"'{what}' = '{path}': score head shape in the weights does not match its "
-                            f"config (score_dim={config.score_dim}, score_bias={config.score_bias})") from None
-        raise
-    if not is_score:
-        init_score_head(model)
-    return model

@@ -62,14 +62,22 @@ def build_tokenizer(out_dir: str, vocab_size: int = 320, with_pad: bool = True, 
 
 
 def build_llama(out_dir: str, tokenizer, seed: int = 0, **sizes):
-    """Save a randomly initialised ``LlamaForCausalLM`` sized by ``sizes`` (default: TINY)."""
-    import paddle
-    from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
+    """Save a randomly initialised LLaMA causal LM sized by ``sizes`` (default: TINY)."""
+    return build_causal_lm(out_dir, tokenizer, seed=seed, **sizes)
 
+
+def build_causal_lm(out_dir: str, tokenizer, family: str | None = None, seed: int = 0, **sizes):
+    """Save a randomly initialised causal LM of model ``family`` (default: the demo's, LLaMA) sized
+    by ``sizes`` (default: TINY)."""
+    import paddle
+
+    from ppo.models.families import DEMO_FAMILY, family_named
+
+    model_family = family_named(family or DEMO_FAMILY, "family")
     dims = dict(TINY)
     dims.update(sizes)
     dims.setdefault("vocab_size", len(tokenizer))
-    config = LlamaConfig(
+    config = model_family.config_class(
         **dims,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -79,7 +87,7 @@ def build_llama(out_dir: str, tokenizer, seed: int = 0, **sizes):
         dtype="float32",
     )
     paddle.seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_family.causal_lm_class(config)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return model

@@ -1,0 +1,223 @@
+"""The model seam: what the toolkit needs to know about a model family, and the family registry.
+
+A family is one file in this package: a :class:`ModelFamily` subclass that names paddlenlp's classes
+for it (config, causal LM, backbone, pipeline stages, fused inference model), defines its score model
+(backbone + score head, :class:`ppo.models.score_model.ScoreModel`) and registers itself.  Every
+other module reaches a family through :func:`family_of` / :func:`family_named`, never by its class
+names, so adding a family touches no other module.
+
+The default :meth:`ModelFamily.layer_weights` reads paddlenlp's common decoder naming
+(``self_attn.q_proj``, ``mlp.gate_proj``, ``input_layernorm``, ...), shared by LLaMA, Qwen2 and
+Mistral; a projection's bias is whatever the layer holds (None when built without one), so a family
+with q/k/v biases needs no code of its own for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import paddle
+import paddle.nn as nn
+
+from ppo.errors import UserError, closest
+
+
+@dataclass(frozen=True, slots=True)
+class Projection:
+    """A linear map ``x @ weight (+ bias)``: weight [in, out] (paddle's layout; this rank's shard under
+    tensor parallel), bias [out] or None."""
+
+    weight: paddle.Tensor
+    bias: paddle.Tensor | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LayerWeights:
+    """One decoder layer as the lean decoder (``ppo.inference``) computes it.
+
+    Attention inputs come either as separate ``q`` / ``k`` / ``v`` or as paddlenlp's fused ``qkv``
+    (per kv head: its group of query heads, then its key and its value, on the output axis); the MLP
+    as separate ``gate`` / ``up`` or fused ``gate_up`` ([gate | up] on the output axis).
+    Norm weights are [hidden].
+    """
+
+    input_norm: paddle.Tensor
+    post_attention_norm: paddle.Tensor
+    o: Projection
+    down: Projection
+    q: Projection | None = None
+    k: Projection | None = None
+    v: Projection | None = None
+    qkv: Projection | None = None
+    gate: Projection | None = None
+    up: Projection | None = None
+    gate_up: Projection | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DecoderLayout:
+    """A decoder-only model's weights (live parameters, not copies) and attention geometry.
+
+    embed_tokens [V, hidden] (a [V / mp, hidden] slice under a vocabulary-split tensor parallel);
+    norm [hidden] (the final norm); lm_head [hidden, V], or [V, hidden] when ``lm_head_transposed``
+    (tied to the embedding); None for a score model.  cos / sin: the rotary tables [max_positions,
+    head_dim].  num_heads / num_kv_heads: this rank's heads.
+    """
+
+    embed_tokens: paddle.Tensor
+    layers: list[LayerWeights]
+    norm: paddle.Tensor
+    lm_head: paddle.Tensor | None
+    lm_head_transposed: bool
+    tied: bool
+    cos: paddle.Tensor
+    sin: paddle.Tensor
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    kv_indices: object = None  # paddlenlp's key/value head selection when kv heads < tensor-parallel degree
+
+
+@dataclass(frozen=True)
+class PipelineParts:
+    """paddlenlp's pipeline stage classes of a family (fleet ``PipelineLayer`` pieces).
+
+    causal_lm: the whole causal LM as stages; embedding / decoder_layer / norm: the stages a score
+    model is assembled from (its head is the toolkit's); decoder_layer_name: the layer class name
+    fleet segments stages by (``seg_method="layer:<name>"``).
+    """
+
+    causal_lm: type
+    embedding: type
+    decoder_layer: type
+    norm: type
+    decoder_layer_name: str
+
+
+def _projection(linear) -> Projection:
+    return Projection(linear.weight, getattr(linear, "bias", None))
+
+
+class ModelFamily:
+    """Everything the toolkit needs from one model family; one subclass per file, registered with
+    :func:`register`.
+
+    Class attributes a family fills in: ``name``; ``model_types`` (config ``model_type`` values) and
+    ``architectures`` (config ``architectures`` entries) it answers to; ``prefix``, the backbone's
+    attribute name on the causal LM and the score model, which is also the parameter-name prefix
+    (``llama.layers.0...``); ``config_class``, ``causal_lm_class``, ``backbone_class`` and
+    ``score_model_class``; ``fused_inference_name`` when paddlenlp has a fused inference model for it.
+    Methods with paddlenlp imports that need a running fleet or a GPU build
+    import on use.
+    """
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    architectures: ClassVar[tuple[str, ...]]
+    prefix: ClassVar[str]
+    config_class: ClassVar[type]
+    causal_lm_class: ClassVar[type]
+    backbone_class: ClassVar[type]
+    score_model_class: ClassVar[type]
+    fused_inference_name: ClassVar[str | None] = None  # in paddlenlp.experimental.transformers
+
+    # -- models --------------------------------------------------------------------------------
+
+    def backbone(self, model) -> nn.Layer:
+        """The decoder stack (embedding, layers, final norm) of a causal LM or score model."""
+        return getattr(model, self.prefix)
+
+    def pipeline_parts(self) -> PipelineParts:
+        """The pipeline stage classes (imported on use: paddlenlp's modules need fleet's hybrid group)."""
+        raise NotImplementedError(f"model family {self.name!r} has no pipeline stages")
+
+    def pipeline_unsupported(self, config) -> str | None:
+        """Why ``config``'s model cannot train under pipeline parallel (None: it can), as the end of a
+        sentence that starts with the model's path."""
+        if type(self).pipeline_parts is ModelFamily.pipeline_parts:
+            return f"is a {self.name} model, which has no pipeline stages; pipeline_parallel_degree must be 1"
+        return None
+
+    def fused_inference_class(self) -> type:
+        """paddlenlp's fused GPU inference model for this family (``fused_inference_name``).  Its
+        package imports only on GPU builds with ``paddlenlp_ops``: call after checking that."""
+        import paddlenlp.experimental.transformers as fused
+
+        return getattr(fused, self.fused_inference_name)
+
+    # -- the lean decoder's view ---------------------------------------------------------------
+
+    def layer_weights(self, layer) -> LayerWeights:
+        """One decoder layer's weights in paddlenlp's common naming (fused or separate projections)."""
+        attn, mlp = layer.self_attn, layer.mlp
+        if getattr(attn, "fuse_attention_qkv", False):
+            attention = dict(qkv=_projection(attn.qkv_proj))
+        else:
+            attention = dict(q=_projection(attn.q_proj), k=_projection(attn.k_proj), v=_projection(attn.v_proj))
+        if getattr(mlp, "fuse_attention_ffn", False):
+            ffn = dict(gate_up=_projection(mlp.gate_up_fused_proj))
+        else:
+            ffn = dict(gate=_projection(mlp.gate_proj), up=_projection(mlp.up_proj))
+        return LayerWeights(input_norm=layer.input_layernorm.weight,
+                            post_attention_norm=layer.post_attention_layernorm.weight,
+                            o=_projection(attn.o_proj), down=_projection(mlp.down_proj), **attention, **ffn)
+
+    def layout(self, model) -> DecoderLayout:
+        """The weights and geometry of ``model`` (a causal LM or a score model of this family)."""
+        backbone = self.backbone(model)
+        attn = backbone.layers[0].self_attn
+        rotary = attn.rotary_emb
+        head = getattr(model, "lm_head", None)
+        embed = backbone.embed_tokens.weight
+        return DecoderLayout(
+            embed_tokens=embed, layers=[self.layer_weights(layer) for layer in backbone.layers],
+            norm=backbone.norm.weight, lm_head=None if head is None else head.weight,
+            lm_head_transposed=bool(getattr(head, "transpose_y", False)),
+            tied=head is not None and head.weight is embed,
+            cos=rotary.cos_cached.squeeze([0, 2]), sin=rotary.sin_cached.squeeze([0, 2]),
+            num_heads=attn.num_heads, num_kv_heads=attn.num_key_value_heads, head_dim=attn.head_dim,
+            rms_norm_eps=model.config.rms_norm_eps, kv_indices=getattr(attn, "kv_indices", None))
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry
+
+_FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register(family_class: type[ModelFamily]) -> type[ModelFamily]:
+    """Class decorator: make ``family_class`` findable by its name, model types and architectures."""
+    _FAMILIES[family_class.name] = family_class()
+    return family_class
+
+
+def supported() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+def family_named(name: str, what: str = "model family") -> ModelFamily:
+    if name not in _FAMILIES:
+        raise UserError(f"'{what}' = {name!r} is not a supported model family{closest(name, _FAMILIES)}; "
+                        f"supported: {', '.join(supported())}")
+    return _FAMILIES[name]
+
+
+def family_of(config, what: str = "model_name_or_path", path: str | None = None) -> ModelFamily:
+    """The family of a model config (a paddlenlp config, or a config.json dict): by ``model_type``,
+    else by ``architectures``.  UserError naming ``what`` (and ``path``) for any other model."""
+    get = config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
+    model_type = get("model_type", None) or ""
+    architectures = list(get("architectures", None) or [])
+    for family in _FAMILIES.values():
+        if model_type in family.model_types or any(a in family.architectures for a in architectures):
+            return family
+    found = model_type or (architectures[0] if architectures else "unknown")
+    where = f"'{what}' = '{path}'" if path is not None else f"'{what}'"
+    raise UserError(f"{where} is a {found!r} model; supported model families: {', '.join(supported())}")
+
+
+def family_of_model(model) -> ModelFamily:
+    """The family of a built model (a causal LM or a score model) by its config."""
+    return family_of(model.config, what=type(model).__name__)
