@@ -22,6 +22,7 @@ import paddle.nn as nn
 
 from ppo import parallel
 from ppo.errors import UserError
+from ppo.models.score_model import LlamaModelForScore
 
 
 def _pipeline_classes():
@@ -31,8 +32,6 @@ def _pipeline_classes():
     from paddlenlp.transformers import LlamaForCausalLMPipe
     from paddlenlp.transformers.llama.modeling_pp import LlamaDecoderLayerPipe, LlamaEmbeddingPipe, LlamaRMSNormPipe
     from paddlenlp.transformers.model_utils import PipelinePretrainedModel
-
-    from ppo.models.score_model import LlamaModelForScore
 
     class PolicyPipe(LlamaForCausalLMPipe):
         """paddlenlp's LLaMA pipeline with the PPO actor loss in the last stage."""

@@ -19,7 +19,7 @@ from ppo.algorithms import entropy_from_logits, gather_log_probs
 from ppo.experience import Experience
 from ppo.inference import InferenceModel
 from ppo.models import position_ids_from_mask
-from ppo.training import unwrap
+from ppo.parallel import unwrap
 
 
 @dataclass

@@ -8,9 +8,10 @@ import paddle.nn.functional as F
 
 from ppo import parallel
 from ppo.args import SFTArgs
+from ppo.batching import token_mean_weights
 from ppo.data import SupervisedDataset, answer_mask
 from ppo.models import load_causal_lm, position_ids_from_mask
-from ppo.training import SingleModelTrainer, token_mean_weights
+from ppo.single_model_trainer import SingleModelTrainer
 
 
 def lm_logits(model, input_ids, attention_mask) -> paddle.Tensor:

@@ -22,13 +22,18 @@ import numpy as np
 import paddle
 
 from ppo import algorithms as algo
-from ppo import checkpoint, parallel
+from ppo import checkpoint, parallel, pipeline
 from ppo.advantages import compute_advantages, mean_sequence_kl
 from ppo.args import PPOArgs
-from ppo.data import PromptOnlyDataset, SupervisedDataset, answer_mask
+from ppo.batching import GlobalBatchSampler, token_mean_weights, total_steps
+from ppo.checkpoint import save_pretrained_atomic, start_or_resume
+from ppo.data import PromptOnlyDataset, SupervisedDataset, answer_mask, build_template, import_user_modules
+from ppo.entry import prepare_output_dir, set_seed
 from ppo.errors import UserError
 from ppo.experience import Experience
 from ppo.fused_inference import rollout_decoder
+from ppo.guard import NonFiniteGuard, check_weights_finite
+from ppo.metrics import MetricsLogger, StepCadence, Timer
 from ppo.offload import (
     default_store,
     offload_model,
@@ -39,26 +44,9 @@ from ppo.offload import (
 )
 from ppo.models import check_max_length, check_model_path, load_causal_lm, load_score_model, load_tokenizer
 from ppo.models.score_model import position_ids_from_mask
+from ppo.optim import Precision, build_optimizer, clear_grad, global_grad_norm
+from ppo.parallel import unwrap
 from ppo.rollout import GenerationConfig, Models, collect, forward_log_probs, log_probs_from_logits, same_vocabulary
-from ppo.training import (
-    GlobalBatchSampler,
-    MetricsLogger,
-    NonFiniteGuard,
-    Precision,
-    StepCadence,
-    Timer,
-    build_optimizer,
-    build_template,
-    check_weights_finite,
-    clear_grad,
-    global_grad_norm,
-    prepare_output_dir,
-    save_pretrained_atomic,
-    set_seed,
-    start_or_resume,
-    token_mean_weights,
-    total_steps,
-)
 
 
 def freeze(model):
@@ -182,8 +170,6 @@ class PPOTrainer:
         """The model that trains: ``model`` itself, or its pipeline-parallel twin (this rank's stage)."""
         if not self.pipeline:
             return model
-        from ppo import pipeline
-
         pipeline.check_pipeline_config(model.config, what, path)
         return pipeline.score_pipe(model) if hasattr(model, "score_head") else pipeline.policy_pipe(model)
 
@@ -191,8 +177,6 @@ class PPOTrainer:
         """Refresh the rollout copies from the training models (after every update; exact copies)."""
         if not self._rollout_stale:
             return
-        from ppo import pipeline
-
         self.offload.reload_trained()
         pairs = [(self.actor, self.rollout_actor)]
         if self.uses_critic:
@@ -213,8 +197,6 @@ class PPOTrainer:
 
     def _load_data(self):
         args, ctx = self.args, self.ctx
-        from ppo.data import import_user_modules
-
         if args.extra_modules:
             import_user_modules([m for m in args.extra_modules.split(",") if m])
         template = build_template(args)
@@ -478,8 +460,6 @@ class PPOTrainer:
         """One forward/backward pass of fleet's pipeline schedule over len(micro) micro-batches; the
         last stage runs ``compute(output, labels)``.  Returns every micro-batch's stats (``keys``),
         on every stage."""
-        from ppo.training import unwrap
-
         loss_layer = unwrap(train_model)._loss_fn[0]
         loss_layer.compute, loss_layer.stats = compute, []
         loss_layer.accumulate_steps = self.args.gradient_accumulation_steps

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from ppo.data import ensure_pad_token
 from ppo.errors import UserError
 
 
@@ -22,8 +23,6 @@ def check_model_path(path: str, what: str = "model_name_or_path") -> dict:
 
 def load_tokenizer(path: str, what: str = "model_name_or_path"):
     from paddlenlp.transformers import AutoTokenizer
-
-    from ppo.data import ensure_pad_token
 
     check_model_path(path, what)
     try:

@@ -16,6 +16,8 @@ import argparse
 import io
 import os
 
+from ppo.tiny.task import corpus
+
 # Model sizes used by the example, the tests and the benchmarks.
 TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256)
@@ -31,8 +33,6 @@ def build_tokenizer(out_dir: str, vocab_size: int = 320, with_pad: bool = True, 
     """
     import sentencepiece as spm
     from paddlenlp.transformers import LlamaTokenizer
-
-    from ppo.tiny.task import corpus
 
     os.makedirs(out_dir, exist_ok=True)
     buf = io.BytesIO()
