@@ -122,7 +122,7 @@ def build_models(config: str, folder: str) -> dict:
     from ppo.models import load_score_model
     from ppo.models import family_of_model
     from ppo.tiny.build import BENCH_33M, TINY, build_llama, build_tokenizer
-    from ppo.training import quiet_libraries
+    from ppo.entry import quiet_libraries
 
     quiet_libraries()
     tokenizer = build_tokenizer(os.path.join(folder, "tokenizer"))
@@ -157,7 +157,7 @@ def run_worker(opts) -> dict:
     from ppo.args import PPOArgs, validate
     from ppo.inference import InferenceModel
     from ppo.trainer import PPOTrainer
-    from ppo.training import quiet_libraries
+    from ppo.entry import quiet_libraries
 
     quiet_libraries()
     t_imported = time.time()

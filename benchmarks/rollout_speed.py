@@ -41,7 +41,7 @@ def main(argv=None):
     from ppo.inference import InferenceModel
     from ppo.rollout import GenerationConfig, generate
     from ppo.tiny.build import BENCH_33M, TINY
-    from ppo.training import quiet_libraries
+    from ppo.entry import quiet_libraries
 
     quiet_libraries()
     dims = dict(BENCH_33M) if args.config == "33m" else dict(TINY, vocab_size=320)

@@ -314,24 +314,11 @@ def kl_loss(log_probs, ref_log_probs, action_mask, estimator="k3"):
 
 
 def nll_sum(log_probs, valid):
-    """Summed negative log-likelihood ``-sum(log_probs)`` over ``valid`` positions ([B, T])."""
+    """Summed negative log-likelihood ``-sum(log_probs * valid)`` over the answer tokens ([B, T]).
+
+    The one answer-token loss: SFT divides it by its answer-token count, the PPO ptx term scales
+    it by the step's token-mean weight."""
     return -(log_probs * valid.astype(log_probs.dtype)).sum()
-
-
-def masked_nll(log_probs, valid):
-    """Mean negative log-likelihood ``-mean(log_probs)`` over ``valid`` positions; 0 when none is."""
-    return nll_sum(log_probs, valid) / paddle.clip(valid.astype(log_probs.dtype).sum(), min=1.0)
-
-
-def ptx_loss(logits, labels, ignore_index=-100):
-    """Language-model loss ``-mean log_softmax(logits)[labels]`` over labels != ignore_index.
-
-    logits ``[B, T, V]`` and labels ``[B, T]`` are already aligned (labels[t] is the target of
-    logits[t]). Returns 0 when every label is ignored.
-    """
-    valid = labels != ignore_index
-    safe_labels = paddle.where(valid, labels, paddle.zeros_like(labels))
-    return masked_nll(gather_log_probs(logits, safe_labels), valid)
 
 
 # ------------------------------------------------------------------------------ KL controllers

@@ -15,7 +15,9 @@ is removed on the next start.  The data order needs no state: batches are a func
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 import pickle
 import platform
@@ -25,11 +27,17 @@ import shutil
 
 import numpy as np
 import paddle
+import paddlenlp
 
+import ppo
+from ppo import parallel
 from ppo.errors import UserError
+from ppo.parallel import inner_optimizer, unwrap
+from ppo.pipeline import merged_state_dict
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
+logger = logging.getLogger("ppo")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 # Arguments that must match to resume exactly (the rest, e.g. logging_steps, may change).
@@ -42,10 +50,6 @@ RESUME_CRITICAL = (
 
 
 def versions() -> dict:
-    import paddlenlp
-
-    import ppo
-
     return {"ppo": ppo.__version__, "paddle": paddle.__version__, "paddlenlp": paddlenlp.__version__,
             "python": platform.python_version(), "numpy": np.__version__}
 
@@ -78,7 +82,7 @@ def tmp_folder(target: str) -> str:
 def portable_optimizer_state(optimizer, model) -> dict:
     """Optimizer state keyed by structured parameter names (``llama.layers.0...``) instead of paddle's
     creation-order names (``linear_3.w_0``), so it loads into any process that built the same model."""
-    names = {p.name: n for n, p in unwrap_model(model).named_parameters()}
+    names = {p.name: n for n, p in unwrap(model).named_parameters()}
     prefixes = sorted(names, key=len, reverse=True)
     out = {}
     for key, value in optimizer.state_dict().items():
@@ -91,7 +95,7 @@ def portable_optimizer_state(optimizer, model) -> dict:
 
 
 def load_portable_optimizer_state(optimizer, model, state: dict) -> None:
-    names = {n: p.name for n, p in unwrap_model(model).named_parameters()}
+    names = {n: p.name for n, p in unwrap(model).named_parameters()}
     restored = {}
     for key, value in state.items():
         if key == "master_weights":
@@ -102,12 +106,6 @@ def load_portable_optimizer_state(optimizer, model, state: dict) -> None:
         else:
             restored[key] = value
     optimizer.set_state_dict(restored)
-
-
-def unwrap_model(model):
-    from ppo.training import unwrap
-
-    return unwrap(model)
 
 
 def write_rank_state(tmp: str, rank: int, optimizers: dict, rng_extra: dict | None = None) -> None:
@@ -234,12 +232,56 @@ def load_rank_state(folder: str, rank: int, optimizers: dict) -> dict:
 
 def load_weights(model, folder: str) -> None:
     """Weights saved by ``save_pretrained`` (merged) into this rank's ``model``, exactly."""
-    from ppo import parallel
-
     path = os.path.join(folder, "model_state.pdparams")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{folder}' has no model_state.pdparams")
-    parallel.load_full_weights(model, path)
+    load_full_weights(model, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole models: merged over tensor / pipeline parallel on the way out, split on the way in
+
+
+def save_model(model, folder: str, tokenizer=None) -> None:
+    """``save_pretrained`` a full (merged) checkpoint; call on every rank.
+
+    With tensor parallel the ranks of the first data group gather their shards (paddlenlp's
+    ``merge_tensor_parallel``) and the global main rank writes; otherwise the main rank writes.
+    """
+    ctx = parallel.context()
+    inner = unwrap(model)
+    if ctx.pp_degree > 1:
+        _save_pipeline(inner, folder)
+    elif ctx.mp_degree > 1:
+        if ctx.data_rank == 0:
+            inner.save_pretrained(folder, merge_tensor_parallel=True, is_main_process=ctx.is_main)
+    elif ctx.is_main:
+        inner.save_pretrained(folder)
+    if ctx.is_main and tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def _save_pipeline(pipe, folder: str) -> None:
+    """Gather a pipeline (and tensor) parallel model into one checkpoint of its non-pipeline class."""
+    state = merged_state_dict(pipe)
+    if not parallel.context().is_main:
+        return
+    os.makedirs(folder, exist_ok=True)
+    config = copy.deepcopy(pipe.config)
+    config.tensor_parallel_degree, config.tensor_parallel_rank = 1, 0
+    config.architectures = [pipe.single_class_name]
+    config.save_pretrained(folder)
+    paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, os.path.join(folder, "model_state.pdparams"))
+
+
+def load_full_weights(model, path: str) -> None:
+    """Load a merged ``model_state.pdparams`` into this rank's (possibly tensor-parallel) model."""
+    inner = unwrap(model)
+    if parallel.context().mp_degree > 1:
+        state = inner.convert_tensor_parallel(path, inner.config)
+    else:
+        state = paddle.load(path)
+    inner.set_state_dict(state)
 
 
 def save_checkpoint(target: str, ctx, models: dict, tokenizer, optimizers: dict, state: dict,
@@ -248,14 +290,12 @@ def save_checkpoint(target: str, ctx, models: dict, tokenizer, optimizers: dict,
 
     models: {subfolder: model} saved with save_pretrained by the main rank ('' = the folder itself).
     """
-    from ppo import parallel
-
     tmp = tmp_folder(target)
     if ctx.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     parallel.barrier()
     for sub, model in models.items():
-        parallel.save_model(model, os.path.join(tmp, sub), tokenizer)
+        save_model(model, os.path.join(tmp, sub), tokenizer)
     parallel.barrier()
     write_rank_state(tmp, ctx.rank, {role: (inner_optimizer(o), models[role_model(role)])
                                      for role, o in optimizers.items()}, rng_extra)
@@ -283,8 +323,63 @@ def role_model(role: str) -> str:
     return {"": "", "actor": "policy", "critic": "value"}[role]
 
 
-def inner_optimizer(optimizer):
-    """The paddle optimizer inside fleet's wrappers (its state_dict is the real one)."""
-    while hasattr(optimizer, "_inner_opt") or hasattr(optimizer, "_optim"):
-        optimizer = getattr(optimizer, "_inner_opt", None) or optimizer._optim
-    return optimizer
+# ---------------------------------------------------------------------------------------------
+# the final model (from_pretrained-loadable) and the start of a run
+
+
+def _tmp_for(target: str) -> str:
+    """``tmp_folder(target)``, its parent folder created."""
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    return tmp_folder(target)
+
+
+def publish(tmp: str, target: str) -> None:
+    """Make the finished folder ``tmp`` the new ``target``.
+
+    A ``target`` that already holds other things (the final model goes to ``output_dir`` itself,
+    beside metrics and step checkpoints) gets the finished files moved in one by one with
+    ``os.replace``; otherwise the whole folder is renamed in one step.
+    """
+    if os.path.isdir(target) and not os.path.isfile(os.path.join(target, "config.json")) and os.listdir(target):
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(target, name))
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    parent, name = os.path.split(os.path.abspath(target))
+    old = os.path.join(parent, f".old-{name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(target):
+        os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_pretrained_atomic(model, tokenizer, target: str, extra: dict | None = None) -> None:
+    """The final model, from_pretrained-loadable and merged over tensor parallel; call on every rank."""
+    ctx = parallel.context()
+
+    def write(tmp):
+        save_model(model, tmp, tokenizer)
+        if extra and ctx.is_main:
+            with open(os.path.join(tmp, "training_state.json"), "w") as f:
+                json.dump(extra, f, indent=1)
+
+    # with tensor parallel every rank of the first data group takes part in the merge
+    tmp = _tmp_for(target)
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    parallel.barrier()
+    write(tmp)
+    parallel.barrier()
+    if ctx.is_main:
+        publish(tmp, target)
+    parallel.barrier()
+
+
+def start_or_resume(args, ctx) -> str | None:
+    """Clean unfinished checkpoint writes; the checkpoint to resume from, if any (all ranks agree)."""
+    if ctx.is_main:
+        for name in clean_partial(args.output_dir):
+            logger.warning("removed the unfinished checkpoint write %s", os.path.join(args.output_dir, name))
+    parallel.barrier()
+    return resolve_resume(args.resume_from_checkpoint, args.output_dir)

@@ -48,6 +48,7 @@ import logging
 import numpy as np
 import paddle
 
+from ppo import parallel
 from ppo.decoding import RolloutDecoder, WeightCopyDecoder
 from ppo.inference import InferenceModel
 from ppo.models.families import family_of
@@ -93,8 +94,6 @@ def rollout_decoder(model, static_decode: bool = False, dtype: str | None = None
     where PaddleNLP's fused model is usable, else ``InferenceModel`` (see the module docstring).
     ``dtype``: the training precision (bfloat16 / float16; None for float32)."""
     global _warned
-    from ppo import parallel
-
     if parallel.device() == "gpu":
         missing = fused_unavailable_reason()
         reason = missing or unsupported_config(model.config) or (

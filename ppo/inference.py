@@ -30,8 +30,11 @@ import math
 import paddle
 import paddle.nn.functional as F
 
+from ppo import parallel
+from ppo.algorithms import gather_log_probs
 from ppo.decoding import RolloutDecoder
 from ppo.models.families import DecoderLayout, LayerWeights, Projection, family_of_model
+from ppo.models.score_model import last_token_index, position_ids_from_mask
 
 
 def _fused_rms_norm():
@@ -117,18 +120,9 @@ class InferenceModel(RolloutDecoder):
 
     # -- tensor parallel ---------------------------------------------------------------------
 
-    def _group(self):
-        from ppo import parallel
-
-        return parallel.context().hcg.get_model_parallel_group()
-
     def _reduce(self, x):
         """Sum of the row-parallel partial results over the tensor-parallel group (in place)."""
-        if self.mp > 1:
-            import paddle.distributed as dist
-
-            dist.all_reduce(x, group=self._group())
-        return x
+        return parallel.model_parallel_all_reduce(x) if self.mp > 1 else x
 
     def layout(self) -> DecoderLayout:
         """The model's weights, read afresh on every call (no copy: always the current parameters)."""
@@ -139,8 +133,6 @@ class InferenceModel(RolloutDecoder):
         rows = weight.shape[0]
         if self.mp == 1 or rows == self.vocab_size:
             return F.embedding(ids, weight)
-        from ppo import parallel
-
         local = ids - parallel.context().mp_rank * rows      # VocabParallelEmbedding's slice of the ids
         inside = ((local >= 0) & (local < rows)).astype(weight.dtype).unsqueeze(-1)
         return self._reduce(F.embedding(paddle.clip(local, 0, rows - 1), weight) * inside)
@@ -160,11 +152,7 @@ class InferenceModel(RolloutDecoder):
         """Full-vocabulary logits [N, V] in float32 (gathered over tensor parallel to sample from)."""
         logits = self._logits(hidden, layout)
         if self._vocab_split(layout):
-            import paddle.distributed as dist
-
-            parts = []
-            dist.all_gather(parts, logits, group=self._group())
-            logits = paddle.concat(parts, axis=-1)
+            logits = parallel.model_parallel_concat(logits, axis=-1)
         return logits.astype("float32")
 
     # -- the computation ---------------------------------------------------------------------
@@ -249,8 +237,6 @@ class InferenceModel(RolloutDecoder):
     def final_hidden(self, sequences, attention_mask):
         """The backbone's last hidden states [B, L, hidden] (after the final norm), as the family's
         paddlenlp backbone returns them, for right- or left-padded ``sequences`` [B, L]."""
-        from ppo.models import position_ids_from_mask
-
         B, L = sequences.shape
         layout = self.layout()
         h = self._hidden(sequences, position_ids_from_mask(attention_mask), 0,
@@ -260,23 +246,17 @@ class InferenceModel(RolloutDecoder):
     @paddle.no_grad()
     def log_probs(self, sequences, attention_mask, temperature: float = 1.0):
         """Log-probs [B, L-1] of tokens 1..L-1 (``ppo.rollout.forward_log_probs`` without grad)."""
-        from ppo.algorithms import gather_log_probs
-
         B, L = sequences.shape
         hidden = self.final_hidden(sequences, attention_mask)[:, :-1].reshape([B * (L - 1), -1])
         layout = self.layout()
         logits = self._logits(hidden, layout)
         if self._vocab_split(layout):  # no rank gathers the [B, L, V] logits
-            from ppo import parallel
-
             return parallel.vocab_parallel_log_probs(logits.reshape([B, L - 1, -1]), sequences[:, 1:], temperature)[0]
         return gather_log_probs(logits, sequences[:, 1:].reshape([-1]), temperature).reshape([B, L - 1])
 
     @paddle.no_grad()
     def scores(self, sequences, attention_mask):
         """A score model's per-token scores [B, L, score_dim] and end scores [B, score_dim]."""
-        from ppo.models.score_model import last_token_index
-
         hidden = self.final_hidden(sequences, attention_mask)
         head = self.model.score_head
         scores = head(hidden.astype(head.weight.dtype))

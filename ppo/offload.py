@@ -23,7 +23,6 @@ Gradients are not moved: call ``optimizer.clear_grad(set_to_zero=False)`` to fre
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import itertools
 import os
@@ -232,28 +231,6 @@ def offload_optimizer(optimizer, store: OffloadStore, key=None) -> None:
 def reload_optimizer(optimizer, store: OffloadStore, key=None) -> None:
     """Bring back what ``offload_optimizer(optimizer, store, key)`` released."""
     store.get(_key("optimizer", optimizer, key))
-
-
-@contextlib.contextmanager
-def offloaded(models=(), optimizers=(), *, store: OffloadStore):
-    """Offload ``models`` and ``optimizers`` for the body of a ``with``; reload on exit, even on error.
-
-    ``None`` entries are skipped. State that was already offloaded on entry stays offloaded on exit.
-    """
-    moved = []  # (reload, obj) for what this block offloaded itself
-    try:
-        for kind, objs, offload, reload in (
-                ("model", models, offload_model, reload_model),
-                ("optimizer", optimizers, offload_optimizer, reload_optimizer)):
-            for obj in objs:
-                if obj is None or _key(kind, obj, None) in store:
-                    continue
-                moved.append((reload, obj))
-                offload(obj, store)
-        yield
-    finally:
-        for reload, obj in reversed(moved):
-            reload(obj, store)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""The only module that touches paddle.distributed / fleet: start-up, groups, collectives.
+"""Start-up, groups, collectives and fleet's wrappers: with ``pipeline.py`` (pipeline-parallel
+models) and ``cpu_fleet.py`` (fleet's CPU adaptations) the only modules that call
+paddle.distributed / fleet or read the private attributes of fleet's wrappers.
 
 Layout: world = data x sharding x pipeline x tensor (fleet's hybrid topology).  Trainers ask this
-module for the rank/degree they need and for reductions of python/numpy values; the math and the
-loop never import paddle.distributed themselves.
+module for the rank/degree they need, for reductions of python/numpy values and for the plain
+model / optimizer inside a wrapper (``unwrap``, ``inner_optimizer``); the math, the loop, the
+inference paths and the checkpoints never import paddle.distributed themselves.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
+from ppo.cpu_fleet import enable_cpu_fleet
 from ppo.errors import UserError
 
 
@@ -91,8 +95,6 @@ def init_parallel(args, pipeline: bool = False) -> ParallelContext:
                         f"world size {world} (tensor, pipeline and data parallel degree 1), or use 'stage1'")
     paddle.set_device(device())
     from paddle.distributed import fleet
-
-    from ppo.cpu_fleet import enable_cpu_fleet
 
     enable_cpu_fleet()  # CPU builds: fleet over gloo (no-op with an accelerator)
 
@@ -187,55 +189,6 @@ def tp_kwargs() -> dict:
     return {"tensor_parallel_degree": _CONTEXT.mp_degree, "tensor_parallel_rank": _CONTEXT.mp_rank}
 
 
-def save_model(model, folder: str, tokenizer=None) -> None:
-    """``save_pretrained`` a full (merged) checkpoint; call on every rank.
-
-    With tensor parallel the ranks of the first data group gather their shards (paddlenlp's
-    ``merge_tensor_parallel``) and the global main rank writes; otherwise the main rank writes.
-    """
-    from ppo.training import unwrap
-
-    inner = unwrap(model)
-    if _CONTEXT.pp_degree > 1:
-        _save_pipeline(inner, folder)
-    elif _CONTEXT.mp_degree > 1:
-        if _CONTEXT.data_rank == 0:
-            inner.save_pretrained(folder, merge_tensor_parallel=True, is_main_process=_CONTEXT.is_main)
-    elif _CONTEXT.is_main:
-        inner.save_pretrained(folder)
-    if _CONTEXT.is_main and tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-
-
-def _save_pipeline(pipe, folder: str) -> None:
-    """Gather a pipeline (and tensor) parallel model into one checkpoint of its non-pipeline class."""
-    import copy
-
-    from ppo.pipeline import merged_state_dict
-
-    state = merged_state_dict(pipe)
-    if not _CONTEXT.is_main:
-        return
-    os.makedirs(folder, exist_ok=True)
-    config = copy.deepcopy(pipe.config)
-    config.tensor_parallel_degree, config.tensor_parallel_rank = 1, 0
-    config.architectures = [pipe.single_class_name]
-    config.save_pretrained(folder)
-    paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, os.path.join(folder, "model_state.pdparams"))
-
-
-def load_full_weights(model, path: str) -> None:
-    """Load a merged ``model_state.pdparams`` into this rank's (possibly tensor-parallel) model."""
-    from ppo.training import unwrap
-
-    inner = unwrap(model)
-    if _CONTEXT.mp_degree > 1:
-        state = inner.convert_tensor_parallel(path, inner.config)
-    else:
-        state = paddle.load(path)
-    inner.set_state_dict(state)
-
-
 def model_parallel_sum(local_sum: float, replicated_sum: float) -> float:
     """Sum of a quantity split over the tensor-parallel ranks plus its replicated part."""
     if _CONTEXT.mp_degree <= 1:
@@ -304,6 +257,26 @@ def sync_grads(optimizer, parameters):
 def sharding_sum(values):
     """Element-wise sum of a list of floats over the sharding group."""
     return _sum_over(_CONTEXT.hcg.get_sharding_parallel_group(), values)
+
+
+# ---------------------------------------------------------------------------------------------
+# fleet's wrappers
+
+
+def unwrap(model):
+    """The plain layer inside fleet / DataParallel / sharding wrappers."""
+    while hasattr(model, "_layers"):
+        model = model._layers
+    while hasattr(model, "_layer") and not hasattr(model, "save_pretrained"):
+        model = model._layer
+    return model
+
+
+def inner_optimizer(optimizer):
+    """The paddle optimizer inside fleet's wrappers (its state_dict is the real one)."""
+    while hasattr(optimizer, "_inner_opt") or hasattr(optimizer, "_optim"):
+        optimizer = getattr(optimizer, "_inner_opt", None) or optimizer._optim
+    return optimizer
 
 
 def wrap_for_training(model, optimizer, sharding_stage: str = ""):
@@ -433,6 +406,23 @@ def _vocab_parallel_entropy(x, group):
     e = paddle.exp(x - shift)
     total = reduce_sum(e.sum(axis=-1))
     return paddle.log(total) + shift.squeeze(-1) - reduce_sum((e * x).sum(axis=-1)) / total
+
+
+def model_parallel_all_reduce(tensor):
+    """Sum ``tensor`` over the tensor-parallel group, in place (identity without tensor parallel)."""
+    if _CONTEXT.mp_degree > 1:
+        dist.all_reduce(tensor, group=_CONTEXT.hcg.get_model_parallel_group())
+    return tensor
+
+
+def model_parallel_concat(tensor, axis: int = -1):
+    """The tensor-parallel ranks' ``tensor``s concatenated along ``axis`` in rank order (e.g. the
+    vocabulary slices of logits [N, V/mp] -> [N, V]); identity without tensor parallel."""
+    if _CONTEXT.mp_degree <= 1:
+        return tensor
+    parts = []
+    dist.all_gather(parts, tensor, group=_CONTEXT.hcg.get_model_parallel_group())
+    return paddle.concat(parts, axis=axis)
 
 
 def broadcast_model_parallel(tensor):

@@ -255,9 +255,7 @@ def pipeline_pass(train_model, optimizer, inputs, labels, compute, keys, accumul
     """One forward/backward pass of fleet's pipeline schedule over ``accumulate_steps`` micro-batches;
     the last stage runs ``compute(output, labels) -> (loss, stats)``.  Returns every micro-batch's
     stats (``keys``), on every stage (broadcast from the last)."""
-    from ppo.training import unwrap  # MERGE: parallel.unwrap
-
-    loss_layer = unwrap(train_model)._loss_fn[0]
+    loss_layer = parallel.unwrap(train_model)._loss_fn[0]
     loss_layer.compute, loss_layer.stats = compute, []
     loss_layer.accumulate_steps = accumulate_steps
     data = train_model._prepare_training([inputs, labels], optimizer, None)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ppo.data import PromptOnlyDataset, SupervisedDataset, import_user_modules
+from ppo.batching import GlobalBatchSampler, total_steps
+from ppo.data import PromptOnlyDataset, SupervisedDataset, build_template, import_user_modules
 from ppo.errors import UserError
 from ppo.ppo_steps import PtxFeed
-from ppo.training import GlobalBatchSampler, build_template, total_steps
 
 
 @dataclass

@@ -17,10 +17,10 @@ import paddle
 
 from ppo import algorithms as algo
 from ppo import parallel, pipeline
+from ppo.batching import token_mean_weights
 from ppo.data import answer_mask
 from ppo.experience import Experience
 from ppo.rollout import forward_log_probs, log_probs_from_logits
-from ppo.training import token_mean_weights
 
 ACTOR_STATS = ("actor_loss", "abs_actor_loss", "clip_frac", "approx_kl", "entropy")
 CRITIC_STATS = ("critic_loss", "value_clip_frac")

@@ -20,7 +20,7 @@ from ppo.decoding import RolloutDecoder, current_weights
 from ppo.experience import Experience
 from ppo.inference import InferenceModel
 from ppo.models import position_ids_from_mask
-from ppo.training import unwrap
+from ppo.parallel import unwrap
 
 
 @dataclass

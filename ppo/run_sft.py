@@ -9,18 +9,20 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ppo  # noqa: E402,F401  (sets the MKL environment before paddle loads)
-from ppo.training import quiet_libraries, run_entry  # noqa: E402
+from ppo.entry import quiet_libraries, run_entry  # noqa: E402
+
+if __name__ == "__main__":
+    quiet_libraries()  # before paddlenlp loads: its import-time warnings stay out of the console
+
+from ppo.args import SFTArgs, check_preset_models, parse_args  # noqa: E402
+from ppo.sft_trainer import SFTTrainer  # noqa: E402
 
 
 def main(argv=None):
-    from ppo.args import SFTArgs, check_preset_models, parse_args
-    from ppo.sft_trainer import SFTTrainer
-
     args = parse_args(SFTArgs, argv)
     check_preset_models(args)
     SFTTrainer(args).train()
 
 
 if __name__ == "__main__":
-    quiet_libraries()
     run_entry(main)

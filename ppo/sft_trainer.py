@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import paddle
-import paddle.nn.functional as F
 
+from ppo import algorithms as algo
 from ppo import parallel
 from ppo.args import SFTArgs
+from ppo.batching import token_mean_weights
 from ppo.data import SupervisedDataset, answer_mask
 from ppo.models import load_causal_lm, position_ids_from_mask
 from ppo.models.recompute import enable_recompute
-from ppo.training import SingleModelTrainer, token_mean_weights
+from ppo.single_model_trainer import SingleModelTrainer
 
 
 def lm_logits(model, input_ids, attention_mask) -> paddle.Tensor:
@@ -22,14 +23,12 @@ def lm_logits(model, input_ids, attention_mask) -> paddle.Tensor:
 
 
 def answer_token_loss(logits, labels) -> tuple[paddle.Tensor, int]:
-    """Mean next-token cross entropy over labelled positions; logits [B, T, V], labels [B, T]."""
-    shift_logits = logits[:, :-1].astype("float32")
-    shift_labels = labels[:, 1:]
+    """(mean next-token NLL over the labelled answer tokens, their count); logits [B, T, V],
+    labels [B, T] (-100 off the answer).  ``algorithms.nll_sum`` over ``answer_mask``, as the ptx term."""
     valid = answer_mask(labels)
     n = int(valid.astype("int64").sum())
-    per_token = F.cross_entropy(shift_logits, paddle.where(valid, shift_labels, paddle.zeros_like(shift_labels))
-                                .unsqueeze(-1), reduction="none").squeeze(-1)
-    return (per_token * valid.astype("float32")).sum() / max(n, 1), n
+    targets = paddle.where(valid, labels[:, 1:], paddle.zeros_like(labels[:, 1:]))
+    return algo.nll_sum(algo.gather_log_probs(logits[:, :-1], targets), valid) / max(n, 1), n
 
 
 class SFTTrainer(SingleModelTrainer):

@@ -35,23 +35,13 @@ from ppo.offload import PhaseOffload, parse_offload_level
 from ppo.ppo_data import load_ppo_data
 from ppo.ppo_evaluation import evaluate_policy, prompt_batch
 from ppo.ppo_models import RolloutWeights, build_ppo_models
+from ppo.batching import token_mean_weights
+from ppo.checkpoint import save_pretrained_atomic, start_or_resume
+from ppo.entry import prepare_output_dir, set_seed
+from ppo.guard import NonFiniteGuard, check_weights_finite
+from ppo.metrics import MetricsLogger, StepCadence, Timer
+from ppo.optim import Precision, build_optimizer, clear_grad, global_grad_norm
 from ppo.rollout import GenerationConfig, collect, gather_experience
-from ppo.training import (
-    MetricsLogger,
-    NonFiniteGuard,
-    Precision,
-    StepCadence,
-    Timer,
-    build_optimizer,
-    check_weights_finite,
-    clear_grad,
-    global_grad_norm,
-    prepare_output_dir,
-    save_pretrained_atomic,
-    set_seed,
-    start_or_resume,
-    token_mean_weights,
-)
 
 
 class PPOTrainer:
@@ -109,11 +99,11 @@ class PPOTrainer:
                                                                             args.sharding)
 
     def _phase_offload(self) -> PhaseOffload:
-        optimizers = {"actor": checkpoint.inner_optimizer(self.actor_opt)}
+        optimizers = {"actor": parallel.inner_optimizer(self.actor_opt)}
         # the training models leave during generation when copies decode (else the actor decodes)
         trained = {"actor": self.actor} if self.layout.separate_rollout else {}
         if self.uses_critic:
-            optimizers["critic"] = checkpoint.inner_optimizer(self.critic_opt)
+            optimizers["critic"] = parallel.inner_optimizer(self.critic_opt)
             trained["critic"] = self.critic
         return PhaseOffload(parse_offload_level(self.args.offload_level), self.args.offload_dir,
                             frozen={"reference": self.models.reference, "reward": self.models.reward},

@@ -551,35 +551,27 @@ def test_critic_loss_default_clip_and_gradients():
     assert (g[m == 0] == 0).all()
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 4), (2, 5, 9), (3, 6, 13)])
-def test_ptx_loss(shape):
-    rng = np.random.default_rng(shape[2])
-    B, T, V = shape
-    logits = rng.normal(0.0, 2.0, size=shape).astype(np.float32)
-    labels = rng.integers(0, V, size=(B, T))
-    labels[rng.random((B, T)) < 0.4] = -100
-    labels[0, 0] = 1  # at least one target
-    total = count = 0.0
-    for b in range(B):
-        for j in range(T):
-            if labels[b, j] == -100:
-                continue
-            total -= ref_log_softmax(list(logits[b, j]))[labels[b, j]]
-            count += 1
-    np.testing.assert_allclose(float(A.ptx_loss(t(logits), t(labels, "int64"))), total / count,
-                               **TOL)
-    relabel = np.where(labels == -100, -1, labels)
-    np.testing.assert_allclose(
-        float(A.ptx_loss(t(logits), t(relabel, "int64"), ignore_index=-1)), total / count, **TOL)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_nll_sum(shape):
+    """The answer-token loss SFT and the ptx term share: -sum of the log-probs at valid positions."""
+    rng = np.random.default_rng(shape[1])
+    log_probs = -rng.exponential(2.0, size=shape).astype(np.float32)
+    valid = rng.random(shape) < 0.6
+    expected = 0.0
+    for b in range(shape[0]):
+        for j in range(shape[1]):
+            if valid[b, j]:
+                expected -= float(log_probs[b, j])
+    lp = t(log_probs)
+    lp.stop_gradient = False
+    loss = A.nll_sum(lp, t(valid, "bool"))
+    np.testing.assert_allclose(float(loss), expected, **TOL)
+    loss.backward()  # d loss / d log_prob = -1 on valid positions, 0 elsewhere
+    np.testing.assert_array_equal(lp.grad.numpy(), -valid.astype(np.float32))
 
 
-def test_ptx_loss_all_ignored_is_zero_and_differentiable():
-    logits = t(np.random.default_rng(9).normal(size=(2, 3, 5)))
-    logits.stop_gradient = False
-    loss = A.ptx_loss(logits, t(np.full((2, 3), -100), "int64"))
-    assert float(loss) == 0.0
-    loss.backward()
-    assert (logits.grad.numpy() == 0).all()
+def test_nll_sum_without_valid_positions_is_zero():
+    assert float(A.nll_sum(t(-np.ones((2, 3))), t(np.zeros((2, 3), bool), "bool"))) == 0.0
 
 
 # --------------------------------------------------------------------------- KL controllers

@@ -93,7 +93,7 @@ def workspace(tiny_dir, tmp_path_factory):
     from ppo.models import load_score_model
     from ppo.tiny.build import build_llama, build_tokenizer
     from ppo.tiny.task import corpus
-    from ppo.training import run_entry
+    from ppo.entry import run_entry
 
     root = tmp_path_factory.mktemp("bad_inputs")
     paths = {"BASE": tiny_dir / "base", "RM": root / "rm_run", "SCORE2": root / "score2",
@@ -361,7 +361,7 @@ def write_case_config(case: Case, paths: dict, tmp_path) -> str:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_in_process(case, workspace, tmp_path, capfd, monkeypatch):
-    from ppo.training import run_entry
+    from ppo.entry import run_entry
 
     paths = case_paths(workspace, tmp_path)
     out, before = make_output_dir(workspace, paths["OUT"])

@@ -139,7 +139,7 @@ def bad_config(tmp_path, tiny_dir, **changes):
     ({"max_length": 100000}, "exceeds the position limit"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_dir, capsys, changes, expected):
-    from ppo.training import run_entry
+    from ppo.entry import run_entry
     from rm.run_reward import main
 
     data = os.path.join(ROOT, "tests", "data")

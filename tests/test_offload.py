@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from ppo.errors import UserError
-from ppo.offload import (FileStore, default_store, offload_model, offload_optimizer, offloaded,
+from ppo.offload import (FileStore, default_store, offload_model, offload_optimizer,
                          parse_offload_level, reload_model, reload_optimizer, _return_freed_memory)
 
 
@@ -223,29 +223,6 @@ def test_close_deletes_files_and_brings_back_what_is_still_held(tmp_path):
     assert os.listdir(tmp_path) == []
     assert snapshot(model.parameters()) == before  # closing never loses weights
     store.close()  # twice is fine
-
-
-def test_offloaded_context_reloads_on_exception(tmp_path):
-    model = mlp(seed=6)
-    opt = paddle.optimizer.AdamW(learning_rate=1e-2, parameters=model.parameters())
-    model(paddle.randn([2, 8])).sum().backward()
-    opt.step()
-    before = snapshot(model_tensors(model) + optimizer_tensors(opt))
-
-    with FileStore(str(tmp_path)) as store:
-        with pytest.raises(RuntimeError, match="phase failed"):
-            with offloaded(models=[model, None], optimizers=[opt], store=store):
-                assert_released(model_tensors(model) + optimizer_tensors(opt))
-                raise RuntimeError("phase failed")
-        assert snapshot(model_tensors(model) + optimizer_tensors(opt)) == before
-
-        # State offloaded before entering stays offloaded after leaving.
-        offload_model(model, store)
-        with offloaded(models=[model], store=store):
-            pass
-        assert_released(model.parameters())
-        reload_model(model, store)
-    assert snapshot(model_tensors(model) + optimizer_tensors(opt)) == before
 
 
 def test_default_store_on_cpu_is_file_backed(tmp_path):

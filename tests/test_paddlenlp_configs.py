@@ -125,7 +125,7 @@ def test_strategies_and_switches_change_the_parsed_args(tmp_path):
 def test_step_cadence_follows_the_strategies():
     from types import SimpleNamespace
 
-    from ppo.training import StepCadence
+    from ppo.metrics import StepCadence
 
     def events(**kw):
         args = SimpleNamespace(logging_steps=100, eval_steps=3, save_steps=2, num_train_epochs=2, max_steps=-1,
@@ -145,7 +145,7 @@ def test_step_cadence_follows_the_strategies():
 
 
 def test_drop_last_false_completes_the_last_batch():
-    from ppo.training import GlobalBatchSampler
+    from ppo.batching import GlobalBatchSampler
 
     kept = GlobalBatchSampler(10, per_device_batch=4, seed=1, drop_last=False)
     assert kept.steps_per_epoch == 3

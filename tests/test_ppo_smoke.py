@@ -143,7 +143,7 @@ def nan_reward_model(dirs, folder):
 
 def test_non_finite_reward_stops_with_the_step(dirs, tmp_path):
     from ppo.trainer import PPOTrainer
-    from ppo.training import TrainingDiverged
+    from ppo.guard import TrainingDiverged
 
     nan_rm = nan_reward_model(dirs, str(tmp_path / "nan_rm"))
     args = args_for(dirs, "nan", reward_model_name_or_path=nan_rm, reward_critic_model_name_or_path=dirs["rm"],

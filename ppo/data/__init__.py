@@ -27,11 +27,13 @@ from ppo.data.datasets import (
     TokenizedDataset,
     TokenizedSubset,
     answer_mask,
+    build_template,
     collate_preference,
     collate_prompts,
     collate_supervised,
     encode_answer,
     encode_prompt,
+    load_datasets,
     mix_indices,
     pad_sequences,
 )
@@ -43,6 +45,7 @@ __all__ = [
     "DatasetSpec", "RawDataset", "RawSample", "SampleListDataset", "describe_source", "import_user_modules", "load_records",
     "parse_dataset_spec", "require_fields", "require_type",
     "PreferenceDataset", "PromptOnlyDataset", "PromptTemplate", "SupervisedDataset", "TokenizedDataset",
-    "TokenizedSubset", "collate_preference", "collate_prompts", "collate_supervised", "encode_answer",
-    "encode_prompt", "mix_indices", "pad_sequences", "ensure_pad_token",
+    "TokenizedSubset", "answer_mask", "build_template", "collate_preference", "collate_prompts",
+    "collate_supervised", "encode_answer", "encode_prompt", "load_datasets", "mix_indices", "pad_sequences",
+    "ensure_pad_token",
 ]

@@ -10,7 +10,9 @@ import os
 from typing import ClassVar
 
 from ppo.data.base import RawSample, SampleListDataset, describe_source, load_records, require_fields, require_type
-from ppo.tiny.arithmetic import DATA_DIR
+
+# the shipped files (ppo/tiny/data/arithmetic); the task generator imports this, never the other way
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tiny", "data", "arithmetic")
 
 
 class ArithmeticBase(SampleListDataset):

@@ -22,7 +22,7 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
-from ppo.data.base import RawDataset, RawSample, parse_dataset_spec
+from ppo.data.base import RawDataset, RawSample, import_user_modules, parse_dataset_spec
 from ppo.data.template import DEFAULT_FOLLOW_TEMPLATE, DEFAULT_TEMPLATE
 from ppo.data.tokenizer_utils import ensure_pad_token
 from ppo.errors import UserError
@@ -406,3 +406,25 @@ class SupervisedDataset(TokenizedDataset):
 
     def get_collator(self):
         return functools.partial(collate_supervised, pad_token_id=self.tokenizer.pad_token_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# a stage's datasets from its arguments
+
+
+def build_template(args):
+    """The prompt template of the stage arguments ``args`` (``prompt_template``, or the default)."""
+    return PromptTemplate(first=args.prompt_template) if args.prompt_template else PromptTemplate()
+
+
+def load_datasets(cls, args, tokenizer):
+    """(train, eval or None) of dataset class ``cls`` from train/eval specs or a held-out split."""
+    if args.extra_modules:
+        import_user_modules([m for m in args.extra_modules.split(",") if m])
+    template = build_template(args)
+    train = cls(args.train_datasets, tokenizer, args.max_length, seed=args.seed, template=template)
+    if args.eval_datasets:
+        return train, cls(args.eval_datasets, tokenizer, args.max_length, seed=args.seed, template=template)
+    if args.eval_split_ratio > 0:
+        return train.split(args.eval_split_ratio, seed=args.seed)
+    return train, None

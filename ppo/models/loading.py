@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+from ppo.data import ensure_pad_token
 from ppo.errors import UserError
 from ppo.models.families import family_of
 from ppo.models.score_model import init_score_head
@@ -26,8 +27,6 @@ def check_model_path(path: str, what: str = "model_name_or_path") -> dict:
 
 def load_tokenizer(path: str, what: str = "model_name_or_path"):
     from paddlenlp.transformers import AutoTokenizer
-
-    from ppo.data import ensure_pad_token
 
     check_model_path(path, what)
     try:

@@ -16,7 +16,9 @@ import os
 import random
 from typing import Iterator
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "arithmetic")
+from ppo.data.arithmetic import DATA_DIR
+from ppo.data.template import DEFAULT_TEMPLATE
+
 SEED = 20260515
 FILES = ("sft", "prompts_train", "prompts_eval")
 
@@ -76,8 +78,6 @@ def generate(seed: int = SEED, max_operand: int = 40, n_eval: int = 200, n_sft: 
 
 def corpus(**kwargs) -> Iterator[str]:
     """Every text of the task, for training a tokenizer (``ppo.tiny.build.build_tokenizer(texts=...)``)."""
-    from ppo.data.template import DEFAULT_TEMPLATE
-
     data = generate(**kwargs)
     for rec in data["sft"]:
         yield DEFAULT_TEMPLATE.format(input=rec["prompt"]) + " " + rec["answer"]

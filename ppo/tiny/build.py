@@ -16,6 +16,9 @@ import argparse
 import io
 import os
 
+from ppo.models.families import DEMO_FAMILY, family_named
+from ppo.tiny.task import corpus
+
 # Model sizes used by the example, the tests and the benchmarks.
 TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=256)
@@ -31,8 +34,6 @@ def build_tokenizer(out_dir: str, vocab_size: int = 320, with_pad: bool = True, 
     """
     import sentencepiece as spm
     from paddlenlp.transformers import LlamaTokenizer
-
-    from ppo.tiny.task import corpus
 
     os.makedirs(out_dir, exist_ok=True)
     buf = io.BytesIO()
@@ -70,8 +71,6 @@ def build_causal_lm(out_dir: str, tokenizer, family: str | None = None, seed: in
     """Save a randomly initialised causal LM of model ``family`` (default: the demo's, LLaMA) sized
     by ``sizes`` (default: TINY)."""
     import paddle
-
-    from ppo.models.families import DEMO_FAMILY, family_named
 
     model_family = family_named(family or DEMO_FAMILY, "family")
     dims = dict(TINY)

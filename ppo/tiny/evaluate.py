@@ -7,18 +7,17 @@ import json
 import os
 
 import numpy as np
+import paddle
+
+from ppo.data import PromptOnlyDataset
+from ppo.models import load_causal_lm, load_tokenizer
+from ppo.rollout import GenerationConfig, generate
+from ppo.tiny.task import gold_score
 
 
 def gold_eval(model_path: str, samples_per_prompt: int = 4, max_new_tokens: int = 24, seed: int = 1234,
               max_length: int = 64) -> dict:
     """Mean gold score of sampled (temperature 1) and greedy responses to ``tiny-prompts/eval``."""
-    import paddle
-
-    from ppo.data import PromptOnlyDataset
-    from ppo.models import load_causal_lm, load_tokenizer
-    from ppo.rollout import GenerationConfig, generate
-    from ppo.tiny.task import gold_score
-
     tokenizer = load_tokenizer(model_path)
     model = load_causal_lm(model_path)
     model.eval()
@@ -45,8 +44,6 @@ def gold_eval(model_path: str, samples_per_prompt: int = 4, max_new_tokens: int 
 
 def gold_curve(ppo_output_dir: str) -> list[tuple[int, float]]:
     """(step, mean gold score) of the PPO run's evaluation samples, in step order."""
-    from ppo.tiny.task import gold_score
-
     points = {}
     for path in glob.glob(os.path.join(ppo_output_dir, "eval_samples", "step-*.jsonl")):
         step = int(os.path.basename(path).split(".")[0].split("-")[1])

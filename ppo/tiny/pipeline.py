@@ -17,6 +17,11 @@ import subprocess
 import sys
 import time
 
+import ppo  # noqa: F401  (sets the MKL environment before paddle loads)
+from ppo.entry import quiet_libraries
+from ppo.tiny.build import build_llama, build_tokenizer
+from ppo.tiny.evaluate import gold_curve, gold_eval
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # --quick: a shortened run for the test suite (same stages, fewer steps)
@@ -67,14 +72,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="shortened run (used by the test suite)")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.output_dir)
-    sys.path.insert(0, ROOT)
-    import ppo  # noqa: F401
-    from ppo.training import quiet_libraries
-
     quiet_libraries()
-    from ppo.tiny.build import build_llama, build_tokenizer
-    from ppo.tiny.evaluate import gold_curve, gold_eval
-
     start = time.time()
     times = {}
     if not os.path.isfile(os.path.join(out, "base", "config.json")):

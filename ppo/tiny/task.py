@@ -17,6 +17,9 @@ import random
 import re
 from typing import Iterator
 
+from ppo.data.template import DEFAULT_TEMPLATE
+from ppo.data.tiny import DATA_DIR
+
 TOPICS = [
     "cat", "dog", "river", "city", "garden", "forest", "train", "house", "song", "book",
     "teacher", "market", "bridge", "lake", "village", "road", "storm", "party", "kitchen", "school",
@@ -38,7 +41,6 @@ _POS = set(POSITIVE)
 _NEG = set(NEGATIVE)
 _WORD = re.compile(r"[a-z]+")
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SEED = 20261121
 
 
@@ -102,8 +104,6 @@ def _topic_of(prompt: str) -> str:
 
 def corpus() -> Iterator[str]:
     """Every text of the example, for training the tokenizer."""
-    from ppo.data.template import DEFAULT_TEMPLATE
-
     data = generate()
     for rec in data["sft"]:
         yield DEFAULT_TEMPLATE.format(input=rec["prompt"]) + " " + rec["answer"]

@@ -36,7 +36,7 @@ def main():
     from _common import write_result
     from paddle.distributed import fleet
 
-    from ppo.checkpoint import inner_optimizer
+    from ppo.parallel import inner_optimizer
     from ppo.cpu_fleet import enable_cpu_fleet
 
     out_dir = sys.argv[1]

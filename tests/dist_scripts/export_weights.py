@@ -35,7 +35,7 @@ def main():
     from ppo.args import PPOArgs, parse_args
     from ppo.models import position_ids_from_mask
     from ppo.trainer import PPOTrainer
-    from ppo.training import unwrap
+    from ppo.parallel import unwrap
 
     model_dir, out_dir, *layout = sys.argv[1:]
     args = parse_args(PPOArgs, [

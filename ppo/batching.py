@@ -1,0 +1,71 @@
+"""Batching over data ranks: the same global batches whatever the number of data ranks, and the
+weights that make one token-mean of an optimizer step's micro-batches."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ppo import parallel
+from ppo.errors import UserError
+
+
+class GlobalBatchSampler:
+    """Yields, per optimizer step, this rank's micro-batches of sample indices.
+
+    Each epoch is a seeded permutation; step ``s`` takes the global batch ``perm[s*G:(s+1)*G]`` with
+    ``G = per_device_batch * accumulation * data_world``, split into contiguous per-rank chunks
+    and then into ``accumulation`` micro-batches.  One rank with batch 2B sees exactly the samples
+    two ranks with batch B see together, which is what makes runs comparable across layouts.
+    The position is a pure function of the global step, so resuming needs only the step.
+    """
+
+    def __init__(self, num_samples: int, per_device_batch: int, accumulation: int = 1, data_world: int = 1,
+                 data_rank: int = 0, seed: int = 42, shuffle: bool = True, what: str = "dataset",
+                 drop_last: bool = True):
+        self.num_samples, self.per_device_batch, self.accumulation = num_samples, per_device_batch, accumulation
+        self.data_world, self.data_rank, self.seed, self.shuffle = data_world, data_rank, seed, shuffle
+        self.global_batch = per_device_batch * accumulation * data_world
+        # drop_last false: a last, partial global batch is completed with the epoch's first samples
+        self.steps_per_epoch = num_samples // self.global_batch if drop_last else -(-num_samples // self.global_batch)
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{what} has {num_samples} samples, fewer than one global batch of {self.global_batch} "
+                            f"(per-device batch {per_device_batch} x accumulation {accumulation} x {data_world} data ranks)")
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_samples)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This rank's ``accumulation`` micro-batches for global optimizer step ``step`` (0-based)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        perm = self.permutation(epoch)
+        if len(perm) < self.steps_per_epoch * self.global_batch:
+            perm = np.concatenate([perm, perm[:self.steps_per_epoch * self.global_batch - len(perm)]])
+        start = within * self.global_batch + self.data_rank * self.per_device_batch * self.accumulation
+        mine = perm[start:start + self.per_device_batch * self.accumulation].tolist()
+        b = self.per_device_batch
+        return [mine[i * b:(i + 1) * b] for i in range(self.accumulation)]
+
+    def epoch_of(self, step: int) -> float:
+        return step / self.steps_per_epoch
+
+
+def total_steps(args, steps_per_epoch: int) -> int:
+    if args.max_steps > 0:
+        return args.max_steps
+    return max(1, math.ceil(args.num_train_epochs * steps_per_epoch))
+
+
+def token_mean_weights(tokens: list, data_world: int) -> list:
+    """Weights that turn per-micro-batch means into one token-mean over an optimizer step.
+
+    ``tokens``: this rank's token count of each micro-batch.  Micro-batch i's mean loss times
+    ``w_i = n_i * data_world / N`` (N: the step's tokens over every micro-batch of every data rank)
+    sums to the mean over all N tokens once data parallel averages the gradients over its ranks
+    (the ``data_world`` factor undoes that average).  Collective over the data ranks.
+    """
+    total = parallel.mean_over_data(float(sum(tokens))) * data_world
+    return [float(t) * data_world / max(total, 1.0) for t in tokens]
