@@ -376,3 +376,34 @@ def test_reward_arguments_are_checked(argv, message):
     with pytest.raises(UserError, match=re.escape(message)) as e:
         parse_args(PPOArgs, base + argv)
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the endpoint under tensor / pipeline parallel: one caller per data rank, scores on every rank
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", [["--tensor_parallel_degree", "2"],
+                                    ["--pipeline_parallel_degree", "2", "--per_device_train_batch_size", "4",
+                                     "--gradient_accumulation_steps", "2"]], ids=["tp2", "pp2"])
+def test_remote_endpoint_one_caller_per_data_rank(arith, tmp_path, layout):
+    from test_entrypoints import run
+
+    server = _Server()
+    out = tmp_path / "run"
+    try:
+        run("ppo/run_ppo.py", "--actor_model_name_or_path", arith["base"], "--train_datasets",
+            "arithmetic-prompts/train", "--output_dir", out, "--max_length", "32", "--max_new_tokens", "6",
+            "--adv_estimator", "grpo", "--num_return_sequences", "2", "--per_device_prompt_batch_size", "4",
+            "--max_steps", "2", "--logging_steps", "1", "--reward_server_url", server.url, *layout, nproc=2)
+    finally:
+        server.close()
+    batches = [r for r in server.requests if r["responses"]]
+    assert len(server.requests) - len(batches) == 2  # each rank's start-up check
+    assert [len(b["responses"]) for b in batches] == [8, 8]  # one call per step, not one per rank
+    with open(out / "metrics.jsonl") as f:
+        train = [json.loads(line) for line in f if '"train"' in line]
+    for row, batch in zip(train, batches):
+        # rank 0 logs; its end scores are the caller's (for pp2: the first stage's, logged by the last)
+        assert row["reward_remote"] == pytest.approx(np.mean([len(r) % 3 for r in batch["responses"]]))
+        assert row["reward"] == pytest.approx(row["reward_remote"], abs=1e-6)
