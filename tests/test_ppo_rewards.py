@@ -213,10 +213,20 @@ def test_reward_model_plus_functions_is_the_weighted_sum(arith):
 # the remote endpoint
 
 
-class _Server:
-    """A JSON reward server on 127.0.0.1 scoring ``len(response) % 3``; records every request."""
+def length_scores(body):
+    return [float(len(r) % 3) for r in body["responses"]]
 
-    def __init__(self):
+
+def alternating_scores(body):
+    """0, 1, 0, 1, ... over the batch rows."""
+    return [float(i % 2) for i in range(len(body["responses"]))]
+
+
+class _Server:
+    """A JSON reward server on 127.0.0.1 (``score(request) -> scores``, by default
+    ``len(response) % 3``); records every request."""
+
+    def __init__(self, score=length_scores):
         self.requests = []
         server = self
 
@@ -224,7 +234,7 @@ class _Server:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests.append(body)
-                answer = json.dumps({"scores": [float(len(r) % 3) for r in body["responses"]]}).encode()
+                answer = json.dumps({"scores": score(body)}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(answer)))
@@ -387,23 +397,33 @@ def test_reward_arguments_are_checked(argv, message):
                                     ["--pipeline_parallel_degree", "2", "--per_device_train_batch_size", "4",
                                      "--gradient_accumulation_steps", "2"]], ids=["tp2", "pp2"])
 def test_remote_endpoint_one_caller_per_data_rank(arith, tmp_path, layout):
+    """Greedy responses (REINFORCE++: no groups, whose equal greedy responses would cancel), the
+    server scoring 0, 1, 0, 1, ...: the 2-rank run makes one call per step and trains like one
+    process (a rank without the scores would train on zero rewards)."""
     from test_entrypoints import run
+    from test_ppo_parallel import assert_same_weights
 
-    server = _Server()
-    out = tmp_path / "run"
-    try:
-        run("ppo/run_ppo.py", "--actor_model_name_or_path", arith["base"], "--train_datasets",
-            "arithmetic-prompts/train", "--output_dir", out, "--max_length", "32", "--max_new_tokens", "6",
-            "--adv_estimator", "grpo", "--num_return_sequences", "2", "--per_device_prompt_batch_size", "4",
-            "--max_steps", "2", "--logging_steps", "1", "--reward_server_url", server.url, *layout, nproc=2)
-    finally:
-        server.close()
-    batches = [r for r in server.requests if r["responses"]]
-    assert len(server.requests) - len(batches) == 2  # each rank's start-up check
+    def ppo(out, *extra, nproc):
+        server = _Server(alternating_scores)
+        try:
+            run("ppo/run_ppo.py", "--actor_model_name_or_path", arith["base"], "--train_datasets",
+                "arithmetic-prompts/train", "--output_dir", out, "--max_length", "32", "--max_new_tokens", "6",
+                "--adv_estimator", "reinforce_plus_plus", "--per_device_prompt_batch_size", "8",
+                "--max_steps", "2", "--logging_steps", "1", "--do_sample", "false", "--shuffle_minibatches", "false",
+                "--learning_rate", "0.001", "--reward_server_url", server.url, *extra, nproc=nproc)
+        finally:
+            server.close()
+        with open(out / "metrics.jsonl") as f:
+            return server.requests, [json.loads(line) for line in f if '"train"' in line]
+
+    _, one = ppo(tmp_path / "one", nproc=1)
+    requests, two = ppo(tmp_path / "two", *layout, nproc=2)
+    batches = [r for r in requests if r["responses"]]
+    assert len(requests) - len(batches) == 2  # each rank's start-up check
     assert [len(b["responses"]) for b in batches] == [8, 8]  # one call per step, not one per rank
-    with open(out / "metrics.jsonl") as f:
-        train = [json.loads(line) for line in f if '"train"' in line]
-    for row, batch in zip(train, batches):
-        # rank 0 logs; its end scores are the caller's (for pp2: the first stage's, logged by the last)
-        assert row["reward_remote"] == pytest.approx(np.mean([len(r) % 3 for r in batch["responses"]]))
-        assert row["reward"] == pytest.approx(row["reward_remote"], abs=1e-6)
+    for a, b in zip(one, two):
+        assert b["reward_remote"] == pytest.approx(0.5) and b["reward"] == pytest.approx(0.5)
+        for key in ("actor_loss", "actor_grad_norm", "kl"):
+            assert abs(a[key] - b[key]) < 1e-3 * max(1e-2, abs(a[key])), (key, a[key], b[key])
+    assert one[0]["actor_grad_norm"] > 1e-3  # the scores did move the policy
+    assert_same_weights(tmp_path / "one" / "policy", tmp_path / "two" / "policy", atol=1e-4)
