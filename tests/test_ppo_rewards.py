@@ -427,3 +427,39 @@ def test_remote_endpoint_one_caller_per_data_rank(arith, tmp_path, layout):
             assert abs(a[key] - b[key]) < 1e-3 * max(1e-2, abs(a[key])), (key, a[key], b[key])
     assert one[0]["actor_grad_norm"] > 1e-3  # the scores did move the policy
     assert_same_weights(tmp_path / "one" / "policy", tmp_path / "two" / "policy", atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the arithmetic task, short
+
+
+@pytest.mark.slow
+def test_grpo_on_arithmetic_with_math_exact_only(arith, load_counts):
+    """SFT briefly on the arithmetic data (30% wrong answers), then GRPO with math_exact and no
+    reward model or critic.  Measured (this recipe, 40 steps): held-out accuracy 0.165 after SFT and
+    0.10-0.17 during GRPO: no reliable gain at this model size, so the test checks the run itself."""
+    from ppo.args import SFTArgs
+    from ppo.sft_trainer import SFTTrainer
+    from ppo.trainer import PPOTrainer
+
+    sft = str(arith["out"] / "sft")
+    SFTTrainer(SFTArgs(model_name_or_path=arith["base"], train_datasets="arithmetic-sft", output_dir=sft,
+                       max_length=32, num_train_epochs=10, per_device_train_batch_size=16, learning_rate=3e-3,
+                       lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=100, disable_tqdm=True)).train()
+    args = parse_args(PPOArgs, [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config",
+                                             "tiny", "grpo_argument.json"),
+                                "--actor_model_name_or_path", sft, "--output_dir", str(arith["out"] / "grpo"),
+                                "--max_steps", "20", "--eval_steps", "20", "--disable_tqdm", "true"])
+    trainer = PPOTrainer(args)
+    assert load_counts == {"causal_lm": 2, "score_model": 0}
+    before = {k: v.numpy().copy() for k, v in trainer.actor.state_dict().items()}
+    trainer.train()
+    assert all(np.abs(v.numpy() - before[k]).max() > 0 for k, v in trainer.actor.state_dict().items())
+    with open(os.path.join(args.output_dir, "metrics.jsonl")) as f:
+        logs = [json.loads(line) for line in f]
+    evals = [r for r in logs if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 20]
+    assert evals[0]["math_exact_accuracy"] > 0.05  # the SFT policy answers some held-out problems right
+    assert all(0 <= r["math_exact_accuracy"] <= 1 and r["reward"] == r["reward_math_exact"] for r in evals)
+    assert all("math_exact_accuracy" in r for r in logs if r["split"] == "train")
+    print("held-out math_exact accuracy:", [(r["step"], r["math_exact_accuracy"]) for r in evals])

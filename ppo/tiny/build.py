@@ -89,8 +89,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="output/tiny", help="folder to write into")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    parser.add_argument("--task", default="tiny", choices=("tiny", "arithmetic"),
+                        help="corpus of the tokenizer: the example's texts, or the arithmetic task's (digits)")
     args = parser.parse_args(argv)
-    tokenizer = build_tokenizer(os.path.join(args.output_dir, "tokenizer"))
+    texts = None
+    if args.task == "arithmetic":
+        from ppo.tiny.arithmetic import corpus
+
+        texts = list(corpus())
+    tokenizer = build_tokenizer(os.path.join(args.output_dir, "tokenizer"), texts=texts)
     build_llama(os.path.join(args.output_dir, "base"), tokenizer, seed=args.seed)
     print(f"tokenizer ({len(tokenizer)} tokens) and tiny LLaMA written to {args.output_dir}")
 
