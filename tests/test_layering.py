@@ -40,7 +40,8 @@ LAYERS = [
      "ppo.inference"],
     ["ppo.fused_inference", "ppo.rollout"],
     # the PPO phases: models in their layout, one update step, evaluation; then its data
-    ["ppo.ppo_models", "ppo.ppo_steps", "ppo.ppo_evaluation"],
+    ["ppo.ppo_models", "ppo.ppo_steps", "ppo.ppo_rewards"],
+    ["ppo.ppo_evaluation"],
     ["ppo.ppo_data"],
     # the loops
     ["ppo.single_model_trainer"],

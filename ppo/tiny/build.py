@@ -17,6 +17,7 @@ import io
 import os
 
 from ppo.models.families import DEMO_FAMILY, family_named
+from ppo.tiny.arithmetic import corpus as arithmetic_corpus
 from ppo.tiny.task import corpus
 
 # Model sizes used by the example, the tests and the benchmarks.
@@ -96,8 +97,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="output/tiny", help="folder to write into")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    parser.add_argument("--task", default="tiny", choices=("tiny", "arithmetic"),
+                        help="corpus of the tokenizer: the example's texts, or the arithmetic task's (digits)")
     args = parser.parse_args(argv)
-    tokenizer = build_tokenizer(os.path.join(args.output_dir, "tokenizer"))
+    texts = None
+    if args.task == "arithmetic":
+        texts = list(arithmetic_corpus())
+    tokenizer = build_tokenizer(os.path.join(args.output_dir, "tokenizer"), texts=texts)
     build_llama(os.path.join(args.output_dir, "base"), tokenizer, seed=args.seed)
     print(f"tokenizer ({len(tokenizer)} tokens) and tiny LLaMA written to {args.output_dir}")
 
