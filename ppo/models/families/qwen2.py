@@ -37,6 +37,7 @@ class Qwen2(ModelFamily):
     fused_inference_name = "Qwen2ForCausalLMInferenceModel"
 
     def pipeline_parts(self) -> PipelineParts:
+        import paddle
         from paddlenlp.transformers import Qwen2ForCausalLMPipe
         from paddlenlp.transformers.qwen2.modeling_pp import (
             Qwen2DecoderLayerPipe,
@@ -44,7 +45,24 @@ class Qwen2(ModelFamily):
             Qwen2RMSNormPipe,
         )
 
-        return PipelineParts(causal_lm=Qwen2ForCausalLMPipe, embedding=Qwen2EmbeddingPipe,
+        class EmbeddingPipe(Qwen2EmbeddingPipe):
+            """Reads the toolkit's stage input (ids, mask, position_ids [B, T] int64): paddlenlp's Qwen2
+            embedding takes a third tensor for attention row indices (its decoder layers tell the
+            two apart by dtype, this stage does not)."""
+
+            def forward(self, args):
+                if isinstance(args, tuple) and len(args) == 3 and args[2].dtype == paddle.int64:
+                    args = (args[0], args[1], None, args[2])
+                return super().forward(args)
+
+        class CausalLMPipe(Qwen2ForCausalLMPipe):
+            def __init__(self, config):
+                super().__init__(config)
+                for layer in self.run_function:  # this stage's layers: the embedding reads positions
+                    if type(layer) is Qwen2EmbeddingPipe:
+                        layer.__class__ = EmbeddingPipe
+
+        return PipelineParts(causal_lm=CausalLMPipe, embedding=EmbeddingPipe,
                              decoder_layer=Qwen2DecoderLayerPipe, norm=Qwen2RMSNormPipe,
                              decoder_layer_name="Qwen2DecoderLayer")
 
