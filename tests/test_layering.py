@@ -27,8 +27,9 @@ LAYERS = [
     ["ppo.data", "ppo.rewards"],
     # models: the score head, the families, loading
     ["ppo.models.score_model"],
-    ["ppo.models.families.llama"],
+    ["ppo.models.families.llama", "ppo.models.families.qwen2"],
     ["ppo.models.families"],
+    ["ppo.models.hf"],
     ["ppo.models.loading"],
     ["ppo.models"],
     # the distributed layer: the only modules that touch fleet and process groups
