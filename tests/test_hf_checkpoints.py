@@ -290,3 +290,61 @@ def test_score_model_export_is_backbone_plus_score_head(tmp_path):
     with paddle.no_grad():
         got2 = again(paddle.to_tensor([IDS]), paddle.ones([1, len(IDS)], dtype="int64")).end_scores.numpy()[0]
     np.testing.assert_allclose(got2, want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stages: transformers folders in, transformers folders out
+
+
+def check_export_matches(folder):
+    """``<folder>/hf`` read by the numpy forward equals the toolkit's model saved in ``folder``."""
+    tensors = load_file(os.path.join(folder, "hf", "model.safetensors"))
+    with open(os.path.join(folder, "hf", "config.json")) as f:
+        cfg = json.load(f)
+    hidden, logits = reference_forward(tensors, cfg, IDS)
+    if "score.weight" in tensors:
+        model = load_score_model(str(folder))
+        model.eval()
+        with paddle.no_grad():
+            got = model(paddle.to_tensor([IDS]), paddle.ones([1, len(IDS)], dtype="int64")).end_scores.numpy()[0]
+        np.testing.assert_allclose(got, hidden[-1] @ tensors["score.weight"].T + tensors.get("score.bias", 0),
+                                   rtol=1e-5, atol=1e-5)
+    else:
+        np.testing.assert_allclose(paddle_logits(load_causal_lm(str(folder)), IDS), logits, rtol=1e-5, atol=1e-5)
+    assert os.path.isfile(os.path.join(folder, "hf", "tokenizer_config.json"))
+    return cfg
+
+
+@pytest.mark.slow
+def test_sft_rm_ppo_from_a_tied_qwen2_transformers_folder(tiny_dir, tmp_path, monkeypatch):
+    """SFT and the reward model start from a transformers folder, PPO reads the reward model's
+    transformers export; every final model is exported and its export matches the numpy forward."""
+    from test_entrypoints import run
+
+    monkeypatch.setenv("PPO_CACHE", str(tmp_path / "cache"))  # the stage processes inherit it
+    from paddlenlp.transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer")))
+    tensors = hf_tensors("qwen2", True, seed=5)
+    rng = np.random.default_rng(6)
+    tensors["model.embed_tokens.weight"] = rng.normal(0, 0.5, (vocab, H)).astype(np.float32)
+    cfg = dict(hf_config("qwen2", True), vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    src = tmp_path / "hf-base"
+    write_hf_folder(str(src), tensors, cfg)
+    for name in os.listdir(tiny_dir / "tokenizer"):
+        shutil.copy2(tiny_dir / "tokenizer" / name, src / name)
+    before = snapshot(str(src))
+    short = ["--max_steps", "2", "--eval_steps", "2", "--logging_steps", "1"]
+    run("ppo/run_sft.py", "config/tiny/sft_argument.json", "--model_name_or_path", src,
+        "--output_dir", tmp_path / "sft", *short)
+    assert check_export_matches(tmp_path / "sft")["architectures"] == ["Qwen2ForCausalLM"]
+    run("rm/run_reward.py", "config/tiny/rm_argument.json", "--model_name_or_path", src,
+        "--output_dir", tmp_path / "rm", *short)
+    assert check_export_matches(tmp_path / "rm")["architectures"] == ["Qwen2ForSequenceClassification"]
+    run("ppo/run_ppo.py", "config/tiny/ppo_argument.json", "--actor_model_name_or_path", tmp_path / "sft" / "hf",
+        "--reward_model_name_or_path", tmp_path / "rm" / "hf", "--output_dir", tmp_path / "ppo",
+        "--max_steps", "1", "--eval_steps", "100", "--save_steps", "0")
+    for sub in ("policy", "value"):
+        check_export_matches(tmp_path / "ppo" / sub)
+    assert snapshot(str(src)) == before
+    assert len(os.listdir(tmp_path / "cache" / "converted")) >= 3  # base, sft/hf, rm/hf (+ locks)

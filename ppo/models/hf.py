@@ -278,18 +278,50 @@ def _hf_class(family, score: bool) -> str:
 
 def export(model, out_dir: str, tokenizer=None) -> None:
     """Write ``model`` (a causal LM or a score model, whole: not a tensor-parallel shard) as a
-    transformers folder in ``out_dir``: config.json, model.safetensors, and the tokenizer files."""
-    family = family_of(model.config, type(model).__name__)
-    score = isinstance(model, ScoreModel)
+    transformers folder in ``out_dir``: config.json, model.safetensors (and the tokenizer's files)."""
+    if isinstance(model, ScoreModel):
+        model.sync_normalizer_to_config()
     config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
+    state = {name: param.astype("float32").numpy() for name, param in model.state_dict().items()}
+    _export_state(state, config, out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+def export_folder(folder: str, out_dir: str) -> None:
+    """Write the paddlenlp folder ``folder`` (a saved, merged model: config.json, model_state.pdparams)
+    as a transformers folder in ``out_dir``, its tokenizer files copied along."""
+    import paddle
+
+    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    index = os.path.join(folder, "model_state.pdparams.index.json")
+    files = ["model_state.pdparams"]
+    if os.path.isfile(index):  # paddlenlp shards large models
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    state = {k: v.astype("float32").numpy() for file in files
+             for k, v in paddle.load(os.path.join(folder, file)).items()}
+    _export_state(state, config, out_dir)
+    for name in os.listdir(folder):
+        full = os.path.join(folder, name)
+        if os.path.isfile(full) and name not in _NOT_TOKENIZER and not name.startswith("model_state"):
+            shutil.copy2(full, os.path.join(out_dir, name))
+
+
+_NOT_TOKENIZER = ("config.json", "training_state.json", SINGLE, INDEX)
+
+
+def _export_state(state: dict, config: dict, out_dir: str) -> None:
+    """{paddlenlp name: float32 array} + the paddlenlp config dict -> config.json + model.safetensors."""
+    family = family_of(config, "model")
+    score = "score_dim" in config
     tied = bool(config.get("tie_word_embeddings", False)) and not score
     prefix = family.prefix + "."
     tensors = {}
-    for name, param in model.state_dict().items():
-        value = param.astype("float32").numpy()
+    for name, value in state.items():
         if name.startswith(prefix):
-            key = "model." + name[len(prefix):]
-            tensors[key] = value.T if _is_linear(name) else value
+            tensors["model." + name[len(prefix):]] = value.T if _is_linear(name) else value
         elif name == "lm_head.weight":
             if not tied:
                 tensors[name] = value.T
@@ -300,15 +332,13 @@ def export(model, out_dir: str, tokenizer=None) -> None:
     hf_config.update(model_type=family.name, architectures=[_hf_class(family, score)],
                      tie_word_embeddings=tied, torch_dtype=dtype if dtype in ("float32", "bfloat16") else "float32")
     if score:
-        hf_config.update(num_labels=int(config["score_dim"]), score_bias=bool(config.get("score_bias", False)),
+        hf_config.update(num_labels=int(config["score_dim"]), score_bias="score.bias" in tensors,
                          score_type=config.get("score_type", "reward"))
         hf_config.update({k: v for k, v in config.items() if k.startswith(("normalizer_", "norm_"))})
     os.makedirs(out_dir, exist_ok=True)
     write_safetensors(os.path.join(out_dir, SINGLE), tensors, "BF16" if dtype == "bfloat16" else "F32")
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
 
 
 _HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
