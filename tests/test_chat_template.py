@@ -100,3 +100,41 @@ def test_no_template_is_one_line(chat_folder):
     with pytest.raises(UserError) as e:
         build_template(types.SimpleNamespace(prompt_template="chat", actor_model_name_or_path=str(chat_folder)))
     assert "\n" not in str(e.value) and "actor_model_name_or_path" in str(e.value) and "chat_template" in str(e.value)
+
+
+QWEN_STYLE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_fast_tokenizer_from_tokenizer_json_with_a_qwen_style_template(tmp_path):
+    """A transformers-style tokenizer folder with only tokenizer.json (no vocab.json / merges.txt):
+    loaded as a fast tokenizer whose ids equal the ``tokenizers`` library's own; the chat template's
+    assistant turn ends with <|im_end|>, the eos, once."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from ppo.models import load_tokenizer
+    from ppo.tiny.task import corpus
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(list(corpus()), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    raw.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+         "bos_token": None, "chat_template": QWEN_STYLE}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    tok = load_tokenizer(str(folder))
+    text = "The cat is kind and the dog is calm.<|im_end|>"
+    assert tok(text, add_special_tokens=False)["input_ids"] == raw.encode(text).ids
+    template = build_template(types.SimpleNamespace(prompt_template="chat", model_name_or_path=str(folder)))
+    ids, trainable = encode_prompt(tok, template, ["hi", "the cat is kind", "and the dog"])
+    assert ids == raw.encode("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n").ids + \
+        raw.encode("the cat is kind<|im_end|>\n").ids + \
+        raw.encode("<|im_start|>user\nand the dog<|im_end|>\n<|im_start|>assistant\n").ids
+    answer = encode_answer(tok, "the dog is calm", template)
+    assert answer == raw.encode("the dog is calm<|im_end|>").ids and answer.count(tok.eos_token_id) == 1
