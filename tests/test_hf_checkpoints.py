@@ -203,6 +203,19 @@ def test_bf16_folder_loads_in_bf16_with_the_reference_logits(tmp_path):
     assert paddle.load(os.path.join(target, "model_state.pdparams"))["qwen2.norm.weight"].dtype == paddle.bfloat16
 
 
+def test_paddlenlp_safetensors_folder_is_not_converted(tmp_path):
+    """paddlenlp's own safetensors folder (backbone named by the family prefix) loads as it is."""
+    src = str(tmp_path / "hf")
+    write_hf_folder(src, hf_tensors("qwen2", False), hf_config("qwen2", False))
+    model = load_causal_lm(src)
+    out = str(tmp_path / "paddlenlp")
+    model.save_pretrained(out, safe_serialization=True)
+    assert not os.path.isfile(os.path.join(out, "model_state.pdparams"))
+    assert not hf.is_hf_folder(out) and hf.resolve(out) == out
+    assert hf.is_hf_folder(src)
+    np.testing.assert_allclose(paddle_logits(load_causal_lm(out), IDS), paddle_logits(model, IDS), rtol=1e-6, atol=1e-6)
+
+
 def test_theta_matters_for_the_reference():
     """Guard: the v5 rope_theta mapping is visible in the logits (10000 differs from 50000)."""
     tensors, cfg = hf_tensors("llama", False), hf_config("llama", False)

@@ -118,11 +118,8 @@ def is_hf_folder(path: str, what: str = "model_name_or_path") -> bool:
         return False
     if os.path.isfile(os.path.join(path, "model_state.pdparams")):
         return False
-    files = weight_files(path, what)
-    if not files:
-        return False
-    names = [n for n in _header(files[0])[0] if n != "__metadata__"]
-    return any(n.startswith("model.") or n == "lm_head.weight" for n in names)
+    # paddlenlp's own safetensors name the backbone by the family prefix; both have lm_head.weight
+    return any(name.startswith("model.") for file in weight_files(path, what) for name in _header(file)[0])
 
 
 def cache_root() -> str:
