@@ -216,6 +216,52 @@ def test_paddlenlp_safetensors_folder_is_not_converted(tmp_path):
     np.testing.assert_allclose(paddle_logits(load_causal_lm(out), IDS), paddle_logits(model, IDS), rtol=1e-6, atol=1e-6)
 
 
+def _resolve_in_another_process(src, cache, queue):
+    os.environ["PPO_CACHE"] = cache
+    import paddle  # noqa: F401  (imported before saying ready: the conversion itself is then quick)
+
+    queue.put("ready")
+    try:
+        queue.put(hf.resolve(src))
+    except Exception as e:  # reported to the test, not swallowed
+        queue.put(f"error: {type(e).__name__}: {e}")
+
+
+@pytest.mark.slow
+def test_concurrent_processes_convert_once(tmp_path):
+    """Ranks starting together: while one process holds the conversion lock (here: the test,
+    converting itself), the others wait, then reuse its folder without converting again."""
+    import fcntl
+    import multiprocessing
+    import time
+
+    src = str(tmp_path / "hf")
+    write_hf_folder(src, hf_tensors("qwen2", True), hf_config("qwen2", True), shards=2)
+    root = hf.cache_root()
+    os.makedirs(root)
+    target = os.path.join(root, hf._cache_key(src))
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_resolve_in_another_process, args=(src, str(tmp_path / "cache"), queue))
+             for _ in range(2)]
+    with open(target + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for p in procs:
+            p.start()
+        assert [queue.get(timeout=300) for _ in procs] == ["ready", "ready"]
+        time.sleep(5)  # without the lock they would convert meanwhile
+        assert queue.empty() and not os.path.exists(target)  # nobody converted past the lock
+        hf._convert(src, target, "model_name_or_path")
+        stamp = os.path.getmtime(os.path.join(target, "converted_from.json"))
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    results = [queue.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert results == [target, target], results
+    assert os.path.getmtime(os.path.join(target, "converted_from.json")) == stamp  # reused, not rewritten
+    assert sorted(os.listdir(root)) == sorted([os.path.basename(target), os.path.basename(target) + ".lock"])
+
+
 def test_theta_matters_for_the_reference():
     """Guard: the v5 rope_theta mapping is visible in the logits (10000 differs from 50000)."""
     tensors, cfg = hf_tensors("llama", False), hf_config("llama", False)
@@ -329,7 +375,8 @@ def check_export_matches(folder):
 
 
 @pytest.mark.slow
-def test_sft_rm_ppo_from_a_tied_qwen2_transformers_folder(tiny_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_sft_rm_ppo_from_a_qwen2_transformers_folder(tiny_dir, tmp_path, monkeypatch, tied):
     """SFT and the reward model start from a transformers folder, PPO reads the reward model's
     transformers export; every final model is exported and its export matches the numpy forward."""
     from test_entrypoints import run
@@ -338,10 +385,12 @@ def test_sft_rm_ppo_from_a_tied_qwen2_transformers_folder(tiny_dir, tmp_path, mo
     from paddlenlp.transformers import AutoTokenizer
 
     vocab = len(AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer")))
-    tensors = hf_tensors("qwen2", True, seed=5)
+    tensors = hf_tensors("qwen2", tied, seed=5)
     rng = np.random.default_rng(6)
     tensors["model.embed_tokens.weight"] = rng.normal(0, 0.5, (vocab, H)).astype(np.float32)
-    cfg = dict(hf_config("qwen2", True), vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    if not tied:
+        tensors["lm_head.weight"] = rng.normal(0, 0.5, (vocab, H)).astype(np.float32)
+    cfg = dict(hf_config("qwen2", tied), vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     src = tmp_path / "hf-base"
     write_hf_folder(str(src), tensors, cfg)
     for name in os.listdir(tiny_dir / "tokenizer"):
@@ -350,7 +399,8 @@ def test_sft_rm_ppo_from_a_tied_qwen2_transformers_folder(tiny_dir, tmp_path, mo
     short = ["--max_steps", "2", "--eval_steps", "2", "--logging_steps", "1"]
     run("ppo/run_sft.py", "config/tiny/sft_argument.json", "--model_name_or_path", src,
         "--output_dir", tmp_path / "sft", *short)
-    assert check_export_matches(tmp_path / "sft")["architectures"] == ["Qwen2ForCausalLM"]
+    exported = check_export_matches(tmp_path / "sft")
+    assert exported["architectures"] == ["Qwen2ForCausalLM"] and exported["tie_word_embeddings"] == tied
     run("rm/run_reward.py", "config/tiny/rm_argument.json", "--model_name_or_path", src,
         "--output_dir", tmp_path / "rm", *short)
     assert check_export_matches(tmp_path / "rm")["architectures"] == ["Qwen2ForSequenceClassification"]
