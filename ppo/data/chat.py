@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from ppo.errors import UserError
 
 CHAT = "chat"  # the prompt_template value that selects the tokenizer's template
@@ -42,8 +44,6 @@ class ChatRenderer:
     """Renders a list of ``{"role", "content"}`` messages with a chat template's jinja source."""
 
     def __init__(self, source: str):
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         def raise_exception(message):
             raise UserError(f"the chat template refused the conversation: {message}")
 

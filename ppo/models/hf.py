@@ -24,6 +24,7 @@ and written here (header + raw little-endian data; F32, F16, BF16), so no torch 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ import struct
 import tempfile
 
 import numpy as np
+import paddle
 
 from ppo.errors import UserError
 from ppo.models.families import family_of
@@ -195,8 +197,8 @@ def _required(prefix: str, layers: int, tied: bool, score: bool) -> list[str]:
 
 
 def _convert(path: str, target: str, what: str) -> None:
-    import paddle
-
+    """Write the paddlenlp folder ``target`` (config.json, model_state.pdparams, the other files of
+    ``path``) from the transformers folder ``path``, via a temporary folder renamed at the end."""
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         raw = json.load(f)
     family = family_of(raw, what, path)
@@ -240,8 +242,6 @@ def _convert(path: str, target: str, what: str) -> None:
 
 @contextlib.contextmanager
 def _exclusive(lock_path: str):
-    import fcntl
-
     with open(lock_path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # one converter; the others wait here, then reuse its folder
         try:
@@ -288,8 +288,6 @@ def export(model, out_dir: str, tokenizer=None) -> None:
 def export_folder(folder: str, out_dir: str) -> None:
     """Write the paddlenlp folder ``folder`` (a saved, merged model: config.json, model_state.pdparams)
     as a transformers folder in ``out_dir``, its tokenizer files copied along."""
-    import paddle
-
     with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     index = os.path.join(folder, "model_state.pdparams.index.json")
