@@ -98,13 +98,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="output/tiny", help="folder to write into")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
-    parser.add_argument("--family", default=DEMO_FAMILY, help="model family of the base model (llama, qwen2)")
-    parser.add_argument("--tie_word_embeddings", action="store_true", help="tie the LM head to the embedding")
     args = parser.parse_args(argv)
     tokenizer = build_tokenizer(os.path.join(args.output_dir, "tokenizer"))
-    build_causal_lm(os.path.join(args.output_dir, "base"), tokenizer, family=args.family, seed=args.seed,
-                    tie_word_embeddings=args.tie_word_embeddings)
-    print(f"tokenizer ({len(tokenizer)} tokens) and tiny {args.family} written to {args.output_dir}")
+    build_llama(os.path.join(args.output_dir, "base"), tokenizer, seed=args.seed)
+    print(f"tokenizer ({len(tokenizer)} tokens) and tiny LLaMA written to {args.output_dir}")
 
 
 if __name__ == "__main__":
