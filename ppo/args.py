@@ -154,7 +154,7 @@ class DataArgs:
                              path="datasets")
     eval_split_ratio: float = arg(0.0, "Share of the training data held out for evaluation when eval_datasets is empty.")
     max_length: int = arg(512, "Maximum tokens of prompt + answer.")
-    prompt_template: str = arg("", "Prompt template with an {input} placeholder (default: safe-rlhf's conversation format).")
+    prompt_template: str = arg("", "Prompt template with an {input} placeholder, or chat: the tokenizer's own chat template (default: safe-rlhf's conversation format).")
     extra_modules: str = arg("", "Comma-separated Python modules or .py files to import first (register your own datasets).",
                              path="modules")
 
