@@ -15,7 +15,7 @@ from ppo import checkpoint, parallel
 from ppo.batching import GlobalBatchSampler, total_steps
 from ppo.checkpoint import save_pretrained_atomic, start_or_resume
 from ppo.data import load_datasets
-from ppo.entry import claim_output_dir, release_output_dir, set_seed
+from ppo.entry import prepare_output_dir, set_seed
 from ppo.guard import NonFiniteGuard, check_weights_finite
 from ppo.metrics import MetricsLogger, StepCadence
 from ppo.models import check_max_length, check_model_path, load_tokenizer
@@ -38,7 +38,7 @@ class SingleModelTrainer:
     def begin(args, dataset_cls):
         """Start-up shared by the stages: ranks, output folder, seed, checks -> (tokenizer, train, eval)."""
         parallel.init_parallel(args)
-        claim_output_dir(args)
+        prepare_output_dir(args.output_dir)
         set_seed(args.seed)
         config = check_model_path(args.model_name_or_path)
         check_max_length(config, args.max_length, args.model_name_or_path)
@@ -129,8 +129,6 @@ class SingleModelTrainer:
         final = self.log_eval(self.total_steps, print)
         self.save(args.output_dir, self.total_steps)
         self.metrics.close()
-        if ctx.is_main:
-            release_output_dir(args.output_dir)
         return final
 
     def log_eval(self, step: int, echo) -> dict:

@@ -37,7 +37,7 @@ from ppo.ppo_evaluation import evaluate_policy, prompt_batch
 from ppo.ppo_models import RolloutWeights, build_ppo_models
 from ppo.batching import token_mean_weights
 from ppo.checkpoint import save_pretrained_atomic, start_or_resume
-from ppo.entry import claim_output_dir, release_output_dir, set_seed
+from ppo.entry import prepare_output_dir, set_seed
 from ppo.guard import NonFiniteGuard, check_weights_finite
 from ppo.metrics import MetricsLogger, StepCadence, Timer
 from ppo.optim import Precision, build_optimizer, clear_grad, global_grad_norm
@@ -48,7 +48,7 @@ class PPOTrainer:
     def __init__(self, args: PPOArgs):
         self.args = args
         self.ctx = parallel.init_parallel(args, pipeline=True)
-        claim_output_dir(args)
+        prepare_output_dir(args.output_dir)
         set_seed(args.seed)
         self.gen = GenerationConfig(
             max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
@@ -139,8 +139,6 @@ class PPOTrainer:
         final = self.evaluate(self.total_steps, print)
         self.save(args.output_dir, self.total_steps)
         self.metrics.close()
-        if self.ctx.is_main:
-            release_output_dir(args.output_dir)
         self.offload.close()
         return final
 
