@@ -336,24 +336,21 @@ def _tmp_for(target: str) -> str:
 
 
 def publish(tmp: str, target: str) -> None:
-    """Make the finished folder ``tmp`` the new ``target``.
+    """Make the finished folder ``tmp`` the new ``target``, removing nothing else.
 
-    A ``target`` that already holds other things (the final model goes to ``output_dir`` itself,
-    beside metrics and step checkpoints) gets the finished files moved in one by one with
-    ``os.replace``; otherwise the whole folder is renamed in one step.
+    A missing ``target`` is the renamed ``tmp`` (one step).  An existing one (the final SFT/RM model
+    goes to ``output_dir`` itself, beside metrics, logs and step checkpoints) gets the finished files
+    moved in one by one with ``os.replace``: only entries of the same names are replaced.
     """
-    if os.path.isdir(target) and not os.path.isfile(os.path.join(target, "config.json")) and os.listdir(target):
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(target, name))
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not os.path.isdir(target):
+        os.rename(tmp, target)
         return
-    parent, name = os.path.split(os.path.abspath(target))
-    old = os.path.join(parent, f".old-{name}")
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(target):
-        os.rename(target, old)
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    for name in os.listdir(tmp):
+        src, dst = os.path.join(tmp, name), os.path.join(target, name)
+        if os.path.isdir(src) and os.path.isdir(dst):
+            shutil.rmtree(dst)  # a same-named model subfolder: os.replace cannot replace a non-empty one
+        os.replace(src, dst)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_pretrained_atomic(model, tokenizer, target: str, extra: dict | None = None) -> None:
