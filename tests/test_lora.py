@@ -220,11 +220,12 @@ def reward_dir(tiny_dir, tiny_tokenizer, tmp_path_factory):
 
 
 def ppo_args(tiny_dir, reward_dir, out, **extra):
-    return PPOArgs(actor_model_name_or_path=str(tiny_dir / "base"), reward_model_name_or_path=reward_dir,
-                   train_datasets="tiny-prompts/train", max_length=48, max_new_tokens=6,
-                   per_device_prompt_batch_size=4, per_device_train_batch_size=2, update_iters=2,
-                   learning_rate=1e-2, critic_learning_rate=1e-2, max_steps=4, logging_steps=1, disable_tqdm=True,
-                   seed=9, lora=True, lora_rank=4, critic_lora=True, output_dir=str(out), **extra)
+    kwargs = dict(actor_model_name_or_path=str(tiny_dir / "base"), reward_model_name_or_path=reward_dir,
+                  train_datasets="tiny-prompts/train", max_length=48, max_new_tokens=6,
+                  per_device_prompt_batch_size=4, per_device_train_batch_size=2, update_iters=2,
+                  learning_rate=1e-2, critic_learning_rate=1e-2, max_steps=4, logging_steps=1, disable_tqdm=True,
+                  seed=9, lora=True, lora_rank=4, critic_lora=True, output_dir=str(out))
+    return PPOArgs(**{**kwargs, **extra})
 
 
 def test_ppo_lora_actor_and_critic(tiny_dir, reward_dir, tmp_path):
@@ -275,3 +276,15 @@ def test_targets_that_match_nothing_are_one_line(tiny_dir):
 
     with pytest.raises(UserError, match="'lora_target_modules' = 'nope_proj' matches no linear layer"):
         apply_lora(load_causal_lm(str(tiny_dir / "base")), 4, 8.0, "nope_proj")
+
+
+def test_ppo_lora_without_the_inference_model(tiny_dir, reward_dir, tmp_path):
+    """paddlenlp's own forward rolls out and scores: the reference runs it with the adapters off."""
+    from ppo.trainer import PPOTrainer
+
+    trainer = PPOTrainer(ppo_args(tiny_dir, reward_dir, tmp_path, use_inference_model=False, max_steps=2))
+    trainer.train()
+    logs = train_metrics(tmp_path)
+    assert all(np.isfinite(v) for r in logs.values() for v in r.values() if isinstance(v, float))
+    # B starts at zero: the first rollout's policy is the reference; after an update it is not
+    assert logs[1]["kl"] == 0.0 and logs[2]["kl"] != 0.0
