@@ -136,10 +136,12 @@ def spawn(name, extra, models, workdir, opts) -> dict:
            models["rm"], "--workdir", os.path.join(workdir, name), "--result", result,
            "--seq", str(opts.seq), "--batch", str(opts.batch), *extra]
     env = {**os.environ, "PYTHONPATH": ROOT, "MKL_DEBUG_CPU_TYPE": "5"}
-    print(f"[{time.strftime('%H:%M:%S')}] {name} (load average {os.getloadavg()[0]:.1f})", file=sys.stderr)
+    load = round(os.getloadavg()[0], 2)
+    print(f"[{time.strftime('%H:%M:%S')}] {name} (load average {load})", file=sys.stderr)
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=sys.stderr, stderr=sys.stderr)
     with open(result) as f:
-        return {**json.load(f), "load_average_1min_at_start": round(os.getloadavg()[0], 2)}
+        return {**json.load(f), "load_average_1min_at_start": load,
+                "load_average_1min_at_end": round(os.getloadavg()[0], 2)}
 
 
 def main(argv=None):
