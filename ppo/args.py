@@ -197,8 +197,8 @@ def _validate_lora(args, switch: str) -> None:
              "'lora_target_modules' is empty: give comma-separated layer names, e.g. q_proj,v_proj")
     if getattr(args, switch) and (getattr(args, "tensor_parallel_degree", 1) > 1
                                   or getattr(args, "pipeline_parallel_degree", 1) > 1):
-        raise UserError(f"'{switch}' needs tensor_parallel_degree 1 and pipeline_parallel_degree 1 (the adapters "
-                        "are applied unsplit); use data parallel or sharding with LoRA")
+        raise UserError(f"'{switch}' needs tensor_parallel_degree 1 and pipeline_parallel_degree 1 (checkpoints "
+                        "and pipeline stages do not handle split adapters); use data parallel or sharding with LoRA")
 
 
 def _validate_shared(args) -> None:
