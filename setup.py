@@ -19,12 +19,16 @@ setup(
         "datasets>=2.19",
         "sentencepiece",
         "tqdm",
+        # the chat templates (ppo/data/chat.py) and fast tokenizers from tokenizer.json
+        "Jinja2",
+        "tokenizers",
         # paddlenlp imports aistudio_sdk.hub.download, removed in aistudio-sdk 0.3
         "aistudio-sdk<0.3",
     ],
     extras_require={
         "cpu": ["paddlepaddle>=3.0,<3.4"],
-        "test": ["pytest"],
+        # the Hugging Face checkpoint tests write safetensors files with the library's own writer
+        "test": ["pytest", "safetensors"],
         "plot": ["matplotlib"],
     },
 )

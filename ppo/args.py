@@ -167,7 +167,7 @@ class DataArgs:
                              path="datasets")
     eval_split_ratio: float = arg(0.0, "Share of the training data held out for evaluation when eval_datasets is empty.")
     max_length: int = arg(512, "Maximum tokens of prompt + answer.")
-    prompt_template: str = arg("", "Prompt template with an {input} placeholder (default: safe-rlhf's conversation format).")
+    prompt_template: str = arg("", "Prompt template with an {input} placeholder, or chat: the tokenizer's own chat template (default: safe-rlhf's conversation format).")
     extra_modules: str = arg("", "Comma-separated Python modules or .py files to import first (register your own datasets).",
                              path="modules")
 
@@ -312,6 +312,25 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
     # evaluation
     eval_samples_to_write: int = arg(8, "Eval generations echoed to the console per evaluation (all of them are "
                                           "written to eval_samples/step-N.rank-R.jsonl).")
+    # verifiable rewards: reward functions, the remote endpoint, dynamic sampling
+    reward_functions: str = arg("", "Reward functions scoring each response, comma-separated NAME[:weight] (built-ins: "
+                                    "math_exact, format, overlong, remote; your own through extra_modules); their "
+                                    "weighted sum is added to the reward model's score. With them (or "
+                                    "reward_server_url) reward_model_name_or_path may be empty: no reward model.")
+    reward_model_weight: float = arg(1.0, "Weight of the reward model's score in the end score (after "
+                                          "normalize_reward, which applies to it alone).")
+    reward_format_pattern: str = arg("", "Regular expression the whole response must match for the 'format' "
+                                         "function (empty: <think>.*?</think>\\s*<answer>.*?</answer>).")
+    reward_overlong_buffer: int = arg(16, "Tokens before max_new_tokens over which the 'overlong' penalty grows "
+                                          "linearly from 0 to -1.")
+    reward_server_url: str = arg("", "HTTP endpoint scoring responses (README, 'Reward functions'); checked at start; "
+                                     "adds the 'remote' function (weight 1) unless reward_functions names it.")
+    reward_server_timeout: float = arg(60.0, "Seconds the reward server may take per request.")
+    reward_server_retries: int = arg(2, "Retries of a failed or timed-out reward server request.")
+    dynamic_sampling: bool = arg(False, "DAPO dynamic sampling (grpo / rloo): drop prompt groups whose responses all "
+                                        "got the same end score and roll out more prompts until the batch is full.")
+    dynamic_sampling_max_tries: int = arg(4, "Extra rollouts per step for dynamic sampling; a batch still short "
+                                             "is filled with dropped groups (no group advantage).")
 
     def validate(self) -> None:
         _validate_shared(self)
@@ -332,6 +351,24 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
         _require(self.adv_estimator in ("gae", "reinforce_plus_plus") or self.num_return_sequences >= 2,
                  f"adv_estimator '{self.adv_estimator}' compares responses within a group: "
                  f"num_return_sequences must be >= 2, got {self.num_return_sequences}")
+        # verifiable rewards
+        _require(bool(self.reward_model_name_or_path or self.reward_functions or self.reward_server_url),
+                 "no reward: give reward_model_name_or_path, reward_functions (e.g. 'math_exact') or reward_server_url")
+        _require(bool(self.reward_model_name_or_path or self.reward_critic_model_name_or_path
+                      or self.adv_estimator != "gae"), "adv_estimator 'gae' without a reward model needs "
+                 "reward_critic_model_name_or_path (the critic's initialisation), or use grpo / rloo / reinforce_plus_plus")
+        _require(abs(self.reward_model_weight) < float("inf"),
+                 f"'reward_model_weight' must be a finite number, got {self.reward_model_weight}")
+        _require(self.reward_overlong_buffer >= 1, f"'reward_overlong_buffer' must be >= 1, got {self.reward_overlong_buffer}")
+        _require(self.reward_server_timeout > 0, f"'reward_server_timeout' must be > 0 seconds, got {self.reward_server_timeout}")
+        _require(self.reward_server_retries >= 0, f"'reward_server_retries' must be >= 0, got {self.reward_server_retries}")
+        _require(not self.reward_server_url or self.reward_server_url.split("://")[0] in ("http", "https"),
+                 f"'reward_server_url' must be an http(s) URL such as 'http://127.0.0.1:8000/score', got {self.reward_server_url!r}")
+        _require(not self.dynamic_sampling or self.adv_estimator in ("grpo", "rloo"),
+                 f"dynamic_sampling drops groups without a group advantage: it needs adv_estimator 'grpo' or 'rloo', "
+                 f"got '{self.adv_estimator}'")
+        _require(self.dynamic_sampling_max_tries >= 0,
+                 f"'dynamic_sampling_max_tries' must be >= 0, got {self.dynamic_sampling_max_tries}")
         # stage 2 keeps the parameters as views of one shared buffer: releasing them cuts the link
         _require(not (self.sharding_parallel_degree > 1 and self.sharding == "stage2"
                       and "train_model" in self.offload_level.split()),

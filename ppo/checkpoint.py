@@ -32,10 +32,12 @@ import paddlenlp
 import ppo
 from ppo import parallel
 from ppo.errors import UserError
+from ppo.models.hf import export_folder
 from ppo.parallel import inner_optimizer, unwrap
 from ppo.pipeline import merged_state_dict
 
 MANIFEST = "manifest.json"
+HF_SUBFOLDER = "hf"  # the transformers copy of every final model
 STATE = "trainer_state.json"
 logger = logging.getLogger("ppo")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -363,6 +365,8 @@ def save_pretrained_atomic(model, tokenizer, target: str, extra: dict | None = N
         if extra and ctx.is_main:
             with open(os.path.join(tmp, "training_state.json"), "w") as f:
                 json.dump(extra, f, indent=1)
+        if ctx.is_main:
+            export_hf(tmp)
 
     # with tensor parallel every rank of the first data group takes part in the merge
     tmp = _tmp_for(target)
@@ -374,6 +378,12 @@ def save_pretrained_atomic(model, tokenizer, target: str, extra: dict | None = N
     if ctx.is_main:
         publish(tmp, target)
     parallel.barrier()
+
+
+def export_hf(folder: str) -> None:
+    """The saved final model in ``folder`` also as a transformers folder, ``<folder>/hf`` (what users
+    take to serving; see ``ppo.models.hf``)."""
+    export_folder(folder, os.path.join(folder, HF_SUBFOLDER))
 
 
 def start_or_resume(args, ctx) -> str | None:

@@ -436,3 +436,35 @@ def broadcast_model_parallel(tensor):
         dist.broadcast(tensor, src=_CONTEXT.hcg.get_model_parallel_group_src_rank(),
                        group=_CONTEXT.hcg.get_model_parallel_group())
     return tensor
+
+
+_DATA_RANK_GROUPS: dict = {}
+
+
+def broadcast_from_first_rollout_rank(values, with_pipeline: bool) -> np.ndarray:
+    """The float64 array ``values`` of the first tensor-parallel rank (and, ``with_pipeline``, the
+    first pipeline stage) on every rank of that group: one rank per data rank computes what needs
+    one caller (the remote reward), and every tensor/pipeline rank receives it.
+
+    Every rank of the group calls it with an array of the same shape (its values are ignored off
+    the first rank).  Identity in a single rank; collective on first use (creates the group).
+    """
+    x = np.ascontiguousarray(values, dtype=np.float64)
+    mp = _CONTEXT.mp_degree
+    pp = _CONTEXT.pp_degree if with_pipeline else 1
+    if mp * pp == 1:
+        return x
+    if with_pipeline not in _DATA_RANK_GROUPS:
+        hcg = _CONTEXT.hcg
+        _DATA_RANK_GROUPS[with_pipeline] = (hcg.get_model_parallel_group() if pp == 1 else
+                                            hcg.get_pipe_parallel_group() if mp == 1 else
+                                            hcg.create_fuse_group(["pipe", "model"])[1])
+    group = _DATA_RANK_GROUPS[with_pipeline]
+    tensor = paddle.to_tensor(x)
+    dist.broadcast(tensor, src=min(group.ranks), group=group)
+    return tensor.numpy()
+
+
+def is_first_rollout_rank(with_pipeline: bool) -> bool:
+    """Whether this rank is the source of ``broadcast_from_first_rollout_rank``."""
+    return _CONTEXT.mp_rank == 0 and (not with_pipeline or _CONTEXT.pp_rank == 0)

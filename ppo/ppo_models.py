@@ -4,7 +4,8 @@ which roll out, and whether the rollout weights are current.
     actor      trains (a pipeline stage under pipeline parallel); its policy makes the rollout
     reference  frozen copy of the initial actor (KL anchor); with ``lora`` the actor itself with its
                adapters switched off (``ppo.models.lora.AdaptersOff``)
-    reward     frozen score model (end scores)
+    reward     frozen score model (end scores); None without reward_model_name_or_path (the reward
+               functions score alone)
     critic     trains (value head); only with the ``gae`` estimator
     rollout_*  the models that decode and score: the training models themselves, or separate
                copies when the training layout cannot decode (pipeline) or ``eval_mode single``
@@ -77,13 +78,20 @@ class PPOModels:
 
 def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOModels:
     """Load the actor, reference, reward model and critic in this run's layout (tensor-parallel
-    shards, pipeline stages, rollout copies) and the rollout decoder."""
+    shards, pipeline stages, rollout copies) and the rollout decoder.  Without
+    ``reward_model_name_or_path`` no reward model is loaded (``rollout.reward`` is None)."""
     actor_config = check_model_path(args.actor_model_name_or_path, "actor_model_name_or_path")
     check_max_length(actor_config, args.max_length, args.actor_model_name_or_path)
-    check_model_path(args.reward_model_name_or_path, "reward_model_name_or_path")
+    with_reward = bool(args.reward_model_name_or_path)
+    if with_reward:
+        check_model_path(args.reward_model_name_or_path, "reward_model_name_or_path")
     critic_path = args.reward_critic_model_name_or_path or args.reward_model_name_or_path
+    if uses_critic and not critic_path:
+        raise UserError("adv_estimator 'gae' without a reward model needs reward_critic_model_name_or_path (the "
+                        "critic's initialisation), or use grpo / rloo / reinforce_plus_plus")
     tokenizer = load_tokenizer(args.actor_model_name_or_path, "actor_model_name_or_path")
-    reward_tokenizer = load_tokenizer(args.reward_model_name_or_path, "reward_model_name_or_path")
+    reward_tokenizer = load_tokenizer(args.reward_model_name_or_path, "reward_model_name_or_path") if with_reward \
+        else None
     if uses_critic:
         critic_tokenizer = load_tokenizer(critic_path, "reward_critic_model_name_or_path")
         if not same_vocabulary(tokenizer, critic_tokenizer):
@@ -117,8 +125,8 @@ def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOMode
     # a LoRA actor's reference is its own base weights with the adapters off: no second copy
     reference = AdaptersOff(actor) if args.lora else freeze(policy(rollout_tp))
     reward = freeze(load_score_model(args.reward_model_name_or_path, score_type="reward",
-                                     what="reward_model_name_or_path", **rollout_tp))
-    if args.normalize_reward and reward.normalizer.kind == "none":
+                                     what="reward_model_name_or_path", **rollout_tp)) if with_reward else None
+    if args.normalize_reward and reward is not None and reward.normalizer.kind == "none":
         raise UserError(f"normalize_reward is set but the reward model at '{args.reward_model_name_or_path}' "
                         "carries no score statistics (train it with normalizer_type RunningMeanStd)")
     trained_critic = trainable(critic(tp), critic_path, "reward_critic_model_name_or_path") if uses_critic else None

@@ -296,10 +296,10 @@ def retokenize(sequences, attention_mask, prompt_length: int, src_tokenizer, dst
 class Models:
     actor: object
     reference: object
-    reward: object
+    reward: object | None           # None without a reward model (end scores 0: reward functions score)
     critic: object | None           # None for critic-free advantage estimators
     actor_tokenizer: object
-    reward_tokenizer: object
+    reward_tokenizer: object | None
     decoder: object | None = None   # rollout decoder over the actor's weights (None: the actor's own forward)
 
 
@@ -310,7 +310,8 @@ def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, m
 
     Prompts are repeated ``num_return_sequences`` times consecutively (a group per prompt).
     ``before_scoring()`` runs between generation and scoring (the trainer brings offloaded
-    scoring models back there).
+    scoring models back there).  Without a reward model (``models.reward`` None) the end scores
+    are 0 (the trainer adds the reward functions' scores).
     """
     tok = models.actor_tokenizer
     n = config.num_return_sequences
@@ -346,12 +347,14 @@ def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, m
         ref_log_probs = log_probs(models.reference)
         action_mask = action_mask_of(attention_mask, P)
 
-        if same_vocabulary(tok, models.reward_tokenizer):
+        if models.reward is None:
+            end_scores = paddle.zeros([sequences.shape[0]], dtype="float32")
+        elif same_vocabulary(tok, models.reward_tokenizer):
             end_scores = scored(models.reward, sequences, attention_mask)[1].squeeze(-1)
         else:
             r_ids, r_mask = retokenize(sequences, attention_mask, P, tok, models.reward_tokenizer, max_length)
             end_scores = scored(models.reward, r_ids, r_mask)[1].squeeze(-1)
-        if normalize_reward:
+        if normalize_reward and models.reward is not None:
             end_scores = models.reward.normalizer.normalize(end_scores)
 
         values = None

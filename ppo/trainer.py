@@ -1,7 +1,9 @@
 """The PPO loop.  Read ``train`` top to bottom: it is the algorithm.
 
     for each prompt batch:
-        rollout     actor generates; actor/reference log-probs, reward score, critic values
+        rollout     actor generates; actor/reference log-probs, reward score (reward model and/or
+                    reward functions, ``ppo_rewards``), critic values; with dynamic_sampling,
+                    groups without a group advantage are replaced by more rollouts
         advantages  KL-shaped rewards -> GAE (or a group / REINFORCE++ estimator), whitening
         KL control  the adaptive coefficient follows this batch's KL
         update      update_iters epochs over mini-batches: actor step (clipped surrogate [+ ptx]),
@@ -30,6 +32,7 @@ from ppo import algorithms as algo
 from ppo import checkpoint, parallel, ppo_steps
 from ppo.advantages import compute_advantages, mean_sequence_kl
 from ppo.args import PPOArgs
+from ppo.data import import_user_modules
 from ppo.experience import Experience
 from ppo.offload import PhaseOffload, parse_offload_level
 from ppo.ppo_data import load_ppo_data
@@ -43,6 +46,8 @@ from ppo.metrics import MetricsLogger, StepCadence, Timer
 from ppo.optim import Precision, build_optimizer, clear_grad, global_grad_norm
 from ppo.models.lora import is_lora, merged_for_export, save_adapters
 from ppo.parallel import unwrap
+from ppo.ppo_rewards import RewardScorer, dynamic_sampling, score_metrics
+from ppo.rewards import check_reachable
 from ppo.rollout import GenerationConfig, collect, gather_experience
 
 
@@ -57,6 +62,13 @@ class PPOTrainer:
             top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
             num_return_sequences=args.num_return_sequences, micro_batch_size=args.rollout_micro_batch_size)
         self.uses_critic = args.adv_estimator == "gae"
+        if args.extra_modules:  # user reward functions register on import (ppo_data imports them too)
+            import_user_modules(args.extra_modules)
+        self.scorer = RewardScorer(args)
+        if args.reward_server_url:  # stop before loading anything when the endpoint is down
+            check_reachable(args.reward_server_url, args.reward_server_timeout, args.reward_server_retries)
+        self.function_scores: dict = {}   # the last rollout's reward-function scores [B] by name
+        self.sampling_stats: dict = {}    # the last rollout's dynamic-sampling counts
         self.precision = Precision(args.bf16, args.fp16, parallel.device() == "gpu")
         built = build_ppo_models(args, self.ctx, self.uses_critic, self.precision.dtype)
         self.actor, self.critic, self.tokenizer = built.actor, built.critic, built.tokenizer
@@ -108,7 +120,8 @@ class PPOTrainer:
             optimizers["critic"] = parallel.inner_optimizer(self.critic_opt)
             trained["critic"] = self.critic
         return PhaseOffload(parse_offload_level(self.args.offload_level), self.args.offload_dir,
-                            frozen={"reference": self.models.reference, "reward": self.models.reward},
+                            frozen={k: m for k, m in (("reference", self.models.reference),
+                                                       ("reward", self.models.reward)) if m is not None},
                             optimizers=optimizers, trained=trained, trained_scores=not self.layout.separate_rollout)
 
     # -- the loop --------------------------------------------------------------------------
@@ -147,13 +160,32 @@ class PPOTrainer:
     # -- phases ----------------------------------------------------------------------------
 
     def rollout(self, step: int) -> Experience:
-        """Responses to this iteration's prompts, scored by every model (the whole data rank's batch)."""
-        ids, mask = prompt_batch(self.data.prompts, self.data.prompt_sampler.micro_batches(step)[0])
-        return self.experience(ids, mask)
+        """Responses to this iteration's prompts, scored by every model and reward function (the
+        whole data rank's batch); with dynamic_sampling, only groups with a group advantage."""
+        indices = self.data.prompt_sampler.micro_batches(step)[0]
+        ids, mask = prompt_batch(self.data.prompts, indices)
+        exp = self.experience(ids, mask, references=self.data.prompts.references(indices))
+        return self.dynamic_sampling(exp, step) if self.args.dynamic_sampling else exp
 
-    def experience(self, ids, mask, before_scoring=None) -> Experience:
+    def dynamic_sampling(self, exp: Experience, step: int) -> Experience:
+        """DAPO's dynamic sampling (``ppo_rewards.dynamic_sampling``): more rollouts of random
+        prompts (seeded by step, data rank and try) replace the groups without a group advantage."""
+        def roll_more(tries: int):
+            rng = np.random.default_rng([self.args.seed, step, self.ctx.data_rank, tries])
+            prompts, target = self.data.prompts, self.args.per_device_prompt_batch_size
+            indices = rng.choice(len(prompts), target, replace=len(prompts) < target).tolist()
+            more = self.experience(*prompt_batch(prompts, indices), references=prompts.references(indices))
+            return more, self.function_scores
+
+        exp, self.function_scores, self.sampling_stats = dynamic_sampling(
+            exp, self.function_scores, roll_more, self.args, self.tokenizer.pad_token_id)
+        return exp
+
+    def experience(self, ids, mask, before_scoring=None, references=None) -> Experience:
         """Generate for the prompt batch ``ids`` / ``mask`` and score: the rollout phase.
-        ``before_scoring()`` runs between generation and scoring (after the offload's own)."""
+        ``before_scoring()`` runs between generation and scoring (after the offload's own).
+        ``references``: each prompt's reference answer for the reward functions (None: none).
+        The reward functions' scores are left in ``self.function_scores``."""
         self.weights.refresh()
         split, layout = self.layout.split, self.layout
         if split is not None:  # this rank's share of the data rank's prompts
@@ -169,7 +201,11 @@ class PPOTrainer:
         exp = collect(self.models, ids, mask, self.gen, self.args.max_length, self.args.normalize_reward,
                       before_scoring=scoring)
         self.offload.after_scoring()
-        return gather_experience(exp, split, self.tokenizer.pad_token_id) if split is not None else exp
+        if split is not None:
+            exp = gather_experience(exp, split, self.tokenizer.pad_token_id)
+        # every rank of the data rank holds the whole batch now: its first rank scores it
+        exp, self.function_scores = self.scorer.apply(exp, references, self.tokenizer, with_pipeline=True)
+        return exp
 
     def advantages(self, exp: Experience) -> Experience:
         """``exp`` with KL, shaped rewards, advantages and returns (``ppo.advantages``, pure)."""
@@ -260,6 +296,7 @@ class PPOTrainer:
         }
         if exp.values is not None:
             stats["value_mean"] = float(algo.masked_mean(exp.values, mask))
+        stats.update(score_metrics(self.function_scores), **self.sampling_stats)
         return {k: parallel.mean_over_data(v) for k, v in stats.items()}
 
     # -- evaluation, checkpoints, the final models -----------------------------------------
@@ -271,7 +308,7 @@ class PPOTrainer:
         self.weights.refresh()
         return evaluate_policy(step, echo, args=self.args, ctx=self.ctx, prompts=self.data.eval_prompts,
                                layout=self.layout, models=self.models, gen=self.gen, offload=self.offload,
-                               metrics=self.metrics)
+                               metrics=self.metrics, scorer=self.scorer)
 
     def _models_and_optimizers(self):
         models, optimizers = {"policy": self.actor}, {"actor": self.actor_opt}

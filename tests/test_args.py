@@ -92,7 +92,8 @@ def test_shipped_configs_parse(path):
     from ppo.args import PPOArgs, SFTArgs
 
     cls = {"rm_argument.json": RewardArgs, "sft_argument.json": SFTArgs,
-           "ppo_argument.json": PPOArgs}[os.path.basename(path)]
+           "ppo_argument.json": PPOArgs, "arithmetic_sft_argument.json": SFTArgs,
+           "grpo_argument.json": PPOArgs}[os.path.basename(path)]
     args = parse_args(cls, [os.path.join(ROOT, path)])
     with open(os.path.join(ROOT, path)) as f:
         for key, value in json.load(f).items():

@@ -19,7 +19,7 @@ LAYERS = [
     ["ppo", "ppo.errors", "ppo.experience", "ppo.algorithms", "ppo.data.template", "ppo.models.normalizer",
      "ppo.decoding", "ppo.tiny", "rm"],
     # pure steps, configuration, registries (raw datasets, reward functions, model families)
-    ["ppo.advantages", "ppo.args", "ppo.data.base", "ppo.data.tokenizer_utils", "rm.losses",
+    ["ppo.advantages", "ppo.args", "ppo.data.base", "ppo.data.chat", "ppo.data.tokenizer_utils", "rm.losses",
      "ppo.models.families.base", "ppo.models.recompute", "ppo.models.lora", "ppo.rewards.base"],
     # data: sources and tokenized datasets; the built-in reward functions
     ["ppo.data.datasets", "ppo.data.alpaca", "ppo.data.safe_rlhf", "ppo.data.tiny", "ppo.data.arithmetic",
@@ -27,8 +27,9 @@ LAYERS = [
     ["ppo.data", "ppo.rewards"],
     # models: the score head, the families, loading
     ["ppo.models.score_model"],
-    ["ppo.models.families.llama"],
+    ["ppo.models.families.llama", "ppo.models.families.qwen2"],
     ["ppo.models.families"],
+    ["ppo.models.hf"],
     ["ppo.models.loading"],
     ["ppo.models"],
     # the distributed layer: the only modules that touch fleet and process groups
@@ -40,7 +41,8 @@ LAYERS = [
      "ppo.inference"],
     ["ppo.fused_inference", "ppo.rollout"],
     # the PPO phases: models in their layout, one update step, evaluation; then its data
-    ["ppo.ppo_models", "ppo.ppo_steps", "ppo.ppo_evaluation"],
+    ["ppo.ppo_models", "ppo.ppo_steps", "ppo.ppo_rewards"],
+    ["ppo.ppo_evaluation"],
     ["ppo.ppo_data"],
     # the loops
     ["ppo.single_model_trainer"],

@@ -204,9 +204,14 @@ def test_single_model_stage_trains_adapters_resumes_bitwise_and_saves_merged(sta
         plain.eval()
         straight.model.eval()
         ids, mask = sequences()
+        from ppo.models import load_causal_lm
+
+        exported = load_causal_lm(str(tmp_path / "straight" / "hf"))  # the Hugging Face copy is merged too
+        exported.eval()
         with paddle.no_grad():
-            np.testing.assert_allclose(forward_log_probs(plain, ids, mask)[0].numpy(),
-                                       forward_log_probs(straight.model, ids, mask)[0].numpy(), atol=2e-5)
+            expected = forward_log_probs(straight.model, ids, mask)[0].numpy()
+            np.testing.assert_allclose(forward_log_probs(plain, ids, mask)[0].numpy(), expected, atol=2e-5)
+            np.testing.assert_allclose(forward_log_probs(exported, ids, mask)[0].numpy(), expected, atol=2e-5)
 
 
 @pytest.fixture(scope="module")

@@ -91,14 +91,15 @@ def parse(cls, config: dict, tmp_path, *argv):
 
 
 BASE = {"train_datasets": "tiny-prompts/train"}
+PPO_BASE = {**BASE, "reward_model_name_or_path": "some/rm"}  # PPO needs a reward to validate
 
 
 def test_renamed_keys_set_their_fields(tmp_path):
-    args = parse(PPOArgs, {**BASE, "use_fusemt": 0, "max_dec_len": 7, "rollout_n": 3}, tmp_path)
+    args = parse(PPOArgs, {**PPO_BASE, "use_fusemt": 0, "max_dec_len": 7, "rollout_n": 3}, tmp_path)
     assert args.use_inference_model is False and args.max_new_tokens == 7 and args.num_return_sequences == 3
     assert parse(SFTArgs, {"dataset_name_or_path": "tiny-sft"}, tmp_path).train_datasets == "tiny-sft"
     with pytest.raises(UserError, match="'use_fusemt' is PaddleNLP's name of 'use_inference_model'"):
-        parse(PPOArgs, {**BASE, "use_fusemt": 0, "use_inference_model": True}, tmp_path)
+        parse(PPOArgs, {**PPO_BASE, "use_fusemt": 0, "use_inference_model": True}, tmp_path)
     # a PPO key in an SFT file is as unknown as any other
     with pytest.raises(UserError, match="unknown argument 'use_fusemt'"):
         parse(SFTArgs, {**BASE, "use_fusemt": 1}, tmp_path)
@@ -112,7 +113,7 @@ def test_strategies_and_switches_change_the_parsed_args(tmp_path):
     assert (args.eval_datasets, args.eval_steps) == ("", 0)
     args = parse(RewardArgs, {**BASE, "eval_datasets": "x", "eval_steps": 5, "do_eval": True}, tmp_path)
     assert (args.eval_datasets, args.eval_steps) == ("x", 5)
-    args = parse(PPOArgs, {**BASE, "recompute": 1, "recompute_granularity": "core_attn", "critic_recompute": True,
+    args = parse(PPOArgs, {**PPO_BASE, "recompute": 1, "recompute_granularity": "core_attn", "critic_recompute": True,
                            "dataloader_drop_last": 0, "overwrite_output_dir": True}, tmp_path)
     assert args.recompute and args.recompute_granularity == "core_attn" and args.critic_recompute
     assert args.dataloader_drop_last is False and args.overwrite_output_dir is True
@@ -161,8 +162,8 @@ def test_no_effect_keys_notice_once_each(tmp_path, capsys):
 
     ppo.args._noticed.clear()
     ignored = {k: 1 for k, v in PADDLENLP_KEYS.items() if isinstance(v, NoEffect)}
-    parse(PPOArgs, {**BASE, **ignored}, tmp_path)
-    parse(PPOArgs, {**BASE, **ignored}, tmp_path)
+    parse(PPOArgs, {**PPO_BASE, **ignored}, tmp_path)
+    parse(PPOArgs, {**PPO_BASE, **ignored}, tmp_path)
     lines = capsys.readouterr().err.splitlines()
     for key, entry in PADDLENLP_KEYS.items():
         if isinstance(entry, NoEffect):
@@ -191,7 +192,8 @@ def test_config_paths_resolve_from_the_project_root(tmp_path, monkeypatch):
     assert in_ppo.output_dir == os.path.join("..", "output", "tiny", "ppo")
     assert in_ppo.offload_dir == "here"  # the command line resolves against the current folder
     assert in_ppo.train_datasets == "tiny-prompts/train"  # names are not paths
-    config = {**BASE, "train_datasets": "a:0.5:data/x.jsonl,b", "extra_modules": "json,my/data.py",
+    config = {**BASE, "reward_functions": "math_exact", "adv_estimator": "grpo", "num_return_sequences": 2,
+              "train_datasets": "a:0.5:data/x.jsonl,b", "extra_modules": "json,my/data.py",
               "resume_from_checkpoint": "auto"}
     args = parse(PPOArgs, config, tmp_path)
     up = os.path.join("..", "")

@@ -204,3 +204,38 @@ def test_ptx_under_pipeline_parallel_matches_one_process(tiny_dir, tmp_path):
     assert abs(plain[-1]["actor_grad_norm"] - one[-1]["actor_grad_norm"]) > 1e-2 * one[-1]["actor_grad_norm"]
     for sub in ("policy", "value"):
         assert_same_weights(tmp_path / "one" / sub, tmp_path / "pp2" / sub, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tiny_dir, tmp_path_factory):
+    """A tiny untied Qwen2 (grouped kv heads, q/k/v biases) on the tiny tokenizer."""
+    from paddlenlp.transformers import AutoTokenizer
+
+    from ppo.tiny.build import build_causal_lm
+
+    out = tmp_path_factory.mktemp("qwen2")
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer"))
+    build_causal_lm(str(out / "base"), tokenizer, family="qwen2", seed=0, num_key_value_heads=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def qwen2_single(qwen2_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qwen2-ppo-single")
+    return out, ppo(qwen2_dir, out, 8)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", ["tensor-parallel", "pipeline-parallel"])
+def test_qwen2_ppo_layouts_match_one_process(qwen2_dir, tmp_path, qwen2_single, layout):
+    """Qwen2 (untied) under tensor and pipeline parallel equals one process, same tolerances as LLaMA."""
+    extra, batch, nproc = LAYOUTS[layout]
+    one_dir, one = qwen2_single
+    two = ppo(qwen2_dir, tmp_path / layout, batch, *extra, nproc=nproc)
+    assert_same_steps(one, two)
+    assert_same_eval(one_dir, tmp_path / layout)
+    for sub in ("policy", "value"):
+        assert_same_weights(one_dir / sub, tmp_path / layout / sub, atol=1e-4)
+        with open(one_dir / sub / "config.json") as f:
+            assert json.load(f)["model_type"] == "qwen2"

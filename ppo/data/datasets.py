@@ -23,6 +23,7 @@ import paddle
 from tqdm import tqdm
 
 from ppo.data.base import RawDataset, RawSample, import_user_modules, parse_dataset_spec
+from ppo.data.chat import CHAT, ChatRenderer, load_chat_template
 from ppo.data.template import DEFAULT_FOLLOW_TEMPLATE, DEFAULT_TEMPLATE
 from ppo.data.tokenizer_utils import ensure_pad_token
 from ppo.errors import UserError
@@ -63,10 +64,12 @@ class PromptTemplate:
 
     first: str = DEFAULT_TEMPLATE
     follow: str = DEFAULT_FOLLOW_TEMPLATE
+    chat: str | None = None  # the tokenizer's chat template (jinja source): replaces first / follow
 
     def __post_init__(self):
         _check_template(self.first, "first")
         _check_template(self.follow, "follow")
+        self.renderer = ChatRenderer(self.chat) if self.chat is not None else None
 
 
 def mix_indices(n: int, proportion: float, seed: int) -> list[int]:
@@ -83,9 +86,42 @@ def mix_indices(n: int, proportion: float, seed: int) -> list[int]:
     return indices
 
 
-def encode_answer(tokenizer, answer: str) -> list[int]:
-    """Ids of ``" " + answer`` without special tokens, then eos: ``[A]``."""
-    return tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def encode_answer(tokenizer, answer: str, template: PromptTemplate | None = None) -> list[int]:
+    """Ids of ``" " + answer`` without special tokens, then eos: ``[A]``.  With a chat template: the
+    template's assistant turn (its text after the generation prompt, trailing whitespace dropped),
+    then eos unless the turn already ends with it."""
+    if template is None or template.renderer is None:
+        return tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    user = [{"role": "user", "content": "?"}]
+    prompt = template.renderer.render(user, True, tokenizer)
+    full = template.renderer.render(user + [{"role": "assistant", "content": answer}], False, tokenizer)
+    ids = tokenizer(_after(prompt, full).rstrip(), add_special_tokens=False)["input_ids"]
+    return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
+
+
+def _after(prefix: str, text: str) -> str:
+    """``text`` without ``prefix``; UserError when the chat template does not render turn by turn."""
+    if not text.startswith(prefix):
+        raise UserError("prompt_template 'chat': the tokenizer's chat template renders a conversation differently "
+                        "once a turn is added (not turn by turn), so turns cannot be masked; give a prompt_template "
+                        "with an {input} placeholder instead")
+    return text[len(prefix):]
+
+
+def _encode_chat(tokenizer, template: PromptTemplate, turns: list[str]) -> tuple[list[int], list[bool]]:
+    """``encode_prompt`` with the chat template: the conversation rendered one message more at a time,
+    each new piece tokenized on its own (assistant pieces trainable; user pieces, with the
+    assistant header that follows them, not)."""
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+    ids, trainable, done = [], [], ""
+    for j in range(1, len(messages) + 1):
+        assistant = messages[j - 1]["role"] == "assistant"
+        text = template.renderer.render(messages[:j], not assistant, tokenizer)
+        piece = tokenizer(_after(done, text), add_special_tokens=False)["input_ids"]
+        ids += piece
+        trainable += [assistant] * len(piece)
+        done = text
+    return ids, trainable
 
 
 def encode_prompt(tokenizer, template: PromptTemplate, input: str | list[str]) -> tuple[list[int], list[bool]]:
@@ -97,6 +133,8 @@ def encode_prompt(tokenizer, template: PromptTemplate, input: str | list[str]) -
     one by one so every id is known to belong to one turn.
     """
     turns = [input] if isinstance(input, str) else list(input)
+    if template.renderer is not None:
+        return _encode_chat(tokenizer, template, turns)
     ids = list(tokenizer(template.first.format(input=turns[0]))["input_ids"])
     trainable = [False] * len(ids)
     for k in range(1, len(turns), 2):
@@ -375,8 +413,8 @@ class PreferenceDataset(TokenizedDataset):
         if len(prompt) >= self.max_length:
             self.counts["too_long"] += 1
             return None
-        first = (prompt + encode_answer(self.tokenizer, sample["answer"]))[:self.max_length]
-        other = (prompt + encode_answer(self.tokenizer, sample["other_answer"]))[:self.max_length]
+        first = (prompt + encode_answer(self.tokenizer, sample["answer"], self.template))[:self.max_length]
+        other = (prompt + encode_answer(self.tokenizer, sample["other_answer"], self.template))[:self.max_length]
         if sample["answer"] == sample["other_answer"] or first == other:
             self.counts["identical"] += 1
             return None
@@ -399,7 +437,7 @@ class SupervisedDataset(TokenizedDataset):
         if len(prompt) >= self.max_length:
             self.counts["too_long"] += 1
             return None
-        answer = encode_answer(self.tokenizer, sample["answer"])
+        answer = encode_answer(self.tokenizer, sample["answer"], self.template)
         ids = (prompt + answer)[:self.max_length]
         labels = ([t if keep else IGNORE_INDEX for t, keep in zip(prompt, trainable)] + answer)[:self.max_length]
         return {"input_ids": ids, "labels": labels}
@@ -413,7 +451,11 @@ class SupervisedDataset(TokenizedDataset):
 
 
 def build_template(args):
-    """The prompt template of the stage arguments ``args`` (``prompt_template``, or the default)."""
+    """The prompt template of the stage arguments ``args`` (``prompt_template``, or the default);
+    ``chat``: the chat template of the model's tokenizer (the actor's in PPO)."""
+    if args.prompt_template == CHAT:
+        what = "model_name_or_path" if hasattr(args, "model_name_or_path") else "actor_model_name_or_path"
+        return PromptTemplate(chat=load_chat_template(getattr(args, what), what))
     return PromptTemplate(first=args.prompt_template) if args.prompt_template else PromptTemplate()
 
 

@@ -1,5 +1,7 @@
-"""Loading tokenizers, causal LMs and score models from local paddlenlp folders, with one-line errors.
+"""Loading tokenizers, causal LMs and score models from local paddlenlp or transformers folders, with
+one-line errors.
 
+A transformers folder is converted once into the cache and loaded from there (``ppo.models.hf``).
 A score model's class comes from the folder's model family (``ppo.models.families``)."""
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import os
 
 from ppo.data import ensure_pad_token
 from ppo.errors import UserError
+from ppo.models import hf
 from ppo.models.families import family_of
 from ppo.models.score_model import init_score_head
 
@@ -20,7 +23,7 @@ def check_model_path(path: str, what: str = "model_name_or_path") -> dict:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise UserError(f"'{what}' = '{path}' is not a model folder (no config.json there); "
-                        "this toolkit loads local paddlenlp checkpoints only")
+                        "this toolkit loads local paddlenlp or transformers (safetensors) checkpoints")
     with open(config_file, encoding="utf-8") as f:
         return json.load(f)
 
@@ -29,8 +32,11 @@ def load_tokenizer(path: str, what: str = "model_name_or_path"):
     from paddlenlp.transformers import AutoTokenizer
 
     check_model_path(path, what)
+    path = hf.resolve(path, what)
+    # a fast tokenizer where tokenizer.json exists: paddlenlp's slow Qwen2 tokenizer can give other ids
+    fast = os.path.isfile(os.path.join(path, "tokenizer.json"))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **({"use_fast": True} if fast else {}))
     except Exception as e:  # paddlenlp raises many types for a folder without tokenizer files
         raise UserError(f"'{what}' = '{path}' has no loadable tokenizer: {str(e).splitlines()[0][:200]}") from None
     return ensure_pad_token(tokenizer)
@@ -46,6 +52,7 @@ def load_causal_lm(path: str, what: str = "model_name_or_path", **overrides):
     from paddlenlp.transformers import AutoConfig, AutoModelForCausalLM
 
     check_model_path(path, what)
+    path = hf.resolve(path, what)
     config = AutoConfig.from_pretrained(path)
     for key, value in overrides.items():
         setattr(config, key, value)
@@ -59,6 +66,8 @@ def load_score_model(path: str, score_type: str = "reward", score_dim: int = 1, 
 
     A saved score model whose head shape differs from ``score_dim`` is rejected with one line.
     """
+    check_model_path(path, what)
+    path = hf.resolve(path, what)
     saved = check_model_path(path, what)
     family = family_of(saved, what, path)
     is_score = "score_dim" in saved

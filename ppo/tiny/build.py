@@ -17,6 +17,7 @@ import io
 import os
 
 from ppo.models.families import DEMO_FAMILY, family_named
+from ppo.tiny.arithmetic import corpus as arithmetic_corpus
 from ppo.tiny.task import corpus
 
 # Model sizes used by the example, the tests and the benchmarks.
@@ -67,22 +68,24 @@ def build_llama(out_dir: str, tokenizer, seed: int = 0, **sizes):
     return build_causal_lm(out_dir, tokenizer, seed=seed, **sizes)
 
 
-def build_causal_lm(out_dir: str, tokenizer, family: str | None = None, seed: int = 0, **sizes):
+def build_causal_lm(out_dir: str, tokenizer, family: str | None = None, seed: int = 0,
+                    tie_word_embeddings: bool = False, **sizes):
     """Save a randomly initialised causal LM of model ``family`` (default: the demo's, LLaMA) sized
-    by ``sizes`` (default: TINY)."""
+    by ``sizes`` (default: TINY); ``tie_word_embeddings``: the LM head is the embedding's transpose."""
     import paddle
 
     model_family = family_named(family or DEMO_FAMILY, "family")
     dims = dict(TINY)
     dims.update(sizes)
     dims.setdefault("vocab_size", len(tokenizer))
+    dims.setdefault("num_key_value_heads", dims["num_attention_heads"])  # Qwen2's config defaults it to 32
     config = model_family.config_class(
         **dims,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         use_flash_attention=False,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         dtype="float32",
     )
     paddle.seed(seed)
@@ -96,8 +99,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default="output/tiny", help="folder to write into")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    parser.add_argument("--task", default="tiny", choices=("tiny", "arithmetic"),
+                        help="corpus of the tokenizer: the example's texts, or the arithmetic task's (digits)")
     args = parser.parse_args(argv)
-    tokenizer = build_tokenizer(os.path.join(args.output_dir, "tokenizer"))
+    texts = None
+    if args.task == "arithmetic":
+        texts = list(arithmetic_corpus())
+    tokenizer = build_tokenizer(os.path.join(args.output_dir, "tokenizer"), texts=texts)
     build_llama(os.path.join(args.output_dir, "base"), tokenizer, seed=args.seed)
     print(f"tokenizer ({len(tokenizer)} tokens) and tiny LLaMA written to {args.output_dir}")
 

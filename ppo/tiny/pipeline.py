@@ -1,6 +1,8 @@
 """The main job on the built-in example: build -> SFT -> reward model -> PPO -> gold-rule report.
 
-    python -m ppo.tiny.pipeline [--output_dir output/tiny] [--nproc 1] [--quick]
+    python -m ppo.tiny.pipeline [--output_dir output/tiny] [--nproc 1] [--quick] [--family llama|qwen2]
+
+``--family qwen2`` builds a tiny Qwen2 base with tied embeddings (LLaMA: untied, as before).
 
 Each stage runs its real entry point (``paddle.distributed.launch`` when ``--nproc`` > 1) with
 the presets in ``config/tiny``.  The report prints the gold score (share of positive adjectives,
@@ -19,7 +21,8 @@ import time
 
 import ppo  # noqa: F401  (sets the MKL environment before paddle loads)
 from ppo.entry import quiet_libraries
-from ppo.tiny.build import build_llama, build_tokenizer
+from ppo.models.families import DEMO_FAMILY, supported
+from ppo.tiny.build import build_causal_lm, build_tokenizer
 from ppo.tiny.evaluate import gold_curve, gold_eval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -70,6 +73,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--output_dir", default="output/tiny", help="where models, logs and the report go")
     parser.add_argument("--nproc", type=int, default=1, help="ranks per stage (data parallel over gloo on CPU)")
     parser.add_argument("--quick", action="store_true", help="shortened run (used by the test suite)")
+    parser.add_argument("--family", default=DEMO_FAMILY, choices=supported(),
+                        help="model family of the base model (qwen2: tied embeddings)")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.output_dir)
     quiet_libraries()
@@ -77,7 +82,8 @@ def main(argv=None) -> dict:
     times = {}
     if not os.path.isfile(os.path.join(out, "base", "config.json")):
         tokenizer = build_tokenizer(os.path.join(out, "tokenizer"))
-        build_llama(os.path.join(out, "base"), tokenizer, seed=0)
+        build_causal_lm(os.path.join(out, "base"), tokenizer, family=args.family, seed=0,
+                        tie_word_embeddings=args.family == "qwen2")
     quick = QUICK if args.quick else {"sft": [], "rm": [], "ppo": []}
     paths = {k: os.path.join(out, k) for k in ("base", "sft", "rm", "ppo")}
     times["sft"] = run_stage("ppo/run_sft.py", "config/tiny/sft_argument.json",

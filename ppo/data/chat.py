@@ -1,0 +1,56 @@
+"""The tokenizer's own chat template, for ``prompt_template chat``.
+
+The template (jinja, transformers' convention: ``messages``, ``add_generation_prompt``, ``bos_token``,
+``eos_token``) comes from the model folder's ``tokenizer_config.json`` (``chat_template``: a string,
+or a list of named templates, of which ``default``) or else from ``chat_template.jinja`` (where
+transformers 4.5x / 5.x save it; paddlenlp does not read that file).  It is rendered here, with
+jinja's sandbox and transformers' whitespace options, so both file layouts behave alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ppo.errors import UserError
+
+CHAT = "chat"  # the prompt_template value that selects the tokenizer's template
+
+
+def load_chat_template(path: str, what: str = "model_name_or_path") -> str:
+    """The jinja source of the chat template of the model folder ``path``; UserError (one line) when
+    it has none."""
+    source = None
+    config_file = os.path.join(path or "", "tokenizer_config.json")
+    if os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            source = json.load(f).get("chat_template")
+    if isinstance(source, list):  # [{"name": ..., "template": ...}]
+        source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
+    jinja_file = os.path.join(path or "", "chat_template.jinja")
+    if not source and os.path.isfile(jinja_file):
+        with open(jinja_file, encoding="utf-8") as f:
+            source = f.read()
+    if not isinstance(source, str) or not source.strip():
+        raise UserError(f"prompt_template 'chat' uses the tokenizer's chat template, but '{what}' = '{path}' has none "
+                        "(no chat_template in tokenizer_config.json, no chat_template.jinja); give a prompt_template "
+                        "with an {input} placeholder instead")
+    return source
+
+
+class ChatRenderer:
+    """Renders a list of ``{"role", "content"}`` messages with a chat template's jinja source."""
+
+    def __init__(self, source: str):
+        def raise_exception(message):
+            raise UserError(f"the chat template refused the conversation: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        self.template = env.from_string(source)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool, tokenizer) -> str:
+        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                    bos_token=tokenizer.bos_token or "", eos_token=tokenizer.eos_token or "")

@@ -1,0 +1,466 @@
+"""PPO with reward functions: the end scores (functions alone, and with a reward model), a GRPO
+advantage step against numpy, which models are (not) loaded, the remote endpoint through a PPO
+step, DAPO dynamic sampling (refill and its bound) and the argument checks.
+
+The arithmetic task's tokenizer is used (the tiny example's has no digits).
+"""
+
+import http.server
+import json
+import os
+import re
+import socket
+import threading
+
+import numpy as np
+import paddle
+import pytest
+
+from ppo.args import PPOArgs, parse_args
+from ppo.errors import UserError
+from ppo.experience import Experience
+from ppo.models import load_score_model
+from ppo.ppo_evaluation import prompt_batch
+from ppo.ppo_rewards import choose_groups, concat_experiences, informative_groups
+from ppo.rewards import RewardFunction
+from ppo.rollout import action_mask_of, forward_log_probs
+
+
+class ResponseLength(RewardFunction):
+    """Test function: the number of response tokens."""
+
+    NAME = "test_response_length"
+
+    def __call__(self, prompts, responses, response_ids, references, **context):
+        return [float(len(ids)) for ids in response_ids]
+
+
+def _first_operand(prompt: str) -> int:
+    return int(re.search(r"What is (\d+)", prompt).group(1))
+
+
+class EvenGated(RewardFunction):
+    """Test function: 0, 1, 0, 1, ... over the batch rows when the prompt's first operand is even
+    (a group of 2 then has two different scores), else 0 for every row (no group advantage)."""
+
+    NAME = "test_even_gated"
+
+    def __call__(self, prompts, responses, response_ids, references, **context):
+        return [float(i % 2) if _first_operand(p) % 2 == 0 else 0.0 for i, p in enumerate(prompts)]
+
+
+class Constant(RewardFunction):
+    NAME = "test_constant"
+
+    def __call__(self, prompts, responses, response_ids, references, **context):
+        return [1.0] * len(prompts)
+
+
+@pytest.fixture(scope="module")
+def arith(tmp_path_factory):
+    """A tokenizer trained on the arithmetic task, a random tiny LLaMA on it and a reward model."""
+    from ppo.tiny.arithmetic import corpus
+    from ppo.tiny.build import build_llama, build_tokenizer
+
+    out = tmp_path_factory.mktemp("arith")
+    tok = build_tokenizer(str(out / "tokenizer"), texts=list(corpus()))
+    build_llama(str(out / "base"), tok, seed=0)
+    rm = load_score_model(str(out / "base"))
+    rm.save_pretrained(str(out / "rm"))
+    tok.save_pretrained(str(out / "rm"))
+    return {"base": str(out / "base"), "rm": str(out / "rm"), "out": out, "tokenizer": tok}
+
+
+def make_args(arith, name, **overrides):
+    kwargs = dict(actor_model_name_or_path=arith["base"], train_datasets="arithmetic-prompts/train",
+                  output_dir=str(arith["out"] / name), max_length=32, max_new_tokens=6, adv_estimator="grpo",
+                  num_return_sequences=2, per_device_prompt_batch_size=4, per_device_train_batch_size=8,
+                  learning_rate=1e-3, lr_scheduler_type="constant", max_steps=1, logging_steps=1,
+                  disable_tqdm=True, seed=5, reward_functions="math_exact")
+    kwargs.update(overrides)
+    return PPOArgs(**kwargs)
+
+
+def make_trainer(arith, name, **overrides):
+    from ppo.trainer import PPOTrainer
+
+    return PPOTrainer(make_args(arith, name, **overrides))
+
+
+@pytest.fixture
+def load_counts(monkeypatch):
+    """How many causal LMs and score models (reward model, critic) the trainer loads."""
+    import ppo.ppo_models as pm
+
+    counts = {"causal_lm": 0, "score_model": 0}
+
+    def counting(fn, key):
+        def wrapper(*a, **k):
+            counts[key] += 1
+            return fn(*a, **k)
+        return wrapper
+    monkeypatch.setattr(pm, "load_causal_lm", counting(pm.load_causal_lm, "causal_lm"))
+    monkeypatch.setattr(pm, "load_score_model", counting(pm.load_score_model, "score_model"))
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# which models exist
+
+
+def test_functions_alone_load_actor_and_reference_only(arith, load_counts):
+    trainer = make_trainer(arith, "loads-grpo")
+    assert load_counts == {"causal_lm": 2, "score_model": 0}
+    assert trainer.models.reward is None and trainer.models.critic is None and trainer.critic is None
+    trainer.train()  # and it trains: one step, eval-free, the final model saved
+    assert os.path.isfile(os.path.join(trainer.args.output_dir, "policy", "model_state.pdparams"))
+
+
+def test_gae_without_reward_model_loads_the_critic_only(arith, load_counts):
+    trainer = make_trainer(arith, "loads-gae", adv_estimator="gae", num_return_sequences=1, per_device_train_batch_size=4,
+                           reward_critic_model_name_or_path=arith["rm"])
+    assert load_counts == {"causal_lm": 2, "score_model": 1}
+    assert trainer.models.reward is None and trainer.critic is not None
+
+
+def test_reward_model_with_functions_loads_it(arith, load_counts):
+    trainer = make_trainer(arith, "loads-rm", reward_model_name_or_path=arith["rm"])
+    assert load_counts == {"causal_lm": 2, "score_model": 1}
+    assert trainer.models.reward is not None and trainer.critic is None
+
+
+# ---------------------------------------------------------------------------------------------
+# end scores and the GRPO step
+
+
+def fixed_batch(trainer, texts):
+    """Sequences [B, P + R] of (prompt, response tokens) pairs, left/right padded, with actor and
+    reference log-probs (the actor perturbed so the KL is not 0) and zero end scores."""
+    tok = trainer.tokenizer
+    pad = tok.pad_token_id
+    prompts = [tok(p)["input_ids"] for p, _ in texts]
+    responses = [r for _, r in texts]
+    P, R = max(map(len, prompts)), max(map(len, responses))
+    seqs = [[pad] * (P - len(p)) + p + r + [pad] * (R - len(r)) for p, r in zip(prompts, responses)]
+    mask = [[0] * (P - len(p)) + [1] * (len(p) + len(r)) + [0] * (R - len(r)) for p, r in zip(prompts, responses)]
+    seqs, mask = paddle.to_tensor(seqs, dtype="int64"), paddle.to_tensor(mask, dtype="int64")
+    rng = np.random.default_rng(0)
+    for p in trainer.actor.parameters():
+        p.set_value(p.numpy() + rng.normal(0, 0.02, p.shape).astype("float32"))
+    with paddle.no_grad():
+        old, _ = forward_log_probs(trainer.actor, seqs, mask)
+        ref, _ = forward_log_probs(trainer.models.reference, seqs, mask)
+    eos = tok.eos_token_id
+    return Experience(sequences=seqs, attention_mask=mask, action_mask=action_mask_of(mask, P),
+                      old_log_probs=old, ref_log_probs=ref, end_scores=paddle.zeros([len(texts)]),
+                      response_lengths=paddle.to_tensor([len(r) for r in responses], dtype="int64"),
+                      ended_with_eos=paddle.to_tensor([bool(r) and r[-1] == eos for r in responses]),
+                      prompt_length=P)
+
+
+def test_grpo_step_with_functions_only_matches_numpy(arith):
+    trainer = make_trainer(arith, "grpo-numpy", reward_functions="math_exact,overlong:0.5",
+                           reward_overlong_buffer=3, kl_coeff=0.1, clip_range_score=0.8)
+    tok = trainer.tokenizer
+    eos = tok.eos_token_id
+
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+    long_right = ids(" 5 5 5 5 5")[:5]  # 5 tokens, no EOS: overlong, ends in 5
+    texts = [("What is 2 + 3?", ids(" 5") + [eos]), ("What is 2 + 3?", long_right),
+             ("What is 10 - 4?", ids(" 7") + [eos]), ("What is 10 - 4?", ids(" 6") + [eos])]
+    exp = fixed_batch(trainer, texts)
+    exp, per_function = trainer.scorer.apply(exp, ["5", "6"], tok)
+    out = trainer.advantages(exp)
+
+    # numpy: the scores by hand (math_exact; overlong with M = 6, K = 3), then the GRPO step
+    math_exact = np.array([1.0, 1.0, 0.0, 1.0])
+    L = np.array([len(r) for _, r in texts], dtype=np.float64)
+    overlong = np.clip((6 - 3 - L) / 3, -1.0, 0.0)
+    np.testing.assert_array_equal(per_function["math_exact"], math_exact)
+    np.testing.assert_allclose(per_function["overlong"], overlong, atol=1e-12)
+    assert overlong[1] < 0 and overlong[0] == 0  # the case is not trivial
+    total = math_exact + 0.5 * overlong
+    np.testing.assert_allclose(exp.end_scores.numpy(), total, atol=1e-6)
+    mask = exp.action_mask.numpy().astype(np.float64)
+    kl = (exp.old_log_probs.numpy() - exp.ref_log_probs.numpy()) * mask
+    seq_reward = (-0.1 * kl * mask).sum(axis=1) + np.clip(total, -0.8, 0.8)
+    g = seq_reward.reshape(-1, 2)
+    adv = ((g - g.mean(axis=1, keepdims=True)) / (g.std(axis=1, ddof=1, keepdims=True) + 1e-6)).reshape(-1)
+    tokens = adv[:, None] * mask
+    mean = (tokens * mask).sum() / mask.sum()
+    var = (((tokens - mean) ** 2) * mask).sum() / (mask.sum() - 1)
+    expected = (tokens - mean) / np.sqrt(var + 1e-8) * mask
+    np.testing.assert_allclose(out.advantages.numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_reward_model_plus_functions_is_the_weighted_sum(arith):
+    trainer = make_trainer(arith, "weighted", reward_model_name_or_path=arith["rm"],
+                           reward_functions="test_response_length:2.0,math_exact:0.25", reward_model_weight=0.5)
+    indices = [0, 5, 9, 13]
+    ids, mask = prompt_batch(trainer.data.prompts, indices)
+    exp = trainer.experience(ids, mask, references=trainer.data.prompts.references(indices))
+    with paddle.no_grad():
+        rm = trainer.models.reward(exp.sequences, exp.attention_mask).end_scores.squeeze(-1).numpy()
+    lengths = exp.response_lengths.numpy().astype(np.float64)
+    np.testing.assert_array_equal(trainer.function_scores["test_response_length"], lengths)
+    expected = 0.5 * rm + 2.0 * lengths + 0.25 * trainer.function_scores["math_exact"]
+    np.testing.assert_allclose(exp.end_scores.numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(rm).max() > 1e-3  # the reward model's part is really there
+
+
+# ---------------------------------------------------------------------------------------------
+# the remote endpoint
+
+
+def length_scores(body):
+    return [float(len(r) % 3) for r in body["responses"]]
+
+
+def alternating_scores(body):
+    """0, 1, 0, 1, ... over the batch rows."""
+    return [float(i % 2) for i in range(len(body["responses"]))]
+
+
+class _Server:
+    """A JSON reward server on 127.0.0.1 (``score(request) -> scores``, by default
+    ``len(response) % 3``); records every request."""
+
+    def __init__(self, score=length_scores):
+        self.requests = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append(body)
+                answer = json.dumps({"scores": score(body)}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/score"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_remote_endpoint_scores_a_ppo_step(arith):
+    server = _Server()
+    try:
+        trainer = make_trainer(arith, "remote", reward_functions="", reward_server_url=server.url,
+                               reward_server_timeout=5.0)
+        assert server.requests == [{"prompts": [], "responses": [], "references": []}]  # the start-up check
+        trainer.train()
+    finally:
+        server.close()
+    assert len(server.requests) == 2
+    batch = server.requests[1]
+    assert len(batch["responses"]) == 8
+    indices = trainer.data.prompt_sampler.micro_batches(0)[0]
+    refs = trainer.data.prompts.references(indices)
+    assert batch["references"] == [r for r in refs for _ in range(2)]  # each prompt's, per response
+    with open(os.path.join(trainer.args.output_dir, "metrics.jsonl")) as f:
+        train = [json.loads(line) for line in f if '"train"' in line][0]
+    scores = [len(r) % 3 for r in batch["responses"]]
+    assert train["reward_remote"] == pytest.approx(np.mean(scores))
+    assert train["reward"] == pytest.approx(np.mean(scores), abs=1e-6)
+
+
+def test_reward_server_down_at_start_stops_before_loading(arith, load_counts):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    with pytest.raises(UserError, match="reward server .* failed 1 time"):
+        make_trainer(arith, "down", reward_functions="", reward_server_url=f"http://127.0.0.1:{port}/score",
+                     reward_server_retries=0, reward_server_timeout=2.0)
+    assert load_counts == {"causal_lm": 0, "score_model": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# dynamic sampling
+
+
+def recorded(trainer):
+    """Wrap ``trainer.experience`` to record every rollout's result."""
+    calls = []
+    inner = trainer.experience
+
+    def experience(*a, **k):
+        calls.append(inner(*a, **k))
+        return calls[-1]
+    trainer.experience = experience
+    return calls
+
+
+def prompts_of(trainer, exp):
+    from ppo.ppo_rewards import decode_rows
+
+    return decode_rows(exp, trainer.tokenizer)[0]
+
+
+def test_dynamic_sampling_refills_with_informative_groups(arith):
+    trainer = make_trainer(arith, "ds-refill", reward_functions="test_even_gated", dynamic_sampling=True,
+                           dynamic_sampling_max_tries=8)
+    calls = recorded(trainer)
+    exp = trainer.rollout(0)
+    assert exp.batch_size == 8
+    # every kept group is informative: its prompt's first operand is even
+    assert all(_first_operand(p) % 2 == 0 for p in prompts_of(trainer, exp))
+    assert informative_groups(exp.end_scores.numpy(), 2).all()
+    # rollouts stop as soon as 4 informative groups are in hand
+    good = [int(sum(_first_operand(p) % 2 == 0 for p in prompts_of(trainer, c)[::2])) for c in calls]
+    assert np.cumsum(good)[-1] >= 4 and (len(calls) == 1 or np.cumsum(good)[-2] < 4)
+    stats = trainer.sampling_stats
+    assert stats["dynamic_sampling_tries"] == len(calls) - 1 >= 1  # the first batch was short
+    assert stats["dynamic_sampling_dropped_groups"] == 4 * len(calls) - sum(good)
+    assert stats["dynamic_sampling_filler_groups"] == 0
+    assert list(trainer.function_scores["test_even_gated"]) == [0.0, 1.0] * 4  # scores follow the rows
+
+
+def test_dynamic_sampling_stops_after_its_tries(arith):
+    trainer = make_trainer(arith, "ds-bound", reward_functions="test_constant", dynamic_sampling=True,
+                           dynamic_sampling_max_tries=2)
+    calls = recorded(trainer)
+    exp = trainer.rollout(0)
+    assert len(calls) == 3  # the batch and 2 tries
+    assert trainer.sampling_stats == {"dynamic_sampling_tries": 2.0, "dynamic_sampling_dropped_groups": 12.0,
+                                      "dynamic_sampling_filler_groups": 4.0}
+    # still short: the first batch's groups fill it (no group advantage, the batch keeps its size)
+    first = calls[0]
+    np.testing.assert_array_equal(exp.sequences.numpy()[:, -first.sequences.shape[1]:], first.sequences.numpy())
+    trainer.train()  # and the step runs on it
+
+
+def test_choose_groups_and_concat():
+    idx, filler = choose_groups(np.array([False, True, False, True, True]), 2)
+    assert idx.tolist() == [1, 3] and filler == 0
+    idx, filler = choose_groups(np.array([False, True, False]), 3)
+    assert idx.tolist() == [1, 0, 2] and filler == 2
+
+    def exp(P, rows, fill):
+        B, L = len(rows), len(rows[0])
+        t = paddle.to_tensor(np.array(rows, dtype=np.int64))
+        f = paddle.to_tensor(np.full([B, L - 1], fill, dtype=np.float32))
+        return Experience(sequences=t, attention_mask=(t > 0).astype("int64"), action_mask=f, old_log_probs=f,
+                          ref_log_probs=f, end_scores=paddle.to_tensor([fill] * B), prompt_length=P,
+                          response_lengths=paddle.to_tensor([1] * B), ended_with_eos=paddle.to_tensor([True] * B))
+    a = exp(2, [[5, 6, 7]], 1.0)             # P 2, R 1
+    b = exp(3, [[8, 9, 4, 5, 6]], 2.0)      # P 3, R 2
+    out = concat_experiences([a, b], pad_token_id=0)
+    assert out.prompt_length == 3
+    np.testing.assert_array_equal(out.sequences.numpy(), [[0, 5, 6, 7, 0], [8, 9, 4, 5, 6]])
+    np.testing.assert_array_equal(out.old_log_probs.numpy(), [[0, 1, 1, 0], [2, 2, 2, 2]])
+    np.testing.assert_array_equal(out.end_scores.numpy(), [1.0, 2.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--reward_model_name_or_path", ""], "no reward: give reward_model_name_or_path, reward_functions"),
+    (["--reward_functions", "math_exact", "--adv_estimator", "gae"], "needs reward_critic_model_name_or_path"),
+    (["--reward_functions", "math_exact", "--dynamic_sampling", "true", "--adv_estimator", "reinforce_plus_plus"],
+     "dynamic_sampling drops groups"),
+    (["--reward_functions", "math_exact", "--reward_server_timeout", "0"], "'reward_server_timeout' must be > 0"),
+    (["--reward_functions", "math_exact", "--reward_server_retries", "-1"], "'reward_server_retries' must be >= 0"),
+    (["--reward_functions", "math_exact", "--reward_server_url", "ftp://x"], "'reward_server_url' must be an http"),
+    (["--reward_functions", "math_exact", "--reward_overlong_buffer", "0"], "'reward_overlong_buffer' must be >= 1"),
+    (["--reward_functions", "math_exact", "--reward_model_weight", "nan"], "'reward_model_weight' must be a finite"),
+    (["--reward_functions", "math_exact", "--dynamic_sampling_max_tries", "-1"],
+     "'dynamic_sampling_max_tries' must be >= 0"),
+])
+def test_reward_arguments_are_checked(argv, message):
+    base = ["--actor_model_name_or_path", "a", "--train_datasets", "arithmetic-prompts/train"]
+    if "--adv_estimator" not in argv:
+        argv = argv + ["--adv_estimator", "grpo", "--num_return_sequences", "2"]
+    with pytest.raises(UserError, match=re.escape(message)) as e:
+        parse_args(PPOArgs, base + argv)
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the endpoint under tensor / pipeline parallel: one caller per data rank, scores on every rank
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", [["--tensor_parallel_degree", "2"],
+                                    ["--pipeline_parallel_degree", "2", "--per_device_train_batch_size", "4",
+                                     "--gradient_accumulation_steps", "2"]], ids=["tp2", "pp2"])
+def test_remote_endpoint_one_caller_per_data_rank(arith, tmp_path, layout):
+    """Greedy responses (REINFORCE++: no groups, whose equal greedy responses would cancel), the
+    server scoring 0, 1, 0, 1, ...: the 2-rank run makes one call per step and trains like one
+    process (a rank without the scores would train on zero rewards)."""
+    from test_entrypoints import run
+    from test_ppo_parallel import assert_same_weights
+
+    def ppo(out, *extra, nproc):
+        server = _Server(alternating_scores)
+        try:
+            run("ppo/run_ppo.py", "--actor_model_name_or_path", arith["base"], "--train_datasets",
+                "arithmetic-prompts/train", "--output_dir", out, "--max_length", "32", "--max_new_tokens", "6",
+                "--adv_estimator", "reinforce_plus_plus", "--per_device_prompt_batch_size", "8",
+                "--max_steps", "2", "--logging_steps", "1", "--do_sample", "false", "--shuffle_minibatches", "false",
+                "--learning_rate", "0.001", "--reward_server_url", server.url, *extra, nproc=nproc)
+        finally:
+            server.close()
+        with open(out / "metrics.jsonl") as f:
+            return server.requests, [json.loads(line) for line in f if '"train"' in line]
+
+    _, one = ppo(tmp_path / "one", nproc=1)
+    requests, two = ppo(tmp_path / "two", *layout, nproc=2)
+    batches = [r for r in requests if r["responses"]]
+    assert len(requests) - len(batches) == 2  # each rank's start-up check
+    assert [len(b["responses"]) for b in batches] == [8, 8]  # one call per step, not one per rank
+    for a, b in zip(one, two):
+        assert b["reward_remote"] == pytest.approx(0.5) and b["reward"] == pytest.approx(0.5)
+        for key in ("actor_loss", "actor_grad_norm", "kl"):
+            assert abs(a[key] - b[key]) < 1e-3 * max(1e-2, abs(a[key])), (key, a[key], b[key])
+    assert one[0]["actor_grad_norm"] > 1e-3  # the scores did move the policy
+    assert_same_weights(tmp_path / "one" / "policy", tmp_path / "two" / "policy", atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the arithmetic task, short
+
+
+@pytest.mark.slow
+def test_grpo_on_arithmetic_with_math_exact_only(arith, load_counts):
+    """SFT briefly on the arithmetic data (30% wrong answers), then GRPO with math_exact and no
+    reward model or critic.  Measured: held-out accuracy 0.145 after this SFT, 0.12 after 20 GRPO
+    steps (README: 0.165 -> 0.10-0.135 over 60 steps): no gain at this model size yet, so the test
+    checks the run itself, not a rise."""
+    from ppo.args import SFTArgs
+    from ppo.sft_trainer import SFTTrainer
+    from ppo.trainer import PPOTrainer
+
+    sft = str(arith["out"] / "sft")
+    SFTTrainer(SFTArgs(model_name_or_path=arith["base"], train_datasets="arithmetic-sft", output_dir=sft,
+                       max_length=32, num_train_epochs=10, per_device_train_batch_size=16, learning_rate=3e-3,
+                       lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=100, disable_tqdm=True)).train()
+    args = parse_args(PPOArgs, [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config",
+                                             "tiny", "grpo_argument.json"),
+                                "--actor_model_name_or_path", sft, "--output_dir", str(arith["out"] / "grpo"),
+                                "--max_steps", "20", "--eval_steps", "20", "--disable_tqdm", "true"])
+    trainer = PPOTrainer(args)
+    assert load_counts == {"causal_lm": 2, "score_model": 0}
+    before = {k: v.numpy().copy() for k, v in trainer.actor.state_dict().items()}
+    trainer.train()
+    assert all(np.abs(v.numpy() - before[k]).max() > 0 for k, v in trainer.actor.state_dict().items())
+    with open(os.path.join(args.output_dir, "metrics.jsonl")) as f:
+        logs = [json.loads(line) for line in f]
+    evals = [r for r in logs if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 20]
+    assert evals[0]["math_exact_accuracy"] > 0.05  # the SFT policy answers some held-out problems right
+    assert all(0 <= r["math_exact_accuracy"] <= 1 and r["reward"] == r["reward_math_exact"] for r in evals)
+    assert all("math_exact_accuracy" in r for r in logs if r["split"] == "train")
+    print("held-out math_exact accuracy:", [(r["step"], r["math_exact_accuracy"]) for r in evals])
