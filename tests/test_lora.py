@@ -56,6 +56,21 @@ def test_lora_step_matches_numpy_low_rank_step():
     np.testing.assert_array_equal(layer.weight.numpy(), W)
 
 
+@pytest.fixture(scope="module")
+def qwen2_dir(tiny_tokenizer, tmp_path_factory):
+    """A tiny tied Qwen2 (q/k/v biases): LoRA knows no family."""
+    from ppo.tiny.build import build_causal_lm
+
+    out = tmp_path_factory.mktemp("lora_qwen2")
+    build_causal_lm(str(out / "base"), tiny_tokenizer, family="qwen2", seed=2, tie_word_embeddings=True)
+    return out
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def family_dir(request, tiny_dir):
+    return tiny_dir if request.param == "llama" else request.getfixturevalue("qwen2_dir")
+
+
 def load_pair(tiny_dir):
     """(a LoRA model with random nonzero adapters, the untouched base model), same weights."""
     from ppo.models import load_causal_lm
@@ -63,6 +78,7 @@ def load_pair(tiny_dir):
     base = load_causal_lm(str(tiny_dir / "base"))
     paddle.seed(7)
     model = apply_lora(load_causal_lm(str(tiny_dir / "base")), 4, 8.0, "q_proj,v_proj,o_proj,gate_proj,down_proj")
+    assert any(layer.bias is not None for layer in lora_layers(model)) == (base.config.model_type == "qwen2")
     for layer in lora_layers(model):
         layer.lora_B.set_value(paddle.randn(layer.lora_B.shape) * 0.5)
     base.eval()
@@ -78,11 +94,11 @@ def sequences():
     return ids, paddle.to_tensor(mask)
 
 
-def test_reference_with_adapters_off_is_the_base_model(tiny_dir):
+def test_reference_with_adapters_off_is_the_base_model(family_dir):
     from ppo.inference import InferenceModel
     from ppo.rollout import forward_log_probs
 
-    model, base = load_pair(tiny_dir)
+    model, base = load_pair(family_dir)
     ids, mask = sequences()
     reference = AdaptersOff(model)
     assert reference.parameters() == [] and reference.buffers() == []  # offload moves nothing of the actor
@@ -98,13 +114,13 @@ def test_reference_with_adapters_off_is_the_base_model(tiny_dir):
     assert all(not layer.disable_lora for layer in lora_layers(model))  # switched back on
 
 
-def test_rollout_reads_the_current_adapters(tiny_dir):
+def test_rollout_reads_the_current_adapters(family_dir):
     """After an optimizer step on the adapters, the inference path (log-probs and greedy decoding)
     agrees with the training forward; the reference stays the base model."""
     from ppo.inference import InferenceModel
     from ppo.rollout import GenerationConfig, PaddleNLPDecoder, _generate, forward_log_probs
 
-    model, base = load_pair(tiny_dir)
+    model, base = load_pair(family_dir)
     ids, mask = sequences()
     view = InferenceModel.of(model)
     before = view.log_probs(ids, mask).numpy()
