@@ -61,6 +61,8 @@ def _fraction(args, *keys):
 
 STRATEGIES = ("steps", "epoch", "no")
 RECOMPUTE_GRANULARITIES = ("full", "full_attn", "core_attn")
+# the attention and MLP projections in paddlenlp's decoder naming (separate or fused)
+LORA_DEFAULT_TARGETS = "q_proj,k_proj,v_proj,qkv_proj,o_proj,gate_proj,up_proj,gate_up_fused_proj,down_proj"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,6 +115,16 @@ class TrainingArgs:
     recompute_granularity: str = arg("full", "What recompute recomputes: whole decoder layers, their attention "
                                              "blocks, or the attention core (softmax(QK^T)V) only.",
                                      RECOMPUTE_GRANULARITIES)
+    # LoRA (PaddleNLP's names): the trained model (the actor in PPO) learns low-rank adapters only
+    lora: bool = arg(False, "Train low-rank adapters (paddlenlp.peft LoRA) on lora_target_modules instead of the "
+                            "whole model (the actor in PPO; its reference is then the same weights with the "
+                            "adapters off). The base weights stay frozen; the final model is written merged, the "
+                            "adapters beside it in lora/.")
+    lora_rank: int = arg(8, "Rank r of the adapters (A [in, r], B [r, out]).")
+    lora_alpha: float = arg(16.0, "Adapter scale numerator: the update is x @ A @ B * lora_alpha / lora_rank.")
+    lora_target_modules: str = arg(LORA_DEFAULT_TARGETS, "Comma-separated linear layers that get adapters: a name "
+                                                         "matches the last part of a layer's path (q_proj), anything "
+                                                         "else is a regular expression over the full path.")
     max_nonfinite_steps: int = arg(3, "Consecutive updates with a non-finite loss, gradient norm, reward or KL that "
                                       "are skipped (and counted) before training stops; 0 stops at the first.")
     resume_from_checkpoint: str = arg("", "checkpoint-N folder to continue from exactly, or 'auto' for the latest complete one in output_dir.",
@@ -128,6 +140,7 @@ class TrainingArgs:
                  f"'num_train_epochs' must be > 0 (or set max_steps), got {self.num_train_epochs}")
         _require(self.max_nonfinite_steps >= 0, f"'max_nonfinite_steps' must be >= 0, got {self.max_nonfinite_steps}")
         _require(self.save_total_limit >= 1, f"'save_total_limit' must be >= 1, got {self.save_total_limit}")
+        _validate_lora(self, "lora")
         _require(not (self.bf16 and self.fp16), "'bf16' and 'fp16' cannot both be true")
         _require(self.do_train, "'do_train' is false: these entry points always train (PaddleNLP's evaluation-only "
                                 "runs have no counterpart here); drop the key or set it to true")
@@ -176,6 +189,18 @@ class DataArgs:
 # Stages
 
 
+def _validate_lora(args, switch: str) -> None:
+    """LoRA settings (shared by ``lora`` and PPO's ``critic_lora``, which uses the same rank and targets)."""
+    _at_least_one(args, "lora_rank")
+    _positive(args, "lora_alpha")
+    _require(any(t.strip() for t in args.lora_target_modules.split(",")),
+             "'lora_target_modules' is empty: give comma-separated layer names, e.g. q_proj,v_proj")
+    if getattr(args, switch) and (getattr(args, "tensor_parallel_degree", 1) > 1
+                                  or getattr(args, "pipeline_parallel_degree", 1) > 1):
+        raise UserError(f"'{switch}' needs tensor_parallel_degree 1 and pipeline_parallel_degree 1 (checkpoints "
+                        "and pipeline stages do not handle split adapters); use data parallel or sharding with LoRA")
+
+
 def _validate_shared(args) -> None:
     TrainingArgs.validate(args)
     ParallelArgs.validate(args)
@@ -219,6 +244,8 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
     critic_recompute: bool = arg(False, "Activation checkpointing of the critic (see recompute).")
     critic_recompute_granularity: str = arg("full", "What critic_recompute recomputes (see recompute_granularity).",
                                             RECOMPUTE_GRANULARITIES)
+    critic_lora: bool = arg(False, "Train the critic as LoRA adapters on lora_target_modules (same lora_rank and "
+                                   "lora_alpha as the actor) plus its whole score head.")
     normalize_reward: bool = arg(False, "Normalise rewards with the statistics saved in the reward model's config.")
     # data
     ptx_datasets: str = arg("", "Supervised data for the ptx loss (empty: no ptx).", path="datasets")
@@ -310,6 +337,7 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
         _positive(self, "critic_learning_rate", "clip_range_ratio", "clip_range_value", "clip_range_score",
                   "temperature")
         _non_negative(self, "critic_weight_decay")
+        _validate_lora(self, "critic_lora")
         _fraction(self, "critic_warmup_ratio")
         _at_least_one(self, "per_device_prompt_batch_size", "update_iters", "num_return_sequences", "max_new_tokens")
         _require(0 < self.top_p <= 1, f"'top_p' must be in (0, 1], got {self.top_p}")

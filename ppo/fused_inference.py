@@ -52,6 +52,7 @@ from ppo import parallel
 from ppo.decoding import RolloutDecoder, WeightCopyDecoder
 from ppo.inference import InferenceModel
 from ppo.models.families import family_of
+from ppo.models.lora import is_lora
 
 logger = logging.getLogger("ppo")
 _warned = False
@@ -96,7 +97,8 @@ def rollout_decoder(model, static_decode: bool = False, dtype: str | None = None
     global _warned
     if parallel.device() == "gpu":
         missing = fused_unavailable_reason()
-        reason = missing or unsupported_config(model.config) or (
+        # its weight copy would hold the base weights only: LoRA adapters are applied by InferenceModel
+        reason = missing or ("LoRA adapters" if is_lora(model) else None) or unsupported_config(model.config) or (
             None if dtype in ("bfloat16", "float16") else "float32 training: it runs in the bf16 / fp16 precision")
         if reason is None:
             return FusedInferenceModel(model, dtype=dtype)

@@ -78,9 +78,18 @@ def _rotation_matrix(D: int, dtype):
     return paddle.to_tensor(r).astype(dtype)
 
 
+def _matmul(x, projection: Projection):
+    """x [N, in] @ weight [in, out] (+ the LoRA term x @ A [in, r] @ B [r, out] * scale, applied on
+    the fly: always the current adapters) -> [N, out]."""
+    y = paddle.matmul(x, projection.weight)
+    if projection.lora_a is not None:
+        y = y + paddle.matmul(paddle.matmul(x, projection.lora_a), projection.lora_b) * projection.lora_scale
+    return y
+
+
 def _linear(x, projection: Projection):
     """x [N, in] @ weight [in, out] (+ bias [out]) -> [N, out]."""
-    y = paddle.matmul(x, projection.weight)
+    y = _matmul(x, projection)
     return y if projection.bias is None else y + projection.bias
 
 
@@ -160,7 +169,7 @@ class InferenceModel(RolloutDecoder):
     def _row_parallel(self, x, projection: Projection):
         """A row-parallel projection (attention output, MLP down): the partial products summed over
         tensor parallel, then the bias (held whole by every rank: added once, after the sum)."""
-        y = self._reduce(paddle.matmul(x, projection.weight))
+        y = self._reduce(_matmul(x, projection))  # (LoRA runs unsplit: tensor parallel refuses it)
         return y if projection.bias is None else y + projection.bias
 
     def _qkv(self, h, weights: LayerWeights):

@@ -2,7 +2,8 @@
 which roll out, and whether the rollout weights are current.
 
     actor      trains (a pipeline stage under pipeline parallel); its policy makes the rollout
-    reference  frozen copy of the initial actor (KL anchor)
+    reference  frozen copy of the initial actor (KL anchor); with ``lora`` the actor itself with its
+               adapters switched off (``ppo.models.lora.AdaptersOff``)
     reward     frozen score model (end scores); None without reward_model_name_or_path (the reward
                functions score alone)
     critic     trains (value head); only with the ``gae`` estimator
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from ppo import parallel, pipeline
 from ppo.errors import UserError
 from ppo.fused_inference import rollout_decoder
+from ppo.models.lora import AdaptersOff, apply_lora
 from ppo.models.recompute import enable_recompute
 from ppo.decoding import WeightCopyDecoder
 from ppo.models import (
@@ -116,15 +118,21 @@ def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOMode
         return pipeline.score_pipe(model) if isinstance(model, ScoreModel) else pipeline.policy_pipe(model)
 
     actor = trainable(policy(tp), args.actor_model_name_or_path, "actor_model_name_or_path")
+    if args.lora:
+        apply_lora(actor, args.lora_rank, args.lora_alpha, args.lora_target_modules)
     if args.recompute:
         enable_recompute(actor, args.recompute_granularity)
-    reference = freeze(policy(rollout_tp))
+    # a LoRA actor's reference is its own base weights with the adapters off: no second copy
+    reference = AdaptersOff(actor) if args.lora else freeze(policy(rollout_tp))
     reward = freeze(load_score_model(args.reward_model_name_or_path, score_type="reward",
                                      what="reward_model_name_or_path", **rollout_tp)) if with_reward else None
     if args.normalize_reward and reward is not None and reward.normalizer.kind == "none":
         raise UserError(f"normalize_reward is set but the reward model at '{args.reward_model_name_or_path}' "
                         "carries no score statistics (train it with normalizer_type RunningMeanStd)")
     trained_critic = trainable(critic(tp), critic_path, "reward_critic_model_name_or_path") if uses_critic else None
+    if trained_critic is not None and args.critic_lora:  # adapters + the whole value head train
+        apply_lora(trained_critic, args.lora_rank, args.lora_alpha, args.lora_target_modules,
+                   trainable=(r"score_head\..*",))
     if trained_critic is not None and args.critic_recompute:
         enable_recompute(trained_critic, args.critic_recompute_granularity)
     rollout_actor, rollout_critic = actor, trained_critic

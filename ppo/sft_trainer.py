@@ -11,6 +11,7 @@ from ppo.args import SFTArgs
 from ppo.batching import token_mean_weights
 from ppo.data import SupervisedDataset, answer_mask
 from ppo.models import load_causal_lm, position_ids_from_mask
+from ppo.models.lora import apply_lora
 from ppo.models.recompute import enable_recompute
 from ppo.single_model_trainer import SingleModelTrainer
 
@@ -38,6 +39,8 @@ class SFTTrainer(SingleModelTrainer):
         tokenizer, train_data, eval_data = self.begin(args, SupervisedDataset)
         # tensor parallel: gathered (full-vocabulary) logits feed the plain cross entropy
         model = load_causal_lm(args.model_name_or_path, **parallel.tp_kwargs(), tensor_parallel_output=False)
+        if args.lora:
+            apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_target_modules)
         if args.recompute:
             enable_recompute(model, args.recompute_granularity)
         self.setup(args, model, tokenizer, train_data, eval_data)

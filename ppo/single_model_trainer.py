@@ -19,6 +19,7 @@ from ppo.entry import prepare_output_dir, set_seed
 from ppo.guard import NonFiniteGuard, check_weights_finite
 from ppo.metrics import MetricsLogger, StepCadence
 from ppo.models import check_max_length, check_model_path, load_tokenizer
+from ppo.models.lora import is_lora, merged_for_export, save_adapters
 from ppo.optim import Precision, build_optimizer, clear_grad, global_grad_norm
 
 logger = logging.getLogger("ppo")
@@ -168,6 +169,11 @@ class SingleModelTrainer:
 
         parallel.barrier()
         self.before_save()
-        save_pretrained_atomic(self.model, self.tokenizer, target,
-                               extra={"global_step": step, "stage": self.stage, "args": vars(self.args)})
+        inner = parallel.unwrap(self.model)
+        # LoRA: the model is written merged (plain from_pretrained loads it), the adapters beside it
+        with merged_for_export(inner):
+            save_pretrained_atomic(self.model, self.tokenizer, target,
+                                   extra={"global_step": step, "stage": self.stage, "args": vars(self.args)})
+        if is_lora(inner) and self.ctx.is_main:
+            save_adapters(inner, os.path.join(target, "lora"))
         parallel.barrier()

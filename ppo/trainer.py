@@ -44,6 +44,8 @@ from ppo.entry import prepare_output_dir, set_seed
 from ppo.guard import NonFiniteGuard, check_weights_finite
 from ppo.metrics import MetricsLogger, StepCadence, Timer
 from ppo.optim import Precision, build_optimizer, clear_grad, global_grad_norm
+from ppo.models.lora import is_lora, merged_for_export, save_adapters
+from ppo.parallel import unwrap
 from ppo.ppo_rewards import RewardScorer, dynamic_sampling, score_metrics
 from ppo.rewards import check_reachable
 from ppo.rollout import GenerationConfig, collect, gather_experience
@@ -344,4 +346,7 @@ class PPOTrainer:
         self.offload.reload_trained()
         state = {"global_step": step, "stage": "ppo", "kl_coeff": float(self.kl_ctl.value), "args": vars(self.args)}
         for sub, model in self._models_and_optimizers()[0].items():
-            save_pretrained_atomic(model, self.tokenizer, os.path.join(target, sub), extra=state)
+            with merged_for_export(unwrap(model)):  # LoRA: written merged, the adapters beside it
+                save_pretrained_atomic(model, self.tokenizer, os.path.join(target, sub), extra=state)
+            if is_lora(unwrap(model)) and self.ctx.is_main:
+                save_adapters(unwrap(model), os.path.join(target, sub, "lora"))

@@ -17,6 +17,7 @@ from ppo.args import RewardArgs
 from ppo.data import PreferenceDataset
 from ppo.errors import UserError
 from ppo.models import Normalizer, load_score_model
+from ppo.models.lora import apply_lora
 from ppo.models.recompute import enable_recompute
 from ppo.parallel import unwrap
 from ppo.single_model_trainer import SingleModelTrainer
@@ -38,6 +39,8 @@ class RewardTrainer(SingleModelTrainer):
         model = load_score_model(args.model_name_or_path, score_type="reward", score_bias=args.score_bias,
                                  **parallel.tp_kwargs())
         model.normalizer = Normalizer(args.normalizer_type, args.normalizer_momentum)
+        if args.lora:  # the new score head trains whole besides the adapters
+            apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_target_modules, trainable=(r"score_head\..*",))
         if args.recompute:
             enable_recompute(model, args.recompute_granularity)
         self.setup(args, model, tokenizer, train_data, eval_data)

@@ -30,6 +30,10 @@ class Projection:
 
     weight: paddle.Tensor
     bias: paddle.Tensor | None = None
+    # a LoRA adapter (ppo.models.lora): the map adds x @ lora_a [in, r] @ lora_b [r, out] * lora_scale
+    lora_a: paddle.Tensor | None = None
+    lora_b: paddle.Tensor | None = None
+    lora_scale: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +100,10 @@ class PipelineParts:
     decoder_layer_name: str
 
 
-def _projection(linear) -> Projection:
+def _projection(linear, adapters: bool = True) -> Projection:
+    # a live LoRA adapter (not switched off, not merged into the weight) is part of the map
+    if adapters and hasattr(linear, "lora_A") and not linear.disable_lora and not linear.merged:
+        return Projection(linear.weight, getattr(linear, "bias", None), linear.lora_A, linear.lora_B, linear.scaling)
     return Projection(linear.weight, getattr(linear, "bias", None))
 
 
@@ -149,30 +156,37 @@ class ModelFamily:
 
     # -- the lean decoder's view ---------------------------------------------------------------
 
-    def layer_weights(self, layer) -> LayerWeights:
-        """One decoder layer's weights in paddlenlp's common naming (fused or separate projections)."""
+    def layer_weights(self, layer, adapters: bool = True) -> LayerWeights:
+        """One decoder layer's weights in paddlenlp's common naming (fused or separate projections);
+        ``adapters`` False: LoRA adapters left out (the base model)."""
         attn, mlp = layer.self_attn, layer.mlp
+
+        def proj(linear):
+            return _projection(linear, adapters)
+
         if getattr(attn, "fuse_attention_qkv", False):
-            attention = dict(qkv=_projection(attn.qkv_proj))
+            attention = dict(qkv=proj(attn.qkv_proj))
         else:
-            attention = dict(q=_projection(attn.q_proj), k=_projection(attn.k_proj), v=_projection(attn.v_proj))
+            attention = dict(q=proj(attn.q_proj), k=proj(attn.k_proj), v=proj(attn.v_proj))
         if getattr(mlp, "fuse_attention_ffn", False):
-            ffn = dict(gate_up=_projection(mlp.gate_up_fused_proj))
+            ffn = dict(gate_up=proj(mlp.gate_up_fused_proj))
         else:
-            ffn = dict(gate=_projection(mlp.gate_proj), up=_projection(mlp.up_proj))
+            ffn = dict(gate=proj(mlp.gate_proj), up=proj(mlp.up_proj))
         return LayerWeights(input_norm=layer.input_layernorm.weight,
                             post_attention_norm=layer.post_attention_layernorm.weight,
-                            o=_projection(attn.o_proj), down=_projection(mlp.down_proj), **attention, **ffn)
+                            o=proj(attn.o_proj), down=proj(mlp.down_proj), **attention, **ffn)
 
     def layout(self, model) -> DecoderLayout:
-        """The weights and geometry of ``model`` (a causal LM or a score model of this family)."""
+        """The weights and geometry of ``model`` (a causal LM or a score model of this family); a
+        model flagged ``adapters_off`` (``ppo.models.lora.AdaptersOff``) gives its base weights."""
+        adapters = not getattr(model, "adapters_off", False)
         backbone = self.backbone(model)
         attn = backbone.layers[0].self_attn
         rotary = attn.rotary_emb
         head = getattr(model, "lm_head", None)
         embed = backbone.embed_tokens.weight
         return DecoderLayout(
-            embed_tokens=embed, layers=[self.layer_weights(layer) for layer in backbone.layers],
+            embed_tokens=embed, layers=[self.layer_weights(layer, adapters) for layer in backbone.layers],
             norm=backbone.norm.weight, lm_head=None if head is None else head.weight,
             lm_head_transposed=bool(getattr(head, "transpose_y", False)),
             tied=head is not None and head.weight is embed,
