@@ -15,13 +15,13 @@ current folder, as in any shell command.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import typing
 from dataclasses import dataclass, field, fields
 
 from ppo.errors import UserError, closest
+from ppo.files import read_json
 
 
 def arg(default, help: str, choices=None, path: str = "", ge=None, gt=None, le=None, lt=None):
@@ -508,14 +508,7 @@ def _coerce(name: str, tp, value, source: str):
 
 
 def load_json_config(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise UserError(f"config file '{path}' does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"config file '{path}' is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    data = read_json(path, "config file", object_only=False)
     if not isinstance(data, dict):
         raise UserError(f"config file '{path}' must hold a JSON object of argument names to values")
     return data

@@ -4,11 +4,11 @@ A score model's class comes from the folder's model family (``ppo.models.familie
 
 from __future__ import annotations
 
-import json
 import os
 
 from ppo.data import ensure_pad_token
 from ppo.errors import UserError
+from ppo.files import read_json
 from ppo.models.families import family_of
 from ppo.models.score_model import init_score_head
 
@@ -21,8 +21,7 @@ def check_model_path(path: str, what: str = "model_name_or_path") -> dict:
     if not os.path.isfile(config_file):
         raise UserError(f"'{what}' = '{path}' is not a model folder (no config.json there); "
                         "this toolkit loads local paddlenlp checkpoints only")
-    with open(config_file, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(config_file, "model config")
 
 
 def load_tokenizer(path: str, what: str = "model_name_or_path"):
