@@ -166,6 +166,7 @@ class SingleModelTrainer:
 
     def save(self, target: str, step: int) -> None:
 
+        check_weights_finite({"": self.model}, "the final model")
         parallel.barrier()
         self.before_save()
         save_pretrained_atomic(self.model, self.tokenizer, target,
