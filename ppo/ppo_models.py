@@ -112,7 +112,7 @@ def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOMode
         enable_recompute(actor, args.recompute_granularity)
     reference = freeze(policy(rollout_tp))
     reward = freeze(load_score_model(args.reward_model_name_or_path, score_type="reward",
-                                     what="reward_model_name_or_path", **rollout_tp))
+                                     what="reward_model_name_or_path", trained_head=True, **rollout_tp))
     if args.normalize_reward and reward.normalizer.kind == "none":
         raise UserError(f"normalize_reward is set but the reward model at '{args.reward_model_name_or_path}' "
                         "carries no score statistics (train it with normalizer_type RunningMeanStd)")
