@@ -15,6 +15,7 @@ current folder, as in any shell command.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import typing
@@ -58,7 +59,6 @@ def range_help(f) -> str:
 def check_ranges(args) -> None:
     """Every field of ``args`` inside its declared range; every float finite (NaN and inf are
     accepted by JSON and float() alike, and pass most comparisons unnoticed)."""
-    import math
     for f in fields(args):
         value = getattr(args, f.name)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
