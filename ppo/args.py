@@ -15,23 +15,61 @@ current folder, as in any shell command.
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import sys
 import typing
 from dataclasses import dataclass, field, fields
 
 from ppo.errors import UserError, closest
+from ppo.files import read_json
 
 
-def arg(default, help: str, choices=None, path: str = ""):
+def arg(default, help: str, choices=None, path: str = "", ge=None, gt=None, le=None, lt=None):
     """A dataclass field with a help string (and optionally the accepted values).
 
     ``path``: "path" for a file or folder, "datasets" for NAME[:proportion[:path]] specs,
     "modules" for comma-separated modules or .py files: the relative paths a config file gives
-    these resolve against the project root.
+    these resolve against the project root.  ``ge``/``gt``/``le``/``lt``: the valid range, checked
+    by :func:`check_ranges` for every field (every float must also be finite) and shown in the help.
     """
-    return field(default=default, metadata={"help": help, "choices": choices, "path": path})
+    return field(default=default, metadata={"help": help, "choices": choices, "path": path,
+                                            "range": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le),
+                                                                        ("lt", lt)) if v is not None}})
+
+
+def range_text(bounds: dict) -> str:
+    """``bounds`` as the messages and help strings write it: '> 0', '>= 1', '[0, 1)'."""
+    low = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
+    high = ("]", bounds["le"]) if "le" in bounds else (")", bounds["lt"]) if "lt" in bounds else None
+    if low and high:
+        return f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
+    if low:
+        return f"{'>=' if low[0] == '[' else '>'} {low[1]}"
+    return f"{'<=' if high[0] == ']' else '<'} {high[1]}" if high else ""
+
+
+def range_help(f) -> str:
+    """The sentence help strings (``--help``, README's tables) end with: ' Valid: > 0, finite.'"""
+    bounds = f.metadata.get("range") or {}
+    finite = ", finite" if f.type in (float, "float") else ""
+    return f" Valid: {range_text(bounds)}{finite}." if bounds else (" Valid: finite." if finite else "")
+
+
+def check_ranges(args) -> None:
+    """Every field of ``args`` inside its declared range; every float finite (NaN and inf are
+    accepted by JSON and float() alike, and pass most comparisons unnoticed)."""
+    for f in fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        bounds = f.metadata.get("range") or {}
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"'{f.name}' must be a finite number{' ' + range_text(bounds) if bounds else ''}, "
+                            f"got {value}")
+        ok = all((k != "ge" or value >= b) and (k != "gt" or value > b) and (k != "le" or value <= b)
+                 and (k != "lt" or value < b) for k, b in bounds.items())
+        _require(ok, f"'{f.name}' must be {range_text(bounds)}, got {value}")
 
 
 def _require(ok: bool, message: str):
@@ -78,31 +116,31 @@ class TrainingArgs:
     do_train: bool = arg(True, "PaddleNLP's switch; only true is accepted: these entry points always train.")
     do_eval: bool = arg(True, "false: no evaluation at all (evaluation data is not loaded and eval_split_ratio "
                               "holds nothing out).")
-    seed: int = arg(42, "Random seed of model initialisation, data order, sampling and dropout.")
-    num_train_epochs: float = arg(1.0, "Passes over the training data (ignored when max_steps > 0).")
-    max_steps: int = arg(-1, "Total steps (optimizer steps; in PPO, rollout iterations); overrides num_train_epochs when > 0.")
-    per_device_train_batch_size: int = arg(8, "Training micro-batch per device (pairs for the reward model).")
-    per_device_eval_batch_size: int = arg(16, "Evaluation batch per device.")
-    gradient_accumulation_steps: int = arg(1, "Micro-batches accumulated per optimizer step.")
-    learning_rate: float = arg(2e-5, "Peak learning rate (of the actor in PPO).")
-    weight_decay: float = arg(0.0, "AdamW weight decay (not applied to biases and norms).")
-    adam_beta1: float = arg(0.9, "AdamW beta1.")
-    adam_beta2: float = arg(0.95, "AdamW beta2.")
-    adam_epsilon: float = arg(1e-8, "AdamW epsilon.")
+    seed: int = arg(42, "Random seed of model initialisation, data order, sampling and dropout.", ge=0, lt=2**32)
+    num_train_epochs: float = arg(1.0, "Passes over the training data (ignored when max_steps > 0).", ge=0)
+    max_steps: int = arg(-1, "Total steps (optimizer steps; in PPO, rollout iterations); overrides num_train_epochs when > 0.", ge=-1)
+    per_device_train_batch_size: int = arg(8, "Training micro-batch per device (pairs for the reward model).", ge=1)
+    per_device_eval_batch_size: int = arg(16, "Evaluation batch per device.", ge=1)
+    gradient_accumulation_steps: int = arg(1, "Micro-batches accumulated per optimizer step.", ge=1)
+    learning_rate: float = arg(2e-5, "Peak learning rate (of the actor in PPO).", gt=0)
+    weight_decay: float = arg(0.0, "AdamW weight decay (not applied to biases and norms).", ge=0)
+    adam_beta1: float = arg(0.9, "AdamW beta1.", ge=0, lt=1)
+    adam_beta2: float = arg(0.95, "AdamW beta2.", ge=0, lt=1)
+    adam_epsilon: float = arg(1e-8, "AdamW epsilon.", gt=0)
     lr_scheduler_type: str = arg("cosine", "Learning-rate schedule after warm-up.",
                                  ("constant", "linear", "cosine"))
-    warmup_ratio: float = arg(0.0, "Share of the total steps spent in linear warm-up.")
-    warmup_steps: int = arg(0, "Warm-up steps; overrides warmup_ratio when > 0.")
-    max_grad_norm: float = arg(1.0, "Global gradient-norm clip (0 disables).")
-    logging_steps: int = arg(10, "Log metrics every this many optimizer steps.")
+    warmup_ratio: float = arg(0.0, "Share of the total steps spent in linear warm-up.", ge=0, lt=1)
+    warmup_steps: int = arg(0, "Warm-up steps; overrides warmup_ratio when > 0.", ge=0)
+    max_grad_norm: float = arg(1.0, "Global gradient-norm clip (0 disables).", ge=0)
+    logging_steps: int = arg(10, "Log metrics every this many optimizer steps.", ge=1)
     evaluation_strategy: str = arg("steps", "When to evaluate during training: every eval_steps, at the end of every "
                                             "epoch over the training data, or never ('no' also skips the final "
                                             "evaluation).", STRATEGIES)
-    eval_steps: int = arg(0, "Evaluate every this many steps, and once before training (0: only at the end).")
+    eval_steps: int = arg(0, "Evaluate every this many steps, and once before training (0: only at the end).", ge=0)
     save_strategy: str = arg("steps", "When to write resumable checkpoints: every save_steps, at the end of every "
                                       "epoch, or never (the final model is written in every case).", STRATEGIES)
-    save_steps: int = arg(0, "Save a checkpoint every this many steps (0: only at the end).")
-    save_total_limit: int = arg(2, "Keep at most this many step checkpoints (the final model is always kept).")
+    save_steps: int = arg(0, "Save a checkpoint every this many steps (0: only at the end).", ge=0)
+    save_total_limit: int = arg(2, "Keep at most this many step checkpoints (the final model is always kept).", ge=1)
     bf16: bool = arg(False, "bfloat16 mixed precision (GPU builds; ignored with a warning on CPU).")
     fp16: bool = arg(False, "float16 mixed precision (GPU builds; ignored with a warning on CPU).")
     disable_tqdm: bool = arg(False, "Hide progress bars.")
@@ -126,20 +164,14 @@ class TrainingArgs:
                                                          "matches the last part of a layer's path (q_proj), anything "
                                                          "else is a regular expression over the full path.")
     max_nonfinite_steps: int = arg(3, "Consecutive updates with a non-finite loss, gradient norm, reward or KL that "
-                                      "are skipped (and counted) before training stops; 0 stops at the first.")
+                                      "are skipped (and counted) before training stops; 0 stops at the first.", ge=0)
     resume_from_checkpoint: str = arg("", "checkpoint-N folder to continue from exactly, or 'auto' for the latest complete one in output_dir.",
                                       path="path")
 
     def validate(self) -> None:
-        _positive(self, "learning_rate", "adam_epsilon")
-        _non_negative(self, "weight_decay", "max_grad_norm")
-        _fraction(self, "adam_beta1", "adam_beta2", "warmup_ratio")
-        _at_least_one(self, "per_device_train_batch_size", "per_device_eval_batch_size",
-                      "gradient_accumulation_steps", "logging_steps")
+        check_ranges(self)
         _require(self.num_train_epochs > 0 or self.max_steps > 0,
                  f"'num_train_epochs' must be > 0 (or set max_steps), got {self.num_train_epochs}")
-        _require(self.max_nonfinite_steps >= 0, f"'max_nonfinite_steps' must be >= 0, got {self.max_nonfinite_steps}")
-        _require(self.save_total_limit >= 1, f"'save_total_limit' must be >= 1, got {self.save_total_limit}")
         _validate_lora(self, "lora")
         _require(not (self.bf16 and self.fp16), "'bf16' and 'fp16' cannot both be true")
         _require(self.do_train, "'do_train' is false: these entry points always train (PaddleNLP's evaluation-only "
@@ -148,13 +180,13 @@ class TrainingArgs:
 
 @dataclass
 class ParallelArgs:
-    tensor_parallel_degree: int = arg(1, "Tensor (model) parallel degree.")
-    pipeline_parallel_degree: int = arg(1, "Pipeline parallel degree.")
-    sharding_parallel_degree: int = arg(1, "Sharding (ZeRO) degree; the remaining ranks are data parallel.")
+    tensor_parallel_degree: int = arg(1, "Tensor (model) parallel degree.", ge=1)
+    pipeline_parallel_degree: int = arg(1, "Pipeline parallel degree.", ge=1)
+    sharding_parallel_degree: int = arg(1, "Sharding (ZeRO) degree; the remaining ranks are data parallel.", ge=1)
     sharding: str = arg("", "Sharding stage when sharding_parallel_degree > 1.", ("", "stage1", "stage2"))
 
     def validate(self) -> None:
-        _at_least_one(self, "tensor_parallel_degree", "pipeline_parallel_degree", "sharding_parallel_degree")
+        check_ranges(self)
         if self.sharding_parallel_degree > 1:
             _require(self.sharding in ("stage1", "stage2"),
                      f"'sharding' must be 'stage1' or 'stage2' when sharding_parallel_degree > 1, got {self.sharding!r}")
@@ -165,8 +197,8 @@ class DataArgs:
     train_datasets: str = arg("", "Training data: comma-separated NAME[:proportion[:path]].", path="datasets")
     eval_datasets: str = arg("", "Evaluation data, same form; empty: hold out eval_split_ratio of the training data.",
                              path="datasets")
-    eval_split_ratio: float = arg(0.0, "Share of the training data held out for evaluation when eval_datasets is empty.")
-    max_length: int = arg(512, "Maximum tokens of prompt + answer.")
+    eval_split_ratio: float = arg(0.0, "Share of the training data held out for evaluation when eval_datasets is empty.", ge=0, lt=1)
+    max_length: int = arg(512, "Maximum tokens of prompt + answer.", ge=1)
     prompt_template: str = arg("", "Prompt template with an {input} placeholder, or chat: the tokenizer's own chat template (default: safe-rlhf's conversation format).")
     extra_modules: str = arg("", "Comma-separated Python modules or .py files to import first (register your own datasets).",
                              path="modules")
@@ -180,8 +212,7 @@ class DataArgs:
                 self.eval_steps = 0
 
     def validate(self) -> None:
-        _fraction(self, "eval_split_ratio")
-        _at_least_one(self, "max_length")
+        check_ranges(self)
         _require(bool(self.train_datasets), "'train_datasets' is empty: name at least one dataset")
 
 
@@ -213,17 +244,16 @@ class RewardArgs(TrainingArgs, ParallelArgs, DataArgs):
                                   path="path")
     loss_type: str = arg("sequence-wise", "Preference loss on end scores or over the differing span.",
                          ("sequence-wise", "token-wise"))
-    regularization: float = arg(0.0, "L2 coefficient on the scores.")
-    margin: float = arg(0.0, "Margin m in -log sigmoid(r_better - r_worse - m).")
+    regularization: float = arg(0.0, "L2 coefficient on the scores.", ge=0)
+    margin: float = arg(0.0, "Margin m in -log sigmoid(r_better - r_worse - m).", ge=0)
     score_bias: bool = arg(True, "Give the score head a bias.")
     normalize_score_during_training: bool = arg(False, "Normalise scores with the running statistics while training.")
     normalizer_type: str = arg("RunningMeanStd", "Score normaliser whose statistics are saved with the model.",
                                ("RunningMeanStd", "ExponentialMovingAverage", "none"))
-    normalizer_momentum: float = arg(0.9, "Momentum of the ExponentialMovingAverage normaliser.")
+    normalizer_momentum: float = arg(0.9, "Momentum of the ExponentialMovingAverage normaliser.", ge=0, lt=1)
 
     def validate(self) -> None:
         _validate_shared(self)
-        _non_negative(self, "regularization", "margin")
 
 
 @dataclass
@@ -249,26 +279,26 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
     normalize_reward: bool = arg(False, "Normalise rewards with the statistics saved in the reward model's config.")
     # data
     ptx_datasets: str = arg("", "Supervised data for the ptx loss (empty: no ptx).", path="datasets")
-    ptx_coeff: float = arg(16.0, "Weight of the ptx language-model loss.")
-    per_device_prompt_batch_size: int = arg(16, "Prompts per device per rollout.")
-    update_iters: int = arg(1, "PPO epochs over each rollout batch.")
+    ptx_coeff: float = arg(16.0, "Weight of the ptx language-model loss.", ge=0)
+    per_device_prompt_batch_size: int = arg(16, "Prompts per device per rollout.", ge=1)
+    update_iters: int = arg(1, "PPO epochs over each rollout batch.", ge=1)
     shuffle_minibatches: bool = arg(True, "Shuffle the rollout batch into mini-batches each PPO epoch.")
     # critic optimizer
-    critic_learning_rate: float = arg(5e-6, "Critic peak learning rate.")
-    critic_weight_decay: float = arg(0.0, "Critic AdamW weight decay.")
+    critic_learning_rate: float = arg(5e-6, "Critic peak learning rate.", gt=0)
+    critic_weight_decay: float = arg(0.0, "Critic AdamW weight decay.", ge=0)
     critic_lr_scheduler_type: str = arg("constant", "Critic learning-rate schedule.", ("constant", "linear", "cosine"))
-    critic_warmup_ratio: float = arg(0.0, "Critic warm-up share of the total steps.")
+    critic_warmup_ratio: float = arg(0.0, "Critic warm-up share of the total steps.", ge=0, lt=1)
     # generation
-    max_new_tokens: int = arg(128, "Maximum response tokens per rollout (max_length bounds prompt + response).")
+    max_new_tokens: int = arg(128, "Maximum response tokens per rollout (max_length bounds prompt + response).", ge=1)
     do_sample: bool = arg(True, "Sample responses (false: greedy).")
-    temperature: float = arg(1.0, "Sampling temperature; also applied to the logits of every log-prob.")
-    top_p: float = arg(1.0, "Nucleus sampling threshold (1.0: off).")
-    top_k: int = arg(0, "Top-k sampling (0: off).")
+    temperature: float = arg(1.0, "Sampling temperature; also applied to the logits of every log-prob.", gt=0)
+    top_p: float = arg(1.0, "Nucleus sampling threshold (1.0: off).", gt=0, le=1)
+    top_k: int = arg(0, "Top-k sampling (0: off).", ge=0)
     rollout_micro_batch_size: int = arg(0, "Generate at most this many sequences at a time, prompts grouped by "
                                            "length (less padding, a smaller KV cache); 0: the whole rollout batch "
-                                           "at once.")
-    repetition_penalty: float = arg(1.0, "Penalty on tokens already in the sequence (1.0: off).")
-    num_return_sequences: int = arg(1, "Responses sampled per prompt (>= 2 for group advantage estimators).")
+                                           "at once.", ge=0)
+    repetition_penalty: float = arg(1.0, "Penalty on tokens already in the sequence (1.0: off).", gt=0)
+    num_return_sequences: int = arg(1, "Responses sampled per prompt (>= 2 for group advantage estimators).", ge=1)
     offload_level: str = arg("", "What leaves memory between phases, space separated: freeze_model (reference and "
                                  "reward model outside scoring), optimizer (optimizer state outside updates), "
                                  "train_model (critic weights while responses are generated; also the actor's when "
@@ -292,26 +322,26 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
                              "roll out themselves, 'tensor_parallel' under pipeline parallel.",
                          ("", "single", "tensor_parallel"))
     # algorithm
-    kl_coeff: float = arg(0.02, "KL coefficient (initial value when adaptive_kl).")
+    kl_coeff: float = arg(0.02, "KL coefficient (initial value when adaptive_kl).", ge=0)
     kl_estimator: str = arg("k1", "Per-token KL estimator.", ("k1", "k2", "k3"))
     kl_mode: str = arg("reward", "Where the KL enters: shaped into the reward, or as a loss term.", ("reward", "loss"))
     adaptive_kl: bool = arg(False, "Adapt kl_coeff towards kl_target (Ziegler et al. 2019).")
-    kl_target: float = arg(6.0, "Target per-sequence KL of the adaptive controller.")
-    kl_horizon: int = arg(10000, "Horizon of the adaptive controller, in sequences.")
-    clip_range_ratio: float = arg(0.2, "PPO ratio clip epsilon.")
-    clip_range_ratio_high: float = arg(0.0, "Upper ratio clip epsilon when > 0 (asymmetric clip).")
-    dual_clip: float = arg(0.0, "Dual-clip bound c > 1 for negative advantages (0: off).")
-    clip_range_score: float = arg(50.0, "Clip of the reward-model score.")
-    clip_range_value: float = arg(5.0, "Clip of the value update around the rollout values.")
+    kl_target: float = arg(6.0, "Target per-sequence KL of the adaptive controller.", gt=0)
+    kl_horizon: int = arg(10000, "Horizon of the adaptive controller, in sequences.", ge=1)
+    clip_range_ratio: float = arg(0.2, "PPO ratio clip epsilon.", gt=0)
+    clip_range_ratio_high: float = arg(0.0, "Upper ratio clip epsilon when > 0 (asymmetric clip).", ge=0)
+    dual_clip: float = arg(0.0, "Dual-clip bound c > 1 for negative advantages (0: off).", ge=0)
+    clip_range_score: float = arg(50.0, "Clip of the reward-model score.", gt=0)
+    clip_range_value: float = arg(5.0, "Clip of the value update around the rollout values.", gt=0)
     missing_eos_penalty: float = arg(0.0, "Added to the score of responses that hit max_new_tokens without EOS.")
     adv_estimator: str = arg("gae", "Advantage estimator.", ("gae", "grpo", "rloo", "reinforce_plus_plus"))
-    gamma: float = arg(1.0, "Discount.")
-    lam: float = arg(0.95, "GAE lambda.")
+    gamma: float = arg(1.0, "Discount.", ge=0, le=1)
+    lam: float = arg(0.95, "GAE lambda.", ge=0, le=1)
     normalize_advantage: bool = arg(True, "Whiten advantages over the rollout batch's action tokens.")
     entropy_coeff: float = arg(0.0, "Entropy bonus coefficient in the actor loss.")
     # evaluation
     eval_samples_to_write: int = arg(8, "Eval generations echoed to the console per evaluation (all of them are "
-                                          "written to eval_samples/step-N.rank-R.jsonl).")
+                                          "written to eval_samples/step-N.rank-R.jsonl).", ge=0)
     # verifiable rewards: reward functions, the remote endpoint, dynamic sampling
     reward_functions: str = arg("", "Reward functions scoring each response, comma-separated NAME[:weight] (built-ins: "
                                     "math_exact, format, overlong, remote; your own through extra_modules); their "
@@ -322,32 +352,24 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
     reward_format_pattern: str = arg("", "Regular expression the whole response must match for the 'format' "
                                          "function (empty: <think>.*?</think>\\s*<answer>.*?</answer>).")
     reward_overlong_buffer: int = arg(16, "Tokens before max_new_tokens over which the 'overlong' penalty grows "
-                                          "linearly from 0 to -1.")
+                                          "linearly from 0 to -1.", ge=1)
     reward_server_url: str = arg("", "HTTP endpoint scoring responses (README, 'Reward functions'); checked at start; "
                                      "adds the 'remote' function (weight 1) unless reward_functions names it.")
-    reward_server_timeout: float = arg(60.0, "Seconds the reward server may take per request.")
-    reward_server_retries: int = arg(2, "Retries of a failed or timed-out reward server request.")
+    reward_server_timeout: float = arg(60.0, "Seconds the reward server may take per request.", gt=0)
+    reward_server_retries: int = arg(2, "Retries of a failed or timed-out reward server request.", ge=0)
     dynamic_sampling: bool = arg(False, "DAPO dynamic sampling (grpo / rloo): drop prompt groups whose responses all "
                                         "got the same end score and roll out more prompts until the batch is full.")
     dynamic_sampling_max_tries: int = arg(4, "Extra rollouts per step for dynamic sampling; a batch still short "
-                                             "is filled with dropped groups (no group advantage).")
+                                             "is filled with dropped groups (no group advantage).", ge=0)
 
     def validate(self) -> None:
         _validate_shared(self)
-        _positive(self, "critic_learning_rate", "clip_range_ratio", "clip_range_value", "clip_range_score",
-                  "temperature")
-        _non_negative(self, "critic_weight_decay")
         _validate_lora(self, "critic_lora")
-        _fraction(self, "critic_warmup_ratio")
-        _at_least_one(self, "per_device_prompt_batch_size", "update_iters", "num_return_sequences", "max_new_tokens")
-        _require(0 < self.top_p <= 1, f"'top_p' must be in (0, 1], got {self.top_p}")
-        _require(self.kl_coeff >= 0, f"'kl_coeff' must be >= 0, got {self.kl_coeff}")
-        _require(self.rollout_micro_batch_size >= 0,
-                 f"'rollout_micro_batch_size' must be >= 0 (0: the whole batch), got {self.rollout_micro_batch_size}")
-        _require(self.eval_samples_to_write >= 0,
-                 f"'eval_samples_to_write' must be >= 0 (0: none echoed), got {self.eval_samples_to_write}")
         _require(self.dual_clip == 0 or self.dual_clip > 1, f"'dual_clip' must be 0 (off) or > 1, got {self.dual_clip}")
-        _require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "'gamma' and 'lam' must be in [0, 1]")
+        # a rollout holds the prompt (at least one token) and the response within max_length
+        _require(self.max_new_tokens < self.max_length,
+                 f"'max_new_tokens' ({self.max_new_tokens}) must be < 'max_length' ({self.max_length}): max_length "
+                 "bounds prompt + response, so no prompt token would fit")
         _require(self.adv_estimator in ("gae", "reinforce_plus_plus") or self.num_return_sequences >= 2,
                  f"adv_estimator '{self.adv_estimator}' compares responses within a group: "
                  f"num_return_sequences must be >= 2, got {self.num_return_sequences}")
@@ -357,18 +379,11 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
         _require(bool(self.reward_model_name_or_path or self.reward_critic_model_name_or_path
                       or self.adv_estimator != "gae"), "adv_estimator 'gae' without a reward model needs "
                  "reward_critic_model_name_or_path (the critic's initialisation), or use grpo / rloo / reinforce_plus_plus")
-        _require(abs(self.reward_model_weight) < float("inf"),
-                 f"'reward_model_weight' must be a finite number, got {self.reward_model_weight}")
-        _require(self.reward_overlong_buffer >= 1, f"'reward_overlong_buffer' must be >= 1, got {self.reward_overlong_buffer}")
-        _require(self.reward_server_timeout > 0, f"'reward_server_timeout' must be > 0 seconds, got {self.reward_server_timeout}")
-        _require(self.reward_server_retries >= 0, f"'reward_server_retries' must be >= 0, got {self.reward_server_retries}")
         _require(not self.reward_server_url or self.reward_server_url.split("://")[0] in ("http", "https"),
                  f"'reward_server_url' must be an http(s) URL such as 'http://127.0.0.1:8000/score', got {self.reward_server_url!r}")
         _require(not self.dynamic_sampling or self.adv_estimator in ("grpo", "rloo"),
                  f"dynamic_sampling drops groups without a group advantage: it needs adv_estimator 'grpo' or 'rloo', "
                  f"got '{self.adv_estimator}'")
-        _require(self.dynamic_sampling_max_tries >= 0,
-                 f"'dynamic_sampling_max_tries' must be >= 0, got {self.dynamic_sampling_max_tries}")
         # stage 2 keeps the parameters as views of one shared buffer: releasing them cuts the link
         _require(not (self.sharding_parallel_degree > 1 and self.sharding == "stage2"
                       and "train_model" in self.offload_level.split()),
@@ -551,14 +566,7 @@ def _coerce(name: str, tp, value, source: str):
 
 
 def load_json_config(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise UserError(f"config file '{path}' does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"config file '{path}' is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    data = read_json(path, "config file", object_only=False)
     if not isinstance(data, dict):
         raise UserError(f"config file '{path}' must hold a JSON object of argument names to values")
     return data
@@ -570,6 +578,7 @@ def format_help(cls) -> str:
     for f in fields(cls):
         choices = f.metadata.get("choices")
         extra = f" One of: {', '.join(repr(c) for c in choices)}." if choices else ""
+        extra += range_help(f)
         lines.append(f"  --{f.name} ({_base_type(hints[f.name]).__name__}, default {f.default!r}): "
                      f"{f.metadata.get('help', '')}{extra}")
     return "\n".join(lines)

@@ -33,6 +33,7 @@ import ppo
 from ppo import parallel
 from ppo.errors import UserError
 from ppo.models.hf import export_folder
+from ppo.files import load_paddle_state, read_json, read_pickle
 from ppo.parallel import inner_optimizer, unwrap
 from ppo.pipeline import merged_state_dict
 
@@ -207,8 +208,7 @@ def resolve_resume(value: str, output_dir: str) -> str | None:
 
 def load_state(folder: str, args, stage: str, world_size: int) -> dict:
     """The saved trainer state, after checking it belongs to a compatible run."""
-    with open(os.path.join(folder, STATE)) as f:
-        state = json.load(f)
+    state = read_json(os.path.join(folder, STATE), "checkpoint state")
     if state.get("stage") != stage:
         raise UserError(f"checkpoint '{folder}' is from the {state.get('stage')!r} stage, not {stage!r}")
     saved = dict(state.get("args", {}), world_size=state.get("world_size"))
@@ -227,9 +227,8 @@ def load_rank_state(folder: str, rank: int, optimizers: dict) -> dict:
         path = os.path.join(folder, f"optimizer{suffix}.rank{rank}.pdopt")
         if not os.path.isfile(path):
             raise UserError(f"checkpoint '{folder}' has no optimizer state for rank {rank} ({os.path.basename(path)})")
-        load_portable_optimizer_state(optimizer, model, paddle.load(path))
-    with open(os.path.join(folder, f"rng.rank{rank}.pkl"), "rb") as f:
-        return restore_rng(pickle.load(f))
+        load_portable_optimizer_state(optimizer, model, load_paddle_state(path, "optimizer state"))
+    return restore_rng(read_pickle(os.path.join(folder, f"rng.rank{rank}.pkl"), "random state"))
 
 
 def load_weights(model, folder: str) -> None:
@@ -282,7 +281,7 @@ def load_full_weights(model, path: str) -> None:
     if parallel.context().mp_degree > 1:
         state = inner.convert_tensor_parallel(path, inner.config)
     else:
-        state = paddle.load(path)
+        state = load_paddle_state(path)
     inner.set_state_dict(state)
 
 

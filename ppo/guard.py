@@ -55,10 +55,10 @@ class NonFiniteGuard:
         return False
 
 
-def check_weights_finite(models: dict) -> None:
-    """Refuse to write a checkpoint with non-finite weights."""
+def check_weights_finite(models: dict, what: str = "a checkpoint") -> None:
+    """Refuse to write ``what`` (a checkpoint, the final model) with non-finite weights."""
     for name, model in models.items():
         for pname, p in unwrap(model).named_parameters():
             if not all_finite(p):
-                raise TrainingDiverged(f"refusing to save a checkpoint: {name or 'model'} parameter {pname} "
+                raise TrainingDiverged(f"refusing to save {what}: {name or 'model'} parameter {pname} "
                                        "is not finite (the last saved checkpoint is intact)")

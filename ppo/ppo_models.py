@@ -125,7 +125,7 @@ def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOMode
     # a LoRA actor's reference is its own base weights with the adapters off: no second copy
     reference = AdaptersOff(actor) if args.lora else freeze(policy(rollout_tp))
     reward = freeze(load_score_model(args.reward_model_name_or_path, score_type="reward",
-                                     what="reward_model_name_or_path", **rollout_tp)) if with_reward else None
+                                     what="reward_model_name_or_path", trained_head=True, **rollout_tp)) if with_reward else None
     if args.normalize_reward and reward is not None and reward.normalizer.kind == "none":
         raise UserError(f"normalize_reward is set but the reward model at '{args.reward_model_name_or_path}' "
                         "carries no score statistics (train it with normalizer_type RunningMeanStd)")

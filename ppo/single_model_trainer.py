@@ -167,6 +167,7 @@ class SingleModelTrainer:
 
     def save(self, target: str, step: int) -> None:
 
+        check_weights_finite({"": self.model}, "the final model")
         parallel.barrier()
         self.before_save()
         inner = parallel.unwrap(self.model)

@@ -345,6 +345,7 @@ class PPOTrainer:
         """The final policy/ and value/ models (from_pretrained-loadable)."""
         self.offload.reload_trained()
         state = {"global_step": step, "stage": "ppo", "kl_coeff": float(self.kl_ctl.value), "args": vars(self.args)}
+        check_weights_finite(self._models_and_optimizers()[0], "the final model")
         for sub, model in self._models_and_optimizers()[0].items():
             with merged_for_export(unwrap(model)):  # LoRA: written merged, the adapters beside it
                 save_pretrained_atomic(model, self.tokenizer, os.path.join(target, sub), extra=state)

@@ -12,7 +12,7 @@ import typing
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ppo.args import (PADDLENLP_KEYS, DataArgs, NoEffect, ParallelArgs, PPOArgs, RewardArgs, SFTArgs,  # noqa: E402
-                      TrainingArgs)
+                      TrainingArgs, range_help)
 
 SECTIONS = [
     ("Shared: training (all stages)", TrainingArgs, ()),
@@ -34,7 +34,8 @@ def render() -> str:
             if f.name in skip:
                 continue
             choices = f.metadata.get("choices")
-            meaning = f.metadata["help"] + (f" One of: {', '.join(f'`{c}`' for c in choices if c)}." if choices else "")
+            meaning = f.metadata["help"] + (f" One of: {', '.join(f'`{c}`' for c in choices if c)}." if choices else "") \
+                + range_help(f)
             out.append(f"| `{f.name}` | {hints[f.name].__name__} | `{f.default!r}` | {meaning} |")
         out.append("")
     out.append("#### PaddleNLP keys that are not fields here\n\nPaddleNLP argument files run unchanged: these keys "

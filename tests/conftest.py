@@ -17,6 +17,10 @@ def tiny_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
     tokenizer = build_tokenizer(str(out / "tokenizer"))
     build_llama(str(out / "base"), tokenizer, seed=0)
+    # the base with a fresh (fixed-seed) score head: what a reward model needs to be accepted
+    from ppo.models import load_score_model
+    load_score_model(str(out / "base")).save_pretrained(str(out / "score"))
+    tokenizer.save_pretrained(str(out / "score"))
     return out
 
 

@@ -130,6 +130,27 @@ def workspace(tiny_dir, tmp_path_factory):
     other = build_tokenizer(str(paths["VOCAB200"]), vocab_size=200, texts=list(corpus())[:800])
     build_llama(str(paths["VOCAB200"]), other)
     assert len(other) != len(AutoTokenizer.from_pretrained(str(tiny_dir / "base")))
+    # damaged copies: a model missing one trained tensor, one with truncated weights, one whose
+    # config.json is not JSON, and a finished run whose checkpoint state files are garbage of the
+    # right size (the manifest still matches, so only reading them finds the damage)
+    import paddle
+
+    for name in ("PARTIAL", "TRUNC", "BADCONFIG"):
+        paths[name] = root / name.lower()
+        shutil.copytree(tiny_dir / "base", paths[name])
+    weights = paths["PARTIAL"] / "model_state.pdparams"
+    state = paddle.load(str(weights))
+    del state[next(k for k in state if "layers.0." in k)]
+    paddle.save(state, str(weights))
+    blob = (paths["TRUNC"] / "model_state.pdparams").read_bytes()
+    (paths["TRUNC"] / "model_state.pdparams").write_bytes(blob[:len(blob) // 2])
+    (paths["BADCONFIG"] / "config.json").write_text('{"model_type": "llama",')
+    for key, name in (("DAMAGED", "trainer_state.json"), ("DAMAGED_RNG", "rng.rank0.pkl")):
+        paths[key] = root / key.lower()
+        shutil.copytree(paths["RM"], paths[key])
+        file = paths[key] / "checkpoint-1" / name
+        file.write_bytes(b"#" * file.stat().st_size)
+        assert checkpoint.list_checkpoints(str(paths[key]))
     paths["session_stderr"] = sys.stderr  # see route_log_handlers_to_stderr
     return paths
 
@@ -336,6 +357,75 @@ CASES = [
          needle="cannot resume"),
 ]
 
+
+# -- the systematic sweep, by class (issue 13): every argument's declared range and finiteness, --
+# -- every file read through ppo/files.py, every model checked for its role ------------------
+
+# (stage, key, bad value, the range the error line must state): one per kind of argument
+RANGE_SWEEP = [
+    ("rm", "seed", -1, "in [0, 4294967296)"),
+    ("sft", "seed", 2**32, "in [0, 4294967296)"),
+    ("ppo", "temperature", float("nan"), "a finite number > 0"),
+    ("ppo", "temperature", float("inf"), "a finite number > 0"),
+    ("sft", "learning_rate", float("nan"), "a finite number > 0"),
+    ("ppo", "missing_eos_penalty", float("-inf"), "a finite number"),
+    ("ppo", "repetition_penalty", 0.0, "> 0"),
+    ("ppo", "top_k", -1, ">= 0"),
+    ("ppo", "kl_horizon", 0, ">= 1"),
+    ("ppo", "kl_target", -6.0, "> 0"),
+    ("ppo", "max_new_tokens", 0, ">= 1"),
+    ("rm", "logging_steps", 0, ">= 1"),
+    ("rm", "eval_steps", -1, ">= 0"),
+    ("sft", "save_steps", -5, ">= 0"),
+    ("rm", "save_total_limit", 0, ">= 1"),
+    ("rm", "normalizer_momentum", 1.0, "in [0, 1)"),
+    ("ppo", "gamma", 1.5, "in [0, 1]"),
+    ("ppo", "ptx_coeff", -1.0, ">= 0"),
+    ("sft", "max_grad_norm", -1.0, ">= 0"),
+    ("rm", "tensor_parallel_degree", 0, ">= 1"),
+]
+CASES += [Case(f"range-{stage}-{key}-{value}", stage, changes={key: value},
+               expect=(f"'{key}' must be {accepted}", f"got {value}"), needle=f"'{key}'")
+          for stage, key, value, accepted in RANGE_SWEEP]
+
+CASES += [
+    # arguments that only fail together
+    Case("length-budget-holds-no-prompt", "ppo", changes={"max_length": 64, "max_new_tokens": 64},
+         expect=("'max_new_tokens' (64) must be < 'max_length' (64)", "prompt + response"), needle="no prompt"),
+    Case("dataset-proportion-exhausts-memory", "sft", changes={"train_datasets": "tiny-sft:1e6"},
+         expect=("'tiny-sft:1e6'", "must be at most 100", "NAME[:PROPORTION[:PATH]]"), needle="at most 100"),
+    # files: every read goes through ppo/files.py and fails with one line naming the file
+    Case("config-duplicate-key", "sft", config_text='{"model_name_or_path": "{BASE}", "max_steps": 1, '
+                                                    '"max_steps": 2, "output_dir": "{OUT}"}',
+         expect=("config file '{CONFIG}'", "key 'max_steps' appears twice", "give each key once"),
+         needle="twice"),
+    Case("model-config-not-json", "sft", changes={"model_name_or_path": "{BADCONFIG}"},
+         expect=("model config '{BADCONFIG}/config.json'", "not valid JSON"), needle="not valid JSON"),
+    Case("model-weights-truncated", "sft", changes={"model_name_or_path": "{TRUNC}"},
+         expect=("'{TRUNC}'", "cannot be read (damaged or truncated?)"), needle="damaged"),
+    Case("checkpoint-state-damaged", "rm", changes={"resume_from_checkpoint": "{DAMAGED}/checkpoint-1"},
+         expect=("checkpoint state '{DAMAGED}/checkpoint-1/trainer_state.json'", "not valid JSON"),
+         needle="trainer_state.json"),
+    Case("checkpoint-random-state-damaged", "rm", changes={"resume_from_checkpoint": "{DAMAGED_RNG}/checkpoint-1"},
+         expect=("random state '{DAMAGED_RNG}/checkpoint-1/rng.rank0.pkl'", "cannot be read (damaged or truncated?)"),
+         needle="rng.rank0.pkl"),
+    # models of the wrong kind for their role
+    Case("score-model-as-actor", "ppo", changes={"actor_model_name_or_path": "{RM}"},
+         expect=("'actor_model_name_or_path' = '{RM}'", "is a score model", "give a causal LM"),
+         needle="is a score model"),
+    Case("score-model-as-sft-base", "sft", changes={"model_name_or_path": "{RM}"},
+         expect=("'model_name_or_path' = '{RM}'", "is a score model", "give a causal LM"),
+         needle="is a score model"),
+    Case("causal-lm-as-reward-model", "ppo", changes={"reward_model_name_or_path": "{BASE}"},
+         expect=("'reward_model_name_or_path' = '{BASE}'", "causal LM without a trained score head",
+                 "rm/run_reward.py"), needle="trained score head"),
+    Case("actor-missing-a-trained-tensor", "ppo", changes={"actor_model_name_or_path": "{PARTIAL}"},
+         expect=("'actor_model_name_or_path' = '{PARTIAL}'", "lacks 1 trained tensor(s)", "layers.0."),
+         needle="trained tensor"),
+    Case("sft-base-missing-a-trained-tensor", "sft", changes={"model_name_or_path": "{PARTIAL}"},
+         expect=("'model_name_or_path' = '{PARTIAL}'", "lacks 1 trained tensor(s)"), needle="trained tensor"),
+]
+
 assert len({c.id for c in CASES}) == len(CASES)
 
 
@@ -392,6 +482,11 @@ PROCESS_CASES = [
     Case("process-ppo-score-head-dim-mismatch", "ppo", changes={"reward_model_name_or_path": "{SCORE2}"},
          expect=("'reward_model_name_or_path'", "'{SCORE2}'", "score head of dim 2", "score_dim=1"),
          needle="score head"),
+    Case("process-ppo-causal-lm-as-reward-model", "ppo", changes={"reward_model_name_or_path": "{BASE}"},
+         expect=("'reward_model_name_or_path' = '{BASE}'", "causal LM without a trained score head"),
+         needle="trained score head"),
+    Case("process-rm-margin-nan", "rm", argv=("--margin", "nan"),
+         expect=("'margin' must be a finite number >= 0", "got nan"), needle="'margin'"),
 ]
 
 
@@ -447,3 +542,15 @@ def test_bad_parallel_layout_two_ranks(workspace, tmp_path, stage, argv, expect,
             finished += 1
     assert finished >= 1, "no rank wrote the error line"
     assert_untouched(out, before)
+
+
+def test_dataset_named_twice_is_a_warning(tiny_tokenizer, caplog):
+    """Not an error (the samples are taken once per entry), but never silent."""
+    from ppo.data import SupervisedDataset
+
+    with caplog.at_level("WARNING", logger="ppo.data.datasets"):
+        data = SupervisedDataset("tiny-sft:0.01,tiny-sft:0.01", tiny_tokenizer, max_length=64)
+    warned = [r.getMessage() for r in caplog.records if "named 2 times" in r.getMessage()]
+    assert warned == ["dataset 'tiny-sft' is named 2 times in 'tiny-sft:0.01,tiny-sft:0.01': its samples are "
+                      "taken once per entry (add the proportions instead)"]
+    assert len(data) > 0

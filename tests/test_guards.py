@@ -72,3 +72,13 @@ def test_no_checkpoint_with_non_finite_weights(tiny_dir, tmp_path):
     with pytest.raises(TrainingDiverged, match="refusing to save a checkpoint"):
         trainer.save_checkpoint(1)
     assert not [d for d in os.listdir(tmp_path / "nanw") if "checkpoint" in d]
+
+
+def test_no_final_model_with_non_finite_weights(tiny_dir, tmp_path):
+    trainer = reward_trainer(tiny_dir, tmp_path / "nanf")
+    p = trainer.model.score_head.weight
+    p.set_value(paddle.full(p.shape, float("inf")))
+    with pytest.raises(TrainingDiverged, match="refusing to save the final model: model parameter score_head"):
+        trainer.save(str(tmp_path / "nanf" / "final"), 1)
+    assert not os.path.exists(tmp_path / "nanf" / "final")
+    assert not [d for d in os.listdir(tmp_path / "nanf") if d.startswith(".tmp")]

@@ -18,6 +18,8 @@ LAYERS = [
     # foundations: no ppo imports
     ["ppo", "ppo.errors", "ppo.experience", "ppo.algorithms", "ppo.data.template", "ppo.models.normalizer",
      "ppo.decoding", "ppo.tiny", "rm"],
+    # reading files: the one place that turns damaged files into one-line errors
+    ["ppo.files"],
     # pure steps, configuration, registries (raw datasets, reward functions, model families)
     ["ppo.advantages", "ppo.args", "ppo.data.base", "ppo.data.chat", "ppo.data.tokenizer_utils", "rm.losses",
      "ppo.models.families.base", "ppo.models.recompute", "ppo.models.lora", "ppo.rewards.base"],

@@ -78,6 +78,13 @@ def test_ppo_files_run(tiny_dir, tmp_path, name):
     sizes.update({"max_dec_len": 6} if "max_dec_len" in config else {"max_new_tokens": 6})
     config = shrunk(config, tiny_dir, tmp_path / "ppo", **sizes)
     config.pop("normalize_reward", None)  # the tiny base model carries no reward statistics to normalise with
+    # the reward model must carry a score head (a causal LM is refused): the base with a fresh head, saved
+    from paddlenlp.transformers import AutoTokenizer
+
+    from ppo.models import load_score_model
+    load_score_model(str(tiny_dir / "base")).save_pretrained(str(tmp_path / "score"))
+    AutoTokenizer.from_pretrained(str(tiny_dir / "base")).save_pretrained(str(tmp_path / "score"))
+    config["reward_model_name_or_path"] = str(tmp_path / "score")
     run_main("ppo.run_ppo", write(tmp_path, name, config))
     assert os.path.isfile(tmp_path / "ppo" / "policy" / "model_state.pdparams")
 

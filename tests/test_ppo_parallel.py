@@ -93,7 +93,7 @@ def assert_same_eval(one_dir, two_dir):
 def ppo(tiny_dir, out, batch, *extra, nproc=1):
     base = str(tiny_dir / "base")
     run("ppo/run_ppo.py", "config/tiny/ppo_argument.json", "--actor_model_name_or_path", base,
-        "--reward_model_name_or_path", base, "--output_dir", out, *COMMON,
+        "--reward_model_name_or_path", str(tiny_dir / "score"), "--output_dir", out, *COMMON,
         "--per_device_prompt_batch_size", str(batch), "--per_device_train_batch_size", str(batch),
         "--gradient_accumulation_steps", "1", *extra,
         nproc=nproc)
@@ -175,7 +175,7 @@ def test_two_node_launch_on_localhost(tiny_dir, tmp_path, single):
         cmd = [sys.executable, "-m", "paddle.distributed.launch", "--master", master, "--nnodes", "2",
                "--nproc_per_node", "1", "--log_dir", str(tmp_path / f"node{node}-logs"),
                os.path.join(ROOT, "ppo/run_ppo.py"), "config/tiny/ppo_argument.json",
-               "--actor_model_name_or_path", base, "--reward_model_name_or_path", base, "--output_dir", str(out),
+               "--actor_model_name_or_path", base, "--reward_model_name_or_path", str(tiny_dir / "score"), "--output_dir", str(out),
                *COMMON, "--per_device_prompt_batch_size", "4", "--per_device_train_batch_size", "4",
                "--disable_tqdm", "true"]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))

@@ -137,7 +137,7 @@ CRASH_RUNS = {
 def crash_cmd(name, tiny_dir, out, *extra):
     script, config, args, ranks, _ = CRASH_RUNS[name]
     base = str(tiny_dir / "base")
-    model = ["--actor_model_name_or_path", base, "--reward_model_name_or_path", base] if script.endswith("run_ppo.py") \
+    model = ["--actor_model_name_or_path", base, "--reward_model_name_or_path", str(tiny_dir / "score")] if script.endswith("run_ppo.py") \
         else ["--model_name_or_path", base]
     launcher = ["-m", "paddle.distributed.launch", "--nproc_per_node", str(ranks), "--log_dir",
                 str(out) + "-logs"] if ranks > 1 else []

@@ -51,7 +51,7 @@ def test_two_rank_resume_is_exact(stage, tiny_dir, tmp_path):
     common = [config, model_arg, base, "--max_steps", "4", "--logging_steps", "1", "--learning_rate", "0.001",
               "--seed", "3", *layout, *extra]
     if stage.startswith("ppo"):
-        common += ["--reward_model_name_or_path", base, "--critic_learning_rate", "0.001"]
+        common += ["--reward_model_name_or_path", str(tiny_dir / "score"), "--critic_learning_rate", "0.001"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(script, *common, "--output_dir", straight, "--save_steps", "2", nproc=2)
     checkpoint = straight / "checkpoint-2"

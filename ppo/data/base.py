@@ -28,6 +28,8 @@ from typing import Any, ClassVar, Iterator, TypedDict
 
 from ppo.errors import UserError, closest
 
+# a proportion repeats a dataset that many times in memory, tokenized: larger values exhaust it
+MAX_PROPORTION = 100
 SPEC_FORM = "comma-separated NAME[:PROPORTION[:PATH]], e.g. 'PKU-SafeRLHF/train:0.5,alpaca:1.0:/data/alpaca.json'"
 
 
@@ -188,6 +190,9 @@ def _spec_entry(name: Any, proportion: Any, path: Any, spec: Any) -> DatasetSpec
             raise bad(f"proportion {proportion!r} of '{name.strip()}' is not a number") from None
         if not math.isfinite(value) or value <= 0:
             raise bad(f"proportion {proportion!r} of '{name.strip()}' must be a number > 0")
+        if value > MAX_PROPORTION:
+            raise bad(f"proportion {proportion!r} of '{name.strip()}' must be at most {MAX_PROPORTION} "
+                      "(each unit is one more tokenized copy of the dataset in memory)")
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise bad(f"path {path!r} of '{name.strip()}' is not a string")
     path = os.fspath(path).strip() if path is not None else None

@@ -215,6 +215,12 @@ class TokenizedDataset(paddle.io.Dataset):
                  template: PromptTemplate | str | None = None):
         super().__init__()
         self.specs = parse_dataset_spec(spec)
+        named = Counter((s.name, s.path) for s in self.specs)
+        for (name, path), count in named.items():
+            if count > 1:
+                logger.warning("dataset '%s'%s is named %d times in '%s': its samples are taken once per "
+                               "entry (add the proportions instead)", name, f" at '{path}'" if path else "",
+                               count, spec)
         self.spec = spec.strip() if isinstance(spec, str) else ",".join(
             f"{s.name}:{s.proportion:g}" + (f":{s.path}" if s.path else "") for s in self.specs)
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:

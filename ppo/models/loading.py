@@ -6,12 +6,13 @@ A score model's class comes from the folder's model family (``ppo.models.familie
 
 from __future__ import annotations
 
-import json
 import os
+import pickle
 
 from ppo.data import ensure_pad_token
 from ppo.errors import UserError
 from ppo.models import hf
+from ppo.files import read_json
 from ppo.models.families import family_of
 from ppo.models.score_model import init_score_head
 
@@ -24,8 +25,7 @@ def check_model_path(path: str, what: str = "model_name_or_path") -> dict:
     if not os.path.isfile(config_file):
         raise UserError(f"'{what}' = '{path}' is not a model folder (no config.json there); "
                         "this toolkit loads local paddlenlp or transformers (safetensors) checkpoints")
-    with open(config_file, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(config_file, "model config")
 
 
 def load_tokenizer(path: str, what: str = "model_name_or_path"):
@@ -48,27 +48,82 @@ def check_max_length(config: dict, max_length: int, path: str) -> None:
         raise UserError(f"max_length={max_length} exceeds the position limit {limit} of the model at '{path}'")
 
 
+# ---------------------------------------------------------------------------------------------
+# Roles: a model of the wrong kind stops with one line instead of training on random weights
+
+
+def check_causal_lm_role(saved: dict, path: str, what: str) -> None:
+    """The actor, its reference and the SFT base are causal LMs: a saved score model is not one."""
+    if "score_dim" in saved or "score_type" in saved:
+        raise UserError(f"'{what}' = '{path}' is a score model (its config has a score head, score_type "
+                        f"{saved.get('score_type')!r}); give a causal LM (an SFT or base model) here")
+
+
+def check_reward_role(saved: dict, path: str, what: str) -> None:
+    """The frozen reward model must be a trained score model, not a causal LM with a new head."""
+    if "score_dim" not in saved:
+        raise UserError(f"'{what}' = '{path}' is a causal LM without a trained score head: its scores would "
+                        "come from random weights; give a reward model trained with rm/run_reward.py")
+
+
+def check_no_missing_weights(missing, path: str, what: str, allowed: tuple = ()) -> None:
+    """Every parameter came from the checkpoint (except the ``allowed`` prefixes, a new score head)."""
+    missing = [k for k in missing or () if not (allowed and k.startswith(allowed))]
+    if missing:
+        raise UserError(f"'{what}' = '{path}' lacks {len(missing)} trained tensor(s) the model needs (e.g. "
+                        f"'{missing[0]}'), which would start from random weights; give a complete checkpoint")
+
+
+def _from_pretrained_missing(cls, path: str, **kwargs):
+    """``cls.from_pretrained(path, **kwargs)`` and the parameter names it newly initialised."""
+    from paddlenlp.transformers.model_utils import PretrainedModel
+
+    original = PretrainedModel.__dict__["_load_pretrained_model"]
+    missing: list = []
+
+    def spy(klass, *args, **kw):  # paddlenlp reports missing keys only in a log line; keep them
+        out = original.__func__(klass, *args, **kw)
+        missing.extend(out[1] or ())
+        return out
+
+    PretrainedModel._load_pretrained_model = classmethod(spy)
+    try:
+        return cls.from_pretrained(path, **kwargs), missing
+    except (ValueError, EOFError, pickle.UnpicklingError) as e:  # what paddle.load raises on damage
+        raise UserError(f"weights of the model at '{path}' cannot be read (damaged or truncated?): "
+                        f"{type(e).__name__}: {str(e).strip()[:200]}") from None
+    finally:
+        PretrainedModel._load_pretrained_model = original
+
+
 def load_causal_lm(path: str, what: str = "model_name_or_path", **overrides):
     from paddlenlp.transformers import AutoConfig, AutoModelForCausalLM
 
-    check_model_path(path, what)
+    check_causal_lm_role(check_model_path(path, what), path, what)
     path = hf.resolve(path, what)
     config = AutoConfig.from_pretrained(path)
     for key, value in overrides.items():
         setattr(config, key, value)
-    return AutoModelForCausalLM.from_pretrained(path, config=config)
+    model, missing = _from_pretrained_missing(AutoModelForCausalLM, path, config=config)
+    # a tied head is the input embedding itself: a checkpoint need not (transformers does not) store it
+    tied = ("lm_head.",) if getattr(config, "tie_word_embeddings", False) else ()
+    check_no_missing_weights(missing, path, what, allowed=tied)
+    return model
 
 
 def load_score_model(path: str, score_type: str = "reward", score_dim: int = 1, score_bias: bool = True,
-                     what: str = "model_name_or_path", **config_overrides):
+                     what: str = "model_name_or_path", trained_head: bool = False, **config_overrides):
     """Load a score model (the family's ``score_model_class``), or start one from a causal-LM
     checkpoint of that family (new head, fixed-seed init).
 
-    A saved score model whose head shape differs from ``score_dim`` is rejected with one line.
+    A saved score model whose head shape differs from ``score_dim`` is rejected with one line;
+    ``trained_head`` (the frozen reward model) rejects a causal LM, whose head would be new.
     """
     check_model_path(path, what)
     path = hf.resolve(path, what)
     saved = check_model_path(path, what)
+    if trained_head:
+        check_reward_role(saved, path, what)
     family = family_of(saved, what, path)
     is_score = "score_dim" in saved
     if is_score and int(saved["score_dim"]) != score_dim:
@@ -81,12 +136,13 @@ def load_score_model(path: str, score_type: str = "reward", score_dim: int = 1, 
     if not is_score:
         config.score_dim, config.score_bias = score_dim, score_bias
     try:
-        model = family.score_model_class.from_pretrained(path, config=config)
+        model, missing = _from_pretrained_missing(family.score_model_class, path, config=config)
     except RuntimeError as e:
         if "score_head" in str(e):
             raise UserError(f"'{what}' = '{path}': score head shape in the weights does not match its "
                             f"config (score_dim={config.score_dim}, score_bias={config.score_bias})") from None
         raise
+    check_no_missing_weights(missing, path, what, allowed=() if is_score else ("score_head.",))
     if not is_score:
         init_score_head(model)
     return model

@@ -1,0 +1,85 @@
+"""The one place the toolkit reads its files: JSON configs, model and tokenizer configs,
+checkpoint state, pickled random states and paddle weights.
+
+Every reader turns what a damaged or mistyped file raises (missing, unreadable, not UTF-8,
+invalid or truncated JSON, duplicate keys, an unpickling or paddle load failure) into one
+``UserError`` line that names the file and what was expected.  Data files go through
+``ppo.data.base.load_records``, which does the same for the ``datasets`` parsers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+from ppo.errors import UserError
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def _no_duplicates(path: str, what: str):
+    def hook(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                # json keeps the last value silently: a config with a key twice means one is ignored
+                raise UserError(f"{what} '{path}' is not valid: key '{key}' appears twice in one object; "
+                                "give each key once")
+            seen.add(key)
+        return dict(pairs)
+    return hook
+
+
+def read_text(path: str, what: str = "file") -> str:
+    """The UTF-8 text of ``path``; UserError naming it when it is missing, unreadable or not UTF-8."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} '{path}' does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} '{path}' is not UTF-8 text (byte {e.start}); the file is damaged or not "
+                        "a text file") from None
+    except OSError as e:
+        raise UserError(f"{what} '{path}' cannot be read: {_first_line(e)}") from None
+
+
+def read_json(path: str, what: str = "JSON file", object_only: bool = True):
+    """The parsed JSON of ``path`` (an object unless ``object_only`` is false); duplicate keys are an error."""
+    text = read_text(path, what)
+    if not text.strip():
+        raise UserError(f"{what} '{path}' is empty (truncated?); expected a JSON object")
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicates(path, what))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} '{path}' is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if object_only and not isinstance(data, dict):
+        raise UserError(f"{what} '{path}' must hold a JSON object, got a {type(data).__name__}")
+    return data
+
+
+def read_pickle(path: str, what: str = "file"):
+    """The unpickled content of ``path`` (only ever the toolkit's own files, e.g. random states)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} '{path}' does not exist")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except Exception as e:  # truncation and damage raise EOFError, UnpicklingError, ValueError, ...
+        raise UserError(f"{what} '{path}' cannot be read (damaged or truncated?): {_first_line(e)}") from None
+
+
+def load_paddle_state(path: str, what: str = "weights file"):
+    """``paddle.load(path)``; UserError naming the file when it is missing, truncated or damaged."""
+    import paddle
+
+    if not os.path.isfile(path):
+        raise UserError(f"{what} '{path}' does not exist")
+    try:
+        return paddle.load(path)
+    except Exception as e:  # paddle raises pickle, value and runtime errors for a damaged file
+        raise UserError(f"{what} '{path}' cannot be read (damaged or truncated?): {_first_line(e)}") from None
