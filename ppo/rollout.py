@@ -33,6 +33,9 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     num_return_sequences: int = 1
     micro_batch_size: int = 0       # rows generated at a time, grouped by prompt length (0: all at once)
+    # keep each sampled token's log-prob from the decode step's logits (the actor's old log-probs
+    # without a scoring forward): the model's tempered distribution, no penalty / top-k / top-p
+    keep_log_probs: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,39 +129,44 @@ def decoder_for(model) -> RolloutDecoder:
 
 
 @paddle.no_grad()
-def generate(model, input_ids, attention_mask, config: GenerationConfig, eos_token_id: int, pad_token_id: int):
+def generate(model, input_ids, attention_mask, config: GenerationConfig, eos_token_id: int, pad_token_id: int,
+             return_log_probs: bool = False):
     """KV-cache decoding from left-padded prompts with ``model`` (a causal LM or a decoder).
 
     input_ids, attention_mask: [B, P] (left padded).  Returns (sequences [B, P + R], attention_mask
     [B, P + R]) with R <= max_new_tokens the longest response; a response ends with the EOS it
-    generated (mask 1) and is right-padded after it (mask 0).
+    generated (mask 1) and is right-padded after it (mask 0).  With ``return_log_probs`` also the
+    response tokens' log-probs [B, R] (``sampled_log_probs``; 0 after a row finished).
     """
     with parallel.full_vocab_logits(None if isinstance(model, RolloutDecoder) else unwrap(model)):
-        return _generate(decoder_for(model), input_ids, attention_mask, config, eos_token_id, pad_token_id)
+        return _generate(decoder_for(model), input_ids, attention_mask, config, eos_token_id, pad_token_id,
+                         return_log_probs)
 
 
 def generate_in_buckets(model, input_ids, attention_mask, config: GenerationConfig, eos_token_id: int,
-                        pad_token_id: int):
+                        pad_token_id: int, return_log_probs: bool = False):
     """``generate`` over groups of at most ``config.micro_batch_size`` rows with similar prompt lengths.
 
     Rows are sorted by prompt length (stable), each group is cut to its own longest prompt (less
     padding, a shorter KV cache) and decoded alone; the results come back in the input order and in
     ``generate``'s layout: prompts left padded to the batch's prompt width, responses right padded
     to the longest response.  Greedy results equal ``generate``'s; sampling draws in another order.
+    With ``return_log_probs`` also the response log-probs [B, R], as ``generate`` returns them.
     """
     # a decoder with its own weight copy (the fused GPU model) refreshes it once for all buckets
     with current_weights(model):
-        return _generate_in_buckets(model, input_ids, attention_mask, config, eos_token_id, pad_token_id)
+        return _generate_in_buckets(model, input_ids, attention_mask, config, eos_token_id, pad_token_id,
+                                    return_log_probs)
 
 
 def _generate_in_buckets(model, input_ids, attention_mask, config: GenerationConfig, eos_token_id: int,
-                         pad_token_id: int):
+                         pad_token_id: int, return_log_probs: bool):
     import numpy as np
 
     B, P = input_ids.shape
     size = config.micro_batch_size
     if size <= 0 or size >= B:
-        return generate(model, input_ids, attention_mask, config, eos_token_id, pad_token_id)
+        return generate(model, input_ids, attention_mask, config, eos_token_id, pad_token_id, return_log_probs)
     lengths = attention_mask.astype("int64").sum(axis=1).numpy()
     order = np.argsort(-lengths, kind="stable")
     pieces = []
@@ -168,20 +176,31 @@ def _generate_in_buckets(model, input_ids, attention_mask, config: GenerationCon
         cut = P - int(lengths[rows].max())  # padding every row of the group has
         ids = paddle.index_select(input_ids, index)[:, cut:]
         mask = paddle.index_select(attention_mask, index)[:, cut:]
-        seq, seq_mask = generate(model, ids, mask, config, eos_token_id, pad_token_id)
-        pieces.append((rows, cut, seq.numpy(), seq_mask.numpy()))
-    R = max(seq.shape[1] - (P - cut) for _, cut, seq, _ in pieces)
+        seq, seq_mask, *lp = generate(model, ids, mask, config, eos_token_id, pad_token_id, return_log_probs)
+        pieces.append((rows, cut, seq.numpy(), seq_mask.numpy(), lp[0].numpy() if lp else None))
+    R = max(seq.shape[1] - (P - cut) for _, cut, seq, _, _ in pieces)
     out = np.full((B, P + R), pad_token_id, dtype=np.int64)
     out_mask = np.zeros((B, P + R), dtype=pieces[0][3].dtype)
-    for rows, cut, seq, seq_mask in pieces:
+    out_lp = np.zeros((B, R), dtype=np.float32)
+    for rows, cut, seq, seq_mask, lp in pieces:
         width = seq.shape[1]
         out[rows, cut:cut + width] = seq
         out_mask[rows, cut:cut + width] = seq_mask
-    return paddle.to_tensor(out), paddle.to_tensor(out_mask)
+        if lp is not None:
+            out_lp[rows, :lp.shape[1]] = lp
+    result = (paddle.to_tensor(out), paddle.to_tensor(out_mask))
+    return result + (paddle.to_tensor(out_lp),) if return_log_probs else result
+
+
+def sampled_log_probs(logits, token, temperature: float):
+    """log_softmax(logits / temperature)[b, token[b]] -> [B] from a decode step's full-vocabulary
+    logits [B, V]: what the scoring forward computes for that token (``InferenceModel.log_probs``),
+    so before the repetition penalty and the top-k / top-p filters, which only steer sampling."""
+    return gather_log_probs(logits.astype("float32").unsqueeze(1), token.unsqueeze(1), temperature).squeeze(1)
 
 
 def _generate(decoder: RolloutDecoder, input_ids, attention_mask, config: GenerationConfig, eos_token_id: int,
-              pad_token_id: int):
+              pad_token_id: int, return_log_probs: bool = False):
     B, P = input_ids.shape
     V = decoder.vocab_size
     position_ids = position_ids_from_mask(attention_mask)
@@ -194,7 +213,7 @@ def _generate(decoder: RolloutDecoder, input_ids, attention_mask, config: Genera
                                        axis=1, reduce="add")
         seen = counts > 0
     finished = paddle.zeros([B], dtype="bool")
-    tokens, masks = [], []
+    tokens, masks, log_probs = [], [], []
     split_model = decoder_model_parallel(decoder) > 1
     for _ in range(config.max_new_tokens):
         token = next_token(logits, config, seen)
@@ -204,6 +223,8 @@ def _generate(decoder: RolloutDecoder, input_ids, attention_mask, config: Genera
         token = paddle.where(alive, token, paddle.full_like(token, pad_token_id))
         tokens.append(token)
         masks.append(alive.astype(attention_mask.dtype))
+        if return_log_probs:  # (every tensor-parallel rank holds the gathered logits and the token)
+            log_probs.append(sampled_log_probs(logits, token, config.temperature) * masks[-1].astype("float32"))
         finished = finished | (token == eos_token_id)
         if bool(finished.all()):
             break
@@ -214,7 +235,8 @@ def _generate(decoder: RolloutDecoder, input_ids, attention_mask, config: Genera
     decoder.release()
     response = paddle.stack(tokens, axis=1)
     response_mask = paddle.stack(masks, axis=1)
-    return paddle.concat([input_ids, response], axis=1), paddle.concat([attention_mask, response_mask], axis=1)
+    result = (paddle.concat([input_ids, response], axis=1), paddle.concat([attention_mask, response_mask], axis=1))
+    return result + (paddle.stack(log_probs, axis=1),) if return_log_probs else result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,6 +325,13 @@ class Models:
     decoder: object | None = None   # rollout decoder over the actor's weights (None: the actor's own forward)
 
 
+def keeps_log_probs(setting: str, decoder) -> bool:
+    """``rollout_log_probs`` resolved: 'auto' keeps them where the lean ``InferenceModel`` decodes
+    the live weights (its step logits equal the scoring forward's to float rounding); the fused GPU
+    model's kernels differ and paddlenlp's forward (no decoder) keeps the recompute."""
+    return setting == "true" or (setting == "auto" and isinstance(decoder, InferenceModel))
+
+
 @paddle.no_grad()
 def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, max_length: int,
             normalize_reward: bool = False, before_scoring=None) -> Experience:
@@ -310,7 +339,8 @@ def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, m
 
     Prompts are repeated ``num_return_sequences`` times consecutively (a group per prompt).
     ``before_scoring()`` runs between generation and scoring (the trainer brings offloaded
-    scoring models back there).
+    scoring models back there).  With ``config.keep_log_probs`` the actor's old log-probs are the
+    decode steps' (no scoring forward of the actor); 0 outside the response tokens.
     """
     tok = models.actor_tokenizer
     n = config.num_return_sequences
@@ -320,8 +350,9 @@ def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, m
     P = prompt_ids.shape[1]
     was_training = models.actor.training
     models.actor.eval()
-    sequences, attention_mask = generate_in_buckets(models.decoder or models.actor, prompt_ids, prompt_mask, config,
-                                                    tok.eos_token_id, tok.pad_token_id)
+    sequences, attention_mask, *kept = generate_in_buckets(models.decoder or models.actor, prompt_ids, prompt_mask,
+                                                           config, tok.eos_token_id, tok.pad_token_id,
+                                                           config.keep_log_probs)
     if before_scoring is not None:
         before_scoring()
     # scoring: no gradients; with the inference model in use (single-shard models) every model is
@@ -340,7 +371,12 @@ def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, m
         return out.scores, out.end_scores
 
     with paddle.no_grad():
-        old_log_probs = log_probs(models.actor)
+        if kept:
+            # the decode steps' log-probs of the response tokens at their columns (P-1 ..); the
+            # prompt's columns are 0 (never an action)
+            old_log_probs = paddle.concat([paddle.zeros([sequences.shape[0], P - 1], "float32"), kept[0]], axis=1)
+        else:
+            old_log_probs = log_probs(models.actor)
         if was_training:
             models.actor.train()
         ref_log_probs = log_probs(models.reference)

@@ -41,7 +41,7 @@ from ppo.entry import prepare_output_dir, set_seed
 from ppo.guard import NonFiniteGuard, check_weights_finite
 from ppo.metrics import MetricsLogger, StepCadence, Timer
 from ppo.optim import Precision, build_optimizer, clear_grad, global_grad_norm
-from ppo.rollout import GenerationConfig, collect, gather_experience
+from ppo.rollout import GenerationConfig, collect, gather_experience, keeps_log_probs
 
 
 class PPOTrainer:
@@ -59,6 +59,7 @@ class PPOTrainer:
         built = build_ppo_models(args, self.ctx, self.uses_critic, self.precision.dtype)
         self.actor, self.critic, self.tokenizer = built.actor, built.critic, built.tokenizer
         self.models, self.layout = built.rollout, built.layout  # what rolls out; where
+        self.gen.keep_log_probs = keeps_log_probs(args.rollout_log_probs, self.models.decoder)
         self.data = load_ppo_data(args, self.ctx, self.tokenizer, self.layout.split_ranks,
                                   self.layout.merge_for_rollout)
         self.total_steps, self.steps_per_update = self.data.total_steps, self.data.steps_per_update

@@ -198,3 +198,28 @@ def test_static_graph_decode_equals_the_eager_step_and_follows_weight_updates(ex
         after = logits_of(static, ids, mask)
         assert np.abs(after[1:] - before[1:]).max() > 1e-3  # the decode steps see the new weights
         np.testing.assert_allclose(after, logits_of(eager, ids, mask), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [
+    dict(temperature=0.7, top_k=5, top_p=0.8, repetition_penalty=1.6),
+    dict(temperature=1.3, top_p=0.5, repetition_penalty=0.7, micro_batch_size=2),
+    dict(do_sample=False, temperature=0.6, repetition_penalty=2.0),
+], ids=["penalty-topk-topp", "buckets-topp", "greedy"])
+def test_rollout_log_probs_equal_the_recomputed_ones(config):
+    """The log-probs kept from the decode steps are the scoring forward's (tempered, unfiltered:
+    the penalty and the top-k / top-p filters only steer sampling) to 1e-5."""
+    from ppo.rollout import generate_in_buckets
+
+    model = make_model(seed=4, num_key_value_heads=2)
+    ids, mask = prompts(B=6)
+    paddle.seed(11)
+    gen = GenerationConfig(max_new_tokens=10, **{"do_sample": True, **config})
+    seqs, full_mask, kept = generate_in_buckets(InferenceModel(model), ids, mask, gen, eos_token_id=2,
+                                                pad_token_id=3, return_log_probs=True)
+    P = ids.shape[1]
+    want = InferenceModel.of(model).log_probs(seqs, full_mask, gen.temperature).numpy()[:, P - 1:]
+    response = full_mask.numpy()[:, P:] > 0
+    assert kept.shape == [6, seqs.shape[1] - P] and response.sum() > 20
+    np.testing.assert_allclose(kept.numpy()[response], want[response], rtol=0, atol=1e-5)
+    assert (kept.numpy()[~response] == 0).all()
+

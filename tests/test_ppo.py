@@ -302,3 +302,50 @@ def test_recompute_gives_the_same_ppo_update(ppo_dirs):
     plain, recomputed = results
     for key in plain:
         np.testing.assert_array_equal(plain[key], recomputed[key], err_msg=str(key))
+
+
+def test_rollout_log_probs_give_the_same_ppo_update(ppo_dirs):
+    """``rollout_log_probs``: old log-probs kept from the decode steps (sampling with temperature,
+    top-k, top-p and a repetition penalty) instead of the actor's scoring forward give the same
+    rollout (the recompute's old log-probs to 1e-5 on every action) and the same update."""
+    from ppo.inference import InferenceModel
+
+    sampling = dict(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3, max_new_tokens=10,
+                    clip_range_value=5.0, max_grad_norm=1.0)
+    results = []
+    for setting in ("false", "auto"):
+        trainer = make_trainer(ppo_dirs, "rollout-lp-" + setting, rollout_log_probs=setting, **sampling)
+        assert trainer.gen.keep_log_probs == (setting == "auto")  # auto: the lean decoder rolls out here
+        rng = np.random.default_rng(5)  # the actor away from the reference: a non-zero KL
+        for p in trainer.actor.parameters():
+            p.set_value(p.numpy() + rng.normal(0, 0.02, p.shape).astype("float32"))
+        scored = []
+        original = InferenceModel.log_probs
+        InferenceModel.log_probs = lambda self, *a, **k: scored.append(self.model) or original(self, *a, **k)
+        try:
+            paddle.seed(21)
+            exp = trainer.rollout(0)
+        finally:
+            InferenceModel.log_probs = original
+        # the actor's scoring forward is skipped exactly when the log-probs are kept
+        assert (trainer.models.actor in scored) == (setting == "false") and trainer.models.reference in scored
+        exp = trainer.advantages(exp)
+        grads = record_grads(trainer)
+        trainer.update(exp, step=1)
+        results.append((exp, grads, model_weights(trainer)))
+    (e1, g1, w1), (e2, g2, w2) = results
+    np.testing.assert_array_equal(e1.sequences.numpy(), e2.sequences.numpy())
+    action = e1.action_mask.numpy() > 0
+    assert action.sum() > 20 and (e1.response_lengths.numpy() > 1).all()
+    np.testing.assert_allclose(e2.old_log_probs.numpy()[action], e1.old_log_probs.numpy()[action], rtol=0, atol=1e-5)
+    assert (e2.old_log_probs.numpy()[~action] == 0).all()
+    for name in ("ref_log_probs", "values", "end_scores"):
+        np.testing.assert_array_equal(getattr(e1, name).numpy(), getattr(e2, name).numpy(), err_msg=name)
+    assert set(g1) == set(g2) and len(g1) > 10
+    for k in g1:  # old log-probs within 1e-5: the same gradients to ~1e-4 of their scale
+        scale = max(np.abs(g1[k]).max(), 1e-12)
+        np.testing.assert_allclose(g1[k], g2[k], rtol=1e-3, atol=1e-4 * scale, err_msg=str(k))
+    for (role, name), a in w1.items():  # (near-zero gradients: Adam's sign is float noise, as above)
+        g = g1.get((MODEL_CLASS[role], name))
+        clear = np.abs(g) > 1e-3 * np.abs(g).max() if g is not None else np.ones(a.shape, bool)
+        np.testing.assert_allclose(a[clear], w2[(role, name)][clear], rtol=0, atol=2e-5, err_msg=str(name))
