@@ -257,6 +257,11 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
                                          "decodes the actor's live weights (the fused GPU model and paddlenlp's "
                                          "forward recompute), 'true' always, 'false' never (recompute).",
                                  choices=["auto", "true", "false"])
+    length_buckets: bool = arg(True, "Compute only real tokens where it keeps every result: the update sorts each "
+                                     "optimizer step's rows by real length into its micro-batches, each packed "
+                                     "to its own longest row (not under pipeline parallel: one shape per "
+                                     "schedule); the inference model scores rows in length groups the same way. "
+                                     "The token-mean of every loss is unchanged.")
     rollout_static_graph: bool = arg(False, "Run the inference model's decode step as a static graph compiled once "
                                            "per batch and length bucket (no faster on CPU, measured; for "
                                            "accelerators; tensor parallel decodes eagerly; the fused GPU model "

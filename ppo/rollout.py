@@ -17,7 +17,7 @@ import paddle.nn.functional as F
 from ppo import parallel
 from ppo.algorithms import entropy_from_logits, gather_log_probs
 from ppo.decoding import RolloutDecoder, current_weights
-from ppo.experience import Experience
+from ppo.experience import Experience, real_spans, shift_left
 from ppo.inference import InferenceModel
 from ppo.models import position_ids_from_mask
 from ppo.parallel import unwrap
@@ -325,6 +325,54 @@ class Models:
     decoder: object | None = None   # rollout decoder over the actor's weights (None: the actor's own forward)
 
 
+def length_groups(lengths, overhead: int = 32) -> list:
+    """Rows (indices into ``lengths`` [B]) in groups of similar length, longest first: the contiguous
+    partition of the length-sorted rows with the fewest computed tokens (rows x the group's longest)
+    plus ``overhead`` tokens per group (a forward's fixed cost), by dynamic programming over B."""
+    import numpy as np
+
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    ls = np.asarray(lengths)[order]
+    B = len(ls)
+    best, cut = [0] * (B + 1), [0] * (B + 1)
+    for j in range(1, B + 1):  # best[j]: rows order[:j] grouped; the last group starts at cut[j]
+        best[j], cut[j] = min((best[i] + (j - i) * int(ls[i]) + overhead, i) for i in range(j))
+    groups, j = [], B
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def score_in_length_groups(fn, sequences, attention_mask, kinds: tuple):
+    """``fn(ids, mask)`` over length groups of the rows, each packed to its own longest row (real
+    tokens from column 0, as ``Experience.packed``), its outputs put back in place: ``kinds`` says
+    per output "token" ([b, W, ...] -> [B, L, ...]), "action" ([b, W-1] -> [B, L-1]) or "row"
+    ([b, ...] -> [B, ...]).  Padding positions are 0.  A row's results equal the unpacked call's."""
+    import numpy as np
+
+    ids, mask = sequences.numpy(), attention_mask.numpy()
+    first, n = real_spans(mask)
+    B, L = ids.shape
+    outs = [None] * len(kinds)
+    for rows in length_groups(n):
+        W = int(n[rows].max())
+        valid = np.arange(W)[None, :] < n[rows][:, None]
+        got = fn(paddle.to_tensor(shift_left(ids[rows], first[rows], W, valid)),
+                 paddle.to_tensor(shift_left(mask[rows], first[rows], W, valid)))
+        for k, (kind, value) in enumerate(zip(kinds, got)):
+            value = value.numpy()
+            if outs[k] is None:
+                width = {"token": (L,), "action": (L - 1,), "row": ()}[kind]
+                outs[k] = np.zeros((B,) + width + value.shape[1 + len(width):], value.dtype)
+            if kind == "row":
+                outs[k][rows] = value
+                continue
+            bi, bj = np.nonzero(np.arange(value.shape[1])[None, :] < (n[rows] - (kind == "action"))[:, None])
+            outs[k][rows[bi], first[rows][bi] + bj] = value[bi, bj]
+    return tuple(paddle.to_tensor(o) for o in outs)
+
+
 def keeps_log_probs(setting: str, decoder) -> bool:
     """``rollout_log_probs`` resolved: 'auto' keeps them where the lean ``InferenceModel`` decodes
     the live weights (its step logits equal the scoring forward's to float rounding); the fused GPU
@@ -334,13 +382,15 @@ def keeps_log_probs(setting: str, decoder) -> bool:
 
 @paddle.no_grad()
 def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, max_length: int,
-            normalize_reward: bool = False, before_scoring=None) -> Experience:
+            normalize_reward: bool = False, before_scoring=None, group_scoring: bool = False) -> Experience:
     """Generate responses for a prompt batch and score them: everything PPO needs but advantages.
 
     Prompts are repeated ``num_return_sequences`` times consecutively (a group per prompt).
     ``before_scoring()`` runs between generation and scoring (the trainer brings offloaded
     scoring models back there).  With ``config.keep_log_probs`` the actor's old log-probs are the
-    decode steps' (no scoring forward of the actor); 0 outside the response tokens.
+    decode steps' (no scoring forward of the actor); 0 outside the response tokens.  With
+    ``group_scoring`` the inference model scores rows in packed length groups
+    (``score_in_length_groups``); per-token results on padding are then 0.
     """
     tok = models.actor_tokenizer
     n = config.num_return_sequences
@@ -359,12 +409,20 @@ def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, m
     # scored on its fast layout, otherwise through the model's own forward
     fast = models.decoder is not None
 
+    grouped = fast and group_scoring
+
     def log_probs(model):
+        if grouped:
+            view = InferenceModel.of(model)
+            return score_in_length_groups(lambda s, m: (view.log_probs(s, m, config.temperature),), sequences,
+                                          attention_mask, ("action",))[0]
         if fast:
             return InferenceModel.of(model).log_probs(sequences, attention_mask, config.temperature)
         return forward_log_probs(model, sequences, attention_mask, config.temperature)[0]
 
     def scored(model, ids, mask):
+        if grouped:
+            return score_in_length_groups(InferenceModel.of(model).scores, ids, mask, ("token", "row"))
         if fast:
             return InferenceModel.of(model).scores(ids, mask)
         out = model(ids, mask)

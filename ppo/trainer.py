@@ -35,7 +35,7 @@ from ppo.offload import PhaseOffload, parse_offload_level
 from ppo.ppo_data import load_ppo_data
 from ppo.ppo_evaluation import evaluate_policy, prompt_batch
 from ppo.ppo_models import RolloutWeights, build_ppo_models
-from ppo.batching import token_mean_weights
+from ppo.batching import longest_first, token_mean_weights
 from ppo.checkpoint import save_pretrained_atomic, start_or_resume
 from ppo.entry import prepare_output_dir, set_seed
 from ppo.guard import NonFiniteGuard, check_weights_finite
@@ -166,7 +166,7 @@ class PPOTrainer:
 
         self.offload.before_generation()
         exp = collect(self.models, ids, mask, self.gen, self.args.max_length, self.args.normalize_reward,
-                      before_scoring=scoring)
+                      before_scoring=scoring, group_scoring=self.args.length_buckets)
         self.offload.after_scoring()
         return gather_experience(exp, split, self.tokenizer.pad_token_id) if split is not None else exp
 
@@ -197,12 +197,18 @@ class PPOTrainer:
         args = self.args
         mb, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
         stats: dict[str, list] = {}
+        # length buckets: each step's rows sorted by real length into micro-batches, each packed to
+        # its own longest row (the pipeline schedule needs one shape for all micro-batches)
+        packs = args.length_buckets and not self.layout.pipeline
+        lengths = exp.attention_mask.astype("int64").sum(axis=1).numpy()
         for _ in range(args.update_iters):
             order = self.shuffle_rng.permutation(exp.batch_size) if args.shuffle_minibatches \
                 else np.arange(exp.batch_size)
             for s in range(self.steps_per_update):
                 rows = order[s * mb * accum:(s + 1) * mb * accum]
+                rows = longest_first(rows, lengths) if packs else rows
                 micro = [exp.select(rows[i * mb:(i + 1) * mb]) for i in range(accum)]
+                micro = [m.packed() for m in micro] if packs else micro
                 # the token-mean over the whole optimizer step (every micro-batch and data rank)
                 weights = token_mean_weights([float(m.action_mask.sum()) for m in micro], self.ctx.data_world)
                 for k, v in self.actor_step(micro, weights, step).items():

@@ -223,3 +223,43 @@ def test_rollout_log_probs_equal_the_recomputed_ones(config):
     np.testing.assert_allclose(kept.numpy()[response], want[response], rtol=0, atol=1e-5)
     assert (kept.numpy()[~response] == 0).all()
 
+
+
+def test_length_groups_are_the_cheapest_contiguous_partition():
+    """The dynamic programme's grouping costs what the best of every contiguous partition of the
+    length-sorted rows costs (brute force), and covers every row once."""
+    import itertools
+
+    from ppo.rollout import length_groups
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        lengths = rng.integers(1, 300, size=int(rng.integers(1, 8)))
+        groups = length_groups(lengths, overhead=40)
+        assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))
+        cost = sum(len(g) * lengths[g].max() + 40 for g in groups)
+        ls = np.sort(lengths)[::-1]
+        best = min(sum((b - a) * ls[a] + 40 for a, b in zip((0,) + cuts, cuts + (len(ls),)))
+                   for k in range(len(ls)) for cuts in itertools.combinations(range(1, len(ls)), k))
+        assert cost == best
+
+
+def test_scoring_in_length_groups_equals_one_batch():
+    """Packed length groups give every real position the one-batch log-probs and scores (1e-5)."""
+    from ppo.rollout import score_in_length_groups
+
+    model = make_model(seed=6)
+    seqs, mask = rollout_like(B=7, P=9, R=8, seed=3)
+    view = InferenceModel.of(model)
+    want = view.log_probs(seqs, mask, 0.9).numpy()
+    got = score_in_length_groups(lambda s, m: (view.log_probs(s, m, 0.9),), seqs, mask, ("action",))[0].numpy()
+    real = mask[:, 1:].numpy() * mask[:, :-1].numpy() > 0
+    np.testing.assert_allclose(got[real], want[real], rtol=0, atol=1e-5)
+    assert (got[~real] == 0).all()
+    hidden_want = view.final_hidden(seqs, mask).numpy()
+    hidden_got, last = score_in_length_groups(lambda s, m: (view.final_hidden(s, m), s[:, :1]), seqs, mask,
+                                              ("token", "row"))
+    live = mask.numpy() > 0
+    np.testing.assert_allclose(hidden_got.numpy()[live], hidden_want[live], rtol=0, atol=1e-5)
+    first = (mask.numpy() > 0).argmax(axis=1)
+    np.testing.assert_array_equal(last.numpy()[:, 0], seqs.numpy()[np.arange(7), first])  # rows back in place

@@ -349,3 +349,67 @@ def test_rollout_log_probs_give_the_same_ppo_update(ppo_dirs):
         g = g1.get((MODEL_CLASS[role], name))
         clear = np.abs(g) > 1e-3 * np.abs(g).max() if g is not None else np.ones(a.shape, bool)
         np.testing.assert_allclose(a[clear], w2[(role, name)][clear], rtol=0, atol=2e-5, err_msg=str(name))
+
+
+def test_packed_experience_moves_each_row_to_column_zero():
+    """``Experience.packed`` against a naive per-row loop: real tokens from column 0, the per-token
+    fields shifted with them, zeros after each row's end, width the longest real row."""
+    rng = np.random.default_rng(1)
+    B, P, R = 4, 6, 5
+    mask = np.zeros((B, P + R), "int64")
+    for b, (p, r) in enumerate([(6, 5), (2, 1), (4, 3), (3, 5)]):
+        mask[b, P - p:P + r] = 1
+    seqs = rng.integers(5, 99, size=mask.shape) * mask
+    fields = {k: rng.normal(size=(B, P + R - 1)).astype("float32") for k in ("old_log_probs", "ref_log_probs",
+                                                                                "values")}
+    exp = Experience(sequences=paddle.to_tensor(seqs), attention_mask=paddle.to_tensor(mask),
+                     action_mask=action_mask_of(paddle.to_tensor(mask), P),
+                     end_scores=paddle.to_tensor(rng.normal(size=B).astype("float32")),
+                     response_lengths=paddle.to_tensor(mask[:, P:].sum(1)), ended_with_eos=paddle.ones([B], "bool"),
+                     prompt_length=P, **{k: paddle.to_tensor(v) for k, v in fields.items()})
+    packed = exp.packed()
+    W = int(mask.sum(1).max())
+    assert packed.sequences.shape == [B, W] and packed.values.shape == [B, W - 1]
+    action = action_mask_of(paddle.to_tensor(mask), P).numpy()
+    for b in range(B):
+        cols = np.nonzero(mask[b])[0]
+        n = len(cols)
+        np.testing.assert_array_equal(packed.sequences.numpy()[b, :n], seqs[b, cols])
+        np.testing.assert_array_equal(packed.attention_mask.numpy()[b], [1] * n + [0] * (W - n))
+        for k, v in fields.items():
+            np.testing.assert_array_equal(getattr(packed, k).numpy()[b, :n - 1], v[b, cols[:-1]])
+            assert (getattr(packed, k).numpy()[b, n - 1:] == 0).all()
+        np.testing.assert_array_equal(packed.action_mask.numpy()[b, :n - 1], action[b, cols[:-1]])
+        assert packed.action_mask.numpy()[b].sum() == action[b].sum()
+    np.testing.assert_array_equal(packed.end_scores.numpy(), exp.end_scores.numpy())
+
+
+def test_length_buckets_give_the_same_ppo_update(ppo_dirs):
+    """Micro-batches sorted by length and packed to their own longest row: the same update as the
+    padded ones (one token-mean per step), with fewer computed columns."""
+    results = []
+    for flag in (False, True):
+        trainer = make_trainer(ppo_dirs, f"buckets-{flag}", length_buckets=flag, per_device_train_batch_size=2,
+                               gradient_accumulation_steps=2, max_grad_norm=1.0, clip_range_value=5.0)
+        exp = trainer.advantages(fixed_experience(trainer))
+        shapes = []
+        original = trainer.actor_step
+        trainer.actor_step = lambda micro, *a: shapes.extend(m.sequences.shape for m in micro) or original(micro, *a)
+        grads = record_grads(trainer)
+        before = model_weights(trainer)
+        stats = trainer.update(exp, step=1)
+        weights = model_weights(trainer)
+        assert_one_adamw_step(before, grads, weights, trainer.args)
+        results.append((stats, grads, weights, shapes, exp))
+    (s1, g1, w1, sh1, exp), (s2, g2, w2, sh2, _) = results
+    L = exp.sequences.shape[1]
+    assert all(s == [2, L] for s in sh1) and sum(s[1] for s in sh2) < 2 * L - 2  # padding really went
+    assert abs(s1["actor_loss"] - s2["actor_loss"]) < 1e-6
+    assert abs(s1["critic_loss"] - s2["critic_loss"]) < 1e-6 * max(1, abs(s1["critic_loss"]))
+    for k in g1:
+        scale = max(np.abs(g1[k]).max(), 1e-12)
+        np.testing.assert_allclose(g1[k], g2[k], rtol=1e-4, atol=1e-5 * scale, err_msg=str(k))
+    for (role, name), a in w1.items():
+        g = g1.get((MODEL_CLASS[role], name))
+        clear = np.abs(g) > 1e-4 * np.abs(g).max() if g is not None else np.ones(a.shape, bool)
+        np.testing.assert_allclose(a[clear], w2[(role, name)][clear], rtol=0, atol=1e-5, err_msg=str(name))
