@@ -325,7 +325,7 @@ class Models:
     decoder: object | None = None   # rollout decoder over the actor's weights (None: the actor's own forward)
 
 
-def length_groups(lengths, overhead: int = 32) -> list:
+def length_groups(lengths, overhead: int = 16) -> list:
     """Rows (indices into ``lengths`` [B]) in groups of similar length, longest first: the contiguous
     partition of the length-sorted rows with the fewest computed tokens (rows x the group's longest)
     plus ``overhead`` tokens per group (a forward's fixed cost), by dynamic programming over B."""
