@@ -312,12 +312,21 @@ def run_worker(opts) -> dict:
     # runs one process with the default use_inference_model), called during scoring only
     scored = {"actor_old_log_probs": models.actor, "reference_log_probs": models.reference,
               "reward_score": models.reward, "critic_values": models.critic}
-    for key, model in scored.items():
-        if model is not None:
-            view = InferenceModel.of(model)
+    # the views are hooked when collect first makes them: an offloaded model has no weights to
+    # build its view from before the offload brings it back
+    keys = {id(model): key for key, model in scored.items() if model is not None}
+    make_view = InferenceModel.of.__func__
+
+    def hooked_view(cls, model):
+        view = make_view(cls, model)
+        if id(model) in keys and not getattr(view, "_benchmark_hooked", False):
             for method in ("log_probs", "scores"):
-                timed_method(view, method, "scoring_forward_" + key,
+                timed_method(view, method, "scoring_forward_" + keys[id(model)],
                              counted=lambda ids, mask, *rest: count("scoring", ids, mask))
+            view._benchmark_hooked = True
+        return view
+
+    InferenceModel.of = classmethod(hooked_view)
 
     # offload transfers, timed where the trainer's phases call them; the generation and scoring
     # peaks exclude them (generation's meter opens after the offload before it)
