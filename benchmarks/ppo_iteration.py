@@ -31,7 +31,21 @@ The phases are driven through the trainer itself
 ``trainer.update``: the same methods ``PPOTrainer.train`` calls), with random prompt ids instead
 of the dataset.
 
+Workloads (``--workload``): ``fixed``, every prompt ``--prompt_length`` random tokens and every
+response ``max_new_tokens`` long (no padding anywhere); ``realistic``, prompt lengths from
+``--min_prompt`` to ``--max_prompt`` skewed short (left padded) and an actor whose EOS logit is
+biased (``bias_eos``) so that sampled responses end at EOS after ``--eos_mean_length`` tokens on
+average: seeded, so the same lengths every run.  Each phase reports the share of the tokens it
+computed that were padding, and real tokens per second.
+
+``--compare REF_CHECKOUT`` (e.g. ``git worktree add /tmp/ref 5a67775``) runs the reference
+checkout's trainer under this same driver, models and prompts (its ``ppo`` on the worker's path;
+a trainer from before the phase methods is driven through its ``collect`` / ``compute_advantages``
+/ ``update``), alternating reference and current workers for ``--rounds`` rounds, and reports
+per-phase medians and reference / current speed-ups.
+
     python benchmarks/ppo_iteration.py [--config tiny|33m|both] [--iterations 2] [--quick]
+    python benchmarks/ppo_iteration.py --config 33m --workload both --compare /tmp/ref
 
 Prints one JSON object on stdout (progress goes to stderr).
 """
@@ -116,11 +130,51 @@ class PeakMeter:
 # Models on disk (parent)
 
 
-def build_models(config: str, folder: str) -> dict:
-    """Random actor (causal LM) and reward model (score model started from it) saved in ``folder``."""
+def bias_eos(actor_dir: str, eos: int, mean_length: float, seed: int = 0) -> float:
+    """Give the saved actor an EOS logit that ends a sampled response after ``mean_length`` tokens
+    on average: its LM-head column becomes a random direction scaled so that the mean softmax
+    probability of EOS over the model's own final hidden states (random inputs) is 1/mean_length
+    (bisection on the scale).  Returns the scale (the EOS logit's standard deviation)."""
+    import numpy as np
+    import paddle
+
+    from ppo.models import load_causal_lm
+
+    model = load_causal_lm(actor_dir)
+    model.eval()
+    V = int(model.config.vocab_size)
+    rng = np.random.default_rng(seed)
+    ids = paddle.to_tensor(rng.integers(4, V, size=(8, 96)), dtype="int64")
+    with paddle.no_grad():
+        out = model(input_ids=ids, return_dict=True)
+    logits = out.logits.numpy().reshape(-1, V).astype(np.float64)
+    weight = model.lm_head.weight  # [hidden, V]
+    hidden = np.linalg.lstsq(weight.numpy().T.astype(np.float64), logits.T, rcond=None)[0].T  # [N, hidden]
+    direction = rng.normal(size=hidden.shape[1])
+    z = hidden @ direction / (hidden @ direction).std()  # the EOS logit at scale 1
+    others = np.delete(logits, eos, axis=1)
+    lse = np.log(np.exp(others - others.max(1, keepdims=True)).sum(1)) + others.max(1)
+
+    def mean_p(scale):
+        return float(np.mean(1 / (1 + np.exp(lse - scale * z))))
+
+    lo, hi = 0.0, 20.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_p(mid) < 1 / mean_length else (lo, mid)
+    column = direction / (hidden @ direction).std() * lo
+    w = weight.numpy()
+    w[:, eos] = column.astype(w.dtype)
+    weight.set_value(w)
+    model.save_pretrained(actor_dir)
+    return lo
+
+
+def build_models(config: str, folder: str, eos_mean_length: float = 0.0) -> dict:
+    """Random actor (causal LM) and reward model (score model started from it) saved in ``folder``;
+    with ``eos_mean_length`` the actor's EOS logit is biased (``bias_eos``)."""
     import ppo  # noqa: F401  (MKL environment before paddle)
     from ppo.models import load_score_model
-    from ppo.models import family_of_model
     from ppo.tiny.build import BENCH_33M, TINY, build_llama, build_tokenizer
     from ppo.entry import quiet_libraries
 
@@ -132,6 +186,8 @@ def build_models(config: str, folder: str) -> dict:
     sizes = dict(BENCH_33M) if config == "33m" else dict(TINY)
     model = build_llama(actor_dir, tokenizer, seed=0, **sizes)
     del model
+    if eos_mean_length:
+        bias_eos(actor_dir, tokenizer.eos_token_id, eos_mean_length)
     reward = load_score_model(actor_dir)
     reward.save_pretrained(rm_dir)
     tokenizer.save_pretrained(rm_dir)
@@ -145,8 +201,15 @@ def build_models(config: str, folder: str) -> dict:
 
 def matmul_params(model) -> int:
     """Parameters that take part in matmuls: everything but the input embedding table."""
-    embed = family_of_model(model).backbone(model).embed_tokens.weight
-    return int(sum(p.size for p in model.parameters() if p is not embed))
+    return int(sum(p.size for name, p in model.named_parameters() if "embed_tokens" not in name))
+
+
+def realistic_prompt_lengths(rng, batch: int, shortest: int, longest: int):
+    """Prompt lengths skewed short over [shortest, longest] (a Beta(1.3, 4) share of the range: median
+    about a quarter of it, as in PKU-SafeRLHF's prompts)."""
+    import numpy as np
+
+    return (shortest + np.floor(rng.beta(1.3, 4.0, size=batch) * (longest - shortest + 1))).astype(int)
 
 
 def run_worker(opts) -> dict:
@@ -157,17 +220,23 @@ def run_worker(opts) -> dict:
     from ppo.args import PPOArgs, validate
     from ppo.inference import InferenceModel
     from ppo.trainer import PPOTrainer
-    from ppo.entry import quiet_libraries
+    try:
+        from ppo.entry import quiet_libraries
+    except ImportError:  # a reference checkout from before the layering
+        from ppo.training import quiet_libraries
 
     quiet_libraries()
     t_imported = time.time()
 
     train_batch = min(opts.train_batch, opts.batch)
+    realistic = opts.workload == "realistic"
+    longest_prompt = opts.max_prompt if realistic else opts.prompt_length
     args = PPOArgs(
         actor_model_name_or_path=opts.actor, reward_model_name_or_path=opts.rm,
         train_datasets="tiny-prompts/train", output_dir=os.path.join(opts.workdir, "output"),
-        max_length=opts.prompt_length + opts.new_tokens, max_new_tokens=opts.new_tokens,
+        max_length=longest_prompt + opts.new_tokens, max_new_tokens=opts.new_tokens,
         per_device_prompt_batch_size=opts.batch, per_device_train_batch_size=train_batch,
+        gradient_accumulation_steps=opts.accumulation,
         max_steps=1 + opts.iterations, offload_level=opts.offload_level, offload_dir=opts.workdir,
         disable_tqdm=True, seed=1)
     validate(args)
@@ -179,9 +248,18 @@ def run_worker(opts) -> dict:
     rng = np.random.default_rng(0)
 
     def prompts():
-        # ids 0-3 are <unk>, <s>, </s>, <pad>; no padding, so every prompt has prompt_length tokens
-        ids = paddle.to_tensor(rng.integers(4, vocab, size=(opts.batch, opts.prompt_length)), dtype="int64")
-        return ids, paddle.ones_like(ids)
+        # ids 0-3 are <unk>, <s>, </s>, <pad>
+        if not realistic:  # no padding: every prompt has prompt_length tokens
+            ids = paddle.to_tensor(rng.integers(4, vocab, size=(opts.batch, opts.prompt_length)), dtype="int64")
+            return ids, paddle.ones_like(ids)
+        lengths = realistic_prompt_lengths(rng, opts.batch, opts.min_prompt, opts.max_prompt)
+        width = int(lengths.max())
+        ids = np.full((opts.batch, width), trainer.tokenizer.pad_token_id, dtype=np.int64)
+        mask = np.zeros((opts.batch, width), dtype=np.int64)
+        for b, n in enumerate(lengths):  # left padded, as the prompt collator makes them
+            ids[b, width - n:] = rng.integers(4, vocab, size=n)
+            mask[b, width - n:] = 1
+        return paddle.to_tensor(ids), paddle.to_tensor(mask)
 
     first_prompts = prompts()
     t_prepared = time.time()
@@ -197,10 +275,17 @@ def run_worker(opts) -> dict:
     def add(key, seconds):
         acc[key] = acc.get(key, 0.0) + seconds
 
-    def timed_method(obj, name, key, peak_key=None):
+    def count(phase, ids, mask):
+        """Tokens computed (rows x columns of a forward's batch) and real ones (the mask's)."""
+        add("computed_" + phase, float(ids.shape[0] * ids.shape[1]))
+        add("real_" + phase, float(mask.astype("int64").sum()))
+
+    def timed_method(obj, name, key, peak_key=None, counted=None):
         original = getattr(obj, name)
 
         def wrapper(*a, **kw):
+            if counted:
+                counted(*a)
             if peak_key:
                 meter.open(peak_key)
             t = clock()
@@ -214,18 +299,34 @@ def run_worker(opts) -> dict:
         setattr(obj, name, wrapper)
 
     # update phases (PPOTrainer.update calls these through self, so instance attributes win)
-    timed_method(trainer, "actor_step", "actor_update", "actor_update")
-    timed_method(trainer, "critic_step", "critic_update", "critic_update")
+    def micro_batches(phase):
+        def counted(micro, *rest):
+            for m in micro:
+                count(phase, m.sequences, m.attention_mask)
+        return counted
+
+    timed_method(trainer, "actor_step", "actor_update", "actor_update", counted=micro_batches("actor_update"))
+    timed_method(trainer, "critic_step", "critic_update", "critic_update", counted=micro_batches("critic_update"))
 
     # per-model split of scoring: collect scores every model on its inference view (the worker
     # runs one process with the default use_inference_model), called during scoring only
     scored = {"actor_old_log_probs": models.actor, "reference_log_probs": models.reference,
               "reward_score": models.reward, "critic_values": models.critic}
-    for key, model in scored.items():
-        if model is not None:
-            view = InferenceModel.of(model)
+    # the views are hooked when collect first makes them: an offloaded model has no weights to
+    # build its view from before the offload brings it back
+    keys = {id(model): key for key, model in scored.items() if model is not None}
+    make_view = InferenceModel.of.__func__
+
+    def hooked_view(cls, model):
+        view = make_view(cls, model)
+        if id(model) in keys and not getattr(view, "_benchmark_hooked", False):
             for method in ("log_probs", "scores"):
-                timed_method(view, method, "scoring_forward_" + key)
+                timed_method(view, method, "scoring_forward_" + keys[id(model)],
+                             counted=lambda ids, mask, *rest: count("scoring", ids, mask))
+            view._benchmark_hooked = True
+        return view
+
+    InferenceModel.of = classmethod(hooked_view)
 
     # offload transfers, timed where the trainer's phases call them; the generation and scoring
     # peaks exclude them (generation's meter opens after the offload before it)
@@ -266,6 +367,28 @@ def run_worker(opts) -> dict:
     around("after_scoring")
     around("before_update")
 
+    if hasattr(trainer, "experience"):
+        experience = trainer.experience
+
+        def advantages(exp):
+            exp = trainer.advantages(exp)
+            trainer.update_kl_controller(exp)
+            return exp
+    else:  # a reference checkout from before the trainer phases: the same steps its rollout takes
+        from ppo.rollout import collect
+
+        def experience(ids, mask, before_scoring):
+            trainer.export_rollout_weights()
+            trainer.offload.before_generation()
+            exp = collect(models, ids, mask, trainer.gen, args.max_length, args.normalize_reward,
+                          before_scoring=lambda: (trainer.offload.before_scoring(), before_scoring()))
+            trainer.offload.after_scoring()
+            return exp
+
+        def advantages(exp):
+            trainer.compute_advantages(exp)
+            return exp
+
     def iteration(step: int, ids, mask) -> dict:
         """One iteration through the trainer's own phases: experience (generation + scoring),
         advantages, the KL controller, update."""
@@ -275,15 +398,15 @@ def run_worker(opts) -> dict:
         rss.clear()
         rss["iteration_start"] = rss_mb()
         meter.open("iteration")
+        paddle.seed(1000 + step)  # the same draws whatever the checkout did to the random state before
         t0 = clock()
-        exp = trainer.experience(ids, mask, before_scoring=lambda: marks.update(scoring_start=clock()))
+        exp = experience(ids, mask, before_scoring=lambda: marks.update(scoring_start=clock()))
         t3 = clock()
         peaks["scoring"] = meter.close("scoring")
         rss["after_scoring"] = rss_mb()
         meter.open("update")
         t4 = clock()
-        exp = trainer.advantages(exp)
-        trainer.update_kl_controller(exp)
+        exp = advantages(exp)
         t5 = clock()
         trainer.update(exp, step)
         t6 = clock()
@@ -293,6 +416,10 @@ def run_worker(opts) -> dict:
 
         P = exp.prompt_length
         attention = exp.attention_mask.astype("int64")
+        B, L = exp.sequences.shape
+        # generation computes the padded prompt batch once (prefill) and every row at every step
+        add("computed_generation", float(B * L))
+        add("real_generation", float(attention.sum()))
         tokens = {
             "prompt": int(attention[:, :P].sum()),
             "response": int(attention[:, P:].sum()),
@@ -317,7 +444,11 @@ def run_worker(opts) -> dict:
             v for k, v in seconds.items() if k.startswith("scoring_forward_"))
         main = ("generation", "scoring", "actor_update", "critic_update", "advantages", "offload_transfers")
         seconds["other"] = seconds["iteration"] - sum(seconds[k] for k in main)
-        return {"seconds": seconds, "tokens": tokens, "peak_rss_mb": dict(peaks), "rss_mb": rss}
+        computed = {k[len("computed_"):]: v for k, v in acc.items() if k.startswith("computed_")}
+        padding = {k: round(1 - acc["real_" + k] / v, 4) if v else 0.0 for k, v in computed.items()}
+        real = {k: acc["real_" + k] for k in computed}
+        return {"seconds": seconds, "tokens": tokens, "peak_rss_mb": dict(peaks), "rss_mb": rss,
+                "padding_share": padding, "real_tokens": real}
 
     # -- run -----------------------------------------------------------------------------------
     t_first_rollout = time.time()
@@ -331,6 +462,7 @@ def run_worker(opts) -> dict:
         return {k: statistics.median(r[part][k] for r in timed) for k in keys}
 
     seconds, tokens = median_of("seconds"), median_of("tokens")
+    padding, real_tokens = median_of("padding_share"), median_of("real_tokens")
     phase_peaks = {k: max(r["peak_rss_mb"][k] for r in timed) for k in timed[0]["peak_rss_mb"]}
 
     # -- compute floor -------------------------------------------------------------------------
@@ -366,8 +498,12 @@ def run_worker(opts) -> dict:
                   "reward_model_params_in_matmuls": ps, "critic_params_in_matmuls": pc,
                   "vocab_size": vocab, "hidden_size": int(trainer.actor.config.hidden_size),
                   "num_hidden_layers": int(trainer.actor.config.num_hidden_layers)},
-        "shape": {"prompts_per_iteration": opts.batch, "prompt_length": opts.prompt_length,
+        "workload": opts.workload,
+        "shape": {"prompts_per_iteration": opts.batch,
+                  "prompt_length": (f"{opts.min_prompt}-{opts.max_prompt} (Beta(1.3, 4) skewed short)" if realistic
+                                    else opts.prompt_length),
                   "max_new_tokens": opts.new_tokens, "train_micro_batch": train_batch,
+                  "gradient_accumulation_steps": opts.accumulation,
                   "optimizer_steps_per_iteration_per_model": trainer.steps_per_update * iters,
                   "timed_iterations": opts.iterations, "warmup_iterations": 1},
         "seconds_median": {k: r(v) for k, v in seconds.items()},
@@ -376,7 +512,13 @@ def run_worker(opts) -> dict:
         "tokens_per_second": {
             "response_tokens_per_iteration_second": r(tokens["response"] / seconds["iteration"], 1),
             "generation_tokens_per_generation_second": r(tokens["response"] / seconds["generation"], 1),
+            # real (non-padding) tokens a phase processed per second of that phase
+            "real_tokens_per_phase_second": {k: r(v / seconds[k], 1) for k, v in real_tokens.items()
+                                             if seconds.get(k)},
         },
+        # the share of the tokens a phase computed that were padding (generation: prefill batch +
+        # rows x decode steps; scoring: every scoring forward; update: every micro-batch)
+        "padding_share_of_computed_tokens": {k: r(v) for k, v in padding.items()},
         "compute_floor": {
             "fp32_matmul_gflops": r(gflops, 1),
             "floor_seconds": {k: r(v, 5) for k, v in floor.items()},
@@ -402,19 +544,23 @@ def run_worker(opts) -> dict:
 # Parent: build, launch one worker per configuration, collect
 
 
-def launch(config: str, offload_level: str, dirs: dict, opts, workdir: str) -> dict:
+def launch(config: str, offload_level: str, dirs: dict, opts, workdir: str, code_root: str = ROOT) -> dict:
+    """One worker process; ``code_root``: the checkout whose ``ppo`` it imports (this one, or the
+    reference of ``--compare``: the same driver, workload and models over that checkout's trainer)."""
     result_file = os.path.join(workdir, "result.json")
     stderr_file = os.path.join(workdir, "stderr.txt")
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--config", config,
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--config", config, "--code_root", code_root,
+           "--workload", opts.workload, "--min_prompt", str(opts.min_prompt), "--max_prompt", str(opts.max_prompt),
            "--offload_level", offload_level, "--actor", dirs["actor"], "--rm", dirs["rm"], "--workdir", workdir,
            "--result", result_file, "--iterations", str(opts.iterations), "--batch", str(opts.batch),
            "--prompt_length", str(opts.prompt_length), "--new_tokens", str(opts.new_tokens),
-           "--train_batch", str(opts.train_batch)]
+           "--train_batch", str(opts.train_batch), "--accumulation", str(opts.accumulation)]
     env = dict(os.environ)
     env.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+    env["PYTHONPATH"] = code_root + os.pathsep + env.get("PYTHONPATH", "")
     with open(stderr_file, "w") as err:
         t_launch = time.time()
-        proc = subprocess.run(cmd, stdout=err, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.run(cmd, stdout=err, stderr=subprocess.STDOUT, env=env, cwd=code_root)
         t_end = time.time()
     if proc.returncode != 0 or not os.path.exists(result_file):
         with open(stderr_file) as f:
@@ -452,6 +598,87 @@ def compare(off: dict, on: dict) -> dict:
     }
 
 
+PHASES = ("generation", "scoring", "actor_update", "critic_update", "advantages", "iteration")
+
+
+def compare_checkouts(opts, configs, argv) -> dict:
+    """``--compare``: per configuration and workload, reference and current workers alternating
+    (offload off), ``--rounds`` times; per phase the median seconds over rounds (each a median
+    over its timed iterations) and current / reference ratios."""
+    ref = os.path.abspath(opts.compare)
+    if not os.path.isdir(os.path.join(ref, "ppo")):
+        raise SystemExit(f"--compare: '{opts.compare}' is not a checkout of this project (no ppo/ folder)")
+    workloads = ("fixed", "realistic") if opts.workload == "both" else (opts.workload,)
+    out = {"benchmark": "ppo_iteration --compare",
+           "command": "python " + " ".join([os.path.relpath(os.path.abspath(__file__), ROOT)] + (argv or sys.argv[1:])),
+           "note": opts.note,
+           "reference": {"path": ref, "commit": _git_head(ref)}, "current": {"path": ROOT, "commit": _git_head(ROOT)},
+           "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
+                       "platform": platform.platform()},
+           "settings": {"prompts_per_iteration": opts.batch, "prompt_length": opts.prompt_length,
+                        "max_new_tokens": opts.new_tokens, "train_micro_batch": opts.train_batch,
+                        "gradient_accumulation_steps": opts.accumulation,
+                        "timed_iterations": opts.iterations, "rounds": opts.rounds, "offload": "off",
+                        "realistic": {"min_prompt": opts.min_prompt, "max_prompt": opts.max_prompt,
+                                      "eos_mean_length": opts.eos_mean_length}},
+           "results": {}}
+    with tempfile.TemporaryDirectory(prefix="ppo-compare-") as tmp:
+        for config in configs:
+            for workload in workloads:
+                opts.workload = workload
+                name = f"{config}/{workload}"
+                print(f"[ppo_iteration] building random {config} models ({workload})", file=sys.stderr, flush=True)
+                dirs = build_models(config, os.path.join(tmp, config, workload, "models"),
+                                    opts.eos_mean_length if workload == "realistic" else 0.0)
+                runs = {"reference": [], "current": []}
+                for k in range(opts.rounds):
+                    for side, root in (("reference", ref), ("current", ROOT)):
+                        workdir = os.path.join(tmp, config, workload, f"{side}{k}")
+                        os.makedirs(workdir)
+                        runs[side].append(launch(config, "", dirs, opts, workdir, code_root=root))
+                        print(f"[ppo_iteration] {name} {side} round {k}: "
+                              f"{runs[side][-1]['seconds_median']['iteration']:.2f} s/iteration",
+                              file=sys.stderr, flush=True)
+                summary = {}
+                for side, results in runs.items():
+                    summary[side] = {
+                        "seconds_median": {p: statistics.median(r["seconds_median"][p] for r in results)
+                                           for p in PHASES},
+                        "scoring_forward_seconds": {k: v for k, v in results[0]["seconds_median"].items()
+                                                    if k.startswith("scoring_forward_")},
+                        "measured_over_floor": results[0]["compute_floor"]["measured_over_floor"],
+                        "padding_share_of_computed_tokens": results[0]["padding_share_of_computed_tokens"],
+                        "real_tokens_per_phase_second": results[0]["tokens_per_second"]["real_tokens_per_phase_second"],
+                        "tokens_per_iteration": results[0]["tokens_per_iteration_median"],
+                        "peak_rss_timed_iterations_mb": max(r["memory_mb"]["peak_rss_timed_iterations"]
+                                                            for r in results),
+                        "per_round_iteration_seconds": [r["seconds_median"]["iteration"] for r in results],
+                    }
+                cur, base = summary["current"]["seconds_median"], summary["reference"]["seconds_median"]
+                summary["speedup_reference_over_current"] = {
+                    p: round(base[p] / cur[p], 3) if cur[p] else None for p in PHASES}
+                summary["peak_rss_ratio_current_over_reference"] = round(
+                    summary["current"]["peak_rss_timed_iterations_mb"]
+                    / summary["reference"]["peak_rss_timed_iterations_mb"], 3)
+                summary["runs"] = runs
+                out["results"][name] = summary
+    try:
+        import paddle
+
+        out["machine"]["paddle"] = paddle.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def _git_head(folder: str) -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=["tiny", "33m", "both"], default=None,
@@ -463,6 +690,26 @@ def main(argv=None):
     parser.add_argument("--prompt_length", type=int, default=None, help="prompt tokens (default 64)")
     parser.add_argument("--new_tokens", type=int, default=None, help="max_new_tokens (default 64)")
     parser.add_argument("--train_batch", type=int, default=8, help="per_device_train_batch_size (default 8)")
+    parser.add_argument("--accumulation", type=int, default=1,
+                        help="gradient_accumulation_steps: micro-batches of --train_batch rows per optimizer step "
+                             "(default 1)")
+    parser.add_argument("--workload", choices=["fixed", "realistic", "both"], default="fixed",
+                        help="fixed: every prompt --prompt_length random tokens, responses to max_new_tokens; "
+                             "realistic: prompt lengths --min_prompt..--max_prompt skewed short (left padded), "
+                             "the actor's EOS logit biased so sampled responses end after --eos_mean_length "
+                             "tokens on average (reproducible: seeded models and prompts)")
+    parser.add_argument("--min_prompt", type=int, default=16, help="realistic: shortest prompt (default 16)")
+    parser.add_argument("--max_prompt", type=int, default=256, help="realistic: longest prompt (default 256)")
+    parser.add_argument("--eos_mean_length", type=float, default=48.0,
+                        help="realistic: mean sampled response length the EOS bias aims at (default 48)")
+    parser.add_argument("--compare", metavar="REF_CHECKOUT", default=None,
+                        help="also run a reference checkout's trainer (e.g. `git worktree add /tmp/ref 5a67775`) "
+                             "under the same driver, models and prompts, alternating reference and current "
+                             "workers for --rounds rounds (offload off); reports medians and current/reference "
+                             "ratios")
+    parser.add_argument("--rounds", type=int, default=1, help="--compare: alternating rounds (default 1)")
+    parser.add_argument("--note", default="", help="a free-text note stored in the JSON (e.g. machine shared)")
+    parser.add_argument("--code_root", default=ROOT, help=argparse.SUPPRESS)
     # worker side (internal)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--offload_level", default="", help=argparse.SUPPRESS)
@@ -481,12 +728,19 @@ def main(argv=None):
         parser.error("--iterations must be >= 1")
 
     if opts.worker:
+        if opts.code_root != ROOT:  # the reference checkout's ppo, not this one's
+            sys.path.insert(0, opts.code_root)
         result = run_worker(opts)
         with open(opts.result, "w") as f:
             json.dump(result, f)
         return
 
     configs = CONFIGS if opts.config == "both" else (opts.config,)
+    if opts.compare:
+        print(json.dumps(compare_checkouts(opts, configs, argv), indent=1))
+        return
+    if opts.workload == "both":
+        parser.error("--workload both needs --compare (without it, run one workload at a time)")
     out = {
         "benchmark": "ppo_iteration",
         "command": "python " + " ".join([os.path.relpath(os.path.abspath(__file__), ROOT)] + (argv or sys.argv[1:])),
@@ -495,13 +749,17 @@ def main(argv=None):
                      "max_new_tokens": opts.new_tokens, "train_micro_batch": opts.train_batch,
                      "timed_iterations": opts.iterations, "warmup_iterations": 1,
                      "offload_on_level": OFFLOAD_ON, "quick": opts.quick,
-                     "prompts": "random token ids (no padding)", "sampling": "temperature 1, no top-k/top-p"},
+                     "workload": opts.workload, "note": opts.note,
+                     "prompts": "random token ids (no padding)" if opts.workload == "fixed" else
+                     f"random token ids, {opts.min_prompt}-{opts.max_prompt} tokens skewed short, left padded",
+                     "sampling": "temperature 1, no top-k/top-p"},
         "results": {},
     }
     with tempfile.TemporaryDirectory(prefix="ppo-iteration-") as tmp:
         for config in configs:
             print(f"[ppo_iteration] building random {config} models", file=sys.stderr, flush=True)
-            dirs = build_models(config, os.path.join(tmp, config, "models"))
+            dirs = build_models(config, os.path.join(tmp, config, "models"),
+                                opts.eos_mean_length if opts.workload == "realistic" else 0.0)
             runs = {}
             for name, level in (("offload_off", ""), ("offload_on", OFFLOAD_ON)):
                 print(f"[ppo_iteration] {config} {name}: fresh worker process", file=sys.stderr, flush=True)

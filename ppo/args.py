@@ -309,6 +309,16 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
                                           "weights; on GPU builds with paddlenlp_ops and bf16/fp16 training, "
                                           "PaddleNLP's fused inference model, its weight copy refreshed after "
                                           "every actor update (false: paddlenlp's forward with its own cache).")
+    rollout_log_probs: str = arg("auto", "Keep the actor's old log-probs from the rollout's decode steps instead of "
+                                         "a scoring forward of the actor: 'auto' where the lean inference model "
+                                         "decodes the actor's live weights (the fused GPU model and paddlenlp's "
+                                         "forward recompute), 'true' always, 'false' never (recompute).",
+                                 choices=["auto", "true", "false"])
+    length_buckets: bool = arg(True, "Compute only real tokens where it keeps every result: the update sorts each "
+                                     "optimizer step's rows by real length into its micro-batches, each packed "
+                                     "to its own longest row (not under pipeline parallel: one shape per "
+                                     "schedule); the inference model scores rows in length groups the same way. "
+                                     "The token-mean of every loss is unchanged.")
     rollout_static_graph: bool = arg(False, "Run the inference model's decode step as a static graph compiled once "
                                            "per batch and length bucket (no faster on CPU, measured; for "
                                            "accelerators; tensor parallel decodes eagerly; the fused GPU model "

@@ -69,3 +69,10 @@ def token_mean_weights(tokens: list, data_world: int) -> list:
     """
     total = parallel.mean_over_data(float(sum(tokens))) * data_world
     return [float(t) * data_world / max(total, 1.0) for t in tokens]
+
+
+def longest_first(rows, lengths) -> np.ndarray:
+    """``rows`` ordered by ``lengths[row]`` descending (stable): micro-batches cut from it hold rows of
+    similar length.  Within one optimizer step this changes no token-mean (``token_mean_weights``)."""
+    rows = np.asarray(rows)
+    return rows[np.argsort(-np.asarray(lengths)[rows], kind="stable")]

@@ -9,7 +9,25 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import paddle
+
+
+def real_spans(attention_mask) -> tuple:
+    """(first real column [B], real length [B]) of each row of ``attention_mask`` [B, L] (numpy
+    int64): a rollout row's real tokens are contiguous (left-padded prompt, right-padded response)."""
+    mask = np.asarray(attention_mask) > 0
+    return mask.argmax(axis=1).astype(np.int64), mask.sum(axis=1).astype(np.int64)
+
+
+def shift_left(x, first, width: int, valid):
+    """x [B, C, ...] -> [B, width, ...] with row b's columns first[b] .. first[b]+width-1 (numpy),
+    0 where ``valid`` [B, width] is False (past the row's end)."""
+    x = np.asarray(x)
+    index = np.minimum(first[:, None] + np.arange(width)[None, :], x.shape[1] - 1)
+    out = x[np.arange(x.shape[0])[:, None], index]
+    out[~valid] = 0
+    return out
 
 
 @dataclass
@@ -32,6 +50,28 @@ class Experience:
     @property
     def batch_size(self) -> int:
         return int(self.sequences.shape[0])
+
+    def packed(self) -> "Experience":
+        """The same rows with each one's real tokens moved to column 0 and the columns cut to the
+        longest real row: [B, max real length] (per-token fields one column less).  A row's
+        computation is unchanged (positions and attention follow the mask); only padding goes.
+        ``prompt_length`` becomes 0: the prompts no longer end at one common column."""
+        first, n = real_spans(self.attention_mask.numpy())
+        W = int(n.max())
+        L = int(self.sequences.shape[1])
+        token_valid = np.arange(W)[None, :] < n[:, None]
+        action_valid = np.arange(W - 1)[None, :] < (n - 1)[:, None]
+        moved = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, paddle.Tensor) or value.ndim == 1:
+                moved[f.name] = value
+            elif value.shape[1] == L:
+                moved[f.name] = paddle.to_tensor(shift_left(value.numpy(), first, W, token_valid))
+            else:  # [B, L-1]: column t is token t+1, so the same shift
+                moved[f.name] = paddle.to_tensor(shift_left(value.numpy(), first, W - 1, action_valid))
+        moved["prompt_length"] = 0
+        return Experience(**moved)
 
     def select(self, indices) -> "Experience":
         """Rows ``indices`` of every per-sequence field (a mini-batch)."""

@@ -468,3 +468,17 @@ def broadcast_from_first_rollout_rank(values, with_pipeline: bool) -> np.ndarray
 def is_first_rollout_rank(with_pipeline: bool) -> bool:
     """Whether this rank is the source of ``broadcast_from_first_rollout_rank``."""
     return _CONTEXT.mp_rank == 0 and (not with_pipeline or _CONTEXT.pp_rank == 0)
+
+
+def masked_moments_over_data(values, mask):
+    """(mean, unbiased variance) of the entries of ``values`` [B, T] where ``mask`` is set, over
+    every data rank's batch; None in one data rank (the caller then uses the batch's own)."""
+    if _CONTEXT.data_world == 1:
+        return None
+    m = mask.astype("float64")
+    v = values.astype("float64") * m
+    local = np.array([float(v.sum()), float((v * v).sum()), float(m.sum())])
+    total = all_gather_data(local).reshape(-1, 3).sum(axis=0)
+    mean = total[0] / total[2]
+    var = (total[1] - total[2] * mean * mean) / max(total[2] - 1, 1)
+    return mean, var

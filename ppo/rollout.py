@@ -17,7 +17,7 @@ import paddle.nn.functional as F
 from ppo import parallel
 from ppo.algorithms import entropy_from_logits, gather_log_probs
 from ppo.decoding import RolloutDecoder, current_weights
-from ppo.experience import Experience
+from ppo.experience import Experience, real_spans, shift_left
 from ppo.inference import InferenceModel
 from ppo.models import position_ids_from_mask
 from ppo.parallel import unwrap
@@ -33,6 +33,9 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     num_return_sequences: int = 1
     micro_batch_size: int = 0       # rows generated at a time, grouped by prompt length (0: all at once)
+    # keep each sampled token's log-prob from the decode step's logits (the actor's old log-probs
+    # without a scoring forward): the model's tempered distribution, no penalty / top-k / top-p
+    keep_log_probs: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,39 +129,44 @@ def decoder_for(model) -> RolloutDecoder:
 
 
 @paddle.no_grad()
-def generate(model, input_ids, attention_mask, config: GenerationConfig, eos_token_id: int, pad_token_id: int):
+def generate(model, input_ids, attention_mask, config: GenerationConfig, eos_token_id: int, pad_token_id: int,
+             return_log_probs: bool = False):
     """KV-cache decoding from left-padded prompts with ``model`` (a causal LM or a decoder).
 
     input_ids, attention_mask: [B, P] (left padded).  Returns (sequences [B, P + R], attention_mask
     [B, P + R]) with R <= max_new_tokens the longest response; a response ends with the EOS it
-    generated (mask 1) and is right-padded after it (mask 0).
+    generated (mask 1) and is right-padded after it (mask 0).  With ``return_log_probs`` also the
+    response tokens' log-probs [B, R] (``sampled_log_probs``; 0 after a row finished).
     """
     with parallel.full_vocab_logits(None if isinstance(model, RolloutDecoder) else unwrap(model)):
-        return _generate(decoder_for(model), input_ids, attention_mask, config, eos_token_id, pad_token_id)
+        return _generate(decoder_for(model), input_ids, attention_mask, config, eos_token_id, pad_token_id,
+                         return_log_probs)
 
 
 def generate_in_buckets(model, input_ids, attention_mask, config: GenerationConfig, eos_token_id: int,
-                        pad_token_id: int):
+                        pad_token_id: int, return_log_probs: bool = False):
     """``generate`` over groups of at most ``config.micro_batch_size`` rows with similar prompt lengths.
 
     Rows are sorted by prompt length (stable), each group is cut to its own longest prompt (less
     padding, a shorter KV cache) and decoded alone; the results come back in the input order and in
     ``generate``'s layout: prompts left padded to the batch's prompt width, responses right padded
     to the longest response.  Greedy results equal ``generate``'s; sampling draws in another order.
+    With ``return_log_probs`` also the response log-probs [B, R], as ``generate`` returns them.
     """
     # a decoder with its own weight copy (the fused GPU model) refreshes it once for all buckets
     with current_weights(model):
-        return _generate_in_buckets(model, input_ids, attention_mask, config, eos_token_id, pad_token_id)
+        return _generate_in_buckets(model, input_ids, attention_mask, config, eos_token_id, pad_token_id,
+                                    return_log_probs)
 
 
 def _generate_in_buckets(model, input_ids, attention_mask, config: GenerationConfig, eos_token_id: int,
-                         pad_token_id: int):
+                         pad_token_id: int, return_log_probs: bool):
     import numpy as np
 
     B, P = input_ids.shape
     size = config.micro_batch_size
     if size <= 0 or size >= B:
-        return generate(model, input_ids, attention_mask, config, eos_token_id, pad_token_id)
+        return generate(model, input_ids, attention_mask, config, eos_token_id, pad_token_id, return_log_probs)
     lengths = attention_mask.astype("int64").sum(axis=1).numpy()
     order = np.argsort(-lengths, kind="stable")
     pieces = []
@@ -168,20 +176,31 @@ def _generate_in_buckets(model, input_ids, attention_mask, config: GenerationCon
         cut = P - int(lengths[rows].max())  # padding every row of the group has
         ids = paddle.index_select(input_ids, index)[:, cut:]
         mask = paddle.index_select(attention_mask, index)[:, cut:]
-        seq, seq_mask = generate(model, ids, mask, config, eos_token_id, pad_token_id)
-        pieces.append((rows, cut, seq.numpy(), seq_mask.numpy()))
-    R = max(seq.shape[1] - (P - cut) for _, cut, seq, _ in pieces)
+        seq, seq_mask, *lp = generate(model, ids, mask, config, eos_token_id, pad_token_id, return_log_probs)
+        pieces.append((rows, cut, seq.numpy(), seq_mask.numpy(), lp[0].numpy() if lp else None))
+    R = max(seq.shape[1] - (P - cut) for _, cut, seq, _, _ in pieces)
     out = np.full((B, P + R), pad_token_id, dtype=np.int64)
     out_mask = np.zeros((B, P + R), dtype=pieces[0][3].dtype)
-    for rows, cut, seq, seq_mask in pieces:
+    out_lp = np.zeros((B, R), dtype=np.float32)
+    for rows, cut, seq, seq_mask, lp in pieces:
         width = seq.shape[1]
         out[rows, cut:cut + width] = seq
         out_mask[rows, cut:cut + width] = seq_mask
-    return paddle.to_tensor(out), paddle.to_tensor(out_mask)
+        if lp is not None:
+            out_lp[rows, :lp.shape[1]] = lp
+    result = (paddle.to_tensor(out), paddle.to_tensor(out_mask))
+    return result + (paddle.to_tensor(out_lp),) if return_log_probs else result
+
+
+def sampled_log_probs(logits, token, temperature: float):
+    """log_softmax(logits / temperature)[b, token[b]] -> [B] from a decode step's full-vocabulary
+    logits [B, V]: what the scoring forward computes for that token (``InferenceModel.log_probs``),
+    so before the repetition penalty and the top-k / top-p filters, which only steer sampling."""
+    return gather_log_probs(logits.astype("float32").unsqueeze(1), token.unsqueeze(1), temperature).squeeze(1)
 
 
 def _generate(decoder: RolloutDecoder, input_ids, attention_mask, config: GenerationConfig, eos_token_id: int,
-              pad_token_id: int):
+              pad_token_id: int, return_log_probs: bool = False):
     B, P = input_ids.shape
     V = decoder.vocab_size
     position_ids = position_ids_from_mask(attention_mask)
@@ -194,7 +213,7 @@ def _generate(decoder: RolloutDecoder, input_ids, attention_mask, config: Genera
                                        axis=1, reduce="add")
         seen = counts > 0
     finished = paddle.zeros([B], dtype="bool")
-    tokens, masks = [], []
+    tokens, masks, log_probs = [], [], []
     split_model = decoder_model_parallel(decoder) > 1
     for _ in range(config.max_new_tokens):
         token = next_token(logits, config, seen)
@@ -204,6 +223,8 @@ def _generate(decoder: RolloutDecoder, input_ids, attention_mask, config: Genera
         token = paddle.where(alive, token, paddle.full_like(token, pad_token_id))
         tokens.append(token)
         masks.append(alive.astype(attention_mask.dtype))
+        if return_log_probs:  # (every tensor-parallel rank holds the gathered logits and the token)
+            log_probs.append(sampled_log_probs(logits, token, config.temperature) * masks[-1].astype("float32"))
         finished = finished | (token == eos_token_id)
         if bool(finished.all()):
             break
@@ -214,7 +235,8 @@ def _generate(decoder: RolloutDecoder, input_ids, attention_mask, config: Genera
     decoder.release()
     response = paddle.stack(tokens, axis=1)
     response_mask = paddle.stack(masks, axis=1)
-    return paddle.concat([input_ids, response], axis=1), paddle.concat([attention_mask, response_mask], axis=1)
+    result = (paddle.concat([input_ids, response], axis=1), paddle.concat([attention_mask, response_mask], axis=1))
+    return result + (paddle.stack(log_probs, axis=1),) if return_log_probs else result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,15 +325,73 @@ class Models:
     decoder: object | None = None   # rollout decoder over the actor's weights (None: the actor's own forward)
 
 
+def length_groups(lengths, overhead: int = 16) -> list:
+    """Rows (indices into ``lengths`` [B]) in groups of similar length, longest first: the contiguous
+    partition of the length-sorted rows with the fewest computed tokens (rows x the group's longest)
+    plus ``overhead`` tokens per group (a forward's fixed cost), by dynamic programming over B."""
+    import numpy as np
+
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    ls = np.asarray(lengths)[order]
+    B = len(ls)
+    best, cut = [0] * (B + 1), [0] * (B + 1)
+    for j in range(1, B + 1):  # best[j]: rows order[:j] grouped; the last group starts at cut[j]
+        best[j], cut[j] = min((best[i] + (j - i) * int(ls[i]) + overhead, i) for i in range(j))
+    groups, j = [], B
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def score_in_length_groups(fn, sequences, attention_mask, kinds: tuple):
+    """``fn(ids, mask)`` over length groups of the rows, each packed to its own longest row (real
+    tokens from column 0, as ``Experience.packed``), its outputs put back in place: ``kinds`` says
+    per output "token" ([b, W, ...] -> [B, L, ...]), "action" ([b, W-1] -> [B, L-1]) or "row"
+    ([b, ...] -> [B, ...]).  Padding positions are 0.  A row's results equal the unpacked call's."""
+    import numpy as np
+
+    ids, mask = sequences.numpy(), attention_mask.numpy()
+    first, n = real_spans(mask)
+    B, L = ids.shape
+    outs = [None] * len(kinds)
+    for rows in length_groups(n):
+        W = int(n[rows].max())
+        valid = np.arange(W)[None, :] < n[rows][:, None]
+        got = fn(paddle.to_tensor(shift_left(ids[rows], first[rows], W, valid)),
+                 paddle.to_tensor(shift_left(mask[rows], first[rows], W, valid)))
+        for k, (kind, value) in enumerate(zip(kinds, got)):
+            value = value.numpy()
+            if outs[k] is None:
+                width = {"token": (L,), "action": (L - 1,), "row": ()}[kind]
+                outs[k] = np.zeros((B,) + width + value.shape[1 + len(width):], value.dtype)
+            if kind == "row":
+                outs[k][rows] = value
+                continue
+            bi, bj = np.nonzero(np.arange(value.shape[1])[None, :] < (n[rows] - (kind == "action"))[:, None])
+            outs[k][rows[bi], first[rows][bi] + bj] = value[bi, bj]
+    return tuple(paddle.to_tensor(o) for o in outs)
+
+
+def keeps_log_probs(setting: str, decoder) -> bool:
+    """``rollout_log_probs`` resolved: 'auto' keeps them where the lean ``InferenceModel`` decodes
+    the live weights (its step logits equal the scoring forward's to float rounding); the fused GPU
+    model's kernels differ and paddlenlp's forward (no decoder) keeps the recompute."""
+    return setting == "true" or (setting == "auto" and isinstance(decoder, InferenceModel))
+
+
 @paddle.no_grad()
 def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, max_length: int,
-            normalize_reward: bool = False, before_scoring=None) -> Experience:
+            normalize_reward: bool = False, before_scoring=None, group_scoring: bool = False) -> Experience:
     """Generate responses for a prompt batch and score them: everything PPO needs but advantages.
 
     Prompts are repeated ``num_return_sequences`` times consecutively (a group per prompt).
     ``before_scoring()`` runs between generation and scoring (the trainer brings offloaded
     scoring models back there).  Without a reward model (``models.reward`` None) the end scores
-    are 0 (the trainer adds the reward functions' scores).
+    are 0 (the trainer adds the reward functions' scores).  With ``config.keep_log_probs`` the
+    actor's old log-probs are the decode steps' (no scoring forward of the actor); 0 outside the
+    response tokens.  With ``group_scoring`` the inference model scores rows in packed length
+    groups (``score_in_length_groups``); per-token results on padding are then 0.
     """
     tok = models.actor_tokenizer
     n = config.num_return_sequences
@@ -321,27 +401,41 @@ def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, m
     P = prompt_ids.shape[1]
     was_training = models.actor.training
     models.actor.eval()
-    sequences, attention_mask = generate_in_buckets(models.decoder or models.actor, prompt_ids, prompt_mask, config,
-                                                    tok.eos_token_id, tok.pad_token_id)
+    sequences, attention_mask, *kept = generate_in_buckets(models.decoder or models.actor, prompt_ids, prompt_mask,
+                                                           config, tok.eos_token_id, tok.pad_token_id,
+                                                           config.keep_log_probs)
     if before_scoring is not None:
         before_scoring()
     # scoring: no gradients; with the inference model in use (single-shard models) every model is
     # scored on its fast layout, otherwise through the model's own forward
     fast = models.decoder is not None
 
+    grouped = fast and group_scoring
+
     def log_probs(model):
+        if grouped:
+            view = InferenceModel.of(model)
+            return score_in_length_groups(lambda s, m: (view.log_probs(s, m, config.temperature),), sequences,
+                                          attention_mask, ("action",))[0]
         if fast:
             return InferenceModel.of(model).log_probs(sequences, attention_mask, config.temperature)
         return forward_log_probs(model, sequences, attention_mask, config.temperature)[0]
 
     def scored(model, ids, mask):
+        if grouped:
+            return score_in_length_groups(InferenceModel.of(model).scores, ids, mask, ("token", "row"))
         if fast:
             return InferenceModel.of(model).scores(ids, mask)
         out = model(ids, mask)
         return out.scores, out.end_scores
 
     with paddle.no_grad():
-        old_log_probs = log_probs(models.actor)
+        if kept:
+            # the decode steps' log-probs of the response tokens at their columns (P-1 ..); the
+            # prompt's columns are 0 (never an action)
+            old_log_probs = paddle.concat([paddle.zeros([sequences.shape[0], P - 1], "float32"), kept[0]], axis=1)
+        else:
+            old_log_probs = log_probs(models.actor)
         if was_training:
             models.actor.train()
         ref_log_probs = log_probs(models.reference)

@@ -38,7 +38,7 @@ from ppo.offload import PhaseOffload, parse_offload_level
 from ppo.ppo_data import load_ppo_data
 from ppo.ppo_evaluation import evaluate_policy, prompt_batch
 from ppo.ppo_models import RolloutWeights, build_ppo_models
-from ppo.batching import token_mean_weights
+from ppo.batching import longest_first, token_mean_weights
 from ppo.checkpoint import save_pretrained_atomic, start_or_resume
 from ppo.entry import prepare_output_dir, set_seed
 from ppo.guard import NonFiniteGuard, check_weights_finite
@@ -48,7 +48,7 @@ from ppo.models.lora import is_lora, merged_for_export, save_adapters
 from ppo.parallel import unwrap
 from ppo.ppo_rewards import RewardScorer, dynamic_sampling, score_metrics
 from ppo.rewards import check_reachable
-from ppo.rollout import GenerationConfig, collect, gather_experience
+from ppo.rollout import GenerationConfig, collect, gather_experience, keeps_log_probs
 
 
 class PPOTrainer:
@@ -73,6 +73,7 @@ class PPOTrainer:
         built = build_ppo_models(args, self.ctx, self.uses_critic, self.precision.dtype)
         self.actor, self.critic, self.tokenizer = built.actor, built.critic, built.tokenizer
         self.models, self.layout = built.rollout, built.layout  # what rolls out; where
+        self.gen.keep_log_probs = keeps_log_probs(args.rollout_log_probs, self.models.decoder)
         self.data = load_ppo_data(args, self.ctx, self.tokenizer, self.layout.split_ranks,
                                   self.layout.merge_for_rollout)
         self.total_steps, self.steps_per_update = self.data.total_steps, self.data.steps_per_update
@@ -199,7 +200,7 @@ class PPOTrainer:
 
         self.offload.before_generation()
         exp = collect(self.models, ids, mask, self.gen, self.args.max_length, self.args.normalize_reward,
-                      before_scoring=scoring)
+                      before_scoring=scoring, group_scoring=self.args.length_buckets)
         self.offload.after_scoring()
         if split is not None:
             exp = gather_experience(exp, split, self.tokenizer.pad_token_id)
@@ -209,24 +210,11 @@ class PPOTrainer:
 
     def advantages(self, exp: Experience) -> Experience:
         """``exp`` with KL, shaped rewards, advantages and returns (``ppo.advantages``, pure)."""
-        return compute_advantages(exp, self.args, self.kl_ctl.value, moments=self._global_moments)
+        return compute_advantages(exp, self.args, self.kl_ctl.value, moments=parallel.masked_moments_over_data)
 
     def update_kl_controller(self, exp: Experience) -> None:
         """Steer the KL coefficient by this iteration's mean sequence KL over every data rank."""
         self.kl_ctl.update(parallel.mean_over_data(mean_sequence_kl(exp)), exp.batch_size * self.ctx.data_world)
-
-    def _global_moments(self, values, mask):
-        """(mean, unbiased var) of the masked ``values`` over every data rank's rollout; None in one
-        data rank (``masked_whiten`` computes them locally)."""
-        if self.ctx.data_world == 1:
-            return None
-        m = mask.astype("float64")
-        v = values.astype("float64") * m
-        local = np.array([float(v.sum()), float((v * v).sum()), float(m.sum())])
-        total = parallel.all_gather_data(local).reshape(-1, 3).sum(axis=0)
-        mean = total[0] / total[2]
-        var = (total[1] - total[2] * mean * mean) / max(total[2] - 1, 1)
-        return mean, var
 
     def update(self, exp: Experience, step: int) -> dict:
         """``update_iters`` epochs of actor and critic steps over mini-batches of ``exp``."""
@@ -234,12 +222,18 @@ class PPOTrainer:
         args = self.args
         mb, accum = args.per_device_train_batch_size, args.gradient_accumulation_steps
         stats: dict[str, list] = {}
+        # length buckets: each step's rows sorted by real length into micro-batches, each packed to
+        # its own longest row (the pipeline schedule needs one shape for all micro-batches)
+        packs = args.length_buckets and not self.layout.pipeline
+        lengths = exp.attention_mask.astype("int64").sum(axis=1).numpy()
         for _ in range(args.update_iters):
             order = self.shuffle_rng.permutation(exp.batch_size) if args.shuffle_minibatches \
                 else np.arange(exp.batch_size)
             for s in range(self.steps_per_update):
                 rows = order[s * mb * accum:(s + 1) * mb * accum]
+                rows = longest_first(rows, lengths) if packs else rows
                 micro = [exp.select(rows[i * mb:(i + 1) * mb]) for i in range(accum)]
+                micro = [m.packed() for m in micro] if packs else micro
                 # the token-mean over the whole optimizer step (every micro-batch and data rank)
                 weights = token_mean_weights([float(m.action_mask.sum()) for m in micro], self.ctx.data_world)
                 for k, v in self.actor_step(micro, weights, step).items():

@@ -184,7 +184,8 @@ def test_tensor_parallel_inference_model_matches_single_process(tiny_dir, tmp_pa
     """The rollout inference model over TP2 shards (heads, MLP columns, vocabulary split; partial
     sums all-reduced) gives a single-process model's logits, greedy tokens, log-probs and scores;
     the training path's vocabulary-parallel entropy gives its entropy and, through the backward,
-    its gradients (each rank's LM-head columns, the replicated final norm)."""
+    its gradients (each rank's LM-head columns, the replicated final norm); a sampled rollout keeps
+    the vocabulary-parallel recompute's log-probs."""
     import importlib.util
 
     import paddle
@@ -227,6 +228,17 @@ def test_tensor_parallel_inference_model_matches_single_process(tiny_dir, tmp_pa
     np.testing.assert_allclose(got["end"], out.end_scores.numpy(), rtol=1e-5, atol=1e-5)
     live = smask.numpy() > 0
     np.testing.assert_allclose(got["scores"][..., 0][live], out.scores.numpy()[..., 0][live], rtol=1e-5, atol=1e-5)
+
+    # the log-probs kept from a sampled tensor-parallel rollout (full logits gathered per step) are
+    # the vocabulary-parallel recompute's and the single process's, to 1e-5
+    P = ids.shape[1]
+    response = got["sampled_mask"][:, P:] > 0
+    assert response.sum() > 10 and (got["kept"][~response] == 0).all()
+    np.testing.assert_allclose(got["kept"][response], got["recomputed"][:, P - 1:][response], rtol=0, atol=1e-5)
+    with paddle.no_grad():
+        single, _ = forward_log_probs(model, paddle.to_tensor(got["sampled"]), paddle.to_tensor(got["sampled_mask"]),
+                                      temperature=0.7)
+    np.testing.assert_allclose(got["kept"][response], single.numpy()[:, P - 1:][response], rtol=0, atol=1e-5)
 
     _, entropy = forward_log_probs(model, seqs, smask, temperature=0.7, with_entropy=True)
     (entropy * paddle.to_tensor(real.astype("float32"))).sum().backward()

@@ -198,3 +198,68 @@ def test_static_graph_decode_equals_the_eager_step_and_follows_weight_updates(ex
         after = logits_of(static, ids, mask)
         assert np.abs(after[1:] - before[1:]).max() > 1e-3  # the decode steps see the new weights
         np.testing.assert_allclose(after, logits_of(eager, ids, mask), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [
+    dict(temperature=0.7, top_k=5, top_p=0.8, repetition_penalty=1.6),
+    dict(temperature=1.3, top_p=0.5, repetition_penalty=0.7, micro_batch_size=2),
+    dict(do_sample=False, temperature=0.6, repetition_penalty=2.0),
+], ids=["penalty-topk-topp", "buckets-topp", "greedy"])
+def test_rollout_log_probs_equal_the_recomputed_ones(config):
+    """The log-probs kept from the decode steps are the scoring forward's (tempered, unfiltered:
+    the penalty and the top-k / top-p filters only steer sampling) to 1e-5."""
+    from ppo.rollout import generate_in_buckets
+
+    model = make_model(seed=4, num_key_value_heads=2)
+    ids, mask = prompts(B=6)
+    paddle.seed(11)
+    gen = GenerationConfig(max_new_tokens=10, **{"do_sample": True, **config})
+    seqs, full_mask, kept = generate_in_buckets(InferenceModel(model), ids, mask, gen, eos_token_id=2,
+                                                pad_token_id=3, return_log_probs=True)
+    P = ids.shape[1]
+    want = InferenceModel.of(model).log_probs(seqs, full_mask, gen.temperature).numpy()[:, P - 1:]
+    response = full_mask.numpy()[:, P:] > 0
+    assert kept.shape == [6, seqs.shape[1] - P] and response.sum() > 20
+    np.testing.assert_allclose(kept.numpy()[response], want[response], rtol=0, atol=1e-5)
+    assert (kept.numpy()[~response] == 0).all()
+
+
+
+def test_length_groups_are_the_cheapest_contiguous_partition():
+    """The dynamic programme's grouping costs what the best of every contiguous partition of the
+    length-sorted rows costs (brute force), and covers every row once."""
+    import itertools
+
+    from ppo.rollout import length_groups
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        lengths = rng.integers(1, 300, size=int(rng.integers(1, 8)))
+        groups = length_groups(lengths, overhead=40)
+        assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))
+        cost = sum(len(g) * lengths[g].max() + 40 for g in groups)
+        ls = np.sort(lengths)[::-1]
+        best = min(sum((b - a) * ls[a] + 40 for a, b in zip((0,) + cuts, cuts + (len(ls),)))
+                   for k in range(len(ls)) for cuts in itertools.combinations(range(1, len(ls)), k))
+        assert cost == best
+
+
+def test_scoring_in_length_groups_equals_one_batch():
+    """Packed length groups give every real position the one-batch log-probs and scores (1e-5)."""
+    from ppo.rollout import score_in_length_groups
+
+    model = make_model(seed=6)
+    seqs, mask = rollout_like(B=7, P=9, R=8, seed=3)
+    view = InferenceModel.of(model)
+    want = view.log_probs(seqs, mask, 0.9).numpy()
+    got = score_in_length_groups(lambda s, m: (view.log_probs(s, m, 0.9),), seqs, mask, ("action",))[0].numpy()
+    real = mask[:, 1:].numpy() * mask[:, :-1].numpy() > 0
+    np.testing.assert_allclose(got[real], want[real], rtol=0, atol=1e-5)
+    assert (got[~real] == 0).all()
+    hidden_want = view.final_hidden(seqs, mask).numpy()
+    hidden_got, last = score_in_length_groups(lambda s, m: (view.final_hidden(s, m), s[:, :1]), seqs, mask,
+                                              ("token", "row"))
+    live = mask.numpy() > 0
+    np.testing.assert_allclose(hidden_got.numpy()[live], hidden_want[live], rtol=0, atol=1e-5)
+    first = (mask.numpy() > 0).argmax(axis=1)
+    np.testing.assert_array_equal(last.numpy()[:, 0], seqs.numpy()[np.arange(7), first])  # rows back in place

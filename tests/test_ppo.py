@@ -302,3 +302,114 @@ def test_recompute_gives_the_same_ppo_update(ppo_dirs):
     plain, recomputed = results
     for key in plain:
         np.testing.assert_array_equal(plain[key], recomputed[key], err_msg=str(key))
+
+
+def test_rollout_log_probs_give_the_same_ppo_update(ppo_dirs):
+    """``rollout_log_probs``: old log-probs kept from the decode steps (sampling with temperature,
+    top-k, top-p and a repetition penalty) instead of the actor's scoring forward give the same
+    rollout (the recompute's old log-probs to 1e-5 on every action) and the same update."""
+    from ppo.inference import InferenceModel
+
+    sampling = dict(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3, max_new_tokens=10,
+                    clip_range_value=5.0, max_grad_norm=1.0)
+    results = []
+    for setting in ("false", "auto"):
+        trainer = make_trainer(ppo_dirs, "rollout-lp-" + setting, rollout_log_probs=setting, **sampling)
+        assert trainer.gen.keep_log_probs == (setting == "auto")  # auto: the lean decoder rolls out here
+        rng = np.random.default_rng(5)  # the actor away from the reference: a non-zero KL
+        for p in trainer.actor.parameters():
+            p.set_value(p.numpy() + rng.normal(0, 0.02, p.shape).astype("float32"))
+        scored = []
+        original = InferenceModel.log_probs
+        InferenceModel.log_probs = lambda self, *a, **k: scored.append(self.model) or original(self, *a, **k)
+        try:
+            paddle.seed(21)
+            exp = trainer.rollout(0)
+        finally:
+            InferenceModel.log_probs = original
+        # the actor's scoring forward is skipped exactly when the log-probs are kept
+        assert (trainer.models.actor in scored) == (setting == "false") and trainer.models.reference in scored
+        exp = trainer.advantages(exp)
+        grads = record_grads(trainer)
+        trainer.update(exp, step=1)
+        results.append((exp, grads, model_weights(trainer)))
+    (e1, g1, w1), (e2, g2, w2) = results
+    np.testing.assert_array_equal(e1.sequences.numpy(), e2.sequences.numpy())
+    action = e1.action_mask.numpy() > 0
+    assert action.sum() > 20 and (e1.response_lengths.numpy() > 1).all()
+    np.testing.assert_allclose(e2.old_log_probs.numpy()[action], e1.old_log_probs.numpy()[action], rtol=0, atol=1e-5)
+    assert (e2.old_log_probs.numpy()[~action] == 0).all()
+    for name in ("ref_log_probs", "values", "end_scores"):
+        np.testing.assert_array_equal(getattr(e1, name).numpy(), getattr(e2, name).numpy(), err_msg=name)
+    assert set(g1) == set(g2) and len(g1) > 10
+    for k in g1:  # old log-probs within 1e-5: the same gradients to ~1e-4 of their scale
+        scale = max(np.abs(g1[k]).max(), 1e-12)
+        np.testing.assert_allclose(g1[k], g2[k], rtol=1e-3, atol=1e-4 * scale, err_msg=str(k))
+    for (role, name), a in w1.items():  # (near-zero gradients: Adam's sign is float noise, as above)
+        g = g1.get((MODEL_CLASS[role], name))
+        clear = np.abs(g) > 1e-3 * np.abs(g).max() if g is not None else np.ones(a.shape, bool)
+        np.testing.assert_allclose(a[clear], w2[(role, name)][clear], rtol=0, atol=2e-5, err_msg=str(name))
+
+
+def test_packed_experience_moves_each_row_to_column_zero():
+    """``Experience.packed`` against a naive per-row loop: real tokens from column 0, the per-token
+    fields shifted with them, zeros after each row's end, width the longest real row."""
+    rng = np.random.default_rng(1)
+    B, P, R = 4, 6, 5
+    mask = np.zeros((B, P + R), "int64")
+    for b, (p, r) in enumerate([(6, 5), (2, 1), (4, 3), (3, 5)]):
+        mask[b, P - p:P + r] = 1
+    seqs = rng.integers(5, 99, size=mask.shape) * mask
+    fields = {k: rng.normal(size=(B, P + R - 1)).astype("float32") for k in ("old_log_probs", "ref_log_probs",
+                                                                                "values")}
+    exp = Experience(sequences=paddle.to_tensor(seqs), attention_mask=paddle.to_tensor(mask),
+                     action_mask=action_mask_of(paddle.to_tensor(mask), P),
+                     end_scores=paddle.to_tensor(rng.normal(size=B).astype("float32")),
+                     response_lengths=paddle.to_tensor(mask[:, P:].sum(1)), ended_with_eos=paddle.ones([B], "bool"),
+                     prompt_length=P, **{k: paddle.to_tensor(v) for k, v in fields.items()})
+    packed = exp.packed()
+    W = int(mask.sum(1).max())
+    assert packed.sequences.shape == [B, W] and packed.values.shape == [B, W - 1]
+    action = action_mask_of(paddle.to_tensor(mask), P).numpy()
+    for b in range(B):
+        cols = np.nonzero(mask[b])[0]
+        n = len(cols)
+        np.testing.assert_array_equal(packed.sequences.numpy()[b, :n], seqs[b, cols])
+        np.testing.assert_array_equal(packed.attention_mask.numpy()[b], [1] * n + [0] * (W - n))
+        for k, v in fields.items():
+            np.testing.assert_array_equal(getattr(packed, k).numpy()[b, :n - 1], v[b, cols[:-1]])
+            assert (getattr(packed, k).numpy()[b, n - 1:] == 0).all()
+        np.testing.assert_array_equal(packed.action_mask.numpy()[b, :n - 1], action[b, cols[:-1]])
+        assert packed.action_mask.numpy()[b].sum() == action[b].sum()
+    np.testing.assert_array_equal(packed.end_scores.numpy(), exp.end_scores.numpy())
+
+
+def test_length_buckets_give_the_same_ppo_update(ppo_dirs):
+    """Micro-batches sorted by length and packed to their own longest row: the same update as the
+    padded ones (one token-mean per step), with fewer computed columns."""
+    results = []
+    for flag in (False, True):
+        trainer = make_trainer(ppo_dirs, f"buckets-{flag}", length_buckets=flag, per_device_train_batch_size=2,
+                               gradient_accumulation_steps=2, max_grad_norm=1.0, clip_range_value=5.0)
+        exp = trainer.advantages(fixed_experience(trainer))
+        shapes = []
+        original = trainer.actor_step
+        trainer.actor_step = lambda micro, *a: shapes.extend(m.sequences.shape for m in micro) or original(micro, *a)
+        grads = record_grads(trainer)
+        before = model_weights(trainer)
+        stats = trainer.update(exp, step=1)
+        weights = model_weights(trainer)
+        assert_one_adamw_step(before, grads, weights, trainer.args)
+        results.append((stats, grads, weights, shapes, exp))
+    (s1, g1, w1, sh1, exp), (s2, g2, w2, sh2, _) = results
+    L = exp.sequences.shape[1]
+    assert all(s == [2, L] for s in sh1) and sum(s[1] for s in sh2) < 2 * L - 2  # padding really went
+    assert abs(s1["actor_loss"] - s2["actor_loss"]) < 1e-6
+    assert abs(s1["critic_loss"] - s2["critic_loss"]) < 1e-6 * max(1, abs(s1["critic_loss"]))
+    for k in g1:
+        scale = max(np.abs(g1[k]).max(), 1e-12)
+        np.testing.assert_allclose(g1[k], g2[k], rtol=1e-4, atol=1e-5 * scale, err_msg=str(k))
+    for (role, name), a in w1.items():
+        g = g1.get((MODEL_CLASS[role], name))
+        clear = np.abs(g) > 1e-4 * np.abs(g).max() if g is not None else np.ones(a.shape, bool)
+        np.testing.assert_allclose(a[clear], w2[(role, name)][clear], rtol=0, atol=1e-5, err_msg=str(name))

@@ -3,7 +3,8 @@
 Usage: python -m paddle.distributed.launch --nproc_per_node 2 tp_inference.py MODEL_DIR OUT_DIR
 Loads MODEL_DIR split over the two ranks (causal LM and a score model started from it), then on a
 fixed left-padded prompt batch: prefill logits, one decode step's logits, greedy generation, and
-on fixed full sequences: log-probs and scores; then the training path's vocabulary-parallel
+on fixed full sequences: log-probs and scores; a sampled generation (temperature, top-k, top-p,
+repetition penalty) with the log-probs kept from its decode steps and the recomputed ones; then the training path's vocabulary-parallel
 entropy, detached and with its backward (the summed entropy's gradient on this rank's LM-head
 columns and on the final norm).  Rank 0 writes OUT_DIR/tp.npz; every rank writes
 OUT_DIR/grad<k>.npz and OUT_DIR/rank<k>.json.
@@ -60,6 +61,10 @@ def main():
         greedy, greedy_mask = generate(view, ids, mask, GenerationConfig(max_new_tokens=6, do_sample=False), 2, 3)
         log_probs = view.log_probs(seqs, smask, temperature=0.7)
         scores, end = InferenceModel.of(scorer).scores(seqs, smask)
+        paddle.seed(5)
+        sampling = GenerationConfig(max_new_tokens=8, temperature=0.7, top_k=12, top_p=0.9, repetition_penalty=1.4)
+        sampled, sampled_mask, kept = generate(view, ids, mask, sampling, 2, 3, return_log_probs=True)
+        recomputed = view.log_probs(sampled, sampled_mask, temperature=0.7)  # vocabulary-parallel
     real = (smask[:, 1:] * smask[:, :-1]).astype("float32")
     _, detached = forward_log_probs(actor, seqs, smask, temperature=0.7, with_entropy=True, entropy_grad=False)
     _, entropy = forward_log_probs(actor, seqs, smask, temperature=0.7, with_entropy=True, entropy_grad=True)
@@ -70,7 +75,9 @@ def main():
         np.savez(f"{out_dir}/tp.npz", first=first.numpy(), second=second.numpy(), greedy=greedy.numpy(),
                  greedy_mask=greedy_mask.numpy(), log_probs=log_probs.numpy(), scores=scores.numpy(),
                  end=end.numpy(), entropy=entropy.detach().numpy(), entropy_detached=detached.numpy(),
-                 entropy_has_grad=not entropy.stop_gradient, detached_has_grad=not detached.stop_gradient)
+                 entropy_has_grad=not entropy.stop_gradient, detached_has_grad=not detached.stop_gradient,
+                 sampled=sampled.numpy(), sampled_mask=sampled_mask.numpy(), kept=kept.numpy(),
+                 recomputed=recomputed.numpy())
     write_result(out_dir, dist.get_rank(), {
         "mp_rank": ctx.mp_rank, "local_heads": view.n_heads,
         "local_embedding_rows": int(actor.llama.embed_tokens.weight.shape[0]),
