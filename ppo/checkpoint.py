@@ -253,7 +253,7 @@ def save_model(model, folder: str, tokenizer=None) -> None:
     inner = unwrap(model)
     if ctx.pp_degree > 1:
         _save_pipeline(inner, folder)
-    elif ctx.mp_degree > 1:
+    elif ctx.tp_degree > 1:
         if ctx.data_rank == 0:
             inner.save_pretrained(folder, merge_tensor_parallel=True, is_main_process=ctx.is_main)
     elif ctx.is_main:
@@ -278,7 +278,7 @@ def _save_pipeline(pipe, folder: str) -> None:
 def load_full_weights(model, path: str) -> None:
     """Load a merged ``model_state.pdparams`` into this rank's (possibly tensor-parallel) model."""
     inner = unwrap(model)
-    if parallel.context().mp_degree > 1:
+    if parallel.context().tp_degree > 1:
         state = inner.convert_tensor_parallel(path, inner.config)
     else:
         state = load_paddle_state(path)

@@ -142,7 +142,7 @@ class InferenceModel(RolloutDecoder):
         rows = weight.shape[0]
         if self.mp == 1 or rows == self.vocab_size:
             return F.embedding(ids, weight)
-        local = ids - parallel.context().mp_rank * rows      # VocabParallelEmbedding's slice of the ids
+        local = ids - parallel.context().tp_rank * rows      # VocabParallelEmbedding's slice of the ids
         inside = ((local >= 0) & (local < rows)).astype(weight.dtype).unsqueeze(-1)
         return self._reduce(F.embedding(paddle.clip(local, 0, rows - 1), weight) * inside)
 

@@ -30,8 +30,8 @@ class ParallelContext:
     dp_rank: int = 0
     sharding_degree: int = 1
     sharding_rank: int = 0
-    mp_degree: int = 1
-    mp_rank: int = 0
+    tp_degree: int = 1           # tensor parallel (fleet calls it model parallel, "mp")
+    tp_rank: int = 0
     pp_degree: int = 1
     pp_rank: int = 0
     hcg: object = None           # fleet's HybridCommunicateGroup, None in a single process
@@ -109,8 +109,8 @@ def init_parallel(args, pipeline: bool = False) -> ParallelContext:
     hcg = fleet.get_hybrid_communicate_group()
     _CONTEXT = ParallelContext(
         world_size=world, rank=dist.get_rank(), dp_degree=dp, dp_rank=hcg.get_data_parallel_rank(),
-        sharding_degree=sd, sharding_rank=hcg.get_sharding_parallel_rank(), mp_degree=mp, pp_degree=pp, hcg=hcg,
-        mp_rank=hcg.get_model_parallel_rank(), pp_rank=hcg.get_stage_id())
+        sharding_degree=sd, sharding_rank=hcg.get_sharding_parallel_rank(), tp_degree=mp, pp_degree=pp, hcg=hcg,
+        tp_rank=hcg.get_model_parallel_rank(), pp_rank=hcg.get_stage_id())
     return _CONTEXT
 
 
@@ -126,7 +126,7 @@ def rollout_group(merge_tensor_parallel: bool):
     """
     if not _CONTEXT.distributed:
         return None
-    ranks_per_group = _CONTEXT.pp_degree * (_CONTEXT.mp_degree if merge_tensor_parallel else 1)
+    ranks_per_group = _CONTEXT.pp_degree * (_CONTEXT.tp_degree if merge_tensor_parallel else 1)
     if ranks_per_group == 1:
         return None
     if merge_tensor_parallel not in _ROLLOUT_GROUPS:
@@ -184,14 +184,14 @@ def broadcast_from_last_stage(values) -> list:
 
 def tp_kwargs() -> dict:
     """Config overrides that make paddlenlp build (and split at load time) this rank's model shard."""
-    if _CONTEXT.mp_degree <= 1:
+    if _CONTEXT.tp_degree <= 1:
         return {}
-    return {"tensor_parallel_degree": _CONTEXT.mp_degree, "tensor_parallel_rank": _CONTEXT.mp_rank}
+    return {"tensor_parallel_degree": _CONTEXT.tp_degree, "tensor_parallel_rank": _CONTEXT.tp_rank}
 
 
 def model_parallel_sum(local_sum: float, replicated_sum: float) -> float:
     """Sum of a quantity split over the tensor-parallel ranks plus its replicated part."""
-    if _CONTEXT.mp_degree <= 1:
+    if _CONTEXT.tp_degree <= 1:
         return local_sum + replicated_sum
     return _sum_over(_CONTEXT.hcg.get_model_parallel_group(), [local_sum])[0] + replicated_sum
 
@@ -351,7 +351,7 @@ def exit_together() -> None:
 def vocab_is_split(model) -> bool:
     """True when ``model``'s logits come out split over the tensor-parallel ranks' vocabularies."""
     config = getattr(model, "config", None)
-    return (_CONTEXT.mp_degree > 1 and int(getattr(config, "tensor_parallel_degree", 1) or 1) > 1
+    return (_CONTEXT.tp_degree > 1 and int(getattr(config, "tensor_parallel_degree", 1) or 1) > 1
             and bool(getattr(config, "tensor_parallel_output", False)))
 
 
@@ -410,7 +410,7 @@ def _vocab_parallel_entropy(x, group):
 
 def model_parallel_all_reduce(tensor):
     """Sum ``tensor`` over the tensor-parallel group, in place (identity without tensor parallel)."""
-    if _CONTEXT.mp_degree > 1:
+    if _CONTEXT.tp_degree > 1:
         dist.all_reduce(tensor, group=_CONTEXT.hcg.get_model_parallel_group())
     return tensor
 
@@ -418,7 +418,7 @@ def model_parallel_all_reduce(tensor):
 def model_parallel_concat(tensor, axis: int = -1):
     """The tensor-parallel ranks' ``tensor``s concatenated along ``axis`` in rank order (e.g. the
     vocabulary slices of logits [N, V/mp] -> [N, V]); identity without tensor parallel."""
-    if _CONTEXT.mp_degree <= 1:
+    if _CONTEXT.tp_degree <= 1:
         return tensor
     parts = []
     dist.all_gather(parts, tensor, group=_CONTEXT.hcg.get_model_parallel_group())
@@ -432,7 +432,7 @@ def broadcast_model_parallel(tensor):
     their samples already agree; broadcasting each sampled token keeps their control flow (when
     every sequence has ended) identical even if a kernel rounded differently on one rank.
     """
-    if _CONTEXT.mp_degree > 1:
+    if _CONTEXT.tp_degree > 1:
         dist.broadcast(tensor, src=_CONTEXT.hcg.get_model_parallel_group_src_rank(),
                        group=_CONTEXT.hcg.get_model_parallel_group())
     return tensor
@@ -450,7 +450,7 @@ def broadcast_from_first_rollout_rank(values, with_pipeline: bool) -> np.ndarray
     the first rank).  Identity in a single rank; collective on first use (creates the group).
     """
     x = np.ascontiguousarray(values, dtype=np.float64)
-    mp = _CONTEXT.mp_degree
+    mp = _CONTEXT.tp_degree
     pp = _CONTEXT.pp_degree if with_pipeline else 1
     if mp * pp == 1:
         return x
@@ -467,7 +467,7 @@ def broadcast_from_first_rollout_rank(values, with_pipeline: bool) -> np.ndarray
 
 def is_first_rollout_rank(with_pipeline: bool) -> bool:
     """Whether this rank is the source of ``broadcast_from_first_rollout_rank``."""
-    return _CONTEXT.mp_rank == 0 and (not with_pipeline or _CONTEXT.pp_rank == 0)
+    return _CONTEXT.tp_rank == 0 and (not with_pipeline or _CONTEXT.pp_rank == 0)
 
 
 def masked_moments_over_data(values, mask):

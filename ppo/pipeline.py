@@ -158,7 +158,7 @@ def _stage_keys(pipe) -> list[list[str]]:
 
 def _tp_merge_actions(pipe) -> dict:
     """{name: merge function of the tensor-parallel shards} (paddlenlp's own split rules)."""
-    if parallel.context().mp_degree <= 1:
+    if parallel.context().tp_degree <= 1:
         return {}
     return type(pipe)._get_tensor_parallel_mappings(pipe.config, is_split=False)
 

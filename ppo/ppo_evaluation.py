@@ -87,7 +87,7 @@ def evaluate_policy(step: int, echo, *, args, ctx, prompts, layout, models, gen:
               "kl": float(kl_all[keep].mean()), "response_length": float(length[keep].mean())}
     result.update(score_metrics({name: values[f"function_{name}"][keep] for name in function_scores}))
     # the ranks of a tensor-parallel rollout model generate the same rows: its first rank writes them
-    if ctx.mp_rank == 0 or layout.merge_for_rollout:
+    if ctx.tp_rank == 0 or layout.merge_for_rollout:
         write_samples(args.output_dir, step, ctx.rank, rows)
     metrics.log(step, result, split="eval", echo=echo)
     if ctx.is_main:

@@ -60,7 +60,7 @@ def rollout_layout(args, ctx) -> RolloutLayout:
     # eval_mode picks the rollout layout (PaddleNLP's name): '' follows the training layout;
     # the pipeline cannot decode, so it rolls out on tensor-parallel copies by default
     eval_mode = args.eval_mode or ("tensor_parallel" if pipeline_on else "")
-    merge = eval_mode == "single" and ctx.mp_degree > 1
+    merge = eval_mode == "single" and ctx.tp_degree > 1
     separate = pipeline_on or merge
     split = parallel.rollout_group(merge) if separate else None
     return RolloutLayout(pipeline=pipeline_on, merge_for_rollout=merge, separate_rollout=separate, split=split,

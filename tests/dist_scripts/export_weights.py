@@ -53,7 +53,7 @@ def main():
     trainer.weights.refresh()
 
     ctx = parallel.context()
-    out = {"pp_rank": ctx.pp_rank, "mp_rank": ctx.mp_rank, "mp_degree": ctx.mp_degree}
+    out = {"pp_rank": ctx.pp_rank, "mp_rank": ctx.tp_rank, "mp_degree": ctx.tp_degree}
     for prefix, model in (("actor", trainer.actor), ("critic", trainer.critic)):
         for name, value in unwrap(model).state_dict().items():
             out[f"t/{prefix}/{name}"] = value.numpy()

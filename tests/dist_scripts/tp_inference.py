@@ -79,7 +79,7 @@ def main():
                  sampled=sampled.numpy(), sampled_mask=sampled_mask.numpy(), kept=kept.numpy(),
                  recomputed=recomputed.numpy())
     write_result(out_dir, dist.get_rank(), {
-        "mp_rank": ctx.mp_rank, "local_heads": view.n_heads,
+        "mp_rank": ctx.tp_rank, "local_heads": view.n_heads,
         "local_embedding_rows": int(actor.llama.embed_tokens.weight.shape[0]),
         "vocab_split": bool(view._vocab_split())})
 
