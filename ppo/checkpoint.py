@@ -33,6 +33,7 @@ import ppo
 from ppo import parallel
 from ppo.errors import UserError
 from ppo.models.hf import export_folder
+from ppo.output_dir import check_output_dir, clear_earlier_run, release_output_dir, take_lock  # noqa: F401
 from ppo.parallel import inner_optimizer, unwrap
 from ppo.pipeline import merged_state_dict
 
@@ -383,10 +384,43 @@ def export_hf(folder: str) -> None:
     export_folder(folder, os.path.join(folder, HF_SUBFOLDER))
 
 
-def start_or_resume(args, ctx) -> str | None:
-    """Clean unfinished checkpoint writes; the checkpoint to resume from, if any (all ranks agree)."""
+def _main_decides(ctx, decide):
+    """``decide()`` run on the main rank alone; every rank returns its result or raises its UserError."""
+    result, message = None, None
     if ctx.is_main:
+        try:
+            result = decide()
+        except UserError as e:
+            message = str(e)
+    result, message = parallel.from_main((result, message))
+    if message is not None:
+        raise UserError(message)
+    return result
+
+
+def start_or_resume(args, ctx, stage: str) -> str | None:
+    """The checkpoint to resume from, if any (all ranks agree), once the output folder is the run's.
+
+    Checks first, writing nothing: the checkpoint and its arguments, then the folder (no live run's
+    lock; no other run's results unless resuming or ``overwrite_output_dir``).  Only then the main
+    rank takes the lock, clears the earlier run's checkpoints and metrics when overwriting, and
+    removes unfinished writes (``.tmp-*``).
+    """
+    resuming, overwrite = bool(args.resume_from_checkpoint), bool(getattr(args, "overwrite_output_dir", False))
+
+    def decide():
+        folder = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+        if folder:
+            load_state(folder, args, stage, ctx.world_size)
+        take_lock(args.output_dir, check_output_dir(args.output_dir, resuming, overwrite))
+        return folder
+
+    folder = _main_decides(ctx, decide)
+    if ctx.is_main:
+        if overwrite and not resuming:
+            for name in clear_earlier_run(args.output_dir):
+                logger.warning("overwrite_output_dir: removed the earlier run's %s", os.path.join(args.output_dir, name))
         for name in clean_partial(args.output_dir):
             logger.warning("removed the unfinished checkpoint write %s", os.path.join(args.output_dir, name))
     parallel.barrier()
-    return resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    return folder

@@ -330,6 +330,24 @@ def barrier() -> None:
         dist.barrier()
 
 
+def from_main(value):
+    """``value`` as the global main rank has it, on every rank (any picklable object)."""
+    if not _CONTEXT.distributed:
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one rank (a max-reduce over all ranks)."""
+    if not _CONTEXT.distributed:
+        return bool(flag)
+    t = paddle.to_tensor(np.array([1 if flag else 0], dtype=np.int64))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(int(t.numpy()[0]))
+
+
 def exit_together() -> None:
     """End a finished distributed process: every rank together, and without the interpreter's
     teardown.  Destroying the communicators after another rank has gone has aborted a rank at exit

@@ -65,7 +65,7 @@ class SingleModelTrainer:
         self.metrics = MetricsLogger(args.output_dir, enabled=self.ctx.is_main)
         self.guard = NonFiniteGuard(args.max_nonfinite_steps, self.stage)
         self.start_step = 0
-        folder = start_or_resume(args, self.ctx)
+        folder = start_or_resume(args, self.ctx, self.stage)
         if folder:
             state, _ = checkpoint.resume(folder, self.ctx, args, self.stage, {"": self.model},
                                          {"": self.optimizer})
@@ -129,6 +129,7 @@ class SingleModelTrainer:
         final = self.log_eval(self.total_steps, print)
         self.save(args.output_dir, self.total_steps)
         self.metrics.close()
+        checkpoint.release_output_dir(args.output_dir)
         return final
 
     def log_eval(self, step: int, echo) -> dict:

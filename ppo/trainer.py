@@ -90,7 +90,7 @@ class PPOTrainer:
             # identically
             paddle.seed(args.seed + stream)
         self.start_step = 0
-        folder = start_or_resume(args, self.ctx)
+        folder = start_or_resume(args, self.ctx, "ppo")
         if folder:
             self._resume(folder)
 
@@ -152,6 +152,7 @@ class PPOTrainer:
         final = self.evaluate(self.total_steps, print)
         self.save(args.output_dir, self.total_steps)
         self.metrics.close()
+        checkpoint.release_output_dir(args.output_dir)
         self.offload.close()
         return final
 
