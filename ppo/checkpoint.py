@@ -38,7 +38,8 @@ import ppo
 from ppo import parallel
 from ppo.errors import UserError
 from ppo.models.hf import export_folder
-from ppo.output_dir import check_output_dir, clear_earlier_run, release_output_dir, take_lock  # noqa: F401
+from ppo.output_dir import (check_output_dir, clear_earlier_run, drop_metrics_after, release_output_dir,  # noqa: F401
+                            take_lock)
 from ppo.parallel import inner_optimizer, unwrap
 from ppo.pipeline import merged_state_dict
 
@@ -464,20 +465,22 @@ def start_or_resume(args, ctx, stage: str) -> str | None:
 
     Checks first, writing nothing: the checkpoint and its arguments, then the folder (no live run's
     lock; no other run's results unless resuming or ``overwrite_output_dir``).  Only then the main
-    rank takes the lock, clears the earlier run's checkpoints and metrics when overwriting, and
-    removes unfinished writes (``.tmp-*``).
+    rank takes the lock, drops the metric rows after the resumed step (each step is logged once),
+    clears the earlier run's checkpoints and metrics when overwriting, and removes unfinished writes
+    (``.tmp-*``).
     """
     resuming, overwrite = bool(args.resume_from_checkpoint), bool(getattr(args, "overwrite_output_dir", False))
 
     def decide():
         folder = resolve_resume(args.resume_from_checkpoint, args.output_dir)
-        if folder:
-            load_state(folder, args, stage, ctx.world_size)
+        step = int(load_state(folder, args, stage, ctx.world_size)["global_step"]) if folder else 0
         take_lock(args.output_dir, check_output_dir(args.output_dir, resuming, overwrite))
-        return folder
+        return folder, step
 
-    folder = _main_decides(ctx, decide)
+    folder, step = _main_decides(ctx, decide)
     if ctx.is_main:
+        if resuming and drop_metrics_after(args.output_dir, step):
+            logger.warning("metrics.jsonl: removed the rows after step %d, which this run logs again", step)
         if overwrite and not resuming:
             for name in clear_earlier_run(args.output_dir):
                 logger.warning("overwrite_output_dir: removed the earlier run's %s", os.path.join(args.output_dir, name))

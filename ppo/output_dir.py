@@ -130,3 +130,28 @@ def clear_earlier_run(path: str) -> list[str]:
             shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
             removed.append(name)
     return removed
+
+
+def drop_metrics_after(path: str, step: int) -> int:
+    """Main rank, resuming at ``step``: remove the rows of ``path``'s metrics.jsonl that the resumed
+    run logs again (every row after ``step``; from step 0 all of them) and unreadable lines (a row
+    cut by a kill), so each step appears once.  Returns how many rows were removed."""
+    metrics = os.path.join(path, "metrics.jsonl")
+    if not os.path.isfile(metrics):
+        return 0
+    kept, dropped = [], 0
+    with open(metrics, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row_step = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                row_step = None
+            if row_step is not None and step > 0 and row_step <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        with open(metrics + ".part", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(metrics + ".part", metrics)
+    return dropped

@@ -339,16 +339,16 @@ def from_main(value):
     return shared[0]
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on at least one rank (a max-reduce over all ranks)."""
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's ``value`` (an int), on every rank: a max-reduce over the world."""
     if not _CONTEXT.distributed:
-        return bool(flag)
-    t = paddle.to_tensor(np.array([1 if flag else 0], dtype=np.int64))
+        return int(value)
+    t = paddle.to_tensor(np.array([value], dtype=np.int64))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(int(t.numpy()[0]))
+    return int(t.numpy()[0])
 
 
-def exit_together() -> None:
+def exit_together(status: int = 0) -> None:
     """End a finished distributed process: every rank together, and without the interpreter's
     teardown.  Destroying the communicators after another rank has gone has aborted a rank at exit
     (SIGABRT after a finished run, seen with gloo on CPU).  Every output must be closed already."""
@@ -359,7 +359,7 @@ def exit_together() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
-    os._exit(0)
+    os._exit(status)
 
 
 # ---------------------------------------------------------------------------------------------
