@@ -3,7 +3,9 @@ a run after the current step with a checkpoint, and the run exits saying how to 
 
 A handler only records the signal; the loop calls ``after_step`` at the end of every step, where
 the ranks agree through a max-reduce of the recorded signal (one rank signalled stops every rank
-at the same step).  A second signal stops the process at once (the signal's default action).
+at the same step).  A second signal (2 s or more after the first) stops the process at once.
+Under ``paddle.distributed.launch`` the checkpoint must be written within 30 s of the launcher's
+SIGTERM: the launcher then kills its ranks.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import logging
 import os
 import signal
 import threading
+import time
 
 from ppo import parallel
 from ppo.output_dir import release_output_dir
 
 logger = logging.getLogger("ppo")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+REPEAT_S = 2.0  # signals this soon after the first are repeats of it
 
 
 class StopRequested(Exception):
@@ -41,11 +45,15 @@ class GracefulStop:
                 self.previous[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if self.signum:  # the second signal: the default action, now
+        if self.signum:
+            # paddle's launcher repeats its SIGTERM to every rank 3 times 0.2 s apart: that is
+            # one request; a signal after REPEAT_S is the second one, the default action, now
+            if time.monotonic() - self.first < REPEAT_S:
+                return
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self.signum = signum
+        self.signum, self.first = signum, time.monotonic()
         logger.warning("%s received: stopping after this step with a checkpoint (send it again to stop at once)",
                        signal.Signals(signum).name)
 

@@ -117,3 +117,65 @@ def test_drop_metrics_after(tmp_path):
     assert [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == lines[:4]
     assert drop_metrics_after(str(tmp_path), 0) == 4  # resuming from nothing: the run starts over
     assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def rank_pids(launcher_pid: int) -> dict:
+    """{rank: pid} of the ranks a launcher started (from each process's PADDLE_TRAINER_ID)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != launcher_pid:
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"PADDLE_TRAINER_ID" in env:
+            out[int(env[b"PADDLE_TRAINER_ID"])] = int(entry)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("target", ["launcher", "rank1"])
+def test_sigterm_on_two_ranks(target, tiny_dir, tmp_path):
+    # the launcher (a scheduler's SIGTERM; it forwards SIGTERM to every rank) or one rank alone:
+    # every rank stops after the same step, the checkpoint is complete, the resume is exact
+    env = {**os.environ, "PYTHONPATH": ROOT}
+
+    def cmd(out, *extra):
+        base = sft_cmd(tiny_dir, out, "--max_steps", "40", *extra)
+        return [base[0], "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+                str(out) + "-logs", *base[1:]]
+
+    straight = tmp_path / "straight"
+    subprocess.run(cmd(straight), check=True, capture_output=True, cwd=ROOT, env=env)
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(cmd(out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(rows(out)) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid if target == "launcher" else rank_pids(proc.pid)[1], signal.SIGTERM)
+    proc.wait(timeout=300)
+    stopped = [n for n, _ in list_checkpoints(str(out))]
+    logs = [open(f"{out}-logs/workerlog.{r}").read() for r in (0, 1)]
+    assert len(stopped) == 1, logs[0][-2000:] + logs[1][-2000:]
+    k = stopped[0]
+    for log in logs:
+        assert "Traceback" not in log, log[-2000:]
+        assert f"stopped by SIGTERM after step {k} of 40;" in log, log[-2000:]
+    assert damage(str(out / f"checkpoint-{k}")) is None
+    assert [r["step"] for r in rows(out)] == list(range(1, k + 1))
+    assert not (out / LOCK).exists()
+
+    done = subprocess.run(cmd(out, "--resume_from_checkpoint", "auto"), capture_output=True, text=True, cwd=ROOT,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = weights(straight / "model_state.pdparams"), weights(out / "model_state.pdparams")
+    assert a.keys() == b.keys() and all(np.array_equal(a[key], b[key]) for key in a)
+    assert [r["step"] for r in rows(out)] == list(range(1, 41))
+    assert rows(out) == rows(straight)
