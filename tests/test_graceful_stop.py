@@ -108,6 +108,31 @@ def test_ppo_loop_stops_after_the_signalled_step(tiny_dir, tiny_tokenizer, tmp_p
     assert not (out / LOCK).exists() and not (out / "policy").exists()
 
 
+def test_signal_during_a_checkpoint_save_stops_after_it(tiny_dir, tmp_path):
+    # SIGTERM while the cadence writes checkpoint-2: the save completes, no second save, stop
+    from ppo.args import SFTArgs
+    from ppo.graceful import StopRequested
+    from ppo.sft_trainer import SFTTrainer
+
+    out = tmp_path / "run"
+    trainer = SFTTrainer(SFTArgs(model_name_or_path=str(tiny_dir / "base"), train_datasets="tiny-sft", max_length=64,
+                                 max_steps=6, per_device_train_batch_size=4, logging_steps=1, save_steps=2,
+                                 eval_split_ratio=0.0, disable_tqdm=True, output_dir=str(out)))
+    save, calls = trainer.save_checkpoint, []
+
+    def save_with_signal(step):
+        calls.append(step)
+        os.kill(os.getpid(), signal.SIGTERM)
+        save(step)
+
+    trainer.save_checkpoint = save_with_signal
+    with pytest.raises(StopRequested, match="stopped by SIGTERM after step 2 of 6"):
+        trainer.train()
+    assert calls == [2]
+    assert [n for n, _ in list_checkpoints(str(out))] == [2] and damage(str(out / "checkpoint-2")) is None
+    assert [r["step"] for r in rows(out)] == [1, 2]
+
+
 def test_drop_metrics_after(tmp_path):
     lines = [{"split": "eval", "step": 0}, {"split": "train", "step": 1}, {"split": "train", "step": 2},
              {"split": "eval", "step": 2}, {"split": "train", "step": 3}]
