@@ -18,6 +18,8 @@ setup(
         "numpy<2",
         "datasets>=2.19",
         "sentencepiece",
+        # checkpoint manifests: CRC-32C of every file (hardware-accelerated; see README)
+        "crc32c",
         "tqdm",
         # the chat templates (ppo/data/chat.py) and fast tokenizers from tokenizer.json
         "Jinja2",

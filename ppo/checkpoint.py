@@ -6,11 +6,14 @@ A checkpoint folder ``checkpoint-N`` holds, besides the ``from_pretrained``-load
 * ``rng.rank<R>.pkl``: paddle, numpy and python random states of every rank (+ trainer streams);
 * ``trainer_state.json``: global step, epoch, trainer extras (KL controller, ptx position), the
   arguments and the library versions;
-* ``manifest.json``: every file with its size, written last.
+* ``manifest.json``: every file with its size and CRC-32C, written last.
 
 Every rank writes into ``.tmp-checkpoint-N``; after a barrier the main rank writes the manifest and
-renames the folder.  A folder without a valid manifest is incomplete: it is never resumed from and
-is removed on the next start.  The data order needs no state: batches are a function of the step.
+renames the folder.  A folder with a manifest is complete by definition and never deleted by
+cleanup (only ``save_total_limit`` rotation removes checkpoints); resume verifies every file
+against the manifest first, so damage is one line naming the file.  Only ``.tmp-*`` folders,
+writes that never finished, are removed on the next start.  The data order needs no state:
+batches are a function of the step.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ import platform
 import random
 import re
 import shutil
+from contextlib import contextmanager
 
+import crc32c
 import numpy as np
 import paddle
 import paddlenlp
@@ -34,6 +39,8 @@ from ppo import parallel
 from ppo.errors import UserError
 from ppo.models.hf import export_folder
 from ppo.files import load_paddle_state, read_json, read_pickle
+from ppo.output_dir import (check_output_dir, clear_earlier_run, drop_metrics_after, release_output_dir,  # noqa: F401
+                            take_lock)
 from ppo.parallel import inner_optimizer, unwrap
 from ppo.pipeline import merged_state_dict
 
@@ -121,6 +128,18 @@ def write_rank_state(tmp: str, rank: int, optimizers: dict, rng_extra: dict | No
         pickle.dump(capture_rng(rng_extra), f)
 
 
+CHUNK = 8 << 20  # checksums stream files in 8 MiB pieces (memory stays flat on multi-GB files)
+
+
+def file_crc32c(path: str) -> str:
+    """CRC-32C of the file at ``path`` as 8 hex digits (hardware-accelerated: see README's cost)."""
+    value = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            value = crc32c.crc32c(chunk, value)
+    return f"{value:08x}"
+
+
 def finalize(tmp: str, target: str, state: dict) -> None:
     """Main rank, after every rank wrote: trainer state, manifest (last), then the atomic rename."""
     state = {**state, "versions": versions()}
@@ -130,7 +149,7 @@ def finalize(tmp: str, target: str, state: dict) -> None:
     for root, _, names in os.walk(tmp):
         for name in names:
             path = os.path.join(root, name)
-            files[os.path.relpath(path, tmp)] = os.path.getsize(path)
+            files[os.path.relpath(path, tmp)] = {"size": os.path.getsize(path), "crc32c": file_crc32c(path)}
     with open(os.path.join(tmp, MANIFEST + ".part"), "w") as f:
         json.dump({"files": files}, f, indent=1)
         f.flush()
@@ -146,20 +165,38 @@ def finalize(tmp: str, target: str, state: dict) -> None:
 
 
 def is_complete(folder: str) -> bool:
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(path):
-        return False
+    """Whether ``folder`` is a finished checkpoint write: it has a manifest (the last file written).
+    Complete is not intact: ``damage`` checks the files."""
+    return os.path.isfile(os.path.join(folder, MANIFEST))
+
+
+def damage(folder: str) -> str | None:
+    """What is wrong with the complete checkpoint ``folder`` (one phrase naming the file), or None
+    when every file has its manifest's size and checksum."""
     try:
-        with open(path) as f:
+        with open(os.path.join(folder, MANIFEST)) as f:
             files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError):
-        return False
-    return all(os.path.isfile(os.path.join(folder, rel)) and os.path.getsize(os.path.join(folder, rel)) == size
-               for rel, size in files.items())
+        assert isinstance(files, dict)
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing (a write that never finished)"
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        return f"{MANIFEST} is unreadable"
+    for rel, entry in sorted(files.items()):
+        path = os.path.join(folder, rel)
+        # manifests before checksums hold the size alone
+        size, crc = (entry, None) if isinstance(entry, int) else (entry.get("size"), entry.get("crc32c"))
+        if not os.path.isfile(path):
+            return f"file '{rel}' is missing"
+        if os.path.getsize(path) != size:
+            return f"file '{rel}' has {os.path.getsize(path)} bytes, {size} were written"
+        if crc is not None and file_crc32c(path) != crc:
+            return f"file '{rel}' does not match its checksum (changed or damaged after it was written)"
+    return None
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """Complete ``checkpoint-N`` folders of ``output_dir`` as (N, path), oldest first."""
+    """Complete ``checkpoint-N`` folders of ``output_dir`` (with a manifest; intact or not) as
+    (N, path), oldest first."""
     if not os.path.isdir(output_dir):
         return []
     found = []
@@ -171,13 +208,14 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
 
 
 def clean_partial(output_dir: str) -> list[str]:
-    """Remove unfinished writes (``.tmp-*``) and checkpoint folders without a valid manifest."""
+    """Remove unfinished writes (``.tmp-*`` folders) and nothing else: a checkpoint with a manifest
+    is complete, and a damaged one stays for the user to inspect."""
     removed = []
     if not os.path.isdir(output_dir):
         return removed
     for name in os.listdir(output_dir):
         path = os.path.join(output_dir, name)
-        if name.startswith(".tmp-") or (_CHECKPOINT.match(name) and not is_complete(path)):
+        if name.startswith(".tmp-") and os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(name)
     return removed
@@ -191,24 +229,47 @@ def rotate(output_dir: str, limit: int) -> None:
 
 
 def resolve_resume(value: str, output_dir: str) -> str | None:
-    """The checkpoint folder to resume from: a path, 'auto' (latest complete one, or None), or ''."""
+    """The checkpoint folder to resume from, its files verified: a path, 'auto' (the newest intact
+    one, damaged ones skipped with a warning and left in place; None when there is none), or ''."""
     if not value:
         return None
     if value == "auto":
-        found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
-    if not os.path.isdir(value) or not os.path.isfile(os.path.join(value, STATE)):
+        for _, folder in reversed(list_checkpoints(output_dir)):
+            problem = damage(folder)
+            if problem is None:
+                return folder
+            logger.warning("skipping the damaged checkpoint %s: %s (left in place)", folder, problem)
+        return None
+    if not os.path.isdir(value) or not any(os.path.isfile(os.path.join(value, n)) for n in (STATE, MANIFEST)):
         raise UserError(f"resume_from_checkpoint '{value}' is not a checkpoint folder (no {STATE}); "
                         f"give a checkpoint-N folder or 'auto'")
-    if not is_complete(value):
-        raise UserError(f"resume_from_checkpoint '{value}' is incomplete (its manifest is missing or does not "
-                        "match its files); use an earlier checkpoint or 'auto'")
+    problem = damage(value)
+    if problem is not None:
+        raise UserError(f"resume_from_checkpoint '{value}' is damaged: {problem}; resume from another "
+                        "checkpoint, or 'auto' (the newest intact one)")
     return value
+
+
+@contextmanager
+def reading(path: str, what: str):
+    """Any failure to read or decode ``path`` (a checkpoint file) as one line naming it."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # paddle, pickle and json raise many kinds on a damaged file
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"cannot read the {what} '{path}' ({type(e).__name__}: {detail}); the file is damaged: "
+                        "resume from another checkpoint") from None
 
 
 def load_state(folder: str, args, stage: str, world_size: int) -> dict:
     """The saved trainer state, after checking it belongs to a compatible run."""
-    state = read_json(os.path.join(folder, STATE), "checkpoint state")
+    path = os.path.join(folder, STATE)
+    with reading(path, "trainer state"):
+        state = read_json(path, "trainer state")
+        assert isinstance(state, dict) and isinstance(state.get("args", {}), dict), "not a JSON object"
+        int(state["global_step"])
     if state.get("stage") != stage:
         raise UserError(f"checkpoint '{folder}' is from the {state.get('stage')!r} stage, not {stage!r}")
     saved = dict(state.get("args", {}), world_size=state.get("world_size"))
@@ -227,8 +288,11 @@ def load_rank_state(folder: str, rank: int, optimizers: dict) -> dict:
         path = os.path.join(folder, f"optimizer{suffix}.rank{rank}.pdopt")
         if not os.path.isfile(path):
             raise UserError(f"checkpoint '{folder}' has no optimizer state for rank {rank} ({os.path.basename(path)})")
-        load_portable_optimizer_state(optimizer, model, load_paddle_state(path, "optimizer state"))
-    return restore_rng(read_pickle(os.path.join(folder, f"rng.rank{rank}.pkl"), "random state"))
+        with reading(path, "optimizer state"):
+            load_portable_optimizer_state(optimizer, model, load_paddle_state(path, "optimizer state"))
+    path = os.path.join(folder, f"rng.rank{rank}.pkl")
+    with reading(path, "random state"):
+        return restore_rng(read_pickle(path, "random state"))
 
 
 def load_weights(model, folder: str) -> None:
@@ -236,7 +300,8 @@ def load_weights(model, folder: str) -> None:
     path = os.path.join(folder, "model_state.pdparams")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint '{folder}' has no model_state.pdparams")
-    load_full_weights(model, path)
+    with reading(path, "weights"):
+        load_full_weights(model, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,10 +447,45 @@ def export_hf(folder: str) -> None:
     export_folder(folder, os.path.join(folder, HF_SUBFOLDER))
 
 
-def start_or_resume(args, ctx) -> str | None:
-    """Clean unfinished checkpoint writes; the checkpoint to resume from, if any (all ranks agree)."""
+def _main_decides(ctx, decide):
+    """``decide()`` run on the main rank alone; every rank returns its result or raises its UserError."""
+    result, message = None, None
     if ctx.is_main:
+        try:
+            result = decide()
+        except UserError as e:
+            message = str(e)
+    result, message = parallel.from_main((result, message))
+    if message is not None:
+        raise UserError(message)
+    return result
+
+
+def start_or_resume(args, ctx, stage: str) -> str | None:
+    """The checkpoint to resume from, if any (all ranks agree), once the output folder is the run's.
+
+    Checks first, writing nothing: the checkpoint and its arguments, then the folder (no live run's
+    lock; no other run's results unless resuming or ``overwrite_output_dir``).  Only then the main
+    rank takes the lock, drops the metric rows after the resumed step (each step is logged once),
+    clears the earlier run's checkpoints and metrics when overwriting, and removes unfinished writes
+    (``.tmp-*``).
+    """
+    resuming, overwrite = bool(args.resume_from_checkpoint), bool(getattr(args, "overwrite_output_dir", False))
+
+    def decide():
+        folder = resolve_resume(args.resume_from_checkpoint, args.output_dir)
+        step = int(load_state(folder, args, stage, ctx.world_size)["global_step"]) if folder else 0
+        take_lock(args.output_dir, check_output_dir(args.output_dir, resuming, overwrite))
+        return folder, step
+
+    folder, step = _main_decides(ctx, decide)
+    if ctx.is_main:
+        if resuming and drop_metrics_after(args.output_dir, step):
+            logger.warning("metrics.jsonl: removed the rows after step %d, which this run logs again", step)
+        if overwrite and not resuming:
+            for name in clear_earlier_run(args.output_dir):
+                logger.warning("overwrite_output_dir: removed the earlier run's %s", os.path.join(args.output_dir, name))
         for name in clean_partial(args.output_dir):
             logger.warning("removed the unfinished checkpoint write %s", os.path.join(args.output_dir, name))
     parallel.barrier()
-    return resolve_resume(args.resume_from_checkpoint, args.output_dir)
+    return folder

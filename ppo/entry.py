@@ -14,6 +14,7 @@ import paddle
 
 from ppo import parallel
 from ppo.errors import UserError
+from ppo.graceful import StopRequested
 
 
 def quiet_libraries() -> None:
@@ -39,6 +40,11 @@ def run_entry(main, argv=None) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except StopRequested as e:
+        print(str(e), file=sys.stderr, flush=True)
+        if parallel.context().distributed:
+            parallel.exit_together(e.exit_status)
+        raise SystemExit(e.exit_status) from None
 
 
 def set_seed(seed: int) -> None:

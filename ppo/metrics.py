@@ -60,17 +60,20 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.writer = None
-        if enabled and use_visualdl:
-            try:
-                from visualdl import LogWriter
-
-                self.writer = LogWriter(logdir=os.path.join(output_dir, "vdl"))
-            except Exception:
-                self.writer = None
+        # opened at the first row: a run refused at start-up must not leave a vdl/ file behind
+        self.vdl_dir = os.path.join(output_dir, "vdl") if enabled and use_visualdl else None
 
     def log(self, step: int, metrics: dict, split: str = "train", echo=None) -> None:
         if not self.enabled:
             return
+        if self.vdl_dir is not None:
+            try:
+                from visualdl import LogWriter
+
+                self.writer = LogWriter(logdir=self.vdl_dir)
+            except Exception:
+                self.writer = None
+            self.vdl_dir = None
         record = {"split": split, "step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")

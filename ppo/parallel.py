@@ -330,7 +330,25 @@ def barrier() -> None:
         dist.barrier()
 
 
-def exit_together() -> None:
+def from_main(value):
+    """``value`` as the global main rank has it, on every rank (any picklable object)."""
+    if not _CONTEXT.distributed:
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's ``value`` (an int), on every rank: a max-reduce over the world."""
+    if not _CONTEXT.distributed:
+        return int(value)
+    t = paddle.to_tensor(np.array([value], dtype=np.int64))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.numpy()[0])
+
+
+def exit_together(status: int = 0) -> None:
     """End a finished distributed process: every rank together, and without the interpreter's
     teardown.  Destroying the communicators after another rank has gone has aborted a rank at exit
     (SIGABRT after a finished run, seen with gloo on CPU).  Every output must be closed already."""
@@ -341,7 +359,7 @@ def exit_together() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
-    os._exit(0)
+    os._exit(status)
 
 
 # ---------------------------------------------------------------------------------------------

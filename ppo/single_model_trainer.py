@@ -16,6 +16,7 @@ from ppo.batching import GlobalBatchSampler, total_steps
 from ppo.checkpoint import save_pretrained_atomic, start_or_resume
 from ppo.data import load_datasets
 from ppo.entry import prepare_output_dir, set_seed
+from ppo.graceful import GracefulStop
 from ppo.guard import NonFiniteGuard, check_weights_finite
 from ppo.metrics import MetricsLogger, StepCadence
 from ppo.models import check_max_length, check_model_path, load_tokenizer
@@ -66,7 +67,7 @@ class SingleModelTrainer:
         self.metrics = MetricsLogger(args.output_dir, enabled=self.ctx.is_main)
         self.guard = NonFiniteGuard(args.max_nonfinite_steps, self.stage)
         self.start_step = 0
-        folder = start_or_resume(args, self.ctx)
+        folder = start_or_resume(args, self.ctx, self.stage)
         if folder:
             state, _ = checkpoint.resume(folder, self.ctx, args, self.stage, {"": self.model},
                                          {"": self.optimizer})
@@ -100,6 +101,7 @@ class SingleModelTrainer:
         if args.eval_steps > 0 and self.start_step == 0:
             self.log_eval(0, bar.write)  # the starting point of the eval curve
         self.model.train()
+        stop = GracefulStop()  # SIGTERM / SIGINT: a checkpoint after the current step, then exit
         for step in range(self.start_step, self.total_steps):
             batches = [self.collate(self.train_data, indices) for indices in self.sampler.micro_batches(step)]
             weights = self.micro_weights(batches)
@@ -126,10 +128,13 @@ class SingleModelTrainer:
             done = step + 1
             cadence.end_of_step(done, summary, bar.write, lambda: {
                 "lr": float(self.optimizer.get_lr()), "epoch": round(self.sampler.epoch_of(done), 3)})
+            stop.after_step(done, cadence, args.output_dir)
+        stop.close()
         bar.close()
         final = self.log_eval(self.total_steps, print)
         self.save(args.output_dir, self.total_steps)
         self.metrics.close()
+        checkpoint.release_output_dir(args.output_dir)
         return final
 
     def log_eval(self, step: int, echo) -> dict:

@@ -41,6 +41,7 @@ from ppo.ppo_models import RolloutWeights, build_ppo_models
 from ppo.batching import longest_first, token_mean_weights
 from ppo.checkpoint import save_pretrained_atomic, start_or_resume
 from ppo.entry import prepare_output_dir, set_seed
+from ppo.graceful import GracefulStop
 from ppo.guard import NonFiniteGuard, check_weights_finite
 from ppo.metrics import MetricsLogger, StepCadence, Timer
 from ppo.optim import Precision, build_optimizer, clear_grad, global_grad_norm
@@ -93,7 +94,7 @@ class PPOTrainer:
             # identically
             paddle.seed(args.seed + stream)
         self.start_step = 0
-        folder = start_or_resume(args, self.ctx)
+        folder = start_or_resume(args, self.ctx, "ppo")
         if folder:
             self._resume(folder)
 
@@ -136,6 +137,7 @@ class PPOTrainer:
         bar.update(self.start_step)
         if args.eval_steps > 0 and self.start_step == 0:
             self.evaluate(0, bar.write)  # the starting point of every curve
+        stop = GracefulStop(on_stop=self.offload.close)  # SIGTERM / SIGINT: a checkpoint after this step, exit
         for step in range(self.start_step, self.total_steps):
             done = step + 1
             with self.timer("rollout"):
@@ -151,10 +153,13 @@ class PPOTrainer:
                     stats = self.update(exp, done)
                 stats.update(self.rollout_stats(exp), **self.timer.pop(), skipped_updates=float(self.guard.skipped))
             cadence.end_of_step(done, stats, bar.write)
+            stop.after_step(done, cadence, args.output_dir)
+        stop.close()
         bar.close()
         final = self.evaluate(self.total_steps, print)
         self.save(args.output_dir, self.total_steps)
         self.metrics.close()
+        checkpoint.release_output_dir(args.output_dir)
         self.offload.close()
         return final
 

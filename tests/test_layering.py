@@ -38,6 +38,9 @@ LAYERS = [
     ["ppo.cpu_fleet"],
     ["ppo.parallel"],
     ["ppo.pipeline"],
+    # the output folder's lock and refusal (below checkpoints); the graceful stop of the loops
+    ["ppo.output_dir"],
+    ["ppo.graceful"],
     # services of the training loops
     ["ppo.entry", "ppo.batching", "ppo.optim", "ppo.guard", "ppo.metrics", "ppo.checkpoint", "ppo.offload",
      "ppo.inference"],

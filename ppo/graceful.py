@@ -1,0 +1,82 @@
+"""Graceful stop: SIGTERM (what schedulers and preemptible machines send) and SIGINT (Ctrl-C) end
+a run after the current step with a checkpoint, and the run exits saying how to resume.
+
+A handler only records the signal; the loop calls ``after_step`` at the end of every step, where
+the ranks agree through a max-reduce of the recorded signal (one rank signalled stops every rank
+at the same step).  A second signal (2 s or more after the first) stops the process at once.
+Under ``paddle.distributed.launch`` the checkpoint must be written within 30 s of the launcher's
+SIGTERM: the launcher then kills its ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+
+from ppo import parallel
+from ppo.output_dir import release_output_dir
+
+logger = logging.getLogger("ppo")
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+REPEAT_S = 2.0  # signals this soon after the first are repeats of it
+
+
+class StopRequested(Exception):
+    """Raised out of a training loop once the stop checkpoint is written; ``run_entry`` prints the
+    message and exits with 128 + the signal number (the shell's convention for a signalled stop)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_status = 128 + signum
+
+
+class GracefulStop:
+    """Signal handlers of one training loop, installed at construction (main thread only).
+    ``on_stop()`` runs after the stop checkpoint (e.g. removing offload files)."""
+
+    def __init__(self, on_stop=None):
+        self.signum, self.on_stop = 0, on_stop
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                self.previous[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum:
+            # paddle's launcher repeats its SIGTERM to every rank 3 times 0.2 s apart: that is
+            # one request; a signal after REPEAT_S is the second one, the default action, now
+            if time.monotonic() - self.first < REPEAT_S:
+                return
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum, self.first = signum, time.monotonic()
+        logger.warning("%s received: stopping after this step with a checkpoint (send it again to stop at once)",
+                       signal.Signals(signum).name)
+
+    def close(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def after_step(self, done: int, cadence, output_dir: str) -> None:
+        """End of step ``done``: when any rank was signalled, write ``checkpoint-<done>`` (unless the
+        cadence just did), close the metrics, release the folder and raise ``StopRequested``.  The
+        last step is left to finish the run as usual (its final model is the save)."""
+        signum = parallel.max_over_ranks(self.signum)
+        if not signum or done >= cadence.total_steps:
+            return
+        if not (cadence.save_every > 0 and done % cadence.save_every == 0):
+            cadence.save(done)
+        cadence.metrics.close()
+        if self.on_stop is not None:
+            self.on_stop()
+        self.close()
+        release_output_dir(output_dir)
+        name = signal.Signals(signum).name
+        raise StopRequested(f"stopped by {name} after step {done} of {cadence.total_steps}; checkpoint "
+                            f"'{os.path.join(output_dir, f'checkpoint-{done}')}' is written: continue with the same "
+                            "arguments and --resume_from_checkpoint auto", signum)

@@ -1,0 +1,159 @@
+"""Checkpoint integrity: the manifest's CRC-32C of every file, verified on resume.  A damaged
+checkpoint is detected, never deleted; resuming it by path stops with one line naming the file,
+``auto`` skips it (warning) and resumes from the newest intact one."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from ppo.args import SFTArgs
+from ppo.checkpoint import MANIFEST, clean_partial, list_checkpoints
+from ppo.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def snapshot(folder):
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def naive_crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), bit by bit."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def sft(tiny_dir, out, **kw):
+    from ppo.sft_trainer import SFTTrainer
+
+    common = dict(model_name_or_path=str(tiny_dir / "base"), train_datasets="tiny-sft", max_length=64, max_steps=3,
+                  per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, save_steps=1,
+                  save_total_limit=5, disable_tqdm=True, seed=5, output_dir=str(out))
+    return SFTTrainer(SFTArgs(**{**common, **kw}))
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_dir, tmp_path_factory):
+    """A finished 3-step SFT run with checkpoint-1 and checkpoint-2 (never modified)."""
+    out = tmp_path_factory.mktemp("integrity") / "run"
+    sft(tiny_dir, out).train()
+    assert [n for n, _ in list_checkpoints(str(out))] == [1, 2]
+    return out
+
+
+def flip_byte(path, offset=None):
+    data = bytearray(open(path, "rb").read())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0x01
+    open(path, "wb").write(bytes(data))
+
+
+def truncate(path, n=100):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-n])
+
+
+DAMAGE = {
+    "truncated-weights": ("model_state.pdparams", truncate),
+    "flipped-byte-in-weights": ("model_state.pdparams", flip_byte),
+    "flipped-byte-in-optimizer": ("optimizer.rank0.pdopt", flip_byte),
+    "damaged-trainer-state": ("trainer_state.json", lambda p: flip_byte(p, 0)),
+    "damaged-rng": ("rng.rank0.pkl", flip_byte),
+    "missing-optimizer": ("optimizer.rank0.pdopt", os.remove),
+}
+
+
+def test_manifest_records_crc32c_of_every_file(finished):
+    folder = finished / "checkpoint-2"
+    files = json.load(open(folder / MANIFEST))["files"]
+    on_disk = {os.path.relpath(os.path.join(d, n), folder) for d, _, names in os.walk(folder) for n in names}
+    assert set(files) == on_disk - {MANIFEST}
+    small = "trainer_state.json"
+    assert files[small]["size"] == os.path.getsize(folder / small)
+    assert int(files[small]["crc32c"], 16) == naive_crc32c(open(folder / small, "rb").read())
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_damaged_checkpoint_is_detected_kept_and_skipped(kind, tiny_dir, finished, tmp_path, caplog):
+    name, hurt = DAMAGE[kind]
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    bad = out / "checkpoint-2"
+    hurt(str(bad / name))
+    damaged = snapshot(bad)
+
+    # by path: one line naming the file; nothing removed
+    with pytest.raises(UserError, match=f"resume_from_checkpoint '{bad}' is damaged: file '{name}' "):
+        sft(tiny_dir, out, resume_from_checkpoint=str(bad))
+    assert snapshot(bad) == damaged
+
+    # auto: warns naming it, resumes from the newest intact one, leaves it in place
+    trainer = sft(tiny_dir, out, resume_from_checkpoint="auto")
+    assert trainer.start_step == 1
+    assert f"skipping the damaged checkpoint {bad}: file '{name}'" in caplog.text
+    assert snapshot(bad) == damaged
+    assert [n for n, _ in list_checkpoints(str(out))] == [1, 2]
+
+
+@pytest.mark.parametrize("name,what", [("trainer_state.json", "trainer state"), ("rng.rank0.pkl", "random state"),
+                                       ("optimizer.rank0.pdopt", "optimizer state"),
+                                       ("model_state.pdparams", "weights")])
+def test_unreadable_file_with_a_size_only_manifest_is_one_line(name, what, tiny_dir, finished, tmp_path):
+    # a manifest without checksums (written before they existed): damage surfaces when the file is
+    # read, as one line naming it
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    ckpt = out / "checkpoint-2"
+    size = os.path.getsize(ckpt / name)
+    with open(ckpt / name, "wb") as f:
+        f.write(b"\x00garbage" * (size // 8) + b"\x00" * (size % 8))
+    manifest = json.load(open(ckpt / MANIFEST))
+    manifest["files"] = {k: v["size"] for k, v in manifest["files"].items()}
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=f"cannot read the {what} '{ckpt / name}' .*damaged") as info:
+        sft(tiny_dir, out, resume_from_checkpoint=str(ckpt))
+    assert "\n" not in str(info.value)
+
+
+def test_damaged_checkpoint_through_the_entry_point(tiny_dir, finished, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    flip_byte(str(out / "checkpoint-2" / "optimizer.rank0.pdopt"))
+    before = snapshot(out)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "ppo", "run_sft.py"), "--model_name_or_path",
+                        str(tiny_dir / "base"), "--train_datasets", "tiny-sft", "--output_dir", str(out),
+                        "--max_steps", "3", "--max_length", "64", "--per_device_train_batch_size", "4",
+                        "--learning_rate", "1e-3", "--seed", "5", "--resume_from_checkpoint",
+                        str(out / "checkpoint-2")], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "file 'optimizer.rank0.pdopt' does not match its checksum" in errors[0]
+    assert snapshot(out) == before
+
+
+def test_cleanup_removes_unfinished_writes_only(finished, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / ".tmp-checkpoint-3").mkdir()
+    (out / ".tmp-checkpoint-3" / "model_state.pdparams").write_bytes(b"partial")
+    truncate(str(out / "checkpoint-2" / "model_state.pdparams"))  # complete (manifest) but damaged
+    (out / "checkpoint-7").mkdir()  # no manifest: not ours to judge, left alone
+    assert clean_partial(str(out)) == [".tmp-checkpoint-3"]
+    assert (out / "checkpoint-2" / "model_state.pdparams").exists() and (out / "checkpoint-7").is_dir()
