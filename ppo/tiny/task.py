@@ -1,11 +1,20 @@
 """The built-in tiny example: a synthetic task with a known gold preference rule.
 
 A prompt asks for a description of a topic; an answer describes it with 2-4 adjectives, e.g.
-``The river is calm, rude and warm.``  The gold rule prefers answers whose adjectives are
-positive: ``gold_score = #positive / (#positive + #negative)`` over the adjectives in the text
-(0 when it has none).  SFT answers draw each adjective positive with probability 1/2, so an SFT
-model scores about 0.5; a reward model trained on rule-labelled pairs learns which words are
-positive, and PPO should push the policy's gold score towards 1.  Everything is generated from a
+``The river is calm, rude and warm.``  Two gold rules score an answer:
+
+* ``gold_score`` (the original, lenient rule): ``#positive / (#positive + #negative)`` over the
+  adjectives in the text, every occurrence counted (0 when it has none);
+* ``strict_gold_score`` (the rule the preference pairs are labelled with): 0 unless the answer
+  names the PROMPT's topic; else ``#distinct positive / #adjectives``: a repeated adjective
+  counts once, its repeats count against the answer.
+
+A policy that games the lenient rule (``The garden is brave, brave, brave and gentle.`` scores 1;
+``The dog is kind and calm.`` for a prompt about the train scores 1) loses under the strict one
+(0.5 and 0).  SFT answers draw each adjective positive with probability 1/2, so an SFT model scores
+about 0.5; the preference pairs include off-topic answers and repeated adjectives and are labelled
+by the strict rule, so the reward model learns both, and PPO should push the policy's strict gold
+score towards 1.  Everything is generated from a
 seed, so the shipped files can be regenerated bit for bit with ``python -m ppo.tiny.task``.
 """
 
@@ -52,9 +61,25 @@ def gold_score(response: str) -> float:
     return pos / (pos + neg) if pos + neg else 0.0
 
 
-def make_answer(rng: random.Random, topic: str, p_positive: float = 0.5) -> str:
+def strict_gold_score(prompt: str, response: str) -> float:
+    """Strict gold rule: 0 unless ``response`` names ``prompt``'s topic; else the number of DISTINCT
+    positive adjectives over the number of adjectives (a repeated adjective counts once, its
+    repeats count against the answer; 0 if there is none)."""
+    words = _WORD.findall(response.lower())
+    if _topic_of(prompt) not in words:
+        return 0.0
+    adjectives = [w for w in words if w in _POS or w in _NEG]
+    return len(set(adjectives) & _POS) / len(adjectives) if adjectives else 0.0
+
+
+def make_answer(rng: random.Random, topic: str, p_positive: float = 0.5, p_repeat: float = 0.0) -> str:
+    """``The {topic} is a, b and c.`` with 2-4 adjectives; with probability ``p_repeat`` one of them
+    is repeated over the others (2-4 copies), as a policy gaming the lenient rule does."""
     k = rng.randint(2, 4)
     adjectives = [rng.choice(POSITIVE if rng.random() < p_positive else NEGATIVE) for _ in range(k)]
+    if p_repeat and rng.random() < p_repeat:  # no draw when p_repeat is 0: the SFT data stays as it was
+        copies = rng.randint(2, k)
+        adjectives = [adjectives[0]] * copies + adjectives[copies:]
     if k == 2:
         listed = f"{adjectives[0]} and {adjectives[1]}"
     else:
@@ -66,8 +91,17 @@ def prompts(templates: list[str]) -> list[str]:
     return [t.format(topic=topic) for t in templates for topic in TOPICS]
 
 
+# Preference pairs: the share of answers with a repeated adjective, of second answers that are the
+# first one about another topic (a clean contrast for the topic part of the rule), and of other
+# second answers about another topic
+P_REPEAT, P_TWIN, P_OFF_TOPIC = 0.3, 0.3, 0.2
+
+
 def generate(seed: int = SEED, n_sft: int = 2000, n_pref: int = 2000, n_pref_test: int = 200) -> dict:
-    """All files of the example as lists of records (deterministic for a given seed)."""
+    """All files of the example as lists of records (deterministic for a given seed).
+
+    Preference pairs are labelled by ``strict_gold_score``; ``gold`` / ``other_gold`` hold it.
+    """
     rng = random.Random(seed)
     train_prompts = prompts(TRAIN_TEMPLATES)
     sft = []
@@ -81,8 +115,14 @@ def generate(seed: int = SEED, n_sft: int = 2000, n_pref: int = 2000, n_pref_tes
         while len(out) < n:
             prompt = rng.choice(prompt_pool)
             topic = _topic_of(prompt)
-            a, b = make_answer(rng, topic), make_answer(rng, topic)
-            ga, gb = gold_score(a), gold_score(b)
+            a = make_answer(rng, topic, p_repeat=P_REPEAT)
+            if rng.random() < P_TWIN:
+                b = a.replace(f"The {topic} ", f"The {rng.choice([t for t in TOPICS if t != topic])} ", 1)
+            else:
+                b = make_answer(rng, rng.choice(TOPICS) if rng.random() < P_OFF_TOPIC else topic, p_repeat=P_REPEAT)
+            if rng.random() < 0.5:
+                a, b = b, a
+            ga, gb = strict_gold_score(prompt, a), strict_gold_score(prompt, b)
             if ga == gb:
                 continue  # the rule gives no preference: not a training signal
             out.append({"prompt": prompt, "answer": a, "other_answer": b, "better": ga > gb,
@@ -99,7 +139,11 @@ def generate(seed: int = SEED, n_sft: int = 2000, n_pref: int = 2000, n_pref_tes
 
 
 def _topic_of(prompt: str) -> str:
-    return next(t for t in TOPICS if re.search(rf"\b{t}\b", prompt))
+    """The topic named in ``prompt`` (the last one, so a chat template's words come first)."""
+    found = [(m.start(), t) for t in TOPICS for m in re.finditer(rf"\b{t}\b", prompt.lower())]
+    if not found:
+        raise ValueError(f"prompt names no topic of the example: {prompt!r}")
+    return max(found)[1]
 
 
 def corpus() -> Iterator[str]:

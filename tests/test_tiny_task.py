@@ -1,0 +1,64 @@
+"""The tiny example's gold rules (ppo/tiny/task.py) on hand-written answers, and its preference pairs."""
+
+from __future__ import annotations
+
+import pytest
+
+from ppo.tiny import task
+from ppo.tiny.task import gold_score, strict_gold_score
+
+TRAIN = "Give me your view of the train."
+
+
+@pytest.mark.parametrize("prompt, response, lenient, strict", [
+    # on topic, distinct adjectives: both rules agree
+    (TRAIN, "The train is kind, rude and warm.", 2 / 3, 2 / 3),
+    (TRAIN, "The train is calm and gentle.", 1.0, 1.0),
+    (TRAIN, "The train is dark and cold.", 0.0, 0.0),
+    # repeated adjectives count once under the strict rule
+    # a repeated adjective counts once; its repeats count against the answer
+    (TRAIN, "The train is brave, brave, brave and gentle.", 1.0, 0.5),
+    (TRAIN, "The train is lovely, lovely and lovely.", 1.0, 1 / 3),
+    (TRAIN, "The train is brave, brave, brave and rude.", 0.75, 0.25),
+    (TRAIN, "The train is rude, rude and kind.", 1 / 3, 1 / 3),
+    (TRAIN, "The train is Kind and KIND and sad.", 2 / 3, 1 / 3),  # case does not make a new adjective
+    # another topic (or none) scores 0 under the strict rule
+    (TRAIN, "The dog is kind and calm.", 1.0, 0.0),
+    (TRAIN, "It is kind and calm.", 1.0, 0.0),
+    (TRAIN, "The trains are kind.", 1.0, 0.0),  # a word, not a substring
+    # the topic may appear anywhere; no adjective scores 0
+    (TRAIN, "Kind, the train.", 1.0, 1.0),
+    (TRAIN, "The train is.", 0.0, 0.0),
+    (TRAIN, "", 0.0, 0.0),
+    # the prompt's topic is found inside a chat template too
+    ("BEGINNING OF CONVERSATION: USER: Tell me about the school. ASSISTANT:", "The school is happy.", 1.0, 1.0),
+    ("BEGINNING OF CONVERSATION: USER: Tell me about the school. ASSISTANT:", "The train is happy.", 1.0, 0.0),
+])
+def test_gold_rules_on_hand_written_answers(prompt, response, lenient, strict):
+    assert gold_score(response) == pytest.approx(lenient)
+    assert strict_gold_score(prompt, response) == pytest.approx(strict)
+
+
+def test_strict_rule_needs_a_topic_in_the_prompt():
+    with pytest.raises(ValueError, match="names no topic"):
+        strict_gold_score("Hello there.", "The train is kind.")
+
+
+def test_preference_pairs_are_labelled_by_the_strict_rule():
+    data = task.generate(n_sft=10, n_pref=400, n_pref_test=50)
+    pairs = data["preference_train"] + data["preference_test"]
+    off_topic = repeated = lenient_disagrees = 0
+    for r in pairs:
+        ga, gb = strict_gold_score(r["prompt"], r["answer"]), strict_gold_score(r["prompt"], r["other_answer"])
+        assert (r["gold"], r["other_gold"]) == (ga, gb) and ga != gb and r["better"] == (ga > gb)
+        topic = task._topic_of(r["prompt"])
+        for answer in (r["answer"], r["other_answer"]):
+            off_topic += f"The {topic} is" not in answer
+            words = answer.rstrip(".").replace(",", "").replace(" and", "").split()[3:]
+            repeated += len(set(words)) < len(words)
+        lenient_disagrees += (gold_score(r["answer"]) > gold_score(r["other_answer"])) != r["better"]
+    # the pairs teach the reward model both parts of the rule, and the lenient rule would label some wrongly
+    assert off_topic > 0.1 * 2 * len(pairs) and repeated > 0.1 * 2 * len(pairs)
+    assert lenient_disagrees > 0.05 * len(pairs)
+    # the SFT answers are always on topic, like the first version of the example
+    assert all(f"The {task._topic_of(r['prompt'])} is" in r["answer"] for r in data["sft"])
