@@ -62,3 +62,17 @@ def test_preference_pairs_are_labelled_by_the_strict_rule():
     assert lenient_disagrees > 0.05 * len(pairs)
     # the SFT answers are always on topic, like the first version of the example
     assert all(f"The {task._topic_of(r['prompt'])} is" in r["answer"] for r in data["sft"])
+
+
+def test_topic_guard_reward_function():
+    from ppo.rewards import RewardFunction
+
+    guard = RewardFunction.load("tiny_guard")
+    prompt = "BEGINNING OF CONVERSATION: USER: Tell me about the school. ASSISTANT:"
+    responses = ["The school is kind and rude.", "The train is kind and calm.", "The school is calm, calm and kind.",
+                 "The school is.", "The.", "The school is Kind and kind."]
+    assert guard([prompt] * 6, responses, [[1]] * 6, [None] * 6) == [0.0, -1.0, -1.0, 0.0, -1.0, -1.0]
+    # a passing answer loses nothing to the strict rule beyond what the lenient rule sees
+    for r in responses:
+        if guard([prompt], [r], [[1]], [None])[0] == 0:
+            assert strict_gold_score(prompt, r) == pytest.approx(gold_score(r))

@@ -63,7 +63,7 @@ def plot(ppo_dir: str, curve: list, strict_curve: list, path: str) -> None:
     train = [json.loads(l) for l in open(os.path.join(ppo_dir, "metrics.jsonl")) if '"split": "train"' in l]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot([r["step"] for r in train], [r["reward"] for r in train])
-    axes[0].set_title("reward (reward model)")
+    axes[0].set_title("end score (reward model + tiny_guard)")
     axes[1].plot([r["step"] for r in train], [r["kl"] for r in train], color="tab:orange")
     axes[1].set_title("KL(actor || reference) per response")
     axes[2].plot([s for s, _ in curve], [g for _, g in curve], marker="o", color="tab:green", label="lenient")

@@ -27,6 +27,7 @@ import re
 from typing import Iterator
 
 from ppo.data.template import DEFAULT_TEMPLATE
+from ppo.rewards import RewardFunction
 from ppo.data.tiny import DATA_DIR
 
 TOPICS = [
@@ -70,6 +71,22 @@ def strict_gold_score(prompt: str, response: str) -> float:
         return 0.0
     adjectives = [w for w in words if w in _POS or w in _NEG]
     return len(set(adjectives) & _POS) / len(adjectives) if adjectives else 0.0
+
+
+class TopicGuard(RewardFunction):
+    """Rule check beside the learned reward (``reward_functions: tiny_guard:W``): 0 when the
+    response names the prompt's topic and repeats no adjective, else -1.  The tiny reward model
+    learns positivity from the strict-labelled pairs but not these two parts of the rule."""
+
+    NAME = "tiny_guard"
+
+    def __call__(self, prompts, responses, response_ids, references, **context):
+        out = []
+        for prompt, response in zip(prompts, responses):
+            words = _WORD.findall(response.lower())
+            adjectives = [w for w in words if w in _POS or w in _NEG]
+            out.append(0.0 if _topic_of(prompt) in words and len(set(adjectives)) == len(adjectives) else -1.0)
+        return out
 
 
 def make_answer(rng: random.Random, topic: str, p_positive: float = 0.5, p_repeat: float = 0.0) -> str:
