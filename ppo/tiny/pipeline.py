@@ -37,6 +37,9 @@ QUICK = {
     "rm": ["--num_train_epochs", "1"],
     "ppo": ["--max_steps", "20", "--eval_steps", "10"],
 }
+# the rule reward beside the reward model (ppo/tiny/task.py: TopicGuard); without it PPO games the
+# reward model (README, "Reward hacking, made visible")
+GUARD = ["--reward_functions", "tiny_guard:4", "--extra_modules", "ppo.tiny.task"]
 ARITHMETIC_QUICK = {
     "sft": [],
     "rl": ["--max_steps", "60", "--eval_steps", "30"],
@@ -107,7 +110,7 @@ def main(argv=None) -> dict:
                                        *quick["rm"]], args.nproc, os.path.join(out, "logs", "rm"))
     times["ppo"] = run_stage("ppo/run_ppo.py", "config/tiny/ppo_argument.json",
                              ["--actor_model_name_or_path", paths["sft"], "--reward_model_name_or_path", paths["rm"],
-                              "--output_dir", paths["ppo"], *quick["ppo"]], args.nproc,
+                              "--output_dir", paths["ppo"], *GUARD, *quick["ppo"]], args.nproc,
                              os.path.join(out, "logs", "ppo"))
     rm_eval = [json.loads(l) for l in open(os.path.join(paths["rm"], "metrics.jsonl")) if '"split": "eval"' in l]
     sft_gold = gold_eval(paths["sft"])
