@@ -174,8 +174,7 @@ def test_main_job_quick_aligns_the_policy(tmp_path):
     assert 0.35 < report["sft_gold_sampled"] < 0.65
     assert report["ppo_gold_sampled"] > report["sft_gold_sampled"] + 0.2
     assert report["ppo_strict_gold_sampled"] > report["sft_strict_gold_sampled"] + 0.1
-    # strict-labelled pairs (topic, repeats) are harder than the lenient ones (1.0): 0.81 in the full run
-    assert report["reward_model_heldout_accuracy"] >= 0.7
+    assert report["reward_model_heldout_accuracy"] >= 0.9
     assert os.path.getsize(tmp_path / "tiny" / "ppo_curves.png") > 10000
     steps = [s for s, _ in report["gold_curve"]]
     assert steps == [0, 10, 20]

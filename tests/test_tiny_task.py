@@ -1,4 +1,4 @@
-"""The tiny example's gold rules (ppo/tiny/task.py) on hand-written answers, and its preference pairs."""
+"""The tiny example's gold rules and its tiny_guard reward (ppo/tiny/task.py) on hand-written answers."""
 
 from __future__ import annotations
 
@@ -44,23 +44,10 @@ def test_strict_rule_needs_a_topic_in_the_prompt():
         strict_gold_score("Hello there.", "The train is kind.")
 
 
-def test_preference_pairs_are_labelled_by_the_strict_rule():
-    data = task.generate(n_sft=10, n_pref=400, n_pref_test=50)
-    pairs = data["preference_train"] + data["preference_test"]
-    off_topic = repeated = lenient_disagrees = 0
-    for r in pairs:
-        ga, gb = strict_gold_score(r["prompt"], r["answer"]), strict_gold_score(r["prompt"], r["other_answer"])
-        assert (r["gold"], r["other_gold"]) == (ga, gb) and ga != gb and r["better"] == (ga > gb)
-        topic = task._topic_of(r["prompt"])
-        for answer in (r["answer"], r["other_answer"]):
-            off_topic += f"The {topic} is" not in answer
-            words = answer.rstrip(".").replace(",", "").replace(" and", "").split()[3:]
-            repeated += len(set(words)) < len(words)
-        lenient_disagrees += (gold_score(r["answer"]) > gold_score(r["other_answer"])) != r["better"]
-    # the pairs teach the reward model both parts of the rule, and the lenient rule would label some wrongly
-    assert off_topic > 0.1 * 2 * len(pairs) and repeated > 0.1 * 2 * len(pairs)
-    assert lenient_disagrees > 0.05 * len(pairs)
-    # the SFT answers are always on topic, like the first version of the example
+def test_sft_answers_are_on_topic():
+    # so the SFT policy scores about the same under both rules
+    data = task.generate(n_sft=200, n_pref=10, n_pref_test=10)
+    assert all(strict_gold_score(r["prompt"], r["answer"]) > 0 or gold_score(r["answer"]) == 0 for r in data["sft"])
     assert all(f"The {task._topic_of(r['prompt'])} is" in r["answer"] for r in data["sft"])
 
 

@@ -5,7 +5,8 @@
 Each stage runs its real entry point (``paddle.distributed.launch`` when ``--nproc`` > 1) with
 the presets in ``config/tiny``.
 
-``--task tiny`` (default): SFT -> reward model -> PPO.  The report prints the lenient and the
+``--task tiny`` (default): SFT -> reward model -> PPO (end score: the reward model plus
+``--guard_weight`` x the ``tiny_guard`` rule reward; 0 leaves the reward model alone).  The report prints the lenient and the
 strict gold score (``ppo/tiny/task.py``) of the SFT and the PPO policy on held-out prompts and the
 reward model's held-out accuracy, and writes ``report.json`` and ``ppo_curves.png``.
 
@@ -34,12 +35,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # --quick: a shortened run for the test suite (same stages, fewer steps)
 QUICK = {
     "sft": [],  # all 3 epochs: after 1 the SFT policy rarely names the prompt's topic (strict gold ~0)
-    "rm": [],  # both epochs: the strict-labelled pairs need them
+    "rm": ["--num_train_epochs", "1"],
     "ppo": ["--max_steps", "20", "--eval_steps", "10"],
 }
-# the rule reward beside the reward model (ppo/tiny/task.py: TopicGuard); without it PPO games the
-# reward model (README, "Reward hacking, made visible")
-GUARD = ["--reward_functions", "tiny_guard:4", "--extra_modules", "ppo.tiny.task"]
 ARITHMETIC_QUICK = {
     "sft": [],
     "rl": ["--max_steps", "60", "--eval_steps", "30"],
@@ -66,7 +64,7 @@ def plot(ppo_dir: str, curve: list, strict_curve: list, path: str) -> None:
     train = [json.loads(l) for l in open(os.path.join(ppo_dir, "metrics.jsonl")) if '"split": "train"' in l]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot([r["step"] for r in train], [r["reward"] for r in train])
-    axes[0].set_title("end score (reward model + tiny_guard)")
+    axes[0].set_title("end score (reward model [+ tiny_guard])")
     axes[1].plot([r["step"] for r in train], [r["kl"] for r in train], color="tab:orange")
     axes[1].set_title("KL(actor || reference) per response")
     axes[2].plot([s for s, _ in curve], [g for _, g in curve], marker="o", color="tab:green", label="lenient")
@@ -90,6 +88,9 @@ def main(argv=None) -> dict:
                         help="where models, logs and the report go (the arithmetic task: its 'arithmetic' subfolder)")
     parser.add_argument("--nproc", type=int, default=1, help="ranks per stage (data parallel over gloo on CPU)")
     parser.add_argument("--quick", action="store_true", help="shortened run (used by the test suite)")
+    parser.add_argument("--guard_weight", type=float, default=4.0,
+                        help="weight of the tiny_guard rule reward beside the reward model in PPO (0: reward model "
+                             "only, which PPO games: README, 'Reward hacking, made visible')")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.output_dir)
     quiet_libraries()
@@ -101,6 +102,9 @@ def main(argv=None) -> dict:
         tokenizer = build_tokenizer(os.path.join(out, "tokenizer"))
         build_llama(os.path.join(out, "base"), tokenizer, seed=0)
     quick = QUICK if args.quick else {"sft": [], "rm": [], "ppo": []}
+    # the rule reward beside the reward model (ppo/tiny/task.py: TopicGuard)
+    guard = ["--reward_functions", f"tiny_guard:{args.guard_weight}", "--extra_modules", "ppo.tiny.task"] \
+        if args.guard_weight else []
     paths = {k: os.path.join(out, k) for k in ("base", "sft", "rm", "ppo")}
     times["sft"] = run_stage("ppo/run_sft.py", "config/tiny/sft_argument.json",
                              ["--model_name_or_path", paths["base"], "--output_dir", paths["sft"], *quick["sft"]],
@@ -110,7 +114,7 @@ def main(argv=None) -> dict:
                                        *quick["rm"]], args.nproc, os.path.join(out, "logs", "rm"))
     times["ppo"] = run_stage("ppo/run_ppo.py", "config/tiny/ppo_argument.json",
                              ["--actor_model_name_or_path", paths["sft"], "--reward_model_name_or_path", paths["rm"],
-                              "--output_dir", paths["ppo"], *GUARD, *quick["ppo"]], args.nproc,
+                              "--output_dir", paths["ppo"], *guard, *quick["ppo"]], args.nproc,
                              os.path.join(out, "logs", "ppo"))
     rm_eval = [json.loads(l) for l in open(os.path.join(paths["rm"], "metrics.jsonl")) if '"split": "eval"' in l]
     sft_gold = gold_eval(paths["sft"])

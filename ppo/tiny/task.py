@@ -5,16 +5,17 @@ A prompt asks for a description of a topic; an answer describes it with 2-4 adje
 
 * ``gold_score`` (the original, lenient rule): ``#positive / (#positive + #negative)`` over the
   adjectives in the text, every occurrence counted (0 when it has none);
-* ``strict_gold_score`` (the rule the preference pairs are labelled with): 0 unless the answer
-  names the PROMPT's topic; else ``#distinct positive / #adjectives``: a repeated adjective
-  counts once, its repeats count against the answer.
+* ``strict_gold_score`` (reported beside it): 0 unless the answer names the PROMPT's topic; else
+  ``#distinct positive / #adjectives``: a repeated adjective counts once, its repeats count
+  against the answer.
 
 A policy that games the lenient rule (``The garden is brave, brave, brave and gentle.`` scores 1;
 ``The dog is kind and calm.`` for a prompt about the train scores 1) loses under the strict one
-(0.5 and 0).  SFT answers draw each adjective positive with probability 1/2, so an SFT model scores
-about 0.5; the preference pairs include off-topic answers and repeated adjectives and are labelled
-by the strict rule, so the reward model learns both, and PPO should push the policy's strict gold
-score towards 1.  Everything is generated from a
+(0.5 and 0).  SFT answers draw each adjective positive with probability 1/2 (always on topic), so
+an SFT model scores about 0.5 under both rules; a reward model trained on pairs labelled by the
+lenient rule learns which words are positive, and PPO pushes the lenient score towards 1.  It
+keeps its gain under the strict rule only with the ``tiny_guard`` rule reward beside the reward
+model (README: reward hacking, made visible).  Everything is generated from a
 seed, so the shipped files can be regenerated bit for bit with ``python -m ppo.tiny.task``.
 """
 
@@ -27,8 +28,8 @@ import re
 from typing import Iterator
 
 from ppo.data.template import DEFAULT_TEMPLATE
-from ppo.rewards import RewardFunction
 from ppo.data.tiny import DATA_DIR
+from ppo.rewards import RewardFunction
 
 TOPICS = [
     "cat", "dog", "river", "city", "garden", "forest", "train", "house", "song", "book",
@@ -75,8 +76,8 @@ def strict_gold_score(prompt: str, response: str) -> float:
 
 class TopicGuard(RewardFunction):
     """Rule check beside the learned reward (``reward_functions: tiny_guard:W``): 0 when the
-    response names the prompt's topic and repeats no adjective, else -1.  The tiny reward model
-    learns positivity from the strict-labelled pairs but not these two parts of the rule."""
+    response names the prompt's topic and repeats no adjective, else -1: the two parts of the
+    strict rule that the reward model does not learn (even from strict-labelled pairs)."""
 
     NAME = "tiny_guard"
 
@@ -89,14 +90,9 @@ class TopicGuard(RewardFunction):
         return out
 
 
-def make_answer(rng: random.Random, topic: str, p_positive: float = 0.5, p_repeat: float = 0.0) -> str:
-    """``The {topic} is a, b and c.`` with 2-4 adjectives; with probability ``p_repeat`` one of them
-    is repeated over the others (2-4 copies), as a policy gaming the lenient rule does."""
+def make_answer(rng: random.Random, topic: str, p_positive: float = 0.5) -> str:
     k = rng.randint(2, 4)
     adjectives = [rng.choice(POSITIVE if rng.random() < p_positive else NEGATIVE) for _ in range(k)]
-    if p_repeat and rng.random() < p_repeat:  # no draw when p_repeat is 0: the SFT data stays as it was
-        copies = rng.randint(2, k)
-        adjectives = [adjectives[0]] * copies + adjectives[copies:]
     if k == 2:
         listed = f"{adjectives[0]} and {adjectives[1]}"
     else:
@@ -108,16 +104,10 @@ def prompts(templates: list[str]) -> list[str]:
     return [t.format(topic=topic) for t in templates for topic in TOPICS]
 
 
-# Preference pairs: the share of answers with a repeated adjective, of second answers that are the
-# first one about another topic (a clean contrast for the topic part of the rule), and of other
-# second answers about another topic
-P_REPEAT, P_TWIN, P_OFF_TOPIC = 0.3, 0.3, 0.2
-
-
 def generate(seed: int = SEED, n_sft: int = 2000, n_pref: int = 2000, n_pref_test: int = 200) -> dict:
     """All files of the example as lists of records (deterministic for a given seed).
 
-    Preference pairs are labelled by ``strict_gold_score``; ``gold`` / ``other_gold`` hold it.
+    Preference pairs are labelled by the lenient ``gold_score``; ``gold`` / ``other_gold`` hold it.
     """
     rng = random.Random(seed)
     train_prompts = prompts(TRAIN_TEMPLATES)
@@ -132,14 +122,8 @@ def generate(seed: int = SEED, n_sft: int = 2000, n_pref: int = 2000, n_pref_tes
         while len(out) < n:
             prompt = rng.choice(prompt_pool)
             topic = _topic_of(prompt)
-            a = make_answer(rng, topic, p_repeat=P_REPEAT)
-            if rng.random() < P_TWIN:
-                b = a.replace(f"The {topic} ", f"The {rng.choice([t for t in TOPICS if t != topic])} ", 1)
-            else:
-                b = make_answer(rng, rng.choice(TOPICS) if rng.random() < P_OFF_TOPIC else topic, p_repeat=P_REPEAT)
-            if rng.random() < 0.5:
-                a, b = b, a
-            ga, gb = strict_gold_score(prompt, a), strict_gold_score(prompt, b)
+            a, b = make_answer(rng, topic), make_answer(rng, topic)
+            ga, gb = gold_score(a), gold_score(b)
             if ga == gb:
                 continue  # the rule gives no preference: not a training signal
             out.append({"prompt": prompt, "answer": a, "other_answer": b, "better": ga > gb,
