@@ -267,7 +267,7 @@ def load_state(folder: str, args, stage: str, world_size: int) -> dict:
     """The saved trainer state, after checking it belongs to a compatible run."""
     path = os.path.join(folder, STATE)
     with reading(path, "trainer state"):
-        state = read_json(path, "trainer state")
+        state = read_json(path, "checkpoint state")
         assert isinstance(state, dict) and isinstance(state.get("args", {}), dict), "not a JSON object"
         int(state["global_step"])
     if state.get("stage") != stage:

@@ -404,10 +404,10 @@ CASES += [
     Case("model-weights-truncated", "sft", changes={"model_name_or_path": "{TRUNC}"},
          expect=("'{TRUNC}'", "cannot be read (damaged or truncated?)"), needle="damaged"),
     Case("checkpoint-state-damaged", "rm", changes={"resume_from_checkpoint": "{DAMAGED}/checkpoint-1"},
-         expect=("checkpoint state '{DAMAGED}/checkpoint-1/trainer_state.json'", "not valid JSON"),
+         expect=("'{DAMAGED}/checkpoint-1' is damaged: file 'trainer_state.json' does not match its checksum",),
          needle="trainer_state.json"),
     Case("checkpoint-random-state-damaged", "rm", changes={"resume_from_checkpoint": "{DAMAGED_RNG}/checkpoint-1"},
-         expect=("random state '{DAMAGED_RNG}/checkpoint-1/rng.rank0.pkl'", "cannot be read (damaged or truncated?)"),
+         expect=("'{DAMAGED_RNG}/checkpoint-1' is damaged: file 'rng.rank0.pkl' does not match its checksum",),
          needle="rng.rank0.pkl"),
     # models of the wrong kind for their role
     Case("score-model-as-actor", "ppo", changes={"actor_model_name_or_path": "{RM}"},

@@ -36,7 +36,7 @@ class ResponseLength(RewardFunction):
 
 
 def _first_operand(prompt: str) -> int:
-    return int(re.search(r"What is (\d+)", prompt).group(1))
+    return int(re.search(r"(\d+) [+-] \d+[?.]", prompt).group(1))  # every phrasing of the task
 
 
 class EvenGated(RewardFunction):
@@ -435,22 +435,23 @@ def test_remote_endpoint_one_caller_per_data_rank(arith, tmp_path, layout):
 
 @pytest.mark.slow
 def test_grpo_on_arithmetic_with_math_exact_only(arith, load_counts):
-    """SFT briefly on the arithmetic data (30% wrong answers), then GRPO with math_exact and no
-    reward model or critic.  Measured: held-out accuracy 0.145 after this SFT, 0.12 after 20 GRPO
-    steps (README: 0.165 -> 0.10-0.135 over 60 steps): no gain at this model size yet, so the test
-    checks the run itself, not a rise."""
+    """SFT on the arithmetic data (each answer wrong with probability 0.5), then GRPO with math_exact
+    and no reward model or critic (the shipped presets, 60 steps): exact-match accuracy of sampled
+    responses rises on the held-out phrasing and, more, on fresh samples of the training prompts.
+    Measured in the full run (README, 100 steps): held-out 0.31 -> 0.47, training prompts 0.39 -> 0.71."""
     from ppo.args import SFTArgs
     from ppo.sft_trainer import SFTTrainer
+    from ppo.tiny.evaluate import accuracy_eval
     from ppo.trainer import PPOTrainer
 
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sft = str(arith["out"] / "sft")
-    SFTTrainer(SFTArgs(model_name_or_path=arith["base"], train_datasets="arithmetic-sft", output_dir=sft,
-                       max_length=32, num_train_epochs=10, per_device_train_batch_size=16, learning_rate=3e-3,
-                       lr_scheduler_type="cosine", warmup_ratio=0.05, logging_steps=100, disable_tqdm=True)).train()
-    args = parse_args(PPOArgs, [os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config",
-                                             "tiny", "grpo_argument.json"),
+    SFTTrainer(parse_args(SFTArgs, [os.path.join(root, "config", "tiny", "arithmetic_sft_argument.json"),
+                                    "--model_name_or_path", arith["base"], "--output_dir", sft,
+                                    "--disable_tqdm", "true"])).train()
+    args = parse_args(PPOArgs, [os.path.join(root, "config", "tiny", "grpo_argument.json"),
                                 "--actor_model_name_or_path", sft, "--output_dir", str(arith["out"] / "grpo"),
-                                "--max_steps", "20", "--eval_steps", "20", "--disable_tqdm", "true"])
+                                "--max_steps", "60", "--eval_steps", "30", "--disable_tqdm", "true"])
     trainer = PPOTrainer(args)
     assert load_counts == {"causal_lm": 2, "score_model": 0}
     before = {k: v.numpy().copy() for k, v in trainer.actor.state_dict().items()}
@@ -459,8 +460,13 @@ def test_grpo_on_arithmetic_with_math_exact_only(arith, load_counts):
     with open(os.path.join(args.output_dir, "metrics.jsonl")) as f:
         logs = [json.loads(line) for line in f]
     evals = [r for r in logs if r["split"] == "eval"]
-    assert [r["step"] for r in evals] == [0, 20]
-    assert evals[0]["math_exact_accuracy"] > 0.05  # the SFT policy answers some held-out problems right
+    assert [r["step"] for r in evals] == [0, 30, 60]
     assert all(0 <= r["math_exact_accuracy"] <= 1 and r["reward"] == r["reward_math_exact"] for r in evals)
     assert all("math_exact_accuracy" in r for r in logs if r["split"] == "train")
-    print("held-out math_exact accuracy:", [(r["step"], r["math_exact_accuracy"]) for r in evals])
+    policy = os.path.join(args.output_dir, "policy")
+    heldout = [accuracy_eval(m)["accuracy_sampled"] for m in (sft, policy)]
+    train = [accuracy_eval(m, "arithmetic-prompts/train")["accuracy_sampled"] for m in (sft, policy)]
+    print("sampled accuracy, SFT -> GRPO: held-out", heldout, "training prompts", train)
+    assert 0.2 < heldout[0] < 0.7 and 0.3 < train[0] < 0.7  # the SFT policy is partly right
+    assert heldout[1] > heldout[0] + 0.05  # 456 samples each: +0.05 is about 2 standard errors
+    assert train[1] > train[0] + 0.1

@@ -157,8 +157,12 @@ def test_reference_must_be_text(tiny_tokenizer, registry):
 
 
 def _value(prompt):  # the problem's result, computed independently of the generator
-    a, op, b = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", prompt).groups()
+    a, op, b = re.search(r"(\d+) ([+-]) (\d+)[?.]$", prompt).groups()
     return int(a) + int(b) if op == "+" else int(a) - int(b)
+
+
+def _problem(prompt):
+    return re.search(r"(\d+ [+-] \d+)[?.]$", prompt).group(1)
 
 
 def test_arithmetic_shipped_files_regenerate(tmp_path):
@@ -170,30 +174,37 @@ def test_arithmetic_shipped_files_regenerate(tmp_path):
 def test_arithmetic_data():
     data = arithmetic.generate()
     train, evaluation, sft = data["prompts_train"], data["prompts_eval"], data["sft"]
-    assert len(evaluation) == 200 and len(train) + len(evaluation) == 41 * 41 + 41 * 42 // 2
+    n_problems = 6 * 6 + 6 * 7 // 2  # a + b, and a - b with a >= b, for 0..5
+    assert len(evaluation) == n_problems and len(train) == 3 * n_problems
     for rec in train + evaluation + sft:
         assert rec["reference"] == str(_value(rec["prompt"])) and _value(rec["prompt"]) >= 0
+    # held out by phrasing: no held-out prompt is trained on, but every held-out problem is
     eval_prompts = {r["prompt"] for r in evaluation}
     assert not eval_prompts & {r["prompt"] for r in train} and not eval_prompts & {r["prompt"] for r in sft}
+    assert all(r["prompt"].startswith("How much is ") for r in evaluation)
+    assert not any(r["prompt"].startswith("How much is ") for r in train + sft)
+    assert {_problem(r["prompt"]) for r in evaluation} == {_problem(r["prompt"]) for r in train} \
+        == {_problem(r["prompt"]) for r in sft}
     wrong = [r for r in sft if r["answer"] != r["reference"]]
-    assert len(wrong) == 600 and all(not r["correct"] for r in wrong)
+    assert 0.45 * len(sft) < len(wrong) < 0.55 * len(sft) and all(not r["correct"] for r in wrong)
     assert all(1 <= abs(int(r["answer"]) - int(r["reference"])) <= 3 and int(r["answer"]) >= 0 for r in wrong)
     fn = RewardFunction.load("math_exact")
     scores = fn([r["prompt"] for r in sft], [r["answer"] for r in sft], [[1]] * len(sft),
                 [r["reference"] for r in sft])
-    assert sum(scores) == 1400
-    assert sum(r["answer"] != r["reference"] for r in arithmetic.generate(wrong_share=0.1, n_sft=500)["sft"]) == 50
-    assert arithmetic.generate(seed=1)["prompts_eval"] != evaluation
+    assert sum(scores) == len(sft) - len(wrong) == sum(r["correct"] for r in sft)
+    assert 30 <= sum(r["answer"] != r["reference"] for r in arithmetic.generate(wrong_share=0.1, n_sft=500)["sft"]) <= 70
+    assert arithmetic.generate(seed=1)["sft"] != sft and arithmetic.generate(seed=1)["prompts_eval"] == evaluation
+    assert len(arithmetic.generate(max_operand=9)["prompts_eval"]) == 155
 
 
 def test_arithmetic_datasets_registered(tiny_tokenizer, tmp_path):
     sft = RawDataset.load("arithmetic-sft")
-    assert len(sft) == 2000 and set(sft[0]) == {"input", "answer", "reference"}
-    assert len(RawDataset.load("arithmetic-prompts/train")) == 2342
+    assert len(sft) == 4000 and set(sft[0]) == {"input", "answer", "reference"}
+    assert len(RawDataset.load("arithmetic-prompts/train")) == 171
     evaluation = RawDataset.load("arithmetic-prompts/eval")
-    assert evaluation[0] == {"input": "What is 0 + 6?", "reference": "6"}
+    assert evaluation[6] == {"input": "How much is 1 + 0?", "reference": "1"}
     prompts = PromptOnlyDataset("arithmetic-prompts/eval", tiny_tokenizer, 64)
     assert prompts.references(range(len(prompts))) == [s["reference"] for s in evaluation]
-    assert len(SupervisedDataset("arithmetic-sft:0.01", tiny_tokenizer, 64)) == 20
+    assert len(SupervisedDataset("arithmetic-sft:0.01", tiny_tokenizer, 64)) == 40
     arithmetic.write_files(str(tmp_path), wrong_share=0.5, n_sft=10)  # a regenerated folder as the path
     assert len(RawDataset.load("arithmetic-sft", str(tmp_path))) == 10

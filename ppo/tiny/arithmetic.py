@@ -1,11 +1,15 @@
 """The arithmetic task: small sums and differences with a verifiable answer, generated offline.
 
-A prompt is ``What is 17 + 25?`` and its reference ``42``.  Problems are every ``a + b`` and every
-``a - b`` with ``a >= b`` for operands in ``0..max_operand``; a seeded ``n_eval`` of them are held
-out (never in SFT data or training prompts).  SFT answers are WRONG for a seeded share
-``wrong_share`` of the samples (the correct result plus an offset in ``+-1..3``, never negative), so
-an SFT model is only partly right and a reward on the exact answer has something to fix.  Same seed,
-same files: ``python -m ppo.tiny.arithmetic`` rewrites the shipped ``ppo/tiny/data/arithmetic/``.
+A prompt is ``What is 4 + 5?`` and its reference ``9``.  Problems are every ``a + b`` and every
+``a - b`` with ``a >= b`` for operands in ``0..max_operand`` (57 problems for 0..5).  Training
+prompts ask in three phrasings; the held-out prompts ask every problem in a FOURTH phrasing never
+seen in training (``How much is 4 + 5?``), so the held-out split tests a new wording of known
+problems, not unseen operand pairs (the tiny model does not learn addition that generalises to
+unseen pairs, so an operand split measures nothing RL can sharpen).  Each SFT answer is WRONG with
+probability ``wrong_share`` (seeded; the correct result plus an offset in ``+-1..3``, never
+negative): the SFT policy is right about ``1 - wrong_share`` of the time, and a reward on the exact
+answer can sharpen it toward the correct mode.  Same seed, same files: ``python -m
+ppo.tiny.arithmetic`` rewrites the shipped ``ppo/tiny/data/arithmetic/``.
 """
 
 from __future__ import annotations
@@ -21,13 +25,15 @@ from ppo.data.template import DEFAULT_TEMPLATE
 
 SEED = 20260515
 FILES = ("sft", "prompts_train", "prompts_eval")
+TRAIN_TEMPLATES = ["What is {a} {op} {b}?", "Compute {a} {op} {b}.", "Tell me {a} {op} {b}."]
+EVAL_TEMPLATES = ["How much is {a} {op} {b}?"]  # held out: a phrasing never seen in training
 
 
-def prompt_of(a: int, op: str, b: int) -> str:
-    return f"What is {a} {op} {b}?"
+def prompt_of(a: int, op: str, b: int, template: str = TRAIN_TEMPLATES[0]) -> str:
+    return template.format(a=a, op=op, b=b)
 
 
-def problems(max_operand: int = 40) -> list[tuple[int, str, int, int]]:
+def problems(max_operand: int = 5) -> list[tuple[int, str, int, int]]:
     """``(a, op, b, result)`` of every problem of the task, in a fixed order."""
     out = [(a, "+", b, a + b) for a in range(max_operand + 1) for b in range(max_operand + 1)]
     out += [(a, "-", b, a - b) for a in range(max_operand + 1) for b in range(a + 1)]
@@ -42,37 +48,33 @@ def wrong_answer(rng: random.Random, result: int) -> int:
             return wrong
 
 
-def generate(seed: int = SEED, max_operand: int = 40, n_eval: int = 200, n_sft: int = 2000,
-             wrong_share: float = 0.3) -> dict[str, list[dict]]:
+def generate(seed: int = SEED, max_operand: int = 5, n_sft: int = 4000,
+             wrong_share: float = 0.5) -> dict[str, list[dict]]:
     """The task's files as lists of records (deterministic for given arguments).
 
-    ``sft``: ``{"prompt", "answer", "reference", "correct"}`` drawn from training problems, wrong
-    in ``round(wrong_share * n_sft)`` samples; ``prompts_train`` / ``prompts_eval``:
-    ``{"prompt", "reference"}`` of the training / held-out problems.
+    ``sft``: ``{"prompt", "answer", "reference", "correct"}`` drawn uniformly from the training
+    prompts, each answer wrong with probability ``wrong_share``; ``prompts_train`` /
+    ``prompts_eval``: ``{"prompt", "reference"}`` of every problem in the training / held-out
+    phrasings.
     """
     if not 0 <= wrong_share <= 1:
         raise ValueError(f"wrong_share={wrong_share} must be in [0, 1]")
+    if not 1 <= max_operand <= 40:
+        raise ValueError(f"max_operand={max_operand} must be between 1 and 40")
     rng = random.Random(seed)
     every = problems(max_operand)
-    if not 0 < n_eval < len(every):
-        raise ValueError(f"n_eval={n_eval} must be between 1 and {len(every) - 1} (the task has {len(every)} problems)")
-    order = list(range(len(every)))
-    rng.shuffle(order)
-    held_out = set(order[:n_eval])
-    train = [p for i, p in enumerate(every) if i not in held_out]
-    evaluation = [p for i, p in enumerate(every) if i in held_out]
-    n_wrong = round(wrong_share * n_sft)
-    wrong = set(rng.sample(range(n_sft), n_wrong))
+    train = [(prompt_of(a, op, b, t), r) for t in TRAIN_TEMPLATES for a, op, b, r in every]
+    evaluation = [(prompt_of(a, op, b, t), r) for t in EVAL_TEMPLATES for a, op, b, r in every]
     sft = []
-    for k in range(n_sft):
-        a, op, b, result = rng.choice(train)
-        answer = wrong_answer(rng, result) if k in wrong else result
-        sft.append({"prompt": prompt_of(a, op, b), "answer": str(answer), "reference": str(result),
+    for _ in range(n_sft):
+        prompt, result = rng.choice(train)
+        answer = wrong_answer(rng, result) if rng.random() < wrong_share else result
+        sft.append({"prompt": prompt, "answer": str(answer), "reference": str(result),
                     "correct": answer == result})
     return {
         "sft": sft,
-        "prompts_train": [{"prompt": prompt_of(a, op, b), "reference": str(r)} for a, op, b, r in train],
-        "prompts_eval": [{"prompt": prompt_of(a, op, b), "reference": str(r)} for a, op, b, r in evaluation],
+        "prompts_train": [{"prompt": p, "reference": str(r)} for p, r in train],
+        "prompts_eval": [{"prompt": p, "reference": str(r)} for p, r in evaluation],
     }
 
 
@@ -102,13 +104,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default=DATA_DIR, help="folder to write the three .jsonl files into")
     parser.add_argument("--seed", type=int, default=SEED, help="seed of the split and of the SFT samples")
-    parser.add_argument("--max_operand", type=int, default=40, help="operands are 0..max_operand")
-    parser.add_argument("--n_eval", type=int, default=200, help="problems held out for evaluation")
-    parser.add_argument("--n_sft", type=int, default=2000, help="SFT samples")
-    parser.add_argument("--wrong_share", type=float, default=0.3, help="share of SFT samples with a wrong answer")
+    parser.add_argument("--max_operand", type=int, default=5, help="operands are 0..max_operand")
+    parser.add_argument("--n_sft", type=int, default=4000, help="SFT samples")
+    parser.add_argument("--wrong_share", type=float, default=0.5,
+                        help="probability that an SFT answer is wrong")
     args = parser.parse_args(argv)
     for name, path in write_files(args.output_dir, seed=args.seed, max_operand=args.max_operand,
-                                  n_eval=args.n_eval, n_sft=args.n_sft, wrong_share=args.wrong_share).items():
+                                  n_sft=args.n_sft, wrong_share=args.wrong_share).items():
         print(name, path)
 
 

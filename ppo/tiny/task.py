@@ -1,11 +1,21 @@
 """The built-in tiny example: a synthetic task with a known gold preference rule.
 
 A prompt asks for a description of a topic; an answer describes it with 2-4 adjectives, e.g.
-``The river is calm, rude and warm.``  The gold rule prefers answers whose adjectives are
-positive: ``gold_score = #positive / (#positive + #negative)`` over the adjectives in the text
-(0 when it has none).  SFT answers draw each adjective positive with probability 1/2, so an SFT
-model scores about 0.5; a reward model trained on rule-labelled pairs learns which words are
-positive, and PPO should push the policy's gold score towards 1.  Everything is generated from a
+``The river is calm, rude and warm.``  Two gold rules score an answer:
+
+* ``gold_score`` (the original, lenient rule): ``#positive / (#positive + #negative)`` over the
+  adjectives in the text, every occurrence counted (0 when it has none);
+* ``strict_gold_score`` (reported beside it): 0 unless the answer names the PROMPT's topic; else
+  ``#distinct positive / #adjectives``: a repeated adjective counts once, its repeats count
+  against the answer.
+
+A policy that games the lenient rule (``The garden is brave, brave, brave and gentle.`` scores 1;
+``The dog is kind and calm.`` for a prompt about the train scores 1) loses under the strict one
+(0.5 and 0).  SFT answers draw each adjective positive with probability 1/2 (always on topic), so
+an SFT model scores about 0.5 under both rules; a reward model trained on pairs labelled by the
+lenient rule learns which words are positive, and PPO pushes the lenient score towards 1.  It
+keeps its gain under the strict rule only with the ``tiny_guard`` rule reward beside the reward
+model (README: reward hacking, made visible).  Everything is generated from a
 seed, so the shipped files can be regenerated bit for bit with ``python -m ppo.tiny.task``.
 """
 
@@ -19,6 +29,7 @@ from typing import Iterator
 
 from ppo.data.template import DEFAULT_TEMPLATE
 from ppo.data.tiny import DATA_DIR
+from ppo.rewards import RewardFunction
 
 TOPICS = [
     "cat", "dog", "river", "city", "garden", "forest", "train", "house", "song", "book",
@@ -52,6 +63,33 @@ def gold_score(response: str) -> float:
     return pos / (pos + neg) if pos + neg else 0.0
 
 
+def strict_gold_score(prompt: str, response: str) -> float:
+    """Strict gold rule: 0 unless ``response`` names ``prompt``'s topic; else the number of DISTINCT
+    positive adjectives over the number of adjectives (a repeated adjective counts once, its
+    repeats count against the answer; 0 if there is none)."""
+    words = _WORD.findall(response.lower())
+    if _topic_of(prompt) not in words:
+        return 0.0
+    adjectives = [w for w in words if w in _POS or w in _NEG]
+    return len(set(adjectives) & _POS) / len(adjectives) if adjectives else 0.0
+
+
+class TopicGuard(RewardFunction):
+    """Rule check beside the learned reward (``reward_functions: tiny_guard:W``): 0 when the
+    response names the prompt's topic and repeats no adjective, else -1: the two parts of the
+    strict rule that the reward model does not learn (even from strict-labelled pairs)."""
+
+    NAME = "tiny_guard"
+
+    def __call__(self, prompts, responses, response_ids, references, **context):
+        out = []
+        for prompt, response in zip(prompts, responses):
+            words = _WORD.findall(response.lower())
+            adjectives = [w for w in words if w in _POS or w in _NEG]
+            out.append(0.0 if _topic_of(prompt) in words and len(set(adjectives)) == len(adjectives) else -1.0)
+        return out
+
+
 def make_answer(rng: random.Random, topic: str, p_positive: float = 0.5) -> str:
     k = rng.randint(2, 4)
     adjectives = [rng.choice(POSITIVE if rng.random() < p_positive else NEGATIVE) for _ in range(k)]
@@ -67,7 +105,10 @@ def prompts(templates: list[str]) -> list[str]:
 
 
 def generate(seed: int = SEED, n_sft: int = 2000, n_pref: int = 2000, n_pref_test: int = 200) -> dict:
-    """All files of the example as lists of records (deterministic for a given seed)."""
+    """All files of the example as lists of records (deterministic for a given seed).
+
+    Preference pairs are labelled by the lenient ``gold_score``; ``gold`` / ``other_gold`` hold it.
+    """
     rng = random.Random(seed)
     train_prompts = prompts(TRAIN_TEMPLATES)
     sft = []
@@ -99,7 +140,11 @@ def generate(seed: int = SEED, n_sft: int = 2000, n_pref: int = 2000, n_pref_tes
 
 
 def _topic_of(prompt: str) -> str:
-    return next(t for t in TOPICS if re.search(rf"\b{t}\b", prompt))
+    """The topic named in ``prompt`` (the last one, so a chat template's words come first)."""
+    found = [(m.start(), t) for t in TOPICS for m in re.finditer(rf"\b{t}\b", prompt.lower())]
+    if not found:
+        raise ValueError(f"prompt names no topic of the example: {prompt!r}")
+    return max(found)[1]
 
 
 def corpus() -> Iterator[str]:
