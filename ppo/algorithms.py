@@ -27,7 +27,7 @@ __all__ = [
     "gather_log_probs", "entropy_from_logits", "compute_kl", "last_action_index",
     "shape_rewards", "gae_advantages_and_returns", "group_advantages",
     "reinforce_plus_plus_returns", "broadcast_sequence_advantages",
-    "actor_loss", "critic_loss", "kl_loss", "ptx_loss",
+    "actor_loss", "critic_loss", "kl_loss",
     "FixedKLController", "AdaptiveKLController",
 ]
 

@@ -37,7 +37,9 @@ import paddlenlp
 import ppo
 from ppo import parallel
 from ppo.errors import UserError
+from ppo.guard import check_weights_finite
 from ppo.models.hf import export_folder
+from ppo.models.lora import is_lora, merged_for_export, save_adapters
 from ppo.files import load_paddle_state, read_json, read_pickle
 from ppo.output_dir import (check_output_dir, clear_earlier_run, drop_metrics_after, release_output_dir,  # noqa: F401
                             take_lock)
@@ -439,6 +441,18 @@ def save_pretrained_atomic(model, tokenizer, target: str, extra: dict | None = N
     if ctx.is_main:
         publish(tmp, target)
     parallel.barrier()
+
+
+def save_final_model(model, tokenizer, target: str, extra: dict) -> None:
+    """A final model: finite weights checked, written atomically (merged over tensor parallel; a
+    LoRA model merged too, so plain ``from_pretrained`` loads it, its adapters in ``lora/``
+    beside it).  Call on every rank."""
+    inner = parallel.unwrap(model)
+    check_weights_finite({"": model}, "the final model")
+    with merged_for_export(inner):
+        save_pretrained_atomic(model, tokenizer, target, extra=extra)
+    if is_lora(inner) and parallel.context().is_main:
+        save_adapters(inner, os.path.join(target, "lora"))
 
 
 def export_hf(folder: str) -> None:

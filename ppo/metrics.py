@@ -31,22 +31,22 @@ class StepCadence:
         self.eval_every = {"steps": args.eval_steps, "epoch": steps_per_epoch, "no": 0}[args.evaluation_strategy]
         self.save_every = {"steps": args.save_steps, "epoch": steps_per_epoch, "no": 0}[args.save_strategy]
 
-    def end_of_step(self, done: int, stats: dict | None, echo, extra=None) -> None:
+    def end_of_step(self, step: int, stats: dict | None, echo, extra=None) -> None:
         """``stats``: the step's figures (None for a step without any, e.g. a skipped update);
         ``extra()``: figures read at logging time only (learning rate, epoch)."""
         args = self.args
         if stats is not None:
             self.window.append(stats)
-        if (done % args.logging_steps == 0 or done == self.total_steps) and self.window:
+        if (step % args.logging_steps == 0 or step == self.total_steps) and self.window:
             keys = self.window[-1].keys()
             logged = {k: float(np.mean([w[k] for w in self.window if k in w])) for k in keys}
             logged.update(extra() if extra else {})
-            self.metrics.log(done, logged, echo=echo)
+            self.metrics.log(step, logged, echo=echo)
             self.window = []
-        if self.eval_every > 0 and done % self.eval_every == 0 and done < self.total_steps:
-            self.evaluate(done, echo)
-        if self.save_every > 0 and done % self.save_every == 0 and done < self.total_steps:
-            self.save(done)
+        if self.eval_every > 0 and step % self.eval_every == 0 and step < self.total_steps:
+            self.evaluate(step, echo)
+        if self.save_every > 0 and step % self.save_every == 0 and step < self.total_steps:
+            self.save(step)
 
 
 # ---------------------------------------------------------------------------------------------

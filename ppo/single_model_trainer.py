@@ -13,14 +13,13 @@ from tqdm import tqdm
 
 from ppo import checkpoint, parallel
 from ppo.batching import GlobalBatchSampler, total_steps
-from ppo.checkpoint import save_pretrained_atomic, start_or_resume
+from ppo.checkpoint import start_or_resume
 from ppo.data import load_datasets
 from ppo.entry import prepare_output_dir, set_seed
 from ppo.graceful import GracefulStop
 from ppo.guard import NonFiniteGuard, check_weights_finite
 from ppo.metrics import MetricsLogger, StepCadence
 from ppo.models import check_max_length, check_model_path, load_tokenizer
-from ppo.models.lora import is_lora, merged_for_export, save_adapters
 from ppo.optim import Precision, build_optimizer, clear_grad, global_grad_norm
 
 logger = logging.getLogger("ppo")
@@ -102,8 +101,11 @@ class SingleModelTrainer:
             self.log_eval(0, bar.write)  # the starting point of the eval curve
         self.model.train()
         stop = GracefulStop()  # SIGTERM / SIGINT: a checkpoint after the current step, then exit
-        for step in range(self.start_step, self.total_steps):
-            batches = [self.collate(self.train_data, indices) for indices in self.sampler.micro_batches(step)]
+        # index: 0-based position in the run; step: the number of the step being taken (1-based),
+        # by which logs, evaluations and checkpoints are named
+        for index in range(self.start_step, self.total_steps):
+            step = index + 1
+            batches = [self.collate(self.train_data, indices) for indices in self.sampler.micro_batches(index)]
             weights = self.micro_weights(batches)
             stats = []
             for i, (batch, weight) in enumerate(zip(batches, weights)):
@@ -116,7 +118,7 @@ class SingleModelTrainer:
                 # the step's loss: the weighted micro-batch losses (their sum), averaged below over data ranks
                 stats.append({"loss": float(loss) * weight * len(batches), **s})
             grad_norm = global_grad_norm(self.model.parameters(), self.optimizer)
-            if self.guard.ok(step + 1, loss=[s["loss"] for s in stats], grad_norm=grad_norm):
+            if self.guard.ok(step, loss=[s["loss"] for s in stats], grad_norm=grad_norm):
                 self.precision.step(self.optimizer)
                 self.after_step(stats)
             clear_grad(self.optimizer)
@@ -125,10 +127,9 @@ class SingleModelTrainer:
             summary = {k: parallel.mean_over_data(float(np.mean([s[k] for s in stats]))) for k in sorted(scalars)}
             summary.update(grad_norm=grad_norm, skipped_updates=float(self.guard.skipped))
             bar.update(1)
-            done = step + 1
-            cadence.end_of_step(done, summary, bar.write, lambda: {
-                "lr": float(self.optimizer.get_lr()), "epoch": round(self.sampler.epoch_of(done), 3)})
-            stop.after_step(done, cadence, args.output_dir)
+            cadence.end_of_step(step, summary, bar.write, lambda: {
+                "lr": float(self.optimizer.get_lr()), "epoch": round(self.sampler.epoch_of(step), 3)})
+            stop.after_step(step, cadence, args.output_dir)
         stop.close()
         bar.close()
         final = self.log_eval(self.total_steps, print)
@@ -171,15 +172,8 @@ class SingleModelTrainer:
             checkpoint.rotate(self.args.output_dir, self.args.save_total_limit)
 
     def save(self, target: str, step: int) -> None:
-
-        check_weights_finite({"": self.model}, "the final model")
         parallel.barrier()
         self.before_save()
-        inner = parallel.unwrap(self.model)
-        # LoRA: the model is written merged (plain from_pretrained loads it), the adapters beside it
-        with merged_for_export(inner):
-            save_pretrained_atomic(self.model, self.tokenizer, target,
-                                   extra={"global_step": step, "stage": self.stage, "args": vars(self.args)})
-        if is_lora(inner) and self.ctx.is_main:
-            save_adapters(inner, os.path.join(target, "lora"))
+        checkpoint.save_final_model(self.model, self.tokenizer, target,
+                                    {"global_step": step, "stage": self.stage, "args": vars(self.args)})
         parallel.barrier()

@@ -39,14 +39,12 @@ from ppo.ppo_data import load_ppo_data
 from ppo.ppo_evaluation import evaluate_policy, prompt_batch
 from ppo.ppo_models import RolloutWeights, build_ppo_models
 from ppo.batching import longest_first, token_mean_weights
-from ppo.checkpoint import save_pretrained_atomic, start_or_resume
+from ppo.checkpoint import start_or_resume
 from ppo.entry import prepare_output_dir, set_seed
 from ppo.graceful import GracefulStop
 from ppo.guard import NonFiniteGuard, check_weights_finite
 from ppo.metrics import MetricsLogger, StepCadence, Timer
 from ppo.optim import Precision, build_optimizer, clear_grad, global_grad_norm
-from ppo.models.lora import is_lora, merged_for_export, save_adapters
-from ppo.parallel import unwrap
 from ppo.ppo_rewards import RewardScorer, dynamic_sampling, score_metrics
 from ppo.rewards import check_reachable
 from ppo.rollout import GenerationConfig, collect, gather_experience, keeps_log_probs
@@ -138,22 +136,24 @@ class PPOTrainer:
         if args.eval_steps > 0 and self.start_step == 0:
             self.evaluate(0, bar.write)  # the starting point of every curve
         stop = GracefulStop(on_stop=self.offload.close)  # SIGTERM / SIGINT: a checkpoint after this step, exit
-        for step in range(self.start_step, self.total_steps):
-            done = step + 1
+        # index: 0-based position in the run; step: the number of the step being taken (1-based),
+        # by which logs, evaluations and checkpoints are named
+        for index in range(self.start_step, self.total_steps):
+            step = index + 1
             with self.timer("rollout"):
-                exp = self.rollout(step)
+                exp = self.rollout(index)
             bar.update(1)
             stats = None
             log_ratio = (exp.old_log_probs - exp.ref_log_probs) * exp.action_mask
-            if self.guard.ok(done, reward=exp.end_scores, kl=log_ratio):
+            if self.guard.ok(step, reward=exp.end_scores, kl=log_ratio):
                 with self.timer("advantages"):
                     exp = self.advantages(exp)
                 self.update_kl_controller(exp)
                 with self.timer("update"):
-                    stats = self.update(exp, done)
+                    stats = self.update(exp, step)
                 stats.update(self.rollout_stats(exp), **self.timer.pop(), skipped_updates=float(self.guard.skipped))
-            cadence.end_of_step(done, stats, bar.write)
-            stop.after_step(done, cadence, args.output_dir)
+            cadence.end_of_step(step, stats, bar.write)
+            stop.after_step(step, cadence, args.output_dir)
         stop.close()
         bar.close()
         final = self.evaluate(self.total_steps, print)
@@ -165,19 +165,20 @@ class PPOTrainer:
 
     # -- phases ----------------------------------------------------------------------------
 
-    def rollout(self, step: int) -> Experience:
+    def rollout(self, index: int) -> Experience:
         """Responses to this iteration's prompts, scored by every model and reward function (the
         whole data rank's batch); with dynamic_sampling, only groups with a group advantage."""
-        indices = self.data.prompt_sampler.micro_batches(step)[0]
+        indices = self.data.prompt_sampler.micro_batches(index)[0]
         ids, mask = prompt_batch(self.data.prompts, indices)
         exp = self.experience(ids, mask, references=self.data.prompts.references(indices))
-        return self.dynamic_sampling(exp, step) if self.args.dynamic_sampling else exp
+        return self.dynamic_sampling(exp, index) if self.args.dynamic_sampling else exp
 
-    def dynamic_sampling(self, exp: Experience, step: int) -> Experience:
+    def dynamic_sampling(self, exp: Experience, index: int) -> Experience:
         """DAPO's dynamic sampling (``ppo_rewards.dynamic_sampling``): more rollouts of random
-        prompts (seeded by step, data rank and try) replace the groups without a group advantage."""
+        prompts (seeded by the step's index, data rank and try) replace the groups without a group
+        advantage."""
         def roll_more(tries: int):
-            rng = np.random.default_rng([self.args.seed, step, self.ctx.data_rank, tries])
+            rng = np.random.default_rng([self.args.seed, index, self.ctx.data_rank, tries])
             prompts, target = self.data.prompts, self.args.per_device_prompt_batch_size
             indices = rng.choice(len(prompts), target, replace=len(prompts) < target).tolist()
             more = self.experience(*prompt_batch(prompts, indices), references=prompts.references(indices))
@@ -341,12 +342,8 @@ class PPOTrainer:
             checkpoint.rotate(self.args.output_dir, self.args.save_total_limit)
 
     def save(self, target: str, step: int) -> None:
-        """The final policy/ and value/ models (from_pretrained-loadable)."""
+        """The final policy/ and value/ models (from_pretrained-loadable; Hugging Face copies in hf/)."""
         self.offload.reload_trained()
         state = {"global_step": step, "stage": "ppo", "kl_coeff": float(self.kl_ctl.value), "args": vars(self.args)}
-        check_weights_finite(self._models_and_optimizers()[0], "the final model")
         for sub, model in self._models_and_optimizers()[0].items():
-            with merged_for_export(unwrap(model)):  # LoRA: written merged, the adapters beside it
-                save_pretrained_atomic(model, self.tokenizer, os.path.join(target, sub), extra=state)
-            if is_lora(unwrap(model)) and self.ctx.is_main:
-                save_adapters(unwrap(model), os.path.join(target, sub, "lora"))
+            checkpoint.save_final_model(model, self.tokenizer, os.path.join(target, sub), state)

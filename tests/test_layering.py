@@ -40,9 +40,9 @@ LAYERS = [
     ["ppo.pipeline"],
     # the output folder's lock and refusal (below checkpoints); the graceful stop of the loops
     ["ppo.output_dir"],
-    ["ppo.graceful"],
+    ["ppo.graceful", "ppo.guard"],
     # services of the training loops
-    ["ppo.entry", "ppo.batching", "ppo.optim", "ppo.guard", "ppo.metrics", "ppo.checkpoint", "ppo.offload",
+    ["ppo.entry", "ppo.batching", "ppo.optim", "ppo.metrics", "ppo.checkpoint", "ppo.offload",
      "ppo.inference"],
     ["ppo.fused_inference", "ppo.rollout"],
     # the PPO phases: models in their layout, one update step, evaluation; then its data

@@ -216,6 +216,11 @@ def qwen2_dir(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("qwen2")
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer"))
     build_causal_lm(str(out / "base"), tokenizer, family="qwen2", seed=0, num_key_value_heads=2)
+    # the reward model: the base with a fresh (fixed-seed) score head, as tiny_dir's score/
+    from ppo.models import load_score_model
+
+    load_score_model(str(out / "base")).save_pretrained(str(out / "score"))
+    tokenizer.save_pretrained(str(out / "score"))
     return out
 
 
