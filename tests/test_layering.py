@@ -18,14 +18,17 @@ LAYERS = [
     # foundations: no ppo imports
     ["ppo", "ppo.errors", "ppo.experience", "ppo.algorithms", "ppo.data.template", "ppo.models.normalizer",
      "ppo.decoding", "ppo.tiny", "rm"],
+    # what the by-NAME registries share
+    ["ppo.registry"],
     # reading files: the one place that turns damaged files into one-line errors
     ["ppo.files"],
     # pure steps, configuration, registries (raw datasets, reward functions, model families)
     ["ppo.advantages", "ppo.args", "ppo.data.base", "ppo.data.chat", "ppo.data.tokenizer_utils", "rm.losses",
      "ppo.models.families.base", "ppo.models.recompute", "ppo.models.lora", "ppo.rewards.base"],
     # data: sources and tokenized datasets; the built-in reward functions
-    ["ppo.data.datasets", "ppo.data.alpaca", "ppo.data.safe_rlhf", "ppo.data.tiny", "ppo.data.arithmetic",
+    ["ppo.data.datasets", "ppo.data.alpaca", "ppo.data.safe_rlhf", "ppo.data.tiny",
      "ppo.data.gsm8k", "ppo.rewards.builtin", "ppo.rewards.remote"],
+    ["ppo.data.arithmetic"],
     ["ppo.data", "ppo.rewards"],
     # models: the score head, the families, loading
     ["ppo.models.score_model"],

@@ -9,28 +9,23 @@ from __future__ import annotations
 import os
 from typing import ClassVar
 
-from ppo.data.base import RawSample, SampleListDataset, describe_source, load_records, require_fields, require_type
+from ppo.data.base import RawSample, require_type
+from ppo.data.tiny import TinyBase
 
 # the shipped files (ppo/tiny/data/arithmetic); the task generator imports this, never the other way
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tiny", "data", "arithmetic")
 
 
-class ArithmeticBase(SampleListDataset):
-    FILE: ClassVar[str]
+class ArithmeticBase(TinyBase):
+    DATA_DIR = DATA_DIR
     FIELDS: ClassVar[tuple[str, ...]] = ("prompt", "reference")
 
-    def __init__(self, path: str | None = None):
-        folder_or_file = os.path.expanduser(path) if path is not None else DATA_DIR
-        file = os.path.join(folder_or_file, self.FILE) if os.path.isdir(folder_or_file) else folder_or_file
-        source = describe_source(self.NAME, file)
-        self.samples = []
-        for i, record in enumerate(load_records(file)):
-            require_fields(record, self.FIELDS, source, i)
-            sample = RawSample(input=require_type(record, "prompt", str, source, i, "a string"),
-                               reference=require_type(record, "reference", str, source, i, "a string"))
-            if "answer" in self.FIELDS:
-                sample["answer"] = require_type(record, "answer", str, source, i, "a string")
-            self.samples.append(sample)
+    def to_sample(self, record, source, index):
+        sample = RawSample(input=require_type(record, "prompt", str, source, index, "a string"),
+                           reference=require_type(record, "reference", str, source, index, "a string"))
+        if "answer" in self.FIELDS:
+            sample["answer"] = require_type(record, "answer", str, source, index, "a string")
+        return sample
 
 
 class ArithmeticSFT(ArithmeticBase):

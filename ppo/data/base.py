@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, TypedDict
 
+from ppo.registry import check_name, class_id as _class_id, same_definition as _same_definition
 from ppo.errors import UserError, closest
 
 # a proportion repeats a dataset that many times in memory, tokenized: larger values exhaust it
@@ -54,23 +55,6 @@ class RawSample(TypedDict, total=False):
     dialogue: Any  # reserved
 
 
-def _class_id(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _same_definition(a: type, b: type) -> bool:
-    """Whether two classes come from the same source (a module imported twice, or reloaded).
-
-    Classes defined inside functions are always distinct: one function may define several.
-    """
-    if a.__qualname__ != b.__qualname__ or "<locals>" in a.__qualname__:
-        return False
-    if a.__module__ == b.__module__:
-        return True
-    files = [getattr(sys.modules.get(c.__module__), "__file__", None) for c in (a, b)]
-    return None not in files and os.path.realpath(files[0]) == os.path.realpath(files[1])
-
-
 class RawDataset(abc.ABC):
     """A map-style dataset of ``RawSample`` registered under ``NAME`` (and optional ``ALIASES``).
 
@@ -90,13 +74,7 @@ class RawDataset(abc.ABC):
         if isinstance(aliases, str):  # ALIASES = "x" would otherwise register every character
             aliases = (aliases,)
         for key in (name, *aliases):
-            if not isinstance(key, str) or not key.strip() or key != key.strip() or "," in key or ":" in key:
-                raise UserError(f"dataset class {_class_id(cls)} has an invalid NAME/ALIASES entry {key!r}; "
-                                "names are non-empty strings without ',', ':' or surrounding spaces")
-            other = RawDataset._registry.get(key)
-            if other is not None and not _same_definition(other, cls):
-                raise UserError(f"dataset name '{key}' of {_class_id(cls)} is already registered by "
-                                f"{_class_id(other)}; choose another NAME")
+            check_name(key, cls, RawDataset._registry, "dataset", "NAME/ALIASES entry")
         # A re-imported module replaces its earlier classes, including names they no longer use.
         for key, other in list(RawDataset._registry.items()):
             if _same_definition(other, cls):

@@ -25,11 +25,14 @@ DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 
 class TinyBase(SampleListDataset):
+    """One shipped JSONL file of a built-in task: ``FILE`` in ``DATA_DIR`` (or the ``path`` given)."""
+
+    DATA_DIR: ClassVar[str] = DATA_DIR
     FILE: ClassVar[str]
     FIELDS: ClassVar[tuple[str, ...]]
 
     def __init__(self, path: str | None = None):
-        folder_or_file = os.path.expanduser(path) if path is not None else DATA_DIR
+        folder_or_file = os.path.expanduser(path) if path is not None else self.DATA_DIR
         file = os.path.join(folder_or_file, self.FILE) if os.path.isdir(folder_or_file) else folder_or_file
         source = describe_source(self.NAME, file)
         self.samples = []

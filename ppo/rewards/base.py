@@ -19,30 +19,15 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
-import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
 from ppo.errors import UserError, closest
+from ppo.registry import check_name, class_id as _class_id
 
 SPEC_FORM = "comma-separated NAME[:WEIGHT], e.g. 'math_exact,format:0.2'"
-
-
-def _class_id(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _same_definition(a: type, b: type) -> bool:
-    """Whether two classes come from one source (a module imported twice, or reloaded)."""
-    if a.__qualname__ != b.__qualname__ or "<locals>" in a.__qualname__:
-        return False
-    if a.__module__ == b.__module__:
-        return True
-    files = [getattr(sys.modules.get(c.__module__), "__file__", None) for c in (a, b)]
-    return None not in files and os.path.realpath(files[0]) == os.path.realpath(files[1])
 
 
 class RewardFunction:
@@ -62,14 +47,7 @@ class RewardFunction:
         name = cls.__dict__.get("NAME")
         if name is None:
             return
-        if not isinstance(name, str) or not name.strip() or name != name.strip() or "," in name or ":" in name:
-            raise UserError(f"reward function class {_class_id(cls)} has an invalid NAME {name!r}; names are "
-                            "non-empty strings without ',', ':' or surrounding spaces")
-        other = RewardFunction._registry.get(name)
-        # The same class defined again (a module imported twice or reloaded) replaces itself.
-        if other is not None and not _same_definition(other, cls):
-            raise UserError(f"reward function name '{name}' of {_class_id(cls)} is already registered by "
-                            f"{_class_id(other)}; choose another NAME")
+        check_name(name, cls, RewardFunction._registry, "reward function")
         RewardFunction._registry[name] = cls
 
     @classmethod
