@@ -41,7 +41,8 @@ def main():
     model_dir, out_dir, *layout = sys.argv[1:]
     args = parse_args(PPOArgs, [
         "config/tiny/ppo_argument.json", "--actor_model_name_or_path", model_dir, "--reward_model_name_or_path",
-        os.path.join(os.path.dirname(model_dir), "score"),  # tiny_dir/score: the base with a fresh score head "--output_dir", out_dir, "--max_steps", "1", "--do_sample", "false", "--max_new_tokens", "6",
+        os.path.join(os.path.dirname(model_dir), "score"),  # tiny_dir/score: the base with a fresh score head
+        "--output_dir", out_dir, "--max_steps", "1", "--do_sample", "false", "--max_new_tokens", "6",
         "--per_device_prompt_batch_size", "4", "--per_device_train_batch_size", "2",
         "--gradient_accumulation_steps", "2", "--learning_rate", "0.01", "--critic_learning_rate", "0.01",
         "--eval_datasets", "", "--disable_tqdm", "true", *layout])
