@@ -73,6 +73,36 @@ class Experience:
         moved["prompt_length"] = 0
         return Experience(**moved)
 
+    @staticmethod
+    def concat(exps: list["Experience"], pad_token_id: int = 0) -> "Experience":
+        """One batch of the rows of ``exps``, in order.  Prompts are left-padded to the longest
+        prompt and responses right-padded to the longest response (``sequences`` with
+        ``pad_token_id``, every other [B, L] or [B, L-1] field with 0), so the layout stays
+        'left-padded prompt, right-padded response' and position ids follow from the mask.
+        Every tensor field is joined, so a new field cannot vanish; a field is None only when it is
+        None in every part."""
+        if len(exps) == 1:
+            return exps[0]
+        P = max(e.prompt_length for e in exps)
+        R = max(int(e.sequences.shape[1]) - e.prompt_length for e in exps)
+        same_layout = all(e.prompt_length == P and int(e.sequences.shape[1]) == P + R for e in exps)
+        out: dict = {"prompt_length": P}
+        for f in dataclasses.fields(Experience):
+            if f.name == "prompt_length":
+                continue
+            values = [getattr(e, f.name) for e in exps]
+            if values[0] is None:
+                out[f.name] = None
+            elif values[0].ndim == 1 or same_layout:  # nothing to pad: joined where the tensors are
+                out[f.name] = paddle.concat(values, axis=0)
+            else:  # per token ([B, L]) or per action ([B, L-1]): both shift with the prompt's padding
+                fill = pad_token_id if f.name == "sequences" else 0
+                parts = [np.pad(v.numpy(), [(0, 0), (P - e.prompt_length,
+                                                     R - (int(e.sequences.shape[1]) - e.prompt_length))],
+                                constant_values=fill) for e, v in zip(exps, values)]
+                out[f.name] = paddle.to_tensor(np.concatenate(parts))
+        return Experience(**out)
+
     def select(self, indices) -> "Experience":
         """Rows ``indices`` of every per-sequence field (a mini-batch)."""
         index = paddle.to_tensor(list(indices), dtype="int64")

@@ -16,7 +16,7 @@ import paddle
 
 from ppo import algorithms as algo
 from ppo import parallel
-from ppo.ppo_rewards import score_metrics
+from ppo.ppo_rewards import decode_rows, score_metrics
 from ppo.rollout import GenerationConfig, collect
 
 
@@ -99,16 +99,9 @@ def evaluate_policy(step: int, echo, *, args, ctx, prompts, layout, models, gen:
 
 def sample_rows(exp, tokenizer, kl) -> list[dict]:
     """One JSON-ready row per sequence: decoded prompt and response, reward, KL."""
-    P = exp.prompt_length
-    seq, att = exp.sequences.numpy(), exp.attention_mask.numpy()
-    rows = []
-    for b in range(exp.batch_size):
-        prompt = [int(t) for t, m in zip(seq[b, :P], att[b, :P]) if m]
-        response = [int(t) for t, m in zip(seq[b, P:], att[b, P:]) if m]
-        rows.append({"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
-                     "response": tokenizer.decode(response, skip_special_tokens=True),
-                     "reward": float(exp.end_scores[b]), "kl": float(kl[b])})
-    return rows
+    prompts, responses, _ = decode_rows(exp, tokenizer)
+    return [{"prompt": p, "response": r, "reward": float(exp.end_scores[b]), "kl": float(kl[b])}
+            for b, (p, r) in enumerate(zip(prompts, responses))]
 
 
 def write_samples(output_dir: str, step: int, rank: int, rows: list[dict]) -> None:

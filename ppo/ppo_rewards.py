@@ -123,38 +123,6 @@ def group_rows(groups, n: int) -> np.ndarray:
     return (groups[:, None] * n + np.arange(n)[None, :]).reshape(-1)
 
 
-def concat_experiences(exps: list[Experience], pad_token_id: int) -> Experience:
-    """One batch of the rows of ``exps`` (before advantages: ``kl`` .. ``returns`` are None).
-
-    Prompts are left-padded to the longest prompt and responses right-padded to the longest
-    response (``sequences`` with ``pad_token_id``, every other field with 0), so the layout stays
-    'left-padded prompt, right-padded response' and position ids follow from the mask.
-    """
-    if len(exps) == 1:
-        return exps[0]
-    P = max(e.prompt_length for e in exps)
-    R = max(int(e.sequences.shape[1]) - e.prompt_length for e in exps)
-    per_token = ("sequences", "attention_mask", "action_mask", "old_log_probs", "ref_log_probs", "values")
-    out: dict = {}
-    for f in dataclasses.fields(Experience):
-        values = [getattr(e, f.name) for e in exps]
-        if f.name == "prompt_length":
-            out[f.name] = P
-        elif values[0] is None:
-            out[f.name] = None
-        elif f.name in per_token:
-            parts = []
-            for e, v in zip(exps, values):
-                left, right = P - e.prompt_length, R - (int(e.sequences.shape[1]) - e.prompt_length)
-                fill = pad_token_id if f.name == "sequences" else 0
-                a = v.numpy()
-                parts.append(np.pad(a, [(0, 0), (left, right)], constant_values=fill))
-            out[f.name] = paddle.to_tensor(np.concatenate(parts))
-        else:
-            out[f.name] = paddle.concat(values, axis=0)
-    return Experience(**out)
-
-
 def dynamic_sampling(exp: Experience, scores: dict, roll_more, args, pad_token_id: int):
     """DAPO's dynamic sampling: drop the groups whose responses all got the same end score and
     roll out more prompts (``roll_more(try) -> (Experience, scores)``) until every data rank has
@@ -179,4 +147,4 @@ def dynamic_sampling(exp: Experience, scores: dict, roll_more, args, pad_token_i
     scores = {k: np.concatenate([s[k] for s in all_scores])[rows] for k in scores}
     stats = {"dynamic_sampling_tries": float(tries), "dynamic_sampling_dropped_groups": float((~informative).sum()),
              "dynamic_sampling_filler_groups": float(filler)}
-    return concat_experiences(exps, pad_token_id).select(rows), scores, stats
+    return Experience.concat(exps, pad_token_id).select(rows), scores, stats

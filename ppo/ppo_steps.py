@@ -10,10 +10,7 @@ micro-batch's loss carries its weight ``w`` (its share of the step's token-mean,
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from types import SimpleNamespace
-
-import paddle
 
 from ppo import algorithms as algo
 from ppo import parallel, pipeline
@@ -134,23 +131,11 @@ def critic_gradients(critic_train, micro: list[Experience], weights: list[float]
     return combine(micro_steps(critic_train, micro, weights, objective, precision), weighted=("critic_loss",))
 
 
-def concat_experience(micro: list[Experience]) -> Experience:
-    """The micro-batches of one step as one batch (the pipeline splits it back in the same order)."""
-    if len(micro) == 1:
-        return micro[0]
-    joined = {}
-    for f in dataclasses.fields(Experience):
-        first = getattr(micro[0], f.name)
-        joined[f.name] = (paddle.concat([getattr(m, f.name) for m in micro]) if isinstance(first, paddle.Tensor)
-                          else first)
-    return Experience(**joined)
-
-
 def pipeline_actor_gradients(actor_train, actor_opt, actor, micro: list[Experience], weights: list[float], args,
                              kl_coeff: float, precision, ptx: PtxFeed | None) -> dict:
     """The actor's gradients of one optimizer step under pipeline parallel: the same objective in
     the last stage of fleet's schedule (and a second pass for the ptx batches)."""
-    whole = concat_experience(micro)
+    whole = Experience.concat(micro)  # one rollout: equal widths, no padding
     labels = (whole.sequences, whole.old_log_probs, whole.advantages, whole.action_mask, whole.ref_log_probs,
               pipeline.row_weights([m.batch_size for m in micro], weights))
     split = parallel.vocab_is_split(actor)
@@ -187,7 +172,7 @@ def pipeline_actor_gradients(actor_train, actor_opt, actor, micro: list[Experien
 def pipeline_critic_gradients(critic_train, critic_opt, micro: list[Experience], weights: list[float], args,
                               precision) -> dict:
     """The critic's gradients of one optimizer step under pipeline parallel."""
-    whole = concat_experience(micro)
+    whole = Experience.concat(micro)  # one rollout: equal widths, no padding
     labels = (whole.values, whole.returns, whole.action_mask,
               pipeline.row_weights([m.batch_size for m in micro], weights))
 

@@ -21,7 +21,7 @@ from ppo.errors import UserError
 from ppo.experience import Experience
 from ppo.models import load_score_model
 from ppo.ppo_evaluation import prompt_batch
-from ppo.ppo_rewards import choose_groups, concat_experiences, informative_groups
+from ppo.ppo_rewards import choose_groups, informative_groups
 from ppo.rewards import RewardFunction
 from ppo.rollout import action_mask_of, forward_log_probs
 
@@ -355,7 +355,7 @@ def test_choose_groups_and_concat():
                           response_lengths=paddle.to_tensor([1] * B), ended_with_eos=paddle.to_tensor([True] * B))
     a = exp(2, [[5, 6, 7]], 1.0)             # P 2, R 1
     b = exp(3, [[8, 9, 4, 5, 6]], 2.0)      # P 3, R 2
-    out = concat_experiences([a, b], pad_token_id=0)
+    out = Experience.concat([a, b], pad_token_id=0)
     assert out.prompt_length == 3
     np.testing.assert_array_equal(out.sequences.numpy(), [[0, 5, 6, 7, 0], [8, 9, 4, 5, 6]])
     np.testing.assert_array_equal(out.old_log_probs.numpy(), [[0, 1, 1, 0], [2, 2, 2, 2]])
