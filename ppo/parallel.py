@@ -131,8 +131,8 @@ def rollout_group(merge_tensor_parallel: bool):
         return None
     if merge_tensor_parallel not in _ROLLOUT_GROUPS:
         hcg = _CONTEXT.hcg
-        if not merge_tensor_parallel:
-            _ROLLOUT_GROUPS[False] = hcg.get_pipe_parallel_group()
+        if not merge_tensor_parallel or _CONTEXT.tp_degree == 1:
+            _ROLLOUT_GROUPS[merge_tensor_parallel] = hcg.get_pipe_parallel_group()
         elif _CONTEXT.pp_degree == 1:
             _ROLLOUT_GROUPS[True] = hcg.get_model_parallel_group()
         else:
@@ -456,8 +456,6 @@ def broadcast_model_parallel(tensor):
     return tensor
 
 
-_DATA_RANK_GROUPS: dict = {}
-
 
 def broadcast_from_first_rollout_rank(values, with_pipeline: bool) -> np.ndarray:
     """The float64 array ``values`` of the first tensor-parallel rank (and, ``with_pipeline``, the
@@ -468,16 +466,10 @@ def broadcast_from_first_rollout_rank(values, with_pipeline: bool) -> np.ndarray
     the first rank).  Identity in a single rank; collective on first use (creates the group).
     """
     x = np.ascontiguousarray(values, dtype=np.float64)
-    mp = _CONTEXT.tp_degree
-    pp = _CONTEXT.pp_degree if with_pipeline else 1
-    if mp * pp == 1:
+    if _CONTEXT.tp_degree * (_CONTEXT.pp_degree if with_pipeline else 1) == 1:
         return x
-    if with_pipeline not in _DATA_RANK_GROUPS:
-        hcg = _CONTEXT.hcg
-        _DATA_RANK_GROUPS[with_pipeline] = (hcg.get_model_parallel_group() if pp == 1 else
-                                            hcg.get_pipe_parallel_group() if mp == 1 else
-                                            hcg.create_fuse_group(["pipe", "model"])[1])
-    group = _DATA_RANK_GROUPS[with_pipeline]
+    # with the pipeline: the ranks of one data rank's whole rollout model (rollout_group's merged group)
+    group = rollout_group(True) if with_pipeline else _CONTEXT.hcg.get_model_parallel_group()
     tensor = paddle.to_tensor(x)
     dist.broadcast(tensor, src=min(group.ranks), group=group)
     return tensor.numpy()
