@@ -27,7 +27,7 @@ _RESULTS = ("config.json", "model_state.pdparams", "metrics.jsonl", "vdl", "eval
 # removed by overwrite_output_dir so the new run's checkpoints and metrics are not mixed with the
 # earlier run's ('auto' would otherwise pick an old checkpoint); final models are written over
 _CLEARED_BY_OVERWRITE = ("metrics.jsonl", "vdl", "eval_samples")
-_CHECKPOINT = re.compile(r"^(\.tmp-)?checkpoint-\d+$")
+_CHECKPOINT = re.compile(r"^checkpoint-\d+$")  # finished checkpoints (.tmp-* writes are not results)
 logger = logging.getLogger("ppo")
 
 
@@ -65,7 +65,7 @@ def earlier_results(path: str) -> list[str]:
     """Entries of ``path`` that a run wrote (final models, checkpoints, metrics, logs), sorted."""
     if not os.path.isdir(path):
         return []
-    return sorted(n for n in os.listdir(path) if n in _RESULTS or (_CHECKPOINT.match(n) and not n.startswith(".")))
+    return sorted(n for n in os.listdir(path) if n in _RESULTS or _CHECKPOINT.match(n))
 
 
 def check_output_dir(path: str, resuming: bool, overwrite: bool) -> dict | None:
@@ -125,7 +125,7 @@ def clear_earlier_run(path: str) -> list[str]:
     """Main rank, ``overwrite_output_dir``: the earlier run's checkpoints, metrics and logs removed."""
     removed = []
     for name in sorted(os.listdir(path)):
-        if name in _CLEARED_BY_OVERWRITE or (_CHECKPOINT.match(name) and not name.startswith(".")):
+        if name in _CLEARED_BY_OVERWRITE or _CHECKPOINT.match(name):
             target = os.path.join(path, name)
             shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
             removed.append(name)
