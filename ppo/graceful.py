@@ -62,21 +62,21 @@ class GracefulStop:
             signal.signal(s, handler)
         self.previous = {}
 
-    def after_step(self, done: int, cadence, output_dir: str) -> None:
-        """End of step ``done``: when any rank was signalled, write ``checkpoint-<done>`` (unless the
+    def after_step(self, step: int, cadence, output_dir: str) -> None:
+        """End of step ``step``: when any rank was signalled, write ``checkpoint-<step>`` (unless the
         cadence just did), close the metrics, release the folder and raise ``StopRequested``.  The
         last step is left to finish the run as usual (its final model is the save)."""
         signum = parallel.max_over_ranks(self.signum)
-        if not signum or done >= cadence.total_steps:
+        if not signum or step >= cadence.total_steps:
             return
-        if not (cadence.save_every > 0 and done % cadence.save_every == 0):
-            cadence.save(done)
+        if not cadence.saves_at(step):
+            cadence.save(step)
         cadence.metrics.close()
         if self.on_stop is not None:
             self.on_stop()
         self.close()
         release_output_dir(output_dir)
         name = signal.Signals(signum).name
-        raise StopRequested(f"stopped by {name} after step {done} of {cadence.total_steps}; checkpoint "
-                            f"'{os.path.join(output_dir, f'checkpoint-{done}')}' is written: continue with the same "
+        raise StopRequested(f"stopped by {name} after step {step} of {cadence.total_steps}; checkpoint "
+                            f"'{os.path.join(output_dir, f'checkpoint-{step}')}' is written: continue with the same "
                             "arguments and --resume_from_checkpoint auto", signum)

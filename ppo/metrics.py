@@ -45,8 +45,13 @@ class StepCadence:
             self.window = []
         if self.eval_every > 0 and step % self.eval_every == 0 and step < self.total_steps:
             self.evaluate(step, echo)
-        if self.save_every > 0 and step % self.save_every == 0 and step < self.total_steps:
+        if self.saves_at(step):
             self.save(step)
+
+    def saves_at(self, step: int) -> bool:
+        """Whether the cadence writes ``checkpoint-<step>`` at the end of ``step`` (never the last:
+        the loop ends with the final model)."""
+        return self.save_every > 0 and step % self.save_every == 0 and step < self.total_steps
 
 
 # ---------------------------------------------------------------------------------------------
