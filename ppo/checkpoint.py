@@ -27,7 +27,6 @@ import platform
 import random
 import re
 import shutil
-from contextlib import contextmanager
 
 import crc32c
 import numpy as np
@@ -40,7 +39,7 @@ from ppo.errors import UserError
 from ppo.guard import check_weights_finite
 from ppo.models.hf import export_folder
 from ppo.models.lora import is_lora, merged_for_export, save_adapters
-from ppo.files import load_paddle_state, read_json, read_pickle
+from ppo.files import load_paddle_state, read_json, read_pickle, reading
 from ppo.output_dir import (check_output_dir, clear_earlier_run, drop_metrics_after, release_output_dir,  # noqa: F401
                             take_lock)
 from ppo.parallel import inner_optimizer, unwrap
@@ -250,19 +249,6 @@ def resolve_resume(value: str, output_dir: str) -> str | None:
         raise UserError(f"resume_from_checkpoint '{value}' is damaged: {problem}; resume from another "
                         "checkpoint, or 'auto' (the newest intact one)")
     return value
-
-
-@contextmanager
-def reading(path: str, what: str):
-    """Any failure to read or decode ``path`` (a checkpoint file) as one line naming it."""
-    try:
-        yield
-    except UserError:
-        raise
-    except Exception as e:  # paddle, pickle and json raise many kinds on a damaged file
-        detail = (str(e).strip().splitlines() or [""])[0][:200]
-        raise UserError(f"cannot read the {what} '{path}' ({type(e).__name__}: {detail}); the file is damaged: "
-                        "resume from another checkpoint") from None
 
 
 def load_state(folder: str, args, stage: str, world_size: int) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from contextlib import contextmanager
 
 from ppo.errors import UserError
 
@@ -83,3 +84,17 @@ def load_paddle_state(path: str, what: str = "weights file"):
         return paddle.load(path)
     except Exception as e:  # paddle raises pickle, value and runtime errors for a damaged file
         raise UserError(f"{what} '{path}' cannot be read (damaged or truncated?): {_first_line(e)}") from None
+
+
+@contextmanager
+def reading(path: str, what: str):
+    """Whatever the body raises while it reads or decodes ``path`` (a checkpoint file: paddle,
+    pickle and json raise many kinds on a damaged one) as one line naming it; a ``UserError`` of a
+    reader above passes through."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot read the {what} '{path}' ({_first_line(e)}); the file is damaged: "
+                        "resume from another checkpoint") from None
