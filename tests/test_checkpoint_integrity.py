@@ -2,7 +2,6 @@
 checkpoint is detected, never deleted; resuming it by path stops with one line naming the file,
 ``auto`` skips it (warning) and resumes from the newest intact one."""
 
-import hashlib
 import json
 import re
 import os
@@ -15,18 +14,9 @@ import pytest
 from ppo.args import SFTArgs
 from ppo.checkpoint import MANIFEST, clean_partial, list_checkpoints
 from ppo.errors import UserError
+from test_bad_inputs import snapshot  # {relative path: sha256} of every file under a folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def snapshot(folder):
-    out = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def naive_crc32c(data: bytes) -> int:

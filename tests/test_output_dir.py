@@ -15,20 +15,10 @@ import pytest
 from ppo.args import SFTArgs
 from ppo.checkpoint import list_checkpoints
 from ppo.errors import UserError
+from test_bad_inputs import snapshot  # {relative path: sha256} of every file under a folder
 from ppo.output_dir import LOCK
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def snapshot(folder):
-    """{relative path: sha256} of every file under ``folder``."""
-    out = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def sft(tiny_dir, out, **kw):
