@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import paddle
 import paddle.nn.functional as F
 
@@ -161,8 +162,6 @@ def generate_in_buckets(model, input_ids, attention_mask, config: GenerationConf
 
 def _generate_in_buckets(model, input_ids, attention_mask, config: GenerationConfig, eos_token_id: int,
                          pad_token_id: int, return_log_probs: bool):
-    import numpy as np
-
     B, P = input_ids.shape
     size = config.micro_batch_size
     if size <= 0 or size >= B:
@@ -329,8 +328,6 @@ def length_groups(lengths, overhead: int = 16) -> list:
     """Rows (indices into ``lengths`` [B]) in groups of similar length, longest first: the contiguous
     partition of the length-sorted rows with the fewest computed tokens (rows x the group's longest)
     plus ``overhead`` tokens per group (a forward's fixed cost), by dynamic programming over B."""
-    import numpy as np
-
     order = np.argsort(-np.asarray(lengths), kind="stable")
     ls = np.asarray(lengths)[order]
     B = len(ls)
@@ -349,8 +346,6 @@ def score_in_length_groups(fn, sequences, attention_mask, kinds: tuple):
     tokens from column 0, as ``Experience.packed``), its outputs put back in place: ``kinds`` says
     per output "token" ([b, W, ...] -> [B, L, ...]), "action" ([b, W-1] -> [B, L-1]) or "row"
     ([b, ...] -> [B, ...]).  Padding positions are 0.  A row's results equal the unpacked call's."""
-    import numpy as np
-
     ids, mask = sequences.numpy(), attention_mask.numpy()
     first, n = real_spans(mask)
     B, L = ids.shape
