@@ -279,6 +279,17 @@ def test_missing_shard_is_one_line(tmp_path):
     assert "'actor_model_name_or_path'" in str(e.value)
 
 
+def test_truncated_shard_index_is_one_line(tmp_path):
+    src = str(tmp_path / "hf")
+    write_hf_folder(src, hf_tensors("qwen2", False), hf_config("qwen2", False), shards=2)
+    index = os.path.join(src, "model.safetensors.index.json")
+    text = open(index).read()
+    open(index, "w").write(text[: len(text) // 2])
+    with pytest.raises(UserError) as e:
+        load_causal_lm(src, "actor_model_name_or_path")
+    assert "\n" not in str(e.value) and "weight index" in str(e.value) and index in str(e.value)
+
+
 @pytest.mark.parametrize("field", ["rope_parameters", "rope_scaling"])
 def test_unmappable_rope_scaling_is_one_line(tmp_path, field):
     cfg = hf_config("llama", False, v5=field == "rope_parameters")

@@ -9,12 +9,12 @@ jinja's sandbox and transformers' whitespace options, so both file layouts behav
 
 from __future__ import annotations
 
-import json
 import os
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ppo.errors import UserError
+from ppo.files import read_json, read_text
 
 CHAT = "chat"  # the prompt_template value that selects the tokenizer's template
 
@@ -25,14 +25,12 @@ def load_chat_template(path: str, what: str = "model_name_or_path") -> str:
     source = None
     config_file = os.path.join(path or "", "tokenizer_config.json")
     if os.path.isfile(config_file):
-        with open(config_file, encoding="utf-8") as f:
-            source = json.load(f).get("chat_template")
+        source = read_json(config_file, "tokenizer config").get("chat_template")
     if isinstance(source, list):  # [{"name": ..., "template": ...}]
         source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"), None)
     jinja_file = os.path.join(path or "", "chat_template.jinja")
     if not source and os.path.isfile(jinja_file):
-        with open(jinja_file, encoding="utf-8") as f:
-            source = f.read()
+        source = read_text(jinja_file, "chat template")
     if not isinstance(source, str) or not source.strip():
         raise UserError(f"prompt_template 'chat' uses the tokenizer's chat template, but '{what}' = '{path}' has none "
                         "(no chat_template in tokenizer_config.json, no chat_template.jinja); give a prompt_template "

@@ -36,6 +36,7 @@ import numpy as np
 import paddle
 
 from ppo.errors import UserError
+from ppo.files import load_paddle_state, read_json
 from ppo.models.families import family_of
 from ppo.models.score_model import ScoreModel
 
@@ -103,8 +104,7 @@ def weight_files(path: str, what: str = "model_name_or_path") -> list[str]:
     UserError (one line) when the index names a shard that is missing."""
     index = os.path.join(path, INDEX)
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        shards = sorted(set(read_json(index, "weight index")["weight_map"].values()))
         for shard in shards:
             if not os.path.isfile(os.path.join(path, shard)):
                 raise UserError(f"'{what}' = '{path}' is missing the weight shard '{shard}' named in {INDEX}")
@@ -199,8 +199,7 @@ def _required(prefix: str, layers: int, tied: bool, score: bool) -> list[str]:
 def _convert(path: str, target: str, what: str) -> None:
     """Write the paddlenlp folder ``target`` (config.json, model_state.pdparams, the other files of
     ``path``) from the transformers folder ``path``, via a temporary folder renamed at the end."""
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        raw = json.load(f)
+    raw = read_json(os.path.join(path, "config.json"), "model config")
     family = family_of(raw, what, path)
     mapped = map_config(raw, what, path)
     tensors, stored = {}, set()
@@ -288,15 +287,13 @@ def export(model, out_dir: str, tokenizer=None) -> None:
 def export_folder(folder: str, out_dir: str) -> None:
     """Write the paddlenlp folder ``folder`` (a saved, merged model: config.json, model_state.pdparams)
     as a transformers folder in ``out_dir``, its tokenizer files copied along."""
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_json(os.path.join(folder, "config.json"), "model config")
     index = os.path.join(folder, "model_state.pdparams.index.json")
     files = ["model_state.pdparams"]
     if os.path.isfile(index):  # paddlenlp shards large models
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = sorted(set(read_json(index, "weight index")["weight_map"].values()))
     state = {k: v.astype("float32").numpy() for file in files
-             for k, v in paddle.load(os.path.join(folder, file)).items()}
+             for k, v in load_paddle_state(os.path.join(folder, file)).items()}
     _export_state(state, config, out_dir)
     for name in os.listdir(folder):
         full = os.path.join(folder, name)
