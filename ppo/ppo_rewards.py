@@ -127,7 +127,7 @@ def dynamic_sampling(exp: Experience, scores: dict, roll_more, args, pad_token_i
     """DAPO's dynamic sampling: drop the groups whose responses all got the same end score and
     roll out more prompts (``roll_more(try) -> (Experience, scores)``) until every data rank has
     ``per_device_prompt_batch_size`` groups or ``dynamic_sampling_max_tries`` extra rollouts were
-    made; the data ranks decide together, so every rank makes as many rollouts.  A batch still
+    made; all ranks decide together, so every rank makes as many rollouts.  A batch still
     short is filled with dropped groups (their group advantage is 0: no policy gradient, only the
     KL / entropy terms), so the batch keeps its size.  Returns (experience, its function scores,
     the counts for the metrics)."""
@@ -135,7 +135,9 @@ def dynamic_sampling(exp: Experience, scores: dict, roll_more, args, pad_token_i
     exps, all_scores = [exp], [scores]
     kept = int(informative_groups(exp.end_scores.numpy(), n).sum())
     tries = 0
-    while tries < args.dynamic_sampling_max_tries and parallel.all_gather_data([kept]).min() < target:
+    # one decision over every rank, not only the data ranks: no rank can stop rolling out while
+    # another (even a tensor/pipeline peer whose scores differed) waits in a rollout's collective
+    while tries < args.dynamic_sampling_max_tries and parallel.max_over_ranks(int(kept < target)):
         tries += 1
         more, more_scores = roll_more(tries)
         exps.append(more)

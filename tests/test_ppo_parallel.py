@@ -72,22 +72,24 @@ def eval_samples(output_dir):
     return {step: sorted(rows, key=lambda r: (r["prompt"], r["response"])) for step, rows in found.items()}
 
 
-def assert_same_eval(one_dir, two_dir):
-    """The same eval reward, KL and lengths, and the same eval generations (24 prompts, every rank's
-    share: a redundant or missing share would change the row count)."""
+def assert_same_eval(one_dir, two_dir, steps=(0, STEPS), rows=24, extra_keys=()):
+    """The same eval reward, KL and lengths, and the same eval generations (``rows`` prompts, 24 in
+    the tiny task, every rank's share: a redundant or missing share would change the row count);
+    with reward functions, the same per-function scores of every row."""
     one, two = train_metrics(one_dir, "eval"), train_metrics(two_dir, "eval")
-    assert [r["step"] for r in one] == [r["step"] for r in two] == [0, STEPS]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(steps)
     for a, b in zip(one, two):
-        for key in ("reward", "reward_std", "kl", "response_length"):
+        for key in ("reward", "reward_std", "kl", "response_length", *extra_keys):
             assert abs(a[key] - b[key]) < 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
     rows_one, rows_two = eval_samples(one_dir), eval_samples(two_dir)
     assert rows_one.keys() == rows_two.keys()
     for step in rows_one:
-        assert len(rows_one[step]) == len(rows_two[step]) == 24
+        assert len(rows_one[step]) == len(rows_two[step]) == rows
         assert [(r["prompt"], r["response"]) for r in rows_one[step]] == \
             [(r["prompt"], r["response"]) for r in rows_two[step]]
         np.testing.assert_allclose([r["reward"] for r in rows_two[step]], [r["reward"] for r in rows_one[step]],
                                    atol=1e-4)
+        assert [r.get("rewards") for r in rows_one[step]] == [r.get("rewards") for r in rows_two[step]]
 
 
 def ppo(tiny_dir, out, batch, *extra, nproc=1):
@@ -117,14 +119,18 @@ def assert_same_weights(folder_a, folder_b, atol):
         np.testing.assert_allclose(b[k].numpy(), a[k].numpy(), rtol=0, atol=atol, err_msg=k)
 
 
-def assert_same_steps(one, two, extra_keys=()):
-    assert len(one) == len(two) == STEPS
+STEP_KEYS = ("actor_loss", "critic_loss", "reward", "kl", "value_mean", "return_mean", "entropy")
+GRAD_NORMS = ("actor_grad_norm", "critic_grad_norm")
+
+
+def assert_same_steps(one, two, extra_keys=(), steps=STEPS, keys=STEP_KEYS, grad_norms=GRAD_NORMS):
+    """The same training metrics, step by step (``keys``: 1e-4 relative; gradient norms 2e-3)."""
+    assert len(one) == len(two) == steps
     for a, b in zip(one, two):
         assert a["response_length"] == b["response_length"], (a, b)  # the same greedy responses
-        for key in ("actor_loss", "critic_loss", "reward", "kl", "value_mean", "return_mean", "entropy",
-                    *extra_keys):
+        for key in (*keys, *extra_keys):
             assert abs(a[key] - b[key]) < 1e-4 * max(1.0, abs(a[key])), (key, a[key], b[key])
-        for key in ("actor_grad_norm", "critic_grad_norm"):
+        for key in grad_norms:
             assert abs(a[key] - b[key]) < 2e-3 * max(1e-3, abs(a[key])), (key, a[key], b[key])
 
 

@@ -1,6 +1,8 @@
 """PPO with reward functions: the end scores (functions alone, and with a reward model), a GRPO
 advantage step against numpy, which models are (not) loaded, the remote endpoint through a PPO
-step, DAPO dynamic sampling (refill and its bound) and the argument checks.
+step, DAPO dynamic sampling (refill and its bound) and the argument checks; over several ranks
+(real launches), the endpoint and reward functions under TP2 and PP2 against one process, and
+dynamic sampling under DP2 and TP2.
 
 The arithmetic task's tokenizer is used (the tiny example's has no digits).
 """
@@ -24,6 +26,8 @@ from ppo.ppo_evaluation import prompt_batch
 from ppo.ppo_rewards import choose_groups, informative_groups
 from ppo.rewards import RewardFunction
 from ppo.rollout import action_mask_of, forward_log_probs
+from test_entrypoints import run
+from test_ppo_parallel import assert_same_eval, assert_same_steps, assert_same_weights, train_metrics
 
 
 class ResponseLength(RewardFunction):
@@ -391,30 +395,35 @@ def test_reward_arguments_are_checked(argv, message):
 # ---------------------------------------------------------------------------------------------
 # the endpoint under tensor / pipeline parallel: one caller per data rank, scores on every rank
 
+TP2 = ["--tensor_parallel_degree", "2"]
+PP2 = ["--pipeline_parallel_degree", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"]
+
+
+def arith_ppo(model, out, *extra, nproc=1, do_sample=False):
+    """PPO on the arithmetic prompts through the real entry point (``nproc`` ranks): 2 steps, greedy
+    responses unless ``do_sample``, no mini-batch shuffling; returns the train metrics rows."""
+    run("ppo/run_ppo.py", "--actor_model_name_or_path", model, "--train_datasets", "arithmetic-prompts/train",
+        "--output_dir", out, "--max_length", "32", "--max_new_tokens", "6", "--max_steps", "2",
+        "--logging_steps", "1", "--do_sample", str(do_sample).lower(), "--shuffle_minibatches", "false",
+        "--learning_rate", "0.001", *extra, nproc=nproc)
+    return train_metrics(out)
+
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", [["--tensor_parallel_degree", "2"],
-                                    ["--pipeline_parallel_degree", "2", "--per_device_train_batch_size", "4",
-                                     "--gradient_accumulation_steps", "2"]], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("layout", [TP2, PP2], ids=["tp2", "pp2"])
 def test_remote_endpoint_one_caller_per_data_rank(arith, tmp_path, layout):
     """Greedy responses (REINFORCE++: no groups, whose equal greedy responses would cancel), the
     server scoring 0, 1, 0, 1, ...: the 2-rank run makes one call per step and trains like one
     process (a rank without the scores would train on zero rewards)."""
-    from test_entrypoints import run
-    from test_ppo_parallel import assert_same_weights
-
     def ppo(out, *extra, nproc):
         server = _Server(alternating_scores)
         try:
-            run("ppo/run_ppo.py", "--actor_model_name_or_path", arith["base"], "--train_datasets",
-                "arithmetic-prompts/train", "--output_dir", out, "--max_length", "32", "--max_new_tokens", "6",
-                "--adv_estimator", "reinforce_plus_plus", "--per_device_prompt_batch_size", "8",
-                "--max_steps", "2", "--logging_steps", "1", "--do_sample", "false", "--shuffle_minibatches", "false",
-                "--learning_rate", "0.001", "--reward_server_url", server.url, *extra, nproc=nproc)
+            rows = arith_ppo(arith["base"], out, "--adv_estimator", "reinforce_plus_plus",
+                             "--per_device_prompt_batch_size", "8", "--reward_server_url", server.url, *extra,
+                             nproc=nproc)
         finally:
             server.close()
-        with open(out / "metrics.jsonl") as f:
-            return server.requests, [json.loads(line) for line in f if '"train"' in line]
+        return server.requests, rows
 
     _, one = ppo(tmp_path / "one", nproc=1)
     requests, two = ppo(tmp_path / "two", *layout, nproc=2)
@@ -427,6 +436,199 @@ def test_remote_endpoint_one_caller_per_data_rank(arith, tmp_path, layout):
             assert abs(a[key] - b[key]) < 1e-3 * max(1e-2, abs(a[key])), (key, a[key], b[key])
     assert one[0]["actor_grad_norm"] > 1e-3  # the scores did move the policy
     assert_same_weights(tmp_path / "one" / "policy", tmp_path / "two" / "policy", atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# reward functions under tensor / pipeline parallel, dynamic sampling over several ranks
+
+RECORDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recorded_rewards.py")
+
+
+def reward_calls(out) -> dict:
+    """{rank: [call, ...]} of the recording functions (``recorded_rewards.py``), in call order."""
+    folder = out / "reward_calls"
+    calls = {}
+    for name in sorted(os.listdir(folder)):
+        with open(folder / name) as f:
+            calls[int(name.split("-")[1].split(".")[0])] = [json.loads(line) for line in f]
+    return calls
+
+
+def scored_rows(out) -> list:
+    """Every (prompt, response, score) the recording function returned, on any rank, sorted."""
+    return sorted((p, r, s) for calls in reward_calls(out).values() for c in calls
+                  for p, r, s in zip(c["prompts"], c["responses"], c["scores"]))
+
+
+@pytest.fixture(scope="module")
+def arith_sft(arith):
+    """The arithmetic model after 100 SFT steps: its greedy answers are right for some prompts only,
+    so math_exact and format score the rows of a batch differently."""
+    from ppo.args import SFTArgs
+    from ppo.sft_trainer import SFTTrainer
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(arith["out"] / "sft-short")
+    argv = [os.path.join(root, "config", "tiny", "arithmetic_sft_argument.json"), "--model_name_or_path", arith["base"],
+            "--output_dir", out, "--max_steps", "100", "--num_train_epochs", "1", "--logging_steps", "100",
+            "--disable_tqdm", "true"]
+    SFTTrainer(parse_args(SFTArgs, argv)).train()
+    return out
+
+
+# REINFORCE++ (no groups: greedy responses would cancel in a group) on a reward model plus weighted
+# functions; test-response-chars (weight 0: logged, not rewarded) records who scored what
+FUNCTIONS = "math_exact:2,format:0.5,overlong:0.5,test-response-chars:0"
+FUNCTION_KEYS = ("reward_math_exact", "math_exact_accuracy", "reward_format", "reward_overlong",
+                 "reward_test-response-chars")
+
+
+def functions_ppo(arith, model, out, *extra, nproc=1):
+    return arith_ppo(model, out, "--adv_estimator", "reinforce_plus_plus", "--per_device_prompt_batch_size", "8",
+                     "--reward_model_name_or_path", arith["rm"], "--reward_model_weight", "0.5",
+                     "--reward_functions", FUNCTIONS, "--reward_format_pattern", "[0-3]",
+                     "--reward_overlong_buffer", "5", "--extra_modules", RECORDED,
+                     "--eval_datasets", "arithmetic-prompts/eval", "--eval_steps", "100",
+                     "--per_device_eval_batch_size", "32", *extra, nproc=nproc)
+
+
+@pytest.fixture(scope="module")
+def functions_single(arith, arith_sft, tmp_path_factory):
+    out = tmp_path_factory.mktemp("functions-single")
+    return out, functions_ppo(arith, arith_sft, out)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", [TP2, PP2], ids=["tp2", "pp2"])
+def test_reward_functions_under_tp_and_pp_match_one_process(arith, arith_sft, functions_single, tmp_path, layout):
+    """Reward model (weight 0.5) + math_exact, format and overlong (weighted) under TP2 and PP2: the
+    same losses, gradient norms, rewards and per-function metrics (train and eval), the same
+    per-row eval scores and merged weights as one process (tolerances of test_ppo_parallel).  One
+    rank scores each row and the scores are those of one process; a rank without the broadcast
+    scores would train on the reward model's alone."""
+    one_dir, one = functions_single
+    two_dir = tmp_path / "two"
+    two = functions_ppo(arith, arith_sft, two_dir, *layout, nproc=2)
+    # the case is not trivial: the functions tell the rows apart and the policy moves
+    assert 0 < one[0]["math_exact_accuracy"] < 1 and 0 < one[0]["reward_format"] < 1
+    assert one[0]["actor_grad_norm"] > 1e-2
+    keys = ("actor_loss", "reward", "kl", "return_mean", "entropy", *FUNCTION_KEYS)
+    assert_same_steps(one, two, steps=2, keys=keys, grad_norms=("actor_grad_norm",))
+    assert_same_eval(one_dir, two_dir, steps=(0, 2), rows=57, extra_keys=FUNCTION_KEYS)
+    assert_same_weights(one_dir / "policy", two_dir / "policy", atol=1e-4)
+    # each row scored once, on one rank, as one process scores it: training rows on the first rank
+    # only (a tensor-parallel pair shares them); under pipeline parallel each stage scores its half of
+    # the eval prompts (its own rollout copy)
+    assert scored_rows(two_dir) == scored_rows(one_dir)
+    calls = reward_calls(two_dir)
+    assert set(calls) == ({0} if layout is TP2 else {0, 1})
+    train_batches = [c for c in calls[0] if len(c["prompts"]) == 8]
+    assert len(train_batches) == 2 and all(len(c["prompts"]) != 8 for c in calls.get(1, []))
+
+
+# GRPO with groups of 2: test-even-gated-ramp scores the rows of a group 0 and a + 1 when the prompt's
+# first operand a is even, else 0 and 0, whatever the responses.  The seed is chosen so that two data
+# ranks need different numbers of refills: at step 1 rank 0's batch is full at once and rank 1's
+# after one refill; at step 2 rank 1's is full after one and rank 0's still short (the bound).
+DYNAMIC = ["--adv_estimator", "grpo", "--num_return_sequences", "2", "--per_device_prompt_batch_size", "4",
+           "--per_device_train_batch_size", "8", "--reward_functions", "test-even-gated-ramp",
+           "--extra_modules", RECORDED, "--dynamic_sampling", "true", "--dynamic_sampling_max_tries", "1",
+           "--seed", "21"]
+TARGET, MAX_TRIES = 4, 1
+
+
+def replay_dynamic_sampling(calls: dict, steps: int) -> list[dict]:
+    """The documented rule replayed on the recorded rollouts of every data rank ({rank: calls}):
+    per step each rank rolls out once, then all roll out again while a rank has fewer than TARGET
+    groups with two different scores, at most MAX_TRIES times; each trains on its first TARGET such
+    groups, completed with the first others.  Per step: the tries, the dropped and filler groups and
+    the mean reward (means over the ranks, as logged), and each rank's informative groups at first."""
+    position = {rank: 0 for rank in calls}
+    out = []
+    for _ in range(steps):
+        groups = {rank: [] for rank in calls}  # (informative, row scores) in rollout order
+
+        def roll(rank):
+            assert position[rank] < len(calls[rank]), f"rank {rank} rolled out less often than the rule says"
+            call = calls[rank][position[rank]]
+            position[rank] += 1
+            for g in range(0, len(call["prompts"]), 2):
+                assert call["prompts"][g] == call["prompts"][g + 1]  # a group: one prompt's 2 responses
+                pair = call["scores"][g:g + 2]
+                groups[rank].append((pair[0] != pair[1], pair))
+
+        for rank in calls:
+            roll(rank)
+        first = {rank: sum(i for i, _ in groups[rank]) for rank in calls}
+        tries = 0
+        while tries < MAX_TRIES and min(sum(i for i, _ in groups[r]) for r in calls) < TARGET:
+            tries += 1
+            for rank in calls:
+                roll(rank)
+        dropped, filler, reward = [], [], []
+        for rank in calls:
+            good = [s for i, s in groups[rank] if i][:TARGET]
+            rest = [s for i, s in groups[rank] if not i][:TARGET - len(good)]
+            dropped.append(sum(not i for i, _ in groups[rank]))
+            filler.append(len(rest))
+            reward.append(np.mean(good + rest))
+        out.append({"dynamic_sampling_tries": tries, "dynamic_sampling_dropped_groups": np.mean(dropped),
+                    "dynamic_sampling_filler_groups": np.mean(filler), "reward": np.mean(reward),
+                    "first": first})
+    assert position == {rank: len(c) for rank, c in calls.items()}  # every rollout accounted for
+    return out
+
+
+def assert_replayed(rows, calls):
+    expected = replay_dynamic_sampling(calls, len(rows))
+    for row, want in zip(rows, expected):
+        for key in ("dynamic_sampling_tries", "dynamic_sampling_dropped_groups", "dynamic_sampling_filler_groups",
+                    "reward", "reward_test-even-gated-ramp"):
+            assert row[key] == pytest.approx(want[key.replace("reward_test-even-gated-ramp", "reward")],
+                                             abs=1e-6), (key, row, want)
+    return expected
+
+
+@pytest.mark.distributed
+def test_dynamic_sampling_data_ranks_agree(arith, tmp_path):
+    """Two data ranks sample their own refills: they make the same number of rollouts per step
+    (the one who is full waits, rolling out too, without hanging in a collective), stop at the bound
+    together, and each trains on its own first informative groups; the logged counts are means over
+    the ranks, all replayed from the recorded rollouts."""
+    out = tmp_path / "dp2"
+    rows = arith_ppo(arith["base"], out, *DYNAMIC, nproc=2, do_sample=True)
+    calls = reward_calls(out)
+    assert set(calls) == {0, 1}
+    steps = assert_replayed(rows, calls)
+    # the case the seed was chosen for (else pick another seed): at step 1 rank 0 is full at once and
+    # rank 1 after its refill, at step 2 both refill once and rank 0 stays short (filler groups)
+    assert [{r: s["first"][r] for r in (0, 1)} for s in steps] == [{0: 4, 1: 1}, {0: 1, 1: 2}], steps
+    assert [s["dynamic_sampling_tries"] for s in steps] == [1, 1]
+    assert steps[0]["dynamic_sampling_filler_groups"] == 0 < steps[1]["dynamic_sampling_filler_groups"]
+    assert all(r["actor_grad_norm"] > 1e-2 for r in rows)  # sampled responses: the kept groups move the policy
+    assert os.path.isfile(out / "policy" / "model_state.pdparams")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_dynamic_sampling_tensor_parallel_matches_one_process(arith, tmp_path):
+    """Under TP2 the first rank scores and its pair follows: the same rollouts, refills and batch as
+    one process, so the same losses and weights.  Greedy responses (sampling differs between layouts)
+    make a group's two rows equal, so their advantages cancel: the entropy bonus moves the policy by
+    the rows of the batch it trains on."""
+    extra = [*DYNAMIC, "--entropy_coeff", "1.0"]
+    one = arith_ppo(arith["base"], tmp_path / "one", *extra)
+    two = arith_ppo(arith["base"], tmp_path / "tp2", *extra, *TP2, nproc=2)
+    calls_one, calls_two = reward_calls(tmp_path / "one"), reward_calls(tmp_path / "tp2")
+    assert calls_two == calls_one  # the first rank alone scores, the same rows as one process
+    steps = assert_replayed(one, calls_one)
+    assert [s["dynamic_sampling_tries"] for s in steps] == [0, 1]  # a full batch, then a refill
+    assert all(r["actor_grad_norm"] > 1e-2 for r in one)
+    keys = ("actor_loss", "reward", "kl", "entropy", "dynamic_sampling_tries", "dynamic_sampling_dropped_groups",
+            "dynamic_sampling_filler_groups", "reward_test-even-gated-ramp")
+    assert_same_steps(one, two, steps=2, keys=keys, grad_norms=("actor_grad_norm",))
+    assert_same_weights(tmp_path / "one" / "policy", tmp_path / "tp2" / "policy", atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
