@@ -72,8 +72,12 @@ def _pipeline_classes(family: ModelFamily):
             config.tensor_parallel_degree = max(hcg.get_model_parallel_world_size(), 1)
             config.tensor_parallel_rank = max(hcg.get_model_parallel_rank(), 0)
             self.add_sequential_layer(LayerDesc(parts.embedding, config=config), prefix)
+            # as paddlenlp's own pipelines build them: without layerwise_recompute no granularity
+            # of recompute / critic_recompute would ever recompute these layers
+            skipped = config.no_recompute_layers or []
             for i in range(config.num_hidden_layers):
-                self.add_sequential_layer(LayerDesc(parts.decoder_layer, config=config), f"{prefix}.layers.{i}")
+                self.add_sequential_layer(LayerDesc(parts.decoder_layer, config=config,
+                                                    layerwise_recompute=i not in skipped), f"{prefix}.layers.{i}")
             self.add_sequential_layer(LayerDesc(parts.norm, config=config), prefix)
             self.add_sequential_layer(LayerDesc(ScoreHeadPipe, config=config), "")
             PipelineLayer.__init__(
