@@ -226,10 +226,9 @@ def _validate_lora(args, switch: str) -> None:
     _positive(args, "lora_alpha")
     _require(any(t.strip() for t in args.lora_target_modules.split(",")),
              "'lora_target_modules' is empty: give comma-separated layer names, e.g. q_proj,v_proj")
-    if getattr(args, switch) and (getattr(args, "tensor_parallel_degree", 1) > 1
-                                  or getattr(args, "pipeline_parallel_degree", 1) > 1):
-        raise UserError(f"'{switch}' needs tensor_parallel_degree 1 and pipeline_parallel_degree 1 (checkpoints "
-                        "and pipeline stages do not handle split adapters); use data parallel or sharding with LoRA")
+    if getattr(args, switch) and getattr(args, "pipeline_parallel_degree", 1) > 1:
+        raise UserError(f"'{switch}' needs pipeline_parallel_degree 1 (the pipeline stages do not carry adapters); "
+                        "use tensor parallel, sharding or data parallel with LoRA")
 
 
 def _validate_shared(args) -> None:

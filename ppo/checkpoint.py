@@ -38,12 +38,12 @@ from ppo import parallel
 from ppo.errors import UserError
 from ppo.guard import check_weights_finite
 from ppo.models.hf import export_folder
-from ppo.models.lora import is_lora, merged_for_export, save_adapters
+from ppo.models.lora import adapter_state, is_lora, merged_for_export, save_adapters, split_adapters
 from ppo.files import load_paddle_state, read_json, read_pickle, reading
 from ppo.output_dir import (check_output_dir, clear_earlier_run, drop_metrics_after, release_output_dir,  # noqa: F401
                             take_lock)
 from ppo.parallel import inner_optimizer, unwrap
-from ppo.pipeline import merged_state_dict
+from ppo.pipeline import merged_state_dict, tensor_parallel_actions, tensor_parallel_state
 
 MANIFEST = "manifest.json"
 HF_SUBFOLDER = "hf"  # the transformers copy of every final model
@@ -306,6 +306,10 @@ def save_model(model, folder: str, tokenizer=None) -> None:
     inner = unwrap(model)
     if ctx.pp_degree > 1:
         _save_pipeline(inner, folder)
+    elif ctx.tp_degree > 1 and is_lora(inner):
+        # paddlenlp's merge knows the model's split weights, not the split adapters
+        if ctx.data_rank == 0:
+            _write_whole(inner, tensor_parallel_state(inner), folder)
     elif ctx.tp_degree > 1:
         if ctx.data_rank == 0:
             inner.save_pretrained(folder, merge_tensor_parallel=True, is_main_process=ctx.is_main)
@@ -317,13 +321,19 @@ def save_model(model, folder: str, tokenizer=None) -> None:
 
 def _save_pipeline(pipe, folder: str) -> None:
     """Gather a pipeline (and tensor) parallel model into one checkpoint of its non-pipeline class."""
-    state = merged_state_dict(pipe)
+    _write_whole(pipe, merged_state_dict(pipe), folder, architecture=pipe.single_class_name)
+
+
+def _write_whole(model, state: dict | None, folder: str, architecture: str | None = None) -> None:
+    """The main rank writes the whole-model ``state`` ({name: numpy}) with ``model``'s config set to
+    one rank (and to ``architecture``, when given): what ``from_pretrained`` loads."""
     if not parallel.context().is_main:
         return
     os.makedirs(folder, exist_ok=True)
-    config = copy.deepcopy(pipe.config)
+    config = copy.deepcopy(model.config)
     config.tensor_parallel_degree, config.tensor_parallel_rank = 1, 0
-    config.architectures = [pipe.single_class_name]
+    if architecture is not None:
+        config.architectures = [architecture]
     config.save_pretrained(folder)
     paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, os.path.join(folder, "model_state.pdparams"))
 
@@ -333,6 +343,11 @@ def load_full_weights(model, path: str) -> None:
     inner = unwrap(model)
     if parallel.context().tp_degree > 1:
         state = inner.convert_tensor_parallel(path, inner.config)
+        # paddlenlp splits the model's weights; split LoRA adapters are cut here by their weight's rule
+        actions = tensor_parallel_actions(inner, is_split=True)
+        for name, _ in split_adapters(inner):
+            if name in state:
+                state[name] = paddle.to_tensor(actions[name](state[name].numpy()))
     else:
         state = load_paddle_state(path)
     inner.set_state_dict(state)
@@ -437,8 +452,13 @@ def save_final_model(model, tokenizer, target: str, extra: dict) -> None:
     check_weights_finite({"": model}, "the final model")
     with merged_for_export(inner):
         save_pretrained_atomic(model, tokenizer, target, extra=extra)
-    if is_lora(inner) and parallel.context().is_main:
-        save_adapters(inner, os.path.join(target, "lora"))
+    if is_lora(inner):
+        # whole adapters: gathered over tensor parallel (every rank takes part), written by the main rank
+        adapters = adapter_state(inner)
+        if parallel.context().tp_degree > 1:
+            adapters = tensor_parallel_state(inner, names=set(adapters))
+        if parallel.context().is_main:
+            save_adapters(inner, os.path.join(target, "lora"), adapters)
 
 
 def export_hf(folder: str) -> None:

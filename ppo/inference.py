@@ -169,7 +169,8 @@ class InferenceModel(RolloutDecoder):
     def _row_parallel(self, x, projection: Projection):
         """A row-parallel projection (attention output, MLP down): the partial products summed over
         tensor parallel, then the bias (held whole by every rank: added once, after the sum)."""
-        y = self._reduce(_matmul(x, projection))  # (LoRA runs unsplit: tensor parallel refuses it)
+        # LoRA: this rank's rows of A, B whole, so the sum of x_k W_k + s x_k A_k B is x W + s x A B
+        y = self._reduce(_matmul(x, projection))
         return y if projection.bias is None else y + projection.bias
 
     def _qkv(self, h, weights: LayerWeights):

@@ -24,6 +24,7 @@ import paddle.nn as nn
 from ppo import parallel
 from ppo.errors import UserError
 from ppo.models.families import ModelFamily, family_of, family_of_model
+from ppo.models.lora import split_adapters
 from ppo.models.score_model import position_ids_from_mask
 
 
@@ -71,8 +72,12 @@ def _pipeline_classes(family: ModelFamily):
             config.tensor_parallel_degree = max(hcg.get_model_parallel_world_size(), 1)
             config.tensor_parallel_rank = max(hcg.get_model_parallel_rank(), 0)
             self.add_sequential_layer(LayerDesc(parts.embedding, config=config), prefix)
+            # as paddlenlp's own pipelines build them: without layerwise_recompute no granularity
+            # of recompute / critic_recompute would ever recompute these layers
+            skipped = config.no_recompute_layers or []
             for i in range(config.num_hidden_layers):
-                self.add_sequential_layer(LayerDesc(parts.decoder_layer, config=config), f"{prefix}.layers.{i}")
+                self.add_sequential_layer(LayerDesc(parts.decoder_layer, config=config,
+                                                    layerwise_recompute=i not in skipped), f"{prefix}.layers.{i}")
             self.add_sequential_layer(LayerDesc(parts.norm, config=config), prefix)
             self.add_sequential_layer(LayerDesc(ScoreHeadPipe, config=config), "")
             PipelineLayer.__init__(
@@ -158,9 +163,22 @@ def _stage_keys(pipe) -> list[list[str]]:
 
 def _tp_merge_actions(pipe) -> dict:
     """{name: merge function of the tensor-parallel shards} (paddlenlp's own split rules)."""
+    return tensor_parallel_actions(pipe, is_split=False)
+
+
+def tensor_parallel_actions(model, is_split: bool) -> dict:
+    """{name: split (``is_split``) or merge function} of the tensor-parallel parameters of ``model``:
+    paddlenlp's rules for the model's weights, and for LoRA adapters the rule of their layer's
+    weight (a fused projection's B splits like the fused weight's columns); {} without tensor parallel."""
     if parallel.context().tp_degree <= 1:
         return {}
-    return type(pipe)._get_tensor_parallel_mappings(pipe.config, is_split=False)
+    actions = dict(type(model)._get_tensor_parallel_mappings(model.config, is_split=is_split))
+    for adapter, weight in split_adapters(model):
+        action = _action_for(weight, actions)
+        if action is None:
+            raise RuntimeError(f"tensor parallel: no split rule for {weight}, whose adapter {adapter} is split")
+        actions[adapter] = action
+    return actions
 
 
 def _action_for(name: str, actions: dict):
@@ -234,6 +252,15 @@ def _copy_into(target, named_values) -> None:
         missing.discard(name)
     if missing:
         raise RuntimeError(f"weight export: rollout-model parameters not in the training model: {sorted(missing)}")
+
+
+def tensor_parallel_state(model, names=None) -> dict:
+    """{name: numpy} of the whole (merged over tensor parallel) parameters of the non-pipeline
+    ``model`` (those in ``names``, default all); every rank of the tensor-parallel group calls it
+    and receives the same arrays."""
+    actions = _tp_merge_actions(model)
+    return {name: _merged_over_tp(name, value, actions).numpy() for name, value in model.state_dict().items()
+            if names is None or name in names}
 
 
 def merged_state_dict(pipe) -> dict | None:

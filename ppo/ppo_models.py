@@ -3,7 +3,8 @@ which roll out, and whether the rollout weights are current.
 
     actor      trains (a pipeline stage under pipeline parallel); its policy makes the rollout
     reference  frozen copy of the initial actor (KL anchor); with ``lora`` the actor itself with its
-               adapters switched off (``ppo.models.lora.AdaptersOff``)
+               adapters switched off (``ppo.models.lora.AdaptersOff``), unless rollout runs on
+               separate copies (then a frozen copy again: the reference scores the copies' rows)
     reward     frozen score model (end scores); None without reward_model_name_or_path (the reward
                functions score alone)
     critic     trains (value head); only with the ``gae`` estimator
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from ppo import parallel, pipeline
 from ppo.errors import UserError
 from ppo.fused_inference import rollout_decoder
-from ppo.models.lora import AdaptersOff, apply_lora
+from ppo.models.lora import AdaptersOff, apply_lora, merged_for_export
 from ppo.models.recompute import enable_recompute
 from ppo.decoding import WeightCopyDecoder
 from ppo.models import (
@@ -119,11 +120,13 @@ def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOMode
 
     actor = trainable(policy(tp), args.actor_model_name_or_path, "actor_model_name_or_path")
     if args.lora:
-        apply_lora(actor, args.lora_rank, args.lora_alpha, args.lora_target_modules)
+        apply_lora(actor, args.lora_rank, args.lora_alpha, args.lora_target_modules, seed=args.seed)
     if args.recompute:
         enable_recompute(actor, args.recompute_granularity)
-    # a LoRA actor's reference is its own base weights with the adapters off: no second copy
-    reference = AdaptersOff(actor) if args.lora else freeze(policy(rollout_tp))
+    # a LoRA actor's reference is its own base weights with the adapters off: no second copy; but
+    # when rollout runs on whole copies (eval_mode single) the reference must be whole as well
+    shared_reference = args.lora and not layout.separate_rollout
+    reference = AdaptersOff(actor) if shared_reference else freeze(policy(rollout_tp))
     reward = freeze(load_score_model(args.reward_model_name_or_path, score_type="reward",
                                      what="reward_model_name_or_path", trained_head=True, **rollout_tp)) if with_reward else None
     if args.normalize_reward and reward is not None and reward.normalizer.kind == "none":
@@ -132,7 +135,7 @@ def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOMode
     trained_critic = trainable(critic(tp), critic_path, "reward_critic_model_name_or_path") if uses_critic else None
     if trained_critic is not None and args.critic_lora:  # adapters + the whole value head train
         apply_lora(trained_critic, args.lora_rank, args.lora_alpha, args.lora_target_modules,
-                   trainable=(r"score_head\..*",))
+                   trainable=(r"score_head\..*",), seed=args.seed + 1)
     if trained_critic is not None and args.critic_recompute:
         enable_recompute(trained_critic, args.critic_recompute_granularity)
     rollout_actor, rollout_critic = actor, trained_critic
@@ -173,10 +176,12 @@ class RolloutWeights:
         m, layout = self.models, self.models.layout
         pairs = [(m.actor, m.rollout.actor)] + ([(m.critic, m.rollout.critic)] if m.critic is not None else [])
         for trained, target in pairs:
-            if layout.pipeline:
-                pipeline.export_weights(trained, target, layout.merge_for_rollout)
-            else:
-                pipeline.export_tensor_parallel(trained, target)
+            # a LoRA model exports W + scaling A@B (the copies are plain models), restored after
+            with merged_for_export(parallel.unwrap(trained)):
+                if layout.pipeline:
+                    pipeline.export_weights(trained, target, layout.merge_for_rollout)
+                else:
+                    pipeline.export_tensor_parallel(trained, target)
         self.copies_stale = False
         self._decoder_reloads()
 

@@ -40,7 +40,7 @@ class SFTTrainer(SingleModelTrainer):
         # tensor parallel: gathered (full-vocabulary) logits feed the plain cross entropy
         model = load_causal_lm(args.model_name_or_path, **parallel.tp_kwargs(), tensor_parallel_output=False)
         if args.lora:
-            apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_target_modules)
+            apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_target_modules, seed=args.seed)
         if args.recompute:
             enable_recompute(model, args.recompute_granularity)
         self.setup(args, model, tokenizer, train_data, eval_data)

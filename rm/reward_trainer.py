@@ -40,7 +40,8 @@ class RewardTrainer(SingleModelTrainer):
                                  **parallel.tp_kwargs())
         model.normalizer = Normalizer(args.normalizer_type, args.normalizer_momentum)
         if args.lora:  # the new score head trains whole besides the adapters
-            apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_target_modules, trainable=(r"score_head\..*",))
+            apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_target_modules, trainable=(r"score_head\..*",),
+                       seed=args.seed)
         if args.recompute:
             enable_recompute(model, args.recompute_granularity)
         self.setup(args, model, tokenizer, train_data, eval_data)

@@ -286,9 +286,10 @@ def test_lora_arguments_are_checked():
         SFTArgs(model_name_or_path="x", lora=True, lora_alpha=0).validate()
     with pytest.raises(UserError, match="lora_target_modules"):
         SFTArgs(model_name_or_path="x", lora=True, lora_target_modules=" , ").validate()
-    with pytest.raises(UserError, match="'lora' needs tensor_parallel_degree 1"):
-        SFTArgs(model_name_or_path="x", lora=True, tensor_parallel_degree=2).validate()
-    with pytest.raises(UserError, match="'critic_lora' needs"):
+    SFTArgs(model_name_or_path="x", train_datasets="tiny-sft", lora=True, tensor_parallel_degree=2).validate()  # accepted
+    with pytest.raises(UserError, match="'lora' needs pipeline_parallel_degree 1"):
+        PPOArgs(train_datasets="tiny-prompts/train", lora=True, pipeline_parallel_degree=2).validate()
+    with pytest.raises(UserError, match="'critic_lora' needs pipeline_parallel_degree 1"):
         PPOArgs(train_datasets="tiny-prompts/train", critic_lora=True, pipeline_parallel_degree=2).validate()
 
 

@@ -4,7 +4,8 @@ Layouts: data parallel, sharding stage 1 and 2, tensor parallel (rolling out on 
 a merged single copy), pipeline parallel, tensor x pipeline parallel (rolling out on
 tensor-parallel or single copies), data x pipeline parallel and pipeline x sharding stage 1 (4
 ranks; rollout on copies exported from the pipeline, the batch split over the pipeline's ranks);
-also the ptx loss under pipeline parallel.
+also the ptx loss under pipeline parallel, and recompute under tensor and pipeline parallel
+(bitwise equal to the same layout without it).
 
 Every run starts from the same tiny actor (also the reward model and critic, with the score head's
 fixed-seed initialisation), sees the same global prompt batch of 8 and decodes greedily, so the
@@ -134,15 +135,30 @@ def assert_same_steps(one, two, extra_keys=(), steps=STEPS, keys=STEP_KEYS, grad
             assert abs(a[key] - b[key]) < 2e-3 * max(1e-3, abs(a[key])), (key, a[key], b[key])
 
 
+@pytest.fixture(scope="module")
+def layout_run(tiny_dir, tmp_path_factory):
+    """``layout_run(name)`` -> (output folder, train metrics) of that layout's run, launched once per
+    module: the recompute test compares against the same runs as the layout test."""
+    done = {}
+
+    def get(layout):
+        if layout not in done:
+            extra, batch, nproc = LAYOUTS[layout]
+            out = tmp_path_factory.mktemp(layout)
+            done[layout] = (out, ppo(tiny_dir, out, batch, *extra, nproc=nproc))
+        return done[layout]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_ppo_layouts_match_one_process(tiny_dir, tmp_path, single, layout):
-    extra, batch, nproc = LAYOUTS[layout]
+def test_ppo_layouts_match_one_process(tiny_dir, single, layout_run, layout):
     one_dir, one = single
-    two = ppo(tiny_dir, tmp_path / layout, batch, *extra, nproc=nproc)
+    two_dir, two = layout_run(layout)
     assert_same_steps(one, two)
-    assert_same_eval(one_dir, tmp_path / layout)
+    assert_same_eval(one_dir, two_dir)
     # training moved the policy: the final weights differ from the start by far more than the tolerance
     import paddle
 
@@ -152,7 +168,37 @@ def test_ppo_layouts_match_one_process(tiny_dir, tmp_path, single, layout):
     assert moved > 1e-3
     # merged checkpoints, loadable in one process, equal to the single-process ones
     for sub in ("policy", "value"):
-        assert_same_weights(one_dir / sub, tmp_path / layout / sub, atol=1e-4)
+        assert_same_weights(one_dir / sub, two_dir / sub, atol=1e-4)
+
+
+def without_times(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", ["tensor-parallel", "pipeline-parallel"])
+def test_recompute_under_tensor_and_pipeline_parallel_is_bitwise(tiny_dir, tmp_path, layout_run, monkeypatch, layout):
+    """``recompute`` (actor, whole decoder layers) and ``critic_recompute`` (critic, attention core)
+    change nothing: the recomputed forward runs the same kernels on the same inputs, so every
+    metric and the final weights are bitwise those of the same layout without recompute.  A probe
+    (``tests/recompute_probe.py``) proves that every rank did recompute, with both granularities."""
+    from test_entrypoints import ROOT
+
+    plain_dir, _ = layout_run(layout)
+    extra, batch, nproc = LAYOUTS[layout]
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    monkeypatch.setenv("RECOMPUTE_PROBE_DIR", str(probe))
+    out = tmp_path / "recompute"
+    ppo(tiny_dir, out, batch, *extra, "--recompute", "true", "--critic_recompute", "true",
+        "--critic_recompute_granularity", "core_attn",
+        "--extra_modules", os.path.join(ROOT, "tests", "recompute_probe.py"), nproc=nproc)
+    assert sorted(os.listdir(probe)) == [f"rank{r}-{block}" for r in range(nproc) for block in ("core_attn", "full")]
+    for split in ("train", "eval"):
+        assert without_times(train_metrics(out, split)) == without_times(train_metrics(plain_dir, split))
+    for sub in ("policy", "value"):
+        assert_same_weights(plain_dir / sub, out / sub, atol=0)
 
 
 def free_port() -> int:

@@ -6,6 +6,12 @@ trainable, e.g. a score head).  The model object, its parameter names (``llama.l
 .q_proj.weight`` plus ``...q_proj.lora_A`` / ``lora_B``) and its family layout stay the ones the
 rest of the toolkit knows.  A ``LoRALinear`` computes ``x @ W (+ b) + x @ A @ B * scaling``.
 
+Under tensor parallel the split layers get paddlenlp's ``ColumnParallelLoRALinear`` (W and B split
+over the output columns, A whole) and ``RowParallelLoRALinear`` (W and A split over the input rows,
+B whole).  :func:`split_adapters` names the split matrices; ``ppo.pipeline`` gathers and splits
+them with the rule of their layer's weight.  A starts layout-independent (:func:`apply_lora`), so
+a tensor-parallel run starts from the single-process adapters.
+
 * :class:`AdaptersOff`: the same model with every adapter switched off, for PPO's reference (no
   second copy of the weights).  The family layout reads its ``adapters_off`` flag.
 * :func:`merged_for_export`: while it is open, the model's state is the merged ``W + scaling A@B``
@@ -17,9 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 
+import numpy as np
 import paddle
 
 from ppo.errors import UserError
@@ -28,10 +36,18 @@ ADAPTER_FILE = "lora_model_state.pdparams"
 CONFIG_FILE = "lora_config.json"
 
 
-def _lora_layer_class():
-    from paddlenlp.peft.lora.lora_layers import LoRALinear
+def _lora_layer_classes() -> tuple[type, type, type]:
+    """(whole, column-parallel, row-parallel) LoRA layer classes of paddlenlp."""
+    from paddlenlp.peft.lora.lora_layers import ColumnParallelLoRALinear, LoRALinear, RowParallelLoRALinear
 
-    return LoRALinear
+    return LoRALinear, ColumnParallelLoRALinear, RowParallelLoRALinear
+
+
+def _adaptable_classes() -> tuple[type, ...]:
+    """The linear layers paddlenlp's LoRAModel replaces: ``nn.Linear`` and fleet's column- and
+    row-parallel linears (the classes its parallel LoRA layers extend; fleet stays out of here)."""
+    _, column_parallel, row_parallel = _lora_layer_classes()
+    return paddle.nn.Linear, column_parallel.__bases__[0], row_parallel.__bases__[0]
 
 
 def target_patterns(targets: str) -> list[str]:
@@ -46,8 +62,8 @@ def target_patterns(targets: str) -> list[str]:
 
 def lora_layers(model) -> list:
     """The ``LoRALinear`` layers of ``model`` (in sublayer order)."""
-    cls = _lora_layer_class()
-    return [layer for layer in model.sublayers() if isinstance(layer, cls)]
+    classes = _lora_layer_classes()
+    return [layer for layer in model.sublayers() if isinstance(layer, classes)]
 
 
 def is_lora(model) -> bool:
@@ -55,29 +71,63 @@ def is_lora(model) -> bool:
 
 
 def apply_lora(model, rank: int, alpha: float, targets: str, trainable: tuple[str, ...] = (),
-               what: str = "lora_target_modules"):
+               what: str = "lora_target_modules", seed: int = 0):
     """Put rank-``rank`` adapters on the linear layers ``targets`` names; only they (and parameters
     whose names fully match a ``trainable`` regex) train.  Returns ``model`` (changed in place).
 
-    A is [in, rank] (Kaiming-uniform), B is [rank, out] (zeros): the adapted model starts equal to
-    the base model.  Seeded by paddle's global seed, like any layer built here.
+    A is [in, rank], B is [rank, out] (zeros): the adapted model starts equal to the base model.
+    A is drawn whole from ``seed`` (numpy, U(-1/sqrt(in), 1/sqrt(in)): paddlenlp's Kaiming-uniform
+    bound for the whole layer), layer by layer in model order, then cut to this rank's rows under
+    tensor parallel: every layout starts from the same adapters.
     """
     from paddlenlp.peft import LoRAConfig, LoRAModel
 
     patterns = target_patterns(targets)
     names = [name for name, layer in model.named_sublayers()
-             if isinstance(layer, paddle.nn.Linear) and any(re.fullmatch(p, name) for p in patterns)]
+             if isinstance(layer, _adaptable_classes()) and any(re.fullmatch(p, name) for p in patterns)]
     if not names:
         raise UserError(f"'{what}' = '{targets}' matches no linear layer of {type(model).__name__} "
                         "(names are the last part of a layer's path, e.g. q_proj, or regular expressions)")
+    degree = int(getattr(model.config, "tensor_parallel_degree", 1) or 1)
     config = LoRAConfig(r=int(rank), lora_alpha=alpha, target_modules=patterns, lora_dropout=0.0,
-                        trainable_modules=list(trainable) or None, tensor_parallel_degree=1)
+                        trainable_modules=list(trainable) or None, tensor_parallel_degree=max(degree, 1))
     # LoRAModel replaces the matched layers inside ``model`` and marks only the adapters trainable;
     # the wrapper itself is not kept: the toolkit goes on with the model it knows
     LoRAModel(model, config)
+    _initialise_a(model, seed)
     model._ppo_lora = {"lora_rank": int(rank), "lora_alpha": float(alpha), "lora_target_modules": targets,
                        "target_modules": patterns, "trainable_modules": list(trainable)}
     return model
+
+
+def _initialise_a(model, seed: int) -> None:
+    """Every A [in, r] from one numpy stream, whole, then this rank's row block when A is split
+    (row-parallel layers); paddlenlp's own draw depends on the layout (a row-parallel A uses the
+    model-parallel random state and the shard's fan-in)."""
+    _, _, row_parallel = _lora_layer_classes()
+    rng = np.random.default_rng(seed)
+    with paddle.no_grad():
+        for layer in lora_layers(model):
+            rows, r = layer.lora_A.shape
+            parts = layer.world_size if isinstance(layer, row_parallel) else 1
+            bound = 1.0 / math.sqrt(rows * parts)
+            whole = rng.uniform(-bound, bound, size=(rows * parts, r)).astype("float32")
+            rank = layer.rank if parts > 1 else 0
+            layer.lora_A.set_value(paddle.to_tensor(whole[rank * rows:(rank + 1) * rows]).astype(layer.lora_A.dtype))
+
+
+def split_adapters(model) -> list[tuple[str, str]]:
+    """(adapter parameter name, the name of the weight it is split like) for every adapter matrix
+    that tensor parallel splits: B of a column-parallel layer (its output columns, as W's), A of a
+    row-parallel layer (its input rows, as W's).  Empty without tensor parallel."""
+    _, column_parallel, row_parallel = _lora_layer_classes()
+    out = []
+    for name, layer in model.named_sublayers():
+        if isinstance(layer, column_parallel) and layer.is_mp:
+            out.append((f"{name}.lora_B", f"{name}.weight"))
+        elif isinstance(layer, row_parallel) and layer.is_mp:
+            out.append((f"{name}.lora_A", f"{name}.weight"))
+    return out
 
 
 @contextlib.contextmanager
@@ -162,11 +212,13 @@ def adapter_state(model) -> dict:
     return {name: p.numpy() for name, p in model.named_parameters() if ".lora_" in name}
 
 
-def save_adapters(model, folder: str) -> None:
-    """The adapters and their settings into ``folder`` (written to a temporary name, then renamed)."""
+def save_adapters(model, folder: str, state: dict | None = None) -> None:
+    """The adapters (``state``, default :func:`adapter_state`) and their settings into ``folder``
+    (written to a temporary name, then renamed)."""
     tmp = folder.rstrip("/") + ".tmp"
     os.makedirs(tmp, exist_ok=True)
-    paddle.save({k: paddle.to_tensor(v) for k, v in adapter_state(model).items()}, os.path.join(tmp, ADAPTER_FILE))
+    state = adapter_state(model) if state is None else state
+    paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, os.path.join(tmp, ADAPTER_FILE))
     with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(model._ppo_lora, f, indent=1)
     if os.path.isdir(folder):
