@@ -262,6 +262,21 @@ def test_concurrent_processes_convert_once(tmp_path):
     assert sorted(os.listdir(root)) == sorted([os.path.basename(target), os.path.basename(target) + ".lock"])
 
 
+def test_a_conversion_finishing_second_keeps_the_first(tmp_path):
+    """Where the file lock does not hold (a filesystem without coherent locks), two processes may
+    both convert: the one finishing second finds the folder complete, drops its own copy and goes on."""
+    src = str(tmp_path / "hf")
+    tensors, cfg = hf_tensors("qwen2", True), hf_config("qwen2", True)
+    write_hf_folder(src, tensors, cfg)
+    target = hf.resolve(src)
+    stamp = os.stat(os.path.join(target, "model_state.pdparams")).st_mtime_ns
+    hf._convert(src, target, "model_name_or_path")  # the late converter
+    assert os.stat(os.path.join(target, "model_state.pdparams")).st_mtime_ns == stamp
+    assert sorted(os.listdir(os.path.dirname(target))) == [os.path.basename(target), os.path.basename(target) + ".lock"]
+    _, want = reference_forward(tensors, cfg, IDS)
+    np.testing.assert_allclose(paddle_logits(load_causal_lm(src), IDS), want, rtol=1e-5, atol=1e-5)
+
+
 def test_theta_matters_for_the_reference():
     """Guard: the v5 rope_theta mapping is visible in the logits (10000 differs from 50000)."""
     tensors, cfg = hf_tensors("llama", False), hf_config("llama", False)
