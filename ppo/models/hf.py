@@ -161,6 +161,10 @@ def map_config(config: dict, what: str, path: str) -> dict:
     if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) not in _ROPE_TYPES:
         raise UserError(f"'{what}' = '{path}': rope_scaling type "
                         f"{scaling.get('rope_type', scaling.get('type'))!r} is not supported; supported: none, default")
+    head_dim, heads = out.get("head_dim"), int(out.get("num_attention_heads") or 1)
+    if head_dim is not None and int(head_dim) * heads != int(out.get("hidden_size", 0)):
+        raise UserError(f"'{what}' = '{path}': head_dim {head_dim} is not hidden_size / num_attention_heads "
+                        f"({out.get('hidden_size')} / {heads}); paddlenlp's models support only that head size")
     for key in ("torch_dtype", "transformers_version", "auto_map"):
         out.pop(key, None)
     out["dtype"] = str(config.get("dtype") or config.get("torch_dtype") or "float32")
