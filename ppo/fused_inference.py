@@ -47,6 +47,7 @@ import logging
 
 import numpy as np
 import paddle
+from paddlenlp.transformers.conversion_utils import split_param_func
 
 from ppo import parallel
 from ppo.decoding import RolloutDecoder, WeightCopyDecoder
@@ -136,9 +137,11 @@ def fused_model_state(model, dtype: str = "float32") -> dict:
     """``model``'s state dict as numpy in ``dtype`` (its loader casts some weights, not the LM
     head), in a layout PaddleNLP's ``set_state_dict`` loads.
 
-    It loads unfused or fully fused layers, but not a fused QKV next to separate gate and up
-    projections: those are concatenated into the fused ``gate_up_fused_proj`` ([gate | up] on the
-    output axis, per tensor-parallel shard, PaddleNLP's fused layout).
+    PaddleNLP's fused LLaMA loads unfused or fully fused layers, but not a fused QKV next to
+    separate gate and up projections: those are concatenated into the fused ``gate_up_fused_proj``
+    ([gate | up] on the output axis, per tensor-parallel shard, PaddleNLP's fused layout).  Its
+    fused Qwen2 reads the q/k/v biases by their separate names only: a fused ``qkv_proj.bias``
+    (per kv head: its query heads, its key, its value) is split into them, as the weight is.
     """
     state = {name: value.astype(dtype).numpy() for name, value in model.state_dict().items()}
     for name in [n for n in state if n.endswith(".self_attn.qkv_proj.weight")]:
@@ -146,6 +149,12 @@ def fused_model_state(model, dtype: str = "float32") -> dict:
         if prefix + "gate_proj.weight" in state:
             gate, up = state.pop(prefix + "gate_proj.weight"), state.pop(prefix + "up_proj.weight")
             state[prefix + "gate_up_fused_proj.weight"] = np.concatenate([gate, up], axis=-1)
+    mp = max(1, int(getattr(model.config, "tensor_parallel_degree", 1) or 1))
+    for name in [n for n in state if n.endswith(".self_attn.qkv_proj.bias")]:
+        prefix = name[:-len("qkv_proj.bias")]
+        q, k, v = split_param_func()(state.pop(name), is_qkv=True, num_heads=model.config.num_attention_heads // mp,
+                                     num_key_value_heads=model.config.num_key_value_heads // mp)
+        state.update({prefix + "q_proj.bias": q, prefix + "k_proj.bias": k, prefix + "v_proj.bias": v})
     return state
 
 

@@ -84,8 +84,9 @@ def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOMode
     actor_config = check_model_path(args.actor_model_name_or_path, "actor_model_name_or_path")
     check_max_length(actor_config, args.max_length, args.actor_model_name_or_path)
     with_reward = bool(args.reward_model_name_or_path)
-    if with_reward:
-        check_model_path(args.reward_model_name_or_path, "reward_model_name_or_path")
+    if with_reward:  # it scores whole sequences too: the same position and window limits
+        check_max_length(check_model_path(args.reward_model_name_or_path, "reward_model_name_or_path"),
+                         args.max_length, args.reward_model_name_or_path)
     critic_path = args.reward_critic_model_name_or_path or args.reward_model_name_or_path
     if uses_critic and not critic_path:
         raise UserError("adv_estimator 'gae' without a reward model needs reward_critic_model_name_or_path (the "
@@ -94,6 +95,8 @@ def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOMode
     reward_tokenizer = load_tokenizer(args.reward_model_name_or_path, "reward_model_name_or_path") if with_reward \
         else None
     if uses_critic:
+        check_max_length(check_model_path(critic_path, "reward_critic_model_name_or_path"), args.max_length,
+                         critic_path)
         critic_tokenizer = load_tokenizer(critic_path, "reward_critic_model_name_or_path")
         if not same_vocabulary(tokenizer, critic_tokenizer):
             raise UserError(f"the critic ('{critic_path}') must share the actor's vocabulary "

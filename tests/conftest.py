@@ -29,3 +29,28 @@ def tiny_tokenizer(tiny_dir):
     from paddlenlp.transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def qwen2_tied_dir(tiny_dir, tmp_path_factory):
+    """A tiny Qwen2 with tied embeddings, grouped kv heads and random q/k/v biases (``<dir>/base``)
+    on the tiny tokenizer, and its score model (``<dir>/score``: the base with a fixed-seed head)."""
+    import numpy as np
+    import paddle
+    from paddlenlp.transformers import AutoTokenizer
+
+    from ppo.models import load_score_model
+    from ppo.tiny.build import build_causal_lm
+
+    out = tmp_path_factory.mktemp("qwen2-tied")
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer"))
+    model = build_causal_lm(str(out / "base"), tokenizer, family="qwen2", seed=0, num_key_value_heads=2,
+                            tie_word_embeddings=True)
+    rng = np.random.default_rng(7)  # paddlenlp starts the biases at zero: make them matter from step 0
+    for name, p in model.named_parameters():
+        if name.endswith("_proj.bias"):
+            p.set_value(paddle.to_tensor(rng.normal(0, 0.3, p.shape).astype("float32")))
+    model.save_pretrained(str(out / "base"))
+    load_score_model(str(out / "base")).save_pretrained(str(out / "score"))
+    tokenizer.save_pretrained(str(out / "score"))
+    return out

@@ -9,18 +9,22 @@ cover: the adapter's packing, positions, cache shapes, sequence lengths and weig
 decoder selection and its single warning.  What they cannot cover: the fused kernels themselves.
 """
 
+import copy
 import logging
 
 import numpy as np
 import paddle
 import pytest
-from paddlenlp.transformers import LlamaForCausalLM
+from paddlenlp.transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from paddlenlp.transformers.conversion_utils import split_param_func
 
 from ppo import fused_inference, parallel
 from ppo.fused_inference import FusedInferenceModel, fused_model_state, right_packed, rollout_decoder
 from ppo.inference import InferenceModel
 from ppo.rollout import GenerationConfig, generate, generate_in_buckets
 from tests.test_inference import assert_same_greedy, make_model, prompts
+from tests.test_qwen2 import DIMS as QWEN2_DIMS
+from tests.test_qwen2 import randomize_biases
 
 
 class ContractLlama:
@@ -35,11 +39,15 @@ class ContractLlama:
         from paddlenlp.transformers.model_utils import dtype_guard
 
         with dtype_guard(dtype):  # as PaddleNLP's model is built
-            self.copy = LlamaForCausalLM(config)
+            self.copy = self.build_copy(config)
         self.copy.eval()
         self.loads = 0
         self.history = None
         self.cache_lengths = []  # the slots per row of every prefill's KV cache
+
+    @staticmethod
+    def build_copy(config):
+        return LlamaForCausalLM(config)
 
     def eval(self):
         pass
@@ -106,6 +114,55 @@ class ContractLlama:
                 assert pos[b] == cached[b] == len(tokens) < cache_kvs[0].shape[3]
                 tokens.append(int(input_ids[b, 0]))
         return self._last_logits()
+
+
+class ContractQwen2(ContractLlama):
+    """Follows Qwen2ForCausalLMInferenceModel's contract: the same inputs as the LLaMA one (its
+    ``prepare_inputs_for_generation`` and cache shapes are the same code), and its weights read as
+    that model's ``set_state_dict`` reads them: per layer the q/k/v biases by their separate names
+    only, the attention weights fused (``qkv_proj``, split per kv head) or separate, the MLP fused
+    (``gate_up_fused_proj``, two halves) or separate; the LM head only when given (tied: it is the
+    embedding).  Logits from an unfused Qwen2 copy loaded with what it read."""
+
+    @staticmethod
+    def build_copy(config):
+        plain = copy.deepcopy(config)
+        plain.fuse_attention_qkv = plain.fuse_attention_ffn = False
+        return Qwen2ForCausalLM(plain)
+
+    def set_state_dict(self, state):
+        assert all(isinstance(v, np.ndarray) for v in state.values())
+        self.default_dtype_at_load = paddle.get_default_dtype()
+        split, config = split_param_func(), self.config
+        mp = max(1, config.tensor_parallel_degree)
+        read = {k: state[k] for k in ("qwen2.embed_tokens.weight", "qwen2.norm.weight")}
+        for i in range(config.num_hidden_layers):
+            at = f"qwen2.layers.{i}."
+            if at + "self_attn.qkv_proj.weight" in state:
+                qkv = split(state[at + "self_attn.qkv_proj.weight"], is_qkv=True,
+                            num_heads=config.num_attention_heads // mp,
+                            num_key_value_heads=config.num_key_value_heads // mp)
+            else:
+                qkv = [state[at + f"self_attn.{x}_proj.weight"] for x in "qkv"]
+            if at + "mlp.gate_up_fused_proj.weight" in state:
+                gate_up = split(state[at + "mlp.gate_up_fused_proj.weight"])
+            else:
+                gate_up = [state[at + f"mlp.{x}_proj.weight"] for x in ("gate", "up")]
+            for x, w in zip("qkv", qkv):
+                read[at + f"self_attn.{x}_proj.weight"] = w
+                read[at + f"self_attn.{x}_proj.bias"] = state[at + f"self_attn.{x}_proj.bias"]
+            read[at + "mlp.gate_proj.weight"], read[at + "mlp.up_proj.weight"] = gate_up
+            for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
+                         "post_attention_layernorm.weight"):
+                read[at + name] = state[at + name]
+        if "lm_head.weight" in state:
+            read["lm_head.weight"] = state["lm_head.weight"]
+        mine = self.copy.state_dict()
+        assert set(read) == set(mine), set(mine) ^ set(read)
+        for name, value in read.items():
+            assert list(value.shape) == list(mine[name].shape), name
+        self.copy.set_state_dict({k: paddle.to_tensor(v) for k, v in read.items()})
+        self.loads += 1
 
 
 def fused(model):
@@ -271,3 +328,74 @@ def test_ppo_refreshes_the_fused_copy_after_each_update_only(tiny_dir, tmp_path,
     trainer.train()
     # eval at 0 (two batches) and rollout 1: one copy; rollout 2 after update 1; final eval after update 2
     assert decoder.fused.loads == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Qwen2 (q/k/v biases, tied or untied head) on PaddleNLP's fused Qwen2, through the same adapter
+
+
+def qwen2_model(tied=False, **extra):
+    paddle.seed(0)
+    config = Qwen2Config(**QWEN2_DIMS, tie_word_embeddings=tied)
+    for key, value in extra.items():  # after construction: __init__ resets fuse_attention_*
+        setattr(config, key, value)
+    model = Qwen2ForCausalLM(config)
+    assert hasattr(model.qwen2.layers[0].self_attn, "qkv_proj") == bool(extra.get("fuse_attention_qkv"))
+    randomize_biases(model)
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("tied,extra", [(False, {}), (True, {}), (False, {"fuse_attention_qkv": True}),
+                                        (True, {"fuse_attention_qkv": True, "fuse_attention_ffn": True})],
+                         ids=["untied", "tied", "fused-qkv", "tied-fused-weights"])
+def test_qwen2_greedy_tokens_equal_the_training_model(tied, extra):
+    model = qwen2_model(tied, **extra)
+    decoder = FusedInferenceModel(model, factory=ContractQwen2)
+    if not extra:  # the same parameter names: the copy must hold the live weights at every prefill
+        decoder_class = type("Live", (ContractQwen2,), {"live": model})
+        decoder = FusedInferenceModel(model, factory=decoder_class)
+    assert_same_greedy(decoder, model, GenerationConfig(max_new_tokens=8, do_sample=False, repetition_penalty=1.3))
+    assert decoder.fused.loads == 1
+
+
+def test_a_fused_qwen2_qkv_bias_is_split_per_kv_head():
+    """The fused bias [per kv head: its query heads, its key, its value] goes to q / k / v by head."""
+    model = qwen2_model(fuse_attention_qkv=True)
+    state = fused_model_state(model)
+    fused_bias = model.state_dict()["qwen2.layers.1.self_attn.qkv_proj.bias"].numpy()
+    D, groups = 16, 2  # head_dim 64 / 4; 4 query heads over 2 kv heads
+    blocks = fused_bias.reshape(2, groups + 2, D)  # naive reference: [kv head][q.., k, v][D]
+    np.testing.assert_array_equal(state["qwen2.layers.1.self_attn.q_proj.bias"], blocks[:, :groups].reshape(-1))
+    np.testing.assert_array_equal(state["qwen2.layers.1.self_attn.k_proj.bias"], blocks[:, groups].reshape(-1))
+    np.testing.assert_array_equal(state["qwen2.layers.1.self_attn.v_proj.bias"], blocks[:, groups + 1].reshape(-1))
+    assert "qwen2.layers.1.self_attn.qkv_proj.bias" not in state
+
+
+def test_qwen2_selects_the_fused_model_and_mistral_falls_back_with_one_warning(monkeypatch, caplog):
+    import importlib.util
+    import os
+
+    from paddlenlp.transformers import MistralConfig
+
+    from ppo.models.families import family_named
+    from ppo.models.families.mistral import MistralForCausalLM
+
+    # the class the Qwen2 family names exists in PaddleNLP's fused package (which cannot import on CPU)
+    name = family_named("qwen2").fused_inference_name
+    package = os.path.dirname(importlib.util.find_spec("paddlenlp").origin)
+    with open(os.path.join(package, "experimental", "transformers", "qwen2", "modeling.py")) as f:
+        assert f"class {name}(" in f.read()
+    monkeypatch.setattr(parallel, "device", lambda: "gpu")
+    monkeypatch.setattr(fused_inference, "fused_unavailable_reason", lambda: None)
+    monkeypatch.setattr(fused_inference, "_warned", False)
+    for tied in (False, True):
+        decoder = rollout_decoder(qwen2_model(tied), dtype="bfloat16")
+        assert type(decoder) is FusedInferenceModel and decoder.dtype == "bfloat16"
+    paddle.seed(0)
+    mistral = MistralForCausalLM(MistralConfig(**{k: v for k, v in QWEN2_DIMS.items()}))
+    with caplog.at_level(logging.WARNING, logger="ppo"):
+        assert type(rollout_decoder(mistral, dtype="bfloat16")) is InferenceModel
+        assert type(rollout_decoder(mistral, dtype="bfloat16")) is InferenceModel
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "no fused inference model for the mistral family" in warnings[0]

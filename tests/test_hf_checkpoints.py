@@ -104,11 +104,13 @@ def hf_tensors(family, tied, seed=0, bf16_exact=False):
 
 
 def hf_config(family, tied, v5=True):
-    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[family]
     cfg = dict(architectures=[arch], model_type=family, vocab_size=VOCAB, hidden_size=H, intermediate_size=FFN,
                num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV,
                max_position_embeddings=128, rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=tied,
-               bos_token_id=1, eos_token_id=2)
+               bos_token_id=1, eos_token_id=2, pad_token_id=3)  # IDS holds a 3: a pad embedding is still read
+    if family == "mistral":  # a window longer than the test's sequences; head_dim as transformers 4.4x+ writes it
+        cfg.update(sliding_window=64, head_dim=H // HEADS)
     if v5:  # transformers 5.x: rope_theta inside rope_parameters, "dtype"
         cfg.update(rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, dtype="float32",
                    transformers_version="5.0.0")
@@ -164,7 +166,7 @@ def paddle_logits(model, ids):
 
 IDS = [5, 17, 3, 88, 42, 9, 60, 1, 33, 71, 2]
 CASES = {"llama": ("llama", False, 1), "qwen2-untied": ("qwen2", False, 1), "qwen2-tied": ("qwen2", True, 1),
-         "qwen2-sharded": ("qwen2", False, 3)}
+         "qwen2-sharded": ("qwen2", False, 3), "mistral": ("mistral", False, 1)}
 
 
 @pytest.fixture(autouse=True)
@@ -262,6 +264,21 @@ def test_concurrent_processes_convert_once(tmp_path):
     assert sorted(os.listdir(root)) == sorted([os.path.basename(target), os.path.basename(target) + ".lock"])
 
 
+def test_a_conversion_finishing_second_keeps_the_first(tmp_path):
+    """Where the file lock does not hold (a filesystem without coherent locks), two processes may
+    both convert: the one finishing second finds the folder complete, drops its own copy and goes on."""
+    src = str(tmp_path / "hf")
+    tensors, cfg = hf_tensors("qwen2", True), hf_config("qwen2", True)
+    write_hf_folder(src, tensors, cfg)
+    target = hf.resolve(src)
+    stamp = os.stat(os.path.join(target, "model_state.pdparams")).st_mtime_ns
+    hf._convert(src, target, "model_name_or_path")  # the late converter
+    assert os.stat(os.path.join(target, "model_state.pdparams")).st_mtime_ns == stamp
+    assert sorted(os.listdir(os.path.dirname(target))) == [os.path.basename(target), os.path.basename(target) + ".lock"]
+    _, want = reference_forward(tensors, cfg, IDS)
+    np.testing.assert_allclose(paddle_logits(load_causal_lm(src), IDS), want, rtol=1e-5, atol=1e-5)
+
+
 def test_theta_matters_for_the_reference():
     """Guard: the v5 rope_theta mapping is visible in the logits (10000 differs from 50000)."""
     tensors, cfg = hf_tensors("llama", False), hf_config("llama", False)
@@ -301,6 +318,21 @@ def test_unmappable_rope_scaling_is_one_line(tmp_path, field):
     assert "\n" not in str(e.value) and "'yarn'" in str(e.value) and field in str(e.value)
 
 
+def test_tied_mistral_and_a_foreign_head_dim_are_one_line(tmp_path):
+    """paddlenlp's Mistral has no tied head; its models compute head_dim as hidden / heads."""
+    src = str(tmp_path / "tied")
+    write_hf_folder(src, hf_tensors("mistral", True), hf_config("mistral", True))
+    with pytest.raises(UserError) as e:
+        load_causal_lm(src, "actor_model_name_or_path")
+    assert "\n" not in str(e.value) and f"'actor_model_name_or_path' = '{src}'" in str(e.value)
+    assert "tie_word_embeddings must be false" in str(e.value)
+    src = str(tmp_path / "head-dim")
+    write_hf_folder(src, hf_tensors("mistral", False), dict(hf_config("mistral", False), head_dim=16))
+    with pytest.raises(UserError) as e:
+        load_causal_lm(src)
+    assert "\n" not in str(e.value) and "head_dim 16" in str(e.value) and "32 / 4" in str(e.value)
+
+
 def test_unsupported_family_is_one_line(tmp_path):
     cfg = dict(hf_config("llama", False), model_type="gpt2", architectures=["GPT2LMHeadModel"])
     src = str(tmp_path / "hf")
@@ -314,7 +346,7 @@ def test_unsupported_family_is_one_line(tmp_path):
 # out
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen2-untied", "qwen2-tied"])
+@pytest.mark.parametrize("case", ["llama", "qwen2-untied", "qwen2-tied", "mistral"])
 def test_export_reads_back_with_the_reference_logits(tmp_path, case):
     family, tied, _ = CASES[case]
     src = str(tmp_path / "hf")

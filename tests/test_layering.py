@@ -32,7 +32,7 @@ LAYERS = [
     ["ppo.data", "ppo.rewards"],
     # models: the score head, the families, loading
     ["ppo.models.score_model"],
-    ["ppo.models.families.llama", "ppo.models.families.qwen2"],
+    ["ppo.models.families.llama", "ppo.models.families.mistral", "ppo.models.families.qwen2"],
     ["ppo.models.families"],
     ["ppo.models.hf"],
     ["ppo.models.loading"],

@@ -88,7 +88,7 @@ def test_registry_refuses_unknown_families_with_one_line(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "gpt", "architectures": ["GPTForCausalLM"]}')
     with pytest.raises(UserError, match=r"^'model_name_or_path' = '.*gpt' is a 'gpt' model; supported model "
-                                        r"families: llama, qwen2$"):
+                                        r"families: llama, mistral, qwen2$"):
         load_score_model(str(folder))
 
 

@@ -296,3 +296,57 @@ def test_qwen2_ppo_layouts_match_one_process(qwen2_dir, tmp_path, qwen2_single, 
         assert_same_weights(one_dir / sub, tmp_path / layout / sub, atol=1e-4)
         with open(one_dir / sub / "config.json") as f:
             assert json.load(f)["model_type"] == "qwen2"
+
+
+def folder_bytes(folder):
+    """Every file of ``folder`` with its bytes and modification time (a folder never written to keeps both)."""
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        with open(path, "rb") as f:
+            out[name] = (f.read(), os.stat(path).st_mtime_ns)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tied_qwen2_from_transformers_folders_under_sharding_matches_one_process(qwen2_tied_dir, tmp_path,
+                                                                                 monkeypatch):
+    """Two ranks (sharding stage 1) start from transformers folders (the tied Qwen2 actor and its
+    reward model, exported by the toolkit) with an empty conversion cache: they race to convert,
+    each folder is converted exactly once (one log line across both ranks), the folders stay
+    byte-identical, and the run equals one process started from the paddlenlp folders.  A rank that
+    loaded other weights would show in the step-0 evaluation, where every rank's share of the
+    generations and rewards is compared with the single process."""
+    from ppo.models import hf
+
+    one_dir = tmp_path / "single"
+    one = ppo(qwen2_tied_dir, one_dir, 8)
+    src = tmp_path / "hf"
+    for sub in ("base", "score"):
+        hf.export_folder(str(qwen2_tied_dir / sub), str(src / sub))
+    before = {sub: folder_bytes(src / sub) for sub in ("base", "score")}
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PPO_CACHE", str(cache))  # inherited by the launcher and its ranks
+    extra, batch, nproc = LAYOUTS["sharding-stage1"]
+    out = tmp_path / "sharding"
+    two = ppo(src, out, batch, *extra, nproc=nproc)
+    assert_same_steps(one, two)
+    assert_same_eval(one_dir, out)
+    for sub in ("policy", "value"):
+        assert_same_weights(one_dir / sub, out / sub, atol=1e-4)
+    with open(out / "policy" / "config.json") as f:
+        saved = json.load(f)
+    assert saved["model_type"] == "qwen2" and saved["tie_word_embeddings"] is True
+    # one conversion per folder, whichever rank won the lock; both ranks load that one converted copy
+    logs = [(out / "launch-logs" / f"workerlog.{rank}").read_text() for rank in range(nproc)]
+    converted = [line for log in logs for line in log.splitlines() if "converting the transformers folder" in line]
+    assert sorted(line.split(" into ")[0].rsplit(" ", 1)[-1] for line in converted) == \
+        [str(src / "base"), str(src / "score")], converted
+    targets = {sub: str(cache / "converted" / hf._cache_key(str(src / sub))) for sub in ("base", "score")}
+    for log in logs:
+        for sub, target in targets.items():
+            assert f"the transformers folder {src / sub} loads from its converted copy {target}" in log
+    assert sorted(os.listdir(cache / "converted")) == sorted(
+        os.path.basename(t) + ext for t in targets.values() for ext in ("", ".lock"))
+    assert {sub: folder_bytes(src / sub) for sub in ("base", "score")} == before

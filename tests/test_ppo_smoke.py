@@ -23,6 +23,13 @@ def dirs(tiny_dir, tiny_tokenizer, tmp_path_factory):
     return {"actor": str(tiny_dir / "base"), "rm": str(out / "rm"), "out": out}
 
 
+@pytest.fixture(scope="module")
+def qwen2_dirs(qwen2_tied_dir, tmp_path_factory):
+    """``dirs`` for a tied-embedding Qwen2 (q/k/v biases): the actor and its score model."""
+    return {"actor": str(qwen2_tied_dir / "base"), "rm": str(qwen2_tied_dir / "score"),
+            "out": tmp_path_factory.mktemp("ppo_smoke_qwen2")}
+
+
 def args_for(dirs, name, **overrides):
     kwargs = dict(actor_model_name_or_path=dirs["actor"], reward_model_name_or_path=dirs["rm"],
                   train_datasets="tiny-prompts/train", eval_datasets="tiny-prompts/eval",
@@ -193,11 +200,14 @@ def test_batch_sizes_must_divide(dirs):
         PPOTrainer(args_for(dirs, "div", per_device_train_batch_size=3))
 
 
-def test_offload_levels_do_not_change_the_result(dirs, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen2-tied"])
+def test_offload_levels_do_not_change_the_result(family, request, tmp_path):
     """Two PPO iterations (with evaluation and a checkpoint) with every offload level equal the run
-    without offload bit for bit, and the offloaded models really were out of memory during generation."""
+    without offload bit for bit, and the offloaded models really were out of memory during generation;
+    for LLaMA and for a tied-embedding Qwen2 (one weight is both the embedding and the LM head)."""
     from ppo.trainer import PPOTrainer
 
+    dirs = request.getfixturevalue("dirs" if family == "llama" else "qwen2_dirs")
     common = dict(max_steps=2, save_steps=1, eval_steps=1, seed=21)
     plain = PPOTrainer(args_for(dirs, "no-offload", **common))
     plain.train()
@@ -214,6 +224,7 @@ def test_offload_levels_do_not_change_the_result(dirs, tmp_path):
 
     offloaded.offload.before_scoring = spy
     offloaded.train()
+    assert bool(offloaded.actor.config.tie_word_embeddings) == (family == "qwen2-tied")
     assert seen == {"reference": True, "critic": True, "files": seen["files"]} and seen["files"] >= 3
     for a, b in ((plain.actor, offloaded.actor), (plain.critic, offloaded.critic)):
         for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):

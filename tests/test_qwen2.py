@@ -58,7 +58,11 @@ def test_qwen2_layout_has_biases_and_the_head(tied):
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_qwen2_inference_logits_greedy_and_log_probs_equal_the_training_forward(tied):
-    model = make_model(tied)
+    assert_inference_equals_training_forward(make_model(tied))
+
+
+def assert_inference_equals_training_forward(model):
+    """The lean decoder's first logits, greedy tokens and log-probs equal ``model``'s own forward."""
     ids, mask = prompts()
     inference = InferenceModel(model)
     pos = position_ids_from_mask(mask)
@@ -96,6 +100,10 @@ def test_qwen2_score_model_scores_equal_the_lean_decoder():
     model = Qwen2ModelForScore(Qwen2Config(**DIMS, score_dim=1, score_bias=True))
     randomize_biases(model)
     model.eval()
+    assert_scores_equal_the_lean_decoder(model)
+
+
+def assert_scores_equal_the_lean_decoder(model):
     ids, mask = prompts(seed=5)
     with paddle.no_grad():
         out = model(ids, mask)

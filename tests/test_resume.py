@@ -70,14 +70,13 @@ def test_single_model_stage_resume_is_bitwise(stage, tiny_dir, tmp_path):
         assert (a["norm_mean"], a["norm_var"], a["norm_count"]) == (b["norm_mean"], b["norm_var"], b["norm_count"])
 
 
-def test_ppo_resume_is_bitwise(tiny_dir, tiny_tokenizer, tmp_path):
-    from ppo.models import load_score_model
+@pytest.mark.parametrize("family", ["llama", "qwen2-tied"])
+def test_ppo_resume_is_bitwise(family, request, tmp_path):
+    """For LLaMA and for a tied-embedding Qwen2 (q/k/v biases; one weight is embedding and LM head)."""
     from ppo.trainer import PPOTrainer
 
-    rm = load_score_model(str(tiny_dir / "base"))
-    rm.save_pretrained(str(tmp_path / "rm"))
-    tiny_tokenizer.save_pretrained(str(tmp_path / "rm"))
-    common = dict(actor_model_name_or_path=str(tiny_dir / "base"), reward_model_name_or_path=str(tmp_path / "rm"),
+    models = request.getfixturevalue("tiny_dir" if family == "llama" else "qwen2_tied_dir")
+    common = dict(actor_model_name_or_path=str(models / "base"), reward_model_name_or_path=str(models / "score"),
                   train_datasets="tiny-prompts/train", ptx_datasets="tiny-sft", ptx_coeff=0.3, max_length=48,
                   max_new_tokens=6, per_device_prompt_batch_size=4, per_device_train_batch_size=2, update_iters=2,
                   learning_rate=1e-3, critic_learning_rate=1e-3, adaptive_kl=True, kl_target=0.1, kl_horizon=50,

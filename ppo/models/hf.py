@@ -7,7 +7,11 @@ is converted ONCE into a paddlenlp folder in the cache (:func:`cache_root`:
 source path and its files' names, sizes and mtimes) and loaded from there.  The user's folder is
 never written to.  One process converts (an exclusive file lock on ``<key>.lock``); every other
 process, rank or later run waits for it and reuses the result, so under tensor parallel each rank
-then loads its shards from the converted paddlenlp folder.
+then loads its shards from the converted paddlenlp folder.  The conversion is written into a
+temporary folder and renamed into place, so no process ever reads a half-written one; where the
+lock does not hold (a filesystem without coherent locks) a second converter finds the folder
+complete when it renames, drops its copy and uses the first.  Each process logs once which
+converted copy a transformers folder loads from.
 
 Out: :func:`export` writes a built model as a transformers folder (``config.json`` +
 ``model.safetensors``): a causal LM as ``<Family>ForCausalLM``; a score model as
@@ -27,6 +31,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import struct
@@ -42,6 +47,7 @@ from ppo.models.score_model import ScoreModel
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+logger = logging.getLogger("ppo")
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 # rope types paddlenlp computes exactly as transformers does (others are refused with one line)
 _ROPE_TYPES = (None, "default")
@@ -155,6 +161,10 @@ def map_config(config: dict, what: str, path: str) -> dict:
     if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) not in _ROPE_TYPES:
         raise UserError(f"'{what}' = '{path}': rope_scaling type "
                         f"{scaling.get('rope_type', scaling.get('type'))!r} is not supported; supported: none, default")
+    head_dim, heads = out.get("head_dim"), int(out.get("num_attention_heads") or 1)
+    if head_dim is not None and int(head_dim) * heads != int(out.get("hidden_size", 0)):
+        raise UserError(f"'{what}' = '{path}': head_dim {head_dim} is not hidden_size / num_attention_heads "
+                        f"({out.get('hidden_size')} / {heads}); paddlenlp's models support only that head size")
     for key in ("torch_dtype", "transformers_version", "auto_map"):
         out.pop(key, None)
     out["dtype"] = str(config.get("dtype") or config.get("torch_dtype") or "float32")
@@ -233,7 +243,13 @@ def _convert(path: str, target: str, what: str) -> None:
                     os.path.join(work, "model_state.pdparams"))
         with open(os.path.join(work, "converted_from.json"), "w", encoding="utf-8") as f:
             json.dump({"source": os.path.abspath(path), "stored_dtypes": sorted(stored)}, f)
-        os.replace(work, target)
+        try:
+            os.replace(work, target)
+        except OSError:
+            # another process finished the same conversion (a filesystem where the lock does not hold)
+            if not os.path.isfile(os.path.join(target, "model_state.pdparams")):
+                raise
+            shutil.rmtree(work, ignore_errors=True)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -259,8 +275,16 @@ def resolve(path: str, what: str = "model_name_or_path") -> str:
         os.makedirs(cache_root(), exist_ok=True)
         with _exclusive(target + ".lock"):
             if not os.path.isfile(os.path.join(target, "model_state.pdparams")):
+                logger.info("converting the transformers folder %s into %s (once: later runs reuse it)",
+                            path, target)
                 _convert(path, target, what)
+    if (path, target) not in _ANNOUNCED:  # once per folder and process, however often it is loaded
+        _ANNOUNCED.add((path, target))
+        logger.info("the transformers folder %s loads from its converted copy %s", path, target)
     return target
+
+
+_ANNOUNCED: set = set()
 
 
 # ---------------------------------------------------------------------------------------------

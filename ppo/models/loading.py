@@ -43,9 +43,28 @@ def load_tokenizer(path: str, what: str = "model_name_or_path"):
 
 
 def check_max_length(config: dict, max_length: int, path: str) -> None:
+    """``max_length`` within the model's positions and within its sliding attention window, if any."""
     limit = config.get("max_position_embeddings")
     if limit and max_length > limit:
         raise UserError(f"max_length={max_length} exceeds the position limit {limit} of the model at '{path}'")
+    try:
+        window = family_of(config).attention_window(config)
+    except UserError:  # not a supported family: its loader stops with the line naming the argument
+        return
+    if window and max_length > window:
+        raise UserError(f"max_length={max_length} exceeds the sliding attention window {window} of the model at "
+                        f"'{path}' (paddlenlp attends over the whole sequence, so longer sequences would not "
+                        f"match the model); use max_length <= {window}")
+
+
+def check_family(saved: dict, path: str, what: str):
+    """The family of a saved model (its config.json dict); UserError (one line) when the toolkit
+    cannot run that model."""
+    family = family_of(saved, what, path)
+    reason = family.unsupported(saved)
+    if reason:
+        raise UserError(f"'{what}' = '{path}' {reason}")
+    return family
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,14 +116,16 @@ def _from_pretrained_missing(cls, path: str, **kwargs):
 
 
 def load_causal_lm(path: str, what: str = "model_name_or_path", **overrides):
-    from paddlenlp.transformers import AutoConfig, AutoModelForCausalLM
+    from paddlenlp.transformers import AutoConfig
 
     check_causal_lm_role(check_model_path(path, what), path, what)
-    path = hf.resolve(path, what)
+    source, path = path, hf.resolve(path, what)
+    family = check_family(check_model_path(path, what), source, what)
     config = AutoConfig.from_pretrained(path)
     for key, value in overrides.items():
         setattr(config, key, value)
-    model, missing = _from_pretrained_missing(AutoModelForCausalLM, path, config=config)
+    # the family's class: paddlenlp's, or the family's correction of it (ppo/models/families/mistral.py)
+    model, missing = _from_pretrained_missing(family.causal_lm_class, path, config=config)
     # a tied head is the input embedding itself: a checkpoint need not (transformers does not) store it
     tied = ("lm_head.",) if getattr(config, "tie_word_embeddings", False) else ()
     check_no_missing_weights(missing, path, what, allowed=tied)
@@ -124,7 +145,7 @@ def load_score_model(path: str, score_type: str = "reward", score_dim: int = 1, 
     saved = check_model_path(path, what)
     if trained_head:
         check_reward_role(saved, path, what)
-    family = family_of(saved, what, path)
+    family = check_family(saved, path, what)
     is_score = "score_dim" in saved
     if is_score and int(saved["score_dim"]) != score_dim:
         raise UserError(f"'{what}' = '{path}' has a score head of dim {saved['score_dim']}, "

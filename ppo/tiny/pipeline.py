@@ -1,9 +1,9 @@
 """The main job on the built-in examples: build -> SFT -> (reward model ->) RL -> report.
 
     python -m ppo.tiny.pipeline [--task tiny|arithmetic] [--output_dir output/tiny] [--nproc 1] [--quick]
-                                [--family llama|qwen2]
+                                [--family llama|mistral|qwen2]
 
-``--family qwen2`` builds a tiny Qwen2 base with tied embeddings (LLaMA: untied, as before).
+``--family qwen2`` builds a tiny Qwen2 base with tied embeddings (LLaMA and Mistral: untied).
 
 Each stage runs its real entry point (``paddle.distributed.launch`` when ``--nproc`` > 1) with
 the presets in ``config/tiny``.

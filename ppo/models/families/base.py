@@ -107,6 +107,16 @@ def _projection(linear, adapters: bool = True) -> Projection:
     return Projection(linear.weight, getattr(linear, "bias", None))
 
 
+def _rotary_table(table: paddle.Tensor) -> paddle.Tensor:
+    # [1, positions, 1, head_dim] (LLaMA, Qwen2) or [positions, head_dim] (Mistral) -> [positions, head_dim]
+    return table.reshape([-1, table.shape[-1]])
+
+
+def config_value(config, key: str, default=None):
+    """``key`` of a paddlenlp config or of a config.json dict."""
+    return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+
+
 class ModelFamily:
     """Everything the toolkit needs from one model family; one subclass per file, registered with
     :func:`register`.
@@ -145,6 +155,16 @@ class ModelFamily:
         sentence that starts with the model's path."""
         if type(self).pipeline_parts is ModelFamily.pipeline_parts:
             return f"is a {self.name} model, which has no pipeline stages; pipeline_parallel_degree must be 1"
+        return None
+
+    def unsupported(self, config) -> str | None:
+        """Why the toolkit cannot run ``config``'s model (a paddlenlp config or a config.json dict) at
+        all (None: it can), as the end of a sentence that starts with the model's path."""
+        return None
+
+    def attention_window(self, config) -> int | None:
+        """The sliding attention window of ``config``'s model (None: it attends over the whole
+        sequence).  paddlenlp ignores such windows, so sequences must stay within it."""
         return None
 
     def fused_inference_class(self) -> type:
@@ -190,7 +210,7 @@ class ModelFamily:
             norm=backbone.norm.weight, lm_head=None if head is None else head.weight,
             lm_head_transposed=bool(getattr(head, "transpose_y", False)),
             tied=head is not None and head.weight is embed,
-            cos=rotary.cos_cached.squeeze([0, 2]), sin=rotary.sin_cached.squeeze([0, 2]),
+            cos=_rotary_table(rotary.cos_cached), sin=_rotary_table(rotary.sin_cached),
             num_heads=attn.num_heads, num_kv_heads=attn.num_key_value_heads, head_dim=attn.head_dim,
             rms_norm_eps=model.config.rms_norm_eps, kv_indices=getattr(attn, "kv_indices", None))
 
@@ -221,9 +241,8 @@ def family_named(name: str, what: str = "model family") -> ModelFamily:
 def family_of(config, what: str = "model_name_or_path", path: str | None = None) -> ModelFamily:
     """The family of a model config (a paddlenlp config, or a config.json dict): by ``model_type``,
     else by ``architectures``.  UserError naming ``what`` (and ``path``) for any other model."""
-    get = config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
-    model_type = get("model_type", None) or ""
-    architectures = list(get("architectures", None) or [])
+    model_type = config_value(config, "model_type") or ""
+    architectures = list(config_value(config, "architectures") or [])
     for family in _FAMILIES.values():
         if model_type in family.model_types or any(a in family.architectures for a in architectures):
             return family

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from paddlenlp.transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model, Qwen2PretrainedModel
 
-from ppo.models.families.base import ModelFamily, PipelineParts, register
+from ppo.models.families.base import ModelFamily, PipelineParts, config_value, register
 from ppo.models.score_model import ScoreModel
 
 
@@ -70,4 +70,10 @@ class Qwen2(ModelFamily):
         if getattr(config, "tie_word_embeddings", False):
             return ("ties its input and output embeddings; pipeline_parallel_degree > 1 needs untied "
                     "embeddings (tie_word_embeddings false)")
+        return None
+
+    def attention_window(self, config) -> int | None:
+        # a window applies only where the config switches it on (Qwen2 / Qwen2.5 ship it off)
+        if config_value(config, "use_sliding_window", False) and config_value(config, "sliding_window"):
+            return int(config_value(config, "sliding_window"))
         return None
