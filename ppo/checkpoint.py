@@ -365,9 +365,6 @@ def save_checkpoint(target: str, ctx, models: dict, tokenizer, optimizers: dict,
     write_rank_state(tmp, ctx.rank, {role: (inner_optimizer(o), models[role_model(role)])
                                      for role, o in optimizers.items()}, rng_extra)
     parallel.barrier()
-    if os.environ.get("PPO_FAULT_KILL_IN_SAVE"):
-        # fault injection for the crash tests: die after every file but the manifest is written
-        os.kill(os.getpid(), 9)
     if ctx.is_main:
         finalize(tmp, target, {**state, "world_size": ctx.world_size})
     parallel.barrier()

@@ -236,11 +236,11 @@ def test_sigterm_on_two_ranks(target, tiny_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Signals at chosen moments of a real run: tests/dist_scripts/with_pauses.py holds the run there
+# Signals at chosen moments of a real run: tests/dist_scripts/interrupted.py holds the run there
 # (inside a step, or inside a save before its manifest) until the test has signalled it
 
 
-PAUSED = os.path.join(ROOT, "tests", "dist_scripts", "with_pauses.py")
+PAUSED = os.path.join(ROOT, "tests", "dist_scripts", "interrupted.py")
 
 
 def ppo_cmd(tiny_dir, out, *extra):
@@ -252,7 +252,7 @@ def ppo_cmd(tiny_dir, out, *extra):
 
 
 def launched(cmd, ranks, out, paused=False):
-    """``cmd`` (python, script, args) through with_pauses.py and, for 2 ranks, the launcher."""
+    """``cmd`` (python, script, args) through interrupted.py and, for 2 ranks, the launcher."""
     script = [PAUSED, cmd[1]] if paused else [cmd[1]]
     launcher = ["-m", "paddle.distributed.launch", "--nproc_per_node", str(ranks), "--log_dir",
                 f"{out}-logs"] if ranks > 1 else []
