@@ -417,18 +417,22 @@ def test_second_signal_stops_at_once(tiny_dir, tmp_path, start_run, straight_sft
 
 
 @pytest.mark.slow
-def test_ppo_sigterm_checkpoints_and_resumes_exactly(tiny_dir, tmp_path, start_run):
-    # ppo/run_ppo.py as a user runs it: SIGTERM inside step 2 -> checkpoint-2 (written by the stop,
-    # save_steps is 0), exit 143; the resume ends where a straight run ends, bit for bit
-    cmd = ppo_cmd(tiny_dir, tmp_path / "stopped")
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.distributed)],
+                         ids=["1-process", "2-ranks-tensor-parallel"])
+def test_ppo_sigterm_checkpoints_and_resumes_exactly(ranks, tiny_dir, tmp_path, start_run):
+    # ppo/run_ppo.py as a user runs it: SIGTERM (to the launcher for 2 ranks) inside step 2 ->
+    # checkpoint-2 (written by the stop, save_steps is 0), exit 143; the resume ends where a
+    # straight run ends, bit for bit
+    layout = ("--tensor_parallel_degree", "2") if ranks == 2 else ()
+    cmd = ppo_cmd(tiny_dir, tmp_path / "stopped", *layout)
     straight = tmp_path / "straight"
-    straight_run(ppo_cmd(tiny_dir, straight), 1, straight)
+    straight_run(ppo_cmd(tiny_dir, straight, *layout), ranks, straight)
 
-    run = start_run(cmd, 1, tmp_path / "stopped", "step:2")
-    run.paused_at("step2")
+    run = start_run(cmd, ranks, tmp_path / "stopped", "step:2")
+    run.paused_at("step2", ranks=range(ranks))
     run.signal()
     run.go("step2")
     run.proc.wait(timeout=300)
     assert_stopped_with_checkpoint(run, 2, 4)
     assert not (run.out / "policy").exists() and not (run.out / "value").exists()
-    resume_and_compare(cmd, 1, run.out, straight, models=("policy", "value"))
+    resume_and_compare(cmd, ranks, run.out, straight, models=("policy", "value"))
