@@ -157,8 +157,19 @@ def finalize(tmp: str, target: str, state: dict) -> None:
         os.fsync(f.fileno())
     os.replace(os.path.join(tmp, MANIFEST + ".part"), os.path.join(tmp, MANIFEST))
     if os.path.exists(target):
-        shutil.rmtree(target)
+        discard(target)
     os.replace(tmp, target)
+
+
+def discard(folder: str) -> None:
+    """Delete the checkpoint ``folder``, renamed to ``.tmp-removed-<name>`` first: a kill during the
+    deletion leaves an unfinished-write folder (removed on the next start), never a half-deleted
+    ``checkpoint-N`` that still has its manifest."""
+    parent, name = os.path.split(os.path.abspath(folder))
+    trash = os.path.join(parent, f".tmp-removed-{name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +237,7 @@ def rotate(output_dir: str, limit: int) -> None:
     """Keep the newest ``limit`` complete checkpoints; never delete the only complete one."""
     complete = list_checkpoints(output_dir)
     for _, path in complete[:max(0, len(complete) - max(1, limit))]:
-        shutil.rmtree(path, ignore_errors=True)
+        discard(path)
 
 
 def resolve_resume(value: str, output_dir: str) -> str | None:
@@ -369,9 +380,6 @@ def save_checkpoint(target: str, ctx, models: dict, tokenizer, optimizers: dict,
     write_rank_state(tmp, ctx.rank, {role: (inner_optimizer(o), models[role_model(role)])
                                      for role, o in optimizers.items()}, rng_extra)
     parallel.barrier()
-    if os.environ.get("PPO_FAULT_KILL_IN_SAVE"):
-        # fault injection for the crash tests: die after every file but the manifest is written
-        os.kill(os.getpid(), 9)
     if ctx.is_main:
         finalize(tmp, target, {**state, "world_size": ctx.world_size})
     parallel.barrier()

@@ -3,7 +3,11 @@ a run after the current step with a checkpoint, and the run exits saying how to 
 
 A handler only records the signal; the loop calls ``after_step`` at the end of every step, where
 the ranks agree through a max-reduce of the recorded signal (one rank signalled stops every rank
-at the same step).  A second signal (2 s or more after the first) stops the process at once.
+at the same step).  A signal during a checkpoint save lets the save complete first.  The handlers
+stay until the final model is written (``close`` after the final save), so a signal during the
+final evaluation or save lets the run finish.  A second signal (2 s or more after the first)
+stops the process at once with one line: a save it interrupts is left as a ``.tmp-*`` folder
+without a manifest, never taken for a checkpoint and removed on the next start.
 Under ``paddle.distributed.launch`` the checkpoint must be written within 30 s of the launcher's
 SIGTERM: the launcher then kills its ranks.
 """
@@ -39,6 +43,7 @@ class GracefulStop:
 
     def __init__(self, on_stop=None):
         self.signum, self.on_stop = 0, on_stop
+        self.finishing = False  # past the last step: the final evaluation and save
         self.previous = {}
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
@@ -50,14 +55,27 @@ class GracefulStop:
             # one request; a signal after REPEAT_S is the second one, the default action, now
             if time.monotonic() - self.first < REPEAT_S:
                 return
+            # os.write, not logging: the handler may have interrupted a log call of this thread
+            os.write(2, (f"second {signal.Signals(signum).name}: stopping at once; a checkpoint being written is left "
+                         "unfinished (never taken for a checkpoint, removed on the next start): continue from the "
+                         "last complete one with --resume_from_checkpoint auto\n").encode())
+            # the default action: the parent sees a process killed by the signal
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         self.signum, self.first = signum, time.monotonic()
-        logger.warning("%s received: stopping after this step with a checkpoint (send it again to stop at once)",
-                       signal.Signals(signum).name)
+        then = "finishing the run first (the final model)" if self.finishing else \
+            "stopping after this step with a checkpoint"
+        logger.warning("%s received: %s (send it again to stop at once)", signal.Signals(signum).name, then)
+
+    def finish(self) -> None:
+        """The last step is done: a signal from now on lets the final evaluation and save complete
+        (the run then ends as finished); call ``close`` after the final save."""
+        self.finishing = True
 
     def close(self) -> None:
+        if self.finishing and self.signum:
+            logger.warning("%s received while finishing: the run is complete", signal.Signals(self.signum).name)
         for s, handler in self.previous.items():
             signal.signal(s, handler)
         self.previous = {}

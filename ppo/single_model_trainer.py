@@ -130,10 +130,11 @@ class SingleModelTrainer:
             cadence.end_of_step(step, summary, bar.write, lambda: {
                 "lr": float(self.optimizer.get_lr()), "epoch": round(self.sampler.epoch_of(step), 3)})
             stop.after_step(step, cadence, args.output_dir)
-        stop.close()
+        stop.finish()  # a signal from here on lets the final save complete
         bar.close()
         final = self.log_eval(self.total_steps, print)
         self.save(args.output_dir, self.total_steps)
+        stop.close()
         self.metrics.close()
         checkpoint.release_output_dir(args.output_dir)
         return final

@@ -154,10 +154,11 @@ class PPOTrainer:
                 stats.update(self.rollout_stats(exp), **self.timer.pop(), skipped_updates=float(self.guard.skipped))
             cadence.end_of_step(step, stats, bar.write)
             stop.after_step(step, cadence, args.output_dir)
-        stop.close()
+        stop.finish()  # a signal from here on lets the final save complete
         bar.close()
         final = self.evaluate(self.total_steps, print)
         self.save(args.output_dir, self.total_steps)
+        stop.close()
         self.metrics.close()
         checkpoint.release_output_dir(args.output_dir)
         self.offload.close()

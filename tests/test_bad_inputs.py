@@ -86,7 +86,8 @@ def entry_main(stage: str):
 def workspace(tiny_dir, tmp_path_factory):
     """Paths of the fixture models: {BASE}, {RM} (a finished reward-model run with checkpoint-1),
     {SCORE2} (a score model with a 2-dim head), {NOPAD} (a model whose tokenizer has neither pad nor
-    eos) and {VOCAB200} (a model with another tokenizer)."""
+    eos), {VOCAB200} (a model with another tokenizer) and damaged copies of models, tokenizers and
+    checkpoints (see below)."""
     from paddlenlp.transformers import AutoTokenizer
 
     from ppo import checkpoint
@@ -145,6 +146,25 @@ def workspace(tiny_dir, tmp_path_factory):
     blob = (paths["TRUNC"] / "model_state.pdparams").read_bytes()
     (paths["TRUNC"] / "model_state.pdparams").write_bytes(blob[:len(blob) // 2])
     (paths["BADCONFIG"] / "config.json").write_text('{"model_type": "llama",')
+    # damaged tokenizer files: tokenizer_config.json cut in half, a tokenizer.json (a fast tokenizer's,
+    # beside the model) cut in half, the sentencepiece model replaced by bytes of the same length
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    for name in ("TOKCONFIG", "TOKJSON", "SPM"):
+        paths[name] = root / name.lower()
+        shutil.copytree(tiny_dir / "base", paths[name])
+    text = (paths["TOKCONFIG"] / "tokenizer_config.json").read_text()
+    (paths["TOKCONFIG"] / "tokenizer_config.json").write_text(text[:len(text) // 2])
+    fast = Tokenizer(models.BPE())
+    fast.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast.train_from_iterator(list(corpus())[:200], trainers.BpeTrainer(vocab_size=100))
+    text = fast.to_str()
+    (paths["TOKJSON"] / "tokenizer.json").write_text(text[:len(text) // 2])
+    paths["RM_SPM"] = root / "rm_spm"
+    shutil.copytree(paths["RM"], paths["RM_SPM"])
+    for key in ("SPM", "RM_SPM"):
+        model = paths[key] / "sentencepiece.bpe.model"
+        model.write_bytes(bytes(range(256)) * (model.stat().st_size // 256))
     for key, name in (("DAMAGED", "trainer_state.json"), ("DAMAGED_RNG", "rng.rank0.pkl")):
         paths[key] = root / key.lower()
         shutil.copytree(paths["RM"], paths[key])
@@ -409,6 +429,13 @@ CASES += [
     Case("checkpoint-random-state-damaged", "rm", changes={"resume_from_checkpoint": "{DAMAGED_RNG}/checkpoint-1"},
          expect=("'{DAMAGED_RNG}/checkpoint-1' is damaged: file 'rng.rank0.pkl' does not match its checksum",),
          needle="rng.rank0.pkl"),
+    Case("tokenizer-config-truncated", "sft", changes={"model_name_or_path": "{TOKCONFIG}"},
+         expect=("tokenizer config '{TOKCONFIG}/tokenizer_config.json' is not valid JSON",), needle="not valid JSON"),
+    Case("tokenizer-json-truncated", "ppo", changes={"actor_model_name_or_path": "{TOKJSON}"},
+         expect=("tokenizer file '{TOKJSON}/tokenizer.json' is not valid JSON",), needle="not valid JSON"),
+    Case("sentencepiece-model-garbage", "rm", changes={"model_name_or_path": "{SPM}"},
+         expect=("sentencepiece model '{SPM}/sentencepiece.bpe.model' cannot be read (damaged or truncated?)",),
+         needle="damaged"),
     # models of the wrong kind for their role
     Case("score-model-as-actor", "ppo", changes={"actor_model_name_or_path": "{RM}"},
          expect=("'actor_model_name_or_path' = '{RM}'", "is a score model", "give a causal LM"),
@@ -485,6 +512,9 @@ PROCESS_CASES = [
     Case("process-ppo-causal-lm-as-reward-model", "ppo", changes={"reward_model_name_or_path": "{BASE}"},
          expect=("'reward_model_name_or_path' = '{BASE}'", "causal LM without a trained score head"),
          needle="trained score head"),
+    Case("process-ppo-reward-sentencepiece-model-garbage", "ppo", changes={"reward_model_name_or_path": "{RM_SPM}"},
+         expect=("sentencepiece model '{RM_SPM}/sentencepiece.bpe.model' cannot be read (damaged or truncated?)",),
+         needle="damaged"),
     Case("process-rm-margin-nan", "rm", argv=("--margin", "nan"),
          expect=("'margin' must be a finite number >= 0", "got nan"), needle="'margin'"),
 ]

@@ -149,3 +149,30 @@ def test_cleanup_removes_unfinished_writes_only(finished, tmp_path):
     (out / "checkpoint-7").mkdir()  # no manifest: not ours to judge, left alone
     assert clean_partial(str(out)) == [".tmp-checkpoint-3"]
     assert (out / "checkpoint-2" / "model_state.pdparams").exists() and (out / "checkpoint-7").is_dir()
+
+
+def test_rotation_killed_midway_leaves_no_half_deleted_checkpoint(finished, tmp_path, monkeypatch):
+    # a kill while save_total_limit removes checkpoint-1: it is renamed to .tmp-removed-* first, so
+    # no checkpoint-1 with its manifest but fewer files is left; the next start removes the rest
+    from ppo import checkpoint
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    rmtree = shutil.rmtree
+
+    def killed_after_one_file(path, ignore_errors=False):
+        if not os.path.isdir(path):
+            return
+        for name in sorted(os.listdir(path), reverse=True):  # manifest.json before model_state.pdparams
+            file = os.path.join(path, name)
+            if os.path.isfile(file):
+                os.remove(file)
+                raise KeyboardInterrupt("killed")
+        rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_after_one_file)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.rotate(str(out), 1)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree)
+    assert not (out / "checkpoint-1").exists() and [n for n, _ in list_checkpoints(str(out))] == [2]
+    assert clean_partial(str(out)) == [".tmp-removed-checkpoint-1"]

@@ -133,14 +133,18 @@ CRASH_RUNS = {
 }
 
 
-def crash_cmd(name, tiny_dir, out, *extra):
+INTERRUPTED = os.path.join(ROOT, "tests", "dist_scripts", "interrupted.py")  # the entry point with fault hooks
+
+
+def crash_cmd(name, tiny_dir, out, *extra, interrupted=False):
     script, config, args, ranks, _ = CRASH_RUNS[name]
     base = str(tiny_dir / "base")
     model = ["--actor_model_name_or_path", base, "--reward_model_name_or_path", str(tiny_dir / "score")] if script.endswith("run_ppo.py") \
         else ["--model_name_or_path", base]
     launcher = ["-m", "paddle.distributed.launch", "--nproc_per_node", str(ranks), "--log_dir",
                 str(out) + "-logs"] if ranks > 1 else []
-    return [sys.executable, *launcher, os.path.join(ROOT, script), os.path.join(ROOT, config), *model,
+    return [sys.executable, *launcher, *([INTERRUPTED] if interrupted else []), os.path.join(ROOT, script),
+            os.path.join(ROOT, config), *model,
             "--output_dir", str(out), "--save_total_limit", "2", "--logging_steps", "1", "--disable_tqdm", "true",
             *args, *extra]
 
@@ -209,9 +213,9 @@ def test_sigkill_during_training_and_during_a_save(name, tiny_dir, tmp_path):
 
     # 2. killed again while writing the next checkpoint (fault injection at the last moment of a save)
     shutil.rmtree(str(out) + "-logs", ignore_errors=True)
-    env = dict(os.environ, PPO_FAULT_KILL_IN_SAVE="1")
-    crashed = subprocess.run(crash_cmd(name, tiny_dir, out, "--resume_from_checkpoint", "auto"), cwd=ROOT, env=env,
-                             capture_output=True)
+    env = dict(os.environ, KILL_IN_SAVE="1")
+    crashed = subprocess.run(crash_cmd(name, tiny_dir, out, "--resume_from_checkpoint", "auto", interrupted=True),
+                             cwd=ROOT, env=env, capture_output=True)
     assert crashed.returncode != 0
     if CRASH_RUNS[name][3] == 1:
         assert crashed.returncode == -signal.SIGKILL

@@ -12,7 +12,7 @@ import pickle
 from ppo.data import ensure_pad_token
 from ppo.errors import UserError
 from ppo.models import hf
-from ppo.files import read_json
+from ppo.files import check_tokenizer_files, first_line, read_json
 from ppo.models.families import family_of
 from ppo.models.score_model import init_score_head
 
@@ -32,13 +32,14 @@ def load_tokenizer(path: str, what: str = "model_name_or_path"):
     from paddlenlp.transformers import AutoTokenizer
 
     check_model_path(path, what)
-    path = hf.resolve(path, what)
+    check_tokenizer_files(path)  # a damaged file: one line naming it (the user's file, not the cache's copy)
+    folder = hf.resolve(path, what)
     # a fast tokenizer where tokenizer.json exists: paddlenlp's slow Qwen2 tokenizer can give other ids
-    fast = os.path.isfile(os.path.join(path, "tokenizer.json"))
+    fast = os.path.isfile(os.path.join(folder, "tokenizer.json"))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **({"use_fast": True} if fast else {}))
-    except Exception as e:  # paddlenlp raises many types for a folder without tokenizer files
-        raise UserError(f"'{what}' = '{path}' has no loadable tokenizer: {str(e).splitlines()[0][:200]}") from None
+        tokenizer = AutoTokenizer.from_pretrained(folder, **({"use_fast": True} if fast else {}))
+    except Exception as e:  # paddlenlp raises many types for a folder without (usable) tokenizer files
+        raise UserError(f"'{what}' = '{path}' has no loadable tokenizer: {first_line(e)}") from None
     return ensure_pad_token(tokenizer)
 
 
