@@ -36,6 +36,7 @@ import paddlenlp
 import ppo
 from ppo import parallel
 from ppo.errors import UserError
+from ppo.graceful import uninterruptible
 from ppo.guard import check_weights_finite
 from ppo.models.hf import export_folder
 from ppo.models.lora import adapter_state, is_lora, merged_for_export, save_adapters, split_adapters
@@ -420,11 +421,12 @@ def publish(tmp: str, target: str) -> None:
     if not os.path.isdir(target):
         os.rename(tmp, target)
         return
-    for name in os.listdir(tmp):
-        src, dst = os.path.join(tmp, name), os.path.join(target, name)
-        if os.path.isdir(src) and os.path.isdir(dst):
-            shutil.rmtree(dst)  # a same-named model subfolder: os.replace cannot replace a non-empty one
-        os.replace(src, dst)
+    with uninterruptible():  # a second signal waits for these renames: never a half-replaced model
+        for name in os.listdir(tmp):
+            src, dst = os.path.join(tmp, name), os.path.join(target, name)
+            if os.path.isdir(src) and os.path.isdir(dst):
+                shutil.rmtree(dst)  # a same-named model subfolder: os.replace cannot replace a non-empty one
+            os.replace(src, dst)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

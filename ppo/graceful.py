@@ -7,13 +7,15 @@ at the same step).  A signal during a checkpoint save lets the save complete fir
 stay until the final model is written (``close`` after the final save), so a signal during the
 final evaluation or save lets the run finish.  A second signal (2 s or more after the first)
 stops the process at once with one line: a save it interrupts is left as a ``.tmp-*`` folder
-without a manifest, never taken for a checkpoint and removed on the next start.
+without a manifest, never taken for a checkpoint and removed on the next start.  Only the few
+renames that publish a finished final model (``uninterruptible``) make it wait until they end.
 Under ``paddle.distributed.launch`` the checkpoint must be written within 30 s of the launcher's
 SIGTERM: the launcher then kills its ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -26,6 +28,30 @@ from ppo.output_dir import release_output_dir
 logger = logging.getLogger("ppo")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 REPEAT_S = 2.0  # signals this soon after the first are repeats of it
+_held = {"depth": 0, "signum": 0}  # an open ``uninterruptible`` section, and a stop it holds back
+
+
+@contextlib.contextmanager
+def uninterruptible():
+    """A short section a stop-at-once must not cut in half (moving a finished final model's files
+    into ``output_dir``): a second signal inside it takes effect when it ends."""
+    _held["depth"] += 1
+    try:
+        yield
+    finally:
+        _held["depth"] -= 1
+        if not _held["depth"] and _held["signum"]:
+            _stop_at_once(_held["signum"])
+
+
+def _stop_at_once(signum: int) -> None:
+    # os.write, not logging: the handler may have interrupted a log call of this thread
+    os.write(2, (f"second {signal.Signals(signum).name}: stopping at once; a checkpoint being written is left "
+                 "unfinished (never taken for a checkpoint, removed on the next start): continue from the "
+                 "last complete one with --resume_from_checkpoint auto\n").encode())
+    # the default action: the parent sees a process killed by the signal
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 class StopRequested(Exception):
@@ -55,13 +81,10 @@ class GracefulStop:
             # one request; a signal after REPEAT_S is the second one, the default action, now
             if time.monotonic() - self.first < REPEAT_S:
                 return
-            # os.write, not logging: the handler may have interrupted a log call of this thread
-            os.write(2, (f"second {signal.Signals(signum).name}: stopping at once; a checkpoint being written is left "
-                         "unfinished (never taken for a checkpoint, removed on the next start): continue from the "
-                         "last complete one with --resume_from_checkpoint auto\n").encode())
-            # the default action: the parent sees a process killed by the signal
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+            if _held["depth"]:
+                _held["signum"] = signum
+            else:
+                _stop_at_once(signum)
             return
         self.signum, self.first = signum, time.monotonic()
         then = "finishing the run first (the final model)" if self.finishing else \

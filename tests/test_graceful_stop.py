@@ -436,3 +436,28 @@ def test_ppo_sigterm_checkpoints_and_resumes_exactly(ranks, tiny_dir, tmp_path, 
     assert_stopped_with_checkpoint(run, 2, 4)
     assert not (run.out / "policy").exists() and not (run.out / "value").exists()
     resume_and_compare(cmd, ranks, run.out, straight, models=("policy", "value"))
+
+
+HELD = r"""
+import os, signal, sys, time
+import ppo.graceful as g
+g.REPEAT_S = 0.0
+stop = g.GracefulStop()
+os.kill(os.getpid(), signal.SIGTERM)  # the first: recorded, the run would finish its step
+time.sleep(0.1)
+with g.uninterruptible():
+    os.kill(os.getpid(), signal.SIGTERM)  # the second, inside the section: held back
+    time.sleep(0.2)
+    print("section finished", flush=True)
+print("after the section", flush=True)
+"""
+
+
+def test_second_signal_waits_for_an_uninterruptible_section():
+    # the renames publishing a final model are never cut in half: the stop-at-once comes right
+    # after the section ends, not inside it and not never
+    done = subprocess.run([sys.executable, "-c", HELD], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert done.returncode == -signal.SIGTERM, done.stderr
+    assert done.stdout.splitlines() == ["section finished"]
+    assert done.stderr.strip().splitlines()[-1].startswith("second SIGTERM: stopping at once")
