@@ -398,21 +398,24 @@ def test_score_model_export_is_backbone_plus_score_head(tmp_path):
 # the stages: transformers folders in, transformers folders out
 
 
-def check_export_matches(folder):
-    """``<folder>/hf`` read by the numpy forward equals the toolkit's model saved in ``folder``."""
+def check_export_matches(folder, load=None):
+    """``<folder>/hf`` read by the numpy forward equals the toolkit's model loaded from ``load``
+    (default: the paddlenlp model saved in ``folder``; ``<folder>/hf`` reads the export back, converted
+    into the cache) -> the exported config."""
+    load = str(load or folder)
     tensors = load_file(os.path.join(folder, "hf", "model.safetensors"))
     with open(os.path.join(folder, "hf", "config.json")) as f:
         cfg = json.load(f)
     hidden, logits = reference_forward(tensors, cfg, IDS)
     if "score.weight" in tensors:
-        model = load_score_model(str(folder))
+        model = load_score_model(load)
         model.eval()
         with paddle.no_grad():
             got = model(paddle.to_tensor([IDS]), paddle.ones([1, len(IDS)], dtype="int64")).end_scores.numpy()[0]
         np.testing.assert_allclose(got, hidden[-1] @ tensors["score.weight"].T + tensors.get("score.bias", 0),
                                    rtol=1e-5, atol=1e-5)
     else:
-        np.testing.assert_allclose(paddle_logits(load_causal_lm(str(folder)), IDS), logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(paddle_logits(load_causal_lm(load), IDS), logits, rtol=1e-5, atol=1e-5)
     assert os.path.isfile(os.path.join(folder, "hf", "tokenizer_config.json"))
     return cfg
 
