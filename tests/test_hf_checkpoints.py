@@ -3,7 +3,9 @@
 The test writes safetensors files in transformers' naming and layout itself (the ``safetensors``
 package's numpy writer; a hand-written header for bfloat16) and computes the logits with its own
 numpy forward (embedding, RMSNorm, RoPE with the config's theta, grouped-query attention with
-optional q/k/v bias, SwiGLU, tied or untied head).  No torch, no transformers.
+optional q/k/v bias, SwiGLU, tied or untied head).  No torch, no transformers.  The stages start
+from such a folder too: SFT -> reward model -> PPO in one process, SFT and the reward model under
+tensor parallel 2 against one process.
 """
 
 import json

@@ -5,7 +5,9 @@ a merged single copy), pipeline parallel, tensor x pipeline parallel (rolling ou
 tensor-parallel or single copies), data x pipeline parallel and pipeline x sharding stage 1 (4
 ranks; rollout on copies exported from the pipeline, the batch split over the pipeline's ranks);
 also the ptx loss under pipeline parallel, and recompute under tensor and pipeline parallel
-(bitwise equal to the same layout without it).
+(bitwise equal to the same layout without it).  Qwen2 under tensor and pipeline parallel, from
+paddlenlp and from transformers folders; Mistral under tensor parallel and tied Qwen2 under sharding
+stage 1, from transformers folders (converted once for all ranks; their exports checked).
 
 Every run starts from the same tiny actor (also the reward model and critic, with the score head's
 fixed-seed initialisation), sees the same global prompt batch of 8 and decodes greedily, so the
