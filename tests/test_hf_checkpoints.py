@@ -3,7 +3,9 @@
 The test writes safetensors files in transformers' naming and layout itself (the ``safetensors``
 package's numpy writer; a hand-written header for bfloat16) and computes the logits with its own
 numpy forward (embedding, RMSNorm, RoPE with the config's theta, grouped-query attention with
-optional q/k/v bias, SwiGLU, tied or untied head).  No torch, no transformers.
+optional q/k/v bias, SwiGLU, tied or untied head).  No torch, no transformers.  The stages start
+from such a folder too: SFT -> reward model -> PPO in one process, SFT and the reward model under
+tensor parallel 2 against one process.
 """
 
 import json
@@ -398,23 +400,43 @@ def test_score_model_export_is_backbone_plus_score_head(tmp_path):
 # the stages: transformers folders in, transformers folders out
 
 
-def check_export_matches(folder):
-    """``<folder>/hf`` read by the numpy forward equals the toolkit's model saved in ``folder``."""
+def check_export_matches(folder, load=None):
+    """``<folder>/hf`` read by the numpy forward equals the toolkit's model loaded from ``load``
+    (default: the paddlenlp model saved in ``folder``; ``<folder>/hf`` reads the export back, converted
+    into the cache) -> the exported config."""
+    load = str(load or folder)
     tensors = load_file(os.path.join(folder, "hf", "model.safetensors"))
     with open(os.path.join(folder, "hf", "config.json")) as f:
         cfg = json.load(f)
     hidden, logits = reference_forward(tensors, cfg, IDS)
     if "score.weight" in tensors:
-        model = load_score_model(str(folder))
+        model = load_score_model(load)
         model.eval()
         with paddle.no_grad():
             got = model(paddle.to_tensor([IDS]), paddle.ones([1, len(IDS)], dtype="int64")).end_scores.numpy()[0]
         np.testing.assert_allclose(got, hidden[-1] @ tensors["score.weight"].T + tensors.get("score.bias", 0),
                                    rtol=1e-5, atol=1e-5)
     else:
-        np.testing.assert_allclose(paddle_logits(load_causal_lm(str(folder)), IDS), logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(paddle_logits(load_causal_lm(load), IDS), logits, rtol=1e-5, atol=1e-5)
     assert os.path.isfile(os.path.join(folder, "hf", "tokenizer_config.json"))
     return cfg
+
+
+def write_stage_folder(tiny_dir, src, tied):
+    """A transformers Qwen2 folder ``src`` on the tiny tokenizer (its files copied in): random
+    weights with q/k/v biases, the vocabulary the tiny task's."""
+    from paddlenlp.transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer")))
+    tensors = hf_tensors("qwen2", tied, seed=5)
+    rng = np.random.default_rng(6)
+    tensors["model.embed_tokens.weight"] = rng.normal(0, 0.5, (vocab, H)).astype(np.float32)
+    if not tied:
+        tensors["lm_head.weight"] = rng.normal(0, 0.5, (vocab, H)).astype(np.float32)
+    cfg = dict(hf_config("qwen2", tied), vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    write_hf_folder(str(src), tensors, cfg)
+    for name in os.listdir(tiny_dir / "tokenizer"):
+        shutil.copy2(tiny_dir / "tokenizer" / name, src / name)
 
 
 @pytest.mark.slow
@@ -425,19 +447,8 @@ def test_sft_rm_ppo_from_a_qwen2_transformers_folder(tiny_dir, tmp_path, monkeyp
     from test_entrypoints import run
 
     monkeypatch.setenv("PPO_CACHE", str(tmp_path / "cache"))  # the stage processes inherit it
-    from paddlenlp.transformers import AutoTokenizer
-
-    vocab = len(AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer")))
-    tensors = hf_tensors("qwen2", tied, seed=5)
-    rng = np.random.default_rng(6)
-    tensors["model.embed_tokens.weight"] = rng.normal(0, 0.5, (vocab, H)).astype(np.float32)
-    if not tied:
-        tensors["lm_head.weight"] = rng.normal(0, 0.5, (vocab, H)).astype(np.float32)
-    cfg = dict(hf_config("qwen2", tied), vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     src = tmp_path / "hf-base"
-    write_hf_folder(str(src), tensors, cfg)
-    for name in os.listdir(tiny_dir / "tokenizer"):
-        shutil.copy2(tiny_dir / "tokenizer" / name, src / name)
+    write_stage_folder(tiny_dir, src, tied)
     before = snapshot(str(src))
     short = ["--max_steps", "2", "--eval_steps", "2", "--logging_steps", "1"]
     run("ppo/run_sft.py", "config/tiny/sft_argument.json", "--model_name_or_path", src,
@@ -454,3 +465,56 @@ def test_sft_rm_ppo_from_a_qwen2_transformers_folder(tiny_dir, tmp_path, monkeyp
         check_export_matches(tmp_path / "ppo" / sub)
     assert snapshot(str(src)) == before
     assert len(os.listdir(tmp_path / "cache" / "converted")) >= 3  # base, sft/hf, rm/hf (+ locks)
+
+
+def stage_metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == "train"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", ["sft", "reward-model"])
+def test_sft_and_reward_model_from_a_transformers_folder_under_tensor_parallel_match_one_process(
+        tiny_dir, tmp_path, monkeypatch, stage):
+    """SFT and the reward model under tensor parallel 2 start from a transformers folder (untied
+    Qwen2, q/k/v biases) with an empty cache: the folder is converted once for both ranks, each loads
+    its shards from that copy, and training equals one process started from the same folder (the
+    tolerances of test_entrypoints' two-rank tests); the final model's transformers export matches
+    the numpy forward and equals the one-process export."""
+    from test_entrypoints import run
+
+    src = tmp_path / "hf-base"
+    write_stage_folder(tiny_dir, src, tied=False)
+    before = snapshot(str(src))
+    script, config = {"sft": ("ppo/run_sft.py", "config/tiny/sft_argument.json"),
+                      "reward-model": ("rm/run_reward.py", "config/tiny/rm_argument.json")}[stage]
+    common = [config, "--model_name_or_path", src, "--max_steps", "3", "--logging_steps", "1", "--eval_steps", "3",
+              "--per_device_train_batch_size", "8"]
+    monkeypatch.setenv("PPO_CACHE", str(tmp_path / "cache-one"))  # inherited by the stage processes
+    run(script, *common, "--output_dir", tmp_path / "one")
+    monkeypatch.setenv("PPO_CACHE", str(tmp_path / "cache-tp"))
+    run(script, *common, "--output_dir", tmp_path / "tp", "--tensor_parallel_degree", "2", nproc=2)
+    one, tp = stage_metrics(tmp_path / "one"), stage_metrics(tmp_path / "tp")
+    assert len(one) == len(tp) == 3
+    for a, b in zip(one, tp):
+        # the same batch; reductions in another order (split matmuls, all-reduce): ~1e-7 apart
+        assert abs(a["loss"] - b["loss"]) < 1e-5 * max(1.0, abs(a["loss"])), (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * max(1.0, a["grad_norm"]), (a, b)
+        assert a.get("accuracy") == b.get("accuracy"), (a, b)
+    logs = [(tmp_path / "tp" / "launch-logs" / f"workerlog.{rank}").read_text() for rank in range(2)]
+    assert sum(log.count("converting the transformers folder") for log in logs) == 1
+    target = str(tmp_path / "cache-tp" / "converted" / hf._cache_key(str(src)))
+    assert all(f"the transformers folder {src} loads from its converted copy {target}" in log for log in logs)
+    assert snapshot(str(src)) == before
+    wa = paddle.load(str(tmp_path / "one" / "model_state.pdparams"))
+    wb = paddle.load(str(tmp_path / "tp" / "model_state.pdparams"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        np.testing.assert_allclose(wb[k].numpy(), wa[k].numpy(), rtol=0, atol=1e-4, err_msg=k)
+    exported = check_export_matches(tmp_path / "tp")
+    assert exported["architectures"] == ["Qwen2ForCausalLM" if stage == "sft" else "Qwen2ForSequenceClassification"]
+    ha, hb = (load_file(str(tmp_path / run_ / "hf" / "model.safetensors")) for run_ in ("one", "tp"))
+    assert ha.keys() == hb.keys()
+    for k in ha:
+        np.testing.assert_allclose(hb[k], ha[k], rtol=0, atol=1e-4, err_msg=k)

@@ -5,7 +5,9 @@ a merged single copy), pipeline parallel, tensor x pipeline parallel (rolling ou
 tensor-parallel or single copies), data x pipeline parallel and pipeline x sharding stage 1 (4
 ranks; rollout on copies exported from the pipeline, the batch split over the pipeline's ranks);
 also the ptx loss under pipeline parallel, and recompute under tensor and pipeline parallel
-(bitwise equal to the same layout without it).
+(bitwise equal to the same layout without it).  Qwen2 under tensor and pipeline parallel, from
+paddlenlp and from transformers folders; Mistral under tensor parallel and tied Qwen2 under sharding
+stage 1, from transformers folders (converted once for all ranks; their exports checked).
 
 Every run starts from the same tiny actor (also the reward model and critic, with the score head's
 fixed-seed initialisation), sees the same global prompt batch of 8 and decodes greedily, so the
@@ -28,6 +30,7 @@ import numpy as np
 import pytest
 
 from test_entrypoints import run
+from test_hf_checkpoints import check_export_matches
 
 STEPS = 3
 COMMON = ["--max_steps", str(STEPS), "--do_sample", "false", "--max_new_tokens", "8", "--update_iters", "2",
@@ -258,16 +261,29 @@ def test_ptx_under_pipeline_parallel_matches_one_process(tiny_dir, tmp_path):
         assert_same_weights(tmp_path / "one" / sub, tmp_path / "pp2" / sub, atol=1e-4)
 
 
+def randomize_biases(model, seed):
+    """paddlenlp starts the q/k/v biases at zero: make them matter from step 0 (a layout that
+    dropped or mis-split them would then differ from one process)."""
+    import paddle
+
+    rng = np.random.default_rng(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("_proj.bias"):
+            p.set_value(paddle.to_tensor(rng.normal(0, 0.3, p.shape).astype("float32")))
+
+
 @pytest.fixture(scope="module")
 def qwen2_dir(tiny_dir, tmp_path_factory):
-    """A tiny untied Qwen2 (grouped kv heads, q/k/v biases) on the tiny tokenizer."""
+    """A tiny untied Qwen2 (grouped kv heads, random q/k/v biases) on the tiny tokenizer."""
     from paddlenlp.transformers import AutoTokenizer
 
     from ppo.tiny.build import build_causal_lm
 
     out = tmp_path_factory.mktemp("qwen2")
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer"))
-    build_causal_lm(str(out / "base"), tokenizer, family="qwen2", seed=0, num_key_value_heads=2)
+    model = build_causal_lm(str(out / "base"), tokenizer, family="qwen2", seed=0, num_key_value_heads=2)
+    randomize_biases(model, seed=8)
+    model.save_pretrained(str(out / "base"))
     # the reward model: the base with a fresh (fixed-seed) score head, as tiny_dir's score/
     from ppo.models import load_score_model
 
@@ -338,7 +354,15 @@ def test_tied_qwen2_from_transformers_folders_under_sharding_matches_one_process
     with open(out / "policy" / "config.json") as f:
         saved = json.load(f)
     assert saved["model_type"] == "qwen2" and saved["tie_word_embeddings"] is True
-    # one conversion per folder, whichever rank won the lock; both ranks load that one converted copy
+    assert_converted_once(src, cache, out, nproc)
+    assert {sub: folder_bytes(src / sub) for sub in ("base", "score")} == before
+
+
+def assert_converted_once(src, cache, out, nproc):
+    """Each transformers folder ``src/base``, ``src/score`` was converted exactly once into ``cache``
+    (one log line across all ranks, whichever rank won the lock) and every rank loaded that copy."""
+    from ppo.models import hf
+
     logs = [(out / "launch-logs" / f"workerlog.{rank}").read_text() for rank in range(nproc)]
     converted = [line for log in logs for line in log.splitlines() if "converting the transformers folder" in line]
     assert sorted(line.split(" into ")[0].rsplit(" ", 1)[-1] for line in converted) == \
@@ -349,4 +373,81 @@ def test_tied_qwen2_from_transformers_folders_under_sharding_matches_one_process
             assert f"the transformers folder {src / sub} loads from its converted copy {target}" in log
     assert sorted(os.listdir(cache / "converted")) == sorted(
         os.path.basename(t) + ext for t in targets.values() for ext in ("", ".lock"))
+
+
+@pytest.fixture(scope="module")
+def mistral_dir(tiny_dir, tmp_path_factory):
+    """A tiny Mistral (grouped kv heads; its sliding window is the tiny task's max_length, 64) and its
+    score model (the base with a fixed-seed head), on the tiny tokenizer."""
+    from paddlenlp.transformers import AutoTokenizer
+
+    from ppo.models import load_score_model
+    from ppo.tiny.build import build_causal_lm
+
+    out = tmp_path_factory.mktemp("mistral")
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer"))
+    build_causal_lm(str(out / "base"), tokenizer, family="mistral", seed=0, num_key_value_heads=2, sliding_window=64)
+    load_score_model(str(out / "base")).save_pretrained(str(out / "score"))
+    tokenizer.save_pretrained(str(out / "score"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def from_transformers(tmp_path_factory):
+    """``from_transformers(family, paddlenlp_dir)`` -> (root, metrics): ``root/hf/{base,score}`` are
+    transformers folders exported from ``paddlenlp_dir``'s actor and reward model, ``root/single``
+    the one-process PPO run started from them (with its own empty cache); once per family."""
+    from ppo.models import hf
+
+    done = {}
+
+    def get(family, paddlenlp_dir):
+        if family not in done:
+            root = tmp_path_factory.mktemp(f"{family}-from-transformers")
+            for sub in ("base", "score"):
+                hf.export_folder(str(paddlenlp_dir / sub), str(root / "hf" / sub))
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("PPO_CACHE", str(root / "single-cache"))  # inherited by the run
+                done[family] = root, ppo(root / "hf", root / "single", 8)
+        return done[family]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", ["qwen2-tensor-parallel", "qwen2-pipeline-parallel", "mistral-tensor-parallel"])
+def test_ppo_from_transformers_folders_under_tensor_and_pipeline_parallel_matches_one_process(
+        request, from_transformers, tmp_path, monkeypatch, case):
+    """Two ranks under tensor or pipeline parallel start from transformers folders (the untied Qwen2
+    with random q/k/v biases, or Mistral: actor, reference, critic and reward model) with an empty
+    cache: each folder is converted once, every rank loads its shard or stage from that copy, and the
+    run equals one process started from the same folders (LLaMA's tolerances).  The transformers
+    folders written at the end (``policy/hf``, ``value/hf``) match the numpy forward of
+    test_hf_checkpoints, load back through the toolkit, and equal the one-process export."""
+    from safetensors.numpy import load_file
+
+    family, layout = case.split("-", 1)
+    root, one = from_transformers(family, request.getfixturevalue(f"{family}_dir"))
+    src, one_dir = root / "hf", root / "single"
+    before = {sub: folder_bytes(src / sub) for sub in ("base", "score")}
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PPO_CACHE", str(cache))  # inherited by the launcher and its ranks
+    extra, batch, nproc = LAYOUTS[layout]
+    out = tmp_path / layout
+    two = ppo(src, out, batch, *extra, nproc=nproc)
+    assert_same_steps(one, two)
+    assert_same_eval(one_dir, out)
+    assert_converted_once(src, cache, out, nproc)
     assert {sub: folder_bytes(src / sub) for sub in ("base", "score")} == before
+    for sub in ("policy", "value"):
+        assert_same_weights(one_dir / sub, out / sub, atol=1e-4)
+        exported = check_export_matches(out / sub)
+        assert exported["model_type"] == family and exported["tie_word_embeddings"] is False
+        check_export_matches(out / sub, load=out / sub / "hf")  # read back as a transformers folder
+        with open(one_dir / sub / "hf" / "config.json") as f:
+            assert json.load(f) == exported
+        a, b = load_file(str(one_dir / sub / "hf" / "model.safetensors")), load_file(str(out / sub / "hf" / "model.safetensors"))
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_allclose(b[name], a[name], rtol=0, atol=1e-4, err_msg=name)
