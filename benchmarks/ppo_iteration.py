@@ -70,7 +70,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from _common import matmul_gflops, status_kb as _status_kb  # noqa: E402  (benchmarks/_common.py)
+from _common import matmul_gflops, mkl_threads, status_kb as _status_kb, worker_env  # noqa: E402  (benchmarks/_common.py)
 
 OFFLOAD_ON = "freeze_model optimizer train_model"
 CONFIGS = ("tiny", "33m")
@@ -520,6 +520,7 @@ def run_worker(opts) -> dict:
     return {
         "config": opts.config,
         "offload_level": opts.offload_level or "(off)",
+        "mkl_num_threads": mkl_threads(),
         "model": {"actor_params": actor_params, "actor_params_in_matmuls": pa,
                   "reward_model_params_in_matmuls": ps, "critic_params_in_matmuls": pc,
                   "vocab_size": vocab, "hidden_size": int(trainer.actor.config.hidden_size),
@@ -582,9 +583,7 @@ def launch(config: str, offload_level: str, dirs: dict, opts, workdir: str, code
            "--result", result_file, "--iterations", str(opts.iterations), "--batch", str(opts.batch),
            "--prompt_length", str(opts.prompt_length), "--new_tokens", str(opts.new_tokens),
            "--train_batch", str(opts.train_batch), "--accumulation", str(opts.accumulation)]
-    env = dict(os.environ)
-    env.setdefault("MKL_DEBUG_CPU_TYPE", "5")
-    env["PYTHONPATH"] = code_root + os.pathsep + env.get("PYTHONPATH", "")
+    env = worker_env(code_root)
     with open(stderr_file, "w") as err:
         t_launch = time.time()
         proc = subprocess.run(cmd, stdout=err, stderr=subprocess.STDOUT, env=env, cwd=code_root)

@@ -38,6 +38,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from _common import mkl_threads, worker_env  # noqa: E402  (benchmarks/_common.py, before ppo is imported)
+
 
 def is_gemm(name: str) -> bool:
     """Matrix products (forward and gradient), the work the compute floor counts."""
@@ -159,7 +161,7 @@ def run_worker(opts) -> dict:
         "actor_update": lambda: trainer.actor_step(micro, weights, 1),
         "scoring_forward": lambda: view.log_probs(exp.sequences, exp.attention_mask, args.temperature).numpy(),
     }
-    out = {"commit": opts.commit, "rows": rows, "sequence_length": int(exp.sequences.shape[1]),
+    out = {"commit": opts.commit, "mkl_num_threads": mkl_threads(), "rows": rows, "sequence_length": int(exp.sequences.shape[1]),
            "train_micro_batch": opts.train_batch, "accumulation": opts.accumulation}
     for name, fn in regions.items():
         fn()  # warm-up
@@ -188,9 +190,7 @@ def launch(code_root: str, dirs: dict, opts, workdir: str) -> dict:
            "--prompt_length", str(opts.prompt_length), "--new_tokens", str(opts.new_tokens),
            "--train_batch", str(opts.train_batch), "--accumulation", str(opts.accumulation),
            "--repeats", str(opts.repeats), "--top", str(opts.top), "--code_root", code_root]
-    env = dict(os.environ)
-    env.setdefault("MKL_DEBUG_CPU_TYPE", "5")
-    env["PYTHONPATH"] = code_root + os.pathsep + env.get("PYTHONPATH", "")
+    env = worker_env(code_root)
     log = os.path.join(workdir, "stderr.txt")
     with open(log, "w") as err:
         proc = subprocess.run(cmd, stdout=err, stderr=subprocess.STDOUT, env=env, cwd=code_root)

@@ -33,6 +33,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from _common import matmul_gflops, mkl_threads, worker_env  # noqa: E402  (benchmarks/_common.py, before ppo)
+
 
 def random_model(args):
     """The random model (paddle seed 0) and prompts every path and checkout decodes."""
@@ -84,7 +86,8 @@ def inference_worker(args) -> dict:
     greedy = generate(inference, ids, mask, GenerationConfig(max_new_tokens=args.new, do_sample=False),
                       eos_token_id=eos, pad_token_id=0)[0]
     np.save(args.greedy_file, greedy.numpy())
-    return {"seconds": statistics.median(runs), "runs": runs, "cpu_seconds": statistics.median(cpu)}
+    return {"seconds": statistics.median(runs), "runs": runs, "cpu_seconds": statistics.median(cpu),
+            "mkl_num_threads": mkl_threads()}
 
 
 def compare_checkouts(args, argv) -> dict:
@@ -106,9 +109,7 @@ def compare_checkouts(args, argv) -> dict:
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--config", args.config,
                        "--batch", str(args.batch), "--prompt", str(args.prompt), "--new", str(args.new),
                        "--repeats", str(args.repeats), "--result", result, "--greedy_file", tokens]
-                env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-                env.setdefault("MKL_DEBUG_CPU_TYPE", "5")
-                proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+                proc = subprocess.run(cmd, env=worker_env(root), cwd=root, capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise SystemExit(f"worker for {root} failed:\n{proc.stderr[-3000:]}")
                 with open(result) as f:
@@ -130,7 +131,7 @@ def compare_checkouts(args, argv) -> dict:
     for name, root in sides:
         rounds = [r["seconds"] for r in runs[name]]
         fastest = min(x for r in runs[name] for x in r["runs"])
-        out["sides"][name] = {"path": root, "commit": _git_head(root),
+        out["sides"][name] = {"path": root, "commit": _git_head(root), "mkl_num_threads": runs[name][0]["mkl_num_threads"],
                               "seconds_median_over_rounds": round(statistics.median(rounds), 4),
                               "tokens_per_s": round(tokens / statistics.median(rounds), 1),
                               "seconds_fastest_run": round(fastest, 4),
@@ -190,8 +191,6 @@ def main(argv=None):
 
     sys.path.insert(0, ROOT)
     import ppo  # noqa: F401  (MKL environment before paddle)
-    from _common import matmul_gflops  # benchmarks/_common.py
-
     from ppo.entry import quiet_libraries
     from ppo.inference import InferenceModel
     from ppo.rollout import GenerationConfig, generate
@@ -229,7 +228,7 @@ def main(argv=None):
     tokens = args.batch * args.new
     floor_s = 2 * params * tokens / (gflops * 1e9)
     floor_all = 2 * params * args.batch * (args.prompt + args.new) / (gflops * 1e9)
-    result = {"config": args.config, "params": int(params), "batch": args.batch, "prompt": args.prompt,
+    result = {"config": args.config, "mkl_num_threads": mkl_threads(), "params": int(params), "batch": args.batch, "prompt": args.prompt,
               "new_tokens": args.new, "matmul_gflops": round(gflops, 1),
               "floor_generated_seconds": round(floor_s, 4), "floor_all_seconds": round(floor_all, 4)}
     for name, fn in (("inference", run_inference), ("inference_static", run_inference_static),

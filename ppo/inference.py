@@ -195,8 +195,9 @@ class InferenceModel(RolloutDecoder):
         inside = ((local >= 0) & (local < rows)).astype(weight.dtype).unsqueeze(-1)
         return self._reduce(F.embedding(paddle.clip(local, 0, rows - 1), weight) * inside)
 
-    def _vocab_split(self, head) -> bool:
+    def _vocab_split(self, head=None) -> bool:
         """Whether this rank holds a slice of the LM head's vocabulary (tensor parallel)."""
+        head = self.layout().lm_head if head is None else head
         width = head.shape[0] if self.lm_head_transposed else head.shape[-1]
         return self.mp > 1 and width != self.vocab_size
 

@@ -112,3 +112,25 @@ def test_dense_kernels_restore_the_flag():
                 assert paddle.get_flags(["FLAGS_use_stride_kernel"])["FLAGS_use_stride_kernel"] is False
             raise RuntimeError("inside")
     assert paddle.get_flags(["FLAGS_use_stride_kernel"])["FLAGS_use_stride_kernel"] == before
+
+
+def test_mkl_threads_default_to_this_ranks_share_of_the_cores():
+    """``import ppo`` gives MKL the cores this process may use over the launcher's local ranks, at
+    least 1, and keeps a value the user set (paddle alone runs its matmuls on one thread)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cores = len(os.sched_getaffinity(0))
+
+    def threads(**env):
+        base = {k: v for k, v in os.environ.items() if k not in ("MKL_NUM_THREADS", "PADDLE_LOCAL_SIZE")}
+        out = subprocess.run([sys.executable, "-c", "import os, ppo; print(os.environ['MKL_NUM_THREADS'])"],
+                             env={**base, "PYTHONPATH": root, **env}, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+    assert threads() == str(cores)
+    assert threads(PADDLE_LOCAL_SIZE="2") == str(max(1, cores // 2))
+    assert threads(PADDLE_LOCAL_SIZE=str(4 * cores)) == "1"
+    assert threads(MKL_NUM_THREADS="3") == "3"
