@@ -11,7 +11,7 @@ by concatenation every step).  ``InferenceModel`` runs the same computation with
 * the model's own parameters and rotary tables, read at every call, so a rollout always sees the
   training model's current weights.  The decode step multiplies by larger matrices made from them
   once per rollout, in ``start``: q, k and v side by side (one GEMM), gate and up side by side
-  (one GEMM, then paddle's fused SwiGLU); they cannot go stale within a rollout;
+  (one GEMM); they cannot go stale within a rollout;
 * fewer, fused operators per decode step (``benchmarks/rollout_speed.py``): the residual add and
   RMSNorm as one fused kernel, one rotary multiply-add for queries, keys and values together (the
   attention scale folded into the queries' factors), and the new keys and values written into the
@@ -382,7 +382,8 @@ class InferenceModel(RolloutDecoder):
             out = paddle.matmul(probs, values[i]).reshape([B, H * D])
             x, h = _add_rms_norm(self._row_parallel_step(out, o), h, post_norm, self.eps)
             act = _project(x, gate_up)
-            act = F.swiglu(act if gate_up[1] is None else act + gate_up[1])
+            gate, up = paddle.chunk(act if gate_up[1] is None else act + gate_up[1], 2, axis=-1)
+            act = F.silu(gate) * up  # (at 16 rows paddle's fused swiglu kernel is 2x slower than these two)
             following = layers[i + 1][0] if i + 1 < len(layers) else norm
             x, h = _add_rms_norm(self._row_parallel_step(act, down), h, following, self.eps)
         return self._full_logits(x, head)
