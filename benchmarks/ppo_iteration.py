@@ -70,7 +70,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from _common import matmul_gflops, mkl_threads, status_kb as _status_kb, worker_env  # noqa: E402  (benchmarks/_common.py)
+from _common import (  # noqa: E402  (benchmarks/_common.py)
+    matmul_gflops, mkl_threads, status_kb as _status_kb, worker_env)
 
 OFFLOAD_ON = "freeze_model optimizer train_model"
 CONFIGS = ("tiny", "33m")

@@ -1,8 +1,8 @@
 """Where the time of a training and a scoring phase goes: paddle's profiler over one actor update
 and one scoring forward, per-operator totals.
 
-A fresh worker process per checkout (this one, and ``--reference PATH`` for a reference checkout
-such as ``git worktree add --detach /tmp/ref 5a67775``) builds a ``PPOTrainer`` over the same random
+A fresh worker process per checkout (this one, and ``--reference PATH [PATH ...]`` for reference
+checkouts such as ``git worktree add --detach /tmp/ref 5a67775``) builds a ``PPOTrainer`` over the same random
 models (``ppo_iteration.build_models``), makes one experience batch on the fixed workload (random
 prompts of ``--prompt_length`` tokens, ``--new_tokens`` sampled tokens, no padding), warms up, times
 each region without the profiler (median of ``--repeats``) and then runs it once under
@@ -18,7 +18,10 @@ operators nested inside it) and the rest (Python, dispatch, autograd bookkeeping
 (matmul and its gradient), and the top operators by self time with their call counts and shares of
 the region's wall time under the profiler.
 
-    python benchmarks/profile_phases.py [--reference /tmp/ref] [--config 33m] [--top 25]
+    python benchmarks/profile_phases.py [--reference /tmp/ref ...] [--config 33m] [--top 25]
+
+Each worker runs with the MKL thread setting its checkout gives it (``MKL_NUM_THREADS`` from the
+environment wins: set it to 1 to compare the operators of two checkouts at equal matmul speed).
 
 Prints one JSON object and writes it to ``--output`` (default
 ``benchmarks/results/profile_phases_<config>.json``).
@@ -105,7 +108,8 @@ def summarize(totals: dict, wall_s: float, top: int) -> dict:
         "outside_operators_share_of_wall": round(1 - totals["outermost_ns"] / wall_ns, 4),
         "top_ops_by_self_time": [
             {"op": name, "calls": o["calls"], "self_ms": round(o["self_ns"] / 1e6, 2),
-             "share_of_wall": round(o["self_ns"] / wall_ns, 4), "mean_self_us": round(o["self_ns"] / o["calls"] / 1e3, 1)}
+             "share_of_wall": round(o["self_ns"] / wall_ns, 4),
+             "mean_self_us": round(o["self_ns"] / o["calls"] / 1e3, 1)}
             for name, o in ranked[:top]],
     }
 
@@ -161,7 +165,8 @@ def run_worker(opts) -> dict:
         "actor_update": lambda: trainer.actor_step(micro, weights, 1),
         "scoring_forward": lambda: view.log_probs(exp.sequences, exp.attention_mask, args.temperature).numpy(),
     }
-    out = {"commit": opts.commit, "mkl_num_threads": mkl_threads(), "rows": rows, "sequence_length": int(exp.sequences.shape[1]),
+    out = {"commit": opts.commit, "mkl_num_threads": mkl_threads(), "rows": rows,
+           "sequence_length": int(exp.sequences.shape[1]),
            "train_micro_batch": opts.train_batch, "accumulation": opts.accumulation}
     for name, fn in regions.items():
         fn()  # warm-up
@@ -212,8 +217,9 @@ def _git_head(folder: str) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=["33m", "tiny"], default="33m")
-    parser.add_argument("--reference", metavar="REF_CHECKOUT", default=None,
-                        help="also profile this checkout's trainer (same models and batch), reported as 'before'")
+    parser.add_argument("--reference", nargs="+", metavar="REF_CHECKOUT", default=[],
+                        help="also profile these checkouts' trainers (same models and batch), reported as "
+                             "'before_<commit>'")
     parser.add_argument("--prompt_length", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--train_batch", type=int, default=4, help="rows per micro-batch (default 4)")
@@ -221,7 +227,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timed runs without the profiler (median)")
     parser.add_argument("--top", type=int, default=25, help="operators listed per region")
     parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine shared)")
-    parser.add_argument("--output", default=None, help="JSON file (default benchmarks/results/profile_phases_<config>.json)")
+    parser.add_argument("--output", default=None,
+                        help="JSON file (default benchmarks/results/profile_phases_<config>.json)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--code_root", default=ROOT, help=argparse.SUPPRESS)
     for hidden in ("--actor", "--rm", "--workdir", "--result", "--commit"):
@@ -251,7 +258,7 @@ def main(argv=None):
            "results": {}}
     with tempfile.TemporaryDirectory(prefix="ppo-profile-") as tmp:
         dirs = build_models(opts.config, os.path.join(tmp, "models"))
-        sides = ([("before", os.path.abspath(opts.reference))] if opts.reference else []) + [("after", ROOT)]
+        sides = [(f"before_{_git_head(p)[:7]}", os.path.abspath(p)) for p in opts.reference] + [("after", ROOT)]
         for side, root in sides:
             workdir = os.path.join(tmp, side)
             os.makedirs(workdir)

@@ -120,7 +120,8 @@ def compare_checkouts(args, argv) -> dict:
             loads.append(os.getloadavg())
     tokens = args.batch * args.new
     out = {"benchmark": "rollout_speed --compare",
-           "command": "python " + " ".join(["benchmarks/rollout_speed.py"] + (argv if argv is not None else sys.argv[1:])),
+           "command": "python " + " ".join(["benchmarks/rollout_speed.py"]
+                                           + (argv if argv is not None else sys.argv[1:])),
            "note": args.note, "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
                                           "platform": platform.platform()},
            "load_average_1_5_15_min_per_round": [[round(x, 2) for x in load] for load in loads],
@@ -131,7 +132,8 @@ def compare_checkouts(args, argv) -> dict:
     for name, root in sides:
         rounds = [r["seconds"] for r in runs[name]]
         fastest = min(x for r in runs[name] for x in r["runs"])
-        out["sides"][name] = {"path": root, "commit": _git_head(root), "mkl_num_threads": runs[name][0]["mkl_num_threads"],
+        out["sides"][name] = {"path": root, "commit": _git_head(root),
+                              "mkl_num_threads": runs[name][0]["mkl_num_threads"],
                               "seconds_median_over_rounds": round(statistics.median(rounds), 4),
                               "tokens_per_s": round(tokens / statistics.median(rounds), 1),
                               "seconds_fastest_run": round(fastest, 4),
@@ -228,7 +230,8 @@ def main(argv=None):
     tokens = args.batch * args.new
     floor_s = 2 * params * tokens / (gflops * 1e9)
     floor_all = 2 * params * args.batch * (args.prompt + args.new) / (gflops * 1e9)
-    result = {"config": args.config, "mkl_num_threads": mkl_threads(), "params": int(params), "batch": args.batch, "prompt": args.prompt,
+    result = {"config": args.config, "mkl_num_threads": mkl_threads(), "params": int(params), "batch": args.batch,
+              "prompt": args.prompt,
               "new_tokens": args.new, "matmul_gflops": round(gflops, 1),
               "floor_generated_seconds": round(floor_s, 4), "floor_all_seconds": round(floor_all, 4)}
     for name, fn in (("inference", run_inference), ("inference_static", run_inference_static),

@@ -397,9 +397,11 @@ class InferenceModel(RolloutDecoder):
             if not paddle.is_compiled_with_cuda():
                 # the static executor's thread pool only adds hand-offs to a CPU step
                 paddle.set_flags({"FLAGS_new_executor_serial_run": True})
-            def step(token, cos, sin, bias, slot, keys, values, weights):  # (to_static takes functions or
-                return self._decode(token, cos, sin, bias, slot, keys, values, weights)  # Layer methods)
 
+            def step(token, cos, sin, bias, slot, keys, values, weights):
+                return self._decode(token, cos, sin, bias, slot, keys, values, weights)
+
+            # (to_static converts functions and Layer methods, not a plain class's methods)
             self._static_step = paddle.jit.to_static(step, full_graph=True)
         return self._static_step(*args)
 
