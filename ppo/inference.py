@@ -4,18 +4,22 @@ Why: paddlenlp's forward spends most of a decode step outside arithmetic (on thi
 attention multiplies by a transposed key view, a slow batched-matmul path, and the KV cache grows
 by concatenation every step).  ``InferenceModel`` runs the same computation with
 
-* a KV cache preallocated once per rollout, one ``[B, kv_heads, T_max, head_dim]`` tensor per layer
-  for keys and for values, written in place; unwritten slots are masked, so the cache is never
-  sliced or concatenated;
+* a KV cache preallocated once per rollout in ``[layers, B, kv_heads, T_max, head_dim]`` layout,
+  written in place; unwritten slots are masked, so the cache is never sliced or concatenated;
 * attention as ``matmul(q, K, transpose_y=True)`` on that layout (the fast path);
-* the model's own parameters and rotary tables, read at every call, so a rollout always sees the
-  training model's current weights.  The decode step multiplies by larger matrices made from them
-  once per rollout, in ``start``: q, k and v side by side (one GEMM), gate and up side by side
-  (one GEMM); they cannot go stale within a rollout;
-* fewer, fused operators per decode step (``benchmarks/rollout_speed.py``): the residual add and
-  RMSNorm as one fused kernel, one rotary multiply-add for queries, keys and values together (the
-  attention scale folded into the queries' factors), and the new keys and values written into the
-  cache before attention (no separate column for the current token).
+* the model's own parameters and rotary tables, read at every call: there is no copy to refresh,
+  so a rollout always sees the training model's current weights;
+* for the prompt prefill and scoring, fewer operators on dense tensors: the residual add and
+  RMSNorm as one fused kernel, rotary as ``x * cos + roll(x) * signed_sin`` with the attention
+  scale folded into the queries' factors, SwiGLU in one kernel, and paddle's dense view kernels
+  (``ppo.models.fast_paths.dense_kernels``).
+
+The decode step keeps separate projections and a small operator count per layer: fusing q|k|v and
+gate|up into one GEMM each (copies made once per rollout), one rotary op for q, k and v and
+per-layer cache writes were measured no faster (27.8 against 27.4 ms per step at batch 16 on the
+33.5M model, one MKL thread; 18.1 against 18.6 on two): the step is ~75% matmuls streaming the
+weights, and the operators it removed cost a few microseconds each (``benchmarks/rollout_speed.py``,
+README "Performance").
 
 It implements the decoder protocol (``ppo.decoding.RolloutDecoder``), so sampling, EOS handling
 and masks are shared with the reference path.  It is family-agnostic: it reads the model through its
@@ -24,10 +28,10 @@ projection biases, tied or untied LM head, LoRA adapters.  Logits agree with the
 to float rounding (tested, 1e-5).
 
 ``static_decode``: the decode step as one static graph (``paddle.jit.to_static``), compiled once
-per shape (batch x cache length: one per rollout bucket).  The step's weights, cache and slot are
-program inputs, so it runs the current weights.  On this CPU build it measured no faster than the
-eager step: the step's time is in its kernels, not in launching them; it is off by default and
-meant for accelerators, where launches cost more.
+per shape (batch x cache length: one per rollout bucket).  The parameters enter the program by
+reference, so it also runs the current weights.  On this CPU build it measured no faster than the
+eager step (``benchmarks/rollout_speed.py``): the step's time is in its kernels, not in launching
+them; it is off by default and meant for accelerators, where launches cost more.
 """
 
 from __future__ import annotations
@@ -92,52 +96,15 @@ def _linear(x, projection: Projection):
     return y if projection.bias is None else y + projection.bias
 
 
-# The decode step's weights are plain tuples (a static program takes nested tuples of tensors as
-# inputs, not dataclasses): a projection is (weight [in, out], bias [out] | None, lora_a [in, r] |
-# None, lora_b [r, out] | None) with the LoRA scale folded into lora_b; a layer is (input_norm, qkv,
-# o, post_attention_norm, gate_up, down); the step's weights (embed_tokens, layers, norm, lm_head).
+def _rotation_matrix(D: int, dtype):
+    """[D, D] with ``x @ R == rotate_half(x)``: out[j] = -x[j + D/2] (j < D/2), x[j - D/2] (j >= D/2)."""
+    import numpy as np
 
-
-def _step_projection(projection: Projection) -> tuple:
-    lora_b = None if projection.lora_a is None else projection.lora_b * projection.lora_scale
-    return projection.weight, projection.bias, projection.lora_a, lora_b
-
-
-def _side_by_side(parts: list[Projection]) -> tuple:
-    """One step projection computing ``parts`` at once: weights (and biases) concatenated on the
-    output axis; LoRA as x @ [A_1 | A_2 ..] @ blockdiag(B_1 s_1, B_2 s_2, ..) (zero blocks for
-    parts without an adapter).  A copy: made once per rollout."""
-    weight = paddle.concat([p.weight for p in parts], axis=1)
-    widths = [p.weight.shape[1] for p in parts]
-    bias = None
-    if any(p.bias is not None for p in parts):
-        bias = paddle.concat([p.bias if p.bias is not None else paddle.zeros([w], weight.dtype)
-                              for p, w in zip(parts, widths)])
-    adapted = [i for i, p in enumerate(parts) if p.lora_a is not None]
-    if not adapted:
-        return weight, bias, None, None
-    lora_a = paddle.concat([parts[i].lora_a for i in adapted], axis=1)
-    lora_b = paddle.zeros([lora_a.shape[1], sum(widths)], weight.dtype)
-    row = 0
-    for i in adapted:
-        rank, col = parts[i].lora_a.shape[1], sum(widths[:i])
-        lora_b[row:row + rank, col:col + widths[i]] = parts[i].lora_b * parts[i].lora_scale
-        row += rank
-    return weight, bias, lora_a, lora_b
-
-
-def _columns(projection: Projection, index) -> tuple:
-    """A step projection with the output columns ``index`` (int64 [out]) of ``projection``."""
-    weight, bias, lora_a, lora_b = _step_projection(projection)
-    pick = lambda t: None if t is None else paddle.index_select(t, index, axis=t.ndim - 1)  # noqa: E731
-    return pick(weight), pick(bias), lora_a, pick(lora_b)
-
-
-def _project(x, projection: tuple):
-    """x [N, in] through a step projection (no bias: callers add it) -> [N, out]."""
-    weight, _, lora_a, lora_b = projection
-    y = paddle.matmul(x, weight)
-    return y if lora_a is None else y + paddle.matmul(paddle.matmul(x, lora_a), lora_b)
+    half = D // 2
+    r = np.zeros((D, D), dtype="float32")
+    r[np.arange(half) + half, np.arange(half)] = -1.0
+    r[np.arange(half), np.arange(half) + half] = 1.0
+    return paddle.to_tensor(r).astype(dtype)
 
 
 class InferenceModel(RolloutDecoder):
@@ -174,7 +141,6 @@ class InferenceModel(RolloutDecoder):
         self.lm_head_transposed = layout.lm_head_transposed
         self.max_positions = config.max_position_embeddings
         self.cache = None
-        self.step_weights = None
 
     # -- tensor parallel ---------------------------------------------------------------------
 
@@ -245,8 +211,8 @@ class InferenceModel(RolloutDecoder):
         """
         B, S = ids.shape
         layout = self.layout()
-        # dense kernels: the cache writes go to whole tensors, not through views; inputs that are
-        # views (a bucket's columns of the prompts) are made dense first, as those kernels need
+        # dense kernels: the cache writes index the whole tensors, not views; inputs that are views
+        # (a bucket's columns of the prompts) are made dense first, as those kernels need
         ids, positions = ids.contiguous(), positions.contiguous()
         with dense_kernels():
             x = self._hidden(ids, positions, start, key_bias, layout, self.cache)
@@ -278,9 +244,10 @@ class InferenceModel(RolloutDecoder):
             k = _rotary(k.reshape([B, S, KV, D]).transpose([0, 2, 1, 3]), cos_k, sin_k)
             v = v.reshape([B, S, KV, D]).transpose([0, 2, 1, 3])
             if cache is not None:
+                # written into the whole cache tensor (under dense kernels cache[0][i] is a copy)
+                cache[0][i, :, :, start:start + S] = k
+                cache[1][i, :, :, start:start + S] = v
                 keys, values = cache[0][i], cache[1][i]
-                keys[:, :, start:start + S] = k
-                values[:, :, start:start + S] = v
             else:
                 keys, values = k, v
             if KV != H:
@@ -328,82 +295,67 @@ class InferenceModel(RolloutDecoder):
         end = paddle.take_along_axis(scores, index.reshape([-1, 1, 1]).expand([-1, 1, scores.shape[-1]]), axis=1)
         return scores, end.squeeze(1)
 
-    # -- decoding: one token per row and step -----------------------------------------------------
-
-    def _step_weights(self, layout: DecoderLayout) -> tuple:
-        """The decode step's weights (module comment above ``_step_projection``): q, k, v side by
-        side in that order (a family's fused layout reordered to it), gate and up side by side."""
-        H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        G = H // KV
-        qkv_order = None
-        layers = []
-        for w in layout.layers:
-            if w.qkv is None:
-                qkv = _side_by_side([w.q, w.k, w.v])
-            else:  # paddlenlp's fused layout, per kv head [its G query heads | key | value] -> [q | k | v]
-                if qkv_order is None:
-                    group = [[kv * (G + 2) * D + g * D + d for g in range(G) for d in range(D)] for kv in range(KV)]
-                    q = [c for cols in group for c in cols]
-                    k = [kv * (G + 2) * D + G * D + d for kv in range(KV) for d in range(D)]
-                    qkv_order = paddle.to_tensor(q + k + [c + D for c in k], dtype="int64")
-                qkv = _columns(w.qkv, qkv_order)
-            gate_up = _side_by_side([w.gate, w.up]) if w.gate_up is None else _step_projection(w.gate_up)
-            layers.append((w.input_norm, qkv, _step_projection(w.o), w.post_attention_norm, gate_up,
-                           _step_projection(w.down)))
-        return layout.embed_tokens, layers, layout.norm, layout.lm_head
-
-    def _row_parallel_step(self, x, projection: tuple):
-        y = self._reduce(_project(x, projection))
-        return y if projection[1] is None else y + projection[1]
-
-    def _decode(self, token, cos, sin, bias, slot, keys, values, weights):
-        """One new token per row (token [B]) at cache slot ``slot`` (int64 0-D); its keys and values
-        are written into the per-layer caches ``keys`` / ``values`` ([B, KV, T, D] each) first.
-
-        cos / sin [B, H + 2 KV, D]: rotary factors for the fused q | k | v rows (queries' scaled by
-        1/sqrt(D), sin signed for ``_rotary``, values' 1 and 0); bias [B, KV, H / KV, T]: 0 where a
-        row may attend.  Returns the logits [B, V] (float32).
-        """
-        embed, layers, norm, head = weights
-        B = token.shape[0]
-        H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        h = self._embed(token, embed)                                               # [B, hidden]
-        x = _rms_norm(h, layers[0][0], self.eps)
-        for i, (_, qkv, o, post_norm, gate_up, down) in enumerate(layers):
-            mixed = _project(x, qkv)
-            if qkv[1] is not None:
-                mixed = mixed + qkv[1]
-            q, k, v = paddle.split(_rotary(mixed.reshape([B, H + 2 * KV, D]), cos, sin), [H, KV, KV], axis=1)
-            keys[i][:, :, slot] = k
-            values[i][:, :, slot] = v
-            # grouped heads without copies: query head j uses key head j // (H / KV)
-            scores = paddle.matmul(q.reshape([B, KV, H // KV, D]), keys[i], transpose_y=True) + bias
-            probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
-            out = paddle.matmul(probs, values[i]).reshape([B, H * D])
-            x, h = _add_rms_norm(self._row_parallel_step(out, o), h, post_norm, self.eps)
-            act = _project(x, gate_up)
-            gate, up = paddle.chunk(act if gate_up[1] is None else act + gate_up[1], 2, axis=-1)
-            act = F.silu(gate) * up  # (at 16 rows paddle's fused swiglu kernel is 2x slower than these two)
-            following = layers[i + 1][0] if i + 1 < len(layers) else norm
-            x, h = _add_rms_norm(self._row_parallel_step(act, down), h, following, self.eps)
-        return self._full_logits(x, head)
-
-    def _decode_step(self, token, cos, sin, bias, slot):
+    def _decode_step(self, token, cos, sin, cache_bias):
         """``_decode`` eagerly, or as its compiled static graph (``static_decode``)."""
-        args = (token, cos, sin, bias, slot, self.cache[0], self.cache[1], self.step_weights)
         if not self.static_decode or self.mp > 1:  # (tensor parallel decodes eagerly: collectives)
-            return self._decode(*args)
+            return self._decode(token, cos, sin, cache_bias, self.cache)
         if self._static_step is None:
             if not paddle.is_compiled_with_cuda():
                 # the static executor's thread pool only adds hand-offs to a CPU step
                 paddle.set_flags({"FLAGS_new_executor_serial_run": True})
 
-            def step(token, cos, sin, bias, slot, keys, values, weights):
-                return self._decode(token, cos, sin, bias, slot, keys, values, weights)
+            def step(token, cos, sin, cache_bias, keys, values):
+                return self._decode(token, cos, sin, cache_bias, (keys, values))
 
-            # (to_static converts functions and Layer methods, not a plain class's methods)
             self._static_step = paddle.jit.to_static(step, full_graph=True)
-        return self._static_step(*args)
+        return self._static_step(token, cos, sin, cache_bias, self.cache[0], self.cache[1])
+
+    def _decode(self, token, cos, sin, cache_bias, cache):
+        """One new token per row against the cache; returns (logits [B, V], new keys, new values).
+
+        The cache holds only earlier tokens: the new token's own key and value enter the softmax as
+        one extra column, and are written to the cache after the step (two writes per step instead
+        of two per layer).  New keys and values come stacked: [layers, B, kv_heads, 1, head_dim].
+        """
+        layout = self.layout()
+        B = token.shape[0]
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        h = self._embed(token, layout.embed_tokens)                        # [B, hidden]
+        scale = 1.0 / math.sqrt(D)
+        (cos_q, sin_q), (cos_k, sin_k) = self._per_head(cos, sin)
+        cache_bias = cache_bias.expand([B, H, 1, cache_bias.shape[-1]])
+        new_keys, new_values = [], []
+        for i, weights in enumerate(layout.layers):
+            q, k, v = self._qkv(_rms_norm(h, weights.input_norm, self.eps), weights)
+            q = q.reshape([B, H, 1, D])
+            k = k.reshape([B, KV, 1, D])
+            v = v.reshape([B, KV, 1, D])
+            # rotary with rotate_half as one matmul by a signed permutation (instead of 4 ops)
+            q = (q * cos_q + paddle.matmul(q, self.rotation) * sin_q) * scale
+            k = k * cos_k + paddle.matmul(k, self.rotation) * sin_k
+            new_keys.append(k)
+            new_values.append(v)
+            keys, values = cache[0][i], cache[1][i]
+            if KV != H:
+                keys, values = (paddle.repeat_interleave(t, H // KV, axis=1) for t in (keys, values))
+                k, v = (paddle.repeat_interleave(t, H // KV, axis=1) for t in (k, v))
+            scores = paddle.concat([paddle.matmul(q, keys, transpose_y=True) + cache_bias,
+                                    (q * k).sum(-1, keepdim=True)], axis=-1)
+            probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
+            out = paddle.matmul(probs[..., :-1], values) + probs[..., -1:].expand([B, H, 1, D]) * v  # [B, H, 1, D]
+            h = h + self._row_parallel(out.reshape([B, H * D]), weights.o)
+            h = h + self._mlp(_rms_norm(h, weights.post_attention_norm, self.eps), weights)
+        last = _rms_norm(h, layout.norm, self.eps)
+        return self._full_logits(last, layout.lm_head), paddle.stack(new_keys), paddle.stack(new_values)
+
+    def _per_head(self, cos, sin):
+        """RoPE factors [B, 1, S, D] expanded to the query and the key heads, once for all layers:
+        paddle's CPU kernels broadcast slowly (8x for [B, 1, 1, D] against [B, H, 1, D])."""
+        B, _, S, D = cos.shape
+        query = (cos.expand([B, self.n_heads, S, D]), sin.expand([B, self.n_heads, S, D]))
+        if self.n_kv == self.n_heads:
+            return query, query
+        return query, (cos.expand([B, self.n_kv, S, D]), sin.expand([B, self.n_kv, S, D]))
 
     def _bias(self, key_mask, S: int, start: int):
         """[B, 1, S, T_max] additive mask: padding, unwritten cache slots and the causal order."""
@@ -417,45 +369,38 @@ class InferenceModel(RolloutDecoder):
     # -- the decoder protocol (ppo.decoding.RolloutDecoder) -------------------------------------
 
     def start(self, input_ids, attention_mask, position_ids, max_new_tokens: int):
-        """Prefill a left-padded prompt batch; returns the logits [B, V] for the first new token.
-        The decode step's fused weights are made here, from the current parameters."""
+        """Prefill a left-padded prompt batch; returns the logits [B, V] for the first new token."""
         B, P = input_ids.shape
         T = P + max_new_tokens
         layout = self.layout()
         dtype = layout.embed_tokens.dtype
-        H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        # one tensor per layer for K and for V: a decode step writes each in place, no views
-        self.cache = tuple([paddle.zeros([B, KV, T, D], dtype) for _ in layout.layers] for _ in range(2))
+        L = len(layout.layers)
+        # one tensor per K and V for all layers: a decode step writes each with a single assignment
+        self.cache = (paddle.zeros([L, B, self.n_kv, T, self.head_dim], dtype),
+                      paddle.zeros([L, B, self.n_kv, T, self.head_dim], dtype))
         self.key_mask = paddle.concat([attention_mask.astype("int64"), paddle.zeros([B, max_new_tokens], "int64")], 1)
         self.length = P
-        self.step_weights = self._step_weights(layout)
-        # the rotary factors of the fused q | k | v rows: a query row scales cos and sin by
-        # 1/sqrt(D), a key row keeps them, a value row gets cos 1 and sin 0 (it passes unchanged)
-        scale = 1.0 / math.sqrt(D)
-        rows = [scale] * H + [1.0] * KV + [0.0] * KV
-        self.row_scale = paddle.to_tensor(rows, dtype=dtype).reshape([1, -1, 1])
-        self.row_shift = paddle.to_tensor([0.0] * (H + KV) + [1.0] * KV, dtype=dtype).reshape([1, -1, 1])
         self.cos_table = layout.cos  # [max_positions, D]
-        self.signed_sin_table = layout.sin * _rotary_sign(D, layout.sin.dtype)
+        self.rotation = _rotation_matrix(self.head_dim, self.cos_table.dtype)
+        self.sin_table = layout.sin
         return self._forward(input_ids, position_ids, 0, self._bias(self.key_mask, P, 0))
 
     def step(self, token, token_mask, position_ids):
         """Append one token per row (token_mask 0 for rows that already finished); next logits [B, V]."""
-        B = token.shape[0]
-        # a finished row's token is padding: written, but masked from every query (its own too)
-        self.key_mask[:, self.length] = token_mask.astype("int64")
         minimum = paddle.finfo(paddle.float32).min
-        bias = ((1 - self.key_mask).astype("float32") * minimum).reshape([B, 1, 1, -1])
-        bias = bias.expand([B, self.n_kv, self.n_heads // self.n_kv, bias.shape[-1]])
+        # the cache's earlier slots: real tokens only (unwritten slots have key_mask 0)
+        cache_bias = ((1 - self.key_mask).astype("float32") * minimum).reshape([token.shape[0], 1, 1, -1])
         pos = position_ids.reshape([-1])
-        cos = self.cos_table[pos].unsqueeze(1) * self.row_scale + self.row_shift  # [B, H + 2 KV, D]
-        sin = self.signed_sin_table[pos].unsqueeze(1) * self.row_scale
-        slot = paddle.full([], self.length, "int64")
-        logits = self._decode_step(token, cos, sin, bias, slot)
+        cos = self.cos_table[pos].reshape([-1, 1, 1, self.head_dim])
+        sin = self.sin_table[pos].reshape([-1, 1, 1, self.head_dim])
+        logits, keys, values = self._decode_step(token, cos, sin, cache_bias)
+        # a finished row's token is padding: written but masked from later steps
+        self.cache[0][:, :, :, self.length] = keys.squeeze(3)
+        self.cache[1][:, :, :, self.length] = values.squeeze(3)
+        self.key_mask[:, self.length] = token_mask.astype("int64")
         self.length += 1
         return logits
 
     def release(self) -> None:
-        """Drop the KV cache and the step's weights (memory back before the training phases)."""
+        """Drop the KV cache (memory back before the training phases)."""
         self.cache = None
-        self.step_weights = None

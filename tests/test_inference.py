@@ -266,9 +266,9 @@ def test_scoring_in_length_groups_equals_one_batch():
 
 
 def test_decode_step_with_adapters_on_some_projections_equals_the_training_forward():
-    """The decode step multiplies by q | k | v and gate | up side by side (copies made at start);
-    with LoRA adapters on only some of them (zero blocks for the others) and after the adapters and
-    base weights move, prefill and step logits are the training forward's."""
+    """With LoRA adapters on only some projections, after the adapters and base weights move, and
+    again after a further change (a new start without a release), prefill and step logits are the
+    training forward's."""
     from ppo.models.lora import apply_lora
 
     model = make_model(seed=7, num_key_value_heads=2)
