@@ -16,7 +16,8 @@ fraction of the compute floor at the fp32 matmul rate measured in this run, coun
 ``git worktree add --detach /tmp/ref <commit>``) beside this one's: a fresh process per side and
 round, sides alternating for ``--rounds`` rounds, each process the median of ``--repeats`` timed
 rollouts after a warm-up on the same random model and prompts; reports per side the median over
-rounds, the speed-ups, whether greedy tokens agree, and the load average.
+rounds, the speed-ups, whether greedy tokens agree, the load average, and the prefill and decode
+step alone with the step's operator profile (calls per step, the matmuls' share).
 
     python benchmarks/rollout_speed.py --config 33m --compare /tmp/ref --rounds 5 --output FILE
 """
@@ -87,7 +88,56 @@ def inference_worker(args) -> dict:
                       eos_token_id=eos, pad_token_id=0)[0]
     np.save(args.greedy_file, greedy.numpy())
     return {"seconds": statistics.median(runs), "runs": runs, "cpu_seconds": statistics.median(cpu),
-            "mkl_num_threads": mkl_threads()}
+            "mkl_num_threads": mkl_threads(), **step_profile(inference, ids, mask, args.new)}
+
+
+def step_profile(decoder, ids, mask, new: int, steps: int = 32) -> dict:
+    """Where a decode step's time goes: prefill and decode-step seconds (median of 3 rollouts of
+    ``steps`` steps on random tokens), and paddle's profiler over ``steps`` steps: operators per
+    step, the matmuls' share of the wall time, the top operators by self time per step."""
+    import paddle
+    import paddle.profiler as profiler
+
+    from profile_phases import op_totals, summarize  # benchmarks/profile_phases.py
+
+    B, P = ids.shape
+    tokens = paddle.randint(4, 100, [steps + 4, B])
+    ones = paddle.ones([B], "int64")
+    positions = paddle.arange(P, dtype="int64").unsqueeze(0).expand([B, P])  # (prompts without padding)
+
+    def rollout(measure=None):
+        with paddle.no_grad():
+            t = time.perf_counter()
+            decoder.start(ids, mask, positions, new)
+            prefill = time.perf_counter() - t
+            for i in range(2):  # warm
+                decoder.step(tokens[i], ones, positions[:, -1:] + 1 + i)
+            if measure is not None:
+                measure.start()
+            t = time.perf_counter()
+            for i in range(2, steps + 2):
+                decoder.step(tokens[i], ones, positions[:, -1:] + 1 + i)
+            step = (time.perf_counter() - t) / steps
+            if measure is not None:
+                measure.stop()
+            decoder.release()
+        return prefill, step
+
+    times = [rollout() for _ in range(3)]
+    prof = profiler.Profiler(targets=[profiler.ProfilerTarget.CPU], on_trace_ready=lambda p: None)
+    _, profiled = rollout(prof)
+    summary = summarize(op_totals(prof.profiler_result), profiled * steps, 12)
+    return {"prefill_seconds": round(statistics.median(t[0] for t in times), 4),
+            "decode_step_ms": round(statistics.median(t[1] for t in times) * 1e3, 3),
+            "decode_step_profile": {
+                "ms_per_step_profiled": round(profiled * 1e3, 3),
+                "operators_per_step": round(summary["operator_calls"] / steps, 1),
+                "gemm_share_of_wall": summary["gemm_share_of_wall"],
+                "non_gemm_operator_share_of_wall": summary["non_gemm_operator_share_of_wall"],
+                "outside_operators_share_of_wall": summary["outside_operators_share_of_wall"],
+                "top_ops_per_step": [{"op": o["op"], "calls": round(o["calls"] / steps, 1),
+                                      "self_ms": round(o["self_ms"] / steps, 3)}
+                                     for o in summary["top_ops_by_self_time"]]}}
 
 
 def compare_checkouts(args, argv) -> dict:
@@ -141,7 +191,12 @@ def compare_checkouts(args, argv) -> dict:
                               # other jobs on a shared machine than wall time
                               "cpu_seconds_median_over_rounds": round(statistics.median(
                                   r["cpu_seconds"] for r in runs[name]), 4),
-                              "seconds_per_round": [round(x, 4) for x in rounds]}
+                              "seconds_per_round": [round(x, 4) for x in rounds],
+                              # prefill and one decode step: medians over rounds; the step's profile
+                              # from the first round
+                              "prefill_seconds": round(statistics.median(r["prefill_seconds"] for r in runs[name]), 4),
+                              "decode_step_ms": round(statistics.median(r["decode_step_ms"] for r in runs[name]), 3),
+                              "decode_step_profile": runs[name][0]["decode_step_profile"]}
     cur = out["sides"]["current"]["seconds_median_over_rounds"]
     out["speedup_current_over"] = {name: round(out["sides"][name]["seconds_median_over_rounds"] / cur, 3)
                                    for name, _ in sides[:-1]}
