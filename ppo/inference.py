@@ -14,12 +14,14 @@ by concatenation every step).  ``InferenceModel`` runs the same computation with
   scale folded into the queries' factors, SwiGLU in one kernel, and paddle's dense view kernels
   (``ppo.models.fast_paths.dense_kernels``).
 
-The decode step keeps separate projections and a small operator count per layer: fusing q|k|v and
-gate|up into one GEMM each (copies made once per rollout), one rotary op for q, k and v and
-per-layer cache writes were measured no faster (27.8 against 27.4 ms per step at batch 16 on the
-33.5M model, one MKL thread; 18.1 against 18.6 on two): the step is ~75% matmuls streaming the
-weights, and the operators it removed cost a few microseconds each (``benchmarks/rollout_speed.py``,
-README "Performance").
+The decode step keeps separate projections and a small operator count per layer.  A fused step
+(q|k|v and gate|up as one GEMM each on copies made once per rollout, one rotary op for q, k and v,
+per-layer cache writes: commit 536021f) was measured at batch 16 on the 33.5M model: 27.8 against
+27.4 ms per step on one MKL thread, 17.7 against 19.3 ms on two (alternating processes), a few
+percent of a rollout, for a copy of two thirds of the layer weights held during every rollout; not
+adopted.  About 75% of a step is matmuls streaming the weights (one thread: 101 MB of layer
+weights in 15.9 ms, 6.4 GB/s); the operators the fused step removed cost a few microseconds each
+(``benchmarks/rollout_speed.py --compare`` reports each checkout's step profile).
 
 It implements the decoder protocol (``ppo.decoding.RolloutDecoder``), so sampling, EOS handling
 and masks are shared with the reference path.  It is family-agnostic: it reads the model through its
@@ -203,8 +205,8 @@ class InferenceModel(RolloutDecoder):
             act = F.swiglu(_linear(h, weights.gate_up))  # [gate | up]
         return self._row_parallel(act, weights.down)
 
-    def _forward(self, ids, positions, start: int, key_bias):
-        """Run positions ``start .. start+S-1`` for ``ids`` [B, S]; returns last-position logits [B, V].
+    def _forward(self, ids, positions, key_bias):
+        """Prefill ``ids`` [B, S] into cache slots 0 .. S-1; returns the last position's logits [B, V].
 
         positions [B, S] are RoPE positions (real tokens counted); key_bias [B, 1, S, T_max] is 0 where
         a query may attend and the dtype's minimum elsewhere.
@@ -215,12 +217,12 @@ class InferenceModel(RolloutDecoder):
         # (a bucket's columns of the prompts) are made dense first, as those kernels need
         ids, positions = ids.contiguous(), positions.contiguous()
         with dense_kernels():
-            x = self._hidden(ids, positions, start, key_bias, layout, self.cache)
+            x = self._hidden(ids, positions, key_bias, layout, self.cache)
         return self._full_logits(x.reshape([B, S, -1])[:, -1], layout.lm_head)
 
-    def _hidden(self, ids, positions, start: int, key_bias, layout: DecoderLayout, cache=None):
-        """Hidden states [B*S, hidden] after the final norm.  With a ``cache`` (prefill) keys and
-        values are written to it at ``start``; without one (scoring) the sequence attends to itself."""
+    def _hidden(self, ids, positions, key_bias, layout: DecoderLayout, cache=None):
+        """Hidden states [B*S, hidden] after the final norm; the sequence attends to itself.  With a
+        ``cache`` (prefill) its keys and values are also written to cache slots 0 .. S-1."""
         B, S = ids.shape
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         # activations stay 2-D [B*S, hidden]: paddle's CPU matmul is 2-3x faster on 2-D inputs
@@ -234,8 +236,8 @@ class InferenceModel(RolloutDecoder):
         scale = 1.0 / math.sqrt(D)
         cos_q, sin_q = (t.expand([B, H, S, D]) * scale for t in (cos, sin))
         cos_k, sin_k = (t.expand([B, KV, S, D]) for t in (cos, sin))
-        if cache is not None:
-            key_bias = key_bias.expand([B, H, S, key_bias.shape[-1]])
+        if cache is not None:  # (the cache slots after the prompt are empty: left out)
+            key_bias = key_bias[..., :S].expand([B, H, S, S])
         layers = layout.layers
         x = _rms_norm(h, layers[0].input_norm, self.eps)
         for i, weights in enumerate(layers):
@@ -244,12 +246,10 @@ class InferenceModel(RolloutDecoder):
             k = _rotary(k.reshape([B, S, KV, D]).transpose([0, 2, 1, 3]), cos_k, sin_k)
             v = v.reshape([B, S, KV, D]).transpose([0, 2, 1, 3])
             if cache is not None:
-                # written into the whole cache tensor (under dense kernels cache[0][i] is a copy)
-                cache[0][i, :, :, start:start + S] = k
-                cache[1][i, :, :, start:start + S] = v
-                keys, values = cache[0][i], cache[1][i]
-            else:
-                keys, values = k, v
+                # written through the whole cache tensor (under dense kernels cache[0][i] is a copy)
+                cache[0][i, :, :, :S] = k
+                cache[1][i, :, :, :S] = v
+            keys, values = k, v
             if KV != H:
                 keys = paddle.repeat_interleave(keys, H // KV, axis=1)
                 values = paddle.repeat_interleave(values, H // KV, axis=1)
@@ -270,7 +270,7 @@ class InferenceModel(RolloutDecoder):
         B, L = sequences.shape
         sequences, attention_mask = sequences.contiguous(), attention_mask.contiguous()  # (dense kernels' inputs)
         with dense_kernels():
-            x = self._hidden(sequences, position_ids_from_mask(attention_mask), 0,
+            x = self._hidden(sequences, position_ids_from_mask(attention_mask),
                              self._bias(attention_mask.astype("int64"), L, 0), self.layout())
         return x.reshape([B, L, -1])
 
@@ -383,7 +383,7 @@ class InferenceModel(RolloutDecoder):
         self.cos_table = layout.cos  # [max_positions, D]
         self.rotation = _rotation_matrix(self.head_dim, self.cos_table.dtype)
         self.sin_table = layout.sin
-        return self._forward(input_ids, position_ids, 0, self._bias(self.key_mask, P, 0))
+        return self._forward(input_ids, position_ids, self._bias(self.key_mask, P, 0))
 
     def step(self, token, token_mask, position_ids):
         """Append one token per row (token_mask 0 for rows that already finished); next logits [B, V]."""
