@@ -16,12 +16,12 @@ by concatenation every step).  ``InferenceModel`` runs the same computation with
 
 The decode step keeps separate projections and a small operator count per layer.  A fused step
 (q|k|v and gate|up as one GEMM each on copies made once per rollout, one rotary op for q, k and v,
-per-layer cache writes: commit 536021f) was measured at batch 16 on the 33.5M model: 27.8 against
-27.4 ms per step on one MKL thread, 17.7 against 19.3 ms on two (alternating processes), a few
-percent of a rollout, for a copy of two thirds of the layer weights held during every rollout; not
-adopted.  About 75% of a step is matmuls streaming the weights (one thread: 101 MB of layer
-weights in 15.9 ms, 6.4 GB/s); the operators the fused step removed cost a few microseconds each
-(``benchmarks/rollout_speed.py --compare`` reports each checkout's step profile).
+per-layer cache writes, 206 operators per step instead of 340: commit 536021f) was measured at
+batch 16 on the 33.5M model in alternating processes: its steps 7-16% faster (noise about 5%),
+whole rollouts 0-8% faster, while holding a copy of two thirds of the layer weights during every
+rollout; not adopted.  About 75% of a step is matmuls streaming the weights (one MKL thread: the
+101 MB of layer weights in 15.9 ms, 6.4 GB/s); the operators the fused step removed cost a few
+microseconds each (``benchmarks/rollout_speed.py --compare`` reports each checkout's step profile).
 
 It implements the decoder protocol (``ppo.decoding.RolloutDecoder``), so sampling, EOS handling
 and masks are shared with the reference path.  It is family-agnostic: it reads the model through its
