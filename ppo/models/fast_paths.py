@@ -13,9 +13,10 @@ three things cost more than their arithmetic outside the matmuls:
   against 0.05 ms for the dense transpose kernel).  :func:`dense_kernels` switches views off
   (``FLAGS_use_stride_kernel``) around a forward + backward that does not write through views.
 
-:func:`install` puts the first two on a loaded model's layers (instance attributes only: other
-models and paddlenlp's classes are untouched); anything they do not cover (flash attention,
-alibi, sequence-split attention, non-float32 norms) goes to paddlenlp's own code.
+:func:`install` puts the first two on a model's layers (instance attributes only: other models and
+paddlenlp's classes are untouched); PPO installs them on the models it loads (``ppo.ppo_models``).
+Anything they do not cover (flash attention, alibi, sequence-split attention, non-float32 norms)
+goes to paddlenlp's own code.
 """
 
 from __future__ import annotations
@@ -126,10 +127,10 @@ def attention(original, query_states, config, key_states, value_states, attentio
     return (out, weights) if output_attentions else out
 
 
-def install(model) -> int:
-    """Put the fast RMSNorm and attention on ``model``'s paddlenlp layers (once); returns how many
-    layers changed.  Nothing changes without paddle's fused RMSNorm kernel for the norms."""
-    changed = 0
+def install(model):
+    """Put the fast RMSNorm and attention on ``model``'s paddlenlp layers (once: a layer so changed
+    is marked ``_ppo_fast_path``); returns ``model``.  Norms stay paddlenlp's without paddle's fused
+    RMSNorm kernel."""
     for layer in [model, *model.sublayers()]:
         if getattr(layer, "_ppo_fast_path", False):
             continue
@@ -142,5 +143,4 @@ def install(model) -> int:
         else:
             continue
         layer._ppo_fast_path = True
-        changed += 1
-    return changed
+    return model
