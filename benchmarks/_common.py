@@ -1,8 +1,31 @@
 """Measurements shared by the benchmark scripts (imported as ``_common``: a script's folder is on
 ``sys.path`` when it runs)."""
 
+import os
 import statistics
 import time
+
+# MKL_NUM_THREADS as the user set it, read before this script imports ``ppo`` (which sets its
+# default): worker processes get this, so each checkout's ``ppo`` picks its own default (a reference
+# from before that default runs paddle's single MKL thread)
+USER_MKL_THREADS = os.environ.get("MKL_NUM_THREADS")
+
+
+def worker_env(code_root: str) -> dict:
+    """The environment of a worker process that imports ``ppo`` from ``code_root``."""
+    env = dict(os.environ)
+    if USER_MKL_THREADS is None:
+        env.pop("MKL_NUM_THREADS", None)
+    else:
+        env["MKL_NUM_THREADS"] = USER_MKL_THREADS
+    env.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+    env["PYTHONPATH"] = code_root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def mkl_threads() -> str:
+    """This process's MKL thread setting (after ``import ppo``)."""
+    return os.environ.get("MKL_NUM_THREADS") or "unset (paddle runs 1)"
 
 
 def status_kb(field: str) -> int:

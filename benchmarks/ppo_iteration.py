@@ -33,10 +33,12 @@ of the dataset.
 
 Workloads (``--workload``): ``fixed``, every prompt ``--prompt_length`` random tokens and every
 response ``max_new_tokens`` long (no padding anywhere); ``realistic``, prompt lengths from
-``--min_prompt`` to ``--max_prompt`` skewed short (left padded) and an actor whose EOS logit is
-biased (``bias_eos``) so that sampled responses end at EOS after ``--eos_mean_length`` tokens on
-average: seeded, so the same lengths every run.  Each phase reports the share of the tokens it
-computed that were padding, and real tokens per second.
+``--min_prompt`` to ``--max_prompt`` skewed short (left padded) and an actor made to end sampled
+responses at EOS (``bias_eos``: EOS follows a seeded set of marked tokens, so a response's length
+is 1 + geometric with mean about ``--eos_mean_length``, truncated at the new-token limit): seeded,
+so the same lengths every run.  Each phase reports the share of the tokens it computed that were
+padding, and real tokens per second; the result reports the response lengths (mean, quantiles,
+share ended by EOS) and the load average around each worker.
 
 ``--compare REF_CHECKOUT`` (e.g. ``git worktree add /tmp/ref 5a67775``) runs the reference
 checkout's trainer under this same driver, models and prompts (its ``ppo`` on the worker's path;
@@ -68,7 +70,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from _common import matmul_gflops, status_kb as _status_kb  # noqa: E402  (benchmarks/_common.py)
+from _common import (  # noqa: E402  (benchmarks/_common.py)
+    matmul_gflops, mkl_threads, status_kb as _status_kb, worker_env)
 
 OFFLOAD_ON = "freeze_model optimizer train_model"
 CONFIGS = ("tiny", "33m")
@@ -130,44 +133,60 @@ class PeakMeter:
 # Models on disk (parent)
 
 
-def bias_eos(actor_dir: str, eos: int, mean_length: float, seed: int = 0) -> float:
-    """Give the saved actor an EOS logit that ends a sampled response after ``mean_length`` tokens
-    on average: its LM-head column becomes a random direction scaled so that the mean softmax
-    probability of EOS over the model's own final hidden states (random inputs) is 1/mean_length
-    (bisection on the scale).  Returns the scale (the EOS logit's standard deviation)."""
+def bias_eos(actor_dir: str, eos: int, mean_length: float, seed: int = 0, strength: float = 2.0) -> dict:
+    """Make the saved actor end sampled responses at EOS after about ``mean_length`` tokens, with a
+    controlled, reproducible length distribution.
+
+    A random model samples almost uniformly (the log-sum-exp of its logits varies by ~0.005 from
+    token to token), so the EOS logit cannot be a linear function of the hidden state that is
+    constant; instead it is made to fire after a marked token: a seeded set S of V / (mean_length
+    - 1) ordinary tokens gets ``strength`` times a seeded unit direction d added to its embeddings,
+    and the LM head's EOS column becomes gamma * d, gamma placing the EOS logit's threshold (the
+    other logits' log-sum-exp) midway between the hidden states h . d after tokens of S and after
+    other tokens (measured on random sequences).  So the step after the model samples a token of S
+    it samples EOS (p about 1), and otherwise almost never: a response's length is 1 + a geometric
+    number of steps with success probability |S| / V, mean about ``mean_length``, truncated at
+    ``max_new_tokens``.  Returns the calibration (set size, gamma, EOS probabilities after S and
+    otherwise)."""
     import numpy as np
     import paddle
 
+    from ppo.inference import InferenceModel
     from ppo.models import load_causal_lm
 
     model = load_causal_lm(actor_dir)
     model.eval()
     V = int(model.config.vocab_size)
     rng = np.random.default_rng(seed)
-    ids = paddle.to_tensor(rng.integers(4, V, size=(8, 96)), dtype="int64")
-    with paddle.no_grad():
-        out = model(input_ids=ids, return_dict=True)
-    logits = out.logits.numpy().reshape(-1, V).astype(np.float64)
-    weight = model.lm_head.weight  # [hidden, V]
-    hidden = np.linalg.lstsq(weight.numpy().T.astype(np.float64), logits.T, rcond=None)[0].T  # [N, hidden]
-    direction = rng.normal(size=hidden.shape[1])
-    z = hidden @ direction / (hidden @ direction).std()  # the EOS logit at scale 1
+    ordinary = np.arange(4, V)  # ids 0-3: <unk>, <s>, </s>, <pad>
+    marked = rng.choice(ordinary, size=max(1, round(len(ordinary) / max(mean_length - 1.0, 1.0))), replace=False)
+    embed = model.get_input_embeddings().weight
+    direction = rng.normal(size=embed.shape[1])
+    direction /= np.linalg.norm(direction)
+    table = embed.numpy()
+    table[marked] += (strength * direction).astype(table.dtype)
+    embed.set_value(table)
+    # where h . d falls after marked and after other tokens: final hidden states of random sequences
+    ids = paddle.to_tensor(rng.integers(4, V, size=(8, 128)), dtype="int64")
+    hidden = InferenceModel(model).final_hidden(ids, paddle.ones_like(ids)).numpy().reshape(-1, embed.shape[1])
+    z = hidden.astype(np.float64) @ direction
+    after_marked = np.isin(ids.numpy().reshape(-1), marked)
+    head = model.lm_head.weight  # [hidden, V]
+    logits = hidden.astype(np.float64) @ head.numpy().astype(np.float64)
     others = np.delete(logits, eos, axis=1)
-    lse = np.log(np.exp(others - others.max(1, keepdims=True)).sum(1)) + others.max(1)
-
-    def mean_p(scale):
-        return float(np.mean(1 / (1 + np.exp(lse - scale * z))))
-
-    lo, hi = 0.0, 20.0
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if mean_p(mid) < 1 / mean_length else (lo, mid)
-    column = direction / (hidden @ direction).std() * lo
-    w = weight.numpy()
-    w[:, eos] = column.astype(w.dtype)
-    weight.set_value(w)
+    top = others.max(1)
+    lse = np.log(np.exp(others - top[:, None]).sum(1)) + top
+    low, high = np.quantile(z[after_marked], 0.01), np.quantile(z[~after_marked], 0.999)
+    gamma = float(np.median(lse) / ((low + high) / 2))
+    w = head.numpy()
+    w[:, eos] = (gamma * direction).astype(w.dtype)
+    head.set_value(w)
     model.save_pretrained(actor_dir)
-    return lo
+    p_eos = 1 / (1 + np.exp(lse - gamma * z))
+    return {"marked_tokens": int(len(marked)), "vocab_size": V, "embedding_shift": strength, "gamma": round(gamma, 4),
+            "p_eos_after_marked_token_min": round(float(p_eos[after_marked].min()), 4),
+            "p_eos_after_other_tokens_mean": round(float(p_eos[~after_marked].mean()), 6),
+            "expected_mean_length_untruncated": round(1 + len(ordinary) / len(marked), 2)}
 
 
 def build_models(config: str, folder: str, eos_mean_length: float = 0.0) -> dict:
@@ -186,13 +205,12 @@ def build_models(config: str, folder: str, eos_mean_length: float = 0.0) -> dict
     sizes = dict(BENCH_33M) if config == "33m" else dict(TINY)
     model = build_llama(actor_dir, tokenizer, seed=0, **sizes)
     del model
-    if eos_mean_length:
-        bias_eos(actor_dir, tokenizer.eos_token_id, eos_mean_length)
+    calibration = bias_eos(actor_dir, tokenizer.eos_token_id, eos_mean_length) if eos_mean_length else None
     reward = load_score_model(actor_dir)
     reward.save_pretrained(rm_dir)
     tokenizer.save_pretrained(rm_dir)
     del reward
-    return {"actor": actor_dir, "rm": rm_dir}
+    return {"actor": actor_dir, "rm": rm_dir, "eos_calibration": calibration}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,7 +466,9 @@ def run_worker(opts) -> dict:
         padding = {k: round(1 - acc["real_" + k] / v, 4) if v else 0.0 for k, v in computed.items()}
         real = {k: acc["real_" + k] for k in computed}
         return {"seconds": seconds, "tokens": tokens, "peak_rss_mb": dict(peaks), "rss_mb": rss,
-                "padding_share": padding, "real_tokens": real}
+                "padding_share": padding, "real_tokens": real,
+                "response_lengths": attention[:, P:].sum(axis=1).numpy().tolist(),
+                "ended_with_eos": exp.ended_with_eos.numpy().tolist()}
 
     # -- run -----------------------------------------------------------------------------------
     t_first_rollout = time.time()
@@ -464,6 +484,13 @@ def run_worker(opts) -> dict:
     seconds, tokens = median_of("seconds"), median_of("tokens")
     padding, real_tokens = median_of("padding_share"), median_of("real_tokens")
     phase_peaks = {k: max(r["peak_rss_mb"][k] for r in timed) for k in timed[0]["peak_rss_mb"]}
+    lengths = np.array([n for r in timed for n in r["response_lengths"]], dtype=np.float64)
+    ended = np.array([e for r in timed for e in r["ended_with_eos"]], dtype=bool)
+    response_length = {  # over every response of the timed iterations
+        "responses": int(len(lengths)), "mean": round(float(lengths.mean()), 2),
+        **{f"p{q}": round(float(np.percentile(lengths, q)), 2) for q in (10, 25, 50, 75, 90)},
+        "ended_by_eos_share": round(float(ended.mean()), 4),
+        "at_max_new_tokens_share": round(float((lengths >= opts.new_tokens).mean()), 4)}
 
     # -- compute floor -------------------------------------------------------------------------
     actor_params = int(sum(p.size for p in trainer.actor.parameters()))
@@ -494,6 +521,7 @@ def run_worker(opts) -> dict:
     return {
         "config": opts.config,
         "offload_level": opts.offload_level or "(off)",
+        "mkl_num_threads": mkl_threads(),
         "model": {"actor_params": actor_params, "actor_params_in_matmuls": pa,
                   "reward_model_params_in_matmuls": ps, "critic_params_in_matmuls": pc,
                   "vocab_size": vocab, "hidden_size": int(trainer.actor.config.hidden_size),
@@ -509,6 +537,7 @@ def run_worker(opts) -> dict:
         "seconds_median": {k: r(v) for k, v in seconds.items()},
         "warmup_iteration_seconds": r(warmup["seconds"]["iteration"]),
         "tokens_per_iteration_median": tokens,
+        "response_length": response_length,
         "tokens_per_second": {
             "response_tokens_per_iteration_second": r(tokens["response"] / seconds["iteration"], 1),
             "generation_tokens_per_generation_second": r(tokens["response"] / seconds["generation"], 1),
@@ -555,9 +584,7 @@ def launch(config: str, offload_level: str, dirs: dict, opts, workdir: str, code
            "--result", result_file, "--iterations", str(opts.iterations), "--batch", str(opts.batch),
            "--prompt_length", str(opts.prompt_length), "--new_tokens", str(opts.new_tokens),
            "--train_batch", str(opts.train_batch), "--accumulation", str(opts.accumulation)]
-    env = dict(os.environ)
-    env.setdefault("MKL_DEBUG_CPU_TYPE", "5")
-    env["PYTHONPATH"] = code_root + os.pathsep + env.get("PYTHONPATH", "")
+    env = worker_env(code_root)
     with open(stderr_file, "w") as err:
         t_launch = time.time()
         proc = subprocess.run(cmd, stdout=err, stderr=subprocess.STDOUT, env=env, cwd=code_root)
@@ -621,6 +648,7 @@ def compare_checkouts(opts, configs, argv) -> dict:
                         "timed_iterations": opts.iterations, "rounds": opts.rounds, "offload": "off",
                         "realistic": {"min_prompt": opts.min_prompt, "max_prompt": opts.max_prompt,
                                       "eos_mean_length": opts.eos_mean_length}},
+           "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
            "results": {}}
     with tempfile.TemporaryDirectory(prefix="ppo-compare-") as tmp:
         for config in configs:
@@ -635,7 +663,11 @@ def compare_checkouts(opts, configs, argv) -> dict:
                     for side, root in (("reference", ref), ("current", ROOT)):
                         workdir = os.path.join(tmp, config, workload, f"{side}{k}")
                         os.makedirs(workdir)
+                        load_before = os.getloadavg()
                         runs[side].append(launch(config, "", dirs, opts, workdir, code_root=root))
+                        # other jobs on a shared machine: the 1/5/15-minute load around each worker
+                        runs[side][-1]["load_average_before_after"] = [[round(x, 2) for x in load_before],
+                                                                       [round(x, 2) for x in os.getloadavg()]]
                         print(f"[ppo_iteration] {name} {side} round {k}: "
                               f"{runs[side][-1]['seconds_median']['iteration']:.2f} s/iteration",
                               file=sys.stderr, flush=True)
@@ -650,6 +682,7 @@ def compare_checkouts(opts, configs, argv) -> dict:
                         "padding_share_of_computed_tokens": results[0]["padding_share_of_computed_tokens"],
                         "real_tokens_per_phase_second": results[0]["tokens_per_second"]["real_tokens_per_phase_second"],
                         "tokens_per_iteration": results[0]["tokens_per_iteration_median"],
+                        "response_length": results[0]["response_length"],
                         "peak_rss_timed_iterations_mb": max(r["memory_mb"]["peak_rss_timed_iterations"]
                                                             for r in results),
                         "per_round_iteration_seconds": [r["seconds_median"]["iteration"] for r in results],
@@ -660,8 +693,10 @@ def compare_checkouts(opts, configs, argv) -> dict:
                 summary["peak_rss_ratio_current_over_reference"] = round(
                     summary["current"]["peak_rss_timed_iterations_mb"]
                     / summary["reference"]["peak_rss_timed_iterations_mb"], 3)
+                summary["eos_calibration"] = dirs["eos_calibration"]
                 summary["runs"] = runs
                 out["results"][name] = summary
+    out["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     try:
         import paddle
 
@@ -753,6 +788,7 @@ def main(argv=None):
                      "prompts": "random token ids (no padding)" if opts.workload == "fixed" else
                      f"random token ids, {opts.min_prompt}-{opts.max_prompt} tokens skewed short, left padded",
                      "sampling": "temperature 1, no top-k/top-p"},
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "results": {},
     }
     with tempfile.TemporaryDirectory(prefix="ppo-iteration-") as tmp:
@@ -770,7 +806,9 @@ def main(argv=None):
                 print(f"[ppo_iteration] {config} {name}: {s['iteration']:.2f} s/iteration, peak "
                       f"{runs[name]['memory_mb']['peak_rss_timed_iterations']:.0f} MB", file=sys.stderr, flush=True)
             runs["offload_on_vs_off"] = compare(runs["offload_off"], runs["offload_on"])
+            runs["eos_calibration"] = dirs["eos_calibration"]
             out["results"][config] = runs
+    out["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     try:
         import paddle
 

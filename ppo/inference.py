@@ -4,17 +4,30 @@ Why: paddlenlp's forward spends most of a decode step outside arithmetic (on thi
 attention multiplies by a transposed key view, a slow batched-matmul path, and the KV cache grows
 by concatenation every step).  ``InferenceModel`` runs the same computation with
 
-* a KV cache preallocated once per rollout in ``[B, heads, T_max, head_dim]`` layout, written in
-  place; unwritten slots are masked, so the cache is never sliced or concatenated;
+* a KV cache preallocated once per rollout in ``[layers, B, kv_heads, T_max, head_dim]`` layout,
+  written in place; unwritten slots are masked, so the cache is never sliced or concatenated;
 * attention as ``matmul(q, K, transpose_y=True)`` on that layout (the fast path);
 * the model's own parameters and rotary tables, read at every call: there is no copy to refresh,
-  so a rollout always sees the training model's current weights.
+  so a rollout always sees the training model's current weights;
+* for the prompt prefill and scoring, fewer operators on dense tensors: the residual add and
+  RMSNorm as one fused kernel, rotary as ``x * cos + roll(x) * signed_sin`` with the attention
+  scale folded into the queries' factors, SwiGLU in one kernel, and paddle's dense view kernels
+  (``ppo.models.fast_paths.dense_kernels``).
+
+The decode step keeps separate projections and a small operator count per layer.  A fused step
+(q|k|v and gate|up as one GEMM each on copies made once per rollout, one rotary op for q, k and v,
+per-layer cache writes, 206 operators per step instead of 340: commit 536021f) was measured at
+batch 16 on the 33.5M model in alternating processes: its steps 7-16% faster (noise about 5%),
+whole rollouts 0-8% faster, while holding a copy of two thirds of the layer weights during every
+rollout; not adopted.  About 75% of a step is matmuls streaming the weights (one MKL thread: the
+101 MB of layer weights in 15.9 ms, 6.4 GB/s); the operators the fused step removed cost a few
+microseconds each (``benchmarks/rollout_speed.py --compare`` reports each checkout's step profile).
 
 It implements the decoder protocol (``ppo.decoding.RolloutDecoder``), so sampling, EOS handling
 and masks are shared with the reference path.  It is family-agnostic: it reads the model through its
 family's ``DecoderLayout`` (``ppo.models.families``): separate or fused projections, optional
-projection biases, tied or untied LM head.  Logits agree with the
-paddlenlp forward to float rounding (tested, 1e-5).
+projection biases, tied or untied LM head, LoRA adapters.  Logits agree with the paddlenlp forward
+to float rounding (tested, 1e-5).
 
 ``static_decode``: the decode step as one static graph (``paddle.jit.to_static``), compiled once
 per shape (batch x cache length: one per rollout bucket).  The parameters enter the program by
@@ -34,27 +47,14 @@ from ppo import parallel
 from ppo.algorithms import gather_log_probs
 from ppo.decoding import RolloutDecoder
 from ppo.models.families import DecoderLayout, LayerWeights, Projection, family_of_model
+from ppo.models.fast_paths import FUSED_RMS_NORM, dense_kernels
 from ppo.models.score_model import last_token_index, position_ids_from_mask
 
 
-def _fused_rms_norm():
-    """paddle's fused RMSNorm when this build has a kernel for the current device, else None."""
-    try:
-        from paddle.incubate.nn.functional import fused_rms_norm
-
-        fused_rms_norm(paddle.ones([1, 8]), paddle.ones([8]), None, 1e-6, 1)  # probe the kernel once
-    except Exception:  # no such function, or no kernel registered for this device
-        return None
-    return fused_rms_norm
-
-
-_FUSED_RMS_NORM = _fused_rms_norm()
-
-
 def _rms_norm(x, weight, eps):
-    if _FUSED_RMS_NORM is not None and x.dtype == weight.dtype:
+    if FUSED_RMS_NORM is not None and x.dtype == weight.dtype:
         # paddle's fused kernel (CPU too): 8x faster than the composed ops at decode size
-        return _FUSED_RMS_NORM(x, weight, None, eps, x.ndim - 1)[0]
+        return FUSED_RMS_NORM(x, weight, None, eps, x.ndim - 1)[0]
     # every op counts in a decode step: no dtype casts when everything is float32 already
     x32 = x if x.dtype == paddle.float32 else x.astype("float32")
     variance = (x32 * x32).mean(-1, keepdim=True)  # x * x: paddle's pow kernel is ~50x slower on CPU
@@ -62,20 +62,25 @@ def _rms_norm(x, weight, eps):
     return (normed if normed.dtype == weight.dtype else normed.astype(weight.dtype)) * weight
 
 
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return paddle.concat([-x[..., half:], x[..., :half]], axis=-1)
+def _add_rms_norm(x, residual, weight, eps):
+    """(RMSNorm of ``x + residual``, ``x + residual``): the residual stream's add and the next norm,
+    one fused kernel where the build has it."""
+    if FUSED_RMS_NORM is not None and x.dtype == weight.dtype == residual.dtype:
+        normed, summed = FUSED_RMS_NORM(x, weight, None, eps, x.ndim - 1, residual=residual)[:2]
+        return normed, summed
+    summed = x + residual
+    return _rms_norm(summed, weight, eps), summed
 
 
-def _rotation_matrix(D: int, dtype):
-    """[D, D] with ``x @ R == _rotate_half(x)``: out[j] = -x[j + D/2] (j < D/2), x[j - D/2] (j >= D/2)."""
-    import numpy as np
+def _rotary_sign(D: int, dtype):
+    """[D]: -1 on the first half, 1 on the second: ``rotate_half(x) == roll(x, D/2) * sign``, so a
+    rotary ``x * cos + rotate_half(x) * sin`` is ``x * cos + roll(x, D/2) * (sin * sign)``."""
+    return paddle.concat([paddle.full([D // 2], -1.0, dtype), paddle.full([D - D // 2], 1.0, dtype)])
 
-    half = D // 2
-    r = np.zeros((D, D), dtype="float32")
-    r[np.arange(half) + half, np.arange(half)] = -1.0
-    r[np.arange(half), np.arange(half) + half] = 1.0
-    return paddle.to_tensor(r).astype(dtype)
+
+def _rotary(x, cos, signed_sin):
+    """RoPE of x [..., D] with factors broadcast to it (``signed_sin``: sin times ``_rotary_sign``)."""
+    return x * cos + paddle.roll(x, x.shape[-1] // 2, axis=-1) * signed_sin
 
 
 def _matmul(x, projection: Projection):
@@ -91,6 +96,17 @@ def _linear(x, projection: Projection):
     """x [N, in] @ weight [in, out] (+ bias [out]) -> [N, out]."""
     y = _matmul(x, projection)
     return y if projection.bias is None else y + projection.bias
+
+
+def _rotation_matrix(D: int, dtype):
+    """[D, D] with ``x @ R == rotate_half(x)``: out[j] = -x[j + D/2] (j < D/2), x[j - D/2] (j >= D/2)."""
+    import numpy as np
+
+    half = D // 2
+    r = np.zeros((D, D), dtype="float32")
+    r[np.arange(half) + half, np.arange(half)] = -1.0
+    r[np.arange(half), np.arange(half) + half] = 1.0
+    return paddle.to_tensor(r).astype(dtype)
 
 
 class InferenceModel(RolloutDecoder):
@@ -124,6 +140,7 @@ class InferenceModel(RolloutDecoder):
         self.n_kv = layout.num_kv_heads
         self.head_dim = layout.head_dim
         self.eps = layout.rms_norm_eps
+        self.lm_head_transposed = layout.lm_head_transposed
         self.max_positions = config.max_position_embeddings
         self.cache = None
 
@@ -137,8 +154,8 @@ class InferenceModel(RolloutDecoder):
         """The model's weights, read afresh on every call (no copy: always the current parameters)."""
         return self.family.layout(self.model)
 
-    def _embed(self, ids, layout: DecoderLayout):
-        weight = layout.embed_tokens
+    def _embed(self, ids, weight):
+        """Rows of the embedding table ``weight`` (this rank's vocabulary slice under tensor parallel)."""
         rows = weight.shape[0]
         if self.mp == 1 or rows == self.vocab_size:
             return F.embedding(ids, weight)
@@ -146,21 +163,20 @@ class InferenceModel(RolloutDecoder):
         inside = ((local >= 0) & (local < rows)).astype(weight.dtype).unsqueeze(-1)
         return self._reduce(F.embedding(paddle.clip(local, 0, rows - 1), weight) * inside)
 
-    def _vocab_split(self, layout: DecoderLayout | None = None) -> bool:
+    def _vocab_split(self, head=None) -> bool:
         """Whether this rank holds a slice of the LM head's vocabulary (tensor parallel)."""
-        layout = self.layout() if layout is None else layout
-        head = layout.lm_head
-        width = head.shape[0] if layout.lm_head_transposed else head.shape[-1]
+        head = self.layout().lm_head if head is None else head
+        width = head.shape[0] if self.lm_head_transposed else head.shape[-1]
         return self.mp > 1 and width != self.vocab_size
 
-    def _logits(self, hidden, layout: DecoderLayout):
+    def _logits(self, hidden, head):
         """Logits of this rank's vocabulary slice (all of it without tensor parallel)."""
-        return paddle.matmul(hidden, layout.lm_head, transpose_y=layout.lm_head_transposed)
+        return paddle.matmul(hidden, head, transpose_y=self.lm_head_transposed)
 
-    def _full_logits(self, hidden, layout: DecoderLayout):
+    def _full_logits(self, hidden, head):
         """Full-vocabulary logits [N, V] in float32 (gathered over tensor parallel to sample from)."""
-        logits = self._logits(hidden, layout)
-        if self._vocab_split(layout):
+        logits = self._logits(hidden, head)
+        if self._vocab_split(head):
             logits = parallel.model_parallel_concat(logits, axis=-1)
         return logits.astype("float32")
 
@@ -185,61 +201,66 @@ class InferenceModel(RolloutDecoder):
 
     def _mlp(self, h, weights: LayerWeights):
         if weights.gate_up is None:
-            gate, up = _linear(h, weights.gate), _linear(h, weights.up)
+            act = F.swiglu(_linear(h, weights.gate), _linear(h, weights.up))  # silu(gate) * up, one op
         else:
-            gate, up = paddle.chunk(_linear(h, weights.gate_up), 2, axis=-1)
-        return self._row_parallel(F.silu(gate) * up, weights.down)
+            act = F.swiglu(_linear(h, weights.gate_up))  # [gate | up]
+        return self._row_parallel(act, weights.down)
 
-    def _forward(self, ids, positions, start: int, key_bias):
-        """Run positions ``start .. start+S-1`` for ``ids`` [B, S]; returns last-position logits [B, V].
+    def _forward(self, ids, positions, key_bias):
+        """Prefill ``ids`` [B, S] into cache slots 0 .. S-1; returns the last position's logits [B, V].
 
         positions [B, S] are RoPE positions (real tokens counted); key_bias [B, 1, S, T_max] is 0 where
         a query may attend and the dtype's minimum elsewhere.
         """
         B, S = ids.shape
         layout = self.layout()
-        h = self._hidden(ids, positions, start, key_bias, layout, self.cache)
-        last = _rms_norm(h.reshape([B, S, -1])[:, -1], layout.norm, self.eps)
-        return self._full_logits(last, layout)
+        # dense kernels: the cache writes index the whole tensors, not views; inputs that are views
+        # (a bucket's columns of the prompts) are made dense first, as those kernels need
+        ids, positions = ids.contiguous(), positions.contiguous()
+        with dense_kernels():
+            x = self._hidden(ids, positions, key_bias, layout, self.cache)
+        return self._full_logits(x.reshape([B, S, -1])[:, -1], layout.lm_head)
 
-    def _hidden(self, ids, positions, start: int, key_bias, layout: DecoderLayout, cache=None):
-        """Hidden states [B*S, hidden] before the final norm.  With a ``cache`` (prefill) keys and
-        values are written to it at ``start``; without one (scoring) the sequence attends to itself."""
+    def _hidden(self, ids, positions, key_bias, layout: DecoderLayout, cache=None):
+        """Hidden states [B*S, hidden] after the final norm; the sequence attends to itself.  With a
+        ``cache`` (prefill) its keys and values are also written to cache slots 0 .. S-1."""
         B, S = ids.shape
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
         # activations stay 2-D [B*S, hidden]: paddle's CPU matmul is 2-3x faster on 2-D inputs
-        h = self._embed(ids.reshape([-1]), layout)
+        h = self._embed(ids.reshape([-1]), layout.embed_tokens)
+        sign = _rotary_sign(D, layout.cos.dtype)
         cos = layout.cos[positions].unsqueeze(1)  # [B, 1, S, D]
-        sin = layout.sin[positions].unsqueeze(1)
-        # broadcast factors expanded once for all layers (_per_head), and the mask for a prompt
-        # prefill too (a long scored sequence keeps it [B, 1, S, T])
-        (cos_q, sin_q), (cos_k, sin_k) = self._per_head(cos, sin)
-        if cache is not None:
-            key_bias = key_bias.expand([B, self.n_heads, S, key_bias.shape[-1]])
-        scale = 1.0 / math.sqrt(self.head_dim)
-        for i, weights in enumerate(layout.layers):
-            x = _rms_norm(h, weights.input_norm, self.eps)
+        sin = (layout.sin * sign)[positions].unsqueeze(1)
+        # broadcast factors expanded once for all layers (paddle's CPU kernels broadcast slowly),
+        # the queries' with the attention scale folded in; the mask for a prompt prefill too (a
+        # long scored sequence keeps it [B, 1, S, T])
+        scale = 1.0 / math.sqrt(D)
+        cos_q, sin_q = (t.expand([B, H, S, D]) * scale for t in (cos, sin))
+        cos_k, sin_k = (t.expand([B, KV, S, D]) for t in (cos, sin))
+        if cache is not None:  # (the cache slots after the prompt are empty: left out)
+            key_bias = key_bias[..., :S].expand([B, H, S, S])
+        layers = layout.layers
+        x = _rms_norm(h, layers[0].input_norm, self.eps)
+        for i, weights in enumerate(layers):
             q, k, v = self._qkv(x, weights)
-            q = q.reshape([B, S, self.n_heads, self.head_dim]).transpose([0, 2, 1, 3])
-            k = k.reshape([B, S, self.n_kv, self.head_dim]).transpose([0, 2, 1, 3])
-            v = v.reshape([B, S, self.n_kv, self.head_dim]).transpose([0, 2, 1, 3])
-            q = q * cos_q + _rotate_half(q) * sin_q
-            k = k * cos_k + _rotate_half(k) * sin_k
+            q = _rotary(q.reshape([B, S, H, D]).transpose([0, 2, 1, 3]), cos_q, sin_q)
+            k = _rotary(k.reshape([B, S, KV, D]).transpose([0, 2, 1, 3]), cos_k, sin_k)
+            v = v.reshape([B, S, KV, D]).transpose([0, 2, 1, 3])
             if cache is not None:
-                keys, values = cache[0][i], cache[1][i]
-                keys[:, :, start:start + S] = k
-                values[:, :, start:start + S] = v
-            else:
-                keys, values = k, v
-            if self.n_kv != self.n_heads:
-                keys = paddle.repeat_interleave(keys, self.n_heads // self.n_kv, axis=1)
-                values = paddle.repeat_interleave(values, self.n_heads // self.n_kv, axis=1)
-            scores = paddle.matmul(q * scale, keys, transpose_y=True) + key_bias
+                # written through the whole cache tensor (under dense kernels cache[0][i] is a copy)
+                cache[0][i, :, :, :S] = k
+                cache[1][i, :, :, :S] = v
+            keys, values = k, v
+            if KV != H:
+                keys = paddle.repeat_interleave(keys, H // KV, axis=1)
+                values = paddle.repeat_interleave(values, H // KV, axis=1)
+            scores = paddle.matmul(q, keys, transpose_y=True) + key_bias
             probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
             out = paddle.matmul(probs, values).transpose([0, 2, 1, 3]).reshape([B * S, -1])
-            h = h + self._row_parallel(out, weights.o)
-            x = _rms_norm(h, weights.post_attention_norm, self.eps)
-            h = h + self._mlp(x, weights)
-        return h
+            x, h = _add_rms_norm(self._row_parallel(out, weights.o), h, weights.post_attention_norm, self.eps)
+            following = layers[i + 1].input_norm if i + 1 < len(layers) else layout.norm
+            x, h = _add_rms_norm(self._mlp(x, weights), h, following, self.eps)
+        return x
 
     # -- scoring: every position of full sequences, no cache ------------------------------------
 
@@ -248,19 +269,20 @@ class InferenceModel(RolloutDecoder):
         """The backbone's last hidden states [B, L, hidden] (after the final norm), as the family's
         paddlenlp backbone returns them, for right- or left-padded ``sequences`` [B, L]."""
         B, L = sequences.shape
-        layout = self.layout()
-        h = self._hidden(sequences, position_ids_from_mask(attention_mask), 0,
-                         self._bias(attention_mask.astype("int64"), L, 0), layout)
-        return _rms_norm(h, layout.norm, self.eps).reshape([B, L, -1])
+        sequences, attention_mask = sequences.contiguous(), attention_mask.contiguous()  # (dense kernels' inputs)
+        with dense_kernels():
+            x = self._hidden(sequences, position_ids_from_mask(attention_mask),
+                             self._bias(attention_mask.astype("int64"), L, 0), self.layout())
+        return x.reshape([B, L, -1])
 
     @paddle.no_grad()
     def log_probs(self, sequences, attention_mask, temperature: float = 1.0):
         """Log-probs [B, L-1] of tokens 1..L-1 (``ppo.rollout.forward_log_probs`` without grad)."""
         B, L = sequences.shape
         hidden = self.final_hidden(sequences, attention_mask)[:, :-1].reshape([B * (L - 1), -1])
-        layout = self.layout()
-        logits = self._logits(hidden, layout)
-        if self._vocab_split(layout):  # no rank gathers the [B, L, V] logits
+        head = self.layout().lm_head
+        logits = self._logits(hidden, head)
+        if self._vocab_split(head):  # no rank gathers the [B, L, V] logits
             return parallel.vocab_parallel_log_probs(logits.reshape([B, L - 1, -1]), sequences[:, 1:], temperature)[0]
         return gather_log_probs(logits, sequences[:, 1:].reshape([-1]), temperature).reshape([B, L - 1])
 
@@ -299,7 +321,7 @@ class InferenceModel(RolloutDecoder):
         layout = self.layout()
         B = token.shape[0]
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        h = self._embed(token, layout)                                     # [B, hidden]
+        h = self._embed(token, layout.embed_tokens)                        # [B, hidden]
         scale = 1.0 / math.sqrt(D)
         (cos_q, sin_q), (cos_k, sin_k) = self._per_head(cos, sin)
         cache_bias = cache_bias.expand([B, H, 1, cache_bias.shape[-1]])
@@ -325,7 +347,7 @@ class InferenceModel(RolloutDecoder):
             h = h + self._row_parallel(out.reshape([B, H * D]), weights.o)
             h = h + self._mlp(_rms_norm(h, weights.post_attention_norm, self.eps), weights)
         last = _rms_norm(h, layout.norm, self.eps)
-        return self._full_logits(last, layout), paddle.stack(new_keys), paddle.stack(new_values)
+        return self._full_logits(last, layout.lm_head), paddle.stack(new_keys), paddle.stack(new_values)
 
     def _per_head(self, cos, sin):
         """RoPE factors [B, 1, S, D] expanded to the query and the key heads, once for all layers:
@@ -362,7 +384,7 @@ class InferenceModel(RolloutDecoder):
         self.cos_table = layout.cos  # [max_positions, D]
         self.rotation = _rotation_matrix(self.head_dim, self.cos_table.dtype)
         self.sin_table = layout.sin
-        return self._forward(input_ids, position_ids, 0, self._bias(self.key_mask, P, 0))
+        return self._forward(input_ids, position_ids, self._bias(self.key_mask, P, 0))
 
     def step(self, token, token_mask, position_ids):
         """Append one token per row (token_mask 0 for rows that already finished); next logits [B, V]."""

@@ -17,6 +17,7 @@ from ppo import parallel, pipeline
 from ppo.batching import token_mean_weights
 from ppo.data import answer_mask
 from ppo.experience import Experience
+from ppo.models.fast_paths import dense_kernels
 from ppo.rollout import forward_log_probs, log_probs_from_logits
 
 ACTOR_STATS = ("actor_loss", "abs_actor_loss", "clip_frac", "approx_kl", "entropy")
@@ -62,7 +63,8 @@ def micro_steps(train_model, micro, weights, objective, precision) -> list[dict]
     data-parallel ones are reduced on the last); each micro-batch's stats."""
     parts = []
     for i, (m, w) in enumerate(zip(micro, weights)):
-        with _sync(train_model, i == len(micro) - 1):
+        # dense kernels: the forward and backward write through no views (ppo.models.fast_paths)
+        with _sync(train_model, i == len(micro) - 1), dense_kernels():
             total, stats = objective(m, w)
             precision.backward(total)
         parts.append(stats)

@@ -263,3 +263,32 @@ def test_scoring_in_length_groups_equals_one_batch():
     np.testing.assert_allclose(hidden_got.numpy()[live], hidden_want[live], rtol=0, atol=1e-5)
     first = (mask.numpy() > 0).argmax(axis=1)
     np.testing.assert_array_equal(last.numpy()[:, 0], seqs.numpy()[np.arange(7), first])  # rows back in place
+
+
+def test_decode_step_with_adapters_on_some_projections_equals_the_training_forward():
+    """With LoRA adapters on only some projections, after the adapters and base weights move, and
+    again after a further change (a new start without a release), prefill and step logits are the
+    training forward's."""
+    from ppo.models.lora import apply_lora
+
+    model = make_model(seed=7, num_key_value_heads=2)
+    apply_lora(model, rank=3, alpha=6.0, targets="q_proj,v_proj,up_proj,o_proj")
+    for p in model.parameters():  # adapters B start at zero: move every weight, adapters included
+        p.set_value(p + 0.02 * paddle.randn(p.shape, p.dtype))
+    model.eval()
+    ids, mask = prompts()
+    inference = InferenceModel(model)
+    pos = position_ids_from_mask(mask)
+    with paddle.no_grad():
+        for _ in range(2):  # a second rollout after the weights change again: fresh copies
+            first = inference.start(ids, mask, pos, max_new_tokens=2)
+            token = paddle.argmax(first, axis=-1)
+            second = inference.step(token, paddle.ones_like(token), pos[:, -1:] + 1)  # (no release: start rebuilds)
+            ids2 = paddle.concat([ids, token.unsqueeze(1)], axis=1)
+            mask2 = paddle.concat([mask, paddle.ones_like(token).unsqueeze(1)], axis=1)
+            full = model(input_ids=ids2, attention_mask=mask2, position_ids=position_ids_from_mask(mask2),
+                         return_dict=True).logits
+            np.testing.assert_allclose(first.numpy(), full[:, -2].numpy(), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(second.numpy(), full[:, -1].numpy(), rtol=1e-5, atol=1e-5)
+            weight = model.llama.layers[1].self_attn.k_proj.weight
+            weight.set_value(weight * 1.5)

@@ -24,7 +24,8 @@ LAYERS = [
     ["ppo.files"],
     # pure steps, configuration, registries (raw datasets, reward functions, model families)
     ["ppo.advantages", "ppo.args", "ppo.data.base", "ppo.data.chat", "ppo.data.tokenizer_utils", "rm.losses",
-     "ppo.models.families.base", "ppo.models.recompute", "ppo.models.lora", "ppo.rewards.base"],
+     "ppo.models.families.base", "ppo.models.recompute", "ppo.models.lora", "ppo.models.fast_paths",
+     "ppo.rewards.base"],
     # data: sources and tokenized datasets; the built-in reward functions
     ["ppo.data.datasets", "ppo.data.alpaca", "ppo.data.safe_rlhf", "ppo.data.tiny",
      "ppo.data.gsm8k", "ppo.rewards.builtin", "ppo.rewards.remote"],

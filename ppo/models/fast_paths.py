@@ -1,0 +1,146 @@
+"""Faster CPU paths through paddlenlp's decoder layers, with the same results (float rounding).
+
+Profiled on the 2-core CPU (``benchmarks/profile_phases.py``: one actor update of the 33.5M model),
+three things cost more than their arithmetic outside the matmuls:
+
+* RMSNorm: paddlenlp composes it from ``pow`` (a slow CPU kernel), ``mean``, ``rsqrt`` and two
+  broadcasting multiplies, each with its own backward node.  :class:`FusedRMSNorm` runs paddle's
+  fused RMSNorm kernel forward (it has no CPU backward kernel) and the closed-form backward.
+* attention: paddlenlp multiplies the queries by a transposed *view* of the keys, a batched
+  matmul path about 10x slower on CPU than ``matmul(q, k, transpose_y=True)`` (:func:`attention`).
+* strided views: paddle 3 makes ``transpose`` / ``slice`` results views, and the copies later ops
+  make of them run a generic strided-copy kernel (a ``[4, 128, 8, 64]`` transpose + reshape: 2 ms
+  against 0.05 ms for the dense transpose kernel).  :func:`dense_kernels` switches views off
+  (``FLAGS_use_stride_kernel``) around a forward + backward that does not write through views.
+
+:func:`install` puts the first two on a model's layers (instance attributes only: other models and
+paddlenlp's classes are untouched); PPO installs them on the models it loads (``ppo.ppo_models``).
+Anything they do not cover (flash attention, alibi, sequence-split attention, non-float32 norms)
+goes to paddlenlp's own code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import types
+
+import paddle
+import paddle.nn.functional as F
+from paddle.autograd import PyLayer
+
+
+try:
+    from paddle.incubate.nn.functional import fused_rms_norm as _fused_rms_norm
+except ImportError:  # an older paddle
+    _fused_rms_norm = None
+
+
+def _probe(kernel):
+    """``kernel`` when this build has it for the current device, else None."""
+    try:
+        kernel(paddle.ones([1, 8]), paddle.ones([8]), None, 1e-6, 1)
+    except Exception:  # no kernel registered for this device
+        return None
+    return kernel
+
+
+# paddle's fused RMSNorm ``(x, weight, bias, eps, begin_norm_axis, residual=...)`` (CPU too; no CPU
+# backward kernel), or None
+FUSED_RMS_NORM = _probe(_fused_rms_norm) if _fused_rms_norm is not None else None
+
+
+def on_cpu() -> bool:
+    return paddle.get_device().startswith("cpu")
+
+
+@contextlib.contextmanager
+def dense_kernels():
+    """Within it (on CPU), view-making ops (transpose, slice, ...) return dense tensors: no slow
+    strided copies later.  Only for code that never writes into a tensor through a view of it."""
+    if not on_cpu():
+        yield
+        return
+    before = paddle.get_flags(["FLAGS_use_stride_kernel"])["FLAGS_use_stride_kernel"]
+    paddle.set_flags({"FLAGS_use_stride_kernel": False})
+    try:
+        yield
+    finally:
+        paddle.set_flags({"FLAGS_use_stride_kernel": before})
+
+
+class FusedRMSNorm(PyLayer):
+    """``x * rsqrt(mean(x^2, -1) + eps) * weight`` for x [..., H], weight [H]: the fused kernel
+    forward; backward with r = rsqrt(mean(x^2) + eps), x_hat = x r, g_w = g * weight:
+    dx = r (g_w - x_hat mean(g_w x_hat, -1)),  dweight = sum over rows of g x_hat."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        # paddle wants None for the gradient of an input that does not need one (a frozen weight)
+        ctx.needs = (not x.stop_gradient, not weight.stop_gradient)
+        return FUSED_RMS_NORM(x, weight, None, eps, x.ndim - 1)[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensor()
+        r = paddle.rsqrt((x * x).mean(-1, keepdim=True) + ctx.eps)
+        x_hat = x * r
+        grad_w = grad * weight
+        dx = (grad_w - x_hat * (grad_w * x_hat).mean(-1, keepdim=True)) * r if ctx.needs[0] else None
+        dweight = (grad * x_hat).reshape([-1, x.shape[-1]]).sum(0) if ctx.needs[1] else None
+        return dx, dweight
+
+
+def rms_norm(x, weight, eps: float):
+    """Differentiable RMSNorm [..., H] of float32 ``x`` and ``weight`` [H] (:class:`FusedRMSNorm`)."""
+    return FusedRMSNorm.apply(x, weight, eps)
+
+
+def _norm_forward(self, hidden_states):
+    """A paddlenlp RMSNorm layer's forward (bound to the layer): fused for float32."""
+    if hidden_states.dtype == paddle.float32 and self.weight.dtype == paddle.float32:
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    return type(self).forward(self, hidden_states)  # mixed precision: paddlenlp's casts
+
+
+def attention(original, query_states, config, key_states, value_states, attention_mask, output_attentions,
+              alibi=None, attn_mask_startend_row_indices=None, sequence_parallel=False, reshard_layer=None, *args,
+              **kwargs):
+    """paddlenlp's ``scaled_dot_product_attention`` (``original``; same arguments, same result) with
+    the keys multiplied as ``matmul(q, k, transpose_y=True)``; cases it does not cover go to ``original``.
+    Inputs [B, S, heads, D]; returns [B, S, heads * D] ([B * S, heads * D] under sequence parallel)."""
+    if (config.use_flash_attention or alibi is not None or attn_mask_startend_row_indices is not None
+            or reshard_layer is not None or attention_mask is None or query_states.dtype != paddle.float32
+            or getattr(config, "context_parallel_degree", 1) > 1):
+        return original(query_states, config, key_states, value_states, attention_mask, output_attentions,
+                        alibi, attn_mask_startend_row_indices, sequence_parallel, reshard_layer, *args, **kwargs)
+    bsz, q_len, num_heads, head_dim = query_states.shape
+    kv_len = value_states.shape[1]
+    q, k, v = (t.transpose([0, 2, 1, 3]) for t in (query_states, key_states, value_states))  # [B, heads, S, D]
+    weights = paddle.matmul(q * (1 / math.sqrt(head_dim)), k, transpose_y=True)
+    weights = F.softmax(weights + attention_mask.reshape([bsz, 1, q_len, kv_len]), axis=-1)
+    out = paddle.matmul(weights, v).transpose([0, 2, 1, 3])
+    out = out.reshape([bsz * q_len, head_dim * num_heads] if sequence_parallel else [bsz, q_len, head_dim * num_heads])
+    return (out, weights) if output_attentions else out
+
+
+def install(model):
+    """Put the fast RMSNorm and attention on ``model``'s paddlenlp layers (once: a layer so changed
+    is marked ``_ppo_fast_path``); returns ``model``.  Norms stay paddlenlp's without paddle's fused
+    RMSNorm kernel."""
+    for layer in [model, *model.sublayers()]:
+        if getattr(layer, "_ppo_fast_path", False):
+            continue
+        config = getattr(layer, "config", None)
+        if (FUSED_RMS_NORM is not None and type(layer).__name__.endswith("RMSNorm") and hasattr(layer, "weight")
+                and hasattr(layer, "variance_epsilon") and not getattr(config, "use_fused_rms_norm", False)):
+            layer.forward = types.MethodType(_norm_forward, layer)  # (a deep copy re-binds to the copy)
+        elif callable(getattr(layer, "attn_func", None)):
+            layer.attn_func = functools.partial(attention, layer.attn_func)
+        else:
+            continue
+        layer._ppo_fast_path = True
+    return model
