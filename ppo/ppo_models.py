@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from ppo import parallel, pipeline
 from ppo.errors import UserError
 from ppo.fused_inference import rollout_decoder
-from ppo.models import fast_paths
 from ppo.models.lora import AdaptersOff, apply_lora, merged_for_export
 from ppo.models.recompute import enable_recompute
 from ppo.decoding import WeightCopyDecoder
@@ -108,15 +107,14 @@ def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOMode
     tp = parallel.tp_kwargs()
     rollout_tp = {} if layout.merge_for_rollout else tp
 
-    # PPO's training and scoring forwards take the fast CPU paths through paddlenlp's layers (a
-    # pipeline twin built from a model has its own layers and keeps paddlenlp's)
+    # (the loaders put the fast CPU paths on paddlenlp's layers; a pipeline twin built from a model
+    # has its own layers and keeps paddlenlp's)
     def policy(kwargs):
-        return fast_paths.install(load_causal_lm(args.actor_model_name_or_path, "actor_model_name_or_path",
-                                                 **({**kwargs, "tensor_parallel_output": True} if kwargs else {})))
+        return load_causal_lm(args.actor_model_name_or_path, "actor_model_name_or_path",
+                              **({**kwargs, "tensor_parallel_output": True} if kwargs else {}))
 
     def critic(kwargs):
-        return fast_paths.install(load_score_model(critic_path, score_type="critic",
-                                                   what="reward_critic_model_name_or_path", **kwargs))
+        return load_score_model(critic_path, score_type="critic", what="reward_critic_model_name_or_path", **kwargs)
 
     def trainable(model, path: str, what: str):
         # the model that trains: the model itself, or its pipeline-parallel twin (this rank's stage)
@@ -134,9 +132,8 @@ def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOMode
     # when rollout runs on whole copies (eval_mode single) the reference must be whole as well
     shared_reference = args.lora and not layout.separate_rollout
     reference = AdaptersOff(actor) if shared_reference else freeze(policy(rollout_tp))
-    reward = freeze(fast_paths.install(load_score_model(args.reward_model_name_or_path, score_type="reward",
-                                                        what="reward_model_name_or_path", trained_head=True,
-                                                        **rollout_tp))) if with_reward else None
+    reward = freeze(load_score_model(args.reward_model_name_or_path, score_type="reward",
+                                     what="reward_model_name_or_path", trained_head=True, **rollout_tp)) if with_reward else None
     if args.normalize_reward and reward is not None and reward.normalizer.kind == "none":
         raise UserError(f"normalize_reward is set but the reward model at '{args.reward_model_name_or_path}' "
                         "carries no score statistics (train it with normalizer_type RunningMeanStd)")

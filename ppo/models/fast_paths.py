@@ -14,7 +14,8 @@ three things cost more than their arithmetic outside the matmuls:
   (``FLAGS_use_stride_kernel``) around a forward + backward that does not write through views.
 
 :func:`install` puts the first two on a model's layers (instance attributes only: other models and
-paddlenlp's classes are untouched); PPO installs them on the models it loads (``ppo.ppo_models``).
+paddlenlp's classes are untouched); the loaders (``ppo.models.loading``) install them on every model
+they load, for SFT, reward-model training and PPO alike.
 Anything they do not cover (flash attention, alibi, sequence-split attention, non-float32 norms)
 goes to paddlenlp's own code.
 """
