@@ -314,8 +314,11 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
                                          "forward recompute), 'true' always, 'false' never (recompute).",
                                  choices=["auto", "true", "false"])
     length_buckets: bool = arg(True, "Compute only real tokens where it keeps every result: the update sorts each "
-                                     "optimizer step's rows by real length into its micro-batches, each packed "
-                                     "to its own longest row (not under pipeline parallel: one shape per "
+                                     "optimizer step's rows by real length and cuts them into micro-batches of at "
+                                     "most per_device_train_batch_size rows, each packed to its own longest "
+                                     "row, where the cut computes the fewest tokens plus 32 per micro-batch "
+                                     "(their number varies; fixed at gradient_accumulation_steps when ptx "
+                                     "batches are mixed in; not under pipeline parallel: one shape per "
                                      "schedule); the inference model scores rows in length groups the same way. "
                                      "The token-mean of every loss is unchanged.")
     rollout_static_graph: bool = arg(False, "Run the inference model's decode step as a static graph compiled once "

@@ -76,3 +76,52 @@ def longest_first(rows, lengths) -> np.ndarray:
     similar length.  Within one optimizer step this changes no token-mean (``token_mean_weights``)."""
     rows = np.asarray(rows)
     return rows[np.argsort(-np.asarray(lengths)[rows], kind="stable")]
+
+
+# What one more micro-batch costs beside its tokens, in tokens of forward + backward: measured on
+# the 33.5M model on 2 cores (benchmarks/micro_step_cost.py: a micro-step's time against its
+# tokens, intercept / slope).  Larger models make it smaller, so this errs towards fewer splits.
+MICRO_BATCH_OVERHEAD_TOKENS = 32
+
+
+def length_micro_batches(rows, lengths, max_rows: int,
+                         overhead_tokens: float = MICRO_BATCH_OVERHEAD_TOKENS) -> list[np.ndarray]:
+    """``rows`` cut into micro-batches of at most ``max_rows`` rows of similar length, each to be
+    packed to its own longest row: the rows longest first (:func:`longest_first`), then the cut
+    into consecutive runs that computes the fewest tokens (a run's rows x its longest row) plus
+    ``overhead_tokens`` per micro-batch, found exactly by dynamic programming over the cut points.
+
+    A micro-batch never holds more rows, nor more tokens, than ``max_rows`` rows of the longest
+    row (the memory of today's fixed cut).  The number of micro-batches varies (from
+    ceil(len / max_rows) up): the token-mean weights (:func:`token_mean_weights`) keep every
+    optimizer step's loss the same whatever the cut, and data-parallel gradients are reduced once
+    per step (on the last micro-batch), so ranks may cut differently."""
+    ordered = longest_first(rows, lengths)
+    n = len(ordered)
+    if n == 0:
+        return []
+    width = np.asarray(lengths)[ordered].astype(np.float64)  # descending
+    best = np.full(n + 1, np.inf)
+    best[0] = 0.0
+    start = np.zeros(n + 1, dtype=np.int64)  # best[i]: the first i rows; their last run starts at start[i]
+    for i in range(1, n + 1):
+        for j in range(max(0, i - max_rows), i):
+            cost = best[j] + (i - j) * width[j] + overhead_tokens  # rows j..i-1, the longest is row j
+            if cost < best[i]:
+                best[i], start[i] = cost, j
+    cuts, i = [], n
+    while i > 0:
+        cuts.append((start[i], i))
+        i = start[i]
+    return [ordered[a:b] for a, b in reversed(cuts)]
+
+
+def step_micro_batches(rows, lengths, max_rows: int, count: int, free: bool = True) -> list[np.ndarray]:
+    """An optimizer step's ``rows`` as micro-batches: without ``lengths``, ``count`` runs of
+    ``max_rows`` in order; with them, by length (:func:`length_micro_batches` when ``free``, else
+    ``count`` runs of the rows longest first)."""
+    rows = np.asarray(rows)
+    if lengths is not None and free:
+        return length_micro_batches(rows, lengths, max_rows)
+    rows = longest_first(rows, lengths) if lengths is not None else rows
+    return [rows[i * max_rows:(i + 1) * max_rows] for i in range(count)]

@@ -38,7 +38,7 @@ from ppo.offload import PhaseOffload, parse_offload_level
 from ppo.ppo_data import load_ppo_data
 from ppo.ppo_evaluation import evaluate_policy, prompt_batch
 from ppo.ppo_models import RolloutWeights, build_ppo_models
-from ppo.batching import longest_first, token_mean_weights
+from ppo.batching import step_micro_batches, token_mean_weights
 from ppo.checkpoint import start_or_resume
 from ppo.entry import prepare_output_dir, set_seed
 from ppo.graceful import GracefulStop
@@ -238,8 +238,9 @@ class PPOTrainer:
                 else np.arange(exp.batch_size)
             for s in range(self.steps_per_update):
                 rows = order[s * mb * accum:(s + 1) * mb * accum]
-                rows = longest_first(rows, lengths) if packs else rows
-                micro = [exp.select(rows[i * mb:(i + 1) * mb]) for i in range(accum)]
+                # (a fixed number of them when ptx batches are mixed in: one per actor micro-batch)
+                cut = step_micro_batches(rows, lengths if packs else None, mb, accum, free=self.data.ptx is None)
+                micro = [exp.select(r) for r in cut]
                 micro = [m.packed() for m in micro] if packs else micro
                 # the token-mean over the whole optimizer step (every micro-batch and data rank)
                 weights = token_mean_weights([float(m.action_mask.sum()) for m in micro], self.ctx.data_world)
