@@ -39,7 +39,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # --quick: a shortened run for the test suite (same stages, fewer steps)
 QUICK = {
     "sft": [],  # all 3 epochs: after 1 the SFT policy seldom named the prompt's topic (strict gold 0.01 in one run)
-    "rm": ["--num_train_epochs", "1"],
+    # the reward model's 2 epochs as in the full run: after 1 it scored adjective-free answers ("The
+    # dog.", never seen in its pairs) as high as good ones, and some runs' PPO found them (lenient
+    # gold 0.24 after 20 steps in one run whose rounding differed from another's by 1e-7)
+    "rm": [],
     "ppo": ["--max_steps", "20", "--eval_steps", "10"],
 }
 ARITHMETIC_QUICK = {
