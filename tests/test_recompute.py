@@ -39,10 +39,14 @@ def recomputed_block(function) -> str:
     attention kernel) or 'full' (the decoder layer, through paddlenlp's custom-forward closure)."""
     from paddlenlp.transformers.llama.modeling import LlamaAttention
 
+    from ppo.models.fast_paths import attention
+
     if isinstance(function, LlamaAttention):
         return "full_attn"
-    name = getattr(getattr(function, "func", function), "__name__", "")
-    return "core_attn" if name == "scaled_dot_product_attention" else "full"
+    inner = getattr(function, "func", function)
+    # the attention kernel: paddlenlp's, or the toolkit's fast path wrapping it (ppo.models.fast_paths)
+    core = inner is attention or getattr(inner, "__name__", "") == "scaled_dot_product_attention"
+    return "core_attn" if core else "full"
 
 
 @pytest.fixture
