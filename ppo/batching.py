@@ -78,9 +78,10 @@ def longest_first(rows, lengths) -> np.ndarray:
     return rows[np.argsort(-np.asarray(lengths)[rows], kind="stable")]
 
 
-# What one more micro-batch costs beside its tokens, in tokens of forward + backward: measured on
-# the 33.5M model on 2 cores (benchmarks/micro_step_cost.py: a micro-step's time against its
-# tokens, intercept / slope).  Larger models make it smaller, so this errs towards fewer splits.
+# What one more micro-batch costs beside its tokens, in tokens of forward + backward: on the 33.5M
+# model on 2 cores a micro-step's fixed cost measured 29-40 tokens for the critic and 1-51 for the
+# actor, whose fit is noisier (benchmarks/micro_step_cost.py: time against tokens, intercept /
+# slope; benchmarks/results/micro_step_cost_33m.json).  Larger models make it smaller.
 MICRO_BATCH_OVERHEAD_TOKENS = 32
 
 
