@@ -174,6 +174,29 @@ def test_ppo_layouts_match_one_process(tiny_dir, single, layout_run, layout):
         assert_same_weights(one_dir / sub, two_dir / sub, atol=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_data_ranks_cutting_steps_into_different_numbers_of_micro_batches_match_one_process(tiny_dir, single,
+                                                                                          tmp_path, monkeypatch):
+    """The update's cut varies per rank (its lengths): data-parallel gradients are reduced once per
+    step, on each rank's last micro-batch, so ranks taking different numbers of micro-steps still
+    give one process's update (``tests/uneven_cut.py`` makes rank 1 take one per row)."""
+    from test_entrypoints import ROOT
+
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    monkeypatch.setenv("UNEVEN_CUT_DIR", str(counts))
+    out = tmp_path / "uneven"
+    two = ppo(tiny_dir, out, 4, "--extra_modules", os.path.join(ROOT, "tests", "uneven_cut.py"), nproc=2)
+    per_rank = [list(map(int, (counts / f"rank{r}").read_text().split())) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) > 0 and per_rank[0] != per_rank[1]
+    assert all(c == 4 for c in per_rank[1])  # one per row of a 4-row step
+    one_dir, one = single
+    assert_same_steps(one, two)
+    for sub in ("policy", "value"):
+        assert_same_weights(one_dir / sub, out / sub, atol=1e-4)
+
+
 def without_times(rows):
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
 
