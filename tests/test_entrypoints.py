@@ -108,14 +108,13 @@ def test_reward_model_two_ranks_match_one(tiny_dir, tmp_path, layout):
     assert ea["pairs"] == eb["pairs"] == 200 and abs(ea["accuracy"] - eb["accuracy"]) < 1e-9
     assert abs(ea["reward_mean"] - eb["reward_mean"]) < 1e-4
     # the saved model is one full checkpoint whatever the layout, equal to the single-process one
-    import paddle
+    from test_resume import weights
 
-    wa, wb = paddle.load(str(tmp_path / "one" / "model_state.pdparams")), \
-        paddle.load(str(tmp_path / "two" / "model_state.pdparams"))
     # over the 121k weights after 6 steps at lr 1e-3: at most 9 beyond 1e-5, the largest 8.5e-5 with
     # paddlenlp's layers and 1.7e-4 with the fused RMSNorm (one process's own fused-vs-composed
     # norm: 4.6e-5 apart)
-    assert_adamw_close({k: v.numpy() for k, v in wa.items()}, {k: v.numpy() for k, v in wb.items()}, lr=1e-3)
+    assert_adamw_close(weights(tmp_path / "one" / "model_state.pdparams"),
+                       weights(tmp_path / "two" / "model_state.pdparams"), lr=1e-3)
 
 
 @pytest.mark.slow
@@ -206,7 +205,7 @@ def test_lora_stage_under_tensor_parallel_matches_one_process(stage, tiny_dir, t
     column/row-parallel LoRA layers, adapters drawn whole from ``seed`` and split): the same losses
     as one process, the same merged final model and the same gathered ``lora/`` adapters."""
     import numpy as np
-    import paddle
+    from test_resume import weights
 
     script, config = {"sft": ("ppo/run_sft.py", "config/tiny/sft_argument.json"),
                       "reward": ("rm/run_reward.py", "config/tiny/rm_argument.json")}[stage]
@@ -218,15 +217,14 @@ def test_lora_stage_under_tensor_parallel_matches_one_process(stage, tiny_dir, t
     assert len(one) == len(tp) == 4
     for a, b in zip(one, tp):
         assert abs(a["loss"] - b["loss"]) < 1e-5 * max(1.0, a["loss"]), (a, b)
-    load = lambda p: {k: v.numpy() for k, v in paddle.load(str(p)).items()}  # noqa: E731
-    base = load(tiny_dir / "base" / "model_state.pdparams")
-    wa, wb = load(tmp_path / "one" / "model_state.pdparams"), load(tmp_path / "tp" / "model_state.pdparams")
+    base = weights(tiny_dir / "base" / "model_state.pdparams")
+    wa, wb = weights(tmp_path / "one" / "model_state.pdparams"), weights(tmp_path / "tp" / "model_state.pdparams")
     assert not [k for k in wa if "lora" in k]  # whole, merged
     assert_adamw_close(wa, wb, lr=0.01)
     # the adapters moved the merged projections by far more than the tolerance
     moved = [k for k in base if k in wa and float(np.abs(wa[k] - base[k]).max()) > 1e-3]
     assert any("q_proj" in k for k in moved), moved
-    la = load(tmp_path / "one" / "lora" / "lora_model_state.pdparams")
-    lb = load(tmp_path / "tp" / "lora" / "lora_model_state.pdparams")
+    la = weights(tmp_path / "one" / "lora" / "lora_model_state.pdparams")
+    lb = weights(tmp_path / "tp" / "lora" / "lora_model_state.pdparams")
     assert la.keys() == lb.keys() and la
     assert_adamw_close(la, lb, lr=0.01)  # gathered from the shards: whole shapes

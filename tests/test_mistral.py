@@ -58,19 +58,25 @@ def test_mistral_refusals_are_one_line():
         check_max_length(dict(qwen2, use_sliding_window=True), 100, "/q")
 
 
-@pytest.fixture(scope="module")
-def mistral_dir(tiny_dir, tmp_path_factory):
+def build_mistral(tiny_dir, out, sliding_window: int):
+    """A tiny Mistral (grouped kv heads) in ``out/base`` on the tiny tokenizer, and its score model
+    in ``out/score`` (the base with a fixed-seed head); returns ``out``."""
     from paddlenlp.transformers import AutoTokenizer
 
     from ppo.models import load_score_model
     from ppo.tiny.build import build_causal_lm
 
-    out = tmp_path_factory.mktemp("mistral")
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer"))
-    build_causal_lm(str(out / "base"), tokenizer, family="mistral", seed=0, num_key_value_heads=2, sliding_window=48)
+    build_causal_lm(str(out / "base"), tokenizer, family="mistral", seed=0, num_key_value_heads=2,
+                    sliding_window=sliding_window)
     load_score_model(str(out / "base")).save_pretrained(str(out / "score"))
     tokenizer.save_pretrained(str(out / "score"))
     return out
+
+
+@pytest.fixture(scope="module")
+def mistral_dir(tiny_dir, tmp_path_factory):
+    return build_mistral(tiny_dir, tmp_path_factory.mktemp("mistral"), sliding_window=48)
 
 
 def test_ppo_steps_on_mistral_and_its_transformers_export(mistral_dir, tmp_path):

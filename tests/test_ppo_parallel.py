@@ -402,17 +402,9 @@ def assert_converted_once(src, cache, out, nproc):
 def mistral_dir(tiny_dir, tmp_path_factory):
     """A tiny Mistral (grouped kv heads; its sliding window is the tiny task's max_length, 64) and its
     score model (the base with a fixed-seed head), on the tiny tokenizer."""
-    from paddlenlp.transformers import AutoTokenizer
+    from test_mistral import build_mistral
 
-    from ppo.models import load_score_model
-    from ppo.tiny.build import build_causal_lm
-
-    out = tmp_path_factory.mktemp("mistral")
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer"))
-    build_causal_lm(str(out / "base"), tokenizer, family="mistral", seed=0, num_key_value_heads=2, sliding_window=64)
-    load_score_model(str(out / "base")).save_pretrained(str(out / "score"))
-    tokenizer.save_pretrained(str(out / "score"))
-    return out
+    return build_mistral(tiny_dir, tmp_path_factory.mktemp("mistral"), sliding_window=64)
 
 
 @pytest.fixture(scope="module")
