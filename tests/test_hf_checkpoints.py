@@ -18,6 +18,8 @@ import paddle
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from trained_weights import assert_trained_weights_match
+
 from ppo.errors import UserError
 from ppo.models import hf, load_causal_lm, load_score_model
 
@@ -482,7 +484,7 @@ def test_sft_and_reward_model_from_a_transformers_folder_under_tensor_parallel_m
     its shards from that copy, and training equals one process started from the same folder (the
     tolerances of test_entrypoints' two-rank tests); the final model's transformers export matches
     the numpy forward and equals the one-process export."""
-    from test_entrypoints import run
+    from test_entrypoints import ROOT, run
 
     src = tmp_path / "hf-base"
     write_stage_folder(tiny_dir, src, tied=False)
@@ -507,14 +509,10 @@ def test_sft_and_reward_model_from_a_transformers_folder_under_tensor_parallel_m
     target = str(tmp_path / "cache-tp" / "converted" / hf._cache_key(str(src)))
     assert all(f"the transformers folder {src} loads from its converted copy {target}" in log for log in logs)
     assert snapshot(str(src)) == before
-    wa = paddle.load(str(tmp_path / "one" / "model_state.pdparams"))
-    wb = paddle.load(str(tmp_path / "tp" / "model_state.pdparams"))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        np.testing.assert_allclose(wb[k].numpy(), wa[k].numpy(), rtol=0, atol=1e-4, err_msg=k)
+    with open(os.path.join(ROOT, config)) as f:
+        lr = json.load(f)["learning_rate"]
+    assert_trained_weights_match(tmp_path / "one", tmp_path / "tp", lr=lr, steps=3)
     exported = check_export_matches(tmp_path / "tp")
     assert exported["architectures"] == ["Qwen2ForCausalLM" if stage == "sft" else "Qwen2ForSequenceClassification"]
     ha, hb = (load_file(str(tmp_path / run_ / "hf" / "model.safetensors")) for run_ in ("one", "tp"))
-    assert ha.keys() == hb.keys()
-    for k in ha:
-        np.testing.assert_allclose(hb[k], ha[k], rtol=0, atol=1e-4, err_msg=k)
+    assert_trained_weights_match(ha, hb, lr=lr, steps=3)

@@ -27,7 +27,8 @@ from ppo.ppo_rewards import choose_groups, informative_groups
 from ppo.rewards import RewardFunction
 from ppo.rollout import action_mask_of, forward_log_probs
 from test_entrypoints import run
-from test_ppo_parallel import assert_same_eval, assert_same_steps, assert_same_weights, train_metrics
+from test_ppo_parallel import assert_same_eval, assert_same_steps, train_metrics
+from trained_weights import assert_trained_weights_match
 
 
 class ResponseLength(RewardFunction):
@@ -399,6 +400,9 @@ TP2 = ["--tensor_parallel_degree", "2"]
 PP2 = ["--pipeline_parallel_degree", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2"]
 
 
+ARITH_STEPS = 2  # arith_ppo: 2 iterations of one optimizer step (8 rows, micro-batch 8)
+
+
 def arith_ppo(model, out, *extra, nproc=1, do_sample=False):
     """PPO on the arithmetic prompts through the real entry point (``nproc`` ranks): 2 steps, greedy
     responses unless ``do_sample``, no mini-batch shuffling; returns the train metrics rows."""
@@ -435,7 +439,7 @@ def test_remote_endpoint_one_caller_per_data_rank(arith, tmp_path, layout):
         for key in ("actor_loss", "actor_grad_norm", "kl"):
             assert abs(a[key] - b[key]) < 1e-3 * max(1e-2, abs(a[key])), (key, a[key], b[key])
     assert one[0]["actor_grad_norm"] > 1e-3  # the scores did move the policy
-    assert_same_weights(tmp_path / "one" / "policy", tmp_path / "two" / "policy", atol=1e-4)
+    assert_trained_weights_match(tmp_path / "one" / "policy", tmp_path / "two" / "policy", lr=1e-3, steps=ARITH_STEPS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,7 +520,7 @@ def test_reward_functions_under_tp_and_pp_match_one_process(arith, arith_sft, fu
     keys = ("actor_loss", "reward", "kl", "return_mean", "entropy", *FUNCTION_KEYS)
     assert_same_steps(one, two, steps=2, keys=keys, grad_norms=("actor_grad_norm",))
     assert_same_eval(one_dir, two_dir, steps=(0, 2), rows=57, extra_keys=FUNCTION_KEYS)
-    assert_same_weights(one_dir / "policy", two_dir / "policy", atol=1e-4)
+    assert_trained_weights_match(one_dir / "policy", two_dir / "policy", lr=1e-3, steps=ARITH_STEPS)
     # each row scored once, on one rank, as one process scores it: training rows on the first rank
     # only (a tensor-parallel pair shares them); under pipeline parallel each stage scores its half of
     # the eval prompts (its own rollout copy)
@@ -628,7 +632,7 @@ def test_dynamic_sampling_tensor_parallel_matches_one_process(arith, tmp_path):
     keys = ("actor_loss", "reward", "kl", "entropy", "dynamic_sampling_tries", "dynamic_sampling_dropped_groups",
             "dynamic_sampling_filler_groups", "reward_test-even-gated-ramp")
     assert_same_steps(one, two, steps=2, keys=keys, grad_norms=("actor_grad_norm",))
-    assert_same_weights(tmp_path / "one" / "policy", tmp_path / "tp2" / "policy", atol=1e-4)
+    assert_trained_weights_match(tmp_path / "one" / "policy", tmp_path / "tp2" / "policy", lr=1e-3, steps=ARITH_STEPS)
 
 
 # ---------------------------------------------------------------------------------------------
