@@ -1,5 +1,5 @@
 """What the checkpoint checksums cost: a resumable checkpoint of the 33.5M model (``BENCH_33M``:
-weights, AdamW moments after one step, random states) is written with ``ppo.checkpoint`` and its
+weights, AdamW moments after one step, random states) is written with ``ppo.storage.checkpoint`` and its
 files are hashed by CRC-32C (what the manifest records), zlib's CRC-32 and BLAKE2b, each streaming
 8 MiB pieces, against the time the save took.
 
@@ -44,9 +44,11 @@ def main(argv=None):
     import crc32c
     import paddle
 
-    from ppo import checkpoint, parallel
+    from ppo.distributed import parallel
+
+    from ppo.storage import checkpoint
     from ppo.models import load_causal_lm
-    from ppo.optim import build_optimizer
+    from ppo.stages.optim import build_optimizer
     from ppo.tiny.build import BENCH_33M, build_llama, build_tokenizer
 
     root = tempfile.mkdtemp(prefix="checksum-cost-")

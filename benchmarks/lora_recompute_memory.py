@@ -51,8 +51,8 @@ def ppo_worker(opts) -> dict:
     import paddle
 
     from ppo.args import PPOArgs, validate
-    from ppo.entry import quiet_libraries
-    from ppo.trainer import PPOTrainer
+    from ppo.stages.entry import quiet_libraries
+    from ppo.stages.ppo.trainer import PPOTrainer
 
     quiet_libraries()
     meter = PeakMeter()
@@ -97,10 +97,10 @@ def update_worker(opts) -> dict:
     import numpy as np
     import paddle
 
-    from ppo.entry import quiet_libraries
+    from ppo.stages.entry import quiet_libraries
     from ppo.models import load_causal_lm
     from ppo.models.recompute import enable_recompute
-    from ppo.optim import build_optimizer
+    from ppo.stages.optim import build_optimizer
 
     quiet_libraries()
     paddle.seed(0)

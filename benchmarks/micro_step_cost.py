@@ -1,7 +1,7 @@
 """What one more micro-batch costs in the PPO update, in tokens: the actor's and the critic's
 micro-step (forward + backward of one micro-batch, no optimizer step) timed over a grid of rows x
 width on the 33.5M model, and ``time = a + b x tokens`` fitted by least squares; ``a / b`` is the
-overhead in tokens that ``ppo.batching.MICRO_BATCH_OVERHEAD_TOKENS`` stands for.  Prints JSON.
+overhead in tokens that ``ppo.core.batching.MICRO_BATCH_OVERHEAD_TOKENS`` stands for.  Prints JSON.
 
     python benchmarks/micro_step_cost.py [--config 33m] [--repeats 5] [--out FILE]
 """
@@ -35,10 +35,10 @@ def main(argv=None):
     import paddle
 
     from _common import matmul_gflops, mkl_threads
-    from ppo import ppo_steps
+    from ppo.stages.ppo import steps as ppo_steps
     from ppo.args import PPOArgs, validate
-    from ppo.entry import quiet_libraries
-    from ppo.trainer import PPOTrainer
+    from ppo.stages.entry import quiet_libraries
+    from ppo.stages.ppo.trainer import PPOTrainer
     from ppo_iteration import build_models
 
     quiet_libraries()

@@ -70,7 +70,7 @@ def tensor_mb(tensors) -> float:
 
 
 def optimizer_state(optimizer):
-    from ppo.parallel import inner_optimizer
+    from ppo.distributed.parallel import inner_optimizer
 
     inner = inner_optimizer(optimizer)
     while hasattr(inner, "_inner_opt"):
@@ -85,8 +85,8 @@ def worker(argv):
     import paddle.distributed as dist
 
     from ppo.args import PPOArgs, parse_args
-    from ppo.trainer import PPOTrainer
-    from ppo.entry import quiet_libraries
+    from ppo.stages.ppo.trainer import PPOTrainer
+    from ppo.stages.entry import quiet_libraries
 
     quiet_libraries()
     args = parse_args(PPOArgs, argv)
@@ -110,7 +110,7 @@ def build_models(config: str, folder: str) -> dict:
     import ppo  # noqa: F401
     from ppo.models import load_score_model
     from ppo.tiny.build import BENCH_33M, TINY, build_llama, build_tokenizer
-    from ppo.entry import quiet_libraries
+    from ppo.stages.entry import quiet_libraries
 
     quiet_libraries()
     tokenizer = build_tokenizer(os.path.join(folder, "tokenizer"))

@@ -151,7 +151,7 @@ def bias_eos(actor_dir: str, eos: int, mean_length: float, seed: int = 0, streng
     import numpy as np
     import paddle
 
-    from ppo.inference import InferenceModel
+    from ppo.rollout.inference import InferenceModel
     from ppo.models import load_causal_lm
 
     model = load_causal_lm(actor_dir)
@@ -195,7 +195,7 @@ def build_models(config: str, folder: str, eos_mean_length: float = 0.0) -> dict
     import ppo  # noqa: F401  (MKL environment before paddle)
     from ppo.models import load_score_model
     from ppo.tiny.build import BENCH_33M, TINY, build_llama, build_tokenizer
-    from ppo.entry import quiet_libraries
+    from ppo.stages.entry import quiet_libraries
 
     quiet_libraries()
     tokenizer = build_tokenizer(os.path.join(folder, "tokenizer"))
@@ -236,10 +236,10 @@ def run_worker(opts) -> dict:
     import paddle
 
     from ppo.args import PPOArgs, validate
-    from ppo.inference import InferenceModel
-    from ppo.trainer import PPOTrainer
+    from ppo.rollout.inference import InferenceModel
+    from ppo.stages.ppo.trainer import PPOTrainer
     try:
-        from ppo.entry import quiet_libraries
+        from ppo.stages.entry import quiet_libraries
     except ImportError:  # a reference checkout from before the layering
         from ppo.training import quiet_libraries
 
@@ -393,7 +393,7 @@ def run_worker(opts) -> dict:
             trainer.update_kl_controller(exp)
             return exp
     else:  # a reference checkout from before the trainer phases: the same steps its rollout takes
-        from ppo.rollout import collect
+        from ppo.rollout.collect import collect
 
         def experience(ids, mask, before_scoring):
             trainer.export_rollout_weights()

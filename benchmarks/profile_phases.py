@@ -125,10 +125,10 @@ def run_worker(opts) -> dict:
     import paddle.profiler as profiler
 
     from ppo.args import PPOArgs, validate
-    from ppo.inference import InferenceModel
-    from ppo.trainer import PPOTrainer
+    from ppo.rollout.inference import InferenceModel
+    from ppo.stages.ppo.trainer import PPOTrainer
     try:
-        from ppo.entry import quiet_libraries
+        from ppo.stages.entry import quiet_libraries
     except ImportError:  # a reference checkout from before the layering
         from ppo.training import quiet_libraries
 
@@ -151,7 +151,7 @@ def run_worker(opts) -> dict:
         exp = trainer.experience(ids, mask)
         exp = trainer.advantages(exp)
     else:  # a reference checkout from before the trainer phases
-        from ppo.rollout import collect
+        from ppo.rollout.collect import collect
 
         exp = collect(trainer.models, ids, mask, trainer.gen, args.max_length, args.normalize_reward)
         trainer.compute_advantages(exp)

@@ -1,6 +1,6 @@
 """Rollout throughput: the inference model vs paddlenlp's stock ``generate`` on the same weights.
 
-Four paths are timed in one run: ``inference`` (``ppo.inference.InferenceModel``, the default
+Four paths are timed in one run: ``inference`` (``ppo.rollout.inference.InferenceModel``, the default
 rollout path), ``inference_static`` (the same with its decode step compiled as a static graph,
 ``rollout_static_graph``), ``forward_loop`` (the same sampling loop over paddlenlp's forward and
 cache) and ``stock`` (paddlenlp's ``generate``).
@@ -70,10 +70,10 @@ def inference_worker(args) -> dict:
     model with its inference model: sampled rollouts timed, greedy tokens saved for the parent."""
     import numpy as np
 
-    from ppo.inference import InferenceModel
-    from ppo.rollout import GenerationConfig, generate
+    from ppo.rollout.inference import InferenceModel
+    from ppo.rollout.collect import GenerationConfig, generate
     try:
-        from ppo.entry import quiet_libraries
+        from ppo.stages.entry import quiet_libraries
     except ImportError:  # a reference checkout from before the layering
         from ppo.training import quiet_libraries
 
@@ -248,9 +248,9 @@ def main(argv=None):
 
     sys.path.insert(0, ROOT)
     import ppo  # noqa: F401  (MKL environment before paddle)
-    from ppo.entry import quiet_libraries
-    from ppo.inference import InferenceModel
-    from ppo.rollout import GenerationConfig, generate
+    from ppo.stages.entry import quiet_libraries
+    from ppo.rollout.inference import InferenceModel
+    from ppo.rollout.collect import GenerationConfig, generate
 
     quiet_libraries()
     model, dims, ids, mask = random_model(args)

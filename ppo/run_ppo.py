@@ -6,16 +6,20 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# the project root first, and not this folder: its subpackages (core, data, models, ...) would
+# otherwise shadow top-level modules of the same names
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
 
 import ppo  # noqa: E402,F401  (sets the MKL environment before paddle loads)
-from ppo.entry import quiet_libraries, run_entry  # noqa: E402
+from ppo.stages.entry import quiet_libraries, run_entry  # noqa: E402
 
 if __name__ == "__main__":
     quiet_libraries()  # before paddlenlp loads: its import-time warnings stay out of the console
 
 from ppo.args import PPOArgs, check_preset_models, parse_args  # noqa: E402
-from ppo.trainer import PPOTrainer  # noqa: E402
+from ppo.stages.ppo.trainer import PPOTrainer  # noqa: E402
 
 
 def main(argv=None):

@@ -1,7 +1,7 @@
 """Reward-model training: preference pairs -> scalar score model.
 
 Per micro-batch: score the better and the worse answers in one forward, take the preference loss
-(+ score regularisation) and backward; the shared loop (``ppo.single_model_trainer.SingleModelTrainer``) does
+(+ score regularisation) and backward; the shared loop (``ppo.stages.single_model.SingleModelTrainer``) does
 accumulation, clipping, the optimizer step, logging, evaluation and saving.  End scores of every
 step are gathered over all data ranks into the model's normaliser, whose statistics are saved in
 its config so PPO can normalise rewards with them (``normalize_reward``).
@@ -12,15 +12,15 @@ from __future__ import annotations
 import numpy as np
 import paddle
 
-from ppo import parallel
+from ppo.distributed import parallel
 from ppo.args import RewardArgs
 from ppo.data import PreferenceDataset
-from ppo.errors import UserError
+from ppo.core.errors import UserError
 from ppo.models import Normalizer, load_score_model
 from ppo.models.lora import apply_lora
 from ppo.models.recompute import enable_recompute
-from ppo.parallel import unwrap
-from ppo.single_model_trainer import SingleModelTrainer
+from ppo.distributed.parallel import unwrap
+from ppo.stages.single_model import SingleModelTrainer
 from rm.losses import divergence_span, score_regularization, sequence_wise_loss, token_wise_loss
 
 

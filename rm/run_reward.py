@@ -9,7 +9,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ppo  # noqa: E402,F401  (sets the MKL environment before paddle loads)
-from ppo.entry import quiet_libraries, run_entry  # noqa: E402
+from ppo.stages.entry import quiet_libraries, run_entry  # noqa: E402
 
 if __name__ == "__main__":
     quiet_libraries()  # before paddlenlp loads: its import-time warnings stay out of the console

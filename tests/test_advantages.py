@@ -1,4 +1,4 @@
-"""The composed advantage step (ppo.advantages.compute_advantages) against a naive numpy loop.
+"""The composed advantage step (ppo.core.advantages.compute_advantages) against a naive numpy loop.
 
 Every estimator, with and without advantage normalisation, every KL estimator, KL in the reward
 or as a loss, the missing-EOS penalty and the score clip, on a hand-built ``Experience``: random
@@ -13,8 +13,8 @@ import numpy as np
 import paddle
 import pytest
 
-from ppo.advantages import compute_advantages, mean_sequence_kl
-from ppo.experience import Experience
+from ppo.core.advantages import compute_advantages, mean_sequence_kl
+from ppo.core.experience import Experience
 
 P, R, GROUP = 4, 6, 4                          # prompt length, longest response, responses per prompt
 LENGTHS = [6, 3, 1, 5, 2, 6, 4, 6]             # response tokens (EOS included when it ended)

@@ -1,4 +1,4 @@
-"""ppo.algorithms against naive numpy references written with explicit loops."""
+"""ppo.core.algorithms against naive numpy references written with explicit loops."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ppo import algorithms as A
+from ppo.core import algorithms as A
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 SHAPES = [(1, 1), (3, 7), (5, 16), (8, 33)]

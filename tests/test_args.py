@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from ppo.args import RewardArgs, parse_args
-from ppo.batching import GlobalBatchSampler
-from ppo.errors import UserError
-from ppo.optim import lr_lambda
+from ppo.core.batching import GlobalBatchSampler
+from ppo.core.errors import UserError
+from ppo.stages.optim import lr_lambda
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -90,11 +90,11 @@ def workspace(tiny_dir, tmp_path_factory):
     checkpoints (see below)."""
     from paddlenlp.transformers import AutoTokenizer
 
-    from ppo import checkpoint
+    from ppo.storage import checkpoint
     from ppo.models import load_score_model
     from ppo.tiny.build import build_llama, build_tokenizer
     from ppo.tiny.task import corpus
-    from ppo.entry import run_entry
+    from ppo.stages.entry import run_entry
 
     root = tmp_path_factory.mktemp("bad_inputs")
     paths = {"BASE": tiny_dir / "base", "RM": root / "rm_run", "SCORE2": root / "score2",
@@ -207,7 +207,7 @@ def snapshot(folder: str) -> dict:
 
 
 def assert_untouched(folder: str, before: dict) -> None:
-    from ppo import checkpoint
+    from ppo.storage import checkpoint
 
     after = snapshot(folder)
     changed = sorted(k for k in before if after.get(k) != before[k])
@@ -379,7 +379,7 @@ CASES = [
 
 
 # -- the systematic sweep, by class (issue 13): every argument's declared range and finiteness, --
-# -- every file read through ppo/files.py, every model checked for its role ------------------
+# -- every file read through ppo/storage/files.py, every model checked for its role ------------------
 
 # (stage, key, bad value, the range the error line must state): one per kind of argument
 RANGE_SWEEP = [
@@ -414,7 +414,7 @@ CASES += [
          expect=("'max_new_tokens' (64) must be < 'max_length' (64)", "prompt + response"), needle="no prompt"),
     Case("dataset-proportion-exhausts-memory", "sft", changes={"train_datasets": "tiny-sft:1e6"},
          expect=("'tiny-sft:1e6'", "must be at most 100", "NAME[:PROPORTION[:PATH]]"), needle="at most 100"),
-    # files: every read goes through ppo/files.py and fails with one line naming the file
+    # files: every read goes through ppo/storage/files.py and fails with one line naming the file
     Case("config-duplicate-key", "sft", config_text='{"model_name_or_path": "{BASE}", "max_steps": 1, '
                                                     '"max_steps": 2, "output_dir": "{OUT}"}',
          expect=("config file '{CONFIG}'", "key 'max_steps' appears twice", "give each key once"),
@@ -478,7 +478,7 @@ def write_case_config(case: Case, paths: dict, tmp_path) -> str:
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_in_process(case, workspace, tmp_path, capfd, monkeypatch):
-    from ppo.entry import run_entry
+    from ppo.stages.entry import run_entry
 
     paths = case_paths(workspace, tmp_path)
     out, before = make_output_dir(workspace, paths["OUT"])

@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from ppo.batching import MICRO_BATCH_OVERHEAD_TOKENS, length_micro_batches, step_micro_batches
+from ppo.core.batching import MICRO_BATCH_OVERHEAD_TOKENS, length_micro_batches, step_micro_batches
 
 
 def brute_force(lengths, rows, max_rows, overhead):

@@ -10,7 +10,7 @@ import pytest
 
 from ppo.data import PreferenceDataset, PromptOnlyDataset, SupervisedDataset, build_template, encode_prompt
 from ppo.data.datasets import encode_answer
-from ppo.errors import UserError
+from ppo.core.errors import UserError
 
 # a template in transformers' convention, written for the tiny sentencepiece vocabulary
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}"

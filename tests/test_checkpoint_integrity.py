@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from ppo.args import SFTArgs
-from ppo.checkpoint import MANIFEST, clean_partial, list_checkpoints
-from ppo.errors import UserError
+from ppo.storage.checkpoint import MANIFEST, clean_partial, list_checkpoints
+from ppo.core.errors import UserError
 from test_bad_inputs import snapshot  # {relative path: sha256} of every file under a folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +30,7 @@ def naive_crc32c(data: bytes) -> int:
 
 
 def sft(tiny_dir, out, **kw):
-    from ppo.sft_trainer import SFTTrainer
+    from ppo.stages.sft.trainer import SFTTrainer
 
     common = dict(model_name_or_path=str(tiny_dir / "base"), train_datasets="tiny-sft", max_length=64, max_steps=3,
                   per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, save_steps=1,
@@ -154,7 +154,7 @@ def test_cleanup_removes_unfinished_writes_only(finished, tmp_path):
 def test_rotation_killed_midway_leaves_no_half_deleted_checkpoint(finished, tmp_path, monkeypatch):
     # a kill while save_total_limit removes checkpoint-1: it is renamed to .tmp-removed-* first, so
     # no checkpoint-1 with its manifest but fewer files is left; the next start removes the rest
-    from ppo import checkpoint
+    from ppo.storage import checkpoint
 
     out = tmp_path / "run"
     shutil.copytree(finished, out)

@@ -1,4 +1,4 @@
-"""ppo.cpu_fleet: tensor and pipeline parallel over gloo on CPU, checked on real launched ranks.
+"""ppo.distributed.cpu_fleet: tensor and pipeline parallel over gloo on CPU, checked on real launched ranks.
 
 Each distributed test launches a script of tests/dist_scripts with ``paddle.distributed.launch``;
 the script writes per-rank JSON (and rank 0 an .npz) that the test compares with plain numpy or a
@@ -63,7 +63,7 @@ def test_does_nothing_on_an_accelerator_build(monkeypatch):
     import paddle
     from paddle.distributed.fleet.layers.mpu import mp_ops
 
-    import ppo.cpu_fleet as cpu_fleet
+    import ppo.distributed.cpu_fleet as cpu_fleet
 
     monkeypatch.setattr(cpu_fleet, "_ENABLED", False)
     monkeypatch.setattr(paddle, "is_compiled_with_cuda", lambda: True)
@@ -77,8 +77,8 @@ def test_does_nothing_on_an_accelerator_build(monkeypatch):
 def test_refuses_a_paddle_version_it_was_not_written_for(monkeypatch):
     import paddle
 
-    import ppo.cpu_fleet as cpu_fleet
-    from ppo.errors import UserError
+    import ppo.distributed.cpu_fleet as cpu_fleet
+    from ppo.core.errors import UserError
 
     monkeypatch.setattr(cpu_fleet, "_ENABLED", False)
     monkeypatch.setattr(paddle, "__version__", "3.1.0")
@@ -191,7 +191,7 @@ def test_tensor_parallel_inference_model_matches_single_process(tiny_dir, tmp_pa
     import paddle
 
     from ppo.models import load_score_model, position_ids_from_mask
-    from ppo.rollout import GenerationConfig, forward_log_probs, generate
+    from ppo.rollout.collect import GenerationConfig, forward_log_probs, generate
 
     results = launch("tp_inference.py", tmp_path, tiny_dir / "base", tmp_path)
     assert [r["mp_rank"] for r in results] == [0, 1]

@@ -26,7 +26,7 @@ from ppo.data import (
     mix_indices,
     parse_dataset_spec,
 )
-from ppo.errors import UserError
+from ppo.core.errors import UserError
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent

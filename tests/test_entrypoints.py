@@ -91,7 +91,6 @@ def test_reward_model_two_ranks_match_one(tiny_dir, tmp_path, layout):
     assert ea["pairs"] == eb["pairs"] == 200 and abs(ea["accuracy"] - eb["accuracy"]) < 1e-9
     assert abs(ea["reward_mean"] - eb["reward_mean"]) < 1e-4
     # the saved model is one full checkpoint whatever the layout, equal to the single-process one
-    from test_resume import weights
 
     # over the 121k weights after 6 steps at lr 1e-3: at most 9 beyond 1e-5, the largest 1.7e-4
     assert_trained_weights_match(tmp_path / "one", tmp_path / "two", lr=1e-3, steps=6)
@@ -136,7 +135,7 @@ def bad_config(tmp_path, tiny_dir, **changes):
     ({"max_length": 100000}, "exceeds the position limit"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_dir, capsys, changes, expected):
-    from ppo.entry import run_entry
+    from ppo.stages.entry import run_entry
     from rm.run_reward import main
 
     data = os.path.join(ROOT, "tests", "data")

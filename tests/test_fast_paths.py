@@ -10,7 +10,7 @@ import pytest
 from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
 
 from ppo.models import fast_paths
-from ppo.rollout import forward_log_probs
+from ppo.rollout.collect import forward_log_probs
 
 pytestmark = pytest.mark.skipif(fast_paths.FUSED_RMS_NORM is None, reason="no fused RMSNorm kernel in this build")
 

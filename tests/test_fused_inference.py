@@ -1,9 +1,9 @@
-"""The fused GPU rollout adapter (ppo.fused_inference), on CPU.
+"""The fused GPU rollout adapter (ppo.rollout.fused), on CPU.
 
 PaddleNLP's fused inference model needs the CUDA-only ``paddlenlp_ops``, so these tests run the
 adapter against ``ContractLlama``: a stand-in that takes the same inputs as
 ``LlamaForCausalLMInferenceModel`` (prepare_inputs_for_generation, then the forward), checks every
-input against the contract written in the ppo.fused_inference docstring, and computes the logits
+input against the contract written in the ppo.rollout.fused docstring, and computes the logits
 with its own copy of a paddlenlp ``LlamaForCausalLM`` over each row's token history.  What they
 cover: the adapter's packing, positions, cache shapes, sequence lengths and weight refresh; the
 decoder selection and its single warning.  What they cannot cover: the fused kernels themselves.
@@ -18,10 +18,12 @@ import pytest
 from paddlenlp.transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from paddlenlp.transformers.conversion_utils import split_param_func
 
-from ppo import fused_inference, parallel
-from ppo.fused_inference import FusedInferenceModel, fused_model_state, right_packed, rollout_decoder
-from ppo.inference import InferenceModel
-from ppo.rollout import GenerationConfig, generate, generate_in_buckets
+from ppo.distributed import parallel
+
+from ppo.rollout import fused as fused_inference
+from ppo.rollout.fused import FusedInferenceModel, fused_model_state, right_packed, rollout_decoder
+from ppo.rollout.inference import InferenceModel
+from ppo.rollout.collect import GenerationConfig, generate, generate_in_buckets
 from tests.test_inference import assert_same_greedy, make_model, prompts
 from tests.test_qwen2 import DIMS as QWEN2_DIMS
 from tests.test_qwen2 import randomize_biases
@@ -305,8 +307,8 @@ def test_ppo_refreshes_the_fused_copy_after_each_update_only(tiny_dir, tmp_path,
     """The PPO trainer with the fused decoder (over the stand-in): every prefill decodes the actor's
     current weights, and the copy is refreshed once per generation call after an update, not for
     unchanged weights (the evaluation before training and the first rollout share one copy)."""
-    import ppo.ppo_models as models_module
-    import ppo.trainer as trainer_module
+    import ppo.stages.ppo.roles as models_module
+    import ppo.stages.ppo.trainer as trainer_module
     from ppo.args import PPOArgs
     from ppo.models import load_score_model
 

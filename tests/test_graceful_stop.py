@@ -12,9 +12,9 @@ import numpy as np
 import paddle
 import pytest
 
-from ppo.checkpoint import MANIFEST, damage, list_checkpoints
-from ppo.graceful import REPEAT_S
-from ppo.output_dir import LOCK, drop_metrics_after
+from ppo.storage.checkpoint import MANIFEST, damage, list_checkpoints
+from ppo.storage.graceful import REPEAT_S
+from ppo.storage.output_dir import LOCK, drop_metrics_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,9 +78,9 @@ def test_signal_during_training_checkpoints_and_resumes_exactly(sig, tiny_dir, t
 def test_ppo_loop_stops_after_the_signalled_step(tiny_dir, tiny_tokenizer, tmp_path):
     # in process: SIGTERM arrives inside the update of step 2
     from ppo.args import PPOArgs
-    from ppo.graceful import StopRequested
+    from ppo.storage.graceful import StopRequested
     from ppo.models import load_score_model
-    from ppo.trainer import PPOTrainer
+    from ppo.stages.ppo.trainer import PPOTrainer
 
     rm = load_score_model(str(tiny_dir / "base"))
     rm.save_pretrained(str(tmp_path / "rm"))
@@ -112,8 +112,8 @@ def test_ppo_loop_stops_after_the_signalled_step(tiny_dir, tiny_tokenizer, tmp_p
 def test_signal_during_a_checkpoint_save_stops_after_it(tiny_dir, tmp_path):
     # SIGTERM while the cadence writes checkpoint-2: the save completes, no second save, stop
     from ppo.args import SFTArgs
-    from ppo.graceful import StopRequested
-    from ppo.sft_trainer import SFTTrainer
+    from ppo.storage.graceful import StopRequested
+    from ppo.stages.sft.trainer import SFTTrainer
 
     out = tmp_path / "run"
     trainer = SFTTrainer(SFTArgs(model_name_or_path=str(tiny_dir / "base"), train_datasets="tiny-sft", max_length=64,
@@ -138,7 +138,7 @@ def test_signal_during_the_final_save_lets_the_run_finish(tiny_dir, tmp_path, ca
     # the handlers stay until the final model is written: a SIGTERM then lets the save complete
     # and the run end as finished (without them the default action would kill it mid-save)
     from ppo.args import SFTArgs
-    from ppo.sft_trainer import SFTTrainer
+    from ppo.stages.sft.trainer import SFTTrainer
 
     out = tmp_path / "run"
     trainer = SFTTrainer(SFTArgs(model_name_or_path=str(tiny_dir / "base"), train_datasets="tiny-sft", max_length=64,
@@ -440,7 +440,7 @@ def test_ppo_sigterm_checkpoints_and_resumes_exactly(ranks, tiny_dir, tmp_path, 
 
 HELD = r"""
 import os, signal, sys, time
-import ppo.graceful as g
+import ppo.storage.graceful as g
 g.REPEAT_S = 0.0
 stop = g.GracefulStop()
 os.kill(os.getpid(), signal.SIGTERM)  # the first: recorded, the run would finish its step

@@ -8,7 +8,7 @@ import paddle
 import pytest
 
 from ppo.args import RewardArgs
-from ppo.guard import TrainingDiverged
+from ppo.stages.guard import TrainingDiverged
 
 
 def reward_trainer(tiny_dir, out, **kw):

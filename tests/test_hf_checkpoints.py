@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 
 from trained_weights import assert_trained_weights_match
 
-from ppo.errors import UserError
+from ppo.core.errors import UserError
 from ppo.models import hf, load_causal_lm, load_score_model
 
 VOCAB, H, FFN, LAYERS, HEADS, KV = 96, 32, 48, 2, 4, 2

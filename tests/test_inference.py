@@ -5,9 +5,9 @@ import paddle
 import pytest
 from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
 
-from ppo.inference import InferenceModel
+from ppo.rollout.inference import InferenceModel
 from ppo.models import position_ids_from_mask
-from ppo.rollout import GenerationConfig, forward_log_probs, generate
+from ppo.rollout.collect import GenerationConfig, forward_log_probs, generate
 
 
 def make_model(seed=0, **extra):
@@ -208,7 +208,7 @@ def test_static_graph_decode_equals_the_eager_step_and_follows_weight_updates(ex
 def test_rollout_log_probs_equal_the_recomputed_ones(config):
     """The log-probs kept from the decode steps are the scoring forward's (tempered, unfiltered:
     the penalty and the top-k / top-p filters only steer sampling) to 1e-5."""
-    from ppo.rollout import generate_in_buckets
+    from ppo.rollout.collect import generate_in_buckets
 
     model = make_model(seed=4, num_key_value_heads=2)
     ids, mask = prompts(B=6)
@@ -230,7 +230,7 @@ def test_length_groups_are_the_cheapest_contiguous_partition():
     length-sorted rows costs (brute force), and covers every row once."""
     import itertools
 
-    from ppo.rollout import length_groups
+    from ppo.rollout.collect import length_groups
 
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -246,7 +246,7 @@ def test_length_groups_are_the_cheapest_contiguous_partition():
 
 def test_scoring_in_length_groups_equals_one_batch():
     """Packed length groups give every real position the one-batch log-probs and scores (1e-5)."""
-    from ppo.rollout import score_in_length_groups
+    from ppo.rollout.collect import score_in_length_groups
 
     model = make_model(seed=6)
     seqs, mask = rollout_like(B=7, P=9, R=8, seed=3)

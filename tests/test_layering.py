@@ -13,19 +13,25 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Lowest first.  A module may import only modules of strictly lower layers (a new module gets a
-# place here, or the test fails).
+# place here, or the test fails).  The folders are the layers of the picture in README.md: the pure
+# core, configuration, data / rewards / models, the distributed layer, storage, rollout, the stages.
 LAYERS = [
-    # foundations: no ppo imports
-    ["ppo", "ppo.errors", "ppo.experience", "ppo.algorithms", "ppo.data.template", "ppo.models.normalizer",
-     "ppo.decoding", "ppo.tiny", "rm"],
-    # what the by-NAME registries share
-    ["ppo.registry"],
+    # foundations: no ppo imports (the pure core, the decoder protocol, the package markers)
+    ["ppo", "ppo.core", "ppo.core.errors", "ppo.core.experience", "ppo.core.algorithms", "ppo.core.metrics",
+     "ppo.data.template", "ppo.models.normalizer", "ppo.models.fast_paths", "ppo.rollout", "ppo.rollout.decoding",
+     "ppo.distributed", "ppo.storage", "ppo.stages", "ppo.stages.sft", "ppo.stages.ppo", "ppo.tiny", "rm",
+     "rm.losses"],
+    # the rest of the pure core; what the by-NAME registries share
+    ["ppo.core.registry", "ppo.core.advantages", "ppo.core.batching"],
     # reading files: the one place that turns damaged files into one-line errors
-    ["ppo.files"],
-    # pure steps, configuration, registries (raw datasets, reward functions, model families)
-    ["ppo.advantages", "ppo.args", "ppo.data.base", "ppo.data.chat", "ppo.data.tokenizer_utils", "rm.losses",
-     "ppo.models.families.base", "ppo.models.recompute", "ppo.models.lora", "ppo.models.fast_paths",
-     "ppo.rewards.base"],
+    ["ppo.storage.files"],
+    # configuration: the shared parts and the PaddleNLP key mapping, then one module per stage
+    ["ppo.args.common", "ppo.args.paddlenlp"],
+    ["ppo.args.parse", "ppo.args.sft", "ppo.args.reward", "ppo.args.ppo"],
+    ["ppo.args"],
+    # registries (raw datasets, reward functions, model families) and model adaptations
+    ["ppo.data.base", "ppo.data.chat", "ppo.data.tokenizer_utils", "ppo.models.families.base",
+     "ppo.models.recompute", "ppo.models.lora", "ppo.rewards.base"],
     # data: sources and tokenized datasets; the built-in reward functions
     ["ppo.data.datasets", "ppo.data.alpaca", "ppo.data.safe_rlhf", "ppo.data.tiny",
      "ppo.data.gsm8k", "ppo.rewards.builtin", "ppo.rewards.remote"],
@@ -39,28 +45,40 @@ LAYERS = [
     ["ppo.models.loading"],
     ["ppo.models"],
     # the distributed layer: the only modules that touch fleet and process groups
-    ["ppo.cpu_fleet"],
-    ["ppo.parallel"],
-    ["ppo.pipeline"],
-    # the output folder's lock and refusal (below checkpoints); the graceful stop of the loops
-    ["ppo.output_dir"],
-    ["ppo.graceful", "ppo.guard"],
-    # services of the training loops
-    ["ppo.entry", "ppo.batching", "ppo.optim", "ppo.metrics", "ppo.checkpoint", "ppo.offload",
-     "ppo.inference"],
-    ["ppo.fused_inference", "ppo.rollout"],
-    # the PPO phases: models in their layout, one update step, evaluation; then its data
-    ["ppo.ppo_models", "ppo.ppo_steps", "ppo.ppo_rewards"],
-    ["ppo.ppo_evaluation"],
-    ["ppo.ppo_data"],
+    ["ppo.distributed.cpu_fleet"],
+    ["ppo.distributed.parallel"],
+    ["ppo.distributed.pipeline", "ppo.distributed.offload"],
+    # storage: the output folder's lock and refusal, checkpoint folders, the graceful stop, checkpoints
+    ["ppo.storage.output_dir", "ppo.storage.manifest"],
+    ["ppo.storage.graceful"],
+    ["ppo.storage.checkpoint"],
+    # rollout: the lean decode path, the fused GPU model, generation and scoring -> Experience
+    ["ppo.rollout.inference"],
+    ["ppo.rollout.fused", "ppo.rollout.collect"],
+    # what every stage's loop uses: entry plumbing, optimizer, numeric guard; the single-model loop
+    ["ppo.stages.entry", "ppo.stages.optim", "ppo.stages.guard"],
+    ["ppo.stages.single_model"],
+    # the PPO stage: models in their layout, one update step, scoring, evaluation; then its data
+    ["ppo.stages.ppo.roles", "ppo.stages.ppo.steps", "ppo.stages.ppo.scoring"],
+    ["ppo.stages.ppo.evaluation"],
+    ["ppo.stages.ppo.data"],
     # the loops
-    ["ppo.single_model_trainer"],
-    ["ppo.sft_trainer", "rm.reward_trainer", "ppo.trainer"],
+    ["ppo.stages.sft.trainer", "rm.reward_trainer", "ppo.stages.ppo.trainer"],
     # entry points and the built-in demo
     ["ppo.run_ppo", "ppo.run_sft", "rm.run_reward", "ppo.tiny.task", "ppo.tiny.arithmetic"],
     ["ppo.tiny.build", "ppo.tiny.evaluate"],
     ["ppo.tiny.pipeline"],
 ]
+
+# What a folder may import besides itself: the pure core nothing of the toolkit, and nothing below
+# the stages reaches up into them (None: no rule beyond LAYERS).
+FOLDER_MAY_IMPORT = {
+    "ppo.core": set(),
+    "ppo.args": {"ppo.core", "ppo.storage.files"},
+    "ppo.distributed": {"ppo.core", "ppo.models"},
+    "ppo.storage": {"ppo.core", "ppo.distributed", "ppo.models", "ppo"},
+    "ppo.rollout": {"ppo.core", "ppo.distributed", "ppo.models"},
+}
 
 
 # Function-local ppo / rm imports allowed (module -> imported names), each with its reason.  Lazy
@@ -70,8 +88,9 @@ LOCAL_IMPORT_ALLOWED: dict = {}
 
 # Private attributes of fleet's wrappers (model, optimizer, pipeline schedule) and the hybrid group.
 FLEET_PRIVATE = {"_layers", "_layer", "_inner_opt", "_optim", "_loss_fn", "_prepare_training", "hcg"}
-DISTRIBUTED = {"ppo/parallel.py", "ppo/pipeline.py", "ppo/cpu_fleet.py"}
-# Files whose fleet-private code is being moved into ppo/pipeline.py (the pipeline pass of the PPO
+DISTRIBUTED = {"ppo/distributed/parallel.py", "ppo/distributed/pipeline.py", "ppo/distributed/cpu_fleet.py"}
+MAX_LINES = 500  # no library module longer
+# Files whose fleet-private code is being moved into ppo/distributed/pipeline.py (the pipeline pass of the PPO
 # trainer); empty this set once it has moved.
 BEING_MOVED: set = set()
 
@@ -102,7 +121,7 @@ def ours(name: str | None) -> bool:
 
 
 def imported_modules(node) -> list[str]:
-    """The ppo / rm modules an import statement loads (``from ppo import parallel`` -> ppo.parallel)."""
+    """The ppo / rm modules an import statement loads (``from ppo import parallel`` -> ppo.distributed.parallel)."""
     if isinstance(node, ast.Import):
         return [a.name for a in node.names if ours(a.name)]
     if isinstance(node, ast.ImportFrom) and node.level == 0 and ours(node.module):
@@ -213,5 +232,41 @@ def test_fleet_internals_stay_in_the_distributed_modules(module):
     if rel in DISTRIBUTED | BEING_MOVED:
         return
     found = fleet_private_uses(parse(rel))
-    assert not found, (f"{rel} reaches into fleet ({found}); go through a function of ppo/parallel.py or "
-                       "ppo/pipeline.py")
+    assert not found, (f"{rel} reaches into fleet ({found}); go through a function of ppo/distributed/parallel.py or "
+                       "ppo/distributed/pipeline.py")
+
+
+def folder_of(module: str) -> str:
+    return next((f for f in sorted(FOLDER_MAY_IMPORT, key=len, reverse=True)
+                 if module == f or module.startswith(f + ".")), "")
+
+
+def test_folders_import_only_the_layers_below_them():
+    wrong = []
+    for module, rel in sorted(MODULES.items()):
+        folder = folder_of(module)
+        if not folder:
+            continue
+        allowed = FOLDER_MAY_IMPORT[folder] | {folder}
+        for node in ast.walk(parse(rel)):
+            for target in imported_modules(node):
+                if not any(target == a or target.startswith(a + ".") for a in allowed if a != "ppo") \
+                        and not ("ppo" in allowed and target == "ppo"):
+                    wrong.append(f"{rel}:{node.lineno} imports {target}; {folder} may import {sorted(allowed)}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_tree_shows_stages_and_layers():
+    """No module named after its package (ppo/ppo_steps.py was a folder in disguise), and no library
+    module over MAX_LINES lines."""
+    named_after = [rel for rel in MODULES.values()
+                   if os.path.basename(rel).startswith(os.path.basename(os.path.dirname(rel)) + "_")
+                   or os.path.basename(rel)[:-3] == os.path.basename(os.path.dirname(rel))]
+    assert not named_after, named_after
+    long = {}
+    for rel in MODULES.values():
+        with open(os.path.join(ROOT, rel), encoding="utf-8") as f:
+            n = sum(1 for _ in f)
+        if n > MAX_LINES:
+            long[rel] = n
+    assert not long, long

@@ -10,7 +10,7 @@ import paddle
 import pytest
 
 from ppo.args import PPOArgs, RewardArgs, SFTArgs
-from ppo.errors import UserError
+from ppo.core.errors import UserError
 from ppo.models.lora import AdaptersOff, apply_lora, lora_layers, merged_for_export
 
 from tests.test_resume import assert_bitwise_equal, train_metrics, weights
@@ -95,8 +95,8 @@ def sequences():
 
 
 def test_reference_with_adapters_off_is_the_base_model(family_dir):
-    from ppo.inference import InferenceModel
-    from ppo.rollout import forward_log_probs
+    from ppo.rollout.inference import InferenceModel
+    from ppo.rollout.collect import forward_log_probs
 
     model, base = load_pair(family_dir)
     ids, mask = sequences()
@@ -117,8 +117,8 @@ def test_reference_with_adapters_off_is_the_base_model(family_dir):
 def test_rollout_reads_the_current_adapters(family_dir):
     """After an optimizer step on the adapters, the inference path (log-probs and greedy decoding)
     agrees with the training forward; the reference stays the base model."""
-    from ppo.inference import InferenceModel
-    from ppo.rollout import GenerationConfig, PaddleNLPDecoder, _generate, forward_log_probs
+    from ppo.rollout.inference import InferenceModel
+    from ppo.rollout.collect import GenerationConfig, PaddleNLPDecoder, _generate, forward_log_probs
 
     model, base = load_pair(family_dir)
     ids, mask = sequences()
@@ -145,7 +145,7 @@ def test_rollout_reads_the_current_adapters(family_dir):
 def test_merged_export_is_a_plain_model_and_restores_exactly(tiny_dir, tmp_path):
     from paddlenlp.transformers import AutoModelForCausalLM
 
-    from ppo.rollout import forward_log_probs
+    from ppo.rollout.collect import forward_log_probs
 
     model, _ = load_pair(tiny_dir)
     state = {k: v.numpy().copy() for k, v in model.state_dict().items()}
@@ -176,7 +176,7 @@ def stage_args(stage, tiny_dir, out, **extra):
 
 
 def trainer_for(stage):
-    from ppo.sft_trainer import SFTTrainer
+    from ppo.stages.sft.trainer import SFTTrainer
     from rm.reward_trainer import RewardTrainer
 
     return SFTTrainer if stage == "sft" else RewardTrainer
@@ -214,7 +214,7 @@ def test_single_model_stage_trains_adapters_resumes_bitwise_and_saves_merged(sta
     if stage == "sft":  # plain from_pretrained loads it and computes what the adapted model computed
         from paddlenlp.transformers import AutoModelForCausalLM
 
-        from ppo.rollout import forward_log_probs
+        from ppo.rollout.collect import forward_log_probs
 
         plain = AutoModelForCausalLM.from_pretrained(str(tmp_path / "straight"))
         plain.eval()
@@ -250,7 +250,7 @@ def ppo_args(tiny_dir, reward_dir, out, **extra):
 
 
 def test_ppo_lora_actor_and_critic(tiny_dir, reward_dir, tmp_path):
-    from ppo.trainer import PPOTrainer
+    from ppo.stages.ppo.trainer import PPOTrainer
 
     straight = PPOTrainer(ppo_args(tiny_dir, reward_dir, tmp_path / "straight", save_steps=2))
     reference = straight.models.reference
@@ -302,7 +302,7 @@ def test_targets_that_match_nothing_are_one_line(tiny_dir):
 
 def test_ppo_lora_without_the_inference_model(tiny_dir, reward_dir, tmp_path):
     """paddlenlp's own forward rolls out and scores: the reference runs it with the adapters off."""
-    from ppo.trainer import PPOTrainer
+    from ppo.stages.ppo.trainer import PPOTrainer
 
     trainer = PPOTrainer(ppo_args(tiny_dir, reward_dir, tmp_path, use_inference_model=False, max_steps=2))
     trainer.train()

@@ -10,7 +10,7 @@ import paddle
 import pytest
 from paddlenlp.transformers import MistralConfig
 
-from ppo.errors import UserError
+from ppo.core.errors import UserError
 from ppo.models import check_max_length, family_named, family_of_model
 from ppo.models.families.mistral import MistralForCausalLM, MistralModelForScore
 from test_qwen2 import assert_inference_equals_training_forward, assert_scores_equal_the_lean_decoder
@@ -83,7 +83,7 @@ def test_ppo_steps_on_mistral_and_its_transformers_export(mistral_dir, tmp_path)
     from test_hf_checkpoints import check_export_matches
 
     from ppo.args import PPOArgs
-    from ppo.trainer import PPOTrainer
+    from ppo.stages.ppo.trainer import PPOTrainer
 
     common = dict(actor_model_name_or_path=str(mistral_dir / "base"),
                   reward_model_name_or_path=str(mistral_dir / "score"), train_datasets="tiny-prompts/train",

@@ -11,8 +11,8 @@ import paddle
 import pytest
 from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
 
-from ppo.errors import UserError
-from ppo.inference import InferenceModel
+from ppo.core.errors import UserError
+from ppo.rollout.inference import InferenceModel
 from ppo.models import family_named, family_of, family_of_model, load_score_model, position_ids_from_mask
 from ppo.models.families.llama import LlamaModelForScore
 

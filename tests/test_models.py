@@ -7,7 +7,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ppo.errors import UserError
+from ppo.core.errors import UserError
 from ppo.models import Normalizer, last_token_index, load_score_model, position_ids_from_mask
 from rm.losses import divergence_span, score_regularization, sequence_wise_loss, token_wise_loss
 

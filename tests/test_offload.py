@@ -8,8 +8,8 @@ import paddle
 import psutil
 import pytest
 
-from ppo.errors import UserError
-from ppo.offload import (FileStore, default_store, offload_model, offload_optimizer,
+from ppo.core.errors import UserError
+from ppo.distributed.offload import (FileStore, default_store, offload_model, offload_optimizer,
                          parse_offload_level, reload_model, reload_optimizer, _return_freed_memory)
 
 

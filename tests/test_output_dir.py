@@ -13,16 +13,16 @@ import sys
 import pytest
 
 from ppo.args import SFTArgs
-from ppo.checkpoint import list_checkpoints
-from ppo.errors import UserError
+from ppo.storage.checkpoint import list_checkpoints
+from ppo.core.errors import UserError
 from test_bad_inputs import snapshot  # {relative path: sha256} of every file under a folder
-from ppo.output_dir import LOCK
+from ppo.storage.output_dir import LOCK
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def sft(tiny_dir, out, **kw):
-    from ppo.sft_trainer import SFTTrainer
+    from ppo.stages.sft.trainer import SFTTrainer
 
     common = dict(model_name_or_path=str(tiny_dir / "base"), train_datasets="tiny-sft", max_length=64, max_steps=2,
                   per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, save_steps=1,
@@ -55,7 +55,7 @@ def test_final_save_into_finished_folder_keeps_other_files(finished, tmp_path):
     # the final save of a resumed run writes over the model files only (before: the folder was renamed away)
     import shutil
 
-    from ppo.checkpoint import publish
+    from ppo.storage.checkpoint import publish
 
     target = tmp_path / "run"
     shutil.copytree(finished, target)
@@ -83,7 +83,7 @@ def test_new_run_into_finished_folder_is_refused_and_changes_nothing(tiny_dir, f
 def test_ppo_new_run_into_a_ppo_folder_is_refused(tiny_dir, tiny_tokenizer, tmp_path):
     from ppo.args import PPOArgs
     from ppo.models import load_score_model
-    from ppo.trainer import PPOTrainer
+    from ppo.stages.ppo.trainer import PPOTrainer
 
     rm = load_score_model(str(tiny_dir / "base"))
     rm.save_pretrained(str(tmp_path / "rm"))

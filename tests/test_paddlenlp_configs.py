@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from ppo.args import PADDLENLP_KEYS, PROJECT_ROOT, NoEffect, PPOArgs, RewardArgs, SFTArgs, parse_args
-from ppo.errors import UserError
+from ppo.core.errors import UserError
 
 DATA = os.path.join(PROJECT_ROOT, "tests", "data", "paddlenlp")
 
@@ -133,7 +133,7 @@ def test_strategies_and_switches_change_the_parsed_args(tmp_path):
 def test_step_cadence_follows_the_strategies():
     from types import SimpleNamespace
 
-    from ppo.metrics import StepCadence
+    from ppo.core.metrics import StepCadence
 
     def events(**kw):
         args = SimpleNamespace(logging_steps=100, eval_steps=3, save_steps=2, num_train_epochs=2, max_steps=-1,
@@ -153,7 +153,7 @@ def test_step_cadence_follows_the_strategies():
 
 
 def test_drop_last_false_completes_the_last_batch():
-    from ppo.batching import GlobalBatchSampler
+    from ppo.core.batching import GlobalBatchSampler
 
     kept = GlobalBatchSampler(10, per_device_batch=4, seed=1, drop_last=False)
     assert kept.steps_per_epoch == 3
@@ -165,9 +165,9 @@ def test_drop_last_false_completes_the_last_batch():
 
 
 def test_no_effect_keys_notice_once_each(tmp_path, capsys):
-    import ppo.args
+    import ppo.args.paddlenlp
 
-    ppo.args._noticed.clear()
+    ppo.args.paddlenlp._noticed.clear()
     ignored = {k: 1 for k, v in PADDLENLP_KEYS.items() if isinstance(v, NoEffect)}
     parse(PPOArgs, {**PPO_BASE, **ignored}, tmp_path)
     parse(PPOArgs, {**PPO_BASE, **ignored}, tmp_path)

@@ -11,9 +11,9 @@ import paddle
 import pytest
 
 from ppo.args import PPOArgs
-from ppo.experience import Experience
+from ppo.core.experience import Experience
 from ppo.models import load_score_model, position_ids_from_mask
-from ppo.rollout import action_mask_of, forward_log_probs
+from ppo.rollout.collect import action_mask_of, forward_log_probs
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def ppo_dirs(tiny_dir, tiny_tokenizer, tmp_path_factory):
 
 
 def make_trainer(ppo_dirs, name, **overrides):
-    from ppo.trainer import PPOTrainer
+    from ppo.stages.ppo.trainer import PPOTrainer
 
     kwargs = dict(actor_model_name_or_path=ppo_dirs["actor"], reward_model_name_or_path=ppo_dirs["rm"],
                   train_datasets="tiny-prompts/train", output_dir=str(ppo_dirs["out"] / name), max_length=64,
@@ -308,7 +308,7 @@ def test_rollout_log_probs_give_the_same_ppo_update(ppo_dirs):
     """``rollout_log_probs``: old log-probs kept from the decode steps (sampling with temperature,
     top-k, top-p and a repetition penalty) instead of the actor's scoring forward give the same
     rollout (the recompute's old log-probs to 1e-5 on every action) and the same update."""
-    from ppo.inference import InferenceModel
+    from ppo.rollout.inference import InferenceModel
 
     sampling = dict(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3, max_new_tokens=10,
                     clip_range_value=5.0, max_grad_norm=1.0)

@@ -19,13 +19,13 @@ import paddle
 import pytest
 
 from ppo.args import PPOArgs, parse_args
-from ppo.errors import UserError
-from ppo.experience import Experience
+from ppo.core.errors import UserError
+from ppo.core.experience import Experience
 from ppo.models import load_score_model
-from ppo.ppo_evaluation import prompt_batch
-from ppo.ppo_rewards import choose_groups, informative_groups
+from ppo.stages.ppo.evaluation import prompt_batch
+from ppo.stages.ppo.scoring import choose_groups, informative_groups
 from ppo.rewards import RewardFunction
-from ppo.rollout import action_mask_of, forward_log_probs
+from ppo.rollout.collect import action_mask_of, forward_log_probs
 from test_entrypoints import run
 from test_ppo_parallel import assert_same_eval, assert_same_steps, train_metrics
 from trained_weights import assert_trained_weights_match
@@ -87,7 +87,7 @@ def make_args(arith, name, **overrides):
 
 
 def make_trainer(arith, name, **overrides):
-    from ppo.trainer import PPOTrainer
+    from ppo.stages.ppo.trainer import PPOTrainer
 
     return PPOTrainer(make_args(arith, name, **overrides))
 
@@ -95,7 +95,7 @@ def make_trainer(arith, name, **overrides):
 @pytest.fixture
 def load_counts(monkeypatch):
     """How many causal LMs and score models (reward model, critic) the trainer loads."""
-    import ppo.ppo_models as pm
+    import ppo.stages.ppo.roles as pm
 
     counts = {"causal_lm": 0, "score_model": 0}
 
@@ -307,7 +307,7 @@ def recorded(trainer):
 
 
 def prompts_of(trainer, exp):
-    from ppo.ppo_rewards import decode_rows
+    from ppo.stages.ppo.scoring import decode_rows
 
     return decode_rows(exp, trainer.tokenizer)[0]
 
@@ -469,7 +469,7 @@ def arith_sft(arith):
     """The arithmetic model after 100 SFT steps: its greedy answers are right for some prompts only,
     so math_exact and format score the rows of a batch differently."""
     from ppo.args import SFTArgs
-    from ppo.sft_trainer import SFTTrainer
+    from ppo.stages.sft.trainer import SFTTrainer
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = str(arith["out"] / "sft-short")
@@ -646,9 +646,9 @@ def test_grpo_on_arithmetic_with_math_exact_only(arith, load_counts):
     responses rises on the held-out phrasing and, more, on fresh samples of the training prompts.
     Measured in the full run (README, 100 steps): held-out 0.31 -> 0.47, training prompts 0.39 -> 0.71."""
     from ppo.args import SFTArgs
-    from ppo.sft_trainer import SFTTrainer
+    from ppo.stages.sft.trainer import SFTTrainer
     from ppo.tiny.evaluate import accuracy_eval
-    from ppo.trainer import PPOTrainer
+    from ppo.stages.ppo.trainer import PPOTrainer
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sft = str(arith["out"] / "sft")

@@ -9,9 +9,9 @@ import paddle
 import pytest
 
 from ppo.args import PPOArgs, parse_args
-from ppo.errors import UserError
+from ppo.core.errors import UserError
 from ppo.models import load_score_model
-from ppo.ppo_evaluation import prompt_batch
+from ppo.stages.ppo.evaluation import prompt_batch
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def args_for(dirs, name, **overrides):
 
 
 def run(args):
-    from ppo.trainer import PPOTrainer
+    from ppo.stages.ppo.trainer import PPOTrainer
 
     trainer = PPOTrainer(args)
     before = {k: v.numpy().copy() for k, v in trainer.actor.state_dict().items()}
@@ -100,7 +100,7 @@ def test_checkpoints_and_eval_samples(dirs, capsys):
 
 def test_reward_model_with_another_tokenizer(dirs, tmp_path):
     """Sequences are decoded and re-tokenized for a reward model with a different vocabulary."""
-    from ppo.rollout import collect, retokenize
+    from ppo.rollout.collect import collect, retokenize
     from ppo.tiny.build import build_llama, build_tokenizer
     from ppo.tiny.task import corpus
 
@@ -109,7 +109,7 @@ def test_reward_model_with_another_tokenizer(dirs, tmp_path):
     rm2 = load_score_model(str(tmp_path / "base2"))
     rm2.save_pretrained(str(tmp_path / "rm2"))
     other.save_pretrained(str(tmp_path / "rm2"))
-    from ppo.trainer import PPOTrainer
+    from ppo.stages.ppo.trainer import PPOTrainer
 
     trainer = PPOTrainer(args_for(dirs, "retok", reward_model_name_or_path=str(tmp_path / "rm2"),
                                   reward_critic_model_name_or_path=dirs["rm"]))
@@ -128,7 +128,7 @@ def test_reward_model_with_another_tokenizer(dirs, tmp_path):
 def test_critic_must_share_the_actor_vocabulary(dirs, tmp_path):
     from ppo.tiny.build import build_llama, build_tokenizer
     from ppo.tiny.task import corpus
-    from ppo.trainer import PPOTrainer
+    from ppo.stages.ppo.trainer import PPOTrainer
 
     other = build_tokenizer(str(tmp_path / "tok"), vocab_size=200, texts=list(corpus())[:800])
     build_llama(str(tmp_path / "critic_base"), other, seed=1)
@@ -149,8 +149,8 @@ def nan_reward_model(dirs, folder):
 
 
 def test_non_finite_reward_stops_with_the_step(dirs, tmp_path):
-    from ppo.trainer import PPOTrainer
-    from ppo.guard import TrainingDiverged
+    from ppo.stages.ppo.trainer import PPOTrainer
+    from ppo.stages.guard import TrainingDiverged
 
     nan_rm = nan_reward_model(dirs, str(tmp_path / "nan_rm"))
     args = args_for(dirs, "nan", reward_model_name_or_path=nan_rm, reward_critic_model_name_or_path=dirs["rm"],
@@ -166,7 +166,7 @@ def test_non_finite_reward_stops_with_the_step(dirs, tmp_path):
 
 
 def test_a_single_bad_iteration_is_skipped_and_counted(dirs):
-    from ppo.trainer import PPOTrainer
+    from ppo.stages.ppo.trainer import PPOTrainer
 
     trainer = PPOTrainer(args_for(dirs, "skip-one", max_steps=3, save_steps=2))
     original = trainer.rollout
@@ -194,7 +194,7 @@ def test_group_estimator_needs_two_samples(tmp_path):
 
 
 def test_batch_sizes_must_divide(dirs):
-    from ppo.trainer import PPOTrainer
+    from ppo.stages.ppo.trainer import PPOTrainer
 
     with pytest.raises(UserError, match="must be divisible"):
         PPOTrainer(args_for(dirs, "div", per_device_train_batch_size=3))
@@ -205,7 +205,7 @@ def test_offload_levels_do_not_change_the_result(family, request, tmp_path):
     """Two PPO iterations (with evaluation and a checkpoint) with every offload level equal the run
     without offload bit for bit, and the offloaded models really were out of memory during generation;
     for LLaMA and for a tied-embedding Qwen2 (one weight is both the embedding and the LM head)."""
-    from ppo.trainer import PPOTrainer
+    from ppo.stages.ppo.trainer import PPOTrainer
 
     dirs = request.getfixturevalue("dirs" if family == "llama" else "qwen2_dirs")
     common = dict(max_steps=2, save_steps=1, eval_steps=1, seed=21)

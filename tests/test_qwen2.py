@@ -6,11 +6,11 @@ import paddle
 import pytest
 from paddlenlp.transformers import Qwen2Config, Qwen2ForCausalLM
 
-from ppo.errors import UserError
-from ppo.inference import InferenceModel
+from ppo.core.errors import UserError
+from ppo.rollout.inference import InferenceModel
 from ppo.models import family_of_model, position_ids_from_mask
 from ppo.models.families.qwen2 import Qwen2ModelForScore
-from ppo.rollout import GenerationConfig, forward_log_probs, generate
+from ppo.rollout.collect import GenerationConfig, forward_log_probs, generate
 
 DIMS = dict(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, use_flash_attention=False, rope_theta=50000.0)

@@ -104,7 +104,7 @@ def test_score_model_gradients_identical_with_recompute(granularity, tiny_dir, c
 
 
 def test_recompute_rejects_unknown_granularity():
-    from ppo.errors import UserError
+    from ppo.core.errors import UserError
     from ppo.models.recompute import enable_recompute
 
     with pytest.raises(UserError, match="granularity must be one of"):

@@ -15,8 +15,8 @@ import paddle
 import pytest
 
 from ppo.args import PPOArgs, RewardArgs, SFTArgs
-from ppo.checkpoint import is_complete, list_checkpoints
-from ppo.errors import UserError
+from ppo.storage.checkpoint import is_complete, list_checkpoints
+from ppo.core.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +45,7 @@ def assert_same_metrics(straight, resumed, steps, skip=("time/",)):
 
 @pytest.mark.parametrize("stage", ["reward", "sft"])
 def test_single_model_stage_resume_is_bitwise(stage, tiny_dir, tmp_path):
-    from ppo.sft_trainer import SFTTrainer
+    from ppo.stages.sft.trainer import SFTTrainer
     from rm.reward_trainer import RewardTrainer
 
     cls, args_cls = (RewardTrainer, RewardArgs) if stage == "reward" else (SFTTrainer, SFTArgs)
@@ -73,7 +73,7 @@ def test_single_model_stage_resume_is_bitwise(stage, tiny_dir, tmp_path):
 @pytest.mark.parametrize("family", ["llama", "qwen2-tied"])
 def test_ppo_resume_is_bitwise(family, request, tmp_path):
     """For LLaMA and for a tied-embedding Qwen2 (q/k/v biases; one weight is embedding and LM head)."""
-    from ppo.trainer import PPOTrainer
+    from ppo.stages.ppo.trainer import PPOTrainer
 
     models = request.getfixturevalue("tiny_dir" if family == "llama" else "qwen2_tied_dir")
     common = dict(actor_model_name_or_path=str(models / "base"), reward_model_name_or_path=str(models / "score"),

@@ -8,7 +8,7 @@ import pytest
 
 from ppo.data import PromptOnlyDataset, RawDataset, SupervisedDataset
 from ppo.data.template import DEFAULT_TEMPLATE
-from ppo.errors import UserError
+from ppo.core.errors import UserError
 from ppo.rewards import RewardFunction
 from ppo.tiny import arithmetic
 

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from ppo.errors import UserError
+from ppo.core.errors import UserError
 from ppo.rewards import RewardFunction, check_reachable, combine, post_batch
 
 

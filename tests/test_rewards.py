@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ppo.data import import_user_modules
-from ppo.errors import UserError
+from ppo.core.errors import UserError
 from ppo.rewards import (
     RewardFunction,
     RewardSpec,

@@ -6,7 +6,7 @@ import pytest
 from paddlenlp.transformers import LlamaForCausalLM
 
 from ppo.models import position_ids_from_mask
-from ppo.rollout import (
+from ppo.rollout.collect import (
     GenerationConfig,
     action_mask_of,
     apply_repetition_penalty,
@@ -173,7 +173,7 @@ def test_entropy_is_a_statistic_without_a_graph_unless_it_is_trained(lm):
     np.testing.assert_allclose(h_stat.numpy(), h_train.numpy(), rtol=1e-6, atol=1e-6)
     assert h_stat.stop_gradient and not h_train.stop_gradient
     logits = paddle.to_tensor(np.random.default_rng(1).normal(size=(3, 11)).astype("float32"), stop_gradient=False)
-    from ppo.algorithms import entropy_from_logits
+    from ppo.core.algorithms import entropy_from_logits
 
     entropy_from_logits(logits).sum().backward()
     z = logits.numpy()
@@ -189,8 +189,8 @@ def test_entropy_is_a_statistic_without_a_graph_unless_it_is_trained(lm):
 def test_bucketed_generation_equals_one_batch(lm, size):
     """Rows grouped by prompt length and decoded a few at a time give the one-batch greedy result,
     in the input order and layout (prompts left padded, responses right padded)."""
-    from ppo.inference import InferenceModel
-    from ppo.rollout import generate_in_buckets
+    from ppo.rollout.inference import InferenceModel
+    from ppo.rollout.collect import generate_in_buckets
 
     rng = np.random.default_rng(4)
     B, P = 5, 9

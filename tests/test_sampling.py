@@ -1,7 +1,7 @@
 """Sampling: the distribution ``next_token`` draws from, and the repetition penalty in the decode loop.
 
 The frequencies of 50k draws from one logits row are compared with the processed softmax
-computed here in numpy (penalty -> temperature -> top-k -> top-p, the order ``ppo.rollout``
+computed here in numpy (penalty -> temperature -> top-k -> top-p, the order ``ppo.rollout.collect``
 documents): filtered tokens are never drawn, and Pearson's chi-square over the kept tokens stays
 below its 1 - 1e-6 quantile.  Every case first checks that the distribution a plausible bug would
 sample (no temperature, no top-p, top-p before top-k, ...) is far outside that bound.
@@ -11,7 +11,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ppo.rollout import GenerationConfig, generate, next_token
+from ppo.rollout.collect import GenerationConfig, generate, next_token
 
 N = 50_000  # draws per case: one row repeated, so one multinomial call
 LOGITS = np.array([2.0, 1.6, 1.3, 0.9, 0.4, 0.0, -0.6, -1.5])

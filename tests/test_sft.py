@@ -8,12 +8,12 @@ import numpy as np
 import paddle
 import pytest
 
-from ppo import algorithms as algo
+from ppo.core import algorithms as algo
 from ppo.args import SFTArgs
 from ppo.data import SupervisedDataset, answer_mask
 from ppo.models import load_causal_lm, load_tokenizer
-from ppo.rollout import forward_log_probs
-from ppo.sft_trainer import SFTTrainer, answer_token_loss, lm_logits
+from ppo.rollout.collect import forward_log_probs
+from ppo.stages.sft.trainer import SFTTrainer, answer_token_loss, lm_logits
 
 
 def log_softmax(row):

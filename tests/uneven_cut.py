@@ -4,7 +4,9 @@ micro-steps per optimizer step.  Each rank writes its counts to ``<$UNEVEN_CUT_D
 
 import os
 
-from ppo import batching, trainer
+from ppo.core import batching
+
+from ppo.stages.ppo import trainer
 
 FOLDER = os.environ["UNEVEN_CUT_DIR"]
 RANK = int(os.environ.get("PADDLE_TRAINER_ID", "0"))

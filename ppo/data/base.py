@@ -26,8 +26,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, TypedDict
 
-from ppo.registry import check_name, class_id as _class_id, same_definition as _same_definition
-from ppo.errors import UserError, closest
+from ppo.core.registry import check_name, class_id as _class_id, same_definition as _same_definition
+from ppo.core.errors import UserError, closest
 
 # a proportion repeats a dataset that many times in memory, tokenized: larger values exhaust it
 MAX_PROPORTION = 100

@@ -13,8 +13,8 @@ import os
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ppo.errors import UserError
-from ppo.files import read_json, read_text
+from ppo.core.errors import UserError
+from ppo.storage.files import read_json, read_text
 
 CHAT = "chat"  # the prompt_template value that selects the tokenizer's template
 

@@ -26,7 +26,7 @@ from ppo.data.base import RawDataset, RawSample, import_user_modules, parse_data
 from ppo.data.chat import CHAT, ChatRenderer, load_chat_template
 from ppo.data.template import DEFAULT_FOLLOW_TEMPLATE, DEFAULT_TEMPLATE
 from ppo.data.tokenizer_utils import ensure_pad_token
-from ppo.errors import UserError
+from ppo.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from ppo.data.base import (
     require_fields,
     require_type,
 )
-from ppo.errors import UserError
+from ppo.core.errors import UserError
 
 FIELDS = ("question", "answer")
 

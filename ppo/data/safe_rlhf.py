@@ -16,7 +16,7 @@ from ppo.data.base import (
     require_fields,
     require_type,
 )
-from ppo.errors import UserError
+from ppo.core.errors import UserError
 
 FIELDS = ("prompt", "response_0", "response_1", "better_response_id", "safer_response_id",
           "is_response_0_safe", "is_response_1_safe")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from ppo.errors import UserError
+from ppo.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ import tempfile
 import numpy as np
 import paddle
 
-from ppo.errors import UserError
-from ppo.files import load_paddle_state, read_json
+from ppo.core.errors import UserError
+from ppo.storage.files import load_paddle_state, read_json
 from ppo.models.families import family_of
 from ppo.models.score_model import ScoreModel
 

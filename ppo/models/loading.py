@@ -10,9 +10,9 @@ import os
 import pickle
 
 from ppo.data import ensure_pad_token
-from ppo.errors import UserError
+from ppo.core.errors import UserError
 from ppo.models import fast_paths, hf
-from ppo.files import check_tokenizer_files, first_line, read_json
+from ppo.storage.files import check_tokenizer_files, first_line, read_json
 from ppo.models.families import family_of
 from ppo.models.score_model import init_score_head
 

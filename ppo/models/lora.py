@@ -8,7 +8,7 @@ rest of the toolkit knows.  A ``LoRALinear`` computes ``x @ W (+ b) + x @ A @ B 
 
 Under tensor parallel the split layers get paddlenlp's ``ColumnParallelLoRALinear`` (W and B split
 over the output columns, A whole) and ``RowParallelLoRALinear`` (W and A split over the input rows,
-B whole).  :func:`split_adapters` names the split matrices; ``ppo.pipeline`` gathers and splits
+B whole).  :func:`split_adapters` names the split matrices; ``ppo.distributed.pipeline`` gathers and splits
 them with the rule of their layer's weight.  A starts layout-independent (:func:`apply_lora`), so
 a tensor-parallel run starts from the single-process adapters.
 
@@ -30,7 +30,7 @@ import re
 import numpy as np
 import paddle
 
-from ppo.errors import UserError
+from ppo.core.errors import UserError
 
 ADAPTER_FILE = "lora_model_state.pdparams"
 CONFIG_FILE = "lora_config.json"

@@ -9,7 +9,7 @@ layers and touches only the attributes paddlenlp's layers declare.
 
 from __future__ import annotations
 
-from ppo.errors import UserError
+from ppo.core.errors import UserError
 
 GRANULARITIES = ("full", "full_attn", "core_attn")
 

@@ -24,8 +24,8 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
-from ppo.errors import UserError, closest
-from ppo.registry import check_name, class_id as _class_id
+from ppo.core.errors import UserError, closest
+from ppo.core.registry import check_name, class_id as _class_id
 
 SPEC_FORM = "comma-separated NAME[:WEIGHT], e.g. 'math_exact,format:0.2'"
 

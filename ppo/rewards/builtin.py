@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from ppo.errors import UserError
+from ppo.core.errors import UserError
 from ppo.rewards.base import RewardFunction
 
 # A number as written in answers: optional sign (not right after a word character or closing

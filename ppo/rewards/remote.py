@@ -23,7 +23,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from ppo.errors import UserError
+from ppo.core.errors import UserError
 from ppo.rewards.base import RewardFunction
 
 PROTOCOL = 'expected {"scores": [one finite number per response]}'

@@ -12,7 +12,7 @@ import paddle
 from ppo.data import PromptOnlyDataset
 from ppo.models import load_causal_lm, load_tokenizer
 from ppo.rewards import RewardFunction
-from ppo.rollout import GenerationConfig, generate
+from ppo.rollout.collect import GenerationConfig, generate
 from ppo.tiny.task import gold_score, strict_gold_score
 
 

@@ -28,7 +28,7 @@ import sys
 import time
 
 import ppo  # noqa: F401  (sets the MKL environment before paddle loads)
-from ppo.entry import quiet_libraries
+from ppo.stages.entry import quiet_libraries
 from ppo.models.families import DEMO_FAMILY, supported
 from ppo.tiny.arithmetic import corpus as arithmetic_corpus
 from ppo.tiny.build import build_causal_lm, build_tokenizer

@@ -14,7 +14,7 @@ def start_fleet(mp_degree=1, pp_degree=1, accumulate_steps=1, micro_batch_size=1
     import paddle
     from paddle.distributed import fleet
 
-    from ppo.cpu_fleet import enable_cpu_fleet
+    from ppo.distributed.cpu_fleet import enable_cpu_fleet
 
     patched = enable_cpu_fleet()
     paddle.set_device("cpu")
@@ -33,7 +33,7 @@ def write_result(out_dir, rank, result):
 
 
 def finish() -> None:
-    """Leave like the entry points do: ``ppo.parallel.exit_together``."""
-    from ppo import parallel
+    """Leave like the entry points do: ``ppo.distributed.parallel.exit_together``."""
+    from ppo.distributed import parallel
 
     parallel.exit_together()

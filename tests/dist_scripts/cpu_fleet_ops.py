@@ -1,4 +1,4 @@
-"""2 ranks, mp_degree=2: every op and gloo method ppo.cpu_fleet adapts, against plain references.
+"""2 ranks, mp_degree=2: every op and gloo method ppo.distributed.cpu_fleet adapts, against plain references.
 
 Usage: python -m paddle.distributed.launch --nproc_per_node 2 cpu_fleet_ops.py OUT_DIR
 Writes OUT_DIR/rank<k>.json: {"errors": {check: max abs error}, "flags": {check: bool}}.
@@ -11,7 +11,7 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from ppo.cpu_fleet import enable_cpu_fleet
+from ppo.distributed.cpu_fleet import enable_cpu_fleet
 
 
 def rng(seed):

@@ -1,4 +1,4 @@
-"""2 ranks, sharding stage 2 (paddle's group-sharded stage 2 through ``ppo.cpu_fleet``'s CPU build).
+"""2 ranks, sharding stage 2 (paddle's group-sharded stage 2 through ``ppo.distributed.cpu_fleet``'s CPU build).
 
 Usage: python -m paddle.distributed.launch --nproc_per_node 2 cpu_fleet_stage2.py OUT_DIR
 A small MLP trains 3 AdamW steps with global-norm clipping under ``group_sharded_parallel`` (level
@@ -36,8 +36,8 @@ def main():
     from _common import write_result
     from paddle.distributed import fleet
 
-    from ppo.parallel import inner_optimizer
-    from ppo.cpu_fleet import enable_cpu_fleet
+    from ppo.distributed.parallel import inner_optimizer
+    from ppo.distributed.cpu_fleet import enable_cpu_fleet
 
     out_dir = sys.argv[1]
     patched = enable_cpu_fleet()

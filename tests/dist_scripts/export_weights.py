@@ -32,11 +32,11 @@ def fixed_batch():
 def main():
     from _common import write_result
 
-    from ppo import parallel
+    from ppo.distributed import parallel
     from ppo.args import PPOArgs, parse_args
     from ppo.models import position_ids_from_mask
-    from ppo.trainer import PPOTrainer
-    from ppo.parallel import unwrap
+    from ppo.stages.ppo.trainer import PPOTrainer
+    from ppo.distributed.parallel import unwrap
 
     model_dir, out_dir, *layout = sys.argv[1:]
     args = parse_args(PPOArgs, [

@@ -26,11 +26,15 @@ import time
 
 from _common import ROOT  # noqa: F401  (puts the worktree first on sys.path)
 
-from ppo.entry import quiet_libraries
+from ppo.stages.entry import quiet_libraries
 
 quiet_libraries()  # before paddlenlp loads, as the entry points do
 
-from ppo import checkpoint, metrics, parallel  # noqa: E402
+from ppo.core import metrics  # noqa: E402
+
+from ppo.distributed import parallel
+
+from ppo.storage import checkpoint
 
 MOMENTS = {tuple(m.split(":")) for m in os.environ.get("PAUSE_AT", "").split(",") if m}
 

@@ -38,10 +38,10 @@ def inputs():
 def main():
     from _common import write_result
 
-    from ppo import parallel
-    from ppo.inference import InferenceModel
+    from ppo.distributed import parallel
+    from ppo.rollout.inference import InferenceModel
     from ppo.models import load_causal_lm, load_score_model, position_ids_from_mask
-    from ppo.rollout import GenerationConfig, forward_log_probs, generate
+    from ppo.rollout.collect import GenerationConfig, forward_log_probs, generate
 
     model_dir, out_dir = sys.argv[1], sys.argv[2]
     ctx = parallel.init_parallel(SimpleNamespace(tensor_parallel_degree=2, pipeline_parallel_degree=1,

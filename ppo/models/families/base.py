@@ -20,7 +20,7 @@ from typing import ClassVar
 import paddle
 import paddle.nn as nn
 
-from ppo.errors import UserError, closest
+from ppo.core.errors import UserError, closest
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +38,7 @@ class Projection:
 
 @dataclass(frozen=True, slots=True)
 class LayerWeights:
-    """One decoder layer as the lean decoder (``ppo.inference``) computes it.
+    """One decoder layer as the lean decoder (``ppo.rollout.inference``) computes it.
 
     Attention inputs come either as separate ``q`` / ``k`` / ``v`` or as paddlenlp's fused ``qkv``
     (per kv head: its group of query heads, then its key and its value, on the output axis); the MLP

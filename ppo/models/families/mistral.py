@@ -8,7 +8,7 @@ What paddlenlp's Mistral lacks, and so what this family refuses with one line:
   (it ignores the window), so past the window its outputs differ from the model's own attention.
   ``attention_window`` reports the window and the run's ``max_length`` must stay within it.
 
-No fused GPU inference model exists for it: rollout runs on the lean decoder (``ppo.inference``).
+No fused GPU inference model exists for it: rollout runs on the lean decoder (``ppo.rollout.inference``).
 
 paddlenlp builds Mistral's embedding with ``padding_idx = pad_token_id``, and paddle's embedding
 returns zeros there (torch's, which transformers checkpoints are made with, returns the stored

@@ -1,0 +1,407 @@
+"""A lean decode path for rollout over the live weights of a paddlenlp decoder-only causal LM.
+
+Why: paddlenlp's forward spends most of a decode step outside arithmetic (on this CPU build its
+attention multiplies by a transposed key view, a slow batched-matmul path, and the KV cache grows
+by concatenation every step).  ``InferenceModel`` runs the same computation with
+
+* a KV cache preallocated once per rollout in ``[layers, B, kv_heads, T_max, head_dim]`` layout,
+  written in place; unwritten slots are masked, so the cache is never sliced or concatenated;
+* attention as ``matmul(q, K, transpose_y=True)`` on that layout (the fast path);
+* the model's own parameters and rotary tables, read at every call: there is no copy to refresh,
+  so a rollout always sees the training model's current weights;
+* for the prompt prefill and scoring, fewer operators on dense tensors: the residual add and
+  RMSNorm as one fused kernel, rotary as ``x * cos + roll(x) * signed_sin`` with the attention
+  scale folded into the queries' factors, SwiGLU in one kernel, and paddle's dense view kernels
+  (``ppo.models.fast_paths.dense_kernels``).
+
+The decode step keeps separate projections and a small operator count per layer.  A fused step
+(q|k|v and gate|up as one GEMM each on copies made once per rollout, one rotary op for q, k and v,
+per-layer cache writes, 206 operators per step instead of 340: commit 536021f) was measured at
+batch 16 on the 33.5M model in alternating processes: its steps 7-16% faster (noise about 5%),
+whole rollouts 0-8% faster, while holding a copy of two thirds of the layer weights during every
+rollout; not adopted.  About 75% of a step is matmuls streaming the weights (one MKL thread: the
+101 MB of layer weights in 15.9 ms, 6.4 GB/s); the operators the fused step removed cost a few
+microseconds each (``benchmarks/rollout_speed.py --compare`` reports each checkout's step profile).
+
+It implements the decoder protocol (``ppo.rollout.decoding.RolloutDecoder``), so sampling, EOS handling
+and masks are shared with the reference path.  It is family-agnostic: it reads the model through its
+family's ``DecoderLayout`` (``ppo.models.families``): separate or fused projections, optional
+projection biases, tied or untied LM head, LoRA adapters.  Logits agree with the paddlenlp forward
+to float rounding (tested, 1e-5).
+
+``static_decode``: the decode step as one static graph (``paddle.jit.to_static``), compiled once
+per shape (batch x cache length: one per rollout bucket).  The parameters enter the program by
+reference, so it also runs the current weights.  On this CPU build it measured no faster than the
+eager step (``benchmarks/rollout_speed.py``): the step's time is in its kernels, not in launching
+them; it is off by default and meant for accelerators, where launches cost more.
+"""
+
+from __future__ import annotations
+
+import math
+
+import paddle
+import paddle.nn.functional as F
+
+from ppo.distributed import parallel
+from ppo.core.algorithms import gather_log_probs
+from ppo.rollout.decoding import RolloutDecoder
+from ppo.models.families import DecoderLayout, LayerWeights, Projection, family_of_model
+from ppo.models.fast_paths import FUSED_RMS_NORM, dense_kernels
+from ppo.models.score_model import last_token_index, position_ids_from_mask
+
+
+def _rms_norm(x, weight, eps):
+    if FUSED_RMS_NORM is not None and x.dtype == weight.dtype:
+        # paddle's fused kernel (CPU too): 8x faster than the composed ops at decode size
+        return FUSED_RMS_NORM(x, weight, None, eps, x.ndim - 1)[0]
+    # every op counts in a decode step: no dtype casts when everything is float32 already
+    x32 = x if x.dtype == paddle.float32 else x.astype("float32")
+    variance = (x32 * x32).mean(-1, keepdim=True)  # x * x: paddle's pow kernel is ~50x slower on CPU
+    normed = paddle.rsqrt(variance + eps) * x
+    return (normed if normed.dtype == weight.dtype else normed.astype(weight.dtype)) * weight
+
+
+def _add_rms_norm(x, residual, weight, eps):
+    """(RMSNorm of ``x + residual``, ``x + residual``): the residual stream's add and the next norm,
+    one fused kernel where the build has it."""
+    if FUSED_RMS_NORM is not None and x.dtype == weight.dtype == residual.dtype:
+        normed, summed = FUSED_RMS_NORM(x, weight, None, eps, x.ndim - 1, residual=residual)[:2]
+        return normed, summed
+    summed = x + residual
+    return _rms_norm(summed, weight, eps), summed
+
+
+def _rotary_sign(D: int, dtype):
+    """[D]: -1 on the first half, 1 on the second: ``rotate_half(x) == roll(x, D/2) * sign``, so a
+    rotary ``x * cos + rotate_half(x) * sin`` is ``x * cos + roll(x, D/2) * (sin * sign)``."""
+    return paddle.concat([paddle.full([D // 2], -1.0, dtype), paddle.full([D - D // 2], 1.0, dtype)])
+
+
+def _rotary(x, cos, signed_sin):
+    """RoPE of x [..., D] with factors broadcast to it (``signed_sin``: sin times ``_rotary_sign``)."""
+    return x * cos + paddle.roll(x, x.shape[-1] // 2, axis=-1) * signed_sin
+
+
+def _matmul(x, projection: Projection):
+    """x [N, in] @ weight [in, out] (+ the LoRA term x @ A [in, r] @ B [r, out] * scale, applied on
+    the fly: always the current adapters) -> [N, out]."""
+    y = paddle.matmul(x, projection.weight)
+    if projection.lora_a is not None:
+        y = y + paddle.matmul(paddle.matmul(x, projection.lora_a), projection.lora_b) * projection.lora_scale
+    return y
+
+
+def _linear(x, projection: Projection):
+    """x [N, in] @ weight [in, out] (+ bias [out]) -> [N, out]."""
+    y = _matmul(x, projection)
+    return y if projection.bias is None else y + projection.bias
+
+
+def _rotation_matrix(D: int, dtype):
+    """[D, D] with ``x @ R == rotate_half(x)``: out[j] = -x[j + D/2] (j < D/2), x[j - D/2] (j >= D/2)."""
+    import numpy as np
+
+    half = D // 2
+    r = np.zeros((D, D), dtype="float32")
+    r[np.arange(half) + half, np.arange(half)] = -1.0
+    r[np.arange(half), np.arange(half) + half] = 1.0
+    return paddle.to_tensor(r).astype(dtype)
+
+
+class InferenceModel(RolloutDecoder):
+    """KV-cache decoding for a causal LM of any registered family, sharing the model's parameters;
+    also no-grad scoring (log-probs, score-model scores) of full sequences on the same fast layout."""
+
+    @classmethod
+    def of(cls, model) -> "InferenceModel":
+        """The (cached) inference view of ``model``: it reads the live parameters, so one per model."""
+        view = getattr(model, "_ppo_inference_view", None)
+        if view is None:
+            view = cls(model)
+            model._ppo_inference_view = view
+        return view
+
+    def __init__(self, model, static_decode: bool = False):
+        self.model = model
+        self.static_decode = static_decode
+        self._static_step = None
+        config = model.config
+        self.family = family_of_model(model)
+        layout = self.family.layout(model)
+        # tensor parallel: this rank's heads, MLP columns and vocabulary slice; the partial sums of
+        # the row-parallel projections and of the vocabulary-split embedding are all-reduced here
+        self.mp = max(1, int(getattr(config, "tensor_parallel_degree", 1) or 1))
+        if self.mp > 1 and (layout.kv_indices is not None or getattr(config, "sequence_parallel", False)):
+            raise ValueError("InferenceModel: key/value heads not divisible by tensor_parallel_degree and sequence "
+                             "parallel are not supported")
+        self.vocab_size = config.vocab_size
+        self.n_heads = layout.num_heads
+        self.n_kv = layout.num_kv_heads
+        self.head_dim = layout.head_dim
+        self.eps = layout.rms_norm_eps
+        self.lm_head_transposed = layout.lm_head_transposed
+        self.max_positions = config.max_position_embeddings
+        self.cache = None
+
+    # -- tensor parallel ---------------------------------------------------------------------
+
+    def _reduce(self, x):
+        """Sum of the row-parallel partial results over the tensor-parallel group (in place)."""
+        return parallel.model_parallel_all_reduce(x) if self.mp > 1 else x
+
+    def layout(self) -> DecoderLayout:
+        """The model's weights, read afresh on every call (no copy: always the current parameters)."""
+        return self.family.layout(self.model)
+
+    def _embed(self, ids, weight):
+        """Rows of the embedding table ``weight`` (this rank's vocabulary slice under tensor parallel)."""
+        rows = weight.shape[0]
+        if self.mp == 1 or rows == self.vocab_size:
+            return F.embedding(ids, weight)
+        local = ids - parallel.context().tp_rank * rows      # VocabParallelEmbedding's slice of the ids
+        inside = ((local >= 0) & (local < rows)).astype(weight.dtype).unsqueeze(-1)
+        return self._reduce(F.embedding(paddle.clip(local, 0, rows - 1), weight) * inside)
+
+    def _vocab_split(self, head=None) -> bool:
+        """Whether this rank holds a slice of the LM head's vocabulary (tensor parallel)."""
+        head = self.layout().lm_head if head is None else head
+        width = head.shape[0] if self.lm_head_transposed else head.shape[-1]
+        return self.mp > 1 and width != self.vocab_size
+
+    def _logits(self, hidden, head):
+        """Logits of this rank's vocabulary slice (all of it without tensor parallel)."""
+        return paddle.matmul(hidden, head, transpose_y=self.lm_head_transposed)
+
+    def _full_logits(self, hidden, head):
+        """Full-vocabulary logits [N, V] in float32 (gathered over tensor parallel to sample from)."""
+        logits = self._logits(hidden, head)
+        if self._vocab_split(head):
+            logits = parallel.model_parallel_concat(logits, axis=-1)
+        return logits.astype("float32")
+
+    # -- the computation ---------------------------------------------------------------------
+
+    def _row_parallel(self, x, projection: Projection):
+        """A row-parallel projection (attention output, MLP down): the partial products summed over
+        tensor parallel, then the bias (held whole by every rank: added once, after the sum)."""
+        # LoRA: this rank's rows of A, B whole, so the sum of x_k W_k + s x_k A_k B is x W + s x A B
+        y = self._reduce(_matmul(x, projection))
+        return y if projection.bias is None else y + projection.bias
+
+    def _qkv(self, h, weights: LayerWeights):
+        if weights.qkv is None:
+            return _linear(h, weights.q), _linear(h, weights.k), _linear(h, weights.v)
+        # paddlenlp's fused layout: per kv head, its group of query heads, then its key and value
+        mixed = _linear(h, weights.qkv).reshape([-1, self.n_kv, (self.n_heads // self.n_kv + 2) * self.head_dim])
+        q, k, v = paddle.split(mixed, [self.n_heads // self.n_kv * self.head_dim, self.head_dim, self.head_dim],
+                               axis=-1)
+        return q.reshape([-1, self.n_heads * self.head_dim]), k.reshape([-1, self.n_kv * self.head_dim]), \
+            v.reshape([-1, self.n_kv * self.head_dim])
+
+    def _mlp(self, h, weights: LayerWeights):
+        if weights.gate_up is None:
+            act = F.swiglu(_linear(h, weights.gate), _linear(h, weights.up))  # silu(gate) * up, one op
+        else:
+            act = F.swiglu(_linear(h, weights.gate_up))  # [gate | up]
+        return self._row_parallel(act, weights.down)
+
+    def _forward(self, ids, positions, key_bias):
+        """Prefill ``ids`` [B, S] into cache slots 0 .. S-1; returns the last position's logits [B, V].
+
+        positions [B, S] are RoPE positions (real tokens counted); key_bias [B, 1, S, T_max] is 0 where
+        a query may attend and the dtype's minimum elsewhere.
+        """
+        B, S = ids.shape
+        layout = self.layout()
+        # dense kernels: the cache writes index the whole tensors, not views; inputs that are views
+        # (a bucket's columns of the prompts) are made dense first, as those kernels need
+        ids, positions = ids.contiguous(), positions.contiguous()
+        with dense_kernels():
+            x = self._hidden(ids, positions, key_bias, layout, self.cache)
+        return self._full_logits(x.reshape([B, S, -1])[:, -1], layout.lm_head)
+
+    def _hidden(self, ids, positions, key_bias, layout: DecoderLayout, cache=None):
+        """Hidden states [B*S, hidden] after the final norm; the sequence attends to itself.  With a
+        ``cache`` (prefill) its keys and values are also written to cache slots 0 .. S-1."""
+        B, S = ids.shape
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        # activations stay 2-D [B*S, hidden]: paddle's CPU matmul is 2-3x faster on 2-D inputs
+        h = self._embed(ids.reshape([-1]), layout.embed_tokens)
+        sign = _rotary_sign(D, layout.cos.dtype)
+        cos = layout.cos[positions].unsqueeze(1)  # [B, 1, S, D]
+        sin = (layout.sin * sign)[positions].unsqueeze(1)
+        # broadcast factors expanded once for all layers (paddle's CPU kernels broadcast slowly),
+        # the queries' with the attention scale folded in; the mask for a prompt prefill too (a
+        # long scored sequence keeps it [B, 1, S, T])
+        scale = 1.0 / math.sqrt(D)
+        cos_q, sin_q = (t.expand([B, H, S, D]) * scale for t in (cos, sin))
+        cos_k, sin_k = (t.expand([B, KV, S, D]) for t in (cos, sin))
+        if cache is not None:  # (the cache slots after the prompt are empty: left out)
+            key_bias = key_bias[..., :S].expand([B, H, S, S])
+        layers = layout.layers
+        x = _rms_norm(h, layers[0].input_norm, self.eps)
+        for i, weights in enumerate(layers):
+            q, k, v = self._qkv(x, weights)
+            q = _rotary(q.reshape([B, S, H, D]).transpose([0, 2, 1, 3]), cos_q, sin_q)
+            k = _rotary(k.reshape([B, S, KV, D]).transpose([0, 2, 1, 3]), cos_k, sin_k)
+            v = v.reshape([B, S, KV, D]).transpose([0, 2, 1, 3])
+            if cache is not None:
+                # written through the whole cache tensor (under dense kernels cache[0][i] is a copy)
+                cache[0][i, :, :, :S] = k
+                cache[1][i, :, :, :S] = v
+            keys, values = k, v
+            if KV != H:
+                keys = paddle.repeat_interleave(keys, H // KV, axis=1)
+                values = paddle.repeat_interleave(values, H // KV, axis=1)
+            scores = paddle.matmul(q, keys, transpose_y=True) + key_bias
+            probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
+            out = paddle.matmul(probs, values).transpose([0, 2, 1, 3]).reshape([B * S, -1])
+            x, h = _add_rms_norm(self._row_parallel(out, weights.o), h, weights.post_attention_norm, self.eps)
+            following = layers[i + 1].input_norm if i + 1 < len(layers) else layout.norm
+            x, h = _add_rms_norm(self._mlp(x, weights), h, following, self.eps)
+        return x
+
+    # -- scoring: every position of full sequences, no cache ------------------------------------
+
+    @paddle.no_grad()
+    def final_hidden(self, sequences, attention_mask):
+        """The backbone's last hidden states [B, L, hidden] (after the final norm), as the family's
+        paddlenlp backbone returns them, for right- or left-padded ``sequences`` [B, L]."""
+        B, L = sequences.shape
+        sequences, attention_mask = sequences.contiguous(), attention_mask.contiguous()  # (dense kernels' inputs)
+        with dense_kernels():
+            x = self._hidden(sequences, position_ids_from_mask(attention_mask),
+                             self._bias(attention_mask.astype("int64"), L, 0), self.layout())
+        return x.reshape([B, L, -1])
+
+    @paddle.no_grad()
+    def log_probs(self, sequences, attention_mask, temperature: float = 1.0):
+        """Log-probs [B, L-1] of tokens 1..L-1 (``ppo.rollout.collect.forward_log_probs`` without grad)."""
+        B, L = sequences.shape
+        hidden = self.final_hidden(sequences, attention_mask)[:, :-1].reshape([B * (L - 1), -1])
+        head = self.layout().lm_head
+        logits = self._logits(hidden, head)
+        if self._vocab_split(head):  # no rank gathers the [B, L, V] logits
+            return parallel.vocab_parallel_log_probs(logits.reshape([B, L - 1, -1]), sequences[:, 1:], temperature)[0]
+        return gather_log_probs(logits, sequences[:, 1:].reshape([-1]), temperature).reshape([B, L - 1])
+
+    @paddle.no_grad()
+    def scores(self, sequences, attention_mask):
+        """A score model's per-token scores [B, L, score_dim] and end scores [B, score_dim]."""
+        hidden = self.final_hidden(sequences, attention_mask)
+        head = self.model.score_head
+        scores = head(hidden.astype(head.weight.dtype))
+        index = last_token_index(attention_mask)
+        end = paddle.take_along_axis(scores, index.reshape([-1, 1, 1]).expand([-1, 1, scores.shape[-1]]), axis=1)
+        return scores, end.squeeze(1)
+
+    def _decode_step(self, token, cos, sin, cache_bias):
+        """``_decode`` eagerly, or as its compiled static graph (``static_decode``)."""
+        if not self.static_decode or self.mp > 1:  # (tensor parallel decodes eagerly: collectives)
+            return self._decode(token, cos, sin, cache_bias, self.cache)
+        if self._static_step is None:
+            if not paddle.is_compiled_with_cuda():
+                # the static executor's thread pool only adds hand-offs to a CPU step
+                paddle.set_flags({"FLAGS_new_executor_serial_run": True})
+
+            def step(token, cos, sin, cache_bias, keys, values):
+                return self._decode(token, cos, sin, cache_bias, (keys, values))
+
+            self._static_step = paddle.jit.to_static(step, full_graph=True)
+        return self._static_step(token, cos, sin, cache_bias, self.cache[0], self.cache[1])
+
+    def _decode(self, token, cos, sin, cache_bias, cache):
+        """One new token per row against the cache; returns (logits [B, V], new keys, new values).
+
+        The cache holds only earlier tokens: the new token's own key and value enter the softmax as
+        one extra column, and are written to the cache after the step (two writes per step instead
+        of two per layer).  New keys and values come stacked: [layers, B, kv_heads, 1, head_dim].
+        """
+        layout = self.layout()
+        B = token.shape[0]
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        h = self._embed(token, layout.embed_tokens)                        # [B, hidden]
+        scale = 1.0 / math.sqrt(D)
+        (cos_q, sin_q), (cos_k, sin_k) = self._per_head(cos, sin)
+        cache_bias = cache_bias.expand([B, H, 1, cache_bias.shape[-1]])
+        new_keys, new_values = [], []
+        for i, weights in enumerate(layout.layers):
+            q, k, v = self._qkv(_rms_norm(h, weights.input_norm, self.eps), weights)
+            q = q.reshape([B, H, 1, D])
+            k = k.reshape([B, KV, 1, D])
+            v = v.reshape([B, KV, 1, D])
+            # rotary with rotate_half as one matmul by a signed permutation (instead of 4 ops)
+            q = (q * cos_q + paddle.matmul(q, self.rotation) * sin_q) * scale
+            k = k * cos_k + paddle.matmul(k, self.rotation) * sin_k
+            new_keys.append(k)
+            new_values.append(v)
+            keys, values = cache[0][i], cache[1][i]
+            if KV != H:
+                keys, values = (paddle.repeat_interleave(t, H // KV, axis=1) for t in (keys, values))
+                k, v = (paddle.repeat_interleave(t, H // KV, axis=1) for t in (k, v))
+            scores = paddle.concat([paddle.matmul(q, keys, transpose_y=True) + cache_bias,
+                                    (q * k).sum(-1, keepdim=True)], axis=-1)
+            probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
+            out = paddle.matmul(probs[..., :-1], values) + probs[..., -1:].expand([B, H, 1, D]) * v  # [B, H, 1, D]
+            h = h + self._row_parallel(out.reshape([B, H * D]), weights.o)
+            h = h + self._mlp(_rms_norm(h, weights.post_attention_norm, self.eps), weights)
+        last = _rms_norm(h, layout.norm, self.eps)
+        return self._full_logits(last, layout.lm_head), paddle.stack(new_keys), paddle.stack(new_values)
+
+    def _per_head(self, cos, sin):
+        """RoPE factors [B, 1, S, D] expanded to the query and the key heads, once for all layers:
+        paddle's CPU kernels broadcast slowly (8x for [B, 1, 1, D] against [B, H, 1, D])."""
+        B, _, S, D = cos.shape
+        query = (cos.expand([B, self.n_heads, S, D]), sin.expand([B, self.n_heads, S, D]))
+        if self.n_kv == self.n_heads:
+            return query, query
+        return query, (cos.expand([B, self.n_kv, S, D]), sin.expand([B, self.n_kv, S, D]))
+
+    def _bias(self, key_mask, S: int, start: int):
+        """[B, 1, S, T_max] additive mask: padding, unwritten cache slots and the causal order."""
+        T = key_mask.shape[1]
+        minimum = paddle.finfo(paddle.float32).min
+        slots = paddle.arange(T).unsqueeze(0)
+        query = paddle.arange(start, start + S).unsqueeze(1)
+        allowed = (slots <= query).unsqueeze(0) & key_mask.astype("bool").unsqueeze(1)  # [B, S, T]
+        return paddle.where(allowed, paddle.zeros([1], "float32"), paddle.full([1], minimum, "float32")).unsqueeze(1)
+
+    # -- the decoder protocol (ppo.rollout.decoding.RolloutDecoder) -------------------------------------
+
+    def start(self, input_ids, attention_mask, position_ids, max_new_tokens: int):
+        """Prefill a left-padded prompt batch; returns the logits [B, V] for the first new token."""
+        B, P = input_ids.shape
+        T = P + max_new_tokens
+        layout = self.layout()
+        dtype = layout.embed_tokens.dtype
+        L = len(layout.layers)
+        # one tensor per K and V for all layers: a decode step writes each with a single assignment
+        self.cache = (paddle.zeros([L, B, self.n_kv, T, self.head_dim], dtype),
+                      paddle.zeros([L, B, self.n_kv, T, self.head_dim], dtype))
+        self.key_mask = paddle.concat([attention_mask.astype("int64"), paddle.zeros([B, max_new_tokens], "int64")], 1)
+        self.length = P
+        self.cos_table = layout.cos  # [max_positions, D]
+        self.rotation = _rotation_matrix(self.head_dim, self.cos_table.dtype)
+        self.sin_table = layout.sin
+        return self._forward(input_ids, position_ids, self._bias(self.key_mask, P, 0))
+
+    def step(self, token, token_mask, position_ids):
+        """Append one token per row (token_mask 0 for rows that already finished); next logits [B, V]."""
+        minimum = paddle.finfo(paddle.float32).min
+        # the cache's earlier slots: real tokens only (unwritten slots have key_mask 0)
+        cache_bias = ((1 - self.key_mask).astype("float32") * minimum).reshape([token.shape[0], 1, 1, -1])
+        pos = position_ids.reshape([-1])
+        cos = self.cos_table[pos].reshape([-1, 1, 1, self.head_dim])
+        sin = self.sin_table[pos].reshape([-1, 1, 1, self.head_dim])
+        logits, keys, values = self._decode_step(token, cos, sin, cache_bias)
+        # a finished row's token is padding: written but masked from later steps
+        self.cache[0][:, :, :, self.length] = keys.squeeze(3)
+        self.cache[1][:, :, :, self.length] = values.squeeze(3)
+        self.key_mask[:, self.length] = token_mask.astype("int64")
+        self.length += 1
+        return logits
+
+    def release(self) -> None:
+        """Drop the KV cache (memory back before the training phases)."""
+        self.cache = None
