@@ -11,8 +11,8 @@ import typing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ppo.args import (PADDLENLP_KEYS, DataArgs, NoEffect, ParallelArgs, PPOArgs, RewardArgs, SFTArgs,  # noqa: E402
-                      TrainingArgs, range_help)
+from ppo.args import PADDLENLP_KEYS, DataArgs, NoEffect, ParallelArgs, PPOArgs, RewardArgs, SFTArgs, TrainingArgs  # noqa: E402
+from ppo.args.common import range_help  # noqa: E402
 
 SECTIONS = [
     ("Shared: training (all stages)", TrainingArgs, ()),
