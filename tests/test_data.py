@@ -683,3 +683,28 @@ def test_user_module_errors(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "fine_module.py").write_text("VALUE = 3\n")
     assert import_user_modules("fine_module, ")[0].VALUE == 3
+
+
+def test_decode_without_special_equals_the_tokenizers_own_decode(tiny_dir):
+    """The fast decode of rollout, scoring and evaluation gives exactly ``decode(ids,
+    skip_special_tokens=True)``: random rows over the whole vocabulary with the special ids (bos,
+    eos, unk, an added special token) and an added plain token mixed in."""
+    import numpy as np
+    from paddlenlp.transformers import AutoTokenizer
+
+    from ppo.data.tokenizer_utils import decode_without_special
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer"))
+    tokenizer.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": ["<extra>"]})
+    tokenizer.add_tokens(["plainword"])
+    special = set(tokenizer.all_special_ids)
+    assert len(special) >= 4
+    rng = np.random.default_rng(0)
+    vocab = len(tokenizer)
+    rows = [list(rng.integers(0, vocab, rng.integers(0, 40))) for _ in range(200)]
+    rows += [sorted(special) * 2, [], [tokenizer.convert_tokens_to_ids("plainword")] * 3]
+    assert any(set(r) & special for r in rows[:200])
+    want = [tokenizer.decode([int(t) for t in r], skip_special_tokens=True) for r in rows]
+    assert decode_without_special(tokenizer, rows) == want
+    # and special ids do get dropped (without skipping they decode to text)
+    assert tokenizer.decode(sorted(special), skip_special_tokens=False) != want[-3] == ""

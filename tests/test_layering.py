@@ -77,7 +77,7 @@ FOLDER_MAY_IMPORT = {
     "ppo.args": {"ppo.core", "ppo.storage.files"},
     "ppo.distributed": {"ppo.core", "ppo.models"},
     "ppo.storage": {"ppo.core", "ppo.distributed", "ppo.models", "ppo"},
-    "ppo.rollout": {"ppo.core", "ppo.distributed", "ppo.models"},
+    "ppo.rollout": {"ppo.core", "ppo.distributed", "ppo.models", "ppo.data"},
 }
 
 

@@ -37,3 +37,15 @@ def ensure_pad_token(tokenizer):
                    "come from sequence lengths, so real eos tokens stay visible and trained.",
                    tokenizer_name(tokenizer), tokenizer.eos_token, tokenizer.eos_token_id)
     return tokenizer
+
+
+def decode_without_special(tokenizer, rows: list) -> list[str]:
+    """``tokenizer.decode(ids, skip_special_tokens=True)`` of every id list in ``rows``.
+
+    The same text, faster: paddlenlp's slow tokenizers rebuild their list of special ids for every
+    token when asked to skip them (21 ms per 30-token row on the tiny tokenizer, 2 s of a tiny PPO
+    run's evaluation); the special ids are dropped here once per call, then decoded without the check.
+    """
+    special = set(tokenizer.all_special_ids)
+    return [tokenizer.decode([int(t) for t in ids if int(t) not in special], skip_special_tokens=False)
+            for ids in rows]

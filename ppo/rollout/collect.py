@@ -18,6 +18,7 @@ import paddle.nn.functional as F
 from ppo.distributed import parallel
 from ppo.core.algorithms import entropy_from_logits, gather_log_probs
 from ppo.rollout.decoding import RolloutDecoder, current_weights
+from ppo.data.tokenizer_utils import decode_without_special
 from ppo.core.experience import Experience, real_spans, shift_left
 from ppo.rollout.inference import InferenceModel
 from ppo.models import position_ids_from_mask
@@ -299,8 +300,7 @@ def retokenize(sequences, attention_mask, prompt_length: int, src_tokenizer, dst
         prompt = [int(t) for t, m in zip(ids[b, :prompt_length], mask[b, :prompt_length]) if m]
         response = [int(t) for t, m in zip(ids[b, prompt_length:], mask[b, prompt_length:]) if m]
         ended = bool(response) and response[-1] == src_tokenizer.eos_token_id
-        prompt_text = src_tokenizer.decode(prompt, skip_special_tokens=True)
-        response_text = src_tokenizer.decode(response, skip_special_tokens=True)
+        prompt_text, response_text = decode_without_special(src_tokenizer, [prompt, response])
         new = dst_tokenizer(prompt_text)["input_ids"] + dst_tokenizer(" " + response_text.strip(),
                                                                       add_special_tokens=False)["input_ids"]
         if ended:

@@ -10,6 +10,7 @@ import numpy as np
 import paddle
 
 from ppo.data import PromptOnlyDataset
+from ppo.data.tokenizer_utils import decode_without_special
 from ppo.models import load_causal_lm, load_tokenizer
 from ppo.rewards import RewardFunction
 from ppo.rollout.collect import GenerationConfig, generate
@@ -28,8 +29,8 @@ def sample_responses(model_path: str, dataset: str, samples_per_prompt: int, max
     batch = prompts.get_collator()([prompts[i] for i in range(len(prompts))])
     paddle.seed(seed)
     result = {"references": prompts.references(range(len(prompts))),
-              "prompts": [tokenizer.decode([int(t) for t, m in zip(s, k) if m], skip_special_tokens=True)
-                          for s, k in zip(batch["input_ids"].numpy(), batch["attention_mask"].numpy())]}
+              "prompts": decode_without_special(tokenizer, [[t for t, m in zip(s, k) if m] for s, k in
+                                                            zip(batch["input_ids"].numpy(), batch["attention_mask"].numpy())])}
     for name, config in (("sampled", GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True,
                                                        num_return_sequences=samples_per_prompt)),
                          ("greedy", GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False))):
@@ -39,8 +40,8 @@ def sample_responses(model_path: str, dataset: str, samples_per_prompt: int, max
             ids, mask = paddle.repeat_interleave(ids, n, axis=0), paddle.repeat_interleave(mask, n, axis=0)
         seqs, full_mask = generate(model, ids, mask, config, tokenizer.eos_token_id, tokenizer.pad_token_id)
         P = ids.shape[1]
-        result[name] = [tokenizer.decode([int(t) for t, m in zip(s[P:], k[P:]) if m], skip_special_tokens=True)
-                        for s, k in zip(seqs.numpy(), full_mask.numpy())]
+        result[name] = decode_without_special(tokenizer, [[t for t, m in zip(s[P:], k[P:]) if m]
+                                                          for s, k in zip(seqs.numpy(), full_mask.numpy())])
     return result
 
 

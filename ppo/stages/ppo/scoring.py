@@ -19,6 +19,7 @@ import paddle
 
 from ppo.distributed import parallel
 from ppo.core.experience import Experience
+from ppo.data.tokenizer_utils import decode_without_special
 from ppo.rewards import build_reward_functions, combine, parse_reward_functions
 
 
@@ -76,14 +77,9 @@ def decode_rows(exp: Experience, tokenizer) -> tuple[list[str], list[str], list[
     generated EOS included, padding not) of every row of ``exp``."""
     P = exp.prompt_length
     seq, att = exp.sequences.numpy(), exp.attention_mask.numpy()
-    prompts, responses, ids = [], [], []
-    for b in range(exp.batch_size):
-        prompt = [int(t) for t, m in zip(seq[b, :P], att[b, :P]) if m]
-        response = [int(t) for t, m in zip(seq[b, P:], att[b, P:]) if m]
-        prompts.append(tokenizer.decode(prompt, skip_special_tokens=True))
-        responses.append(tokenizer.decode(response, skip_special_tokens=True))
-        ids.append(response)
-    return prompts, responses, ids
+    prompt_ids = [[int(t) for t, m in zip(seq[b, :P], att[b, :P]) if m] for b in range(exp.batch_size)]
+    ids = [[int(t) for t, m in zip(seq[b, P:], att[b, P:]) if m] for b in range(exp.batch_size)]
+    return decode_without_special(tokenizer, prompt_ids), decode_without_special(tokenizer, ids), ids
 
 
 def score_metrics(function_scores: dict[str, np.ndarray], reduce=float) -> dict[str, float]:
