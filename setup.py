@@ -29,8 +29,9 @@ setup(
     ],
     extras_require={
         "cpu": ["paddlepaddle>=3.0,<3.4"],
-        # the Hugging Face checkpoint tests write safetensors files with the library's own writer
-        "test": ["pytest", "safetensors"],
+        # the Hugging Face checkpoint tests write safetensors files with the library's own writer;
+        # the suite runs on every core (scripts/test.sh)
+        "test": ["pytest", "pytest-xdist", "safetensors"],
         "plot": ["matplotlib"],
     },
 )

@@ -2,6 +2,11 @@ import os
 import sys
 
 os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
+# Under pytest-xdist the workers share the cores: each worker (and every process it starts) takes
+# its share of MKL threads, as a launcher's ranks do, instead of every worker taking all of them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "MKL_NUM_THREADS" not in os.environ:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ["MKL_NUM_THREADS"] = str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -54,3 +59,15 @@ def qwen2_tied_dir(tiny_dir, tmp_path_factory):
     load_score_model(str(out / "base")).save_pretrained(str(out / "score"))
     tokenizer.save_pretrained(str(out / "score"))
     return out
+
+
+# The files with the longest runs first (measured with --durations), so that the workers, which
+# take whole files, do not end with one long file running alone.
+LONGEST_FIRST = ["test_ppo_parallel.py", "test_graceful_stop.py", "test_resume.py", "test_entrypoints.py",
+                 "test_ppo_rewards.py", "test_resume_parallel.py", "test_cpu_fleet.py", "test_hf_checkpoints.py",
+                 "test_bad_inputs.py", "test_lora_parallel.py", "test_qwen2.py", "test_pipeline.py"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))

@@ -38,12 +38,20 @@ def sft_cmd(tiny_dir, out, *extra):
             "--save_steps", "0", "--eval_split_ratio", "0", "--disable_tqdm", "true", "--seed", "3", *extra]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_during_training_checkpoints_and_resumes_exactly(sig, tiny_dir, tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    straight = tmp_path / "straight"
-    subprocess.run(sft_cmd(tiny_dir, straight), check=True, capture_output=True, cwd=ROOT, env=env)
+@pytest.fixture(scope="module")
+def straight_sft(tiny_dir, tmp_path_factory):
+    """The 150-step SFT run without a signal, once for both signals."""
+    straight = tmp_path_factory.mktemp("straight")
+    subprocess.run(sft_cmd(tiny_dir, straight), check=True, capture_output=True, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": ROOT})
+    return straight
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_training_checkpoints_and_resumes_exactly(sig, tiny_dir, tmp_path, straight_sft):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    straight = straight_sft
     out = tmp_path / "stopped"
     proc = subprocess.Popen(sft_cmd(tiny_dir, out), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -158,8 +158,22 @@ IMPORT_EACH = r"""
 import importlib, json, os, sys, traceback
 import numpy, paddle, paddle.distributed, paddlenlp.transformers  # noqa: F401  third-party only
 assert not any(m == "ppo" or m.startswith(("ppo.", "rm.")) or m == "rm" for m in sys.modules)
-failed = {}
+failed, running = {}, {}
+width = max(1, len(os.sched_getaffinity(0)))  # children at once: one per core
+
+
+def reap():
+    pid, status = os.wait()
+    name, read = running.pop(pid)
+    message = os.read(read, 4000).decode()
+    os.close(read)
+    if status != 0:
+        failed[name] = message or "the import ended the process"
+
+
 for name in json.loads(sys.argv[1]):
+    if len(running) >= width:
+        reap()
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -171,10 +185,9 @@ for name in json.loads(sys.argv[1]):
             os.write(write, traceback.format_exc().encode()[-2000:])
             os._exit(1)
     os.close(write)
-    message = os.read(read, 4000).decode()
-    os.close(read)
-    if os.waitpid(pid, 0)[1] != 0:
-        failed[name] = message or "the import ended the process"
+    running[pid] = (name, read)
+while running:
+    reap()
 print(json.dumps(failed))
 """
 
