@@ -39,7 +39,7 @@ def sft_cmd(tiny_dir, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def straight_sft(tiny_dir, tmp_path_factory):
+def straight_150(tiny_dir, tmp_path_factory):
     """The 150-step SFT run without a signal, once for both signals."""
     straight = tmp_path_factory.mktemp("straight")
     subprocess.run(sft_cmd(tiny_dir, straight), check=True, capture_output=True, cwd=ROOT,
@@ -49,9 +49,9 @@ def straight_sft(tiny_dir, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_during_training_checkpoints_and_resumes_exactly(sig, tiny_dir, tmp_path, straight_sft):
+def test_signal_during_training_checkpoints_and_resumes_exactly(sig, tiny_dir, tmp_path, straight_150):
     env = {**os.environ, "PYTHONPATH": ROOT}
-    straight = straight_sft
+    straight = straight_150
     out = tmp_path / "stopped"
     proc = subprocess.Popen(sft_cmd(tiny_dir, out), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
