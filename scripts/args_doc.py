@@ -1,7 +1,7 @@
-"""The argument tables of README.md, generated from the argument dataclasses (the single source).
+"""The argument tables of docs/arguments.md, generated from the argument dataclasses (the single source).
 
     python scripts/args_doc.py            # print them
-    python scripts/args_doc.py --write    # replace the block between the ARGS markers of README.md
+    python scripts/args_doc.py --write    # replace the block between the ARGS markers of docs/arguments.md
 """
 
 import dataclasses
@@ -48,7 +48,7 @@ def render() -> str:
     return "\n".join(out)
 
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "arguments.md")
 BEGIN, END = "<!-- ARGS:BEGIN -->", "<!-- ARGS:END -->"
 
 

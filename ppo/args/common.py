@@ -35,7 +35,7 @@ def range_text(bounds: dict) -> str:
 
 
 def range_help(f) -> str:
-    """The sentence help strings (``--help``, README's tables) end with: ' Valid: > 0, finite.'"""
+    """The sentence help strings (``--help``, docs/arguments.md) end with: ' Valid: > 0, finite.'"""
     bounds = f.metadata.get("range") or {}
     finite = ", finite" if f.type in (float, "float") else ""
     return f" Valid: {range_text(bounds)}{finite}." if bounds else (" Valid: finite." if finite else "")

@@ -119,7 +119,7 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
                                          "function (empty: <think>.*?</think>\\s*<answer>.*?</answer>).")
     reward_overlong_buffer: int = arg(16, "Tokens before max_new_tokens over which the 'overlong' penalty grows "
                                           "linearly from 0 to -1.", ge=1)
-    reward_server_url: str = arg("", "HTTP endpoint scoring responses (README, 'Reward functions'); checked at start; "
+    reward_server_url: str = arg("", "HTTP endpoint scoring responses (docs/rewards.md); checked at start; "
                                      "adds the 'remote' function (weight 1) unless reward_functions names it.")
     reward_server_timeout: float = arg(60.0, "Seconds the reward server may take per request.", gt=0)
     reward_server_retries: int = arg(2, "Retries of a failed or timed-out reward server request.", ge=0)

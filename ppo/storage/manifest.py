@@ -33,7 +33,7 @@ CHUNK = 8 << 20  # checksums stream files in 8 MiB pieces (memory stays flat on 
 
 
 def file_crc32c(path: str) -> str:
-    """CRC-32C of the file at ``path`` as 8 hex digits (hardware-accelerated: see README's cost)."""
+    """CRC-32C of the file at ``path`` as 8 hex digits (hardware-accelerated: see docs/checkpoints.md for its cost)."""
     value = 0
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):

@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
                         help="model family of the base model (qwen2: tied embeddings)")
     parser.add_argument("--guard_weight", type=float, default=4.0,
                         help="weight of the tiny_guard rule reward beside the reward model in PPO (0: reward model "
-                             "only, which PPO games: README, 'Reward hacking, made visible')")
+                             "only, which PPO games: docs/main-job.md, 'Reward hacking, made visible')")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.output_dir)
     quiet_libraries()

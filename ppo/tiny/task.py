@@ -15,7 +15,7 @@ A policy that games the lenient rule (``The garden is brave, brave, brave and ge
 an SFT model scores about 0.5 under both rules; a reward model trained on pairs labelled by the
 lenient rule learns which words are positive, and PPO pushes the lenient score towards 1.  It
 keeps its gain under the strict rule only with the ``tiny_guard`` rule reward beside the reward
-model (README: reward hacking, made visible).  Everything is generated from a
+model (docs/main-job.md: reward hacking, made visible).  Everything is generated from a
 seed, so the shipped files can be regenerated bit for bit with ``python -m ppo.tiny.task``.
 """
 
