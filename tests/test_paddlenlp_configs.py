@@ -222,3 +222,18 @@ def test_missing_preset_model_names_the_command(folder, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: 'model_name_or_path' folder") and "python -m ppo.tiny.pipeline" in last
+
+
+@pytest.mark.distributed
+def test_the_seed_command_from_inside_ppo_runs_through_the_launcher(tmp_path):
+    """``cd ppo && python -m paddle.distributed.launch run_ppo.py ../config/...``, the seed's own
+    command, still finds the package from inside its folder (its subpackages do not shadow other
+    modules): the whole import chain of the PPO stage loads and a missing preset is one line."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--log_dir", str(tmp_path / "logs"),
+                           "run_ppo.py", "../config/tiny/ppo_argument.json",
+                           "--actor_model_name_or_path", "../output/tiny/no-such-model"],
+                          cwd=os.path.join(PROJECT_ROOT, "ppo"), capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = (tmp_path / "logs" / "workerlog.0").read_text().strip().splitlines()[-1]
+    assert last.startswith("error: 'actor_model_name_or_path' folder '../output/tiny/no-such-model' does not exist")
