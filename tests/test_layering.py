@@ -49,7 +49,7 @@ LAYERS = [
     ["ppo.distributed.parallel"],
     ["ppo.distributed.pipeline", "ppo.distributed.offload"],
     # storage: the output folder's lock and refusal, checkpoint folders, the graceful stop, checkpoints
-    ["ppo.storage.output_dir", "ppo.storage.manifest"],
+    ["ppo.storage.output_dir", "ppo.storage.manifest", "ppo.storage.finite"],
     ["ppo.storage.graceful"],
     ["ppo.storage.checkpoint"],
     # rollout: the lean decode path, the fused GPU model, generation and scoring -> Experience

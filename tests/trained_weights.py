@@ -47,13 +47,11 @@ def adamw_step_bound(beta1: float, beta2: float, step: int) -> float:
 
 
 def load(path) -> dict:
-    """name -> float64 array of a ``model_state.pdparams`` file, or of the one in a model folder."""
-    import paddle
+    """name -> array of a ``model_state.pdparams`` file, or of the one in a model folder."""
+    from test_resume import weights
 
     path = str(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "model_state.pdparams")
-    return {k: np.asarray(v.numpy(), np.float64) for k, v in paddle.load(path).items()}
+    return weights(os.path.join(path, "model_state.pdparams") if os.path.isdir(path) else path)
 
 
 def weight_gaps(a: dict, b: dict, lr: float, steps: int, beta1: float = 0.9, beta2: float = 0.95) -> dict:

@@ -1,27 +1,14 @@
-"""The numeric guard: skip an update whose loss, gradient norm, reward or KL is not finite, stop
-after too many in a row, and never write a checkpoint with non-finite weights."""
+"""The numeric guard: skip an update whose loss, gradient norm, reward or KL is not finite, and stop
+after too many in a row (non-finite weights are never written: ``ppo.storage.finite``)."""
 
 from __future__ import annotations
 
 import logging
 
-import numpy as np
-import paddle
-
 from ppo.distributed import parallel
-from ppo.core.errors import UserError
-from ppo.distributed.parallel import unwrap
+from ppo.storage.finite import TrainingDiverged, all_finite
 
 logger = logging.getLogger("ppo")
-
-
-class TrainingDiverged(UserError):
-    """Too many non-finite updates in a row: training stops, the last checkpoint is left as it was."""
-
-
-def all_finite(value) -> bool:
-    array = value.numpy() if isinstance(value, paddle.Tensor) else np.asarray(value, dtype=np.float64)
-    return bool(np.all(np.isfinite(array)))
 
 
 class NonFiniteGuard:
@@ -53,12 +40,3 @@ class NonFiniteGuard:
         logger.warning("non-finite %s at %s step %d: update skipped (%d in a row)", what, self.stage, step,
                        self.consecutive)
         return False
-
-
-def check_weights_finite(models: dict, what: str = "a checkpoint") -> None:
-    """Refuse to write ``what`` (a checkpoint, the final model) with non-finite weights."""
-    for name, model in models.items():
-        for pname, p in unwrap(model).named_parameters():
-            if not all_finite(p):
-                raise TrainingDiverged(f"refusing to save {what}: {name or 'model'} parameter {pname} "
-                                       "is not finite (the last saved checkpoint is intact)")

@@ -19,7 +19,8 @@ from ppo.storage.checkpoint import start_or_resume
 from ppo.data import load_datasets
 from ppo.stages.entry import prepare_output_dir, set_seed
 from ppo.storage.graceful import GracefulStop
-from ppo.stages.guard import NonFiniteGuard, check_weights_finite
+from ppo.stages.guard import NonFiniteGuard
+from ppo.storage.finite import check_weights_finite
 from ppo.core.metrics import MetricsLogger, StepCadence
 from ppo.models import check_max_length, check_model_path, load_tokenizer
 from ppo.stages.optim import Precision, build_optimizer, clear_grad, global_grad_norm
@@ -177,7 +178,6 @@ class SingleModelTrainer:
     def save(self, target: str, step: int) -> None:
         parallel.barrier()
         self.before_save()
-        check_weights_finite({"": self.model}, "the final model")
         checkpoint.save_final_model(self.model, self.tokenizer, target,
                                     {"global_step": step, "stage": self.stage, "args": vars(self.args)})
         parallel.barrier()

@@ -34,6 +34,7 @@ import paddlenlp
 import ppo
 from ppo.distributed import parallel
 from ppo.core.errors import UserError
+from ppo.storage.finite import check_weights_finite
 from ppo.storage.graceful import uninterruptible
 from ppo.storage.manifest import (MANIFEST, STATE, clean_partial, damage, discard, file_crc32c, finalize, is_complete,  # noqa: F401
                                   list_checkpoints, resolve_resume, rotate, tmp_folder)
@@ -316,10 +317,11 @@ def save_pretrained_atomic(model, tokenizer, target: str, extra: dict | None = N
 
 
 def save_final_model(model, tokenizer, target: str, extra: dict) -> None:
-    """A final model (the caller has checked its weights are finite), written atomically (merged over tensor parallel; a
+    """A final model: finite weights checked, written atomically (merged over tensor parallel; a
     LoRA model merged too, so plain ``from_pretrained`` loads it, its adapters in ``lora/``
     beside it).  Call on every rank."""
     inner = parallel.unwrap(model)
+    check_weights_finite({"": model}, "the final model")
     with merged_for_export(inner):
         save_pretrained_atomic(model, tokenizer, target, extra=extra)
     if is_lora(inner):

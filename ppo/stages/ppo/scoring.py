@@ -79,7 +79,8 @@ def decode_rows(exp: Experience, tokenizer) -> tuple[list[str], list[str], list[
     seq, att = exp.sequences.numpy(), exp.attention_mask.numpy()
     prompt_ids = [[int(t) for t, m in zip(seq[b, :P], att[b, :P]) if m] for b in range(exp.batch_size)]
     ids = [[int(t) for t, m in zip(seq[b, P:], att[b, P:]) if m] for b in range(exp.batch_size)]
-    return decode_without_special(tokenizer, prompt_ids), decode_without_special(tokenizer, ids), ids
+    texts = decode_without_special(tokenizer, prompt_ids + ids)
+    return texts[:exp.batch_size], texts[exp.batch_size:], ids
 
 
 def score_metrics(function_scores: dict[str, np.ndarray], reduce=float) -> dict[str, float]:

@@ -44,7 +44,8 @@ from ppo.core.batching import step_micro_batches, token_mean_weights
 from ppo.storage.checkpoint import start_or_resume
 from ppo.stages.entry import prepare_output_dir, set_seed
 from ppo.storage.graceful import GracefulStop
-from ppo.stages.guard import NonFiniteGuard, check_weights_finite
+from ppo.stages.guard import NonFiniteGuard
+from ppo.storage.finite import check_weights_finite
 from ppo.core.metrics import MetricsLogger, StepCadence, Timer
 from ppo.stages.optim import Precision, build_optimizer, clear_grad, global_grad_norm
 from ppo.stages.ppo.scoring import RewardScorer, dynamic_sampling, score_metrics
@@ -350,6 +351,5 @@ class PPOTrainer:
         """The final policy/ and value/ models (from_pretrained-loadable; Hugging Face copies in hf/)."""
         self.offload.reload_trained()
         state = {"global_step": step, "stage": "ppo", "kl_coeff": float(self.kl_ctl.value), "args": vars(self.args)}
-        check_weights_finite(self._models_and_optimizers()[0], "the final model")
         for sub, model in self._models_and_optimizers()[0].items():
             checkpoint.save_final_model(model, self.tokenizer, os.path.join(target, sub), state)
