@@ -10,7 +10,7 @@ setup(
     name="paddle-rlhf",
     version="0.1.0",
     description="PaddlePaddle-native RLHF: supervised fine-tuning, reward modelling and PPO with 3D parallelism",
-    packages=find_packages(include=["ppo", "ppo.*", "rm", "rm.*"]),
+    packages=find_packages(include=["ppo", "ppo.*", "rm", "rm.*", "dpo", "dpo.*"]),
     package_data={"ppo.tiny": ["data/*.jsonl", "data/arithmetic/*.jsonl"]},
     python_requires=">=3.9",
     install_requires=[

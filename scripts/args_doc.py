@@ -11,7 +11,7 @@ import typing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ppo.args import PADDLENLP_KEYS, DataArgs, NoEffect, ParallelArgs, PPOArgs, RewardArgs, SFTArgs, TrainingArgs  # noqa: E402
+from ppo.args import PADDLENLP_KEYS, DataArgs, DPOArgs, NoEffect, ParallelArgs, PPOArgs, RewardArgs, SFTArgs, TrainingArgs  # noqa: E402
 from ppo.args.common import range_help  # noqa: E402
 
 SECTIONS = [
@@ -20,6 +20,7 @@ SECTIONS = [
     ("Shared: data (all stages)", DataArgs, ()),
     ("SFT (`ppo/run_sft.py`)", SFTArgs, (TrainingArgs, ParallelArgs, DataArgs)),
     ("Reward model (`rm/run_reward.py`)", RewardArgs, (TrainingArgs, ParallelArgs, DataArgs)),
+    ("DPO and its family (`dpo/run_dpo.py`)", DPOArgs, (TrainingArgs, ParallelArgs, DataArgs)),
     ("PPO (`ppo/run_ppo.py`)", PPOArgs, (TrainingArgs, ParallelArgs, DataArgs)),
 ]
 
@@ -42,7 +43,8 @@ def render() -> str:
                "are honoured under this toolkit's name, or accepted with one notice line. Any other unknown key "
                "stops with an error.\n\n| PaddleNLP key | here | why |\n| --- | --- | --- |")
     for key, entry in PADDLENLP_KEYS.items():
-        here = "no effect (notice)" if isinstance(entry, NoEffect) else f"`{entry.field}`"
+        here = "no effect (notice)" if isinstance(entry, NoEffect) else f"`{entry.field}`" + (
+            f" as `{entry.form}`" if entry.form else "")
         out.append(f"| `{key}` | {here} | {entry.why} |")
     out.append("")
     return "\n".join(out)

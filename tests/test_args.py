@@ -89,9 +89,9 @@ def test_lr_schedule_values():
     for d, _, files in os.walk(os.path.join(ROOT, "config")) for f in files if f.endswith(".json")))
 def test_shipped_configs_parse(path):
     """Every preset parses and validates (keys, types, ranges) with its stage's arguments."""
-    from ppo.args import PPOArgs, SFTArgs
+    from ppo.args import DPOArgs, PPOArgs, SFTArgs
 
-    cls = {"rm_argument.json": RewardArgs, "sft_argument.json": SFTArgs,
+    cls = {"rm_argument.json": RewardArgs, "sft_argument.json": SFTArgs, "dpo_argument.json": DPOArgs,
            "ppo_argument.json": PPOArgs, "arithmetic_sft_argument.json": SFTArgs,
            "grpo_argument.json": PPOArgs}[os.path.basename(path)]
     args = parse_args(cls, [os.path.join(ROOT, path)])

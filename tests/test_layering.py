@@ -1,4 +1,4 @@
-"""The layering of ppo/ and rm/: every module imports on its own, imports are module-level, nothing
+"""The layering of ppo/, rm/ and dpo/: every module imports on its own, imports are module-level, nothing
 imports upward, and fleet's wrappers and process groups are reached only through the distributed
 modules."""
 
@@ -19,15 +19,15 @@ LAYERS = [
     # foundations: no ppo imports (the pure core, the decoder protocol, the package markers)
     ["ppo", "ppo.core", "ppo.core.errors", "ppo.core.experience", "ppo.core.algorithms", "ppo.core.metrics",
      "ppo.data.template", "ppo.models.normalizer", "ppo.models.fast_paths", "ppo.rollout", "ppo.rollout.decoding",
-     "ppo.distributed", "ppo.storage", "ppo.stages", "ppo.stages.sft", "ppo.stages.ppo", "ppo.tiny", "rm",
-     "rm.losses"],
+     "ppo.distributed", "ppo.storage", "ppo.stages", "ppo.stages.sft", "ppo.stages.ppo", "ppo.stages.dpo", "ppo.tiny", "rm",
+     "rm.losses", "dpo", "ppo.core.preference"],
     # the rest of the pure core; what the by-NAME registries share
     ["ppo.core.registry", "ppo.core.advantages", "ppo.core.batching"],
     # reading files: the one place that turns damaged files into one-line errors
     ["ppo.storage.files"],
     # configuration: the shared parts and the PaddleNLP key mapping, then one module per stage
     ["ppo.args.common", "ppo.args.paddlenlp"],
-    ["ppo.args.parse", "ppo.args.sft", "ppo.args.reward", "ppo.args.ppo"],
+    ["ppo.args.parse", "ppo.args.sft", "ppo.args.reward", "ppo.args.ppo", "ppo.args.dpo"],
     ["ppo.args"],
     # registries (raw datasets, reward functions, model families) and model adaptations
     ["ppo.data.base", "ppo.data.chat", "ppo.data.tokenizer_utils", "ppo.models.families.base",
@@ -35,7 +35,7 @@ LAYERS = [
     # data: sources and tokenized datasets; the built-in reward functions
     ["ppo.data.datasets", "ppo.data.alpaca", "ppo.data.safe_rlhf", "ppo.data.tiny",
      "ppo.data.gsm8k", "ppo.rewards.builtin", "ppo.rewards.remote"],
-    ["ppo.data.arithmetic"],
+    ["ppo.data.arithmetic", "ppo.data.preference"],
     ["ppo.data", "ppo.rewards"],
     # models: the score head, the families, loading
     ["ppo.models.score_model"],
@@ -63,9 +63,11 @@ LAYERS = [
     ["ppo.stages.ppo.evaluation"],
     ["ppo.stages.ppo.data"],
     # the loops
-    ["ppo.stages.sft.trainer", "rm.reward_trainer", "ppo.stages.ppo.trainer"],
+    # the DPO stage: its objective and reference modes
+    ["ppo.stages.dpo.objective", "ppo.stages.dpo.reference"],
+    ["ppo.stages.sft.trainer", "rm.reward_trainer", "ppo.stages.ppo.trainer", "ppo.stages.dpo.trainer"],
     # entry points and the built-in demo
-    ["ppo.run_ppo", "ppo.run_sft", "rm.run_reward", "ppo.tiny.task", "ppo.tiny.arithmetic"],
+    ["ppo.run_ppo", "ppo.run_sft", "rm.run_reward", "dpo.run_dpo", "ppo.tiny.task", "ppo.tiny.arithmetic"],
     ["ppo.tiny.build", "ppo.tiny.evaluate"],
     ["ppo.tiny.pipeline"],
 ]
@@ -96,9 +98,9 @@ BEING_MOVED: set = set()
 
 
 def module_files() -> dict:
-    """{module name: path relative to the repository} of every module under ppo/ and rm/."""
+    """{module name: path relative to the repository} of every module under ppo/, rm/ and dpo/."""
     out = {}
-    for top in ("ppo", "rm"):
+    for top in ("ppo", "rm", "dpo"):
         for folder, _, files in os.walk(os.path.join(ROOT, top)):
             for f in files:
                 if f.endswith(".py"):
@@ -117,7 +119,7 @@ def parse(rel: str) -> ast.Module:
 
 
 def ours(name: str | None) -> bool:
-    return bool(name) and name.split(".")[0] in ("ppo", "rm")
+    return bool(name) and name.split(".")[0] in ("ppo", "rm", "dpo")
 
 
 def imported_modules(node) -> list[str]:

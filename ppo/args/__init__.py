@@ -1,5 +1,5 @@
 """Arguments of every stage: dataclasses built from shared parts (``common``), one module per stage
-(``sft``, ``reward``, ``ppo``), read from JSON + command line (``parse``).
+(``sft``, ``reward``, ``dpo``, ``ppo``), read from JSON + command line (``parse``).
 
 ``parse_args(RewardArgs, argv)`` reads ``argv[0]`` as a JSON file when it ends in ``.json`` and
 then applies ``--key value`` overrides (PaddleNLP's convention).  Every field carries a help
@@ -15,6 +15,7 @@ current folder, as in any shell command.
 """
 
 from ppo.args.common import DataArgs, ParallelArgs, TrainingArgs
+from ppo.args.dpo import DPOArgs
 from ppo.args.paddlenlp import PADDLENLP_KEYS, NoEffect, Renamed
 from ppo.args.parse import PROJECT_ROOT, check_preset_models, parse_args, validate
 from ppo.args.ppo import PPOArgs
@@ -22,4 +23,4 @@ from ppo.args.reward import RewardArgs
 from ppo.args.sft import SFTArgs
 
 __all__ = ["DataArgs", "ParallelArgs", "TrainingArgs", "PADDLENLP_KEYS", "NoEffect", "Renamed", "PROJECT_ROOT",
-           "check_preset_models", "parse_args", "validate", "PPOArgs", "RewardArgs", "SFTArgs"]
+           "check_preset_models", "parse_args", "validate", "DPOArgs", "PPOArgs", "RewardArgs", "SFTArgs"]

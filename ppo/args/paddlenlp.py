@@ -10,7 +10,7 @@ from ppo.core.errors import UserError
 
 # PaddleNLP's keys that are not fields here
 #
-# From PaddleNLP's llm/config/llama/{ppo,rm,sft}_argument.json, llm/alignment/ppo/ppo_config.json
+# From PaddleNLP's llm/config/{llama,qwen}/{ppo,rm,sft,dpo}_argument.json, llm/alignment/ppo/ppo_config.json
 # and the TrainingArguments fields they set.  PaddleNLP keys that ARE fields here (recompute,
 # critic_recompute, recompute_granularity, evaluation_strategy, save_strategy, do_train, do_eval,
 # dataloader_drop_last, overwrite_output_dir, eval_mode, ...) are honoured as documented in their help.
@@ -18,9 +18,11 @@ from ppo.core.errors import UserError
 
 @dataclass(frozen=True)
 class Renamed:
-    """A PaddleNLP key honoured under this toolkit's name for the same setting."""
+    """A PaddleNLP key honoured under this toolkit's name for the same setting; ``form``: how its
+    value is written there (``{}`` the value; a config file's relative path resolved first)."""
     field: str
     why: str = ""
+    form: str = ""
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,20 @@ PADDLENLP_KEYS: dict = {
     "max_dec_len": Renamed("max_new_tokens", "the maximum response length"),
     "rollout_n": Renamed("num_return_sequences", "responses sampled per prompt"),
     "dataset_name_or_path": Renamed("train_datasets", "the SFT training data (a registered NAME, or NAME::path)"),
+    # PaddleNLP's DPO files (llm/config/*/dpo_argument.json)
+    "train_dataset_path": Renamed("train_datasets", "the DPO training pairs: a file in PaddleNLP's DPO layout",
+                                  "paddlenlp-dpo:1:{}"),
+    "dev_dataset_path": Renamed("eval_datasets", "the DPO evaluation pairs: a file in PaddleNLP's DPO layout",
+                                "paddlenlp-dpo:1:{}"),
+    "max_seq_len": Renamed("max_length", "the maximum tokens of prompt + answer"),
+    "max_prompt_len": NoEffect("prompts are not cut separately; max_length bounds prompt + answer (a pair whose "
+                               "prompt alone fills it is skipped and counted)"),
+    "flash_mask": NoEffect("a GPU attention kernel; attention runs paddlenlp's default kernel with a dense mask"),
+    "greedy_zero_padding": NoEffect("batches are padded, not packed"),
+    "benchmark": NoEffect("a PaddleNLP Trainer benchmarking switch"),
+    "lazy": NoEffect("the data is read and tokenized whole at start-up"),
+    "rslora_plus": NoEffect("LoRA here is plain LoRA (scale lora_alpha / lora_rank, one learning rate); "
+                            "rsLoRA / LoRA+ are not implemented, so training differs from PaddleNLP's with it"),
     "fp16_opt_level": NoEffect("bf16/fp16 select autocast mixed precision with float32 master weights; "
                                "AMP levels are not selectable"),
     "use_flash_attention": NoEffect("flash attention is a GPU kernel this toolkit does not switch on; "
@@ -84,6 +100,8 @@ def map_paddlenlp_keys(values: dict, sources: dict, known) -> None:
             if entry.field in values and values[entry.field] != value:
                 raise UserError(f"{source}: '{key}' is PaddleNLP's name of '{entry.field}', which "
                                 f"{sources[entry.field]} sets to a different value: give only one of them")
+            if entry.form and isinstance(value, str) and value:
+                value = entry.form.format(value)
             values.setdefault(entry.field, value)
             sources.setdefault(entry.field, f"{source} (as '{key}')")
         else:  # a PaddleNLP key of another stage (use_fusemt in an SFT file) stays unknown

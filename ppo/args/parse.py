@@ -9,7 +9,7 @@ import typing
 from dataclasses import fields
 
 from ppo.args.common import range_help
-from ppo.args.paddlenlp import map_paddlenlp_keys
+from ppo.args.paddlenlp import PADDLENLP_KEYS, Renamed, map_paddlenlp_keys
 from ppo.core.errors import UserError, closest
 from ppo.storage.files import read_json
 
@@ -137,6 +137,10 @@ def parse_args(cls, argv=None):
         for key, value in load_json_config(path).items():
             if key in known:
                 value = resolve_config_paths(key, known[key].metadata.get("path", ""), value)
+            elif isinstance(PADDLENLP_KEYS.get(key), Renamed) and PADDLENLP_KEYS[key].field in known:
+                entry = PADDLENLP_KEYS[key]  # a renamed key's paths resolve as its field's do
+                kind = "path" if entry.form else known[entry.field].metadata.get("path", "")
+                value = resolve_config_paths(entry.field, kind, value)
             values[key], sources[key] = value, f"config file '{path}'"
     i = 0
     while i < len(argv):

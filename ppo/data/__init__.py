@@ -1,8 +1,8 @@
 """Data layer: raw datasets (registered by name), dataset specs, and tokenized datasets per stage.
 
 Importing this package registers the built-in raw datasets: PKU-SafeRLHF (and its 30K/10K
-subsets), alpaca, the tiny example, GSM8K, the generic prompt + reference schema and the
-arithmetic task.
+subsets), alpaca, the tiny example, GSM8K, the generic prompt + reference schema, the
+arithmetic task and the preference layouts of the DPO stage (``preference``).
 """
 
 from ppo.data.base import (
@@ -17,7 +17,7 @@ from ppo.data.base import (
     require_fields,
     require_type,
 )
-from ppo.data import alpaca, arithmetic, gsm8k, safe_rlhf, tiny  # noqa: F401  (registers the built-in names)
+from ppo.data import alpaca, arithmetic, gsm8k, preference, safe_rlhf, tiny  # noqa: F401  (registers the built-in names)
 from ppo.data.datasets import (
     IGNORE_INDEX,
     PreferenceDataset,

@@ -52,6 +52,7 @@ class RawSample(TypedDict, total=False):
     is_safe: bool
     is_other_safe: bool
     reference: str
+    desirable: bool  # KTO's label of an unpaired completion (``answer``)
     dialogue: Any  # reserved
 
 

@@ -116,6 +116,14 @@ def _from_pretrained_missing(cls, path: str, **kwargs):
         PretrainedModel._load_pretrained_model = original
 
 
+def freeze(model):
+    """``model`` in eval mode with no parameter taking gradients (a frozen role: reference, reward)."""
+    model.eval()
+    for p in model.parameters():
+        p.stop_gradient = True
+    return model
+
+
 def load_causal_lm(path: str, what: str = "model_name_or_path", **overrides):
     from paddlenlp.transformers import AutoConfig
 

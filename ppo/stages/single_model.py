@@ -1,5 +1,5 @@
-"""The loop shared by the single-model stages: reward model (``rm/reward_trainer.py``) and SFT
-(``ppo/stages/sft/trainer.py``).  It owns ``backward()`` / ``optimizer.step()``; the stages supply the
+"""The loop shared by the single-model stages: reward model (``rm/reward_trainer.py``), SFT
+(``ppo/stages/sft/trainer.py``) and DPO (``ppo/stages/dpo/trainer.py``).  It owns ``backward()`` / ``optimizer.step()``; the stages supply the
 model, the data and the loss."""
 
 from __future__ import annotations
@@ -87,6 +87,9 @@ class SingleModelTrainer:
         """The weight of each micro-batch's loss in the step's loss (default: their mean)."""
         return [1.0 / len(batches)] * len(batches)
 
+    def prepare_step(self, batches: list) -> None:
+        """Called once per optimizer step with its micro-batches, before their losses (KTO's KL estimate)."""
+
     def evaluate(self) -> dict:
         return {}
 
@@ -110,6 +113,7 @@ class SingleModelTrainer:
             step = index + 1
             batches = [self.collate(self.train_data, indices) for indices in self.sampler.micro_batches(index)]
             weights = self.micro_weights(batches)
+            self.prepare_step(batches)
             stats = []
             for i, (batch, weight) in enumerate(zip(batches, weights)):
                 # data-parallel gradients are all-reduced once, on the last micro-batch

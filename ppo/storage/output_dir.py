@@ -22,11 +22,13 @@ import time
 from ppo.core.errors import UserError
 
 LOCK = ".run.lock"
-# what a run leaves in its output_dir: final SFT/RM model, PPO's policy/ and value/, logs
-_RESULTS = ("config.json", "model_state.pdparams", "metrics.jsonl", "vdl", "eval_samples", "policy", "value")
+# what a run leaves in its output_dir: final SFT/RM/DPO model, PPO's policy/ and value/, logs, DPO's
+# precomputed reference log-probs
+_RESULTS = ("config.json", "model_state.pdparams", "metrics.jsonl", "vdl", "eval_samples", "policy", "value",
+            "reference_log_probs")
 # removed by overwrite_output_dir so the new run's checkpoints and metrics are not mixed with the
 # earlier run's ('auto' would otherwise pick an old checkpoint); final models are written over
-_CLEARED_BY_OVERWRITE = ("metrics.jsonl", "vdl", "eval_samples")
+_CLEARED_BY_OVERWRITE = ("metrics.jsonl", "vdl", "eval_samples", "reference_log_probs")
 _CHECKPOINT = re.compile(r"^checkpoint-\d+$")  # finished checkpoints (.tmp-* writes are not results)
 logger = logging.getLogger("ppo")
 

@@ -28,18 +28,12 @@ from ppo.models import (
     ScoreModel,
     check_max_length,
     check_model_path,
+    freeze,
     load_causal_lm,
     load_score_model,
     load_tokenizer,
 )
 from ppo.rollout.collect import Models, same_vocabulary
-
-
-def freeze(model):
-    model.eval()
-    for p in model.parameters():
-        p.stop_gradient = True
-    return model
 
 
 @dataclass
