@@ -291,10 +291,35 @@ def _load_file(file: str) -> list[dict]:
         first = str(cause).splitlines()[0][:200] if str(cause) else type(cause).__name__
         if type(cause).__name__ == "SchemaInferenceError" or "corresponds to no data" in first:
             raise UserError(f"dataset file '{file}' holds no records") from e
+        if fmt == "json" and "changed from" in first:
+            # one field is a string in some records and a list in others (PaddleNLP's src/tgt may be
+            # either): arrow wants one type per column, so the lines are read as plain JSON
+            return _json_records(file)
         raise UserError(f"dataset file '{file}' could not be read as {fmt} records: {first}") from e
     finally:
         quiet.setLevel(level)
     return data.to_list()
+
+
+def _json_records(file: str) -> list[dict]:
+    """The records of a JSON Lines file (or one JSON list), read without a common schema."""
+    import json
+
+    with open(file, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+        return data if isinstance(data, list) else [data]
+    except json.JSONDecodeError:
+        pass
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"dataset file '{file}' line {number} is not valid JSON: {e.msg}") from None
+    return records
 
 
 def _load_saved(folder: str, split: str | None) -> list[dict]:
