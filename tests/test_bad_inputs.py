@@ -1,7 +1,7 @@
 """Bad input through the real entry points: exit status 2, one ``error: ...`` line, checkpoints untouched.
 
 Every case runs an entry point (SFT ``ppo/run_sft.py``, reward model ``rm/run_reward.py``, PPO
-``ppo/run_ppo.py``) on one mistake and checks that
+``ppo/run_ppo.py``, DPO ``dpo/run_dpo.py``) on one mistake and checks that
 
 * the process exits with status 2;
 * the last stderr line starts with ``error: `` and is the only line that mentions the problem
@@ -30,7 +30,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BAD_DATA = os.path.join(ROOT, "tests", "data", "bad")
-SCRIPTS = {"sft": "ppo/run_sft.py", "rm": "rm/run_reward.py", "ppo": "ppo/run_ppo.py"}
+SCRIPTS = {"sft": "ppo/run_sft.py", "rm": "rm/run_reward.py", "ppo": "ppo/run_ppo.py", "dpo": "dpo/run_dpo.py"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,6 +44,8 @@ def base_config(stage: str) -> dict:
     config.update(output_dir="{OUT}", logging_steps=1, disable_tqdm=True)
     if stage == "sft":
         config.update(model_name_or_path="{BASE}", max_steps=1, per_device_train_batch_size=4, eval_split_ratio=0.0)
+    elif stage == "dpo":
+        config.update(model_name_or_path="{BASE}", max_steps=1, per_device_train_batch_size=4, eval_datasets="")
     elif stage == "rm":
         # the same arguments as the run that wrote checkpoint-1 (resume compares them)
         config.update(model_name_or_path="{BASE}", max_steps=2, save_steps=1, eval_datasets="",
@@ -73,6 +75,8 @@ def entry_main(stage: str):
         from ppo.run_sft import main
     elif stage == "rm":
         from rm.run_reward import main
+    elif stage == "dpo":
+        from dpo.run_dpo import main
     else:
         from ppo.run_ppo import main
     return main
@@ -453,6 +457,66 @@ CASES += [
          expect=("'model_name_or_path' = '{PARTIAL}'", "lacks 1 trained tensor(s)"), needle="trained tensor"),
 ]
 
+# the DPO stage: every new argument, every preference layout's damaged forms, the reference model
+DPO_DATA = "{BAD}/dpo"
+CASES += [
+    Case("dpo-unknown-loss-type", "dpo", changes={"loss_type": "sigmoid,dpop"},
+         expect=("'loss_type' names unknown loss 'dpop'", "sigmoid, ipo, hinge, simpo, orpo, kto"), needle="dpop"),
+    Case("dpo-empty-loss-type", "dpo", argv=("--loss_type", ","),
+         expect=("'loss_type'", "must name one or more comma-separated losses"), needle="comma-separated losses"),
+    Case("dpo-loss-named-twice", "dpo", changes={"loss_type": "ipo,ipo"},
+         expect=("'loss_type' = 'ipo,ipo' names a loss twice",), needle="twice"),
+    Case("dpo-loss-weight-not-finite", "dpo", changes={"loss_type": "sigmoid,ipo", "loss_weights": "1,nan"},
+         expect=("'loss_weights' = '1,nan'", "finite numbers >= 0"), needle="finite"),
+    Case("dpo-loss-weight-not-a-number", "dpo", changes={"loss_weights": "one"},
+         expect=("'loss_weights' = 'one'", "comma-separated numbers"), needle="comma-separated numbers"),
+    Case("dpo-loss-weights-count", "dpo", changes={"loss_type": "sigmoid,ipo", "loss_weights": "1"},
+         expect=("'loss_weights' gives 1 weights for the 2 losses",), needle="weights for"),
+    Case("dpo-kto-combined", "dpo", changes={"loss_type": "kto,sigmoid"},
+         expect=("kto reads unpaired data and cannot be combined",), needle="combined"),
+    Case("dpo-beta-zero", "dpo", changes={"beta": 0},
+         expect=("'beta' must be > 0", "got 0"), needle="'beta'"),
+    Case("dpo-beta-infinite", "dpo", argv=("--beta", "inf"),
+         expect=("'beta' must be a finite number > 0", "got inf"), needle="'beta'"),
+    Case("dpo-label-smoothing-half", "dpo", changes={"label_smoothing": 0.5},
+         expect=("'label_smoothing' must be in [0, 0.5)", "got 0.5"), needle="label_smoothing"),
+    Case("dpo-simpo-gamma-negative", "dpo", changes={"simpo_gamma": -1.0},
+         expect=("'simpo_gamma' must be >= 0",), needle="simpo_gamma"),
+    Case("dpo-unknown-reference-mode", "dpo", changes={"reference_mode": "copy"},
+         expect=("'reference_mode' must be one of", "'model'", "'lora'", "'precompute'"), needle="'copy'"),
+    Case("dpo-lora-reference-without-lora", "dpo", changes={"reference_mode": "lora"},
+         expect=("'reference_mode' is 'lora'", "needs lora true"), needle="needs lora"),
+    Case("dpo-pipeline", "dpo", changes={"pipeline_parallel_degree": 2},
+         expect=("'pipeline_parallel_degree' > 1 is not supported by the DPO stage",), needle="pipeline"),
+    Case("dpo-reference-missing", "dpo", changes={"ref_model_name_or_path": "{MISSING}/ref"},
+         expect=("'ref_model_name_or_path' = '{MISSING}/ref'", "not a model folder"), needle="not a model folder"),
+    Case("dpo-reference-is-a-score-model", "dpo", changes={"ref_model_name_or_path": "{RM}"},
+         expect=("'ref_model_name_or_path' = '{RM}'", "is a score model"), needle="is a score model"),
+    Case("dpo-reference-other-vocabulary", "dpo", changes={"ref_model_name_or_path": "{VOCAB200}"},
+         expect=("'ref_model_name_or_path' = '{VOCAB200}'", "must share the policy's vocabulary"),
+         needle="vocabulary"),
+    Case("dpo-policy-is-a-score-model", "dpo", changes={"model_name_or_path": "{RM}"},
+         expect=("'model_name_or_path' = '{RM}'", "is a score model"), needle="is a score model"),
+    Case("dpo-identical-answers", "dpo", changes={"train_datasets": f"paddlenlp-dpo:1:{DPO_DATA}/identical_pair.jsonl"},
+         expect=("identical_pair.jsonl", "record 0", "identical chosen and rejected answers"), needle="identical"),
+    Case("dpo-empty-answer", "dpo",
+         changes={"train_datasets": f"prompt-chosen-rejected:1:{DPO_DATA}/empty_answer.jsonl"},
+         expect=("empty_answer.jsonl", "record 0 has an empty chosen answer"), needle="empty chosen"),
+    Case("dpo-missing-field", "dpo", changes={"train_datasets": f"paddlenlp-dpo:1:{DPO_DATA}/missing_sort.jsonl"},
+         expect=("missing_sort.jsonl", "missing field(s) 'sort'", "src, tgt, response, sort"), needle="'sort'"),
+    Case("dpo-turns-do-not-match", "dpo",
+         changes={"train_datasets": f"paddlenlp-dpo:1:{DPO_DATA}/turns_mismatch.jsonl"},
+         expect=("turns_mismatch.jsonl", "2 user turns (src) and 0 assistant turns (tgt)", "expected 1"),
+         needle="assistant turns"),
+    Case("dpo-kto-label-not-boolean", "dpo", changes={"loss_type": "kto",
+                                                      "train_datasets": f"prompt-completion-label:1:{DPO_DATA}/kto_bad_label.jsonl"},
+         expect=("kto_bad_label.jsonl", "field 'label' is 'good'", "expected true"), needle="'label'"),
+    Case("dpo-layout-without-path", "dpo", changes={"train_datasets": "paddlenlp-dpo"},
+         expect=("dataset 'paddlenlp-dpo' reads a local file",), needle="local file"),
+    Case("dpo-data-not-json", "dpo", changes={"train_datasets": "paddlenlp-dpo:1:{BAD}/not_json.jsonl"},
+         expect=("not_json.jsonl", "could not be read as json records"), needle="not_json.jsonl"),
+]
+
 assert len({c.id for c in CASES}) == len(CASES)
 
 
@@ -517,6 +581,8 @@ PROCESS_CASES = [
          needle="damaged"),
     Case("process-rm-margin-nan", "rm", argv=("--margin", "nan"),
          expect=("'margin' must be a finite number >= 0", "got nan"), needle="'margin'"),
+    Case("process-dpo-unknown-loss-type", "dpo", changes={"loss_type": "sigmod"},
+         expect=("'loss_type' names unknown loss 'sigmod'", "(did you mean 'sigmoid'?)"), needle="sigmod"),
 ]
 
 

@@ -71,6 +71,49 @@ def test_reward_file_runs(tiny_dir, tmp_path):
     assert [r["step"] for r in records if r["split"] == "train"] == [1]
 
 
+def test_dpo_file_runs(tiny_dir, tmp_path, capsys):
+    """PaddleNLP's llama dpo_argument.json on two files in its DPO layout (src/tgt/response/sort,
+    a multi-turn record among them): its dataset paths, max_seq_len and DPO keys are honoured."""
+    from ppo.data import RawDataset
+
+    records = []
+    for i, s in enumerate(RawDataset.load("tiny-preference/train")):
+        if i == 40:
+            break
+        good, bad = (s["answer"], s["other_answer"]) if s["better"] else (s["other_answer"], s["answer"])
+        turns = {"src": [s["input"], "And more?"], "tgt": [good]} if i % 5 == 0 else {"src": s["input"], "tgt": []}
+        records.append({**turns, "response": [bad, good], "sort": [0, 1]})
+    for name in ("train.jsonl", "dev.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = shrunk(paddlenlp_file("dpo_argument.json"), tiny_dir, tmp_path / "dpo", gradient_accumulation_steps=2,
+                    per_device_eval_batch_size=8)
+    del config["max_length"]
+    config.update(train_dataset_path=str(tmp_path / "train.jsonl"), dev_dataset_path=str(tmp_path / "dev.jsonl"),
+                  max_seq_len=64)
+    from ppo.args import DPOArgs
+
+    args = parse_args(DPOArgs, [write(tmp_path, "dpo.json", config)])
+    assert args.train_datasets == f"paddlenlp-dpo:1:{tmp_path / 'train.jsonl'}" and args.max_length == 64
+    assert args.eval_datasets == f"paddlenlp-dpo:1:{tmp_path / 'dev.jsonl'}"
+    run_main("dpo.run_dpo", write(tmp_path, "dpo.json", config))
+    assert os.path.isfile(tmp_path / "dpo" / "model_state.pdparams")
+    with open(tmp_path / "dpo" / "metrics.jsonl") as f:
+        evals = [r for r in map(json.loads, f) if r["split"] == "eval"]
+    assert evals[-1]["pairs"] == 40 and "rewards/accuracies" in evals[-1]
+    err = capsys.readouterr().err
+    for key in ("max_prompt_len", "flash_mask", "lazy", "benchmark", "fp16_opt_level"):
+        assert f"argument '{key}' (PaddleNLP) has no effect here" in err, key
+
+
+def test_dpo_file_paths_resolve_from_the_project_root(tmp_path):
+    from ppo.args import DPOArgs
+
+    args = parse(DPOArgs, {"train_dataset_path": "tests/data/bad/dpo/missing_sort.jsonl"}, tmp_path)
+    spec = args.train_datasets.split(":", 2)
+    assert spec[:2] == ["paddlenlp-dpo", "1"]
+    assert os.path.samefile(spec[2], os.path.join(PROJECT_ROOT, "tests", "data", "bad", "dpo", "missing_sort.jsonl"))
+
+
 @pytest.mark.parametrize("name", ["ppo_argument.json", "ppo_config.json"])
 def test_ppo_files_run(tiny_dir, tmp_path, name):
     config = paddlenlp_file(name)

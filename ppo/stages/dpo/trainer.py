@@ -21,6 +21,7 @@ from ppo.data.preference import PairDataset, UnpairedDataset
 from ppo.distributed import parallel
 from ppo.distributed.parallel import unwrap
 from ppo.models import check_model_path, freeze, load_causal_lm
+from ppo.models.loading import check_causal_lm_role, check_family
 from ppo.models.lora import AdaptersOff, apply_lora
 from ppo.models.recompute import enable_recompute
 from ppo.stages.dpo import reference as ref
@@ -28,6 +29,23 @@ from ppo.stages.dpo.objective import PairLogProbs, paired_loss, unpaired_loss
 from ppo.stages.single_model import SingleModelTrainer
 
 logger = logging.getLogger("ppo")
+
+
+def check_dpo_models(args: DPOArgs) -> None:
+    """Before any work: the policy, and the reference a run reads, are causal LMs the toolkit runs,
+    with one vocabulary (UserError, one line)."""
+    policy = check_model_path(args.model_name_or_path)
+    check_causal_lm_role(policy, args.model_name_or_path, "model_name_or_path")
+    check_family(policy, args.model_name_or_path, "model_name_or_path")
+    if args.ref_model_name_or_path and args.resolved_reference_mode() in ("model", "precompute"):
+        what, path = "ref_model_name_or_path", args.ref_model_name_or_path
+        saved = check_model_path(path, what)
+        check_causal_lm_role(saved, path, what)
+        check_family(saved, path, what)
+        if saved.get("vocab_size") != policy.get("vocab_size"):
+            raise UserError(f"'{what}' = '{path}' has vocab_size {saved.get('vocab_size')} and the policy "
+                            f"'{args.model_name_or_path}' {policy.get('vocab_size')}: the reference must share the "
+                            "policy's vocabulary")
 
 
 class DPOTrainer(SingleModelTrainer):
