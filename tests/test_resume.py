@@ -43,18 +43,27 @@ def assert_same_metrics(straight, resumed, steps, skip=("time/",)):
                 assert resumed[step][key] == value, (step, key, value, resumed[step][key])
 
 
-@pytest.mark.parametrize("stage", ["reward", "sft"])
+@pytest.mark.parametrize("stage", ["reward", "sft", "dpo-precompute", "dpo-lora"])
 def test_single_model_stage_resume_is_bitwise(stage, tiny_dir, tmp_path):
+    """The resumed run computes DPO's precomputed reference table again in its own output_dir,
+    from the reference model (not the resumed policy)."""
+    from ppo.args import DPOArgs
+    from ppo.stages.dpo.trainer import DPOTrainer
     from ppo.stages.sft.trainer import SFTTrainer
     from rm.reward_trainer import RewardTrainer
 
-    cls, args_cls = (RewardTrainer, RewardArgs) if stage == "reward" else (SFTTrainer, SFTArgs)
-    data = "tiny-preference/train" if stage == "reward" else "tiny-sft"
+    cls, args_cls = {"reward": (RewardTrainer, RewardArgs), "sft": (SFTTrainer, SFTArgs)}.get(
+        stage, (DPOTrainer, DPOArgs))
+    data = "tiny-sft" if stage == "sft" else "tiny-preference/train"
     common = dict(model_name_or_path=str(tiny_dir / "base"), train_datasets=data, max_length=64, max_steps=6,
                   per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3,
                   warmup_steps=2, logging_steps=1, disable_tqdm=True, seed=5)
     if stage == "reward":
         common.update(normalizer_type="RunningMeanStd")
+    if stage == "dpo-precompute":
+        common.update(reference_mode="precompute", train_datasets="tiny-preference/train:0.1")
+    if stage == "dpo-lora":
+        common.update(lora=True, lora_rank=4, loss_type="sigmoid,ipo", loss_weights="1,0.1")
     cls(args_cls(output_dir=str(tmp_path / "straight"), save_steps=3, **common)).train()
     ckpt = tmp_path / "straight" / "checkpoint-3"
     assert is_complete(str(ckpt))
