@@ -15,6 +15,7 @@ if __name__ == "__main__":
     quiet_libraries()  # before paddlenlp loads: its import-time warnings stay out of the console
 
 from ppo.args import DPOArgs, check_preset_models, parse_args  # noqa: E402
+from ppo.stages.dpo.online import run_online  # noqa: E402
 from ppo.stages.dpo.trainer import DPOTrainer, check_dpo_models  # noqa: E402
 
 
@@ -22,7 +23,10 @@ def main(argv=None):
     args = parse_args(DPOArgs, argv)
     check_preset_models(args)
     check_dpo_models(args)
-    DPOTrainer(args).train()
+    if args.online_rounds:
+        run_online(args)
+    else:
+        DPOTrainer(args).train()
 
 
 if __name__ == "__main__":

@@ -92,6 +92,7 @@ def test_shipped_configs_parse(path):
     from ppo.args import DPOArgs, PPOArgs, SFTArgs
 
     cls = {"rm_argument.json": RewardArgs, "sft_argument.json": SFTArgs, "dpo_argument.json": DPOArgs,
+           "online_dpo_argument.json": DPOArgs,
            "ppo_argument.json": PPOArgs, "arithmetic_sft_argument.json": SFTArgs,
            "grpo_argument.json": PPOArgs}[os.path.basename(path)]
     args = parse_args(cls, [os.path.join(ROOT, path)])

@@ -267,3 +267,67 @@ def test_kto_on_unpaired_completions(tiny_dir, tmp_path):
     # observed: 0 before training, about 0.7 after 20 steps (both rise: the random base learns the format)
     assert gap[0] == pytest.approx(0.0, abs=1e-6) and gap[-1] > 0.2
     assert evals[-1]["loss"] < evals[0]["loss"] - 0.03
+
+
+# ---------------------------------------------------------------------------------------------
+# online DPO
+
+
+def test_best_and_worst_pairs_skip_ties():
+    from ppo.stages.dpo.online import best_and_worst
+
+    prompts = ["a", ["q", "r", "s"], "c"]
+    responses = ["a1", "a2", "a3", "b1", "b2", "b3", "same", "same", "same"]
+    scores = np.array([0.5, 2.0, -1.0, 1.0, 1.0, 1.0, 3.0, 0.0, 1.0])
+    pairs, skipped = best_and_worst(prompts, responses, scores, 3)
+    assert skipped == 2  # b: all scores equal; c: best and worst read the same
+    assert pairs == [{"prompt": "a", "chosen": "a2", "rejected": "a3"}]
+    pairs, _ = best_and_worst(prompts[1:2], ["x", "y", "z"], np.array([0.0, 1.0, 2.0]), 3)
+    assert pairs[0]["prompt"] == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"},
+                                  {"role": "user", "content": "s"}] and pairs[0]["chosen"] == "z"
+
+
+def online(tiny_dir, out, *argv, **overrides):
+    from dpo.run_dpo import main
+
+    config = {"model_name_or_path": str(tiny_dir / "base"), "train_datasets": "tiny-preference/train:0.05",
+              "eval_datasets": "tiny-preference/test:0.2", "output_dir": str(out), "max_length": 64,
+              "max_steps": 2, "per_device_train_batch_size": 8, "learning_rate": LR, "disable_tqdm": True,
+              "online_rounds": 2, "online_prompts": "tiny-prompts/train", "online_prompts_per_round": 16,
+              "online_samples": 4, "online_reward_model_name_or_path": str(tiny_dir / "score"),
+              "online_reward_functions": "tiny_guard", "extra_modules": "ppo.tiny.task",
+              "max_new_tokens": 12, "eval_steps": 0, **overrides}
+    main([f"--{k}={v}" for k, v in config.items()] + list(argv))
+
+
+def test_online_rounds_rank_train_publish_and_resume(tiny_dir, tmp_path):
+    """Two rounds on the policy's own samples ranked by a reward model + tiny_guard: each round's
+    pairs are its best vs worst responses, each round trains from the previous round's model, the
+    last is published in output_dir, a second run is refused and a resumed one skips finished
+    rounds (best_and_worst's ranking is checked above)."""
+    from ppo.stages.dpo.online import STATE
+
+    out = tmp_path / "online"
+    online(tiny_dir, out)
+    state = json.load(open(out / STATE))
+    assert [r["round"] for r in state["rounds"]] == [0, 1]
+    for r in (0, 1):
+        pairs = [json.loads(line) for line in open(out / f"round-{r}" / "pairs.jsonl")]
+        assert 8 <= len(pairs) == state["rounds"][r]["pairs"] <= 16
+        assert all(p["chosen"] != p["rejected"] and isinstance(p["prompt"], str) for p in pairs)
+        stats = state["rounds"][r]
+        assert stats["best_mean"] > stats["score_mean"] > stats["worst_mean"]
+        assert "score/reward_model" in stats and "score/tiny_guard" in stats
+    round1 = json.load(open(out / "round-1" / "training_state.json"))
+    assert round1["args"]["model_name_or_path"] == str(out / "round-0")  # round 1 starts from round 0
+    assert round1["args"]["ref_model_name_or_path"] == str(tiny_dir / "base")  # against the fixed reference
+    np.testing.assert_array_equal(weights(out)["llama.embed_tokens.weight"],
+                                  weights(out / "round-1")["llama.embed_tokens.weight"])
+    with pytest.raises(UserError, match="already holds an online DPO run"):
+        online(tiny_dir, out)
+    before = (out / STATE).read_bytes()
+    online(tiny_dir, out, resume_from_checkpoint="auto")  # every round finished: nothing to do
+    assert (out / STATE).read_bytes() == before
+    # a third round continues from the second
+    online(tiny_dir, out, resume_from_checkpoint="auto", online_rounds=3)
+    assert [r["round"] for r in json.load(open(out / STATE))["rounds"]] == [0, 1, 2]

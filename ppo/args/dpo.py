@@ -39,6 +39,21 @@ class DPOArgs(TrainingArgs, ParallelArgs, DataArgs):
                                   "stored in output_dir and reused on resume), none (reference-free). Default: lora "
                                   "with lora, none for reference-free losses, else model.", REFERENCE_MODES)
     reference_free: bool = arg(False, "PaddleNLP's switch: reference log-probs are 0 (same as reference_mode none).")
+    # online (iterative) DPO
+    online_rounds: int = arg(0, "Online DPO: rounds of sampling from the current policy, ranking the responses and "
+                                "a DPO round on best-vs-worst pairs (0: offline DPO on train_datasets).", ge=0)
+    online_prompts: str = arg("", "Online DPO's prompts, NAME[:proportion[:path]] (default: train_datasets' prompts).",
+                              path="datasets")
+    online_prompts_per_round: int = arg(128, "Prompts sampled per online round.", ge=1)
+    online_samples: int = arg(4, "Responses sampled per prompt in an online round (best and worst make its pair).",
+                              ge=2)
+    online_reward_model_name_or_path: str = arg("", "Reward model that ranks online responses.", path="path")
+    online_reward_model_weight: float = arg(1.0, "Weight of the reward model's score in the online ranking.", ge=0)
+    online_reward_functions: str = arg("", "Reward functions added to the online ranking, NAME[:weight] "
+                                           "(the functions PPO uses, e.g. tiny_guard:4).")
+    max_new_tokens: int = arg(32, "Online DPO: the longest sampled response.", ge=1)
+    temperature: float = arg(1.0, "Online DPO: sampling temperature.", gt=0)
+    top_p: float = arg(1.0, "Online DPO: nucleus sampling threshold.", gt=0, le=1)
     offload_reference: bool = arg(False, "Keep the separate reference model in host memory between its forwards "
                                          "(GPU builds; a no-op on CPU).")
 
@@ -93,6 +108,14 @@ class DPOArgs(TrainingArgs, ParallelArgs, DataArgs):
         if mode == "precompute":
             require(not self.unpaired(), "'reference_mode' 'precompute' covers paired data; kto computes its "
                                          "reference online (mode 'model' or 'lora')")
+        if self.online_rounds:
+            require(bool(self.online_reward_model_name_or_path or self.online_reward_functions),
+                    "'online_rounds' > 0 needs a ranking: give online_reward_model_name_or_path and/or "
+                    "online_reward_functions")
+            require(not self.unpaired(), "'online_rounds' builds pairs: use a paired loss_type, not kto")
+            require(self.max_new_tokens < self.max_length,
+                    f"'max_new_tokens' ({self.max_new_tokens}) must be < 'max_length' ({self.max_length}): the "
+                    "prompt needs room")
         require(self.pipeline_parallel_degree == 1,
                 "'pipeline_parallel_degree' > 1 is not supported by the DPO stage yet; use tensor parallel, "
                 "sharding or data parallel")

@@ -80,6 +80,8 @@ def init_parallel(args, pipeline: bool = False) -> ParallelContext:
     mp = int(getattr(args, "tensor_parallel_degree", 1))
     pp = int(getattr(args, "pipeline_parallel_degree", 1))
     sd = int(getattr(args, "sharding_parallel_degree", 1))
+    if _CONTEXT.distributed and (_CONTEXT.tp_degree, _CONTEXT.pp_degree, _CONTEXT.sharding_degree) == (mp, pp, sd):
+        return _CONTEXT  # fleet is up in this layout already (online DPO trains one round after another)
     if world % (mp * pp * sd) != 0:
         raise UserError(f"tensor_parallel_degree ({mp}) x pipeline_parallel_degree ({pp}) x "
                         f"sharding_parallel_degree ({sd}) = {mp * pp * sd} does not divide the world size {world}")

@@ -23,9 +23,9 @@ from ppo.core.errors import UserError
 
 LOCK = ".run.lock"
 # what a run leaves in its output_dir: final SFT/RM/DPO model, PPO's policy/ and value/, logs, DPO's
-# precomputed reference log-probs
+# precomputed reference log-probs and online DPO's record of its rounds
 _RESULTS = ("config.json", "model_state.pdparams", "metrics.jsonl", "vdl", "eval_samples", "policy", "value",
-            "reference_log_probs")
+            "reference_log_probs", "online.json")
 # removed by overwrite_output_dir so the new run's checkpoints and metrics are not mixed with the
 # earlier run's ('auto' would otherwise pick an old checkpoint); final models are written over
 _CLEARED_BY_OVERWRITE = ("metrics.jsonl", "vdl", "eval_samples", "reference_log_probs")

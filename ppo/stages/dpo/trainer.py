@@ -21,7 +21,9 @@ from ppo.data.preference import PairDataset, UnpairedDataset
 from ppo.distributed import parallel
 from ppo.distributed.parallel import unwrap
 from ppo.models import check_model_path, freeze, load_causal_lm
-from ppo.models.loading import check_causal_lm_role, check_family
+from ppo.data import import_user_modules
+from ppo.models.loading import check_causal_lm_role, check_family, check_reward_role
+from ppo.rewards import build_reward_functions
 from ppo.models.lora import AdaptersOff, apply_lora
 from ppo.models.recompute import enable_recompute
 from ppo.stages.dpo import reference as ref
@@ -46,6 +48,13 @@ def check_dpo_models(args: DPOArgs) -> None:
             raise UserError(f"'{what}' = '{path}' has vocab_size {saved.get('vocab_size')} and the policy "
                             f"'{args.model_name_or_path}' {policy.get('vocab_size')}: the reference must share the "
                             "policy's vocabulary")
+    if args.online_rounds:
+        if args.extra_modules:
+            import_user_modules([m for m in args.extra_modules.split(",") if m])
+        build_reward_functions(args.online_reward_functions, vars(args))  # unknown names: one line now
+        if args.online_reward_model_name_or_path:
+            what, path = "online_reward_model_name_or_path", args.online_reward_model_name_or_path
+            check_reward_role(check_model_path(path, what), path, what)
 
 
 class DPOTrainer(SingleModelTrainer):
