@@ -71,9 +71,8 @@ def device() -> str:
 def init_parallel(args, pipeline: bool = False) -> ParallelContext:
     """Start fleet for the degrees in ``args`` (a no-op in a single process).
 
-    ``pipeline``: the caller trains pipeline-parallel models (the PPO actor and critic); fleet's
-    pipeline schedule then splits each optimizer step into ``gradient_accumulation_steps``
-    micro-batches of ``per_device_train_batch_size`` rows.
+    ``pipeline``: the caller trains pipeline-parallel models (the PPO actor and critic); fleet's pipeline
+    schedule then splits each optimizer step into ``gradient_accumulation_steps`` micro-batches.
     """
     global _CONTEXT
     world = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
@@ -81,7 +80,7 @@ def init_parallel(args, pipeline: bool = False) -> ParallelContext:
     pp = int(getattr(args, "pipeline_parallel_degree", 1))
     sd = int(getattr(args, "sharding_parallel_degree", 1))
     if _CONTEXT.distributed and (_CONTEXT.tp_degree, _CONTEXT.pp_degree, _CONTEXT.sharding_degree) == (mp, pp, sd):
-        return _CONTEXT  # fleet is up in this layout already (online DPO trains one round after another)
+        return _CONTEXT  # fleet is up in this layout already (online DPO's rounds)
     if world % (mp * pp * sd) != 0:
         raise UserError(f"tensor_parallel_degree ({mp}) x pipeline_parallel_degree ({pp}) x "
                         f"sharding_parallel_degree ({sd}) = {mp * pp * sd} does not divide the world size {world}")
