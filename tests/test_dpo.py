@@ -331,3 +331,55 @@ def test_online_rounds_rank_train_publish_and_resume(tiny_dir, tmp_path):
     # a third round continues from the second
     online(tiny_dir, out, resume_from_checkpoint="auto", online_rounds=3)
     assert [r["round"] for r in json.load(open(out / STATE))["rounds"]] == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# pairs packed one per row
+
+
+def test_packed_rows_attend_as_two_rows_would():
+    from ppo.data.preference import collate_packed_pairs
+
+    item = {"better_input_ids": [1, 2, 3, 7, 8], "worse_input_ids": [1, 2, 3, 9], "prompt_length": 3}
+    other = {"better_input_ids": [4, 5, 6, 6, 6, 6], "worse_input_ids": [4, 5, 6, 1, 1], "prompt_length": 2}
+    batch = collate_packed_pairs([item, other], pad_token_id=0)
+    assert batch["packed_input_ids"].numpy()[0].tolist() == [1, 2, 3, 7, 8, 9, 0, 0, 0]
+    assert batch["packed_position_ids"].numpy()[0, :6].tolist() == [0, 1, 2, 3, 4, 3]
+    mask = batch["packed_attention_mask"].numpy()[0]
+    for i in range(9):
+        for j in range(9):
+            if i >= 6:
+                expected = i == j  # padding sees itself only
+            elif i == 5:  # the rejected token: the prompt and itself, not the chosen answer
+                expected = j in (0, 1, 2, 5)
+            else:
+                expected = j <= i
+            assert mask[i, j] == expected, (i, j)
+    assert batch["packed_chosen_mask"].numpy()[0].tolist() == [0, 0, 1, 1, 0, 0, 0, 0]
+    assert batch["packed_rejected_mask"].numpy()[0].tolist() == [0] * 8  # a one-token rejected answer
+    assert batch["packed_first_rejected"].numpy().tolist() == [[2, 9], [1, 6]]
+    # the second pair: prompt [4, 5], chosen [6, 6, 6, 6], rejected [6, 1, 1] at positions 2, 3, 4
+    assert batch["packed_input_ids"].numpy()[1].tolist() == [4, 5, 6, 6, 6, 6, 6, 1, 1]
+    assert batch["packed_position_ids"].numpy()[1].tolist() == [0, 1, 2, 3, 4, 5, 2, 3, 4]
+    assert batch["packed_rejected_mask"].numpy()[1].tolist() == [0, 0, 0, 0, 0, 0, 1, 1]
+
+
+def test_packed_pairs_equal_two_rows_in_log_probs_and_training(tiny_dir, tmp_path):
+    from ppo.data.preference import collate_packed_pairs, collate_pairs
+
+    path = str(tiny_dir / "base")
+    model = load_causal_lm(path)
+    model.eval()
+    data = PairDataset("tiny-preference/train:0.01", load_tokenizer(path), 64, seed=1)
+    items = [data[i] for i in range(6)]
+    with paddle.no_grad():
+        two = ref.pair_log_probs(model, collate_pairs(items, 0))
+        packed = ref.pair_log_probs(model, collate_packed_pairs(items, 0))
+    for a, b in zip(two, packed):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5)
+    a = train(tiny_dir, tmp_path / "two", sft_loss_ratio=0.3)
+    b = train(tiny_dir, tmp_path / "packed", sft_loss_ratio=0.3, pack_pairs=True)
+    assert "packed_input_ids" in b.collate(b.train_data, [0, 1])
+    assert_trained_weights_match(weights(tmp_path / "two"), weights(tmp_path / "packed"), LR, 2)
+    for x, y in zip(metrics(tmp_path / "two", "eval"), metrics(tmp_path / "packed", "eval")):
+        np.testing.assert_allclose(x["loss"], y["loss"], rtol=1e-5)

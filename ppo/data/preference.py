@@ -185,7 +185,9 @@ def collate_pairs(batch: list[dict], pad_token_id: int) -> dict:
 
 class PairDataset(PreferenceDataset):
     """``PreferenceDataset``'s items plus ``prompt_length``: the tokens before the answer, shared by
-    both sides of a pair."""
+    both sides of a pair.  ``packed``: the collator packs each pair into one row."""
+
+    packed = False
 
     def tokenize(self, sample):
         item = super().tokenize(sample)
@@ -194,7 +196,8 @@ class PairDataset(PreferenceDataset):
         return item
 
     def get_collator(self):
-        return functools.partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id)
+        collate = collate_packed_pairs if self.packed else collate_pairs
+        return functools.partial(collate, pad_token_id=self.tokenizer.pad_token_id)
 
 
 def collate_unpaired(batch: list[dict], pad_token_id: int, max_length: int) -> dict:
@@ -230,3 +233,47 @@ class UnpairedDataset(TokenizedDataset):
     def get_collator(self):
         return functools.partial(collate_unpaired, pad_token_id=self.tokenizer.pad_token_id,
                                  max_length=self.max_length)
+
+
+def packed_pair(item: dict) -> tuple[list[int], list[int], int, int, int]:
+    """One pair as one row: ``(ids, positions, P, Lc, Lr)`` = prompt + chosen answer + rejected
+    answer, the rejected answer's positions restarting after the prompt."""
+    P = item["prompt_length"]
+    chosen, rejected = item["better_input_ids"][P:], item["worse_input_ids"][P:]
+    ids = item["better_input_ids"][:P] + chosen + rejected
+    positions = list(range(P + len(chosen))) + list(range(P, P + len(rejected)))
+    return ids, positions, P, len(chosen), len(rejected)
+
+
+def collate_packed_pairs(batch: list[dict], pad_token_id: int) -> dict:
+    """Pairs packed one per row (``packed_pair``), right-padded to T: ``packed_input_ids``,
+    ``packed_position_ids`` [B, T], ``packed_attention_mask`` [B, T, T] bool (causal, and no rejected
+    token attends to a chosen one; a padding position attends only to itself), ``packed_chosen_mask``
+    / ``packed_rejected_mask`` [B, T - 1] (next-token positions that score a chosen token / a
+    rejected token after its first), ``packed_first_rejected`` [B, 2] (the prompt's last position,
+    which scores the rejected answer's first token, and that token)."""
+    rows = [packed_pair(item) for item in batch]
+    T = max(len(r[0]) for r in rows)
+    B = len(rows)
+    ids = np.full((B, T), pad_token_id, dtype=np.int64)
+    positions = np.zeros((B, T), dtype=np.int64)
+    mask = np.zeros((B, T, T), dtype=bool)
+    chosen = np.zeros((B, T - 1), dtype=np.float32)
+    rejected = np.zeros((B, T - 1), dtype=np.float32)
+    first = np.zeros((B, 2), dtype=np.int64)
+    causal = np.tril(np.ones((T, T), dtype=bool))
+    for b, (row, pos, P, Lc, Lr) in enumerate(rows):
+        L = len(row)
+        ids[b, :L], positions[b, :L] = row, pos
+        mask[b] = causal
+        mask[b, P + Lc:L, P:P + Lc] = False  # the rejected answer does not see the chosen one
+        mask[b, L:, :] = False
+        mask[b, np.arange(L, T), np.arange(L, T)] = True
+        chosen[b, P - 1:P + Lc - 1] = 1.0
+        rejected[b, P + Lc:L - 1] = 1.0
+        first[b] = (P - 1, row[P + Lc])
+    out = _tensors({"packed_input_ids": ids, "packed_position_ids": positions, "packed_first_rejected": first})
+    out["packed_attention_mask"] = paddle.to_tensor(mask)
+    out["packed_chosen_mask"] = paddle.to_tensor(chosen)
+    out["packed_rejected_mask"] = paddle.to_tensor(rejected)
+    return out

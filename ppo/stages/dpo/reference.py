@@ -21,6 +21,7 @@ import paddle
 from tqdm import tqdm
 
 from ppo.core import preference as pref
+from ppo.core.algorithms import gather_log_probs
 from ppo.core.errors import UserError
 from ppo.distributed import parallel
 from ppo.distributed.offload import default_store, offload_model, reload_model
@@ -44,13 +45,34 @@ def answer_log_probs(model, ids, mask, answer_mask) -> tuple[paddle.Tensor, padd
 
 def pair_log_probs(model, batch) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor, paddle.Tensor]:
     """``(chosen sum, rejected sum, chosen tokens, rejected tokens)`` [B] each: both answers of every
-    pair in one forward of a ``[2B, T]`` batch."""
+    pair in one forward, of a ``[2B, T]`` batch or (``pack_pairs``) of one packed row per pair."""
+    if "packed_input_ids" in batch:
+        return packed_pair_log_probs(model, batch)
     B = batch["better_input_ids"].shape[0]
     ids = paddle.concat([batch["better_input_ids"], batch["worse_input_ids"]], axis=0)
     mask = paddle.concat([batch["better_attention_mask"], batch["worse_attention_mask"]], axis=0)
     answer = paddle.concat([batch["better_answer_mask"], batch["worse_answer_mask"]], axis=0)
     total, count = answer_log_probs(model, ids, mask, answer)
     return total[:B], total[B:], count[:B], count[B:]
+
+
+def packed_pair_log_probs(model, batch):
+    """``pair_log_probs`` of pairs packed one per row (``ppo.data.preference.collate_packed_pairs``):
+    the chosen answer's tokens scored at their own positions, the rejected answer's first token at
+    the prompt's last position and the rest inside the rejected segment, which never sees the
+    chosen answer."""
+    ids = batch["packed_input_ids"]
+    out = model(input_ids=ids, attention_mask=batch["packed_attention_mask"],
+                position_ids=batch["packed_position_ids"], return_dict=True)
+    log_probs, _ = log_probs_from_logits(out.logits, ids)
+    log_probs = log_probs.astype("float32")
+    chosen, n_chosen = pref.sequence_log_probs(log_probs, batch["packed_chosen_mask"])
+    rest, n_rest = pref.sequence_log_probs(log_probs, batch["packed_rejected_mask"])
+    first = batch["packed_first_rejected"]
+    at = first[:, :1].unsqueeze(-1).expand([ids.shape[0], 1, out.logits.shape[-1]])
+    logits = paddle.take_along_axis(out.logits, at, axis=1)  # [B, 1, V]: the prompt's last position
+    head = gather_log_probs(logits, first[:, 1:]).squeeze(1).astype("float32")
+    return chosen, rest + head, n_chosen, n_rest + 1
 
 
 # -- fingerprints of what a table was computed from --------------------------------------------
@@ -154,7 +176,7 @@ class Reference:
 
     def pairs(self, batch, split: str, precision) -> tuple[paddle.Tensor, paddle.Tensor]:
         """``(ref chosen, ref rejected)`` [B] for ``batch`` (its ``index`` [B]: rows of the split)."""
-        B = batch["better_input_ids"].shape[0]
+        B = batch["index"].shape[0]
         if self.mode == "none":
             zero = paddle.zeros([B], dtype="float32")
             return zero, zero

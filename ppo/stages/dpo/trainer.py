@@ -64,6 +64,9 @@ class DPOTrainer(SingleModelTrainer):
         self.unpaired = args.unpaired()
         self.kl = 0.0  # KTO's KL estimate of the current step
         tokenizer, train_data, eval_data = self.begin(args, UnpairedDataset if self.unpaired else PairDataset)
+        for data in (train_data, eval_data):
+            if data is not None and not self.unpaired:
+                getattr(data, "dataset", data).packed = args.pack_pairs  # one row per pair, or two
         # tensor parallel: gathered (full-vocabulary) logits feed the log-probs
         model = load_causal_lm(args.model_name_or_path, **parallel.tp_kwargs(), tensor_parallel_output=False)
         if args.lora:
