@@ -15,6 +15,7 @@ LAYOUTS = {
     "sharding-stage2-precompute": (["--sharding_parallel_degree", "2", "--sharding", "stage2",
                                     "--reference_mode", "precompute"], 8, "model"),
     "tensor-parallel": (["--tensor_parallel_degree", "2"], 16, "model"),
+    "tensor-parallel-packed": (["--tensor_parallel_degree", "2", "--pack_pairs", "true"], 16, "model"),
     "tensor-parallel-lora": (["--tensor_parallel_degree", "2", "--lora", "true", "--lora_rank", "4"], 16, "lora"),
 }
 ONE_PROCESS = {"model": [], "lora": ["--lora", "true", "--lora_rank", "4"]}
