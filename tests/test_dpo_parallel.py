@@ -1,5 +1,6 @@
-"""DPO in every layout it supports, through ``paddle.distributed.launch`` with two ranks: the same
-losses, preference metrics and trained weights as one process on the same global batch."""
+"""DPO in every layout, through ``paddle.distributed.launch`` with two ranks: the same losses,
+preference metrics and trained weights as one process on the same global batch (pipeline parallel
+trains packed pairs; the one process trains two rows per pair, which give the same log-probs)."""
 
 import pytest
 from test_entrypoints import metrics, run
@@ -16,6 +17,10 @@ LAYOUTS = {
                                     "--reference_mode", "precompute"], 8, "model"),
     "tensor-parallel": (["--tensor_parallel_degree", "2"], 16, "model"),
     "tensor-parallel-packed": (["--tensor_parallel_degree", "2", "--pack_pairs", "true"], 16, "model"),
+    # pipeline: the whole global batch on the one data rank, 2 micro-batches through the 1F1B schedule
+    "pipeline": (["--pipeline_parallel_degree", "2", "--gradient_accumulation_steps", "2"], 8, "model"),
+    "pipeline-precompute": (["--pipeline_parallel_degree", "2", "--gradient_accumulation_steps", "2",
+                             "--reference_mode", "precompute"], 8, "model"),
     "tensor-parallel-lora": (["--tensor_parallel_degree", "2", "--lora", "true", "--lora_rank", "4"], 16, "lora"),
 }
 ONE_PROCESS = {"model": [], "lora": ["--lora", "true", "--lora_rank", "4"]}
@@ -58,7 +63,8 @@ def test_dpo_two_ranks_match_one_process(tiny_dir, tmp_path, one_process, layout
     for a, b in zip(a_rows, b_rows):
         for key in ("loss", "rewards/chosen", "rewards/margins", "logps/chosen", "logps/rejected"):
             assert abs(a[key] - b[key]) < 1e-4 * max(1.0, abs(a[key])), (key, a, b)
-        assert abs(a["rewards/accuracies"] - b["rewards/accuracies"]) < 1e-6
+        if abs(a["rewards/margins"]) > 1e-4:  # at the first step every pair is a tie, broken by rounding
+            assert abs(a["rewards/accuracies"] - b["rewards/accuracies"]) < 1e-6, (a, b)
     ea, eb = metrics(one, "eval")[-1], metrics(two, "eval")[-1]
     assert ea["pairs"] == eb["pairs"] == 60
     for key in ("loss", "rewards/margins", "rewards/accuracies"):

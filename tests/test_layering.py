@@ -65,6 +65,7 @@ LAYERS = [
     # the loops
     # the DPO stage: its objective and reference modes
     ["ppo.stages.dpo.objective", "ppo.stages.dpo.reference"],
+    ["ppo.stages.dpo.pipelined"],
     ["ppo.stages.sft.trainer", "rm.reward_trainer", "ppo.stages.ppo.trainer", "ppo.stages.dpo.trainer"],
     ["ppo.stages.dpo.online"],
     # entry points and the built-in demo

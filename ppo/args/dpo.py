@@ -120,6 +120,6 @@ class DPOArgs(TrainingArgs, ParallelArgs, DataArgs):
                     f"'max_new_tokens' ({self.max_new_tokens}) must be < 'max_length' ({self.max_length}): the "
                     "prompt needs room")
         require(not (self.pack_pairs and self.unpaired()), "'pack_pairs' packs pairs: kto's data is unpaired")
-        require(self.pipeline_parallel_degree == 1,
-                "'pipeline_parallel_degree' > 1 is not supported by the DPO stage yet; use tensor parallel, "
-                "sharding or data parallel")
+        if self.pipeline_parallel_degree > 1:
+            require(not self.unpaired(), "'pipeline_parallel_degree' > 1 trains packed pairs; kto's unpaired "
+                                         "completions train under tensor parallel, sharding or data parallel")

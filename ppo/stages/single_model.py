@@ -39,9 +39,9 @@ class SingleModelTrainer:
     stage = "train"
 
     @staticmethod
-    def begin(args, dataset_cls):
+    def begin(args, dataset_cls, pipeline: bool = False):
         """Start-up shared by the stages: ranks, output folder, seed, checks -> (tokenizer, train, eval)."""
-        parallel.init_parallel(args)
+        parallel.init_parallel(args, pipeline=pipeline)
         prepare_output_dir(args.output_dir)
         set_seed(args.seed)
         config = check_model_path(args.model_name_or_path)
@@ -87,6 +87,21 @@ class SingleModelTrainer:
         """The weight of each micro-batch's loss in the step's loss (default: their mean)."""
         return [1.0 / len(batches)] * len(batches)
 
+    def accumulate(self, batches: list, weights: list) -> list[dict]:
+        """The gradients of one optimizer step: each micro-batch's loss, weighted, backward; the
+        stats of every micro-batch (its ``loss`` scaled so that their mean is the step's loss)."""
+        stats = []
+        for i, (batch, weight) in enumerate(zip(batches, weights)):
+            # data-parallel gradients are all-reduced once, on the last micro-batch
+            last = i == len(batches) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                loss, s = self.compute_loss(batch)
+                self.precision.backward(loss * weight)
+            # the step's loss: the weighted micro-batch losses (their sum), averaged below over data ranks
+            stats.append({"loss": float(loss) * weight * len(batches), **s})
+        return stats
+
     def prepare_step(self, batches: list) -> None:
         """Called once per optimizer step with its micro-batches, before their losses (KTO's KL estimate)."""
 
@@ -114,16 +129,7 @@ class SingleModelTrainer:
             batches = [self.collate(self.train_data, indices) for indices in self.sampler.micro_batches(index)]
             weights = self.micro_weights(batches)
             self.prepare_step(batches)
-            stats = []
-            for i, (batch, weight) in enumerate(zip(batches, weights)):
-                # data-parallel gradients are all-reduced once, on the last micro-batch
-                last = i == len(batches) - 1
-                sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
-                with sync:
-                    loss, s = self.compute_loss(batch)
-                    self.precision.backward(loss * weight)
-                # the step's loss: the weighted micro-batch losses (their sum), averaged below over data ranks
-                stats.append({"loss": float(loss) * weight * len(batches), **s})
+            stats = self.accumulate(batches, weights)
             grad_norm = global_grad_norm(self.model.parameters(), self.optimizer)
             if self.guard.ok(step, loss=[s["loss"] for s in stats], grad_norm=grad_norm):
                 self.precision.step(self.optimizer)

@@ -57,21 +57,25 @@ def pair_log_probs(model, batch) -> tuple[paddle.Tensor, paddle.Tensor, paddle.T
 
 
 def packed_pair_log_probs(model, batch):
-    """``pair_log_probs`` of pairs packed one per row (``ppo.data.preference.collate_packed_pairs``):
-    the chosen answer's tokens scored at their own positions, the rejected answer's first token at
-    the prompt's last position and the rest inside the rejected segment, which never sees the
-    chosen answer."""
+    """``pair_log_probs`` of pairs packed one per row (``ppo.data.preference.collate_packed_pairs``)."""
     ids = batch["packed_input_ids"]
     out = model(input_ids=ids, attention_mask=batch["packed_attention_mask"],
                 position_ids=batch["packed_position_ids"], return_dict=True)
-    log_probs, _ = log_probs_from_logits(out.logits, ids)
+    return packed_from_logits(out.logits, ids, batch["packed_chosen_mask"], batch["packed_rejected_mask"],
+                              batch["packed_first_rejected"])
+
+
+def packed_from_logits(logits, ids, chosen_mask, rejected_mask, first):
+    """The pair log-probs of packed rows from their logits [B, T, V]: the chosen answer's tokens
+    scored at their own positions, the rejected answer's first token at the prompt's last position
+    (``first`` [B, 2]: that position and the token) and the rest inside the rejected segment, which
+    never sees the chosen answer."""
+    log_probs, _ = log_probs_from_logits(logits, ids)
     log_probs = log_probs.astype("float32")
-    chosen, n_chosen = pref.sequence_log_probs(log_probs, batch["packed_chosen_mask"])
-    rest, n_rest = pref.sequence_log_probs(log_probs, batch["packed_rejected_mask"])
-    first = batch["packed_first_rejected"]
-    at = first[:, :1].unsqueeze(-1).expand([ids.shape[0], 1, out.logits.shape[-1]])
-    logits = paddle.take_along_axis(out.logits, at, axis=1)  # [B, 1, V]: the prompt's last position
-    head = gather_log_probs(logits, first[:, 1:]).squeeze(1).astype("float32")
+    chosen, n_chosen = pref.sequence_log_probs(log_probs, chosen_mask)
+    rest, n_rest = pref.sequence_log_probs(log_probs, rejected_mask)
+    at = first[:, :1].unsqueeze(-1).expand([ids.shape[0], 1, logits.shape[-1]])
+    head = gather_log_probs(paddle.take_along_axis(logits, at, axis=1), first[:, 1:]).squeeze(1).astype("float32")
     return chosen, rest + head, n_chosen, n_rest + 1
 
 

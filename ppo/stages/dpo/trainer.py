@@ -18,7 +18,7 @@ import paddle
 from ppo.args.dpo import DPOArgs
 from ppo.core.errors import UserError
 from ppo.data.preference import PairDataset, UnpairedDataset
-from ppo.distributed import parallel
+from ppo.distributed import parallel, pipeline
 from ppo.distributed.parallel import unwrap
 from ppo.models import check_model_path, freeze, load_causal_lm
 from ppo.data import import_user_modules
@@ -28,6 +28,7 @@ from ppo.models.lora import AdaptersOff, apply_lora
 from ppo.models.recompute import enable_recompute
 from ppo.stages.dpo import reference as ref
 from ppo.stages.dpo.objective import PairLogProbs, paired_loss, unpaired_loss
+from ppo.stages.dpo.pipelined import pipeline_pair_step, refresh_copy
 from ppo.stages.single_model import SingleModelTrainer
 
 logger = logging.getLogger("ppo")
@@ -63,7 +64,12 @@ class DPOTrainer(SingleModelTrainer):
     def __init__(self, args: DPOArgs):
         self.unpaired = args.unpaired()
         self.kl = 0.0  # KTO's KL estimate of the current step
-        tokenizer, train_data, eval_data = self.begin(args, UnpairedDataset if self.unpaired else PairDataset)
+        self.pipeline = args.pipeline_parallel_degree > 1
+        if self.pipeline and not args.pack_pairs:
+            logger.info("dpo: pipeline parallel packs each pair into one row (pack_pairs)")
+            args.pack_pairs = True
+        tokenizer, train_data, eval_data = self.begin(args, UnpairedDataset if self.unpaired else PairDataset,
+                                                      pipeline=self.pipeline)
         for data in (train_data, eval_data):
             if data is not None and not self.unpaired:
                 getattr(data, "dataset", data).packed = args.pack_pairs  # one row per pair, or two
@@ -80,7 +86,11 @@ class DPOTrainer(SingleModelTrainer):
             reference_model = self.load_reference()
         elif mode == "lora":
             reference_model = AdaptersOff(model)  # the base weights the adapters sit on: no second copy
-        self.setup(args, model, tokenizer, train_data, eval_data)
+        trained, self.eval_copy = model, None
+        if self.pipeline:  # this rank's stage trains; the whole model stays as the copy that evaluates
+            pipeline.check_pipeline_config(model.config, "model_name_or_path", args.model_name_or_path)
+            trained, self.eval_copy = pipeline.policy_pipe(model), freeze(model)
+        self.setup(args, trained, tokenizer, train_data, eval_data)
         table = self.precomputed_table() if mode == "precompute" else None
         self.reference = ref.Reference(mode, reference_model, table, offload=args.offload_reference)
         logger.info("dpo: loss %s, reference %s", args.loss_type, mode)
@@ -113,8 +123,7 @@ class DPOTrainer(SingleModelTrainer):
             return table
         # a fresh run whose reference is its own starting point scores with the policy itself
         own = self.start_step == 0 and self.ref_path == args.model_name_or_path
-        model = (AdaptersOff(unwrap(self.model)) if args.lora else unwrap(self.model)) if own \
-            else self.load_reference()
+        model = (AdaptersOff(unwrap(self.model)) if args.lora else self.scorer()) if own else self.load_reference()
         table = ref.compute_table(model, datasets, args.per_device_eval_batch_size, self.precision, args.disable_tqdm)
         self.model.train()
         if ctx.is_main:
@@ -123,6 +132,16 @@ class DPOTrainer(SingleModelTrainer):
         return table
 
     # -- the loss ---------------------------------------------------------------------------------
+
+    def scorer(self):
+        """The model whose forward gives the policy's log-probs outside training: the model itself, or
+        under pipeline parallel its whole copy (refreshed before every evaluation)."""
+        return self.eval_copy if self.pipeline else unwrap(self.model)
+
+    def accumulate(self, batches: list, weights: list) -> list[dict]:
+        if self.pipeline:
+            return pipeline_pair_step(self, batches, weights)
+        return super().accumulate(batches, weights)
 
     def collate(self, dataset, indices):
         batch = super().collate(dataset, indices)
@@ -157,7 +176,7 @@ class DPOTrainer(SingleModelTrainer):
                 policy, tokens = ref.answer_log_probs(self.model, *inputs)
             return policy, self.unpaired_reference(inputs), tokens
         with self.precision.autocast():
-            pc, pr, nc, nr = ref.pair_log_probs(self.model, batch)
+            pc, pr, nc, nr = ref.pair_log_probs(self.model if split == "train" else self.scorer(), batch)
         rc, rr = self.reference.pairs(batch, split, self.precision)
         return PairLogProbs(pc, pr, nc, nr, rc, rr)
 
@@ -178,6 +197,8 @@ class DPOTrainer(SingleModelTrainer):
         mine, per_rank = self.eval_shard()
         bs = self.args.per_device_eval_batch_size
         columns = []
+        if self.pipeline:
+            refresh_copy(self)
         self.model.eval()
         for start in range(0, len(mine), bs):
             batch = self.collate(self.eval_data, mine[start:start + bs])
