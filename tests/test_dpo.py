@@ -383,3 +383,38 @@ def test_packed_pairs_equal_two_rows_in_log_probs_and_training(tiny_dir, tmp_pat
     assert_trained_weights_match(weights(tmp_path / "two"), weights(tmp_path / "packed"), LR, 2)
     for x, y in zip(metrics(tmp_path / "two", "eval"), metrics(tmp_path / "packed", "eval")):
         np.testing.assert_allclose(x["loss"], y["loss"], rtol=1e-5)
+
+
+def test_sigterm_during_a_dpo_step_checkpoints_and_resumes_exactly(tiny_dir, tmp_path):
+    """SIGTERM inside step 2's loss (precomputed reference): a checkpoint after step 2, the
+    reference table kept, and the resumed run bitwise equal to a straight one."""
+    import signal
+
+    from ppo.storage.graceful import StopRequested
+    from ppo.storage.manifest import list_checkpoints
+
+    common = dict(reference_mode="precompute", max_steps=4, sft_loss_ratio=0.2)
+    train(tiny_dir, tmp_path / "straight", **common)
+    out = tmp_path / "stopped"
+    config = {"model_name_or_path": str(tiny_dir / "base"), "train_datasets": "tiny-preference/train:0.05",
+              "eval_datasets": "tiny-preference/test:0.2", "output_dir": str(out), "max_length": 64,
+              "per_device_train_batch_size": 8, "per_device_eval_batch_size": 16, "learning_rate": LR,
+              "lr_scheduler_type": "constant", "logging_steps": 1, "disable_tqdm": True, **common}
+    trainer = DPOTrainer(parse_args(DPOArgs, [f"--{k}={v}" for k, v in config.items()]))
+    compute, seen = trainer.compute_loss, []
+
+    def compute_and_signal(batch):
+        seen.append(1)
+        if len(seen) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return compute(batch)
+
+    trainer.compute_loss = compute_and_signal
+    with pytest.raises(StopRequested, match="stopped by SIGTERM after step 2 of 4"):
+        trainer.train()
+    assert [n for n, _ in list_checkpoints(str(out))] == [2]
+    assert (out / ref.TABLE_DIR / ref.TABLE).is_file() and not (out / "model_state.pdparams").exists()
+    train(tiny_dir, out, resume_from_checkpoint="auto", **common)
+    a, b = weights(tmp_path / "straight"), weights(out)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in metrics(out, "train")] == [1, 2, 3, 4]
