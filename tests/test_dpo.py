@@ -221,6 +221,17 @@ def test_precomputed_reference_equals_the_online_one_and_is_reused(tiny_dir, tmp
               resume_from_checkpoint=str(out / "checkpoint-1"))
 
 
+def test_offloaded_reference_gives_the_same_run(tiny_dir, tmp_path):
+    """offload_reference: the frozen copy's weights leave memory between forwards (files on CPU) and
+    come back for each; the run equals the one that keeps them."""
+    kept = train(tiny_dir, tmp_path / "kept", reference_mode="model")
+    off = train(tiny_dir, tmp_path / "off", reference_mode="model", offload_reference=True)
+    assert off.reference.store is not None and kept.reference.store is None
+    assert all(p._is_initialized() is False for p in off.reference.model.parameters())  # out between forwards
+    a, b = weights(tmp_path / "kept"), weights(tmp_path / "off")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_lora_reference_is_the_policy_with_adapters_off(tiny_dir, tmp_path):
     out = tmp_path / "lora"
     trainer = train(tiny_dir, out, lora=True, lora_rank=4, learning_rate=5e-3)

@@ -1,4 +1,5 @@
-"""DPO in every layout, through ``paddle.distributed.launch`` with two ranks: the same losses,
+"""DPO in every layout, through ``paddle.distributed.launch`` with two ranks (four for the
+combinations with pipeline parallel): the same losses,
 preference metrics and trained weights as one process on the same global batch (pipeline parallel
 trains packed pairs; the one process trains two rows per pair, which give the same log-probs)."""
 
@@ -21,6 +22,11 @@ LAYOUTS = {
     "pipeline": (["--pipeline_parallel_degree", "2", "--gradient_accumulation_steps", "2"], 8, "model"),
     "pipeline-precompute": (["--pipeline_parallel_degree", "2", "--gradient_accumulation_steps", "2",
                              "--reference_mode", "precompute"], 8, "model"),
+    # four ranks: pipeline with tensor parallel, and with sharding stage 1
+    "tensor-x-pipeline": (["--tensor_parallel_degree", "2", "--pipeline_parallel_degree", "2",
+                           "--gradient_accumulation_steps", "2"], 8, "model"),
+    "pipeline-x-sharding-stage1": (["--pipeline_parallel_degree", "2", "--sharding_parallel_degree", "2",
+                                    "--sharding", "stage1"], 8, "model"),
     "tensor-parallel-lora": (["--tensor_parallel_degree", "2", "--lora", "true", "--lora_rank", "4"], 16, "lora"),
 }
 ONE_PROCESS = {"model": [], "lora": ["--lora", "true", "--lora_rank", "4"]}
@@ -56,8 +62,9 @@ def test_dpo_two_ranks_match_one_process(tiny_dir, tmp_path, one_process, layout
     args, per_device, kind = LAYOUTS[layout]
     one = one_process(kind)
     two = tmp_path / "two"
+    ranks = 4 if "-x-" in layout else 2
     run("dpo/run_dpo.py", *common(tiny_dir), "--output_dir", two, "--per_device_train_batch_size", str(per_device),
-        *ONE_PROCESS[kind], *args, nproc=2)
+        *ONE_PROCESS[kind], *args, nproc=ranks)
     a_rows, b_rows = metrics(one, "train"), metrics(two, "train")
     assert len(a_rows) == len(b_rows) == STEPS
     for a, b in zip(a_rows, b_rows):
