@@ -426,7 +426,7 @@ CASES += [
     Case("model-config-not-json", "sft", changes={"model_name_or_path": "{BADCONFIG}"},
          expect=("model config '{BADCONFIG}/config.json'", "not valid JSON"), needle="not valid JSON"),
     Case("model-weights-truncated", "sft", changes={"model_name_or_path": "{TRUNC}"},
-         expect=("'{TRUNC}'", "cannot be read (damaged or truncated?)"), needle="damaged"),
+         expect=("'{TRUNC}/model_state.pdparams'", "cannot be read (damaged or truncated?)"), needle="damaged"),
     Case("checkpoint-state-damaged", "rm", changes={"resume_from_checkpoint": "{DAMAGED}/checkpoint-1"},
          expect=("'{DAMAGED}/checkpoint-1' is damaged: file 'trainer_state.json' does not match its checksum",),
          needle="trainer_state.json"),

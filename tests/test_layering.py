@@ -23,7 +23,8 @@ LAYERS = [
      "rm.losses", "dpo", "ppo.core.preference"],
     # the rest of the pure core; what the by-NAME registries share
     ["ppo.core.registry", "ppo.core.advantages", "ppo.core.batching"],
-    # reading files: the one place that turns damaged files into one-line errors
+    # reading files: the one place that turns damaged files into one-line errors (pickles checked first)
+    ["ppo.storage.safe_pickle"],
     ["ppo.storage.files"],
     # configuration: the shared parts and the PaddleNLP key mapping, then one module per stage
     ["ppo.args.common", "ppo.args.paddlenlp"],

@@ -150,6 +150,10 @@ class TrainingArgs:
                                                          "else is a regular expression over the full path.")
     max_nonfinite_steps: int = arg(3, "Consecutive updates with a non-finite loss, gradient norm, reward or KL that "
                                       "are skipped (and counted) before training stops; 0 stops at the first.", ge=0)
+    allow_unsafe_pickle: bool = arg(False, "Load pickled files (paddlenlp *.pdparams weights, checkpoints of older "
+                                           "versions) whatever objects they name. By default a pickle that names "
+                                           "anything but tensors, arrays and plain containers is refused: loading "
+                                           "it could run code.")
     resume_from_checkpoint: str = arg("", "checkpoint-N folder to continue from exactly, or 'auto' for the latest complete one in output_dir.",
                                       path="path")
 

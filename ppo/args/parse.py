@@ -11,7 +11,7 @@ from dataclasses import fields
 from ppo.args.common import range_help
 from ppo.args.paddlenlp import PADDLENLP_KEYS, Renamed, map_paddlenlp_keys
 from ppo.core.errors import UserError, closest
-from ppo.storage.files import read_json
+from ppo.storage.files import allow_unsafe_pickle, read_json
 
 # Relative paths
 
@@ -170,6 +170,8 @@ def parse_args(cls, argv=None):
                             f"got {kwargs[key]!r}{closest(str(kwargs[key]), [str(c) for c in choices])}")
     args = cls(**kwargs)
     args.validate()
+    if getattr(args, "allow_unsafe_pickle", False):
+        allow_unsafe_pickle(True)
     return args
 
 

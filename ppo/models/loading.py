@@ -12,7 +12,7 @@ import pickle
 from ppo.data import ensure_pad_token
 from ppo.core.errors import UserError
 from ppo.models import fast_paths, hf
-from ppo.storage.files import check_tokenizer_files, first_line, read_json
+from ppo.storage.files import check_pickle, check_tokenizer_files, first_line, read_json
 from ppo.models.families import family_of
 from ppo.models.score_model import init_score_head
 
@@ -95,9 +95,13 @@ def check_no_missing_weights(missing, path: str, what: str, allowed: tuple = ())
 
 
 def _from_pretrained_missing(cls, path: str, **kwargs):
-    """``cls.from_pretrained(path, **kwargs)`` and the parameter names it newly initialised."""
+    """``cls.from_pretrained(path, **kwargs)`` and the parameter names it newly initialised; every
+    pickled weights file of the folder is checked first (``check_pickle``: data only)."""
     from paddlenlp.transformers.model_utils import PretrainedModel
 
+    for name in sorted(os.listdir(path)) if os.path.isdir(path) else ():
+        if name.endswith(".pdparams"):
+            check_pickle(os.path.join(path, name), "weights file")
     original = PretrainedModel.__dict__["_load_pretrained_model"]
     missing: list = []
 

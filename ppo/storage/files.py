@@ -1,5 +1,6 @@
 """The one place the toolkit reads its files: JSON configs, model and tokenizer configs,
-tokenizer files, checkpoint state, pickled random states and paddle weights.
+tokenizer files, checkpoint state, pickled random states and paddle weights (pickles only after
+``ppo.storage.safe_pickle.check_pickle`` found nothing but data in them).
 
 Every reader turns what a damaged or mistyped file raises (missing, unreadable, not UTF-8,
 invalid or truncated JSON, duplicate keys, an unpickling or paddle load failure) into one
@@ -15,6 +16,7 @@ import pickle
 from contextlib import contextmanager
 
 from ppo.core.errors import UserError
+from ppo.storage.safe_pickle import allow_unsafe_pickle, check_pickle  # noqa: F401  (re-exported)
 
 
 def first_line(e: BaseException) -> str:
@@ -102,9 +104,11 @@ def check_tokenizer_files(folder: str) -> None:
 
 
 def read_pickle(path: str, what: str = "file"):
-    """The unpickled content of ``path`` (only ever the toolkit's own files, e.g. random states)."""
+    """The unpickled content of ``path`` (random states of older checkpoints), after
+    ``check_pickle`` found only data in it."""
     if not os.path.isfile(path):
         raise UserError(f"{what} '{path}' does not exist")
+    check_pickle(path, what)
     try:
         with open(path, "rb") as f:
             return pickle.load(f)
@@ -118,6 +122,7 @@ def load_paddle_state(path: str, what: str = "weights file"):
 
     if not os.path.isfile(path):
         raise UserError(f"{what} '{path}' does not exist")
+    check_pickle(path, what)
     try:
         return paddle.load(path)
     except Exception as e:  # paddle raises pickle, value and runtime errors for a damaged file
