@@ -143,6 +143,9 @@ def workspace(tiny_dir, tmp_path_factory):
     for name in ("PARTIAL", "TRUNC", "BADCONFIG"):
         paths[name] = root / name.lower()
         shutil.copytree(tiny_dir / "base", paths[name])
+    # a model folder with its config but without any weights file
+    paths["NOWEIGHTS"] = root / "noweights"
+    shutil.copytree(tiny_dir / "base", paths["NOWEIGHTS"], ignore=shutil.ignore_patterns("*.pdparams", "*.safetensors"))
     weights = paths["PARTIAL"] / "model_state.pdparams"
     state = paddle.load(str(weights))
     del state[next(k for k in state if "layers.0." in k)]
@@ -453,6 +456,12 @@ CASES += [
     Case("actor-missing-a-trained-tensor", "ppo", changes={"actor_model_name_or_path": "{PARTIAL}"},
          expect=("'actor_model_name_or_path' = '{PARTIAL}'", "lacks 1 trained tensor(s)", "layers.0."),
          needle="trained tensor"),
+    Case("model-folder-without-weights", "sft", changes={"model_name_or_path": "{NOWEIGHTS}"},
+         expect=("'model_name_or_path' = '{NOWEIGHTS}'", "has a config.json but no weights"), needle="no weights"),
+    Case("reference-folder-without-weights", "dpo", changes={"ref_model_name_or_path": "{NOWEIGHTS}"},
+         expect=("'ref_model_name_or_path' = '{NOWEIGHTS}'", "has a config.json but no weights"), needle="no weights"),
+    Case("data-file-not-utf8", "sft", changes={"train_datasets": "tiny-sft:1:{BAD}/latin1.jsonl"},
+         expect=("dataset file '{BAD}/latin1.jsonl' is not UTF-8 text (byte ",), needle="UTF-8"),
     Case("sft-base-missing-a-trained-tensor", "sft", changes={"model_name_or_path": "{PARTIAL}"},
          expect=("'model_name_or_path' = '{PARTIAL}'", "lacks 1 trained tensor(s)"), needle="trained tensor"),
 ]

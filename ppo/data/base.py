@@ -280,6 +280,8 @@ def _load_file(file: str) -> list[dict]:
                         f"{', '.join(_FORMATS)} files or a folder")
     if os.path.getsize(file) == 0:
         raise UserError(f"dataset file '{file}' is empty; expected {fmt} records")
+    if fmt in ("json", "csv"):
+        _check_utf8(file)
     # the parser logs its own error before raising; the one-line error below replaces it
     quiet = logging.getLogger("datasets")
     level = quiet.level
@@ -299,6 +301,27 @@ def _load_file(file: str) -> list[dict]:
     finally:
         quiet.setLevel(level)
     return data.to_list()
+
+
+def _check_utf8(file: str) -> None:
+    """UserError naming ``file`` when its bytes are not UTF-8 (the parsers fail deep inside on them)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise UserError(f"dataset file '{file}' is not UTF-8 text (byte {offset + e.start}); save it as "
+                                "UTF-8") from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UserError(f"dataset file '{file}' is not UTF-8 text (it ends inside a character); save it as "
+                        "UTF-8") from None
 
 
 def _json_records(file: str) -> list[dict]:

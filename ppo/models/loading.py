@@ -17,6 +17,9 @@ from ppo.models.families import family_of
 from ppo.models.score_model import init_score_head
 
 
+WEIGHT_SUFFIXES = (".pdparams", ".safetensors", ".pdparams.index.json", ".safetensors.index.json")
+
+
 def check_model_path(path: str, what: str = "model_name_or_path") -> dict:
     """The folder's config.json as a dict; UserError when ``path`` is not a saved model."""
     if not path:
@@ -25,7 +28,11 @@ def check_model_path(path: str, what: str = "model_name_or_path") -> dict:
     if not os.path.isfile(config_file):
         raise UserError(f"'{what}' = '{path}' is not a model folder (no config.json there); "
                         "this toolkit loads local paddlenlp or transformers (safetensors) checkpoints")
-    return read_json(config_file, "model config")
+    config = read_json(config_file, "model config")
+    if not any(n.endswith(WEIGHT_SUFFIXES) for n in os.listdir(path)):
+        raise UserError(f"'{what}' = '{path}' has a config.json but no weights (model_state.pdparams, "
+                        "model.safetensors, or their shards with an index file); give a complete model folder")
+    return config
 
 
 def load_tokenizer(path: str, what: str = "model_name_or_path"):
