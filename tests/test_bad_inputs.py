@@ -172,7 +172,7 @@ def workspace(tiny_dir, tmp_path_factory):
     for key in ("SPM", "RM_SPM"):
         model = paths[key] / "sentencepiece.bpe.model"
         model.write_bytes(bytes(range(256)) * (model.stat().st_size // 256))
-    for key, name in (("DAMAGED", "trainer_state.json"), ("DAMAGED_RNG", "rng.rank0.pkl")):
+    for key, name in (("DAMAGED", "trainer_state.json"), ("DAMAGED_RNG", "rng.rank0.json")):
         paths[key] = root / key.lower()
         shutil.copytree(paths["RM"], paths[key])
         file = paths[key] / "checkpoint-1" / name
@@ -434,8 +434,8 @@ CASES += [
          expect=("'{DAMAGED}/checkpoint-1' is damaged: file 'trainer_state.json' does not match its checksum",),
          needle="trainer_state.json"),
     Case("checkpoint-random-state-damaged", "rm", changes={"resume_from_checkpoint": "{DAMAGED_RNG}/checkpoint-1"},
-         expect=("'{DAMAGED_RNG}/checkpoint-1' is damaged: file 'rng.rank0.pkl' does not match its checksum",),
-         needle="rng.rank0.pkl"),
+         expect=("'{DAMAGED_RNG}/checkpoint-1' is damaged: file 'rng.rank0.json' does not match its checksum",),
+         needle="rng.rank0.json"),
     Case("tokenizer-config-truncated", "sft", changes={"model_name_or_path": "{TOKCONFIG}"},
          expect=("tokenizer config '{TOKCONFIG}/tokenizer_config.json' is not valid JSON",), needle="not valid JSON"),
     Case("tokenizer-json-truncated", "ppo", changes={"actor_model_name_or_path": "{TOKJSON}"},

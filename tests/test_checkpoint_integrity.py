@@ -62,10 +62,10 @@ def truncate(path, n=100):
 DAMAGE = {
     "truncated-weights": ("model_state.pdparams", truncate),
     "flipped-byte-in-weights": ("model_state.pdparams", flip_byte),
-    "flipped-byte-in-optimizer": ("optimizer.rank0.pdopt", flip_byte),
+    "flipped-byte-in-optimizer": ("optimizer.rank0.safetensors", flip_byte),
     "damaged-trainer-state": ("trainer_state.json", lambda p: flip_byte(p, 0)),
-    "damaged-rng": ("rng.rank0.pkl", flip_byte),
-    "missing-optimizer": ("optimizer.rank0.pdopt", os.remove),
+    "damaged-rng": ("rng.rank0.json", flip_byte),
+    "missing-optimizer": ("optimizer.rank0.safetensors", os.remove),
 }
 
 
@@ -101,8 +101,8 @@ def test_damaged_checkpoint_is_detected_kept_and_skipped(kind, tiny_dir, finishe
     assert [n for n, _ in list_checkpoints(str(out))] == [1, 2]
 
 
-@pytest.mark.parametrize("name,what", [("trainer_state.json", "trainer state"), ("rng.rank0.pkl", "random state"),
-                                       ("optimizer.rank0.pdopt", "optimizer state"),
+@pytest.mark.parametrize("name,what", [("trainer_state.json", "trainer state"), ("rng.rank0.json", "random state"),
+                                       ("optimizer.rank0.safetensors", "optimizer state"),
                                        ("model_state.pdparams", "weights")])
 def test_unreadable_file_with_a_size_only_manifest_is_one_line(name, what, tiny_dir, finished, tmp_path):
     # a manifest without checksums (written before they existed): damage surfaces when the file is
@@ -125,7 +125,7 @@ def test_unreadable_file_with_a_size_only_manifest_is_one_line(name, what, tiny_
 def test_damaged_checkpoint_through_the_entry_point(tiny_dir, finished, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(finished, out)
-    flip_byte(str(out / "checkpoint-2" / "optimizer.rank0.pdopt"))
+    flip_byte(str(out / "checkpoint-2" / "optimizer.rank0.safetensors"))
     before = snapshot(out)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "ppo", "run_sft.py"), "--model_name_or_path",
                         str(tiny_dir / "base"), "--train_datasets", "tiny-sft", "--output_dir", str(out),
@@ -136,7 +136,7 @@ def test_damaged_checkpoint_through_the_entry_point(tiny_dir, finished, tmp_path
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "file 'optimizer.rank0.pdopt' does not match its checksum" in errors[0]
+    assert len(errors) == 1 and "file 'optimizer.rank0.safetensors' does not match its checksum" in errors[0]
     assert snapshot(out) == before
 
 

@@ -56,7 +56,7 @@ def test_two_rank_resume_is_exact(stage, tiny_dir, tmp_path):
     run(script, *common, "--output_dir", straight, "--save_steps", "2", nproc=2)
     checkpoint = straight / "checkpoint-2"
     assert (checkpoint / "manifest.json").is_file()
-    assert sorted(p for p in os.listdir(checkpoint) if p.startswith("rng.rank")) == ["rng.rank0.pkl", "rng.rank1.pkl"]
+    assert sorted(p for p in os.listdir(checkpoint) if p.startswith("rng.rank")) == ["rng.rank0.json", "rng.rank1.json"]
     run(script, *common, "--output_dir", resumed, "--resume_from_checkpoint", checkpoint, nproc=2)
     for sub in subs:
         assert_bitwise_equal(weights(straight / sub / "model_state.pdparams"),

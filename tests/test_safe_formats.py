@@ -123,17 +123,56 @@ def test_a_crafted_checkpoint_state_is_refused_on_resume(tiny_dir, tmp_path):
     SFTTrainer(SFTArgs(save_steps=1, **common)).train()
     ckpt = tmp_path / "run" / "checkpoint-1"
     marker = tmp_path / "ran"
-    states = [n for n in os.listdir(ckpt) if n.startswith("rng.rank0")]
-    assert states, os.listdir(ckpt)
-    target = ckpt / states[0]
-    with open(target, "wb") as f:
-        pickle.dump({"paddle": RunsACommand(marker)}, f)
-    # the manifest made to match, as an attacker who rewrites a shared checkpoint would
+    # a checkpoint in the earlier layout (random state pickled in rng.rank0.pkl), crafted, with the
+    # manifest made to match, as an attacker who rewrites a shared checkpoint would
     import json
 
+    os.remove(ckpt / "rng.rank0.json")
+    target = ckpt / "rng.rank0.pkl"
+    with open(target, "wb") as f:
+        pickle.dump({"paddle": RunsACommand(marker)}, f)
     manifest = json.load(open(ckpt / MANIFEST))
-    manifest["files"][states[0]] = {"size": target.stat().st_size, "crc32c": file_crc32c(str(target))}
+    del manifest["files"]["rng.rank0.json"]
+    manifest["files"]["rng.rank0.pkl"] = {"size": target.stat().st_size, "crc32c": file_crc32c(str(target))}
     (ckpt / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="names 'posix.system'"):
         SFTTrainer(SFTArgs(resume_from_checkpoint=str(ckpt), **{**common, "max_steps": 3})).train()
     assert not marker.exists()
+
+
+def test_checkpoints_hold_no_pickled_state_and_the_earlier_layout_still_resumes(tiny_dir, tmp_path):
+    """The optimizer and random states of a checkpoint are safetensors and JSON; a checkpoint in the
+    earlier layout (the same states as .pdopt and .pkl pickles) resumes to the same bitwise result."""
+    import json
+
+    from ppo.args import SFTArgs
+    from ppo.stages.sft.trainer import SFTTrainer
+    from ppo.storage.checkpoint import read_tensors_and_json, rng_from_json
+    from ppo.storage.manifest import MANIFEST, file_crc32c
+
+    common = dict(model_name_or_path=str(tiny_dir / "base"), train_datasets="tiny-sft:0.05", max_length=64,
+                  max_steps=4, per_device_train_batch_size=4, logging_steps=1, disable_tqdm=True, seed=3,
+                  learning_rate=1e-3)
+    SFTTrainer(SFTArgs(output_dir=str(tmp_path / "straight"), save_steps=2, **common)).train()
+    ckpt = tmp_path / "straight" / "checkpoint-2"
+    state_files = [n for n in os.listdir(ckpt) if n.startswith(("optimizer", "rng"))]
+    assert sorted(state_files) == ["optimizer.rank0.json", "optimizer.rank0.safetensors", "rng.rank0.json"]
+    assert not any(is_pickle(str(ckpt / n)) for n in state_files)
+    # the earlier layout, written as that version wrote it
+    old = tmp_path / "old"
+    os.makedirs(old)
+    shutil.copytree(ckpt, old / "checkpoint-2")
+    oc = old / "checkpoint-2"
+    paddle.save(read_tensors_and_json(str(oc / "optimizer.rank0"), "optimizer state"), str(oc / "optimizer.rank0.pdopt"))
+    with open(oc / "rng.rank0.pkl", "wb") as f:
+        pickle.dump(rng_from_json(json.load(open(oc / "rng.rank0.json"))), f)
+    for name in ("optimizer.rank0.json", "optimizer.rank0.safetensors", "rng.rank0.json"):
+        os.remove(oc / name)
+    manifest = json.load(open(oc / MANIFEST))
+    manifest["files"] = {n: {"size": os.path.getsize(oc / n), "crc32c": file_crc32c(str(oc / n))}
+                         for n in os.listdir(oc) if n != MANIFEST}
+    (oc / MANIFEST).write_text(json.dumps(manifest))
+    SFTTrainer(SFTArgs(output_dir=str(old), resume_from_checkpoint=str(oc), **common)).train()
+    a = paddle.load(str(tmp_path / "straight" / "model_state.pdparams"))
+    b = paddle.load(str(old / "model_state.pdparams"))
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)

@@ -2,8 +2,9 @@
 
 A checkpoint folder ``checkpoint-N`` holds, besides the ``from_pretrained``-loadable models:
 
-* ``optimizer[-<role>].rank<R>.pdopt``: optimizer state of every rank (moments, LR scheduler);
-* ``rng.rank<R>.pkl``: paddle, numpy and python random states of every rank (+ trainer streams);
+* ``optimizer[-<role>].rank<R>.safetensors`` and ``.json``: optimizer state of every rank (the
+  moments and master weights as tensors, the LR scheduler and other numbers as JSON);
+* ``rng.rank<R>.json``: paddle, numpy and python random states of every rank (+ trainer streams);
 * ``trainer_state.json``: global step, epoch, trainer extras (KL controller, ptx position), the
   arguments and the library versions;
 * ``manifest.json``: every file with its size and CRC-32C, written last.
@@ -13,7 +14,10 @@ renames the folder.  A folder with a manifest is complete by definition and neve
 cleanup (only ``save_total_limit`` rotation removes checkpoints); resume verifies every file
 against the manifest first, so damage is one line naming the file.  Only ``.tmp-*`` folders,
 writes that never finished, are removed on the next start.  The data order needs no state:
-batches are a function of the step.
+batches are a function of the step.  No state file of a checkpoint is a pickle (the model weights,
+``model_state.pdparams``, still are); a checkpoint of an
+earlier version (``.pdopt`` / ``.pkl`` state) still resumes, its pickles read only after
+``ppo.storage.safe_pickle.check_pickle`` found nothing but data in them.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import copy
 import json
 import logging
 import os
-import pickle
 import platform
 import random
 import shutil
@@ -40,7 +43,7 @@ from ppo.storage.manifest import (MANIFEST, STATE, clean_partial, damage, discar
                                   list_checkpoints, resolve_resume, rotate, tmp_folder)
 from ppo.models.hf import export_folder
 from ppo.models.lora import adapter_state, is_lora, merged_for_export, save_adapters, split_adapters
-from ppo.storage.files import load_paddle_state, read_json, read_pickle, reading
+from ppo.storage.files import first_line, load_paddle_state, read_json, read_pickle, reading
 from ppo.storage.output_dir import (check_output_dir, clear_earlier_run, drop_metrics_after, release_output_dir,  # noqa: F401
                             take_lock)
 from ppo.distributed.parallel import inner_optimizer, unwrap
@@ -77,6 +80,73 @@ def restore_rng(state: dict) -> dict:
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     return state.get("extra", {})
+
+
+def rng_to_json(state: dict) -> dict:
+    """``capture_rng``'s state as JSON values: paddle's generator states by their (device, seed,
+    offset, engine text), numpy's MT19937 state with its key as a list, python's as lists."""
+    name, key, pos, has_gauss, cached = state["numpy"]
+    version, internal, gauss_next = state["python"]
+    return {"paddle": [[g[0], g[1], g[2], bytes(g[3]).decode("latin-1")] for g in
+                       (s.__getstate__() for s in state["paddle"])],
+            "numpy": [name, np.asarray(key).tolist(), int(pos), int(has_gauss), float(cached)],
+            "python": [version, list(internal), gauss_next], "extra": state.get("extra", {})}
+
+
+def rng_from_json(data: dict) -> dict:
+    """The inverse of ``rng_to_json``: a state ``restore_rng`` takes."""
+    from paddle.base import core
+
+    generators = []
+    for device, seed, offset, engine in data["paddle"]:
+        g = core.GeneratorState.__new__(core.GeneratorState)
+        g.__setstate__((int(device), int(seed), int(offset), list(engine.encode("latin-1"))))
+        generators.append(g)
+    name, key, pos, has_gauss, cached = data["numpy"]
+    version, internal, gauss_next = data["python"]
+    return {"paddle": generators, "numpy": (name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached),
+            "python": (version, tuple(internal), gauss_next), "extra": data.get("extra", {})}
+
+
+def write_tensors_and_json(base: str, state: dict) -> None:
+    """``state`` (names -> tensors, dicts of tensors, or JSON values) as ``base.safetensors`` (every
+    tensor, a dict's as ``<key>/<name>``) and ``base.json`` (the rest, and which keys were dicts)."""
+    from safetensors.paddle import save_file
+
+    tensors, other, nested = {}, {}, []
+    for key, value in state.items():
+        if isinstance(value, dict) and value and all(isinstance(v, paddle.Tensor) for v in value.values()):
+            nested.append(key)
+            tensors.update({f"{key}/{name}": v.contiguous() for name, v in value.items()})
+        elif isinstance(value, paddle.Tensor):
+            tensors[key] = value.contiguous()
+        else:
+            other[key] = value
+    save_file(tensors, base + ".safetensors")
+    with open(base + ".json", "w") as f:
+        json.dump({"values": other, "nested": nested}, f, indent=1)
+
+
+def read_tensors_and_json(base: str, what: str) -> dict:
+    """The inverse of ``write_tensors_and_json``."""
+    from safetensors.paddle import load_file
+
+    path = base + ".safetensors"
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # safetensors raises SafetensorError / OSError on a damaged file
+        raise UserError(f"{what} '{path}' cannot be read (damaged or truncated?): {first_line(e)}") from None
+    meta = read_json(base + ".json", what)
+    state = dict(meta.get("values", {}))
+    for key in meta.get("nested", []):
+        state[key] = {}
+    for name, value in tensors.items():
+        head, _, tail = name.partition("/")
+        if tail and head in state and isinstance(state[head], dict) and head in meta.get("nested", []):
+            state[head][tail] = value
+        else:
+            state[name] = value
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,9 +187,9 @@ def write_rank_state(tmp: str, rank: int, optimizers: dict, rng_extra: dict | No
     os.makedirs(tmp, exist_ok=True)
     for role, (optimizer, model) in optimizers.items():
         suffix = f"-{role}" if role else ""
-        paddle.save(portable_optimizer_state(optimizer, model), os.path.join(tmp, f"optimizer{suffix}.rank{rank}.pdopt"))
-    with open(os.path.join(tmp, f"rng.rank{rank}.pkl"), "wb") as f:
-        pickle.dump(capture_rng(rng_extra), f)
+        write_tensors_and_json(os.path.join(tmp, f"optimizer{suffix}.rank{rank}"), portable_optimizer_state(optimizer, model))
+    with open(os.path.join(tmp, f"rng.rank{rank}.json"), "w") as f:
+        json.dump(rng_to_json(capture_rng(rng_extra)), f)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,11 +217,21 @@ def load_rank_state(folder: str, rank: int, optimizers: dict) -> dict:
     """Restore this rank's optimizers ({role: (optimizer, model)}) and random states; returns extra streams."""
     for role, (optimizer, model) in optimizers.items():
         suffix = f"-{role}" if role else ""
-        path = os.path.join(folder, f"optimizer{suffix}.rank{rank}.pdopt")
+        base = os.path.join(folder, f"optimizer{suffix}.rank{rank}")
+        if os.path.isfile(base + ".safetensors"):
+            with reading(base + ".safetensors", "optimizer state"):
+                load_portable_optimizer_state(optimizer, model, read_tensors_and_json(base, "optimizer state"))
+            continue
+        path = base + ".pdopt"  # a checkpoint of an earlier version: a pickle, read once checked
         if not os.path.isfile(path):
-            raise UserError(f"checkpoint '{folder}' has no optimizer state for rank {rank} ({os.path.basename(path)})")
+            raise UserError(f"checkpoint '{folder}' has no optimizer state for rank {rank} "
+                            f"({os.path.basename(base)}.safetensors)")
         with reading(path, "optimizer state"):
             load_portable_optimizer_state(optimizer, model, load_paddle_state(path, "optimizer state"))
+    path = os.path.join(folder, f"rng.rank{rank}.json")
+    if os.path.isfile(path):
+        with reading(path, "random state"):
+            return restore_rng(rng_from_json(read_json(path, "random state")))
     path = os.path.join(folder, f"rng.rank{rank}.pkl")
     with reading(path, "random state"):
         return restore_rng(read_pickle(path, "random state"))
