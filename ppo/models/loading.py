@@ -28,11 +28,14 @@ def check_model_path(path: str, what: str = "model_name_or_path") -> dict:
     if not os.path.isfile(config_file):
         raise UserError(f"'{what}' = '{path}' is not a model folder (no config.json there); "
                         "this toolkit loads local paddlenlp or transformers (safetensors) checkpoints")
-    config = read_json(config_file, "model config")
-    if not any(n.endswith(WEIGHT_SUFFIXES) for n in os.listdir(path)):
+    return read_json(config_file, "model config")
+
+
+def check_weights_present(path: str, what: str = "model_name_or_path") -> None:
+    """UserError (one line) when the model folder ``path`` holds no weights file."""
+    if os.path.isdir(path) and not any(n.endswith(WEIGHT_SUFFIXES) for n in os.listdir(path)):
         raise UserError(f"'{what}' = '{path}' has a config.json but no weights (model_state.pdparams, "
                         "model.safetensors, or their shards with an index file); give a complete model folder")
-    return config
 
 
 def load_tokenizer(path: str, what: str = "model_name_or_path"):
@@ -106,6 +109,7 @@ def _from_pretrained_missing(cls, path: str, **kwargs):
     pickled weights file of the folder is checked first (``check_pickle``: data only)."""
     from paddlenlp.transformers.model_utils import PretrainedModel
 
+    check_weights_present(path, kwargs.pop("what", "model_name_or_path"))
     for name in sorted(os.listdir(path)) if os.path.isdir(path) else ():
         if name.endswith(".pdparams"):
             check_pickle(os.path.join(path, name), "weights file")
@@ -145,7 +149,7 @@ def load_causal_lm(path: str, what: str = "model_name_or_path", **overrides):
     for key, value in overrides.items():
         setattr(config, key, value)
     # the family's class: paddlenlp's, or the family's correction of it (ppo/models/families/mistral.py)
-    model, missing = _from_pretrained_missing(family.causal_lm_class, path, config=config)
+    model, missing = _from_pretrained_missing(family.causal_lm_class, path, config=config, what=what)
     # a tied head is the input embedding itself: a checkpoint need not (transformers does not) store it
     tied = ("lm_head.",) if getattr(config, "tie_word_embeddings", False) else ()
     check_no_missing_weights(missing, path, what, allowed=tied)
@@ -177,7 +181,7 @@ def load_score_model(path: str, score_type: str = "reward", score_dim: int = 1, 
     if not is_score:
         config.score_dim, config.score_bias = score_dim, score_bias
     try:
-        model, missing = _from_pretrained_missing(family.score_model_class, path, config=config)
+        model, missing = _from_pretrained_missing(family.score_model_class, path, config=config, what=what)
     except RuntimeError as e:
         if "score_head" in str(e):
             raise UserError(f"'{what}' = '{path}': score head shape in the weights does not match its "

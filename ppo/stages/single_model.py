@@ -22,7 +22,7 @@ from ppo.storage.graceful import GracefulStop
 from ppo.stages.guard import NonFiniteGuard
 from ppo.storage.finite import check_weights_finite
 from ppo.core.metrics import MetricsLogger, StepCadence
-from ppo.models import check_max_length, check_model_path, load_tokenizer
+from ppo.models import check_max_length, check_model_path, check_weights_present, load_tokenizer
 from ppo.stages.optim import Precision, build_optimizer, clear_grad, global_grad_norm
 
 logger = logging.getLogger("ppo")
@@ -45,6 +45,7 @@ class SingleModelTrainer:
         prepare_output_dir(args.output_dir)
         set_seed(args.seed)
         config = check_model_path(args.model_name_or_path)
+        check_weights_present(args.model_name_or_path)
         check_max_length(config, args.max_length, args.model_name_or_path)
         tokenizer = load_tokenizer(args.model_name_or_path)
         return (tokenizer, *load_datasets(dataset_cls, args, tokenizer))

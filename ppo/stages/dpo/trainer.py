@@ -20,7 +20,7 @@ from ppo.core.errors import UserError
 from ppo.data.preference import PairDataset, UnpairedDataset
 from ppo.distributed import parallel, pipeline
 from ppo.distributed.parallel import unwrap
-from ppo.models import check_model_path, freeze, load_causal_lm
+from ppo.models import check_model_path, check_weights_present, freeze, load_causal_lm
 from ppo.data import import_user_modules
 from ppo.models.loading import check_causal_lm_role, check_family, check_reward_role
 from ppo.rewards import build_reward_functions
@@ -43,6 +43,7 @@ def check_dpo_models(args: DPOArgs) -> None:
     if args.ref_model_name_or_path and args.resolved_reference_mode() in ("model", "precompute"):
         what, path = "ref_model_name_or_path", args.ref_model_name_or_path
         saved = check_model_path(path, what)
+        check_weights_present(path, what)
         check_causal_lm_role(saved, path, what)
         check_family(saved, path, what)
         if saved.get("vocab_size") != policy.get("vocab_size"):
