@@ -20,6 +20,7 @@ KTO's KL estimate.
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import paddle
@@ -78,9 +79,10 @@ class PaddleNLPDPO(SampleListDataset):
                 raise UserError(f"{source} record {i} field 'response' is {_short(response)}; expected a list of "
                                 "two answer strings")
             if not (isinstance(sort, list) and len(sort) == 2 and all(
-                    isinstance(s, (int, float)) and not isinstance(s, bool) for s in sort) and sort[0] != sort[1]):
+                    isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in sort)
+                    and sort[0] != sort[1]):
                 raise UserError(f"{source} record {i} field 'sort' is {_short(sort)}; expected two different "
-                                "numbers (the larger marks the chosen answer)")
+                                "finite numbers (the larger marks the chosen answer)")
             chosen, rejected = (response[0], response[1]) if sort[0] > sort[1] else (response[1], response[0])
             _check_answers(chosen, rejected, source, i)
             dialogue = [t for pair in zip(users[:-1], assistants) for t in pair] + [users[-1]]
