@@ -20,7 +20,7 @@ from ppo.models import Normalizer, load_score_model
 from ppo.models.lora import apply_lora
 from ppo.models.recompute import enable_recompute
 from ppo.distributed.parallel import unwrap
-from ppo.stages.single_model import SingleModelTrainer
+from ppo.stages.single_model import SingleModelTrainer, gather_shard_rows
 from rm.losses import divergence_span, score_regularization, sequence_wise_loss, token_wise_loss
 
 
@@ -89,11 +89,8 @@ class RewardTrainer(SingleModelTrainer):
             better.append(end[:B])
             worse.append(end[B:])
         self.model.train()
-        pad = np.full(per_rank - len(mine), np.nan)  # equal sizes for the gather; NaN rows are dropped
-        b = parallel.all_gather_data(np.concatenate(better + [pad]))
-        w = parallel.all_gather_data(np.concatenate(worse + [pad]))
-        keep = ~np.isnan(b)
-        b, w = b[keep], w[keep]
+        pairs = gather_shard_rows(np.stack([np.concatenate(better), np.concatenate(worse)], axis=1), per_rank)
+        b, w = pairs[:, 0], pairs[:, 1]
         both = np.concatenate([b, w])
         return {"accuracy": float((b > w).mean()), "reward_mean": float(both.mean()), "reward_std": float(both.std()),
                 "better_mean": float(b.mean()), "worse_mean": float(w.mean()), "pairs": int(len(b))}

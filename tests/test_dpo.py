@@ -63,14 +63,19 @@ def test_answer_masks_match_a_loop():
     np.testing.assert_array_equal(answer_masks(lengths, prompts, T), expected)
 
 
-def test_pair_log_probs_equal_a_per_sequence_numpy_reference(tiny_dir):
-    """Both answers of every pair in one padded forward = each unpadded sequence on its own, the
-    answer's log-probs summed in numpy from the logits."""
+def base_model_and_pairs(tiny_dir, n: int):
+    """The tiny base model (eval mode), a tokenized tiny preference set and its first ``n`` pairs."""
     path = str(tiny_dir / "base")
     model = load_causal_lm(path)
     model.eval()
     data = PairDataset("tiny-preference/train:0.01", load_tokenizer(path), 64, seed=1)
-    items = [data[i] for i in range(4)]
+    return model, data, [data[i] for i in range(n)]
+
+
+def test_pair_log_probs_equal_a_per_sequence_numpy_reference(tiny_dir):
+    """Both answers of every pair in one padded forward = each unpadded sequence on its own, the
+    answer's log-probs summed in numpy from the logits."""
+    model, data, items = base_model_and_pairs(tiny_dir, 4)
     with paddle.no_grad():
         c, r, nc, nr = ref.pair_log_probs(model, data.get_collator()(items))
         for b, item in enumerate(items):
@@ -379,11 +384,7 @@ def test_packed_rows_attend_as_two_rows_would():
 def test_packed_pairs_equal_two_rows_in_log_probs_and_training(tiny_dir, tmp_path):
     from ppo.data.preference import collate_packed_pairs, collate_pairs
 
-    path = str(tiny_dir / "base")
-    model = load_causal_lm(path)
-    model.eval()
-    data = PairDataset("tiny-preference/train:0.01", load_tokenizer(path), 64, seed=1)
-    items = [data[i] for i in range(6)]
+    model, _, items = base_model_and_pairs(tiny_dir, 6)
     with paddle.no_grad():
         two = ref.pair_log_probs(model, collate_pairs(items, 0))
         packed = ref.pair_log_probs(model, collate_packed_pairs(items, 0))

@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Iterator, TypedDict
 
 from ppo.core.registry import check_name, class_id as _class_id, same_definition as _same_definition
 from ppo.core.errors import UserError, closest
+from ppo.storage.files import read_text
 
 # a proportion repeats a dataset that many times in memory, tokenized: larger values exhaust it
 MAX_PROPORTION = 100
@@ -328,8 +329,7 @@ def _json_records(file: str) -> list[dict]:
     """The records of a JSON Lines file (or one JSON list), read without a common schema."""
     import json
 
-    with open(file, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(file, "dataset file")
     try:
         data = json.loads(text)
         return data if isinstance(data, list) else [data]

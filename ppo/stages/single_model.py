@@ -28,6 +28,23 @@ from ppo.stages.optim import Precision, build_optimizer, clear_grad, global_grad
 logger = logging.getLogger("ppo")
 
 
+def data_shard(n: int, ctx) -> tuple[list[int], int]:
+    """This data rank's contiguous share of ``n`` items and the per-rank size (the last shares pad to it)."""
+    per_rank = -(-n // ctx.data_world)
+    return list(range(ctx.data_rank * per_rank, min(n, (ctx.data_rank + 1) * per_rank))), per_rank
+
+
+def gather_shard_rows(rows: np.ndarray, per_rank: int) -> np.ndarray:
+    """Every data rank's ``rows`` [m, k] of its ``data_shard`` (m <= per_rank), concatenated in
+    data-rank order: [n, k] float64.  Each rank pads to ``per_rank`` rows with NaN for the gather; a
+    row whose first value is NaN is padding and is dropped."""
+    rows = np.asarray(rows, dtype=np.float64)
+    width = rows.shape[1]
+    pad = np.full((per_rank - len(rows), width), np.nan)
+    out = parallel.all_gather_data(np.concatenate([rows, pad]).reshape(-1)).reshape(-1, width)
+    return out[~np.isnan(out[:, 0])]
+
+
 class SingleModelTrainer:
     """One model, one optimizer, one dataset: the loop of the reward-model and SFT stages.
 
@@ -161,9 +178,7 @@ class SingleModelTrainer:
 
     def eval_shard(self) -> tuple[list[int], int]:
         """This data rank's contiguous share of the eval set and the padded per-rank size."""
-        n, world, rank = len(self.eval_data), self.ctx.data_world, self.ctx.data_rank
-        per_rank = -(-n // world)
-        return list(range(rank * per_rank, min(n, (rank + 1) * per_rank))), per_rank
+        return data_shard(len(self.eval_data), self.ctx)
 
     def before_save(self) -> None:
         """Hook to sync state into the model config before it is written."""

@@ -27,6 +27,7 @@ from ppo.distributed import parallel
 from ppo.distributed.offload import default_store, offload_model, reload_model
 from ppo.models import position_ids_from_mask
 from ppo.rollout.collect import log_probs_from_logits
+from ppo.stages.single_model import data_shard, gather_shard_rows
 from ppo.storage.files import read_json
 from ppo.storage.manifest import file_crc32c
 
@@ -114,9 +115,7 @@ def compute_table(model, datasets: dict, batch_size: int, precision, disable_tqd
     for split, data in datasets.items():
         if data is None:
             continue
-        n = len(data)
-        per_rank = -(-n // ctx.data_world)
-        mine = list(range(ctx.data_rank * per_rank, min(n, (ctx.data_rank + 1) * per_rank)))
+        mine, per_rank = data_shard(len(data), ctx)
         chosen, rejected = [np.zeros(0)], [np.zeros(0)]
         collate = data.get_collator()
         with paddle.no_grad():
@@ -127,9 +126,8 @@ def compute_table(model, datasets: dict, batch_size: int, precision, disable_tqd
                     c, r, _, _ = pair_log_probs(model, batch)
                 chosen.append(c.numpy().astype(np.float64))
                 rejected.append(r.numpy().astype(np.float64))
-        pad = np.full(per_rank - len(mine), np.nan)
-        table[f"{split}_chosen"] = parallel.all_gather_data(np.concatenate(chosen + [pad]))[:n]
-        table[f"{split}_rejected"] = parallel.all_gather_data(np.concatenate(rejected + [pad]))[:n]
+        pairs = gather_shard_rows(np.stack([np.concatenate(chosen), np.concatenate(rejected)], axis=1), per_rank)
+        table[f"{split}_chosen"], table[f"{split}_rejected"] = pairs[:, 0], pairs[:, 1]
     return table
 
 

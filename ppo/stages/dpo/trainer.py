@@ -29,7 +29,7 @@ from ppo.models.recompute import enable_recompute
 from ppo.stages.dpo import reference as ref
 from ppo.stages.dpo.objective import PairLogProbs, paired_loss, unpaired_loss
 from ppo.stages.dpo.pipelined import pipeline_pair_step, refresh_copy
-from ppo.stages.single_model import SingleModelTrainer
+from ppo.stages.single_model import SingleModelTrainer, gather_shard_rows
 
 logger = logging.getLogger("ppo")
 
@@ -212,10 +212,7 @@ class DPOTrainer(SingleModelTrainer):
             columns.append(np.stack([p.astype("float32").numpy().astype(np.float64) for p in parts], axis=1))
         self.model.train()
         width = 4 if self.unpaired else 6
-        mine_rows = np.concatenate(columns) if columns else np.zeros((0, width))
-        pad = np.full((per_rank - len(mine), width), np.nan)
-        rows = parallel.all_gather_data(np.concatenate([mine_rows, pad]).reshape(-1)).reshape(-1, width)
-        rows = rows[~np.isnan(rows[:, 0])]
+        rows = gather_shard_rows(np.concatenate(columns) if columns else np.zeros((0, width)), per_rank)
         t = [paddle.to_tensor(rows[:, k].astype(np.float32)) for k in range(width)]
         if self.unpaired:
             loss, stats = unpaired_loss(t[0], t[1], t[2], t[3] > 0.5, self.kl, self.args)
