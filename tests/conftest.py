@@ -55,7 +55,7 @@ def qwen2_tied_dir(tiny_dir, tmp_path_factory):
     for name, p in model.named_parameters():
         if name.endswith("_proj.bias"):
             p.set_value(paddle.to_tensor(rng.normal(0, 0.3, p.shape).astype("float32")))
-    model.save_pretrained(str(out / "base"))
+    model.save_pretrained(str(out / "base"), safe_serialization=True)
     load_score_model(str(out / "base")).save_pretrained(str(out / "score"))
     tokenizer.save_pretrained(str(out / "score"))
     return out

@@ -146,12 +146,14 @@ def workspace(tiny_dir, tmp_path_factory):
     # a model folder with its config but without any weights file
     paths["NOWEIGHTS"] = root / "noweights"
     shutil.copytree(tiny_dir / "base", paths["NOWEIGHTS"], ignore=shutil.ignore_patterns("*.pdparams", "*.safetensors"))
-    weights = paths["PARTIAL"] / "model_state.pdparams"
-    state = paddle.load(str(weights))
+    from ppo.storage.tensors import read_tensors, save_tensors
+
+    weights = paths["PARTIAL"] / "model.safetensors"
+    state = read_tensors(str(weights))
     del state[next(k for k in state if "layers.0." in k)]
-    paddle.save(state, str(weights))
-    blob = (paths["TRUNC"] / "model_state.pdparams").read_bytes()
-    (paths["TRUNC"] / "model_state.pdparams").write_bytes(blob[:len(blob) // 2])
+    save_tensors(state, str(weights), {"format": "np"})
+    blob = (paths["TRUNC"] / "model.safetensors").read_bytes()
+    (paths["TRUNC"] / "model.safetensors").write_bytes(blob[:len(blob) // 2])
     (paths["BADCONFIG"] / "config.json").write_text('{"model_type": "llama",')
     # damaged tokenizer files: tokenizer_config.json cut in half, a tokenizer.json (a fast tokenizer's,
     # beside the model) cut in half, the sentencepiece model replaced by bytes of the same length
@@ -221,7 +223,7 @@ def assert_untouched(folder: str, before: dict) -> None:
     assert not changed, f"files of the previous run changed or vanished: {changed}"
     tops = {p.split(os.sep)[0] for p in before}
     new = sorted(n for n in os.listdir(folder) if n not in tops
-                 and (n.startswith(("checkpoint-", ".tmp-", ".old-")) or n == "model_state.pdparams"))
+                 and (n.startswith(("checkpoint-", ".tmp-", ".old-")) or n in ("model.safetensors", "model_state.pdparams")))
     assert not new, f"new checkpoint/model files in output_dir: {new}"
     assert checkpoint.list_checkpoints(folder) == [(1, os.path.join(folder, "checkpoint-1"))]
 
@@ -429,7 +431,8 @@ CASES += [
     Case("model-config-not-json", "sft", changes={"model_name_or_path": "{BADCONFIG}"},
          expect=("model config '{BADCONFIG}/config.json'", "not valid JSON"), needle="not valid JSON"),
     Case("model-weights-truncated", "sft", changes={"model_name_or_path": "{TRUNC}"},
-         expect=("'{TRUNC}/model_state.pdparams'", "cannot be read (damaged or truncated?)"), needle="damaged"),
+         expect=("'{TRUNC}/model.safetensors'", "cannot be read (damaged, truncated or not safetensors?)"),
+         needle="damaged"),
     Case("checkpoint-state-damaged", "rm", changes={"resume_from_checkpoint": "{DAMAGED}/checkpoint-1"},
          expect=("'{DAMAGED}/checkpoint-1' is damaged: file 'trainer_state.json' does not match its checksum",),
          needle="trainer_state.json"),

@@ -60,8 +60,8 @@ def truncate(path, n=100):
 
 
 DAMAGE = {
-    "truncated-weights": ("model_state.pdparams", truncate),
-    "flipped-byte-in-weights": ("model_state.pdparams", flip_byte),
+    "truncated-weights": ("model.safetensors", truncate),
+    "flipped-byte-in-weights": ("model.safetensors", flip_byte),
     "flipped-byte-in-optimizer": ("optimizer.rank0.safetensors", flip_byte),
     "damaged-trainer-state": ("trainer_state.json", lambda p: flip_byte(p, 0)),
     "damaged-rng": ("rng.rank0.json", flip_byte),
@@ -103,7 +103,7 @@ def test_damaged_checkpoint_is_detected_kept_and_skipped(kind, tiny_dir, finishe
 
 @pytest.mark.parametrize("name,what", [("trainer_state.json", "trainer state"), ("rng.rank0.json", "random state"),
                                        ("optimizer.rank0.safetensors", "optimizer state"),
-                                       ("model_state.pdparams", "weights")])
+                                       ("model.safetensors", "weights")])
 def test_unreadable_file_with_a_size_only_manifest_is_one_line(name, what, tiny_dir, finished, tmp_path):
     # a manifest without checksums (written before they existed): damage surfaces when the file is
     # read, as one line naming it
@@ -144,11 +144,11 @@ def test_cleanup_removes_unfinished_writes_only(finished, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(finished, out)
     (out / ".tmp-checkpoint-3").mkdir()
-    (out / ".tmp-checkpoint-3" / "model_state.pdparams").write_bytes(b"partial")
-    truncate(str(out / "checkpoint-2" / "model_state.pdparams"))  # complete (manifest) but damaged
+    (out / ".tmp-checkpoint-3" / "model.safetensors").write_bytes(b"partial")
+    truncate(str(out / "checkpoint-2" / "model.safetensors"))  # complete (manifest) but damaged
     (out / "checkpoint-7").mkdir()  # no manifest: not ours to judge, left alone
     assert clean_partial(str(out)) == [".tmp-checkpoint-3"]
-    assert (out / "checkpoint-2" / "model_state.pdparams").exists() and (out / "checkpoint-7").is_dir()
+    assert (out / "checkpoint-2" / "model.safetensors").exists() and (out / "checkpoint-7").is_dir()
 
 
 def test_rotation_killed_midway_leaves_no_half_deleted_checkpoint(finished, tmp_path, monkeypatch):

@@ -46,8 +46,7 @@ def metrics(out, split):
         return [r for r in map(json.loads, f) if r["split"] == split]
 
 
-def weights(folder):
-    return {k: v.numpy() for k, v in paddle.load(os.path.join(folder, "model_state.pdparams")).items()}
+from trained_weights import weights  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +176,7 @@ def test_first_step_is_ln2_and_training_moves_the_preference_metrics(tiny_dir, t
     assert after["rewards/accuracies"] > 0.6 and after["rewards/margins"] > 0.03
     assert after["loss"] < math.log(2) - 0.01
     assert after["rewards/chosen"] > after["rewards/rejected"]
-    assert os.path.isfile(out / "model_state.pdparams")
+    assert os.path.isfile(out / "model.safetensors")
 
 
 def test_micro_batches_and_accumulation_take_the_same_step(tiny_dir, tmp_path):
@@ -426,7 +425,7 @@ def test_sigterm_during_a_dpo_step_checkpoints_and_resumes_exactly(tiny_dir, tmp
     with pytest.raises(StopRequested, match="stopped by SIGTERM after step 2 of 4"):
         trainer.train()
     assert [n for n, _ in list_checkpoints(str(out))] == [2]
-    assert (out / ref.TABLE_DIR / ref.TABLE).is_file() and not (out / "model_state.pdparams").exists()
+    assert (out / ref.TABLE_DIR / ref.TABLE).is_file() and not (out / "model.safetensors").exists()
     train(tiny_dir, out, resume_from_checkpoint="auto", **common)
     a, b = weights(tmp_path / "straight"), weights(out)
     assert all(np.array_equal(a[k], b[k]) for k in a)

@@ -58,7 +58,7 @@ def test_sft_lowers_answer_loss(tiny_dir, tmp_path):
     # observed: 5.8 (random init, ln 320) -> about 1.6 after 60 steps
     assert evals[0]["loss"] > 5.0
     assert evals[-1]["loss"] < 0.5 * evals[0]["loss"]
-    assert os.path.isfile(out / "model_state.pdparams") and os.path.isfile(out / "tokenizer_config.json")
+    assert os.path.isfile(out / "model.safetensors") and os.path.isfile(out / "tokenizer_config.json")
 
 
 LAYOUTS = {
@@ -147,7 +147,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_dir, capsys, changes, e
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err, err
     assert expected in err, err
-    assert not os.path.exists(tmp_path / "out" / "model_state.pdparams")
+    assert not os.path.exists(tmp_path / "out" / "model.safetensors")
 
 
 def test_bad_input_through_the_real_process(tmp_path, tiny_dir):
@@ -200,14 +200,14 @@ def test_lora_stage_under_tensor_parallel_matches_one_process(stage, tiny_dir, t
     assert len(one) == len(tp) == 4
     for a, b in zip(one, tp):
         assert abs(a["loss"] - b["loss"]) < 1e-5 * max(1.0, a["loss"]), (a, b)
-    base = weights(tiny_dir / "base" / "model_state.pdparams")
-    wa, wb = weights(tmp_path / "one" / "model_state.pdparams"), weights(tmp_path / "tp" / "model_state.pdparams")
+    base = weights(tiny_dir / "base")
+    wa, wb = weights(tmp_path / "one"), weights(tmp_path / "tp")
     assert not [k for k in wa if "lora" in k]  # whole, merged
     assert_trained_weights_match(wa, wb, lr=0.01, steps=4)
     # the adapters moved the merged projections by far more than the tolerance
     moved = [k for k in base if k in wa and float(np.abs(wa[k] - base[k]).max()) > 1e-3]
     assert any("q_proj" in k for k in moved), moved
-    la = weights(tmp_path / "one" / "lora" / "lora_model_state.pdparams")
-    lb = weights(tmp_path / "tp" / "lora" / "lora_model_state.pdparams")
+    la = weights(tmp_path / "one" / "lora" / "peft_model.safetensors")
+    lb = weights(tmp_path / "tp" / "lora" / "peft_model.safetensors")
     assert la.keys() == lb.keys() and la
     assert_trained_weights_match(la, lb, lr=0.01, steps=4)  # gathered from the shards: whole shapes

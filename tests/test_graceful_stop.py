@@ -9,7 +9,6 @@ import sys
 import time
 
 import numpy as np
-import paddle
 import pytest
 
 from ppo.storage.checkpoint import MANIFEST, damage, list_checkpoints
@@ -27,8 +26,7 @@ def rows(folder, split="train"):
         return [r for r in map(json.loads, f) if r["split"] == split]
 
 
-def weights(path):
-    return {k: np.asarray(v) for k, v in paddle.load(str(path)).items()}
+from trained_weights import weights  # noqa: E402
 
 
 def sft_cmd(tiny_dir, out, *extra):
@@ -72,12 +70,12 @@ def test_signal_during_training_checkpoints_and_resumes_exactly(sig, tiny_dir, t
                     "--resume_from_checkpoint auto"), last
     assert damage(str(out / f"checkpoint-{k}")) is None
     assert [r["step"] for r in rows(out)] == list(range(1, k + 1))
-    assert not (out / "model_state.pdparams").exists() and not (out / LOCK).exists()
+    assert not (out / "model.safetensors").exists() and not (out / LOCK).exists()
 
     done = subprocess.run(sft_cmd(tiny_dir, out, "--resume_from_checkpoint", "auto"), capture_output=True, text=True,
                           cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    a, b = weights(straight / "model_state.pdparams"), weights(out / "model_state.pdparams")
+    a, b = weights(straight), weights(out)
     assert a.keys() == b.keys() and all(np.array_equal(a[key], b[key]) for key in a)
     assert [r["step"] for r in rows(out)] == list(range(1, 151))  # each step once
     assert rows(out) == rows(straight)
@@ -162,7 +160,7 @@ def test_signal_during_the_final_save_lets_the_run_finish(tiny_dir, tmp_path, ca
     trainer.save = save_with_signal
     with caplog.at_level("WARNING", logger="ppo"):
         trainer.train()
-    assert (out / "model_state.pdparams").exists() and not (out / LOCK).exists()
+    assert (out / "model.safetensors").exists() and not (out / LOCK).exists()
     assert not list_checkpoints(str(out)) and [r["step"] for r in rows(out)] == [1, 2]
     assert signal.getsignal(signal.SIGTERM) is before
     assert [r.getMessage() for r in caplog.records if "SIGTERM" in r.getMessage()] == [
@@ -237,7 +235,7 @@ def test_sigterm_on_two_ranks(target, tiny_dir, tmp_path):
     done = subprocess.run(cmd(out, "--resume_from_checkpoint", "auto"), capture_output=True, text=True, cwd=ROOT,
                           env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    a, b = weights(straight / "model_state.pdparams"), weights(out / "model_state.pdparams")
+    a, b = weights(straight), weights(out)
     assert a.keys() == b.keys() and all(np.array_equal(a[key], b[key]) for key in a)
     assert [r["step"] for r in rows(out)] == list(range(1, 41))
     assert rows(out) == rows(straight)
@@ -363,7 +361,7 @@ def resume_and_compare(cmd, ranks, out, straight, models=("",)):
                           text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
     assert done.returncode == 0, done.stderr[-2000:]
     for sub in models:
-        a, b = weights(straight / sub / "model_state.pdparams"), weights(out / sub / "model_state.pdparams")
+        a, b = weights(straight / sub), weights(out / sub)
         assert a.keys() == b.keys() and all(np.array_equal(a[key], b[key]) for key in a), sub
     untimed = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows(out)]
     assert untimed == [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows(straight)]
@@ -390,7 +388,7 @@ def test_sigterm_during_a_save_lets_the_save_complete(ranks, tiny_dir, tmp_path,
     run.go("save2")
     run.proc.wait(timeout=300)
     assert_stopped_with_checkpoint(run, 2, 4)
-    assert not (run.out / "model_state.pdparams").exists()
+    assert not (run.out / "model.safetensors").exists()
     resume_and_compare(cmd, ranks, run.out, straight)
 
 
@@ -416,7 +414,7 @@ def test_second_signal_stops_at_once(tiny_dir, tmp_path, start_run, straight_sft
     out = run.out
     assert [n for n, _ in list_checkpoints(str(out))] == [1] and damage(str(out / "checkpoint-1")) is None
     assert not (out / "checkpoint-2").exists() and not (out / ".tmp-checkpoint-2" / MANIFEST).exists()
-    assert (out / ".tmp-checkpoint-2" / "model_state.pdparams").exists()  # it was killed mid-save
+    assert (out / ".tmp-checkpoint-2" / "model.safetensors").exists()  # it was killed mid-save
     assert [r["step"] for r in rows(out)] == [1, 2]
 
     done = resume_and_compare(cmd, 1, out, straight_sft)

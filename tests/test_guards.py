@@ -62,7 +62,7 @@ def test_too_many_bad_steps_stop_with_the_step_and_quantity(tiny_dir, tmp_path):
     poison(trainer, {2, 3})
     with pytest.raises(TrainingDiverged, match=r"non-finite loss at reward model step 3 \(2 bad update"):
         trainer.train()
-    assert not os.path.exists(tmp_path / "stop" / "model_state.pdparams")
+    assert not os.path.exists(tmp_path / "stop" / "model.safetensors")
 
 
 def test_no_checkpoint_with_non_finite_weights(tiny_dir, tmp_path):

@@ -19,6 +19,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from trained_weights import assert_trained_weights_match
+from ppo.storage.tensors import open_tensors
 
 from ppo.core.errors import UserError
 from ppo.models import hf, load_causal_lm, load_score_model
@@ -192,8 +193,8 @@ def test_hf_folder_loads_with_the_reference_logits(tmp_path, case, v5):
     assert snapshot(src) == before  # the user's folder is never written to
     target = hf.resolve(src)
     assert target.startswith(str(tmp_path / "cache" / "converted"))
-    stamp = os.path.getmtime(os.path.join(target, "model_state.pdparams"))
-    assert hf.resolve(src) == target and os.path.getmtime(os.path.join(target, "model_state.pdparams")) == stamp
+    stamp = os.path.getmtime(os.path.join(target, "model.safetensors"))
+    assert hf.resolve(src) == target and os.path.getmtime(os.path.join(target, "model.safetensors")) == stamp
     assert bool(model.config.tie_word_embeddings) == tied
 
 
@@ -206,7 +207,8 @@ def test_bf16_folder_loads_in_bf16_with_the_reference_logits(tmp_path):
     _, want = reference_forward(tensors, cfg, IDS)
     np.testing.assert_allclose(paddle_logits(model, IDS), want, rtol=1e-5, atol=1e-5)
     target = hf.resolve(src)
-    assert paddle.load(os.path.join(target, "model_state.pdparams"))["qwen2.norm.weight"].dtype == paddle.bfloat16
+    with open_tensors(os.path.join(target, "model.safetensors")) as f:  # stored as bf16, not widened
+        assert {f.dtype(name) for name in f.keys()} == {"BF16"}
 
 
 def test_paddlenlp_safetensors_folder_is_not_converted(tmp_path):
@@ -275,9 +277,9 @@ def test_a_conversion_finishing_second_keeps_the_first(tmp_path):
     tensors, cfg = hf_tensors("qwen2", True), hf_config("qwen2", True)
     write_hf_folder(src, tensors, cfg)
     target = hf.resolve(src)
-    stamp = os.stat(os.path.join(target, "model_state.pdparams")).st_mtime_ns
+    stamp = os.stat(os.path.join(target, "model.safetensors")).st_mtime_ns
     hf._convert(src, target, "model_name_or_path")  # the late converter
-    assert os.stat(os.path.join(target, "model_state.pdparams")).st_mtime_ns == stamp
+    assert os.stat(os.path.join(target, "model.safetensors")).st_mtime_ns == stamp
     assert sorted(os.listdir(os.path.dirname(target))) == [os.path.basename(target), os.path.basename(target) + ".lock"]
     _, want = reference_forward(tensors, cfg, IDS)
     np.testing.assert_allclose(paddle_logits(load_causal_lm(src), IDS), want, rtol=1e-5, atol=1e-5)

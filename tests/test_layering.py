@@ -26,6 +26,8 @@ LAYERS = [
     # reading files: the one place that turns damaged files into one-line errors (pickles checked first)
     ["ppo.storage.safe_pickle"],
     ["ppo.storage.files"],
+    # tensor files (safetensors through its library: lazy reads, sharded writes) and model folders' weights
+    ["ppo.storage.tensors"],
     # configuration: the shared parts and the PaddleNLP key mapping, then one module per stage
     ["ppo.args.common", "ppo.args.paddlenlp"],
     ["ppo.args.parse", "ppo.args.sft", "ppo.args.reward", "ppo.args.ppo", "ppo.args.dpo"],
@@ -79,7 +81,7 @@ LAYERS = [
 # the stages reaches up into them (None: no rule beyond LAYERS).
 FOLDER_MAY_IMPORT = {
     "ppo.core": set(),
-    "ppo.args": {"ppo.core", "ppo.storage.files"},
+    "ppo.args": {"ppo.core", "ppo.storage.files", "ppo.storage.tensors"},
     "ppo.distributed": {"ppo.core", "ppo.models"},
     "ppo.storage": {"ppo.core", "ppo.distributed", "ppo.models", "ppo"},
     "ppo.rollout": {"ppo.core", "ppo.distributed", "ppo.models", "ppo.data"},

@@ -194,17 +194,17 @@ def test_single_model_stage_trains_adapters_resumes_bitwise_and_saves_merged(sta
     assert changed == expected, sorted(changed ^ expected)[:5]  # only adapters (and the RM's head) trained
     # the checkpoint holds the adapters and resumes exactly
     ckpt = tmp_path / "straight" / "checkpoint-2"
-    assert [k for k in weights(ckpt / "model_state.pdparams") if ".lora_" in k]
+    assert [k for k in weights(ckpt) if ".lora_" in k]
     cls(stage_args(stage, tiny_dir, tmp_path / "resumed", resume_from_checkpoint=str(ckpt))).train()
-    final = weights(tmp_path / "straight" / "model_state.pdparams")
-    assert_bitwise_equal(final, weights(tmp_path / "resumed" / "model_state.pdparams"))
-    assert_bitwise_equal(weights(tmp_path / "straight" / "lora" / "lora_model_state.pdparams"),
-                         weights(tmp_path / "resumed" / "lora" / "lora_model_state.pdparams"))
+    final = weights(tmp_path / "straight")
+    assert_bitwise_equal(final, weights(tmp_path / "resumed"))
+    assert_bitwise_equal(weights(tmp_path / "straight" / "lora" / "peft_model.safetensors"),
+                         weights(tmp_path / "resumed" / "lora" / "peft_model.safetensors"))
     s, r = train_metrics(tmp_path / "straight"), train_metrics(tmp_path / "resumed")
     assert [s[k]["loss"] for k in (3, 4)] == [r[k]["loss"] for k in (3, 4)]
     # the final model is merged (no adapter keys) and its merged weights are W + s A B
     assert not [k for k in final if "lora" in k]
-    adapters = weights(tmp_path / "straight" / "lora" / "lora_model_state.pdparams")
+    adapters = weights(tmp_path / "straight" / "lora" / "peft_model.safetensors")
     config = json.load(open(tmp_path / "straight" / "lora" / "lora_config.json"))
     scale = config["lora_alpha"] / config["lora_rank"]
     name = next(k for k in adapters if k.endswith("q_proj.lora_A"))[:-len(".lora_A")]
@@ -268,10 +268,10 @@ def test_ppo_lora_actor_and_critic(tiny_dir, reward_dir, tmp_path):
     ckpt = tmp_path / "straight" / "checkpoint-2"
     PPOTrainer(ppo_args(tiny_dir, reward_dir, tmp_path / "resumed", resume_from_checkpoint=str(ckpt))).train()
     for sub in ("policy", "value"):
-        a = weights(tmp_path / "straight" / sub / "model_state.pdparams")
+        a = weights(tmp_path / "straight" / sub)
         assert not [k for k in a if "lora" in k]
-        assert_bitwise_equal(a, weights(tmp_path / "resumed" / sub / "model_state.pdparams"))
-        assert os.path.isfile(tmp_path / "straight" / sub / "lora" / "lora_model_state.pdparams")
+        assert_bitwise_equal(a, weights(tmp_path / "resumed" / sub))
+        assert os.path.isfile(tmp_path / "straight" / sub / "lora" / "peft_model.safetensors")
     resumed = train_metrics(tmp_path / "resumed")
     for step in (3, 4):
         for key, value in logs[step].items():

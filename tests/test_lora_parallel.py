@@ -22,7 +22,7 @@ from test_resume import assert_bitwise_equal, weights
 
 LORA = ["--lora", "true", "--lora_rank", "4", "--critic_lora", "true", "--save_steps", "2"]
 TP2 = ["--tensor_parallel_degree", "2"]
-ADAPTERS = os.path.join("lora", "lora_model_state.pdparams")
+ADAPTERS = os.path.join("lora", "peft_model.safetensors")
 
 
 def without_times(rows):
@@ -37,19 +37,19 @@ def test_lora_ppo_under_tensor_parallel_matches_one_process_and_resumes(tiny_dir
     tp = ppo(tiny_dir, tp_dir, 8, *TP2, *LORA, nproc=2)
     assert_same_steps(one, tp)
     assert_same_eval(one_dir, tp_dir)
-    base = weights(tiny_dir / "base" / "model_state.pdparams")
+    base = weights(tiny_dir / "base")
     for sub in ("policy", "value"):
         # whole models: merged W + s A B (no adapter keys), the adapters beside them, and the
         # step-2 checkpoint with base weights and adapters
-        assert not [k for k in weights(tp_dir / sub / "model_state.pdparams") if "lora" in k]
+        assert not [k for k in weights(tp_dir / sub) if "lora" in k]
         assert_same_weights(one_dir / sub, tp_dir / sub)
         a, b = weights(one_dir / sub / ADAPTERS), weights(tp_dir / sub / ADAPTERS)
         assert a.keys() == b.keys() and len(a) == 2 * 2 * 7  # A and B of 7 projections in 2 layers
         assert_trained_weights_match(a, b, lr=LR, steps=OPTIMIZER_STEPS)
-        assert [k for k in weights(tp_dir / "checkpoint-2" / sub / "model_state.pdparams") if ".lora_" in k]
+        assert [k for k in weights(tp_dir / "checkpoint-2" / sub) if ".lora_" in k]
         assert_same_weights(one_dir / "checkpoint-2" / sub, tp_dir / "checkpoint-2" / sub)
     # the adapters moved the policy by far more than the tolerance
-    final = weights(one_dir / "policy" / "model_state.pdparams")
+    final = weights(one_dir / "policy")
     assert max(float(np.abs(final[k] - base[k]).max()) for k in base) > 1e-3
 
     # resume from the tensor-parallel checkpoint: the last step again, bitwise
@@ -59,7 +59,7 @@ def test_lora_ppo_under_tensor_parallel_matches_one_process_and_resumes(tiny_dir
     assert [r["step"] for r in resumed] == [STEPS]
     assert without_times(resumed) == without_times(tp[-1:])
     for sub in ("policy", "value"):
-        for name in ("model_state.pdparams", ADAPTERS):
+        for name in ("model.safetensors", ADAPTERS):
             assert_bitwise_equal(weights(tp_dir / sub / name), weights(resumed_dir / sub / name))
 
     # rollout on whole copies: the merged W + s A B exported from the shards, the reference a

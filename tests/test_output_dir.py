@@ -46,7 +46,7 @@ def finished(tiny_dir, tmp_path_factory):
 def test_final_save_keeps_checkpoints_metrics_and_loads_from_output_dir(finished):
     assert [n for n, _ in list_checkpoints(str(finished))] == [1]
     assert train_steps(finished) == [1, 2]
-    assert os.path.isfile(finished / "config.json") and os.path.isfile(finished / "model_state.pdparams")
+    assert os.path.isfile(finished / "config.json") and os.path.isfile(finished / "model.safetensors")
     assert not [n for n in os.listdir(finished) if n.startswith((".tmp-", ".old-"))]
     assert not os.path.exists(finished / LOCK)  # released at the end of the run
 
@@ -128,7 +128,7 @@ def test_overwrite_output_dir_starts_afresh(tiny_dir, finished, tmp_path):
     assert train_steps(out) == [1]  # this run's metrics only
     assert (out / "notes.txt").read_text() == "mine"
     # the final model is this run's (written over the earlier one)
-    assert snapshot(out)["model_state.pdparams"] != snapshot(finished)["model_state.pdparams"]
+    assert snapshot(out)["model.safetensors"] != snapshot(finished)["model.safetensors"]
 
 
 def test_resume_keeps_earlier_checkpoints_and_metrics(tiny_dir, finished, tmp_path):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from trained_weights import assert_no_pickles
 
 from ppo.args import PADDLENLP_KEYS, PROJECT_ROOT, NoEffect, PPOArgs, RewardArgs, SFTArgs, parse_args
 from ppo.core.errors import UserError
@@ -54,7 +55,8 @@ def run_main(module: str, path: str):
 def test_sft_file_runs(tiny_dir, tmp_path, capsys):
     config = shrunk(paddlenlp_file("sft_argument.json"), tiny_dir, tmp_path / "sft", eval_split_ratio=0.05)
     run_main("ppo.run_sft", write(tmp_path, "sft.json", config))
-    assert os.path.isfile(tmp_path / "sft" / "model_state.pdparams")
+    assert os.path.isfile(tmp_path / "sft" / "model.safetensors")
+    assert_no_pickles(tmp_path / "sft")  # nothing the run wrote runs code when read
     err = capsys.readouterr().err
     for key in ("fp16_opt_level", "src_length", "zero_padding", "unified_checkpoint", "load_best_model_at_end"):
         assert f"argument '{key}' (PaddleNLP) has no effect here" in err, key
@@ -63,7 +65,8 @@ def test_sft_file_runs(tiny_dir, tmp_path, capsys):
 def test_reward_file_runs(tiny_dir, tmp_path):
     config = shrunk(paddlenlp_file("rm_argument.json"), tiny_dir, tmp_path / "rm", per_device_eval_batch_size=100)
     run_main("rm.run_reward", write(tmp_path, "rm.json", config))
-    assert os.path.isfile(tmp_path / "rm" / "model_state.pdparams")
+    assert os.path.isfile(tmp_path / "rm" / "model.safetensors")
+    assert_no_pickles(tmp_path / "rm")  # nothing the run wrote runs code when read
     with open(tmp_path / "rm" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     # eval_steps > 0: the starting point, then (one step, shorter than an epoch) the final evaluation
@@ -99,7 +102,8 @@ def test_dpo_file_runs(tiny_dir, tmp_path, capsys):
     assert args.train_datasets == f"paddlenlp-dpo:1:{tmp_path / 'train.jsonl'}" and args.max_length == 64
     assert args.eval_datasets == f"paddlenlp-dpo:1:{tmp_path / 'dev.jsonl'}"
     run_main("dpo.run_dpo", write(tmp_path, "dpo.json", config))
-    assert os.path.isfile(tmp_path / "dpo" / "model_state.pdparams")
+    assert os.path.isfile(tmp_path / "dpo" / "model.safetensors")
+    assert_no_pickles(tmp_path / "dpo")  # nothing the run wrote runs code when read
     with open(tmp_path / "dpo" / "metrics.jsonl") as f:
         evals = [r for r in map(json.loads, f) if r["split"] == "eval"]
     assert evals[-1]["pairs"] == 40 and "rewards/accuracies" in evals[-1]
@@ -132,7 +136,8 @@ def test_ppo_files_run(tiny_dir, tmp_path, name):
     AutoTokenizer.from_pretrained(str(tiny_dir / "base")).save_pretrained(str(tmp_path / "score"))
     config["reward_model_name_or_path"] = str(tmp_path / "score")
     run_main("ppo.run_ppo", write(tmp_path, name, config))
-    assert os.path.isfile(tmp_path / "ppo" / "policy" / "model_state.pdparams")
+    assert os.path.isfile(tmp_path / "ppo" / "policy" / "model.safetensors")
+    assert_no_pickles(tmp_path / "ppo")  # nothing the run wrote runs code when read
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,7 +118,7 @@ def test_functions_alone_load_actor_and_reference_only(arith, load_counts):
     assert load_counts == {"causal_lm": 2, "score_model": 0}
     assert trainer.models.reward is None and trainer.models.critic is None and trainer.critic is None
     trainer.train()  # and it trains: one step, eval-free, the final model saved
-    assert os.path.isfile(os.path.join(trainer.args.output_dir, "policy", "model_state.pdparams"))
+    assert os.path.isfile(os.path.join(trainer.args.output_dir, "policy", "model.safetensors"))
 
 
 def test_gae_without_reward_model_loads_the_critic_only(arith, load_counts):
@@ -611,7 +611,7 @@ def test_dynamic_sampling_data_ranks_agree(arith, tmp_path):
     assert [s["dynamic_sampling_tries"] for s in steps] == [1, 1]
     assert steps[0]["dynamic_sampling_filler_groups"] == 0 < steps[1]["dynamic_sampling_filler_groups"]
     assert all(r["actor_grad_norm"] > 1e-2 for r in rows)  # sampled responses: the kept groups move the policy
-    assert os.path.isfile(out / "policy" / "model_state.pdparams")
+    assert os.path.isfile(out / "policy" / "model.safetensors")
 
 
 @pytest.mark.slow

@@ -75,7 +75,7 @@ def test_estimators_train(dirs, estimator, extra):
     if extra.get("adaptive_kl"):
         assert train[-1]["kl_coeff"] != args.kl_coeff  # the controller moved
     policy = os.path.join(args.output_dir, "policy")
-    assert os.path.isfile(os.path.join(policy, "model_state.pdparams"))
+    assert os.path.isfile(os.path.join(policy, "model.safetensors"))
     assert os.path.isfile(os.path.join(args.output_dir, "value", "config.json")) == (estimator == "gae")
 
 

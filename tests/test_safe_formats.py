@@ -12,6 +12,8 @@ import numpy as np
 import paddle
 import pytest
 
+from trained_weights import assert_no_pickles, weights
+
 from ppo.core.errors import UserError
 from ppo.storage import safe_pickle
 from ppo.storage.safe_pickle import check_pickle, is_pickle, pickle_names
@@ -83,8 +85,8 @@ def test_a_truncated_pickle_is_one_line(tmp_path):
 
 def crafted_model(tiny_dir, folder, marker):
     shutil.copytree(tiny_dir / "base", folder)
-    state = paddle.load(str(folder / "model_state.pdparams"))
-    state = {k: v.numpy() for k, v in state.items()}
+    state = weights(folder)  # the weights as a paddlenlp pickle folder, one entry added
+    os.remove(folder / "model.safetensors")
     state["zz_payload"] = RunsACommand(marker)
     with open(folder / "model_state.pdparams", "wb") as f:
         pickle.dump(state, f, protocol=4)
@@ -104,7 +106,7 @@ def test_a_crafted_model_folder_is_refused_by_the_entry_point(tiny_dir, tmp_path
     assert last.startswith("error: weights file '") and "model_state.pdparams' is a pickle that names " \
         "'posix.system'" in last and "--allow_unsafe_pickle true" in last, last
     assert "Traceback" not in proc.stderr and not marker.exists()
-    assert not (tmp_path / "out" / "model_state.pdparams").exists()
+    assert not (tmp_path / "out" / "model.safetensors").exists()
     # the user's explicit choice: the check is lifted (with a warning) and the file loads as pickle does
     proc = subprocess.run(cmd + ["--allow_unsafe_pickle", "true", "--output_dir", str(tmp_path / "out2")], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
@@ -166,13 +168,14 @@ def test_checkpoints_hold_no_pickled_state_and_the_earlier_layout_still_resumes(
     paddle.save(read_tensors_and_json(str(oc / "optimizer.rank0"), "optimizer state"), str(oc / "optimizer.rank0.pdopt"))
     with open(oc / "rng.rank0.pkl", "wb") as f:
         pickle.dump(rng_from_json(json.load(open(oc / "rng.rank0.json"))), f)
-    for name in ("optimizer.rank0.json", "optimizer.rank0.safetensors", "rng.rank0.json"):
+    paddle.save({k: paddle.to_tensor(v) for k, v in weights(oc).items()}, str(oc / "model_state.pdparams"))
+    for name in ("optimizer.rank0.json", "optimizer.rank0.safetensors", "rng.rank0.json", "model.safetensors"):
         os.remove(oc / name)
     manifest = json.load(open(oc / MANIFEST))
     manifest["files"] = {n: {"size": os.path.getsize(oc / n), "crc32c": file_crc32c(str(oc / n))}
                          for n in os.listdir(oc) if n != MANIFEST}
     (oc / MANIFEST).write_text(json.dumps(manifest))
     SFTTrainer(SFTArgs(output_dir=str(old), resume_from_checkpoint=str(oc), **common)).train()
-    a = paddle.load(str(tmp_path / "straight" / "model_state.pdparams"))
-    b = paddle.load(str(old / "model_state.pdparams"))
-    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    assert_no_pickles(tmp_path / "straight")  # final model, checkpoints: no pickle anywhere
+    a, b = weights(tmp_path / "straight"), weights(old)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

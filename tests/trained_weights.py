@@ -46,12 +46,24 @@ def adamw_step_bound(beta1: float, beta2: float, step: int) -> float:
     return float(np.sqrt(np.sum(a * a / b)))
 
 
-def load(path) -> dict:
-    """name -> array of a ``model_state.pdparams`` file, or of the one in a model folder."""
-    from test_resume import weights
+def weights(path) -> dict:
+    """name -> numpy array of a model folder's weights (safetensors, sharded or not, or a pickle), or
+    of one weights file (``.safetensors`` or ``.pdparams``)."""
+    import paddle
+
+    from ppo.storage.tensors import folder_state, read_tensors
 
     path = str(path)
-    return weights(os.path.join(path, "model_state.pdparams") if os.path.isdir(path) else path)
+    if os.path.isdir(path):
+        state = folder_state(path)
+    elif path.endswith(".safetensors"):
+        state = read_tensors(path)
+    else:
+        state = paddle.load(path)
+    return {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v) for k, v in state.items()}
+
+
+load = weights
 
 
 def weight_gaps(a: dict, b: dict, lr: float, steps: int, beta1: float = 0.9, beta2: float = 0.95) -> dict:
@@ -96,3 +108,12 @@ def assert_bitwise_weights(a, b):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def assert_no_pickles(folder) -> None:
+    """No file anywhere under ``folder`` is a pickle (none starts with pickle's protocol header)."""
+    from ppo.storage.safe_pickle import is_pickle
+
+    found = [os.path.join(d, n) for d, _, names in os.walk(str(folder)) for n in names if is_pickle(os.path.join(d, n))]
+    assert not found, f"pickled files in {folder}: {found}"
+    assert any(n.endswith(".safetensors") for _, _, names in os.walk(str(folder)) for n in names)

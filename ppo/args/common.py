@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from ppo.core.errors import UserError
+from ppo.storage.tensors import parse_size
 
 
 def arg(default, help: str, choices=None, path: str = "", ge=None, gt=None, le=None, lt=None):
@@ -154,6 +155,9 @@ class TrainingArgs:
                                            "versions) whatever objects they name. By default a pickle that names "
                                            "anything but tensors, arrays and plain containers is refused: loading "
                                            "it could run code.")
+    max_shard_size: str = arg("5GB", "Largest safetensors file of a saved, converted or exported model folder "
+                                     "(bytes, or a number with KB, MB, GB, KiB, MiB, GiB); a larger model is written "
+                                     "as shards with a model.safetensors.index.json, the way transformers shards.")
     resume_from_checkpoint: str = arg("", "checkpoint-N folder to continue from exactly, or 'auto' for the latest complete one in output_dir.",
                                       path="path")
 
@@ -162,6 +166,7 @@ class TrainingArgs:
         require(self.num_train_epochs > 0 or self.max_steps > 0,
                  f"'num_train_epochs' must be > 0 (or set max_steps), got {self.num_train_epochs}")
         validate_lora(self, "lora")
+        parse_size(self.max_shard_size)
         require(not (self.bf16 and self.fp16), "'bf16' and 'fp16' cannot both be true")
         require(self.do_train, "'do_train' is false: these entry points always train (PaddleNLP's evaluation-only "
                                 "runs have no counterpart here); drop the key or set it to true")

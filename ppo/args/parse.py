@@ -12,6 +12,7 @@ from ppo.args.common import range_help
 from ppo.args.paddlenlp import PADDLENLP_KEYS, Renamed, map_paddlenlp_keys
 from ppo.core.errors import UserError, closest
 from ppo.storage.files import allow_unsafe_pickle, read_json
+from ppo.storage.tensors import set_max_shard_size
 
 # Relative paths
 
@@ -172,6 +173,8 @@ def parse_args(cls, argv=None):
     args.validate()
     if getattr(args, "allow_unsafe_pickle", False):
         allow_unsafe_pickle(True)
+    if hasattr(args, "max_shard_size"):
+        set_max_shard_size(args.max_shard_size)
     return args
 
 

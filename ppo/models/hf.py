@@ -21,8 +21,10 @@ class has not, is written as ``score.bias`` and named in the config's ``score_bi
 
 The name map (both ways): ``model.`` <-> the family prefix; linear weights are [out, in] in
 transformers and [in, out] in paddle (transposed); an untied ``lm_head.weight`` is [V, hidden] in
-transformers, [hidden, V] in paddlenlp; a tied head is not stored.  safetensors files are read
-and written here (header + raw little-endian data; F32, F16, BF16), so no torch is needed.
+transformers, [hidden, V] in paddlenlp; a tied head is not stored.  Both ways go through the
+``safetensors`` library (``ppo.storage.tensors``), one tensor at a time in its stored dtype, into
+shards of at most ``max_shard_size`` (transformers' naming and index), so a conversion or an
+export holds the model at most once plus one shard, and a bf16 model never as float32.
 """
 
 from __future__ import annotations
@@ -34,72 +36,23 @@ import json
 import logging
 import os
 import shutil
-import struct
 import tempfile
 
-import numpy as np
-import paddle
 
 from ppo.core.errors import UserError
-from ppo.storage.files import load_paddle_state, read_json
+from ppo.storage.files import read_json
+from ppo.storage.tensors import (PICKLE_INDEX, PICKLE_WEIGHTS, SAFE_INDEX, SAFE_WEIGHTS, ShardWriter,
+                                 index_shards, iter_folder_tensors, open_tensors, tensor_names)
 from ppo.models.families import family_of
 from ppo.models.score_model import ScoreModel
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
+INDEX = SAFE_INDEX
+SINGLE = SAFE_WEIGHTS
+DONE = "converted_from.json"  # written last into a converted folder, renamed into place whole
+_CACHE_FORMAT = "safetensors-1"  # part of the cache key: copies written by earlier versions are not reused
 logger = logging.getLogger("ppo")
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 # rope types paddlenlp computes exactly as transformers does (others are refused with one line)
 _ROPE_TYPES = (None, "default")
-
-# ---------------------------------------------------------------------------------------------
-# safetensors, without torch
-
-
-def _header(path: str) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(size)), 8 + size
-
-
-def read_safetensors(path: str) -> dict[str, tuple[np.ndarray, str]]:
-    """{name: (float32 array, stored dtype "F32" / "F16" / "BF16")} of one safetensors file."""
-    header, start = _header(path)
-    out = {}
-    with open(path, "rb") as f:
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            if info["dtype"] not in _DTYPES:
-                raise UserError(f"'{path}': tensor {name} has dtype {info['dtype']}; supported: F32, F16, BF16")
-            begin, end = info["data_offsets"]
-            f.seek(start + begin)
-            raw = np.frombuffer(f.read(end - begin), dtype=_DTYPES[info["dtype"]])
-            if info["dtype"] == "BF16":  # bfloat16 is the top half of a float32
-                raw = (raw.astype(np.uint32) << 16).view(np.float32)
-            out[name] = (raw.astype(np.float32).reshape(info["shape"]), info["dtype"])
-    return out
-
-
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], dtype: str = "F32") -> None:
-    """Write float arrays as one safetensors file in ``dtype`` ("F32" or "BF16", rounded to nearest even)."""
-    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for name, array in tensors.items():
-        a = np.ascontiguousarray(array, dtype=np.float32)
-        if dtype == "BF16":
-            bits = a.view(np.uint32)
-            a = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-        blob = a.tobytes()
-        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    text = json.dumps(header).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        for blob in blobs:
-            f.write(blob)
-
 
 # ---------------------------------------------------------------------------------------------
 # recognising and converting a transformers folder
@@ -107,27 +60,24 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], dtype: str = "F
 
 def weight_files(path: str, what: str = "model_name_or_path") -> list[str]:
     """The safetensors files of a transformers folder (single or sharded; [] when it has none);
-    UserError (one line) when the index names a shard that is missing."""
+    UserError (one line) when the index is damaged or names a shard that is missing."""
     index = os.path.join(path, INDEX)
     if os.path.isfile(index):
-        shards = sorted(set(read_json(index, "weight index")["weight_map"].values()))
-        for shard in shards:
-            if not os.path.isfile(os.path.join(path, shard)):
-                raise UserError(f"'{what}' = '{path}' is missing the weight shard '{shard}' named in {INDEX}")
-        return [os.path.join(path, s) for s in shards]
+        return index_shards(index, f"weight index of '{what}'")
     single = os.path.join(path, SINGLE)
     return [single] if os.path.isfile(single) else []
 
 
 def is_hf_folder(path: str, what: str = "model_name_or_path") -> bool:
     """A transformers-written folder: safetensors weights named ``model.*`` (paddlenlp names them by
-    the family prefix) and no paddlenlp ``model_state.pdparams``."""
+    the family prefix, in safetensors or in a ``model_state.pdparams``)."""
     if not path or not os.path.isfile(os.path.join(path, "config.json")):
         return False
-    if os.path.isfile(os.path.join(path, "model_state.pdparams")):
+    if os.path.isfile(os.path.join(path, PICKLE_WEIGHTS)) or os.path.isfile(os.path.join(path, PICKLE_INDEX)):
         return False
     # paddlenlp's own safetensors name the backbone by the family prefix; both have lm_head.weight
-    return any(name.startswith("model.") for file in weight_files(path, what) for name in _header(file)[0])
+    return any(name.startswith("model.") for file in weight_files(path, what)
+               for name in tensor_names(file, f"weights file of '{what}'"))
 
 
 def cache_root() -> str:
@@ -137,7 +87,7 @@ def cache_root() -> str:
 
 
 def _cache_key(path: str) -> str:
-    digest = hashlib.sha256(os.path.abspath(path).encode("utf-8"))
+    digest = hashlib.sha256(f"{_CACHE_FORMAT}:{os.path.abspath(path)}".encode("utf-8"))
     for name in sorted(os.listdir(path)):
         full = os.path.join(path, name)
         if os.path.isfile(full):
@@ -175,22 +125,19 @@ def _is_linear(name: str) -> bool:
     return name.endswith("_proj.weight")
 
 
-def hf_to_paddle_state(tensors: dict[str, np.ndarray], prefix: str, tied: bool) -> dict[str, np.ndarray]:
-    """transformers names and layouts -> paddlenlp's (see the module docstring)."""
-    state = {}
-    for name, value in tensors.items():
-        if name.endswith("rotary_emb.inv_freq"):  # a buffer some versions saved; paddlenlp rebuilds it
-            continue
-        if name == "lm_head.weight":
-            if not tied:
-                state[name] = value.T
-            continue
-        if name.startswith("score."):  # a *ForSequenceClassification head
-            state["score_head." + name[len("score."):]] = value.T if name.endswith("weight") else value
-            continue
-        key = prefix + name[len("model"):] if name.startswith("model.") else name
-        state[key] = value.T if _is_linear(name) else value
-    return state
+def paddle_name(name: str, prefix: str, tied: bool) -> str | None:
+    """A transformers tensor name as paddlenlp's; None for a tensor paddlenlp does not store (a tied
+    head, a saved rotary buffer, which paddlenlp rebuilds)."""
+    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and tied):
+        return None
+    if name.startswith("score."):  # a *ForSequenceClassification head
+        return "score_head." + name[len("score."):]
+    return prefix + name[len("model"):] if name.startswith("model.") else name
+
+
+def _transposed(name: str) -> bool:
+    """Whether a tensor is stored [out, in] by transformers and [in, out] by paddle (either name)."""
+    return _is_linear(name) or name in ("lm_head.weight", "score.weight", "score_head.weight")
 
 
 def _required(prefix: str, layers: int, tied: bool, score: bool) -> list[str]:
@@ -207,25 +154,27 @@ def _required(prefix: str, layers: int, tied: bool, score: bool) -> list[str]:
 
 
 def _convert(path: str, target: str, what: str) -> None:
-    """Write the paddlenlp folder ``target`` (config.json, model_state.pdparams, the other files of
-    ``path``) from the transformers folder ``path``, via a temporary folder renamed at the end."""
+    """Write the paddlenlp folder ``target`` (config.json, safetensors weights, the other files of
+    ``path``) from the transformers folder ``path``, via a temporary folder renamed at the end.
+    Tensors are read one at a time and written shard by shard (:class:`ShardWriter`), so the
+    conversion holds at most one output shard, in the stored dtype."""
     raw = read_json(os.path.join(path, "config.json"), "model config")
     family = family_of(raw, what, path)
     mapped = map_config(raw, what, path)
-    tensors, stored = {}, set()
-    for file in weight_files(path, what):
-        for name, (value, dtype) in read_safetensors(file).items():
-            tensors[name] = value
-            stored.add(dtype)
-    score = any(n.startswith("score.") for n in tensors)
-    tied = bool(mapped.get("tie_word_embeddings", "lm_head.weight" not in tensors and not score))
+    files = weight_files(path, what)
+    label = f"weights file of '{what}'"
+    names = {name: file for file in files for name in tensor_names(file, label)}
+    score = any(n.startswith("score.") for n in names)
+    tied = bool(mapped.get("tie_word_embeddings", "lm_head.weight" not in names and not score))
     mapped["tie_word_embeddings"] = tied
     if score:  # our own export of a score model: back to the toolkit's score model
-        mapped["score_dim"] = int(tensors["score.weight"].shape[0])
-        mapped["score_bias"] = "score.bias" in tensors
+        with open_tensors(names["score.weight"], label) as f:
+            mapped["score_dim"] = int(f.get("score.weight").shape[0])
+        mapped["score_bias"] = "score.bias" in names
         mapped["architectures"] = [family.score_model_class.__name__]
-    state = hf_to_paddle_state(tensors, family.prefix, tied)
-    missing = [n for n in _required(family.prefix, int(mapped["num_hidden_layers"]), tied, score) if n not in state]
+    mapped_names = {paddle_name(n, family.prefix, tied) for n in names}
+    missing = [n for n in _required(family.prefix, int(mapped["num_hidden_layers"]), tied, score)
+               if n not in mapped_names]
     if missing:
         raise UserError(f"'{what}' = '{path}' has no tensor for {missing[0]} ({len(missing)} missing); "
                         "is it a complete transformers checkpoint?")
@@ -239,20 +188,33 @@ def _convert(path: str, target: str, what: str) -> None:
             if os.path.isfile(full) and not name.endswith(".safetensors") and name not in ("config.json", INDEX):
                 shutil.copy2(full, os.path.join(work, name))
         family.config_class(**mapped).save_pretrained(work)
-        paddle.save({k: paddle.to_tensor(np.ascontiguousarray(v)).astype(dtype) for k, v in state.items()},
-                    os.path.join(work, "model_state.pdparams"))
-        with open(os.path.join(work, "converted_from.json"), "w", encoding="utf-8") as f:
+        writer, stored = ShardWriter(work, "model"), set()
+        for file in files:
+            with open_tensors(file, label) as f:
+                for name in f.keys():
+                    stored.add(f.dtype(name))
+                    key = paddle_name(name, family.prefix, tied)
+                    if key is not None:
+                        value = f.get(name)
+                        writer.add(key, _cast(value.T if _transposed(name) else value, dtype))
+        writer.close()
+        with open(os.path.join(work, DONE), "w", encoding="utf-8") as f:
             json.dump({"source": os.path.abspath(path), "stored_dtypes": sorted(stored)}, f)
         try:
             os.replace(work, target)
         except OSError:
             # another process finished the same conversion (a filesystem where the lock does not hold)
-            if not os.path.isfile(os.path.join(target, "model_state.pdparams")):
+            if not os.path.isfile(os.path.join(target, DONE)):
                 raise
             shutil.rmtree(work, ignore_errors=True)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def _cast(value, dtype: str):
+    """``value`` in ``dtype`` (a copy of this one tensor only when it differs)."""
+    return value if str(value.dtype).split(".")[-1] == dtype else value.astype(dtype)
 
 
 @contextlib.contextmanager
@@ -271,10 +233,10 @@ def resolve(path: str, what: str = "model_name_or_path") -> str:
     if not is_hf_folder(path, what):
         return path
     target = os.path.join(cache_root(), _cache_key(path))
-    if not os.path.isfile(os.path.join(target, "model_state.pdparams")):
+    if not os.path.isfile(os.path.join(target, DONE)):
         os.makedirs(cache_root(), exist_ok=True)
         with _exclusive(target + ".lock"):
-            if not os.path.isfile(os.path.join(target, "model_state.pdparams")):
+            if not os.path.isfile(os.path.join(target, DONE)):
                 logger.info("converting the transformers folder %s into %s (once: later runs reuse it)",
                             path, target)
                 _convert(path, target, what)
@@ -296,63 +258,64 @@ def _hf_class(family, score: bool) -> str:
     return name.replace("ForCausalLM", "ForSequenceClassification") if score else name
 
 
-def export(model, out_dir: str, tokenizer=None) -> None:
+def export(model, out_dir: str, tokenizer=None, shard_size=None) -> None:
     """Write ``model`` (a causal LM or a score model, whole: not a tensor-parallel shard) as a
-    transformers folder in ``out_dir``: config.json, model.safetensors (and the tokenizer's files)."""
+    transformers folder in ``out_dir``: config.json, safetensors weights (sharded at
+    ``shard_size``, default the ``max_shard_size`` argument) and the tokenizer's files."""
     if isinstance(model, ScoreModel):
         model.sync_normalizer_to_config()
     config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
-    state = {name: param.astype("float32").numpy() for name, param in model.state_dict().items()}
-    _export_state(state, config, out_dir)
+    _export_tensors(model.state_dict().items(), config, out_dir, shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 
 
-def export_folder(folder: str, out_dir: str) -> None:
-    """Write the paddlenlp folder ``folder`` (a saved, merged model: config.json, model_state.pdparams)
-    as a transformers folder in ``out_dir``, its tokenizer files copied along."""
+def export_folder(folder: str, out_dir: str, shard_size=None) -> None:
+    """Write the paddlenlp folder ``folder`` (a saved, merged model: config.json and its weights, in
+    safetensors or pickled) as a transformers folder in ``out_dir``, one tensor at a time, its
+    tokenizer files copied along."""
     config = read_json(os.path.join(folder, "config.json"), "model config")
-    index = os.path.join(folder, "model_state.pdparams.index.json")
-    files = ["model_state.pdparams"]
-    if os.path.isfile(index):  # paddlenlp shards large models
-        files = sorted(set(read_json(index, "weight index")["weight_map"].values()))
-    state = {k: v.astype("float32").numpy() for file in files
-             for k, v in load_paddle_state(os.path.join(folder, file)).items()}
-    _export_state(state, config, out_dir)
+    _export_tensors(iter_folder_tensors(folder), config, out_dir, shard_size)
     for name in os.listdir(folder):
         full = os.path.join(folder, name)
-        if os.path.isfile(full) and name not in _NOT_TOKENIZER and not name.startswith("model_state"):
+        if os.path.isfile(full) and name not in _NOT_TOKENIZER and not name.startswith(("model_state", "model.",
+                                                                                          "model-")):
             shutil.copy2(full, os.path.join(out_dir, name))
 
 
 _NOT_TOKENIZER = ("config.json", "training_state.json", SINGLE, INDEX)
 
 
-def _export_state(state: dict, config: dict, out_dir: str) -> None:
-    """{paddlenlp name: float32 array} + the paddlenlp config dict -> config.json + model.safetensors."""
+def _export_tensors(items, config: dict, out_dir: str, shard_size=None) -> None:
+    """(paddlenlp name, tensor) pairs + the paddlenlp config dict -> config.json + safetensors shards,
+    each tensor cast to the config's dtype on its own (no float32 copy of a bf16 model)."""
     family = family_of(config, "model")
     score = "score_dim" in config
     tied = bool(config.get("tie_word_embeddings", False)) and not score
     prefix = family.prefix + "."
-    tensors = {}
-    for name, value in state.items():
-        if name.startswith(prefix):
-            tensors["model." + name[len(prefix):]] = value.T if _is_linear(name) else value
-        elif name == "lm_head.weight":
-            if not tied:
-                tensors[name] = value.T
-        elif name.startswith("score_head."):
-            tensors["score." + name[len("score_head."):]] = value.T if name.endswith("weight") else value
     dtype = str(config.get("dtype", "float32"))
+    dtype = dtype if dtype in ("float32", "bfloat16") else "float32"
+    os.makedirs(out_dir, exist_ok=True)
+    writer, has_bias = ShardWriter(out_dir, "model", shard_size, {"format": "pt"}), False
+    for name, value in items:
+        if name.startswith(prefix):
+            key = "model." + name[len(prefix):]
+        elif name == "lm_head.weight" and not tied:
+            key = name
+        elif name.startswith("score_head."):
+            key = "score." + name[len("score_head."):]
+            has_bias |= key == "score.bias"
+        else:
+            continue
+        writer.add(key, _cast(value.T if _transposed(name) else value, dtype))
+    writer.close()
     hf_config = {k: v for k, v in config.items() if k in _HF_KEYS}
     hf_config.update(model_type=family.name, architectures=[_hf_class(family, score)],
-                     tie_word_embeddings=tied, torch_dtype=dtype if dtype in ("float32", "bfloat16") else "float32")
+                     tie_word_embeddings=tied, torch_dtype=dtype)
     if score:
-        hf_config.update(num_labels=int(config["score_dim"]), score_bias="score.bias" in tensors,
+        hf_config.update(num_labels=int(config["score_dim"]), score_bias=has_bias,
                          score_type=config.get("score_type", "reward"))
         hf_config.update({k: v for k, v in config.items() if k.startswith(("normalizer_", "norm_"))})
-    os.makedirs(out_dir, exist_ok=True)
-    write_safetensors(os.path.join(out_dir, SINGLE), tensors, "BF16" if dtype == "bfloat16" else "F32")
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)
 

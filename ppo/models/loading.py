@@ -13,6 +13,7 @@ from ppo.data import ensure_pad_token
 from ppo.core.errors import UserError
 from ppo.models import fast_paths, hf
 from ppo.storage.files import check_pickle, check_tokenizer_files, first_line, read_json
+from ppo.storage.tensors import model_weight_files, tensor_names
 from ppo.models.families import family_of
 from ppo.models.score_model import init_score_head
 
@@ -105,14 +106,17 @@ def check_no_missing_weights(missing, path: str, what: str, allowed: tuple = ())
 
 
 def _from_pretrained_missing(cls, path: str, **kwargs):
-    """``cls.from_pretrained(path, **kwargs)`` and the parameter names it newly initialised; every
-    pickled weights file of the folder is checked first (``check_pickle``: data only)."""
+    """``cls.from_pretrained(path, **kwargs)`` and the parameter names it newly initialised; the
+    weights files it will read are checked first: a safetensors header (and its index) must be
+    whole, a pickle must hold nothing but data (``check_pickle``)."""
     from paddlenlp.transformers.model_utils import PretrainedModel
 
     check_weights_present(path, kwargs.pop("what", "model_name_or_path"))
-    for name in sorted(os.listdir(path)) if os.path.isdir(path) else ():
-        if name.endswith(".pdparams"):
-            check_pickle(os.path.join(path, name), "weights file")
+    for file in model_weight_files(path) if os.path.isdir(path) else ():
+        if file.endswith(".safetensors"):
+            tensor_names(file, "weights file")  # a truncated or damaged file: one line naming it
+        else:
+            check_pickle(file, "weights file")
     original = PretrainedModel.__dict__["_load_pretrained_model"]
     missing: list = []
 

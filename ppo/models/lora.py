@@ -16,7 +16,8 @@ a tensor-parallel run starts from the single-process adapters.
   second copy of the weights).  The family layout reads its ``adapters_off`` flag.
 * :func:`merged_for_export`: while it is open, the model's state is the merged ``W + scaling A@B``
   without adapter entries (what ``from_pretrained`` loads without peft); restored bitwise after.
-* :func:`save_adapters`: the adapter weights and their settings, written beside a final model.
+* :func:`save_adapters`: the adapter weights (safetensors) and their settings (JSON), written beside a
+  final model.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ import numpy as np
 import paddle
 
 from ppo.core.errors import UserError
+from ppo.storage.tensors import save_tensors
 
-ADAPTER_FILE = "lora_model_state.pdparams"
+ADAPTER_FILE = "peft_model.safetensors"  # paddlenlp.peft's name for safetensors adapters
 CONFIG_FILE = "lora_config.json"
 
 
@@ -218,7 +220,7 @@ def save_adapters(model, folder: str, state: dict | None = None) -> None:
     tmp = folder.rstrip("/") + ".tmp"
     os.makedirs(tmp, exist_ok=True)
     state = adapter_state(model) if state is None else state
-    paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, os.path.join(tmp, ADAPTER_FILE))
+    save_tensors(state, os.path.join(tmp, ADAPTER_FILE), {"format": "np"})
     with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(model._ppo_lora, f, indent=1)
     if os.path.isdir(folder):

@@ -43,7 +43,9 @@ from ppo.storage.manifest import (MANIFEST, STATE, clean_partial, damage, discar
                                   list_checkpoints, resolve_resume, rotate, tmp_folder)
 from ppo.models.hf import export_folder
 from ppo.models.lora import adapter_state, is_lora, merged_for_export, save_adapters, split_adapters
-from ppo.storage.files import first_line, load_paddle_state, read_json, read_pickle, reading
+from ppo.storage.files import load_paddle_state, read_json, read_pickle, reading
+from ppo.storage.tensors import (PICKLE_WEIGHTS, SAFE_WEIGHTS, folder_state, max_shard_size, model_weight_files,
+                                 read_tensors, remove_weights, save_sharded, save_tensors)
 from ppo.storage.output_dir import (check_output_dir, clear_earlier_run, drop_metrics_after, release_output_dir,  # noqa: F401
                             take_lock)
 from ppo.distributed.parallel import inner_optimizer, unwrap
@@ -111,8 +113,6 @@ def rng_from_json(data: dict) -> dict:
 def write_tensors_and_json(base: str, state: dict) -> None:
     """``state`` (names -> tensors, dicts of tensors, or JSON values) as ``base.safetensors`` (every
     tensor, a dict's as ``<key>/<name>``) and ``base.json`` (the rest, and which keys were dicts)."""
-    from safetensors.paddle import save_file
-
     tensors, other, nested = {}, {}, []
     for key, value in state.items():
         if isinstance(value, dict) and value and all(isinstance(v, paddle.Tensor) for v in value.values()):
@@ -122,20 +122,14 @@ def write_tensors_and_json(base: str, state: dict) -> None:
             tensors[key] = value.contiguous()
         else:
             other[key] = value
-    save_file(tensors, base + ".safetensors")
+    save_tensors(tensors, base + ".safetensors")
     with open(base + ".json", "w") as f:
         json.dump({"values": other, "nested": nested}, f, indent=1)
 
 
 def read_tensors_and_json(base: str, what: str) -> dict:
     """The inverse of ``write_tensors_and_json``."""
-    from safetensors.paddle import load_file
-
-    path = base + ".safetensors"
-    try:
-        tensors = load_file(path)
-    except Exception as e:  # safetensors raises SafetensorError / OSError on a damaged file
-        raise UserError(f"{what} '{path}' cannot be read (damaged or truncated?): {first_line(e)}") from None
+    tensors = read_tensors(base + ".safetensors", what)
     meta = read_json(base + ".json", what)
     state = dict(meta.get("values", {}))
     for key in meta.get("nested", []):
@@ -238,12 +232,12 @@ def load_rank_state(folder: str, rank: int, optimizers: dict) -> dict:
 
 
 def load_weights(model, folder: str) -> None:
-    """Weights saved by ``save_pretrained`` (merged) into this rank's ``model``, exactly."""
-    path = os.path.join(folder, "model_state.pdparams")
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint '{folder}' has no model_state.pdparams")
-    with reading(path, "weights"):
-        load_full_weights(model, path)
+    """Weights saved by ``save_model`` (merged; safetensors, or the pickle of an earlier version)
+    into this rank's ``model``, exactly."""
+    if not model_weight_files(folder):
+        raise UserError(f"checkpoint '{folder}' has no model weights ({SAFE_WEIGHTS} or {PICKLE_WEIGHTS})")
+    with reading(folder, "weights"):
+        load_full_weights(model, folder_state(folder))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,13 +245,15 @@ def load_weights(model, folder: str) -> None:
 
 
 def save_model(model, folder: str, tokenizer=None) -> None:
-    """``save_pretrained`` a full (merged) checkpoint; call on every rank.
+    """``save_pretrained`` a full (merged) checkpoint in safetensors; call on every rank.
 
     With tensor parallel the ranks of the first data group gather their shards (paddlenlp's
     ``merge_tensor_parallel``) and the global main rank writes; otherwise the main rank writes.
     """
     ctx = parallel.context()
     inner = unwrap(model)
+    if ctx.is_main:  # the main rank writes: the weights it replaces go first, whatever their layout
+        remove_weights(folder)
     if ctx.pp_degree > 1:
         _save_pipeline(inner, folder)
     elif ctx.tp_degree > 1 and is_lora(inner):
@@ -266,9 +262,10 @@ def save_model(model, folder: str, tokenizer=None) -> None:
             _write_whole(inner, tensor_parallel_state(inner), folder)
     elif ctx.tp_degree > 1:
         if ctx.data_rank == 0:
-            inner.save_pretrained(folder, merge_tensor_parallel=True, is_main_process=ctx.is_main)
+            inner.save_pretrained(folder, merge_tensor_parallel=True, is_main_process=ctx.is_main,
+                                  safe_serialization=True, max_shard_size=max_shard_size())
     elif ctx.is_main:
-        inner.save_pretrained(folder)
+        inner.save_pretrained(folder, safe_serialization=True, max_shard_size=max_shard_size())
     if ctx.is_main and tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
@@ -289,21 +286,19 @@ def _write_whole(model, state: dict | None, folder: str, architecture: str | Non
     if architecture is not None:
         config.architectures = [architecture]
     config.save_pretrained(folder)
-    paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, os.path.join(folder, "model_state.pdparams"))
+    save_sharded(state, folder)  # paddlenlp's safetensors layout: its names, format "np", its index
 
 
-def load_full_weights(model, path: str) -> None:
-    """Load a merged ``model_state.pdparams`` into this rank's (possibly tensor-parallel) model."""
+def load_full_weights(model, state: dict) -> None:
+    """Load a merged state ({name: tensor}) into this rank's (possibly tensor-parallel) model."""
     inner = unwrap(model)
     if parallel.context().tp_degree > 1:
-        state = inner.convert_tensor_parallel(path, inner.config)
+        state = inner.convert_tensor_parallel(None, inner.config, state_dict=state)
         # paddlenlp splits the model's weights; split LoRA adapters are cut here by their weight's rule
         actions = tensor_parallel_actions(inner, is_split=True)
         for name, _ in split_adapters(inner):
             if name in state:
                 state[name] = paddle.to_tensor(actions[name](state[name].numpy()))
-    else:
-        state = load_paddle_state(path)
     inner.set_state_dict(state)
 
 

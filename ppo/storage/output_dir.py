@@ -24,12 +24,13 @@ from ppo.core.errors import UserError
 LOCK = ".run.lock"
 # what a run leaves in its output_dir: final SFT/RM/DPO model, PPO's policy/ and value/, logs, DPO's
 # precomputed reference log-probs and online DPO's record of its rounds
-_RESULTS = ("config.json", "model_state.pdparams", "metrics.jsonl", "vdl", "eval_samples", "policy", "value",
-            "reference_log_probs", "online.json")
+_RESULTS = ("config.json", "model.safetensors", "model.safetensors.index.json", "model_state.pdparams", "metrics.jsonl",
+            "vdl", "eval_samples", "policy", "value", "reference_log_probs", "online.json")
 # removed by overwrite_output_dir so the new run's checkpoints and metrics are not mixed with the
 # earlier run's ('auto' would otherwise pick an old checkpoint); final models are written over
 _CLEARED_BY_OVERWRITE = ("metrics.jsonl", "vdl", "eval_samples", "reference_log_probs")
 _CHECKPOINT = re.compile(r"^checkpoint-\d+$")  # finished checkpoints (.tmp-* writes are not results)
+_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")  # a large final model's weight shards
 logger = logging.getLogger("ppo")
 
 
@@ -67,7 +68,7 @@ def earlier_results(path: str) -> list[str]:
     """Entries of ``path`` that a run wrote (final models, checkpoints, metrics, logs), sorted."""
     if not os.path.isdir(path):
         return []
-    return sorted(n for n in os.listdir(path) if n in _RESULTS or _CHECKPOINT.match(n))
+    return sorted(n for n in os.listdir(path) if n in _RESULTS or _CHECKPOINT.match(n) or _SHARD.match(n))
 
 
 def check_output_dir(path: str, resuming: bool, overwrite: bool) -> dict | None:

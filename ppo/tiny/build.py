@@ -90,7 +90,7 @@ def build_causal_lm(out_dir: str, tokenizer, family: str | None = None, seed: in
     )
     paddle.seed(seed)
     model = model_family.causal_lm_class(config)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return model
 
