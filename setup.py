@@ -24,14 +24,15 @@ setup(
         # the chat templates (ppo/data/chat.py) and fast tokenizers from tokenizer.json
         "Jinja2",
         "tokenizers",
+        # every weights file the toolkit writes or converts, read lazily (ppo/storage/tensors.py)
+        "safetensors",
         # paddlenlp imports aistudio_sdk.hub.download, removed in aistudio-sdk 0.3
         "aistudio-sdk<0.3",
     ],
     extras_require={
         "cpu": ["paddlepaddle>=3.0,<3.4"],
-        # the Hugging Face checkpoint tests write safetensors files with the library's own writer;
         # the suite runs on every core (scripts/test.sh)
-        "test": ["pytest", "pytest-xdist", "safetensors"],
+        "test": ["pytest", "pytest-xdist"],
         "plot": ["matplotlib"],
     },
 )
