@@ -5,6 +5,8 @@ first step at ln 2, micro-batching, and that training moves the preference metri
 import json
 import math
 import os
+import re
+import shutil
 
 import numpy as np
 import paddle
@@ -344,6 +346,19 @@ def test_online_rounds_rank_train_publish_and_resume(tiny_dir, tmp_path):
     before = (out / STATE).read_bytes()
     online(tiny_dir, out, resume_from_checkpoint="auto")  # every round finished: nothing to do
     assert (out / STATE).read_bytes() == before
+    # a damaged state file or round statistics file of a copy: one line naming it, nothing written
+    for rel, damaged in ((STATE, b'{"rounds": [{"round": 0'), (STATE, b"\xff\xfe[]"), (STATE, b"[1, 2]"),
+                         ("round-1/sampling.json", b""), ("round-1/sampling.json", b'{"pairs": 8,')):
+        copy = tmp_path / "damaged"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(out, copy)
+        if rel != STATE:  # round 1 unfinished, so its sampled pairs and their statistics are read again
+            (copy / STATE).write_text(json.dumps({**state, "rounds": state["rounds"][:1]}))
+        (copy / rel).write_bytes(damaged)
+        listing = sorted(str(p.relative_to(copy)) for p in copy.rglob("*"))
+        with pytest.raises(UserError, match=re.escape(f"'{copy / rel}'")):
+            online(tiny_dir, copy, resume_from_checkpoint="auto", online_rounds=3)
+        assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*")) == listing
     # a third round continues from the second
     online(tiny_dir, out, resume_from_checkpoint="auto", online_rounds=3)
     assert [r["round"] for r in json.load(open(out / STATE))["rounds"]] == [0, 1, 2]

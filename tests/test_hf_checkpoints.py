@@ -518,3 +518,25 @@ def test_sft_and_reward_model_from_a_transformers_folder_under_tensor_parallel_m
     assert exported["architectures"] == ["Qwen2ForCausalLM" if stage == "sft" else "Qwen2ForSequenceClassification"]
     ha, hb = (load_file(str(tmp_path / run_ / "hf" / "model.safetensors")) for run_ in ("one", "tp"))
     assert_trained_weights_match(ha, hb, lr=lr, steps=3)
+
+
+@pytest.mark.slow
+def test_conversion_and_export_memory_is_bounded(tmp_path):
+    """benchmarks/hf_memory.py at 1/16 of Qwen2-1.5B's width (bf16, 4 shards): converting it in and
+    exporting it back each grow the peak resident memory by at most the model plus one shard, which
+    a float32 copy of the model, or the model held twice, would exceed."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("hf_memory", os.path.join(root, "benchmarks", "hf_memory.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--shape", "small", "--work", str(tmp_path)])
+    assert result["input_shards"] == 4
+    for phase in ("convert", "export"):
+        growth = result["phases"][phase]["growth"]
+        assert 0 < growth <= result["model_bytes"] + result["shard_bytes"], (phase, result)
+    # the exported folder holds the model's tensors in bf16, as the input did
+    exported = os.path.join(str(tmp_path), "exported")
+    assert sum(os.path.getsize(os.path.join(exported, n)) for n in os.listdir(exported)
+               if n.endswith(".safetensors")) >= result["model_bytes"]

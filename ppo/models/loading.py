@@ -13,12 +13,9 @@ from ppo.data import ensure_pad_token
 from ppo.core.errors import UserError
 from ppo.models import fast_paths, hf
 from ppo.storage.files import check_pickle, check_tokenizer_files, first_line, read_json
-from ppo.storage.tensors import model_weight_files, tensor_names
+from ppo.storage.tensors import model_weight_files, tensor_names, weights_problem
 from ppo.models.families import family_of
 from ppo.models.score_model import init_score_head
-
-
-WEIGHT_SUFFIXES = (".pdparams", ".safetensors", ".pdparams.index.json", ".safetensors.index.json")
 
 
 def check_model_path(path: str, what: str = "model_name_or_path") -> dict:
@@ -34,9 +31,9 @@ def check_model_path(path: str, what: str = "model_name_or_path") -> dict:
 
 def check_weights_present(path: str, what: str = "model_name_or_path") -> None:
     """UserError (one line) when the model folder ``path`` holds no weights file."""
-    if os.path.isdir(path) and not any(n.endswith(WEIGHT_SUFFIXES) for n in os.listdir(path)):
-        raise UserError(f"'{what}' = '{path}' has a config.json but no weights (model_state.pdparams, "
-                        "model.safetensors, or their shards with an index file); give a complete model folder")
+    problem = weights_problem(path) if os.path.isdir(path) else None
+    if problem:
+        raise UserError(f"'{what}' = '{path}' {problem}; give a complete model folder")
 
 
 def load_tokenizer(path: str, what: str = "model_name_or_path"):
@@ -50,8 +47,26 @@ def load_tokenizer(path: str, what: str = "model_name_or_path"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **({"use_fast": True} if fast else {}))
     except Exception as e:  # paddlenlp raises many types for a folder without (usable) tokenizer files
+        missing = _missing_tokenizer_files(folder)
+        if missing:
+            raise UserError(f"'{what}' = '{path}' has no loadable tokenizer: it lacks {', '.join(missing)}; give "
+                            "the folder with its tokenizer files") from None
         raise UserError(f"'{what}' = '{path}' has no loadable tokenizer: {first_line(e)}") from None
     return ensure_pad_token(tokenizer)
+
+
+def _missing_tokenizer_files(folder: str) -> list[str]:
+    """The files the tokenizer class of ``folder``'s tokenizer_config.json reads that are not there
+    (``'sentencepiece.bpe.model' (vocab_file of LlamaTokenizer)``)."""
+    import paddlenlp.transformers as transformers
+
+    try:
+        name = read_json(os.path.join(folder, "tokenizer_config.json"), "tokenizer config").get("tokenizer_class")
+    except UserError:
+        return []
+    files = getattr(getattr(transformers, str(name), None), "resource_files_names", None) or {}
+    return [f"'{file}' ({key} of {name})" for key, file in files.items()
+            if not os.path.isfile(os.path.join(folder, file))]
 
 
 def check_max_length(config: dict, max_length: int, path: str) -> None:

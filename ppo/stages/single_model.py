@@ -132,6 +132,7 @@ class SingleModelTrainer:
     def train(self) -> dict:
 
         args, ctx = self.args, self.ctx
+        checkpoint.drop_metrics_logged_after(args, ctx, self.start_step)  # everything resumed is read by now
         bar = tqdm(total=self.total_steps, initial=self.start_step, desc=self.stage,
                    disable=args.disable_tqdm or not ctx.is_main, dynamic_ncols=True)
         cadence = StepCadence(args, self.total_steps, self.metrics, self.log_eval, self.save_checkpoint,

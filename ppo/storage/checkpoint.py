@@ -428,14 +428,21 @@ def _main_decides(ctx, decide):
     return result
 
 
+def drop_metrics_logged_after(args, ctx, step: int) -> None:
+    """Main rank, a resuming run about to train from ``step`` (0: no checkpoint yet): the rows of
+    metrics.jsonl after it go (this run logs those steps again; each step is logged once)."""
+    if ctx.is_main and args.resume_from_checkpoint and drop_metrics_after(args.output_dir, step):
+        logger.warning("metrics.jsonl: removed the rows after step %d, which this run logs again", step)
+
+
 def start_or_resume(args, ctx, stage: str) -> str | None:
     """The checkpoint to resume from, if any (all ranks agree), once the output folder is the run's.
 
     Checks first, writing nothing: the checkpoint and its arguments, then the folder (no live run's
     lock; no other run's results unless resuming or ``overwrite_output_dir``).  Only then the main
-    rank takes the lock, drops the metric rows after the resumed step (each step is logged once),
-    clears the earlier run's checkpoints and metrics when overwriting, and removes unfinished writes
-    (``.tmp-*``).
+    rank takes the lock, clears the earlier run's checkpoints and metrics when overwriting, and
+    removes unfinished writes (``.tmp-*``).  The metric rows after the resumed step go once every
+    file of the checkpoint has been read (``drop_metrics_logged_after``, when training starts).
     """
     resuming, overwrite = bool(args.resume_from_checkpoint), bool(getattr(args, "overwrite_output_dir", False))
 
@@ -447,8 +454,6 @@ def start_or_resume(args, ctx, stage: str) -> str | None:
 
     folder, step = _main_decides(ctx, decide)
     if ctx.is_main:
-        if resuming and drop_metrics_after(args.output_dir, step):
-            logger.warning("metrics.jsonl: removed the rows after step %d, which this run logs again", step)
         if overwrite and not resuming:
             for name in clear_earlier_run(args.output_dir):
                 logger.warning("overwrite_output_dir: removed the earlier run's %s", os.path.join(args.output_dir, name))

@@ -38,10 +38,18 @@ def _no_duplicates(path: str, what: str):
     return hook
 
 
-def read_text(path: str, what: str = "file") -> str:
-    """The UTF-8 text of ``path``; UserError naming it when it is missing, unreadable or not UTF-8."""
+def require_file(path: str, what: str) -> None:
+    """UserError naming ``path`` unless it is a file (missing, or a folder where the file belongs)."""
+    if os.path.isdir(path):
+        raise UserError(f"{what} '{path}' is a folder, not a file")
     if not os.path.isfile(path):
         raise UserError(f"{what} '{path}' does not exist")
+
+
+def read_text(path: str, what: str = "file") -> str:
+    """The UTF-8 text of ``path``; UserError naming it when it is missing, a folder, unreadable or
+    not UTF-8."""
+    require_file(path, what)
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
@@ -72,8 +80,7 @@ def read_sentencepiece(path: str, what: str = "sentencepiece model"):
     file when it is truncated, empty or not a sentencepiece model."""
     import sentencepiece
 
-    if not os.path.isfile(path):
-        raise UserError(f"{what} '{path}' does not exist")
+    require_file(path, what)
     try:
         return sentencepiece.SentencePieceProcessor(model_file=path)
     except Exception as e:  # RuntimeError "could not parse ModelProto", "unk is not defined", OSError
@@ -93,21 +100,20 @@ def check_tokenizer_files(folder: str) -> None:
     sentencepiece models loaded), so a damaged one is a UserError naming it before paddlenlp parses
     it with its own errors.  Files a folder lacks are not checked here."""
     for name, (what, unique) in TOKENIZER_JSON.items():
-        if os.path.isfile(os.path.join(folder, name)):
+        if os.path.lexists(os.path.join(folder, name)):  # a folder of that name: the reader says so
             read_json(os.path.join(folder, name), what, unique_keys=unique)
     for name, what in TOKENIZER_TEXT.items():
-        if os.path.isfile(os.path.join(folder, name)):
+        if os.path.lexists(os.path.join(folder, name)):
             read_text(os.path.join(folder, name), what)
     for name in sorted(os.listdir(folder)):
-        if name.endswith(".model") and os.path.isfile(os.path.join(folder, name)):
+        if name.endswith(".model"):
             read_sentencepiece(os.path.join(folder, name))
 
 
 def read_pickle(path: str, what: str = "file"):
     """The unpickled content of ``path`` (random states of older checkpoints), after
     ``check_pickle`` found only data in it."""
-    if not os.path.isfile(path):
-        raise UserError(f"{what} '{path}' does not exist")
+    require_file(path, what)
     check_pickle(path, what)
     try:
         with open(path, "rb") as f:
@@ -120,8 +126,7 @@ def load_paddle_state(path: str, what: str = "weights file"):
     """``paddle.load(path)``; UserError naming the file when it is missing, truncated or damaged."""
     import paddle
 
-    if not os.path.isfile(path):
-        raise UserError(f"{what} '{path}' does not exist")
+    require_file(path, what)
     check_pickle(path, what)
     try:
         return paddle.load(path)

@@ -98,7 +98,7 @@ def damage(folder: str) -> str | None:
         # manifests before checksums hold the size alone
         size, crc = (entry, None) if isinstance(entry, int) else (entry.get("size"), entry.get("crc32c"))
         if not os.path.isfile(path):
-            return f"file '{rel}' is missing"
+            return f"file '{rel}' is {'a folder, not a file' if os.path.isdir(path) else 'missing'}"
         if os.path.getsize(path) != size:
             return f"file '{rel}' has {os.path.getsize(path)} bytes, {size} were written"
         if crc is not None and file_crc32c(path) != crc:

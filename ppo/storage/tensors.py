@@ -24,7 +24,7 @@ import os
 import re
 
 from ppo.core.errors import UserError
-from ppo.storage.files import first_line, load_paddle_state, read_json
+from ppo.storage.files import first_line, load_paddle_state, read_json, require_file
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -66,9 +66,7 @@ def open_tensors(path: str, what: str = "weights file"):
     missing, a directory, empty, truncated or not safetensors."""
     from safetensors import safe_open
 
-    if not os.path.isfile(path):
-        raise UserError(f"{what} '{path}' does not exist" + (" as a file (it is a directory)"
-                                                            if os.path.isdir(path) else ""))
+    require_file(path, what)
     try:
         handle = safe_open(path, framework="paddle")
         handle.__enter__()
@@ -215,7 +213,8 @@ def index_shards(index_path: str, what: str = "weight index") -> list[str]:
     folder = os.path.dirname(index_path)
     for shard in shards:
         if not os.path.isfile(os.path.join(folder, shard)):
-            raise UserError(f"{what} '{index_path}' names the weight shard '{shard}', which is missing")
+            state = "a folder, not a file" if os.path.isdir(os.path.join(folder, shard)) else "missing"
+            raise UserError(f"{what} '{index_path}' names the weight shard '{shard}', which is {state}")
     return [os.path.join(folder, s) for s in shards]
 
 
@@ -230,6 +229,23 @@ def model_weight_files(folder: str) -> list[str]:
     return []
 
 
+def weights_problem(folder: str) -> str | None:
+    """What keeps the model folder ``folder`` from having readable weights (a phrase), or None: no
+    weights at all, a weights name that is a folder, or shards without the index naming them."""
+    for name in (SAFE_WEIGHTS, SAFE_INDEX, PICKLE_WEIGHTS, PICKLE_INDEX):
+        if os.path.isdir(os.path.join(folder, name)):
+            return f"has a folder '{name}' where a weights file belongs"
+    if model_weight_files(folder):
+        return None
+    shards = sorted(n for n in os.listdir(folder) if _SHARD_FILE.match(n))
+    if shards:
+        return (f"holds weight shards ({', '.join(shards[:2])}{', ...' if len(shards) > 2 else ''}) but no index file "
+                f"naming them ({SAFE_INDEX} or {PICKLE_INDEX})")
+    return (f"has a config.json but no weights ({PICKLE_WEIGHTS}, {SAFE_WEIGHTS}, or their shards with an index "
+            "file)")
+
+
+_SHARD_FILE = re.compile(r"^model(_state)?-\d{5}-of-\d{5}\.(safetensors|pdparams)$")
 _WEIGHT_FILE = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|"
                           r"model_state(-\d{5}-of-\d{5})?\.pdparams|model_state\.pdparams\.index\.json)$")
 

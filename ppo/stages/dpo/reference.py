@@ -28,7 +28,7 @@ from ppo.distributed.offload import default_store, offload_model, reload_model
 from ppo.models import position_ids_from_mask
 from ppo.rollout.collect import log_probs_from_logits
 from ppo.stages.single_model import data_shard, gather_shard_rows
-from ppo.storage.files import read_json
+from ppo.storage.files import first_line, read_json
 from ppo.storage.manifest import file_crc32c
 
 logger = logging.getLogger("ppo")
@@ -163,8 +163,12 @@ def load_table(output_dir: str, fingerprint: dict) -> dict | None:
         raise UserError(f"the reference log-probs in '{folder}' were computed for another "
                         f"{' and '.join(changed)} than this run's; resume with the run's own settings, or start "
                         "afresh with --overwrite_output_dir true (or another output_dir)")
-    with np.load(file, allow_pickle=False) as archive:
-        return {k: archive[k] for k in archive.files}
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            return {k: archive[k] for k in archive.files}
+    except Exception as e:  # BadZipFile, ValueError (a pickled array), OSError, EOFError
+        raise UserError(f"reference log-probs table '{file}' cannot be read (damaged or not a .npz archive): "
+                        f"{first_line(e)}; start afresh with --overwrite_output_dir true to compute it again") from None
 
 
 class Reference:

@@ -131,6 +131,7 @@ class PPOTrainer:
 
     def train(self) -> dict:
         args = self.args
+        checkpoint.drop_metrics_logged_after(args, self.ctx, self.start_step)  # everything resumed is read by now
         bar = tqdm(total=self.total_steps, desc="ppo", disable=args.disable_tqdm or not self.ctx.is_main,
                    dynamic_ncols=True)
         cadence = StepCadence(args, self.total_steps, self.metrics, self.evaluate, self.save_checkpoint,
