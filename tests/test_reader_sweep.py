@@ -199,7 +199,8 @@ READERS = [
 ]
 
 # layouts: each registered dataset that reads a local file, with one valid record; their damaged
-# forms are a record that is not an object, a field of the wrong type, and a cut last line
+# forms are a missing, empty or non-UTF-8 file, a record that is not an object, a field of the wrong
+# type, and a cut last line
 LAYOUTS = {
     "tiny-sft": ("sft", {"prompt": "2+2=", "answer": "4"}, "answer"),
     "alpaca": ("sft", {"instruction": "Add 2 and 2.", "input": "", "output": "4"}, "output"),
@@ -216,7 +217,7 @@ LAYOUTS = {
     "prompt-chosen-rejected": ("dpo", {"prompt": "2+2=", "chosen": "4", "rejected": "5"}, "chosen"),
     "prompt-completion-label": ("dpo", {"prompt": "2+2=", "completion": "4", "label": True}, "completion"),
 }
-LAYOUT_DAMAGES = ("record-not-an-object", "field-of-wrong-type", "last-line-cut")
+LAYOUT_DAMAGES = ("missing", "empty", "not-utf8", "record-not-an-object", "field-of-wrong-type", "last-line-cut")
 
 
 @dataclass
@@ -352,7 +353,9 @@ def _rewrite_fingerprint(folder: str) -> None:
 def _layout_file(case: SweepCase, folder) -> str:
     stage, record, field_name = LAYOUTS[case.layout]
     good = json.dumps(record)
-    if case.damage == "record-not-an-object":
+    if case.damage in DAMAGES:
+        lines = [good, good]
+    elif case.damage == "record-not-an-object":
         lines = [good, json.dumps(list(record.values())), good]
     elif case.damage == "field-of-wrong-type":
         lines = [good, json.dumps({**record, field_name: {"text": 4}}), good]
@@ -361,6 +364,8 @@ def _layout_file(case: SweepCase, folder) -> str:
     path = os.path.join(str(folder), "data.jsonl")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+    if case.damage in DAMAGES:
+        DAMAGES[case.damage](path, "jsonl")
     return path
 
 
