@@ -69,10 +69,10 @@ LAYERS = [
     # the DPO stage: its objective and reference modes
     ["ppo.stages.dpo.objective", "ppo.stages.dpo.reference"],
     ["ppo.stages.dpo.pipelined"],
-    ["ppo.stages.sft.trainer", "rm.reward_trainer", "ppo.stages.ppo.trainer", "ppo.stages.dpo.trainer"],
+    ["ppo.stages.sft.trainer", "rm.reward_trainer", "rm.server", "ppo.stages.ppo.trainer", "ppo.stages.dpo.trainer"],
     ["ppo.stages.dpo.online"],
     # entry points and the built-in demo
-    ["ppo.run_ppo", "ppo.run_sft", "rm.run_reward", "dpo.run_dpo", "ppo.tiny.task", "ppo.tiny.arithmetic"],
+    ["ppo.run_ppo", "ppo.run_sft", "rm.run_reward", "rm.serve_reward", "dpo.run_dpo", "ppo.tiny.task", "ppo.tiny.arithmetic"],
     ["ppo.tiny.build", "ppo.tiny.evaluate"],
     ["ppo.tiny.pipeline"],
 ]

@@ -462,6 +462,7 @@ RAW_READS = {
     "ppo/distributed/offload.py:open": "the offload store's own temporary file, written in this process",
     "ppo/rewards/remote.py:urlopen": "the reward endpoint's answers: tests/test_reward_server.py",
     "ppo/rewards/remote.py:json.loads": "the reward endpoint's answers: tests/test_reward_server.py",
+    "rm/server.py:json.loads": "the reward server's requests: tests/test_reward_service.py (BAD_BODIES and the refusals)",
     "ppo/tiny/evaluate.py:open": "the demo's own evaluation files",
     "ppo/tiny/evaluate.py:json.loads": "the demo's own evaluation files",
     "ppo/tiny/pipeline.py:open": "the demo reads the metrics its own runs wrote",

@@ -19,8 +19,9 @@ from ppo.args.dpo import DPOArgs
 from ppo.args.paddlenlp import PADDLENLP_KEYS, NoEffect, Renamed
 from ppo.args.parse import PROJECT_ROOT, check_preset_models, parse_args, validate
 from ppo.args.ppo import PPOArgs
-from ppo.args.reward import RewardArgs
+from ppo.args.reward import RewardArgs, ServeRewardArgs
 from ppo.args.sft import SFTArgs
 
 __all__ = ["DataArgs", "ParallelArgs", "TrainingArgs", "PADDLENLP_KEYS", "NoEffect", "Renamed", "PROJECT_ROOT",
-           "check_preset_models", "parse_args", "validate", "DPOArgs", "PPOArgs", "RewardArgs", "SFTArgs"]
+           "check_preset_models", "parse_args", "validate", "DPOArgs", "PPOArgs", "RewardArgs", "ServeRewardArgs",
+           "SFTArgs"]

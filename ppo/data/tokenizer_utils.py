@@ -49,3 +49,17 @@ def decode_without_special(tokenizer, rows: list) -> list[str]:
     special = set(tokenizer.all_special_ids)
     return [tokenizer.decode([int(t) for t in ids if int(t) not in special], skip_special_tokens=False)
             for ids in rows]
+
+
+def encode_scored_text(tokenizer, prompt: str, response: str, ended: bool, max_length: int) -> list[int]:
+    """The ids a score model reads for ``prompt`` + ``response`` given as text: the prompt encoded
+    as the tokenizer encodes a text (its special tokens included), the response after one space
+    without them, the tokenizer's eos when the response ``ended`` (the actor stopped on its eos),
+    and the last ``max_length`` ids kept.  The PPO rollout re-encodes for a reward model with
+    another vocabulary this way, and the reward server encodes its requests this way, so both
+    score the same ids."""
+    ids = list(tokenizer(prompt)["input_ids"]) + list(
+        tokenizer(" " + response.strip(), add_special_tokens=False)["input_ids"])
+    if ended:
+        ids.append(tokenizer.eos_token_id)
+    return [int(t) for t in ids[-max_length:]]

@@ -36,7 +36,8 @@ class RewardFunction:
     Subclasses implement ``__call__(prompts, responses, response_ids, references, **context)``:
     ``prompts``, ``responses`` and ``references`` are lists of length ``B`` (a reference may be
     None), ``response_ids`` the ``B`` generated token-id lists (without padding); ``context`` holds
-    run facts such as ``max_new_tokens``.  It returns ``B`` finite floats.
+    run facts: ``max_new_tokens`` and ``eos_token_id`` (the actor tokenizer's: a response whose last
+    id it is ended on its own).  It returns ``B`` finite floats.
     """
 
     NAME: ClassVar[str | None] = None

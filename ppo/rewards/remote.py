@@ -2,8 +2,14 @@
 
 Protocol (HTTP/1.1, ``Content-Type: application/json``)::
 
-    request:  {"prompts": [str, ...], "responses": [str, ...], "references": [str | null, ...]}
+    request:  {"prompts": [str, ...], "responses": [str, ...], "references": [str | null, ...],
+               "ended": [bool, ...]}             ("ended" optional: the response stopped on the eos)
     answer:   {"scores": [float, ...]}          (status 200, one finite number per response)
+
+The texts are decoded without special tokens, so ``ended`` says what the text cannot: that the
+actor stopped on its own rather than at ``max_new_tokens``.  A reward model scores the two
+differently (the in-process one sees the eos id), and this toolkit's server (``rm/serve_reward.py``)
+appends the eos for a response that ended.  A server may ignore the key.
 
 Each request waits at most ``timeout`` seconds.  Connection failures, timeouts and answers with
 status 429 or 5xx are retried ``retries`` times, after ``backoff * 2**attempt`` seconds.  Other
@@ -75,15 +81,19 @@ def _post(url: str, payload: bytes, timeout: float) -> bytes:
 
 
 def post_batch(url: str, prompts: list[str], responses: list[str], references: list[str | None], *,
-               timeout: float = 60.0, retries: int = 2, backoff: float = 1.0) -> list[float]:
+               ended: list[bool] | None = None, timeout: float = 60.0, retries: int = 2,
+               backoff: float = 1.0) -> list[float]:
     """The server's scores for the batch: ``B`` floats, ``B = len(responses)``.
 
-    Tries ``1 + retries`` times in all (see the module docstring for what is retried); a UserError
+    ``ended`` (optional, one bool per response) is sent as the request's ``"ended"``.  Tries
+    ``1 + retries`` times in all (see the module docstring for what is retried); a UserError
     when no attempt succeeds or the answer breaks the protocol.
     """
     B = len(responses)
-    payload = json.dumps({"prompts": list(prompts), "responses": list(responses),
-                          "references": list(references)}).encode("utf-8")
+    request = {"prompts": list(prompts), "responses": list(responses), "references": list(references)}
+    if ended is not None:
+        request["ended"] = [bool(e) for e in ended]
+    payload = json.dumps(request).encode("utf-8")
     reason = ""
     for attempt in range(retries + 1):
         if attempt:
@@ -142,5 +152,7 @@ class RemoteReward(RewardFunction):
             reward_server_backoff
 
     def __call__(self, prompts, responses, response_ids, references, **context):
-        return post_batch(self.url, prompts, responses, references, timeout=self.timeout, retries=self.retries,
-                          backoff=self.backoff)
+        eos = context.get("eos_token_id")
+        ended = None if eos is None else [bool(ids) and int(ids[-1]) == int(eos) for ids in response_ids]
+        return post_batch(self.url, prompts, responses, references, ended=ended, timeout=self.timeout,
+                          retries=self.retries, backoff=self.backoff)

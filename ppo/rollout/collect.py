@@ -18,7 +18,7 @@ import paddle.nn.functional as F
 from ppo.distributed import parallel
 from ppo.core.algorithms import entropy_from_logits, gather_log_probs
 from ppo.rollout.decoding import RolloutDecoder, current_weights
-from ppo.data.tokenizer_utils import decode_without_special
+from ppo.data.tokenizer_utils import decode_without_special, encode_scored_text
 from ppo.core.experience import Experience, real_spans, shift_left
 from ppo.rollout.inference import InferenceModel
 from ppo.models import position_ids_from_mask
@@ -301,11 +301,7 @@ def retokenize(sequences, attention_mask, prompt_length: int, src_tokenizer, dst
         response = [int(t) for t, m in zip(ids[b, prompt_length:], mask[b, prompt_length:]) if m]
         ended = bool(response) and response[-1] == src_tokenizer.eos_token_id
         prompt_text, response_text = decode_without_special(src_tokenizer, [prompt, response])
-        new = dst_tokenizer(prompt_text)["input_ids"] + dst_tokenizer(" " + response_text.strip(),
-                                                                      add_special_tokens=False)["input_ids"]
-        if ended:
-            new.append(dst_tokenizer.eos_token_id)
-        rows.append(new[-max_length:])
+        rows.append(encode_scored_text(dst_tokenizer, prompt_text, response_text, ended, max_length))
     T = max(len(r) for r in rows)
     pad = dst_tokenizer.pad_token_id
     out_ids = paddle.to_tensor([r + [pad] * (T - len(r)) for r in rows], dtype="int64")

@@ -112,7 +112,7 @@ class Ranker:
             stats["reward_model"] = float(rm.mean())
         if self.functions:
             scores = combine(self.functions, prompt_texts, responses, response_ids, [None] * len(responses),
-                             max_new_tokens=self.args.max_new_tokens)
+                             max_new_tokens=self.args.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id)
             total += scores.total
             stats.update({name: float(v.mean()) for name, v in scores.per_function.items()})
         return total, stats

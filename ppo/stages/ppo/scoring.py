@@ -62,7 +62,8 @@ class RewardScorer:
                 refs = [None] * B if references is None else \
                     [r for r in references for _ in range(B // max(len(references), 1))]
                 prompts, responses, response_ids = decode_rows(exp, tokenizer)
-                scores = combine(self.functions, prompts, responses, response_ids, refs, **self.context)
+                scores = combine(self.functions, prompts, responses, response_ids, refs,
+                                 eos_token_id=tokenizer.eos_token_id, **self.context)
                 table[:-1] = [scores.per_function[n] for n in self.names]
                 table[-1] = scores.total
         if share:
