@@ -11,7 +11,7 @@ import typing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ppo.args import PADDLENLP_KEYS, DataArgs, DPOArgs, NoEffect, ParallelArgs, PPOArgs, RewardArgs, SFTArgs, TrainingArgs  # noqa: E402
+from ppo.args import PADDLENLP_KEYS, DataArgs, DPOArgs, NoEffect, ParallelArgs, PPOArgs, RewardArgs, ServeRewardArgs, SFTArgs, TrainingArgs  # noqa: E402
 from ppo.args.common import range_help  # noqa: E402
 
 SECTIONS = [
@@ -22,6 +22,7 @@ SECTIONS = [
     ("Reward model (`rm/run_reward.py`)", RewardArgs, (TrainingArgs, ParallelArgs, DataArgs)),
     ("DPO and its family (`dpo/run_dpo.py`)", DPOArgs, (TrainingArgs, ParallelArgs, DataArgs)),
     ("PPO (`ppo/run_ppo.py`)", PPOArgs, (TrainingArgs, ParallelArgs, DataArgs)),
+    ("Reward server (`rm/serve_reward.py`)", ServeRewardArgs, ()),
 ]
 
 
