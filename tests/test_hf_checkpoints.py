@@ -25,6 +25,7 @@ from ppo.core.errors import UserError
 from ppo.models import hf, load_causal_lm, load_score_model
 
 VOCAB, H, FFN, LAYERS, HEADS, KV = 96, 32, 48, 2, 4, 2
+QWEN3_HEAD_DIM = 16  # decoupled: not H / HEADS (8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,7 +41,7 @@ def reference_forward(t, cfg, ids):
     -> (final hidden [T, H], logits [T, V] or None without an LM head)."""
     t = {k: np.asarray(v, dtype=np.float64) for k, v in t.items()}
     nh, nkv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    D = cfg["hidden_size"] // nh
+    D = cfg.get("head_dim") or cfg["hidden_size"] // nh
     theta = cfg["rope_parameters"]["rope_theta"] if "rope_parameters" in cfg else cfg.get("rope_theta", 10000.0)
     eps, T = cfg["rms_norm_eps"], len(ids)
     inv = 1.0 / theta ** (np.arange(0, D, 2) / D)
@@ -57,13 +58,17 @@ def reference_forward(t, cfg, ids):
     def heads(x, n):
         return x.reshape(T, n, D).transpose(1, 0, 2)
 
+    def head_norm(x, name):  # Qwen3: each head RMS-normalised before the rotary embedding
+        return rms(x, t[name + ".weight"], eps) if name + ".weight" in t else x
+
     x = t["model.embed_tokens.weight"][ids]
     causal = np.triu(np.full((T, T), -np.inf), 1)
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         h = rms(x, t[p + "input_layernorm.weight"], eps)
-        q = rope(heads(linear(p + "self_attn.q_proj", h), nh))
-        k = np.repeat(rope(heads(linear(p + "self_attn.k_proj", h), nkv)), nh // nkv, axis=0)
+        q = rope(head_norm(heads(linear(p + "self_attn.q_proj", h), nh), p + "self_attn.q_norm"))
+        k = np.repeat(rope(head_norm(heads(linear(p + "self_attn.k_proj", h), nkv), p + "self_attn.k_norm")),
+                      nh // nkv, axis=0)
         v = np.repeat(heads(linear(p + "self_attn.v_proj", h), nkv), nh // nkv, axis=0)
         s = q @ k.transpose(0, 2, 1) / np.sqrt(D) + causal
         a = np.exp(s - s.max(-1, keepdims=True))
@@ -85,7 +90,7 @@ def reference_forward(t, cfg, ids):
 
 def hf_tensors(family, tied, seed=0, bf16_exact=False):
     rng = np.random.default_rng(seed)
-    D = H // HEADS
+    D = QWEN3_HEAD_DIM if family == "qwen3" else H // HEADS
 
     def w(*shape, scale=0.15):
         return rng.normal(0, scale, shape).astype(np.float32)
@@ -101,6 +106,8 @@ def hf_tensors(family, tied, seed=0, bf16_exact=False):
         if family == "qwen2":
             t.update({p + "self_attn.q_proj.bias": w(HEADS * D, scale=0.5), p + "self_attn.k_proj.bias": w(KV * D, scale=0.5),
                       p + "self_attn.v_proj.bias": w(KV * D, scale=0.5)})
+        if family == "qwen3":  # per-head q/k norms, far from 1 so that each one matters
+            t.update({p + "self_attn.q_norm.weight": 1 + w(D, scale=0.5), p + "self_attn.k_norm.weight": 1 + w(D, scale=0.5)})
     if not tied:
         t["lm_head.weight"] = w(VOCAB, H, scale=0.5)
     if bf16_exact:  # representable in bfloat16: the stored file is then exact
@@ -109,13 +116,17 @@ def hf_tensors(family, tied, seed=0, bf16_exact=False):
 
 
 def hf_config(family, tied, v5=True):
-    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[family]
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}[family]
     cfg = dict(architectures=[arch], model_type=family, vocab_size=VOCAB, hidden_size=H, intermediate_size=FFN,
                num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV,
                max_position_embeddings=128, rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=tied,
                bos_token_id=1, eos_token_id=2, pad_token_id=3)  # IDS holds a 3: a pad embedding is still read
     if family == "mistral":  # a window longer than the test's sequences; head_dim as transformers 4.4x+ writes it
         cfg.update(sliding_window=64, head_dim=H // HEADS)
+    if family == "qwen3":  # as transformers' Qwen3 writes it: heads x head_dim (64) is not hidden_size (32)
+        cfg.update(head_dim=QWEN3_HEAD_DIM, attention_bias=False, use_sliding_window=False, sliding_window=None,
+                   max_window_layers=LAYERS)
     if v5:  # transformers 5.x: rope_theta inside rope_parameters, "dtype"
         cfg.update(rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, dtype="float32",
                    transformers_version="5.0.0")
@@ -171,7 +182,8 @@ def paddle_logits(model, ids):
 
 IDS = [5, 17, 3, 88, 42, 9, 60, 1, 33, 71, 2]
 CASES = {"llama": ("llama", False, 1), "qwen2-untied": ("qwen2", False, 1), "qwen2-tied": ("qwen2", True, 1),
-         "qwen2-sharded": ("qwen2", False, 3), "mistral": ("mistral", False, 1)}
+         "qwen2-sharded": ("qwen2", False, 3), "mistral": ("mistral", False, 1), "qwen3-untied": ("qwen3", False, 1),
+         "qwen3-tied": ("qwen3", True, 1)}
 
 
 @pytest.fixture(autouse=True)
@@ -352,7 +364,7 @@ def test_unsupported_family_is_one_line(tmp_path):
 # out
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen2-untied", "qwen2-tied", "mistral"])
+@pytest.mark.parametrize("case", ["llama", "qwen2-untied", "qwen2-tied", "mistral", "qwen3-untied", "qwen3-tied"])
 def test_export_reads_back_with_the_reference_logits(tmp_path, case):
     family, tied, _ = CASES[case]
     src = str(tmp_path / "hf")

@@ -129,7 +129,7 @@ def test_main_job_quick_on_tied_qwen2_aligns_the_policy(tmp_path):
 
     from ppo.tiny.pipeline import main
 
-    report = main(["--output_dir", str(tmp_path / "tiny"), "--quick", "--family", "qwen2"])
+    report = main(["--output_dir", str(tmp_path / "tiny"), "--quick", "--family", "qwen2", "--without_dpo"])
     for stage in ("base", "sft", "rm", os.path.join("ppo", "policy")):
         with open(tmp_path / "tiny" / stage / "config.json") as f:
             config = json.load(f)

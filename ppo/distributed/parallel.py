@@ -1,5 +1,6 @@
 """Start-up, groups, collectives and fleet's wrappers: with ``pipeline.py`` (pipeline-parallel
-models) and ``cpu_fleet.py`` (fleet's CPU adaptations) the only modules that call
+models), ``vocab.py`` (vocabulary-parallel logits) and ``cpu_fleet.py`` (fleet's CPU adaptations)
+the only modules that call
 paddle.distributed / fleet or read the private attributes of fleet's wrappers.
 
 Layout: world = data x sharding x pipeline x tensor (fleet's hybrid topology).  Trainers ask this
@@ -10,7 +11,6 @@ inference paths and the checkpoints never import paddle.distributed themselves.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
@@ -280,10 +280,40 @@ def inner_optimizer(optimizer):
     return optimizer
 
 
+# A parameter replicated on every tensor-parallel rank but applied to this rank's shard only (Qwen3's
+# per-head q/k norm weights: each rank normalises its own heads) gets a partial gradient on each rank;
+# a family marks it with this attribute, and training sums its gradient over the group.
+PARTIAL_GRAD = "tensor_parallel_partial_grad"
+
+
+def sum_partial_grads(model) -> int:
+    """Make every backward sum the gradient of ``model``'s parameters marked ``PARTIAL_GRAD`` over
+    the tensor-parallel group before it is accumulated (a hook on each, registered once), so that
+    every rank holds the full gradient, as one process computes it; returns how many are marked.
+    Per backward rather than per step: exact under gradient accumulation and micro-steps."""
+    marked = [p for p in model.parameters() if getattr(p, PARTIAL_GRAD, False) and not p.stop_gradient]
+    if _CONTEXT.tp_degree <= 1:
+        return len(marked)
+    group = _CONTEXT.hcg.get_model_parallel_group()
+
+    def summed(grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    for p in marked:
+        if not getattr(p, "_ppo_partial_grad_hook", False):
+            p.register_hook(summed)
+            p._ppo_partial_grad_hook = True
+    return len(marked)
+
+
 def wrap_for_training(model, optimizer, sharding_stage: str = ""):
-    """Hand a model and its optimizer to fleet (data parallel / sharding); identity in one process."""
+    """Hand a model and its optimizer to fleet (data parallel / sharding); identity in one process.
+    Parameters with partial gradients under tensor parallel get theirs summed (``sum_partial_grads``)."""
     if not _CONTEXT.distributed:
         return model, optimizer
+    sum_partial_grads(model)
     from paddle.distributed import fleet
 
     if _CONTEXT.sharding_degree > 1 and sharding_stage == "stage2":
@@ -366,70 +396,6 @@ def exit_together(status: int = 0) -> None:
     sys.stderr.flush()
     logging.shutdown()
     os._exit(status)
-
-
-# ---------------------------------------------------------------------------------------------
-# Vocabulary-parallel log-probabilities
-
-
-def vocab_is_split(model) -> bool:
-    """True when ``model``'s logits come out split over the tensor-parallel ranks' vocabularies."""
-    config = getattr(model, "config", None)
-    return (_CONTEXT.tp_degree > 1 and int(getattr(config, "tensor_parallel_degree", 1) or 1) > 1
-            and bool(getattr(config, "tensor_parallel_output", False)))
-
-
-@contextlib.contextmanager
-def full_vocab_logits(model):
-    """Within the block ``model`` returns full-vocabulary logits (gathered over tensor parallel).
-
-    Generation samples from the whole distribution; training keeps the split logits.
-    """
-    config = getattr(model, "config", None)
-    if config is None or not vocab_is_split(model):
-        yield
-        return
-    config.tensor_parallel_output = False
-    try:
-        yield
-    finally:
-        config.tensor_parallel_output = True
-
-
-def vocab_parallel_log_probs(logits, labels, temperature: float = 1.0, with_entropy: bool = False):
-    """Log-probs [B, T] of ``labels`` (and entropy) from this rank's vocabulary slice of the logits.
-
-    logits [B, T, V / mp] hold vocabulary ids [rank * V/mp, (rank+1) * V/mp).  The log-probs are
-    fleet's vocabulary-parallel cross entropy (``ParallelCrossEntropy``: the fused kernel on GPU,
-    ``ppo.distributed.cpu_fleet``'s adaptation on CPU), negated.  No rank ever holds the full vocabulary.
-    """
-    from paddle.distributed.fleet.meta_parallel import ParallelCrossEntropy
-
-    group = _CONTEXT.hcg.get_model_parallel_group()
-    x = logits.astype("float32") / temperature
-    log_probs = -ParallelCrossEntropy(mp_group=group)(x, labels.astype("int64")).reshape(labels.shape)
-    return log_probs, (_vocab_parallel_entropy(x, group) if with_entropy else None)
-
-
-def vocab_parallel_entropy(logits, temperature: float = 1.0):
-    """Entropy [B, T] of the softmax over the whole vocabulary, from this rank's slice of the logits."""
-    return _vocab_parallel_entropy(logits.astype("float32") / temperature,
-                                   _CONTEXT.hcg.get_model_parallel_group())
-
-
-def _vocab_parallel_entropy(x, group):
-    from paddle.distributed.fleet.layers.mpu import mp_ops
-
-    def reduce_sum(t):  # differentiable all-reduce: backward is the identity on each shard
-        return mp_ops._mp_allreduce(t, group=group, use_calc_stream=True, use_model_parallel=True)
-
-    # H = logsumexp(x) - sum softmax(x) * x from a max and sums all-reduced over the group; the max
-    # is a constant shift (exact), so detached
-    shift = x.max(axis=-1, keepdim=True).detach()
-    dist.all_reduce(shift, op=dist.ReduceOp.MAX, group=group)
-    e = paddle.exp(x - shift)
-    total = reduce_sum(e.sum(axis=-1))
-    return paddle.log(total) + shift.squeeze(-1) - reduce_sum((e * x).sum(axis=-1)) / total
 
 
 def model_parallel_all_reduce(tensor):

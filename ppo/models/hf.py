@@ -96,7 +96,7 @@ def _cache_key(path: str) -> str:
     return digest.hexdigest()[:20]
 
 
-def map_config(config: dict, what: str, path: str) -> dict:
+def map_config(config: dict, what: str, path: str, free_head_dim: bool = False) -> dict:
     """A transformers config.json (4.x or 5.x layout) as paddlenlp config keys; UserError (one line)
     for a rope scaling this toolkit does not compute."""
     out = dict(config)
@@ -112,7 +112,7 @@ def map_config(config: dict, what: str, path: str) -> dict:
         raise UserError(f"'{what}' = '{path}': rope_scaling type "
                         f"{scaling.get('rope_type', scaling.get('type'))!r} is not supported; supported: none, default")
     head_dim, heads = out.get("head_dim"), int(out.get("num_attention_heads") or 1)
-    if head_dim is not None and int(head_dim) * heads != int(out.get("hidden_size", 0)):
+    if head_dim is not None and not free_head_dim and int(head_dim) * heads != int(out.get("hidden_size", 0)):
         raise UserError(f"'{what}' = '{path}': head_dim {head_dim} is not hidden_size / num_attention_heads "
                         f"({out.get('hidden_size')} / {heads}); paddlenlp's models support only that head size")
     for key in ("torch_dtype", "transformers_version", "auto_map"):
@@ -140,12 +140,14 @@ def _transposed(name: str) -> bool:
     return _is_linear(name) or name in ("lm_head.weight", "score.weight", "score_head.weight")
 
 
-def _required(prefix: str, layers: int, tied: bool, score: bool) -> list[str]:
+def _required(family, layers: int, tied: bool, score: bool) -> list[str]:
+    prefix = family.prefix
     names = [f"{prefix}.embed_tokens.weight", f"{prefix}.norm.weight"]
     for i in range(layers):
         names += [f"{prefix}.layers.{i}.{p}.weight" for p in (
             "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-            "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")]
+            "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm",
+            *family.extra_layer_tensors)]
     if score:
         names.append("score_head.weight")
     elif not tied:
@@ -160,7 +162,7 @@ def _convert(path: str, target: str, what: str) -> None:
     conversion holds at most one output shard, in the stored dtype."""
     raw = read_json(os.path.join(path, "config.json"), "model config")
     family = family_of(raw, what, path)
-    mapped = map_config(raw, what, path)
+    mapped = map_config(raw, what, path, family.free_head_dim)
     files = weight_files(path, what)
     label = f"weights file of '{what}'"
     names = {name: file for file in files for name in tensor_names(file, label)}
@@ -173,7 +175,7 @@ def _convert(path: str, target: str, what: str) -> None:
         mapped["score_bias"] = "score.bias" in names
         mapped["architectures"] = [family.score_model_class.__name__]
     mapped_names = {paddle_name(n, family.prefix, tied) for n in names}
-    missing = [n for n in _required(family.prefix, int(mapped["num_hidden_layers"]), tied, score)
+    missing = [n for n in _required(family, int(mapped["num_hidden_layers"]), tied, score)
                if n not in mapped_names]
     if missing:
         raise UserError(f"'{what}' = '{path}' has no tensor for {missing[0]} ({len(missing)} missing); "
@@ -309,7 +311,7 @@ def _export_tensors(items, config: dict, out_dir: str, shard_size=None) -> None:
             continue
         writer.add(key, _cast(value.T if _transposed(name) else value, dtype))
     writer.close()
-    hf_config = {k: v for k, v in config.items() if k in _HF_KEYS}
+    hf_config = {k: v for k, v in config.items() if k in _HF_KEYS or k in family.extra_config_keys}
     hf_config.update(model_type=family.name, architectures=[_hf_class(family, score)],
                      tie_word_embeddings=tied, torch_dtype=dtype)
     if score:

@@ -159,12 +159,10 @@ def freeze(model):
 
 
 def load_causal_lm(path: str, what: str = "model_name_or_path", **overrides):
-    from paddlenlp.transformers import AutoConfig
-
     check_causal_lm_role(check_model_path(path, what), path, what)
     source, path = path, hf.resolve(path, what)
     family = check_family(check_model_path(path, what), source, what)
-    config = AutoConfig.from_pretrained(path)
+    config = family.config_class.from_pretrained(path)  # (paddlenlp's AutoConfig knows no qwen3)
     for key, value in overrides.items():
         setattr(config, key, value)
     # the family's class: paddlenlp's, or the family's correction of it (ppo/models/families/mistral.py)

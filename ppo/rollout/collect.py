@@ -15,7 +15,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from ppo.distributed import parallel
+from ppo.distributed import parallel, vocab
 from ppo.core.algorithms import entropy_from_logits, gather_log_probs
 from ppo.rollout.decoding import RolloutDecoder, current_weights
 from ppo.data.tokenizer_utils import decode_without_special, encode_scored_text
@@ -140,7 +140,7 @@ def generate(model, input_ids, attention_mask, config: GenerationConfig, eos_tok
     generated (mask 1) and is right-padded after it (mask 0).  With ``return_log_probs`` also the
     response tokens' log-probs [B, R] (``sampled_log_probs``; 0 after a row finished).
     """
-    with parallel.full_vocab_logits(None if isinstance(model, RolloutDecoder) else unwrap(model)):
+    with vocab.full_vocab_logits(None if isinstance(model, RolloutDecoder) else unwrap(model)):
         return _generate(decoder_for(model), input_ids, attention_mask, config, eos_token_id, pad_token_id,
                          return_log_probs)
 
@@ -252,7 +252,7 @@ def forward_log_probs(model, sequences, attention_mask, temperature: float = 1.0
     """
     out = model(input_ids=sequences, attention_mask=attention_mask,
                 position_ids=position_ids_from_mask(attention_mask), return_dict=True)
-    return log_probs_from_logits(out.logits, sequences, temperature, parallel.vocab_is_split(unwrap(model)),
+    return log_probs_from_logits(out.logits, sequences, temperature, vocab.vocab_is_split(unwrap(model)),
                                  with_entropy, entropy_grad)
 
 
@@ -264,7 +264,7 @@ def log_probs_from_logits(logits, sequences, temperature: float = 1.0, split: bo
     # and a zero-filled [B, L, V] gradient backward
     labels = paddle.concat([sequences[:, 1:], sequences[:, -1:]], axis=1)
     if split:
-        log_probs, entropy = parallel.vocab_parallel_log_probs(logits, labels, temperature,
+        log_probs, entropy = vocab.vocab_parallel_log_probs(logits, labels, temperature,
                                                                with_entropy and entropy_grad)
     else:
         log_probs = gather_log_probs(logits, labels, temperature)
@@ -272,7 +272,7 @@ def log_probs_from_logits(logits, sequences, temperature: float = 1.0, split: bo
     if with_entropy and not entropy_grad:
         with paddle.no_grad():
             detached = logits.detach()
-            entropy = (parallel.vocab_parallel_entropy(detached, temperature) if split
+            entropy = (vocab.vocab_parallel_entropy(detached, temperature) if split
                        else entropy_from_logits(detached, temperature))
     return log_probs[:, :-1], (entropy[:, :-1] if entropy is not None else None)
 

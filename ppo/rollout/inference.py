@@ -43,7 +43,7 @@ import math
 import paddle
 import paddle.nn.functional as F
 
-from ppo.distributed import parallel
+from ppo.distributed import parallel, vocab
 from ppo.core.algorithms import gather_log_probs
 from ppo.rollout.decoding import RolloutDecoder
 from ppo.models.families import DecoderLayout, LayerWeights, Projection, family_of_model
@@ -199,6 +199,12 @@ class InferenceModel(RolloutDecoder):
         return q.reshape([-1, self.n_heads * self.head_dim]), k.reshape([-1, self.n_kv * self.head_dim]), \
             v.reshape([-1, self.n_kv * self.head_dim])
 
+    def _head_norms(self, q, k, weights: LayerWeights):
+        """q, k [..., heads, D] with each head RMS-normalised (Qwen3's q_norm / k_norm), or as they are."""
+        if weights.q_norm is None:
+            return q, k
+        return _rms_norm(q, weights.q_norm, self.eps), _rms_norm(k, weights.k_norm, self.eps)
+
     def _mlp(self, h, weights: LayerWeights):
         if weights.gate_up is None:
             act = F.swiglu(_linear(h, weights.gate), _linear(h, weights.up))  # silu(gate) * up, one op
@@ -243,8 +249,9 @@ class InferenceModel(RolloutDecoder):
         x = _rms_norm(h, layers[0].input_norm, self.eps)
         for i, weights in enumerate(layers):
             q, k, v = self._qkv(x, weights)
-            q = _rotary(q.reshape([B, S, H, D]).transpose([0, 2, 1, 3]), cos_q, sin_q)
-            k = _rotary(k.reshape([B, S, KV, D]).transpose([0, 2, 1, 3]), cos_k, sin_k)
+            q, k = self._head_norms(q.reshape([B, S, H, D]), k.reshape([B, S, KV, D]), weights)
+            q = _rotary(q.transpose([0, 2, 1, 3]), cos_q, sin_q)
+            k = _rotary(k.transpose([0, 2, 1, 3]), cos_k, sin_k)
             v = v.reshape([B, S, KV, D]).transpose([0, 2, 1, 3])
             if cache is not None:
                 # written through the whole cache tensor (under dense kernels cache[0][i] is a copy)
@@ -283,7 +290,7 @@ class InferenceModel(RolloutDecoder):
         head = self.layout().lm_head
         logits = self._logits(hidden, head)
         if self._vocab_split(head):  # no rank gathers the [B, L, V] logits
-            return parallel.vocab_parallel_log_probs(logits.reshape([B, L - 1, -1]), sequences[:, 1:], temperature)[0]
+            return vocab.vocab_parallel_log_probs(logits.reshape([B, L - 1, -1]), sequences[:, 1:], temperature)[0]
         return gather_log_probs(logits, sequences[:, 1:].reshape([-1]), temperature).reshape([B, L - 1])
 
     @paddle.no_grad()
@@ -328,8 +335,7 @@ class InferenceModel(RolloutDecoder):
         new_keys, new_values = [], []
         for i, weights in enumerate(layout.layers):
             q, k, v = self._qkv(_rms_norm(h, weights.input_norm, self.eps), weights)
-            q = q.reshape([B, H, 1, D])
-            k = k.reshape([B, KV, 1, D])
+            q, k = self._head_norms(q.reshape([B, H, 1, D]), k.reshape([B, KV, 1, D]), weights)
             v = v.reshape([B, KV, 1, D])
             # rotary with rotate_half as one matmul by a signed permutation (instead of 4 ops)
             q = (q * cos_q + paddle.matmul(q, self.rotation) * sin_q) * scale

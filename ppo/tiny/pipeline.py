@@ -1,9 +1,11 @@
 """The main job on the built-in examples: build -> SFT -> (reward model ->) RL, and DPO -> report.
 
     python -m ppo.tiny.pipeline [--task tiny|arithmetic] [--output_dir output/tiny] [--nproc 1] [--quick]
-                                [--family llama|mistral|qwen2]
+                                [--family llama|mistral|qwen2|qwen3] [--without_dpo]
 
-``--family qwen2`` builds a tiny Qwen2 base with tied embeddings (LLaMA and Mistral: untied).
+``--family qwen2`` builds a tiny Qwen2 base with tied embeddings, ``--family qwen3`` a tiny Qwen3
+with tied embeddings and a head_dim (32) twice hidden / heads, as the small Qwen3 models have
+(LLaMA and Mistral: untied).
 
 Each stage runs its real entry point (``paddle.distributed.launch`` when ``--nproc`` > 1) with
 the presets in ``config/tiny``.
@@ -51,7 +53,10 @@ QUICK = {
 # the SFT recipe per family: a tiny tied-embedding Qwen2 learns the prompt's topic slowly (its
 # gradients are right; one matrix serves as embedding and head): at lr 0.003 its SFT policy named the
 # topic in 3% of held-out answers after 3 epochs and 9% after 6, at lr 0.01 in 46% (LLaMA: 45%)
-FAMILY_SFT = {"qwen2": ["--learning_rate", "0.01"]}
+FAMILY_SFT = {"qwen2": ["--learning_rate", "0.01"], "qwen3": ["--learning_rate", "0.01"]}
+# the tiny base per family (build_causal_lm's keywords): Qwen2 and Qwen3 tie their embeddings as
+# their small models do; Qwen3's heads are wider than hidden / heads, as in Qwen3-0.6B (128 vs 64)
+FAMILY_BASE = {"qwen2": dict(tie_word_embeddings=True), "qwen3": dict(tie_word_embeddings=True, head_dim=32)}
 ARITHMETIC_QUICK = {
     "sft": [],
     "rl": ["--max_steps", "60", "--eval_steps", "30"],
@@ -103,7 +108,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--nproc", type=int, default=1, help="ranks per stage (data parallel over gloo on CPU)")
     parser.add_argument("--quick", action="store_true", help="shortened run (used by the test suite)")
     parser.add_argument("--family", default=DEMO_FAMILY, choices=supported(),
-                        help="model family of the base model (qwen2: tied embeddings)")
+                        help="model family of the base model (qwen2, qwen3: tied embeddings)")
+    parser.add_argument("--without_dpo", action="store_true",
+                        help="SFT -> reward model -> PPO only (DPO and online DPO left out)")
     parser.add_argument("--guard_weight", type=float, default=4.0,
                         help="weight of the tiny_guard rule reward beside the reward model in PPO (0: reward model "
                              "only, which PPO games: docs/main-job.md, 'Reward hacking, made visible')")
@@ -117,7 +124,7 @@ def main(argv=None) -> dict:
     if not os.path.isfile(os.path.join(out, "base", "config.json")):
         tokenizer = build_tokenizer(os.path.join(out, "tokenizer"))
         build_causal_lm(os.path.join(out, "base"), tokenizer, family=args.family, seed=0,
-                        tie_word_embeddings=args.family == "qwen2")
+                        **FAMILY_BASE.get(args.family, {}))
     quick = QUICK if args.quick else {k: [] for k in QUICK}
     # the rule reward beside the reward model (ppo/tiny/task.py: TopicGuard)
     guard = ["--reward_functions", f"tiny_guard:{args.guard_weight}", "--extra_modules", "ppo.tiny.task"] \
@@ -134,6 +141,8 @@ def main(argv=None) -> dict:
                              ["--actor_model_name_or_path", paths["sft"], "--reward_model_name_or_path", paths["rm"],
                               "--output_dir", paths["ppo"], *guard, *quick["ppo"]], args.nproc,
                              os.path.join(out, "logs", "ppo"))
+    if args.without_dpo:
+        return report_of(out, paths, times, start, dpo=False)
     times["dpo"] = run_stage("dpo/run_dpo.py", "config/tiny/dpo_argument.json",
                              ["--model_name_or_path", paths["sft"], "--output_dir", paths["dpo"], *quick["dpo"]],
                              args.nproc, os.path.join(out, "logs", "dpo"))
@@ -142,12 +151,15 @@ def main(argv=None) -> dict:
                                     ["--model_name_or_path", paths["sft"], "--online_reward_model_name_or_path",
                                      paths["rm"], "--output_dir", paths["online_dpo"], *quick["online_dpo"]],
                                     args.nproc, os.path.join(out, "logs", "online_dpo"))
+    return report_of(out, paths, times, start, dpo=True)
+
+
+def report_of(out: str, paths: dict, times: dict, start: float, dpo: bool) -> dict:
+    """The report of the tiny task's run (``dpo``: with the DPO and online DPO policies): written to
+    ``report.json`` and printed."""
     rm_eval = [json.loads(l) for l in open(os.path.join(paths["rm"], "metrics.jsonl")) if '"split": "eval"' in l]
-    dpo_eval = [json.loads(l) for l in open(os.path.join(paths["dpo"], "metrics.jsonl")) if '"split": "eval"' in l]
     sft_gold = gold_eval(paths["sft"])
     ppo_gold = gold_eval(os.path.join(paths["ppo"], "policy"))
-    dpo_gold = gold_eval(paths["dpo"])
-    online_gold = gold_eval(paths["online_dpo"])
     curve, strict_curve = gold_curve(paths["ppo"]), gold_curve(paths["ppo"], strict=True)
     plot(paths["ppo"], curve, strict_curve, os.path.join(out, "ppo_curves.png"))
     report = {
@@ -158,20 +170,21 @@ def main(argv=None) -> dict:
         "ppo_strict_gold_sampled": ppo_gold["strict_gold_sampled"],
         "sft_strict_gold_greedy": sft_gold["strict_gold_greedy"],
         "ppo_strict_gold_greedy": ppo_gold["strict_gold_greedy"],
-        "dpo_gold_sampled": dpo_gold["gold_sampled"], "dpo_strict_gold_sampled": dpo_gold["strict_gold_sampled"],
-        "dpo_gold_greedy": dpo_gold["gold_greedy"], "dpo_strict_gold_greedy": dpo_gold["strict_gold_greedy"],
-        "dpo_heldout_pair_accuracy": dpo_eval[-1]["rewards/accuracies"],
-        "online_dpo_gold_sampled": online_gold["gold_sampled"],
-        "online_dpo_strict_gold_sampled": online_gold["strict_gold_sampled"],
-        "online_dpo_gold_greedy": online_gold["gold_greedy"],
-        "online_dpo_strict_gold_greedy": online_gold["strict_gold_greedy"],
         "gold_curve": curve, "strict_gold_curve": strict_curve,
-        "seconds": {k: round(v, 1) for k, v in times.items()},
-        "total_seconds": round(time.time() - start, 1),
-        "examples": {"sft": sft_gold["examples_sampled"], "ppo": ppo_gold["examples_sampled"],
-                     "dpo": dpo_gold["examples_sampled"], "online_dpo": online_gold["examples_sampled"]},
+        "examples": {"sft": sft_gold["examples_sampled"], "ppo": ppo_gold["examples_sampled"]},
     }
-    for who in ("ppo", "dpo", "online_dpo"):
+    policies = ("ppo", "dpo", "online_dpo") if dpo else ("ppo",)
+    if dpo:
+        dpo_eval = [json.loads(l) for l in open(os.path.join(paths["dpo"], "metrics.jsonl")) if '"split": "eval"' in l]
+        report["dpo_heldout_pair_accuracy"] = dpo_eval[-1]["rewards/accuracies"]
+        for who in ("dpo", "online_dpo"):
+            gold = gold_eval(paths[who])
+            report.update({f"{who}_{k}": gold[k] for k in ("gold_sampled", "strict_gold_sampled", "gold_greedy",
+                                                            "strict_gold_greedy")})
+            report["examples"][who] = gold["examples_sampled"]
+    report["seconds"] = {k: round(v, 1) for k, v in times.items()}
+    report["total_seconds"] = round(time.time() - start, 1)
+    for who in policies:
         gain = report[f"{who}_gold_sampled"] - report["sft_gold_sampled"]
         strict_gain = report[f"{who}_strict_gold_sampled"] - report["sft_strict_gold_sampled"]
         report[f"{who}_strict_share_of_gain" if who != "ppo" else "strict_share_of_gain"] = \
@@ -181,12 +194,12 @@ def main(argv=None) -> dict:
     print("\n=== built-in example: gold-rule score on held-out prompts ===")
     print("lenient: share of positive adjectives; strict: 0 off the prompt's topic, repeated adjectives once")
     print(f"reward model held-out pair accuracy: {report['reward_model_heldout_accuracy']:.3f}")
-    for who in ("sft", "ppo", "dpo", "online_dpo"):
+    for who in ("sft", *policies):
         print(f"{who.upper()} policy  gold score sampled: lenient {report[who + '_gold_sampled']:.3f}  "
               f"strict {report[who + '_strict_gold_sampled']:.3f}   greedy: lenient {report[who + '_gold_greedy']:.3f}  "
               f"strict {report[who + '_strict_gold_greedy']:.3f}")
     for who, share in (("ppo", "strict_share_of_gain"), ("dpo", "dpo_strict_share_of_gain"),
-                       ("online_dpo", "online_dpo_strict_share_of_gain")):
+                       ("online_dpo", "online_dpo_strict_share_of_gain"))[:len(policies)]:
         gain = report[f"{who}_gold_sampled"] - report["sft_gold_sampled"]
         strict_gain = report[f"{who}_strict_gold_sampled"] - report["sft_strict_gold_sampled"]
         if report[share] is not None:
@@ -228,8 +241,7 @@ def arithmetic(out: str, nproc: int, quick: bool, family: str = DEMO_FAMILY) -> 
     times = {}
     if not os.path.isfile(os.path.join(out, "base", "config.json")):
         tokenizer = build_tokenizer(os.path.join(out, "tokenizer"), texts=list(arithmetic_corpus()))
-        build_causal_lm(os.path.join(out, "base"), tokenizer, family=family, seed=0,
-                        tie_word_embeddings=family == "qwen2")
+        build_causal_lm(os.path.join(out, "base"), tokenizer, family=family, seed=0, **FAMILY_BASE.get(family, {}))
     q = ARITHMETIC_QUICK if quick else {"sft": [], "rl": []}
     paths = {k: os.path.join(out, k) for k in ("base", "sft", "grpo", "rloo")}
     times["sft"] = run_stage("ppo/run_sft.py", "config/tiny/arithmetic_sft_argument.json",

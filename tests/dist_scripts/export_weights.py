@@ -32,7 +32,7 @@ def fixed_batch():
 def main():
     from _common import write_result
 
-    from ppo.distributed import parallel
+    from ppo.distributed import parallel, vocab
     from ppo.args import PPOArgs, parse_args
     from ppo.models import position_ids_from_mask
     from ppo.stages.ppo.trainer import PPOTrainer
@@ -62,7 +62,7 @@ def main():
         for name, value in model.state_dict().items():
             out[f"r/{prefix}/{name}"] = value.numpy()
     ids, mask = fixed_batch()
-    with paddle.no_grad(), parallel.full_vocab_logits(trainer.models.actor):
+    with paddle.no_grad(), vocab.full_vocab_logits(trainer.models.actor):
         out["logits"] = trainer.models.actor(input_ids=ids, attention_mask=mask,
                                               position_ids=position_ids_from_mask(mask), return_dict=True).logits.numpy()
         out["scores"] = trainer.models.critic(ids, mask).scores.numpy()

@@ -57,6 +57,10 @@ class LayerWeights:
     gate: Projection | None = None
     up: Projection | None = None
     gate_up: Projection | None = None
+    # per-head RMSNorm weights [head_dim] applied to each query / key head before the rotary
+    # embedding (Qwen3), or None
+    q_norm: paddle.Tensor | None = None
+    k_norm: paddle.Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +132,27 @@ class ModelFamily:
     ``score_model_class``; ``fused_inference_name`` when paddlenlp has a fused inference model for it.
     Methods with paddlenlp imports that need a running fleet or a GPU build
     import on use.
+
+    Mixture-of-experts families (ERNIE 4.5 MoE, Qwen3-MoE) are the next step, and this interface is
+    where they come in without changing the trainers: such a family adds (1) its router's auxiliary
+    load-balancing loss, returned by the causal LM's forward next to the logits and added by the
+    objectives (``ppo.stages.*``) with its coefficient, so the trainers ask the family for it
+    rather than knowing about experts; (2) an expert-parallel degree in the layouts
+    (``ppo.distributed``: expert groups beside the tensor, pipeline and sharding groups) and the
+    experts' tensors in ``extra_layer_tensors``; (3) ``layer_weights`` giving the lean decoder the
+    router and each expert's projections.  Until a family does, ``unsupported`` refuses MoE
+    configs with one line.
     """
 
     name: ClassVar[str]
+    # what a family's transformers folders hold beyond the common decoder naming: each layer's extra
+    # tensors (``self_attn.q_norm`` -> ``layers.N.self_attn.q_norm.weight``, required when loading)
+    # and the config keys its export writes besides the common ones
+    extra_layer_tensors: ClassVar[tuple[str, ...]] = ()
+    extra_config_keys: ClassVar[tuple[str, ...]] = ()
+    # whether ``head_dim`` may differ from hidden_size / num_attention_heads (paddlenlp's LLaMA,
+    # Qwen2 and Mistral compute it as that quotient)
+    free_head_dim: ClassVar[bool] = False
     model_types: ClassVar[tuple[str, ...]]
     architectures: ClassVar[tuple[str, ...]]
     prefix: ClassVar[str]

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 from ppo.core import algorithms as algo
 from ppo.distributed import parallel, pipeline
+from ppo.distributed import vocab
 from ppo.core.batching import token_mean_weights
 from ppo.data import answer_mask
 from ppo.core.experience import Experience
@@ -140,7 +141,7 @@ def pipeline_actor_gradients(actor_train, actor_opt, actor, micro: list[Experien
     whole = Experience.concat(micro)  # one rollout: equal widths, no padding
     labels = (whole.sequences, whole.old_log_probs, whole.advantages, whole.action_mask, whole.ref_log_probs,
               pipeline.row_weights([m.batch_size for m in micro], weights))
-    split = parallel.vocab_is_split(actor)
+    split = vocab.vocab_is_split(actor)
     accumulate = args.gradient_accumulation_steps
 
     def compute(logits, labels):

@@ -1,0 +1,237 @@
+"""Qwen3 (dense; transformers ``qwen3``), built on paddlenlp's Qwen2 layers, which paddlenlp 3.0.0b4
+lacks as a model.
+
+Qwen3 is Qwen2 with three differences, each implemented here and each checked by a test that fails
+without it (``tests/test_qwen3.py``):
+
+* **per-head q/k RMSNorm**: after the q and k projections are split into heads, each head's vector
+  is RMS-normalised with a learned ``[head_dim]`` weight (``self_attn.q_norm``, ``self_attn.k_norm``),
+  before the rotary embedding;
+* **decoupled head_dim**: ``head_dim`` is its own config key (128 in every released Qwen3), so the
+  projections are ``hidden -> heads * head_dim`` and ``heads * head_dim -> hidden``, which need not
+  be ``hidden -> hidden`` (Qwen3-0.6B: 1024 -> 2048);
+* **no q/k/v biases** unless ``attention_bias`` says so (Qwen2 always has them).
+
+Everything else (embedding, MLP, RMSNorm, rotary tables, causal LM head, tied embeddings of the
+small models) is paddlenlp's Qwen2 code.  The attention forward is paddlenlp's Qwen2 forward for
+separate projections without sequence parallel, with the two norms inserted; its core attention is
+``attn_func`` (so the toolkit's fast CPU attention applies) and ``recompute_granularity core_attn``
+recomputes it as paddlenlp does.  Under tensor parallel each rank normalises its own heads with the
+replicated norm weights, so their gradients are partial there: the weights are marked and training
+sums their gradients over the group.  Parameters are named ``qwen3.*`` (``model.*`` in transformers
+folders).  What it refuses with one line: fused q/k/v (``fuse_attention_qkv``), sequence parallel,
+and pipeline parallel (no pipeline stages yet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import paddle
+import paddle.nn as nn
+from paddlenlp.transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model, Qwen2PretrainedModel
+from paddlenlp.transformers import linear_utils
+from paddlenlp.transformers.qwen2.modeling import (
+    Qwen2Attention,
+    Qwen2DecoderLayer,
+    Qwen2LMHead,
+    Qwen2PretrainingCriterion,
+    Qwen2RotaryEmbedding,
+    apply_rotary_pos_emb,
+    recompute,  # fleet's, as paddlenlp's Qwen2 attention recomputes with it
+    repeat_kv,
+)
+from paddlenlp.transformers.refined_recompute import get_skip_recompute_ops
+
+from ppo.models.families.base import ModelFamily, config_value, register
+from ppo.models.score_model import ScoreModel
+
+
+class Qwen3Config(Qwen2Config):
+    """Qwen2's config plus ``head_dim`` (default hidden_size / num_attention_heads) and
+    ``attention_bias`` (default false)."""
+
+    model_type = "qwen3"
+
+    def __init__(self, head_dim: int | None = None, attention_bias: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.head_dim = int(head_dim) if head_dim else self.hidden_size // self.num_attention_heads
+        self.attention_bias = bool(attention_bias)
+
+
+class Qwen3RMSNorm(nn.Layer):
+    """RMSNorm over the last axis of size ``dim`` (a head's vector): ``x * rsqrt(mean(x^2) + eps) * w``,
+    computed in float32 as transformers' Qwen3RMSNorm."""
+
+    def __init__(self, dim: int, eps: float, tensor_parallel: bool = False):
+        super().__init__()
+        self.weight = paddle.create_parameter(shape=[dim], dtype=paddle.get_default_dtype(),
+                                              default_initializer=nn.initializer.Constant(1.0))
+        self.variance_epsilon = eps
+        if tensor_parallel:
+            # every rank holds the weight but normalises only its own heads: its gradient there is
+            # partial, and training sums it over the group (ppo.distributed.parallel.PARTIAL_GRAD)
+            self.weight.tensor_parallel_partial_grad = True
+
+    def forward(self, x):
+        with paddle.amp.auto_cast(False):
+            h = x.astype("float32")
+            h = paddle.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) * h
+        return h.astype(self.weight.dtype) * self.weight
+
+
+class Qwen3Attention(Qwen2Attention):
+    """paddlenlp's Qwen2 attention with Qwen3's projections (``head_dim``, ``attention_bias``) and
+    per-head q/k norms."""
+
+    def __init__(self, config: Qwen3Config, layerwise_recompute: bool = True, skip_recompute_ops=None):
+        super().__init__(config, layerwise_recompute, skip_recompute_ops)
+        D, H, KV, hidden = config.head_dim, config.num_attention_heads, config.num_key_value_heads, config.hidden_size
+        bias = bool(config.attention_bias)
+        self.head_dim = D
+        if config.tensor_parallel_degree > 1:
+            column, row = linear_utils.ColumnParallelLinear, linear_utils.RowParallelLinear
+            self.q_proj = column(hidden, H * D, has_bias=bias, gather_output=False)
+            self.k_proj = column(hidden, KV * D, has_bias=bias, gather_output=False)
+            self.v_proj = column(hidden, KV * D, has_bias=bias, gather_output=False)
+            self.o_proj = row(H * D, hidden, has_bias=False, input_is_parallel=True)
+        else:
+            self.q_proj = linear_utils.Linear(hidden, H * D, bias_attr=bias)
+            self.k_proj = linear_utils.Linear(hidden, KV * D, bias_attr=bias)
+            self.v_proj = linear_utils.Linear(hidden, KV * D, bias_attr=bias)
+            self.o_proj = linear_utils.Linear(H * D, hidden, bias_attr=False)
+        self.rotary_emb = Qwen2RotaryEmbedding(D, max_position_embeddings=self.max_position_embeddings,
+                                               base=self.rope_theta)
+        split = config.tensor_parallel_degree > 1
+        self.q_norm = Qwen3RMSNorm(D, config.rms_norm_eps, split)
+        self.k_norm = Qwen3RMSNorm(D, config.rms_norm_eps, split)
+
+    def forward(self, hidden_states, position_ids=None, past_key_value=None, attention_mask=None,
+                output_attentions: bool = False, use_cache: bool = False, attn_mask_startend_row_indices=None,
+                **kwargs):
+        query_states = self.q_norm(self.q_proj(hidden_states).reshape([0, 0, self.num_heads, self.head_dim]))
+        key_states = self.k_norm(self.k_proj(hidden_states).reshape([0, 0, self.num_key_value_heads, self.head_dim]))
+        value_states = self.v_proj(hidden_states).reshape([0, 0, self.num_key_value_heads, self.head_dim])
+
+        kv_seq_len = key_states.shape[-3]
+        if past_key_value is not None:
+            kv_seq_len += past_key_value[0].shape[-3]
+        cos, sin = self.rotary_emb(value_states, seq_len=kv_seq_len)
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin, position_ids)
+        if past_key_value is not None:
+            key_states = paddle.concat([past_key_value[0], key_states], axis=1)
+            value_states = paddle.concat([past_key_value[1], value_states], axis=1)
+        past_key_value = (key_states, value_states) if use_cache else None
+        if not self.config.use_flash_attention:
+            key_states = repeat_kv(key_states, self.num_key_value_groups)
+            value_states = repeat_kv(value_states, self.num_key_value_groups)
+
+        has_gradient = not (query_states.stop_gradient and key_states.stop_gradient and value_states.stop_gradient)
+        arguments = (query_states, self.config, key_states, value_states, attention_mask, output_attentions)
+        options = dict(attn_mask_startend_row_indices=attn_mask_startend_row_indices, training=self.training,
+                       sequence_parallel=False)
+        if (self.enable_recompute and self.layerwise_recompute and has_gradient
+                and self.recompute_granularity == "core_attn"):
+            outputs = recompute(self.attn_func, *arguments, use_reentrant=self.config.recompute_use_reentrant,
+                                **options)
+        else:
+            outputs = self.attn_func(*arguments, **options)
+        attn_output, attn_weights = outputs if output_attentions else (outputs, None)
+        out = (self.o_proj(attn_output),)
+        if output_attentions:
+            out += (attn_weights,)
+        if use_cache:
+            out += (past_key_value,)
+        return out[0] if len(out) == 1 else out
+
+
+class Qwen3DecoderLayer(Qwen2DecoderLayer):
+    def __init__(self, config: Qwen3Config, layerwise_recompute: bool = False, skip_recompute_ops=None):
+        super().__init__(config, layerwise_recompute, skip_recompute_ops)
+        self.self_attn = Qwen3Attention(config, layerwise_recompute, skip_recompute_ops=skip_recompute_ops)
+
+
+class Qwen3PretrainedModel(Qwen2PretrainedModel):
+    config_class = Qwen3Config
+    base_model_prefix = "qwen3"
+
+    def _init_weights(self, layer):
+        if isinstance(layer, Qwen3RMSNorm):  # ones, as transformers initialises them
+            return
+        super()._init_weights(layer)
+
+
+class Qwen3Model(Qwen3PretrainedModel, Qwen2Model):
+    """paddlenlp's Qwen2 decoder stack of Qwen3 layers."""
+
+    def __init__(self, config: Qwen3Config):
+        Qwen2Model.__init__(self, config)
+        self.layers = nn.LayerList([
+            Qwen3DecoderLayer(config, layerwise_recompute=i not in self.no_recompute_layers,
+                              skip_recompute_ops=get_skip_recompute_ops(config, i))
+            for i in range(config.num_hidden_layers)])
+
+
+class Qwen3ForCausalLM(Qwen3PretrainedModel, Qwen2ForCausalLM):
+    """paddlenlp's Qwen2 causal LM over the Qwen3 stack (parameters ``qwen3.*``, ``lm_head.*``)."""
+
+    def __init__(self, config: Qwen3Config):
+        Qwen3PretrainedModel.__init__(self, config)
+        self.qwen3 = Qwen3Model(config)
+        if config.tie_word_embeddings:
+            self.lm_head = Qwen2LMHead(config, embedding_weights=self.qwen3.embed_tokens.weight, transpose_y=True)
+            self.tie_weights()
+        else:
+            self.lm_head = Qwen2LMHead(config)
+        self.criterion = Qwen2PretrainingCriterion(config)
+        self.vocab_size = config.vocab_size
+
+    @property
+    def qwen2(self):  # paddlenlp's Qwen2 forward reads the stack under this name
+        return self.qwen3
+
+    def get_input_embeddings(self):
+        return self.qwen3.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.qwen3.embed_tokens = value
+
+    def get_decoder(self):
+        return self.qwen3
+
+
+class Qwen3ModelForScore(ScoreModel, Qwen3PretrainedModel):
+    """Qwen3 + linear score head (parameters ``qwen3.*``, ``score_head.*``)."""
+
+    backbone_class = Qwen3Model
+
+
+@register
+class Qwen3(ModelFamily):
+    name = "qwen3"
+    model_types = ("qwen3",)
+    architectures = ("Qwen3ForCausalLM", "Qwen3ModelForScore")
+    prefix = "qwen3"
+    config_class = Qwen3Config
+    causal_lm_class = Qwen3ForCausalLM
+    backbone_class = Qwen3Model
+    score_model_class = Qwen3ModelForScore
+    extra_layer_tensors = ("self_attn.q_norm", "self_attn.k_norm")
+    extra_config_keys = ("head_dim",)
+    free_head_dim = True
+
+    def unsupported(self, config) -> str | None:
+        if config_value(config, "fuse_attention_qkv", False):
+            return "is a qwen3 model with fuse_attention_qkv, which its per-head q/k norms do not take; set it false"
+        if config_value(config, "sequence_parallel", False):
+            return "is a qwen3 model, which runs without sequence_parallel; set it false"
+        return None
+
+    def attention_window(self, config) -> int | None:
+        if config_value(config, "use_sliding_window", False) and config_value(config, "sliding_window"):
+            return int(config_value(config, "sliding_window"))
+        return None
+
+    def layer_weights(self, layer, adapters: bool = True):
+        return dataclasses.replace(super().layer_weights(layer, adapters), q_norm=layer.self_attn.q_norm.weight,
+                                   k_norm=layer.self_attn.k_norm.weight)
