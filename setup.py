@@ -31,8 +31,9 @@ setup(
     ],
     extras_require={
         "cpu": ["paddlepaddle>=3.0,<3.4"],
-        # the suite runs on every core (scripts/test.sh)
-        "test": ["pytest", "pytest-xdist"],
+        # the suite runs on every core (scripts/test.sh); transformers (on torch's CPU build) is the
+        # reference the model-family tests compare against, run in its own process (tests/hf_reference.py)
+        "test": ["pytest", "pytest-xdist", "torch", "transformers"],
         "plot": ["matplotlib"],
     },
 )

@@ -99,3 +99,18 @@ def test_shipped_configs_parse(path):
     with open(os.path.join(ROOT, path)) as f:
         for key, value in json.load(f).items():
             assert getattr(args, key) == value, key
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_family_presets_parse_with_their_stage_arguments(family):
+    """config/<family>/*.json: every preset is a valid argument file of its stage (the models they
+    name are the user's: not checked here)."""
+    from ppo.args import DPOArgs, PPOArgs, RewardArgs, SFTArgs
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", family)
+    stages = {"sft": SFTArgs, "rm": RewardArgs, "dpo": DPOArgs, "ppo": PPOArgs}
+    files = sorted(os.listdir(root))
+    assert files == sorted(f"{stage}_argument.json" for stage in stages)
+    for stage, cls in stages.items():
+        args = parse_args(cls, [os.path.join(root, f"{stage}_argument.json")])
+        assert family in args.output_dir

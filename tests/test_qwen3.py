@@ -161,3 +161,59 @@ def test_main_job_quick_on_qwen3_aligns_the_policy(tmp_path):
             assert json.load(f)["model_type"] == "qwen3", stage
     assert report["ppo_gold_sampled"] > report["sft_gold_sampled"] + 0.2
     assert report["reward_model_heldout_accuracy"] >= 0.9
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers itself on both ends (tests/hf_reference.py, in its own process: no torch here)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def transformers_run(*argv):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "hf_reference.py"), *map(str, argv)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def transformers_logits(folder, tmp_path):
+    out = tmp_path / f"logits-{len(os.listdir(tmp_path))}.npy"
+    transformers_run("logits", folder, json.dumps(IDS), out)
+    return np.load(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_transformers_qwen3_through_sft_and_back_equals_transformers(tiny_dir, tmp_path, monkeypatch, tied):
+    """A folder written by transformers' own Qwen3ForCausalLM (random q/k norm weights, head_dim 16
+    with hidden 32 and 4 heads) loads with transformers' logits; after 3 SFT steps from it, the
+    exported ``hf/`` folder read by transformers has the trained model's logits."""
+    import shutil
+
+    from paddlenlp.transformers import AutoTokenizer
+
+    from ppo.args import SFTArgs, parse_args
+    from ppo.stages.sft.trainer import SFTTrainer
+
+    monkeypatch.setenv("PPO_CACHE", str(tmp_path / "cache"))
+    vocab = len(AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer")))
+    src = tmp_path / "hf"
+    transformers_run("write", "qwen3", src, "--vocab", vocab, "--tied", int(tied), "--seed", 3)
+    for name in os.listdir(tiny_dir / "tokenizer"):
+        shutil.copy2(tiny_dir / "tokenizer" / name, src / name)
+    want = transformers_logits(src, tmp_path)
+    np.testing.assert_allclose(paddle_logits(load_causal_lm(str(src)), IDS), want, rtol=1e-4, atol=1e-4)
+
+    out = tmp_path / "sft"
+    argv = [os.path.join(ROOT, "config", "tiny", "sft_argument.json"), "--model_name_or_path", str(src),
+            "--output_dir", str(out), "--max_steps", "3", "--eval_steps", "100", "--logging_steps", "1",
+            "--learning_rate", "0.01", "--disable_tqdm", "true"]
+    SFTTrainer(parse_args(SFTArgs, argv)).train()
+    trained = paddle_logits(load_causal_lm(str(out)), IDS)
+    assert np.abs(trained - want).max() > 1e-3  # SFT moved the model
+    with open(out / "hf" / "config.json") as f:
+        exported = json.load(f)
+    assert exported["model_type"] == "qwen3" and exported["head_dim"] == 16 and exported["tie_word_embeddings"] == tied
+    np.testing.assert_allclose(transformers_logits(out / "hf", tmp_path), trained, rtol=1e-4, atol=1e-4)

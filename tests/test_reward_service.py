@@ -300,9 +300,13 @@ def test_entry_point_serves_and_stops_on_sigterm(arith):
     assert proc.returncode == 0 and "reward server stopped" in out, err
 
 
-@pytest.mark.slow
-def test_bad_arguments_are_one_line(arith, tmp_path):
+def test_bad_arguments_are_one_line(arith, tmp_path, capsys):
+    """Each bad argument through the entry point's main (in this process) and one through a real
+    process: exit status 2 and one line on stderr, before anything is served."""
     import socket
+
+    from ppo.stages.entry import run_entry
+    from rm.serve_reward import main
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -317,16 +321,21 @@ def test_bad_arguments_are_one_line(arith, tmp_path):
             ([arith["rm"], "--reward_functions", "nope"], "unknown reward function 'nope'"),
             ([arith["rm"], "--port", "70000"], "'port' must be in [0, 65535]"),
             ([arith["rm"], "--max_batch_size", "0"], "'max_batch_size' must be >= 1"),
+            ([arith["rm"], "--max_wait_ms", "nan"], "'max_wait_ms' must be a finite number"),
             ([arith["rm"], "--device", "tpu"], "'device' must be cpu"),
             ([arith["rm"], "--prot", "1"], "unknown argument 'prot'"),
+            ([arith["rm"], "--chat_template", "true"], "has none"),
             ([arith["rm"], "--port", str(port)], f"cannot bind 127.0.0.1:{port}"),
         ]
-        procs = [serve(*argv) for argv, _ in cases]  # side by side: each is mostly paddle's import
-        for (argv, message), proc in zip(cases, procs):
-            out, err = proc.communicate(timeout=300)
-            last = err.strip().splitlines()[-1]
-            assert proc.returncode == 2 and last.startswith("error: ") and message in last, (argv, err)
-            assert "Traceback" not in err and not out, (argv, err)
+        for argv, message in cases:
+            with pytest.raises(SystemExit) as exit_info:
+                run_entry(main, [str(a) for a in argv])
+            err = capsys.readouterr().err.strip()
+            assert exit_info.value.code == 2 and err.startswith("error: ") and "\n" not in err, (argv, err)
+            assert message in err, (argv, err)
+    proc = serve(tmp_path / "missing")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
 
 
 def test_ppo_against_the_served_model_equals_in_process(arith, arith_sft):
