@@ -364,18 +364,40 @@ def folder_bytes(folder):
     return out
 
 
+@pytest.fixture(scope="module")
+def qwen3_tied_dir(tiny_dir, tmp_path_factory):
+    """A tiny tied Qwen3 (grouped kv heads, head_dim 32, random q/k norm weights) and its score model."""
+    from paddlenlp.transformers import AutoTokenizer
+
+    from ppo.models import load_score_model
+    from ppo.tiny.build import build_causal_lm
+    from test_qwen3 import randomize_head_norms
+
+    out = tmp_path_factory.mktemp("qwen3-tied")
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer"))
+    model = build_causal_lm(str(out / "base"), tokenizer, family="qwen3", seed=0, num_key_value_heads=2, head_dim=32,
+                            tie_word_embeddings=True)
+    randomize_head_norms(model, seed=9)
+    model.save_pretrained(str(out / "base"), safe_serialization=True)
+    load_score_model(str(out / "base")).save_pretrained(str(out / "score"))
+    tokenizer.save_pretrained(str(out / "score"))
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_tied_qwen2_from_transformers_folders_under_sharding_matches_one_process(qwen2_tied_dir, tmp_path,
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_tied_qwen2_from_transformers_folders_under_sharding_matches_one_process(request, family, tmp_path,
                                                                                  monkeypatch):
-    """Two ranks (sharding stage 1) start from transformers folders (the tied Qwen2 actor and its
-    reward model, exported by the toolkit) with an empty conversion cache: they race to convert,
+    """Two ranks (sharding stage 1) start from transformers folders (the tied Qwen2 or Qwen3 actor and
+    its reward model, exported by the toolkit) with an empty conversion cache: they race to convert,
     each folder is converted exactly once (one log line across both ranks), the folders stay
     byte-identical, and the run equals one process started from the paddlenlp folders.  A rank that
     loaded other weights would show in the step-0 evaluation, where every rank's share of the
     generations and rewards is compared with the single process."""
     from ppo.models import hf
 
+    qwen2_tied_dir = request.getfixturevalue(f"{family}_tied_dir")
     one_dir = tmp_path / "single"
     one = ppo(qwen2_tied_dir, one_dir, 8)
     src = tmp_path / "hf"
@@ -393,7 +415,7 @@ def test_tied_qwen2_from_transformers_folders_under_sharding_matches_one_process
         assert_same_weights(one_dir / sub, out / sub)
     with open(out / "policy" / "config.json") as f:
         saved = json.load(f)
-    assert saved["model_type"] == "qwen2" and saved["tie_word_embeddings"] is True
+    assert saved["model_type"] == family and saved["tie_word_embeddings"] is True
     assert_converted_once(src, cache, out, nproc)
     assert {sub: folder_bytes(src / sub) for sub in ("base", "score")} == before
 
