@@ -1,5 +1,6 @@
 """PaddlePaddle-native RLHF: supervised fine-tuning, reward modelling and PPO."""
 
+import logging
 import os
 
 # The MKL bundled with the paddle CPU wheel takes a slow generic path on AMD processors unless
@@ -19,5 +20,10 @@ def _mkl_threads() -> str:
 # 92 GFLOP/s on one thread and 168 on two, a decode step's 16-row matmuls 13.1 against 7.8 ms
 # (benchmarks/rollout_speed.py).  OMP_NUM_THREADS is left alone: paddle's own kernels slowed down.
 os.environ.setdefault("MKL_NUM_THREADS", _mkl_threads())
+
+# paddlenlp sets the root logger to INFO before it imports ``datasets``, whose library logger is still
+# unset then: its import-time notes ("PyTorch version ... available" where torch is installed) would
+# reach every console.  Its warnings still do.
+logging.getLogger("datasets").setLevel(logging.WARNING)
 
 __version__ = "0.1.0"
