@@ -6,8 +6,8 @@ of a folder with them.
     python tests/hf_reference.py logits FOLDER IDS_JSON OUT.npy
 
 ``write`` builds transformers' ``<Family>ForCausalLM`` from a tiny config (grouped kv heads; for
-Qwen3 a head_dim twice hidden / heads and random q/k norm weights, so that each matters), random
-weights from ``--seed``, and saves it with ``save_pretrained`` (safetensors).  ``logits`` loads a
+Qwen3 and ERNIE 4.5 a head_dim twice hidden / heads, with ERNIE's ``use_bias`` from ``--bias``), random
+weights from ``--seed`` (norm weights and biases too, so that each matters), and saves it with ``save_pretrained`` (safetensors).  ``logits`` loads a
 folder with ``AutoModelForCausalLM`` in float32 and saves its logits on one sequence.
 """
 
@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 FAMILIES = {"qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-            "llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM")}
+            "llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+            "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM")}
 
 
-def write(family: str, folder: str, vocab: int, tied: bool, seed: int) -> None:
+def write(family: str, folder: str, vocab: int, tied: bool, seed: int, bias: bool = False) -> None:
     import transformers
 
     config_name, model_name = FAMILIES[family]
@@ -31,6 +32,8 @@ def write(family: str, folder: str, vocab: int, tied: bool, seed: int) -> None:
                 tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     if family == "qwen3":
         dims.update(head_dim=16, attention_bias=False)
+    if family == "ernie4_5":  # its interleaved rotary, its own head_dim and the bias switch
+        dims.update(head_dim=16, use_bias=bias)
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(getattr(transformers, config_name)(**dims)).float()
     with torch.no_grad():
@@ -62,13 +65,14 @@ def main(argv=None):
     w.add_argument("--vocab", type=int, required=True)
     w.add_argument("--tied", type=int, default=0)
     w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--bias", type=int, default=0, help="ERNIE 4.5's use_bias")
     r = sub.add_parser("logits")
     r.add_argument("folder")
     r.add_argument("ids")
     r.add_argument("out")
     args = parser.parse_args(argv)
     if args.command == "write":
-        write(args.family, args.folder, args.vocab, bool(args.tied), args.seed)
+        write(args.family, args.folder, args.vocab, bool(args.tied), args.seed, bool(args.bias))
     else:
         logits(args.folder, json.loads(args.ids), args.out)
 

@@ -49,6 +49,10 @@ def reference_forward(t, cfg, ids):
     cos, sin = np.cos(np.concatenate([angles, angles], -1)), np.sin(np.concatenate([angles, angles], -1))
 
     def rope(x):  # [heads, T, D]
+        if cfg.get("model_type") == "ernie4_5":  # interleaved pairs (2i, 2i+1) at frequency i
+            c, s_ = np.repeat(cos[:, : D // 2], 2, -1), np.repeat(sin[:, : D // 2], 2, -1)
+            rotated = np.stack([-x[..., 1::2], x[..., 0::2]], -1).reshape(x.shape)
+            return x * c + rotated * s_
         return x * cos + np.concatenate([-x[..., D // 2:], x[..., : D // 2]], -1) * sin
 
     def linear(name, x):
@@ -88,9 +92,9 @@ def reference_forward(t, cfg, ids):
 # transformers-style folders written by the test
 
 
-def hf_tensors(family, tied, seed=0, bf16_exact=False):
+def hf_tensors(family, tied, seed=0, bf16_exact=False, biased=False):
     rng = np.random.default_rng(seed)
-    D = QWEN3_HEAD_DIM if family == "qwen3" else H // HEADS
+    D = QWEN3_HEAD_DIM if family in ("qwen3", "ernie4_5") else H // HEADS
 
     def w(*shape, scale=0.15):
         return rng.normal(0, scale, shape).astype(np.float32)
@@ -106,6 +110,10 @@ def hf_tensors(family, tied, seed=0, bf16_exact=False):
         if family == "qwen2":
             t.update({p + "self_attn.q_proj.bias": w(HEADS * D, scale=0.5), p + "self_attn.k_proj.bias": w(KV * D, scale=0.5),
                       p + "self_attn.v_proj.bias": w(KV * D, scale=0.5)})
+        if family == "ernie4_5" and biased:  # use_bias: every projection has one
+            t.update({p + name + ".bias": w(n, scale=0.5) for name, n in (
+                ("self_attn.q_proj", HEADS * D), ("self_attn.k_proj", KV * D), ("self_attn.v_proj", KV * D),
+                ("self_attn.o_proj", H), ("mlp.gate_proj", FFN), ("mlp.up_proj", FFN), ("mlp.down_proj", H))})
         if family == "qwen3":  # per-head q/k norms, far from 1 so that each one matters
             t.update({p + "self_attn.q_norm.weight": 1 + w(D, scale=0.5), p + "self_attn.k_norm.weight": 1 + w(D, scale=0.5)})
     if not tied:
@@ -115,9 +123,9 @@ def hf_tensors(family, tied, seed=0, bf16_exact=False):
     return t
 
 
-def hf_config(family, tied, v5=True):
+def hf_config(family, tied, v5=True, biased=False):
     arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
-            "qwen3": "Qwen3ForCausalLM"}[family]
+            "qwen3": "Qwen3ForCausalLM", "ernie4_5": "Ernie4_5ForCausalLM"}[family]
     cfg = dict(architectures=[arch], model_type=family, vocab_size=VOCAB, hidden_size=H, intermediate_size=FFN,
                num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV,
                max_position_embeddings=128, rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=tied,
@@ -127,6 +135,8 @@ def hf_config(family, tied, v5=True):
     if family == "qwen3":  # as transformers' Qwen3 writes it: heads x head_dim (64) is not hidden_size (32)
         cfg.update(head_dim=QWEN3_HEAD_DIM, attention_bias=False, use_sliding_window=False, sliding_window=None,
                    max_window_layers=LAYERS)
+    if family == "ernie4_5":  # as transformers' Ernie4_5 writes it: its own head_dim and the bias switch
+        cfg.update(head_dim=QWEN3_HEAD_DIM, use_bias=biased)
     if v5:  # transformers 5.x: rope_theta inside rope_parameters, "dtype"
         cfg.update(rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, dtype="float32",
                    transformers_version="5.0.0")
@@ -183,7 +193,13 @@ def paddle_logits(model, ids):
 IDS = [5, 17, 3, 88, 42, 9, 60, 1, 33, 71, 2]
 CASES = {"llama": ("llama", False, 1), "qwen2-untied": ("qwen2", False, 1), "qwen2-tied": ("qwen2", True, 1),
          "qwen2-sharded": ("qwen2", False, 3), "mistral": ("mistral", False, 1), "qwen3-untied": ("qwen3", False, 1),
-         "qwen3-tied": ("qwen3", True, 1)}
+         "qwen3-tied": ("qwen3", True, 1), "ernie4_5-tied": ("ernie4_5", True, 1),
+         "ernie4_5-biased": ("ernie4_5-biased", False, 1)}
+
+
+def family_case(family):
+    """(family, biased) of a CASES family entry ('ernie4_5-biased': ERNIE 4.5 with use_bias)."""
+    return (family[: -len("-biased")], True) if family.endswith("-biased") else (family, False)
 
 
 @pytest.fixture(autouse=True)
@@ -195,7 +211,8 @@ def private_cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize("v5", [True, False], ids=["transformers5", "transformers4"])
 def test_hf_folder_loads_with_the_reference_logits(tmp_path, case, v5):
     family, tied, shards = CASES[case]
-    tensors, cfg = hf_tensors(family, tied), hf_config(family, tied, v5)
+    family, biased = family_case(family)
+    tensors, cfg = hf_tensors(family, tied, biased=biased), hf_config(family, tied, v5, biased=biased)
     src = str(tmp_path / "hf")
     write_hf_folder(src, tensors, cfg, shards=shards)
     before = snapshot(src)
@@ -364,11 +381,13 @@ def test_unsupported_family_is_one_line(tmp_path):
 # out
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen2-untied", "qwen2-tied", "mistral", "qwen3-untied", "qwen3-tied"])
+@pytest.mark.parametrize("case", ["llama", "qwen2-untied", "qwen2-tied", "mistral", "qwen3-untied", "qwen3-tied",
+                                  "ernie4_5-tied", "ernie4_5-biased"])
 def test_export_reads_back_with_the_reference_logits(tmp_path, case):
     family, tied, _ = CASES[case]
+    family, biased = family_case(family)
     src = str(tmp_path / "hf")
-    write_hf_folder(src, hf_tensors(family, tied, seed=3), hf_config(family, tied))
+    write_hf_folder(src, hf_tensors(family, tied, seed=3, biased=biased), hf_config(family, tied, biased=biased))
     model = load_causal_lm(src)
     with paddle.no_grad():  # move away from the source so the export must carry the live weights
         model.parameters()[1].set_value(model.parameters()[1] * 1.5)

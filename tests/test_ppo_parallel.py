@@ -333,6 +333,26 @@ def qwen3_dir(tiny_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def ernie4_5_dir(tiny_dir, tmp_path_factory):
+    """A tiny untied ERNIE 4.5 with use_bias (random biases on every projection), grouped kv heads
+    and head_dim 32, and its score model."""
+    from paddlenlp.transformers import AutoTokenizer
+
+    from ppo.models import load_score_model
+    from ppo.tiny.build import build_causal_lm
+
+    out = tmp_path_factory.mktemp("ernie4_5")
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer"))
+    model = build_causal_lm(str(out / "base"), tokenizer, family="ernie4_5", seed=0, num_key_value_heads=2,
+                            head_dim=32, use_bias=True)
+    randomize_biases(model, seed=10)
+    model.save_pretrained(str(out / "base"), safe_serialization=True)
+    load_score_model(str(out / "base")).save_pretrained(str(out / "score"))
+    tokenizer.save_pretrained(str(out / "score"))
+    return out
+
+
+@pytest.fixture(scope="module")
 def qwen2_single(qwen2_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("qwen2-ppo-single")
     return out, ppo(qwen2_dir, out, 8)
@@ -471,12 +491,12 @@ def from_transformers(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", ["qwen2-tensor-parallel", "qwen2-pipeline-parallel", "mistral-tensor-parallel",
-                                  "qwen3-tensor-parallel"])
+                                  "qwen3-tensor-parallel", "ernie4_5-tensor-parallel"])
 def test_ppo_from_transformers_folders_under_tensor_and_pipeline_parallel_matches_one_process(
         request, from_transformers, tmp_path, monkeypatch, case):
     """Two ranks under tensor or pipeline parallel start from transformers folders (the untied Qwen2
-    with random q/k/v biases, Mistral, or Qwen3 with its q/k norms and wide heads: actor, reference,
-    critic and reward model) with an empty
+    with random q/k/v biases, Mistral, Qwen3 with its q/k norms and wide heads, or ERNIE 4.5 with its
+    interleaved rotary and biases everywhere: actor, reference, critic and reward model) with an empty
     cache: each folder is converted once, every rank loads its shard or stage from that copy, and the
     run equals one process started from the same folders (LLaMA's tolerances).  The transformers
     folders written at the end (``policy/hf``, ``value/hf``) match the numpy forward of

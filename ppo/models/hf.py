@@ -197,7 +197,7 @@ def _convert(path: str, target: str, what: str) -> None:
                     stored.add(f.dtype(name))
                     key = paddle_name(name, family.prefix, tied)
                     if key is not None:
-                        value = f.get(name)
+                        value = family.from_hf(name, f.get(name), mapped)
                         writer.add(key, _cast(value.T if _transposed(name) else value, dtype))
         writer.close()
         with open(os.path.join(work, DONE), "w", encoding="utf-8") as f:
@@ -309,7 +309,7 @@ def _export_tensors(items, config: dict, out_dir: str, shard_size=None) -> None:
             has_bias |= key == "score.bias"
         else:
             continue
-        writer.add(key, _cast(value.T if _transposed(name) else value, dtype))
+        writer.add(key, _cast(family.to_hf(key, value.T if _transposed(name) else value, config), dtype))
     writer.close()
     hf_config = {k: v for k, v in config.items() if k in _HF_KEYS or k in family.extra_config_keys}
     hf_config.update(model_type=family.name, architectures=[_hf_class(family, score)],

@@ -1,10 +1,11 @@
 """The main job on the built-in examples: build -> SFT -> (reward model ->) RL, and DPO -> report.
 
     python -m ppo.tiny.pipeline [--task tiny|arithmetic] [--output_dir output/tiny] [--nproc 1] [--quick]
-                                [--family llama|mistral|qwen2|qwen3] [--without_dpo]
+                                [--family llama|mistral|qwen2|qwen3|ernie4_5] [--without_dpo]
 
 ``--family qwen2`` builds a tiny Qwen2 base with tied embeddings, ``--family qwen3`` a tiny Qwen3
-with tied embeddings and a head_dim (32) twice hidden / heads, as the small Qwen3 models have
+with tied embeddings and a head_dim (32) twice hidden / heads, as the small Qwen3 models have,
+``--family ernie4_5`` the same for ERNIE 4.5 (as ERNIE-4.5-0.3B: tied, wide heads, no biases)
 (LLaMA and Mistral: untied).
 
 Each stage runs its real entry point (``paddle.distributed.launch`` when ``--nproc`` > 1) with
@@ -53,10 +54,12 @@ QUICK = {
 # the SFT recipe per family: a tiny tied-embedding Qwen2 learns the prompt's topic slowly (its
 # gradients are right; one matrix serves as embedding and head): at lr 0.003 its SFT policy named the
 # topic in 3% of held-out answers after 3 epochs and 9% after 6, at lr 0.01 in 46% (LLaMA: 45%)
-FAMILY_SFT = {"qwen2": ["--learning_rate", "0.01"], "qwen3": ["--learning_rate", "0.01"]}
+FAMILY_SFT = {"qwen2": ["--learning_rate", "0.01"], "qwen3": ["--learning_rate", "0.01"],
+              "ernie4_5": ["--learning_rate", "0.01"]}
 # the tiny base per family (build_causal_lm's keywords): Qwen2 and Qwen3 tie their embeddings as
 # their small models do; Qwen3's heads are wider than hidden / heads, as in Qwen3-0.6B (128 vs 64)
-FAMILY_BASE = {"qwen2": dict(tie_word_embeddings=True), "qwen3": dict(tie_word_embeddings=True, head_dim=32)}
+FAMILY_BASE = {"qwen2": dict(tie_word_embeddings=True), "qwen3": dict(tie_word_embeddings=True, head_dim=32),
+               "ernie4_5": dict(tie_word_embeddings=True, head_dim=32)}
 ARITHMETIC_QUICK = {
     "sft": [],
     "rl": ["--max_steps", "60", "--eval_steps", "30"],
@@ -108,7 +111,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--nproc", type=int, default=1, help="ranks per stage (data parallel over gloo on CPU)")
     parser.add_argument("--quick", action="store_true", help="shortened run (used by the test suite)")
     parser.add_argument("--family", default=DEMO_FAMILY, choices=supported(),
-                        help="model family of the base model (qwen2, qwen3: tied embeddings)")
+                        help="model family of the base model (qwen2, qwen3, ernie4_5: tied embeddings)")
     parser.add_argument("--without_dpo", action="store_true",
                         help="SFT -> reward model -> PPO only (DPO and online DPO left out)")
     parser.add_argument("--guard_weight", type=float, default=4.0,

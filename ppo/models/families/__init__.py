@@ -4,7 +4,7 @@ Importing this package registers every built-in family.  To add one: write ``<na
 ``ModelFamily`` subclass decorated with ``@register`` and import it below.
 """
 
-from ppo.models.families import llama, mistral, qwen2, qwen3  # noqa: F401  (registers the families)
+from ppo.models.families import ernie4_5, llama, mistral, qwen2, qwen3  # noqa: F401  (registers the families)
 from ppo.models.families.base import (
     DecoderLayout,
     LayerWeights,

@@ -196,6 +196,16 @@ class ModelFamily:
 
         return getattr(fused, self.fused_inference_name)
 
+    def from_hf(self, name: str, value, config):
+        """A transformers tensor (``name``, in transformers' [out, in] layout) as this toolkit stores
+        it, before the transpose: unchanged except where a family's layout differs (ERNIE 4.5's
+        interleaved rotary)."""
+        return value
+
+    def to_hf(self, name: str, value, config):
+        """The inverse of :meth:`from_hf` on export (``name``: the transformers name, [out, in])."""
+        return value
+
     # -- the lean decoder's view ---------------------------------------------------------------
 
     def layer_weights(self, layer, adapters: bool = True) -> LayerWeights:

@@ -80,37 +80,50 @@ class Qwen3RMSNorm(nn.Layer):
         return h.astype(self.weight.dtype) * self.weight
 
 
+def linear_pair(config, d_in: int, d_out: int, bias: bool, row: bool = False):
+    """A ``d_in -> d_out`` linear as paddlenlp builds it: column- (or ``row``-) parallel under tensor
+    parallel, else whole; with a bias or not."""
+    if config.tensor_parallel_degree > 1:
+        if row:
+            return linear_utils.RowParallelLinear(d_in, d_out, has_bias=bias, input_is_parallel=True)
+        return linear_utils.ColumnParallelLinear(d_in, d_out, has_bias=bias, gather_output=False)
+    return linear_utils.Linear(d_in, d_out, bias_attr=bias)
+
+
 class Qwen3Attention(Qwen2Attention):
     """paddlenlp's Qwen2 attention with Qwen3's projections (``head_dim``, ``attention_bias``) and
-    per-head q/k norms."""
+    per-head q/k norms.  ``head_norms`` False and ``biases`` give ERNIE 4.5's attention
+    (``families/ernie4_5.py``)."""
 
-    def __init__(self, config: Qwen3Config, layerwise_recompute: bool = True, skip_recompute_ops=None):
+    head_norms = True
+
+    def biases(self, config) -> tuple[bool, bool]:
+        """Whether the q/k/v projections and the output projection have biases."""
+        return bool(config.attention_bias), False
+
+    def __init__(self, config, layerwise_recompute: bool = True, skip_recompute_ops=None):
         super().__init__(config, layerwise_recompute, skip_recompute_ops)
         D, H, KV, hidden = config.head_dim, config.num_attention_heads, config.num_key_value_heads, config.hidden_size
-        bias = bool(config.attention_bias)
+        qkv_bias, o_bias = self.biases(config)
         self.head_dim = D
-        if config.tensor_parallel_degree > 1:
-            column, row = linear_utils.ColumnParallelLinear, linear_utils.RowParallelLinear
-            self.q_proj = column(hidden, H * D, has_bias=bias, gather_output=False)
-            self.k_proj = column(hidden, KV * D, has_bias=bias, gather_output=False)
-            self.v_proj = column(hidden, KV * D, has_bias=bias, gather_output=False)
-            self.o_proj = row(H * D, hidden, has_bias=False, input_is_parallel=True)
-        else:
-            self.q_proj = linear_utils.Linear(hidden, H * D, bias_attr=bias)
-            self.k_proj = linear_utils.Linear(hidden, KV * D, bias_attr=bias)
-            self.v_proj = linear_utils.Linear(hidden, KV * D, bias_attr=bias)
-            self.o_proj = linear_utils.Linear(H * D, hidden, bias_attr=False)
+        self.q_proj = linear_pair(config, hidden, H * D, qkv_bias)
+        self.k_proj = linear_pair(config, hidden, KV * D, qkv_bias)
+        self.v_proj = linear_pair(config, hidden, KV * D, qkv_bias)
+        self.o_proj = linear_pair(config, H * D, hidden, o_bias, row=True)
         self.rotary_emb = Qwen2RotaryEmbedding(D, max_position_embeddings=self.max_position_embeddings,
                                                base=self.rope_theta)
-        split = config.tensor_parallel_degree > 1
-        self.q_norm = Qwen3RMSNorm(D, config.rms_norm_eps, split)
-        self.k_norm = Qwen3RMSNorm(D, config.rms_norm_eps, split)
+        if self.head_norms:
+            split = config.tensor_parallel_degree > 1
+            self.q_norm = Qwen3RMSNorm(D, config.rms_norm_eps, split)
+            self.k_norm = Qwen3RMSNorm(D, config.rms_norm_eps, split)
 
     def forward(self, hidden_states, position_ids=None, past_key_value=None, attention_mask=None,
                 output_attentions: bool = False, use_cache: bool = False, attn_mask_startend_row_indices=None,
                 **kwargs):
-        query_states = self.q_norm(self.q_proj(hidden_states).reshape([0, 0, self.num_heads, self.head_dim]))
-        key_states = self.k_norm(self.k_proj(hidden_states).reshape([0, 0, self.num_key_value_heads, self.head_dim]))
+        query_states = self.q_proj(hidden_states).reshape([0, 0, self.num_heads, self.head_dim])
+        key_states = self.k_proj(hidden_states).reshape([0, 0, self.num_key_value_heads, self.head_dim])
+        if self.head_norms:
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
         value_states = self.v_proj(hidden_states).reshape([0, 0, self.num_key_value_heads, self.head_dim])
 
         kv_seq_len = key_states.shape[-3]
@@ -146,9 +159,11 @@ class Qwen3Attention(Qwen2Attention):
 
 
 class Qwen3DecoderLayer(Qwen2DecoderLayer):
+    attention_class = Qwen3Attention
+
     def __init__(self, config: Qwen3Config, layerwise_recompute: bool = False, skip_recompute_ops=None):
         super().__init__(config, layerwise_recompute, skip_recompute_ops)
-        self.self_attn = Qwen3Attention(config, layerwise_recompute, skip_recompute_ops=skip_recompute_ops)
+        self.self_attn = self.attention_class(config, layerwise_recompute, skip_recompute_ops=skip_recompute_ops)
 
 
 class Qwen3PretrainedModel(Qwen2PretrainedModel):
@@ -164,22 +179,29 @@ class Qwen3PretrainedModel(Qwen2PretrainedModel):
 class Qwen3Model(Qwen3PretrainedModel, Qwen2Model):
     """paddlenlp's Qwen2 decoder stack of Qwen3 layers."""
 
+    layer_class = Qwen3DecoderLayer
+
     def __init__(self, config: Qwen3Config):
         Qwen2Model.__init__(self, config)
         self.layers = nn.LayerList([
-            Qwen3DecoderLayer(config, layerwise_recompute=i not in self.no_recompute_layers,
-                              skip_recompute_ops=get_skip_recompute_ops(config, i))
+            self.layer_class(config, layerwise_recompute=i not in self.no_recompute_layers,
+                             skip_recompute_ops=get_skip_recompute_ops(config, i))
             for i in range(config.num_hidden_layers)])
 
 
 class Qwen3ForCausalLM(Qwen3PretrainedModel, Qwen2ForCausalLM):
-    """paddlenlp's Qwen2 causal LM over the Qwen3 stack (parameters ``qwen3.*``, ``lm_head.*``)."""
+    """paddlenlp's Qwen2 causal LM over the Qwen3 stack (parameters ``qwen3.*``, ``lm_head.*``); the
+    stack sits at ``base_model_prefix`` (``stack_class``), which paddlenlp's Qwen2 forward reads as
+    ``self.qwen2``."""
 
-    def __init__(self, config: Qwen3Config):
-        Qwen3PretrainedModel.__init__(self, config)
-        self.qwen3 = Qwen3Model(config)
+    stack_class = Qwen3Model
+
+    def __init__(self, config):
+        Qwen2PretrainedModel.__init__(self, config)  # (not Qwen2ForCausalLM's: it builds a Qwen2 stack)
+        setattr(self, self.base_model_prefix, self.stack_class(config))
+        stack = self.qwen2
         if config.tie_word_embeddings:
-            self.lm_head = Qwen2LMHead(config, embedding_weights=self.qwen3.embed_tokens.weight, transpose_y=True)
+            self.lm_head = Qwen2LMHead(config, embedding_weights=stack.embed_tokens.weight, transpose_y=True)
             self.tie_weights()
         else:
             self.lm_head = Qwen2LMHead(config)
@@ -187,17 +209,17 @@ class Qwen3ForCausalLM(Qwen3PretrainedModel, Qwen2ForCausalLM):
         self.vocab_size = config.vocab_size
 
     @property
-    def qwen2(self):  # paddlenlp's Qwen2 forward reads the stack under this name
-        return self.qwen3
+    def qwen2(self):
+        return getattr(self, self.base_model_prefix)
 
     def get_input_embeddings(self):
-        return self.qwen3.embed_tokens
+        return self.qwen2.embed_tokens
 
     def set_input_embeddings(self, value):
-        self.qwen3.embed_tokens = value
+        self.qwen2.embed_tokens = value
 
     def get_decoder(self):
-        return self.qwen3
+        return self.qwen2
 
 
 class Qwen3ModelForScore(ScoreModel, Qwen3PretrainedModel):
