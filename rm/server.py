@@ -57,6 +57,8 @@ def parse_request(body: bytes, max_rows: int) -> dict:
     except json.JSONDecodeError as e:
         raise RequestError(400, f"request body is not JSON ({e.msg} at line {e.lineno} column {e.colno}); "
                                 'expected {"prompts": [...], "responses": [...]}') from None
+    except RecursionError:  # a crafted body of deeply nested lists
+        raise RequestError(400, "request body nests too deeply; expected an object of flat lists") from None
     if not isinstance(data, dict):
         raise RequestError(400, f"request body is a JSON {type(data).__name__}; expected an object with "
                                 "'prompts' and 'responses' lists")

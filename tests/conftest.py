@@ -65,7 +65,8 @@ def qwen2_tied_dir(tiny_dir, tmp_path_factory):
 # take whole files, do not end with one long file running alone.
 LONGEST_FIRST = ["test_ppo_parallel.py", "test_graceful_stop.py", "test_resume.py", "test_entrypoints.py",
                  "test_ppo_rewards.py", "test_resume_parallel.py", "test_cpu_fleet.py", "test_hf_checkpoints.py",
-                 "test_bad_inputs.py", "test_lora_parallel.py", "test_qwen2.py", "test_pipeline.py"]
+                 "test_bad_inputs.py", "test_lora_parallel.py", "test_ernie4_5.py", "test_qwen3.py", "test_qwen2.py",
+                 "test_pipeline.py", "test_reward_service.py"]
 
 
 def pytest_collection_modifyitems(session, config, items):

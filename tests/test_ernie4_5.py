@@ -18,7 +18,7 @@ from ppo.models import family_named, family_of_model, load_causal_lm
 from ppo.models.families.ernie4_5 import Ernie4_5Config, Ernie4_5ForCausalLM, Ernie4_5ModelForScore, evens_then_odds
 from test_hf_checkpoints import IDS, hf_config, hf_tensors, paddle_logits, reference_forward, write_hf_folder
 from test_qwen2 import assert_inference_equals_training_forward, assert_scores_equal_the_lean_decoder, randomize_biases
-from test_qwen3 import ROOT, transformers_logits, transformers_run
+from test_qwen3 import sft_and_back, transformers_folders_load_equal
 
 DIMS = dict(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, max_position_embeddings=128, use_flash_attention=False,
@@ -115,37 +115,16 @@ def test_a_moe_folder_stops_with_one_line(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tied,bias", [(True, False), (False, True)], ids=["tied", "untied-biased"])
-def test_transformers_ernie_through_sft_and_back_equals_transformers(tiny_dir, tmp_path, monkeypatch, tied, bias):
-    """A folder written by transformers' own Ernie4_5ForCausalLM loads with transformers' logits;
-    after 3 SFT steps from it, the exported ``hf/`` folder read by transformers has the trained
-    model's logits (the q/k rows permuted back)."""
-    import shutil
-
-    from paddlenlp.transformers import AutoTokenizer
-
-    from ppo.args import SFTArgs, parse_args
-    from ppo.stages.sft.trainer import SFTTrainer
-
+def test_transformers_ernie_in_through_sft_and_back_equals_transformers(tiny_dir, tmp_path, monkeypatch):
+    """Folders written by transformers' own Ernie4_5ForCausalLM (tied without biases, as
+    ERNIE-4.5-0.3B; untied with use_bias) load with transformers' logits; after 3 SFT steps from the
+    biased one, the exported ``hf/`` folder read by transformers has the trained logits (the q/k
+    rows permuted back)."""
     monkeypatch.setenv("PPO_CACHE", str(tmp_path / "cache"))
-    vocab = len(AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer")))
-    src = tmp_path / "hf"
-    transformers_run("write", "ernie4_5", src, "--vocab", vocab, "--tied", int(tied), "--seed", 4, "--bias", int(bias))
-    for name in os.listdir(tiny_dir / "tokenizer"):
-        shutil.copy2(tiny_dir / "tokenizer" / name, src / name)
-    want = transformers_logits(src, tmp_path)
-    np.testing.assert_allclose(paddle_logits(load_causal_lm(str(src)), IDS), want, rtol=1e-4, atol=1e-4)
-    out = tmp_path / "sft"
-    argv = [os.path.join(ROOT, "config", "tiny", "sft_argument.json"), "--model_name_or_path", str(src),
-            "--output_dir", str(out), "--max_steps", "3", "--eval_steps", "100", "--logging_steps", "1",
-            "--learning_rate", "0.01", "--disable_tqdm", "true"]
-    SFTTrainer(parse_args(SFTArgs, argv)).train()
-    trained = paddle_logits(load_causal_lm(str(out)), IDS)
-    assert np.abs(trained - want).max() > 1e-3
-    with open(out / "hf" / "config.json") as f:
-        exported = json.load(f)
-    assert exported["model_type"] == "ernie4_5" and exported["use_bias"] == bias and exported["head_dim"] == 16
-    np.testing.assert_allclose(transformers_logits(out / "hf", tmp_path), trained, rtol=1e-4, atol=1e-4)
+    folders = transformers_folders_load_equal("ernie4_5", tiny_dir, tmp_path, [
+        ("tied", ["--tied", "1", "--seed", "4"]), ("untied-biased", ["--tied", "0", "--bias", "1", "--seed", "4"])])
+    exported = sft_and_back(*folders["untied-biased"], tmp_path)
+    assert exported["model_type"] == "ernie4_5" and exported["use_bias"] is True and exported["head_dim"] == 16
 
 
 @pytest.mark.slow

@@ -78,8 +78,8 @@ def test_registry_refuses_unknown_families_with_one_line(tmp_path):
         family_of({"model_type": "gpt", "architectures": ["GPTForCausalLM"]}, "actor_model_name_or_path", "/m")
     message = str(e.value)
     assert "\n" not in message and "'actor_model_name_or_path' = '/m'" in message and "'gpt'" in message
-    assert "supported model families: llama" in message
-    with pytest.raises(UserError, match=r"did you mean 'llama'.*supported: llama"):
+    assert "supported model families: ernie4_5, llama, mistral, qwen2, qwen3" in message
+    with pytest.raises(UserError, match=r"did you mean 'llama'.*supported: ernie4_5, llama, mistral, qwen2, qwen3$"):
         family_named("lama")
     # by architecture when model_type is missing
     assert family_of({"architectures": ["LlamaForCausalLM"]}).name == "llama"
@@ -88,7 +88,7 @@ def test_registry_refuses_unknown_families_with_one_line(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "gpt", "architectures": ["GPTForCausalLM"]}')
     with pytest.raises(UserError, match=r"^'model_name_or_path' = '.*gpt' is a 'gpt' model; supported model "
-                                        r"families: llama, mistral, qwen2$"):
+                                        r"families: ernie4_5, llama, mistral, qwen2, qwen3$"):
         load_score_model(str(folder))
 
 

@@ -184,27 +184,32 @@ def transformers_logits(folder, tmp_path):
     return np.load(out)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_transformers_qwen3_through_sft_and_back_equals_transformers(tiny_dir, tmp_path, monkeypatch, tied):
-    """A folder written by transformers' own Qwen3ForCausalLM (random q/k norm weights, head_dim 16
-    with hidden 32 and 4 heads) loads with transformers' logits; after 3 SFT steps from it, the
-    exported ``hf/`` folder read by transformers has the trained model's logits."""
+def transformers_folders_load_equal(family, tiny_dir, tmp_path, variants):
+    """Folders written by transformers' own class (``variants``: (name, write arguments)) on the tiny
+    tokenizer; each loads here with transformers' logits within 1e-4.  Returns {name: (folder, logits)}."""
     import shutil
 
     from paddlenlp.transformers import AutoTokenizer
 
+    vocab = len(AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer")))
+    out = {}
+    for name, extra in variants:
+        src = tmp_path / f"hf-{name}"
+        transformers_run("write", family, src, "--vocab", vocab, *extra)
+        for file in os.listdir(tiny_dir / "tokenizer"):
+            shutil.copy2(tiny_dir / "tokenizer" / file, src / file)
+        want = transformers_logits(src, tmp_path)
+        np.testing.assert_allclose(paddle_logits(load_causal_lm(str(src)), IDS), want, rtol=1e-4, atol=1e-4,
+                                   err_msg=name)
+        out[name] = (src, want)
+    return out
+
+
+def sft_and_back(src, want, tmp_path):
+    """3 SFT steps from the transformers folder ``src``: the model moved, and its ``hf/`` export read
+    by transformers has the trained logits.  Returns the exported config."""
     from ppo.args import SFTArgs, parse_args
     from ppo.stages.sft.trainer import SFTTrainer
-
-    monkeypatch.setenv("PPO_CACHE", str(tmp_path / "cache"))
-    vocab = len(AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer")))
-    src = tmp_path / "hf"
-    transformers_run("write", "qwen3", src, "--vocab", vocab, "--tied", int(tied), "--seed", 3)
-    for name in os.listdir(tiny_dir / "tokenizer"):
-        shutil.copy2(tiny_dir / "tokenizer" / name, src / name)
-    want = transformers_logits(src, tmp_path)
-    np.testing.assert_allclose(paddle_logits(load_causal_lm(str(src)), IDS), want, rtol=1e-4, atol=1e-4)
 
     out = tmp_path / "sft"
     argv = [os.path.join(ROOT, "config", "tiny", "sft_argument.json"), "--model_name_or_path", str(src),
@@ -213,7 +218,18 @@ def test_transformers_qwen3_through_sft_and_back_equals_transformers(tiny_dir, t
     SFTTrainer(parse_args(SFTArgs, argv)).train()
     trained = paddle_logits(load_causal_lm(str(out)), IDS)
     assert np.abs(trained - want).max() > 1e-3  # SFT moved the model
-    with open(out / "hf" / "config.json") as f:
-        exported = json.load(f)
-    assert exported["model_type"] == "qwen3" and exported["head_dim"] == 16 and exported["tie_word_embeddings"] == tied
     np.testing.assert_allclose(transformers_logits(out / "hf", tmp_path), trained, rtol=1e-4, atol=1e-4)
+    with open(out / "hf" / "config.json") as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_transformers_qwen3_in_through_sft_and_back_equals_transformers(tiny_dir, tmp_path, monkeypatch):
+    """Folders written by transformers' own Qwen3ForCausalLM (random q/k norm weights, head_dim 16
+    with hidden 32 and 4 heads; tied and untied) load with transformers' logits; after 3 SFT steps
+    from the tied one, the exported ``hf/`` folder read by transformers has the trained logits."""
+    monkeypatch.setenv("PPO_CACHE", str(tmp_path / "cache"))
+    folders = transformers_folders_load_equal("qwen3", tiny_dir, tmp_path, [
+        ("untied", ["--tied", "0", "--seed", "3"]), ("tied", ["--tied", "1", "--seed", "3"])])
+    exported = sft_and_back(*folders["tied"], tmp_path)
+    assert exported["model_type"] == "qwen3" and exported["head_dim"] == 16 and exported["tie_word_embeddings"]

@@ -159,6 +159,7 @@ BAD_BODIES = [
     (b'{"prompts": ["a"], "responses": ["b"], "references": [1]}', 400, "'references': entry 0"),
     (b'{"prompts": ["a"], "responses": ["b"], "ended": ["yes"]}', 400, "'ended': entry 0 is str"),
     (b'{"prompts": ["a"], "responses": ["b"], "ended": true}', 400, "'ended' must be a list"),
+    (b"[" * 200000 + b"]" * 200000, 400, "nests too deeply"),  # crafted: would exhaust the parser's stack
 ]
 
 
