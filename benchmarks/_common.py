@@ -28,6 +28,12 @@ def mkl_threads() -> str:
     return os.environ.get("MKL_NUM_THREADS") or "unset (paddle runs 1)"
 
 
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``), or 'unknown'."""
+    with open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+
+
 def status_kb(field: str) -> int:
     """A ``/proc/self/status`` field in kB (Linux): ``VmRSS``, ``VmHWM``, ... (0 when absent)."""
     with open("/proc/self/status") as f:

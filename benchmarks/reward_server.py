@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import ppo  # noqa: E402,F401
-from _common import mkl_threads  # noqa: E402
+from _common import cpu_name, mkl_threads  # noqa: E402
 
 
 def build(folder: str, config: str) -> str:
@@ -124,10 +124,8 @@ def main(argv=None):
             httpd.shutdown()
             httpd.server_close()
             service.close()
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
     print(json.dumps({"benchmark": "reward_server", "config": opts.config, "rows_per_request": opts.rows,
-                      "requests_per_client": opts.requests, "rounds": opts.rounds, "cpu": cpu,
+                      "requests_per_client": opts.requests, "rounds": opts.rounds, "cpu": cpu_name(),
                       "cores": os.cpu_count(), "load_average": os.getloadavg(), "mkl_threads": mkl_threads(),
                       "paddle": paddle.__version__,
                       "in_process_rows_per_s_median": round(statistics.median(floor), 1),

@@ -34,7 +34,7 @@ from ppo.core.errors import UserError
 from ppo.data.chat import ChatRenderer, load_chat_template
 from ppo.data.tokenizer_utils import encode_scored_text
 from ppo.models import freeze, load_score_model, load_tokenizer
-from ppo.rewards import build_reward_functions, combine, parse_reward_functions
+from ppo.rewards import build_reward_functions, combine, parse_reward_functions, run_options
 
 KEYS = ("prompts", "responses", "references", "ended")
 
@@ -99,10 +99,7 @@ class RewardService:
         if "remote" in [s.name for s in parse_reward_functions(spec)]:
             raise UserError("reward_functions: the server cannot serve 'remote' (it would call a server itself); "
                             "name the functions it should compute")
-        options = dict(vars(args))
-        if not options.get("reward_format_pattern"):
-            options.pop("reward_format_pattern", None)
-        self.functions = build_reward_functions(spec, options)
+        self.functions = build_reward_functions(spec, run_options(args))
         tokenizer_path = args.tokenizer_name_or_path or args.model_name_or_path
         what = "tokenizer_name_or_path" if args.tokenizer_name_or_path else "model_name_or_path"
         self.tokenizer = load_tokenizer(tokenizer_path, what)

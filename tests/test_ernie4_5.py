@@ -6,8 +6,6 @@ decoder and the score model against the training forward, refusals, and the main
 ERNIE 4.5.  Transformers folders in and out: test_hf_checkpoints (CASES ernie4_5-*); tensor
 parallel: test_ppo_parallel."""
 
-import json
-import os
 
 import numpy as np
 import paddle
@@ -18,7 +16,7 @@ from ppo.models import family_named, family_of_model, load_causal_lm
 from ppo.models.families.ernie4_5 import Ernie4_5Config, Ernie4_5ForCausalLM, Ernie4_5ModelForScore, evens_then_odds
 from test_hf_checkpoints import IDS, hf_config, hf_tensors, paddle_logits, reference_forward, write_hf_folder
 from test_qwen2 import assert_inference_equals_training_forward, assert_scores_equal_the_lean_decoder, randomize_biases
-from test_qwen3 import sft_and_back, transformers_folders_load_equal
+from test_qwen3 import assert_main_job_aligns, sft_and_back, transformers_folders_load_equal
 
 DIMS = dict(vocab_size=320, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=32, max_position_embeddings=128, use_flash_attention=False,
@@ -130,11 +128,4 @@ def test_transformers_ernie_in_through_sft_and_back_equals_transformers(tiny_dir
 @pytest.mark.slow
 def test_main_job_quick_on_ernie_aligns_the_policy(tmp_path):
     """SFT -> reward model -> PPO on the built-in example with a tiny tied ERNIE 4.5 (shortened)."""
-    from ppo.tiny.pipeline import main
-
-    report = main(["--output_dir", str(tmp_path / "tiny"), "--quick", "--family", "ernie4_5", "--without_dpo"])
-    for stage in ("base", "sft", "rm", os.path.join("ppo", "policy")):
-        with open(tmp_path / "tiny" / stage / "config.json") as f:
-            assert json.load(f)["model_type"] == "ernie4_5", stage
-    assert report["ppo_gold_sampled"] > report["sft_gold_sampled"] + 0.2
-    assert report["reward_model_heldout_accuracy"] >= 0.9
+    assert_main_job_aligns(tmp_path, "ernie4_5")

@@ -292,64 +292,46 @@ def randomize_biases(model, seed):
             p.set_value(paddle.to_tensor(rng.normal(0, 0.3, p.shape).astype("float32")))
 
 
-@pytest.fixture(scope="module")
-def qwen2_dir(tiny_dir, tmp_path_factory):
-    """A tiny untied Qwen2 (grouped kv heads, random q/k/v biases) on the tiny tokenizer."""
+def family_dir(tiny_dir, out, family, randomize, **sizes):
+    """A tiny ``family`` model with grouped kv heads on the tiny tokenizer in ``out/base``
+    (``randomize(model)`` makes its family's own weights matter from step 0), and its reward model in
+    ``out/score``: the base with a fresh (fixed-seed) score head, as tiny_dir's score/."""
     from paddlenlp.transformers import AutoTokenizer
 
+    from ppo.models import load_score_model
     from ppo.tiny.build import build_causal_lm
 
-    out = tmp_path_factory.mktemp("qwen2")
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer"))
-    model = build_causal_lm(str(out / "base"), tokenizer, family="qwen2", seed=0, num_key_value_heads=2)
-    randomize_biases(model, seed=8)
+    model = build_causal_lm(str(out / "base"), tokenizer, family=family, seed=0, num_key_value_heads=2, **sizes)
+    randomize(model)
     model.save_pretrained(str(out / "base"), safe_serialization=True)
-    # the reward model: the base with a fresh (fixed-seed) score head, as tiny_dir's score/
-    from ppo.models import load_score_model
-
     load_score_model(str(out / "base")).save_pretrained(str(out / "score"))
     tokenizer.save_pretrained(str(out / "score"))
     return out
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tiny_dir, tmp_path_factory):
+    """A tiny untied Qwen2 (grouped kv heads, random q/k/v biases) on the tiny tokenizer."""
+    return family_dir(tiny_dir, tmp_path_factory.mktemp("qwen2"), "qwen2", lambda m: randomize_biases(m, seed=8))
 
 
 @pytest.fixture(scope="module")
 def qwen3_dir(tiny_dir, tmp_path_factory):
     """A tiny untied Qwen3 (grouped kv heads, head_dim 32 = twice hidden / heads, random per-head
     q/k norm weights) on the tiny tokenizer, and its score model."""
-    from paddlenlp.transformers import AutoTokenizer
-
-    from ppo.models import load_score_model
-    from ppo.tiny.build import build_causal_lm
     from test_qwen3 import randomize_head_norms
 
-    out = tmp_path_factory.mktemp("qwen3")
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer"))
-    model = build_causal_lm(str(out / "base"), tokenizer, family="qwen3", seed=0, num_key_value_heads=2, head_dim=32)
-    randomize_head_norms(model, seed=8)
-    model.save_pretrained(str(out / "base"), safe_serialization=True)
-    load_score_model(str(out / "base")).save_pretrained(str(out / "score"))
-    tokenizer.save_pretrained(str(out / "score"))
-    return out
+    return family_dir(tiny_dir, tmp_path_factory.mktemp("qwen3"), "qwen3", lambda m: randomize_head_norms(m, seed=8),
+                      head_dim=32)
 
 
 @pytest.fixture(scope="module")
 def ernie4_5_dir(tiny_dir, tmp_path_factory):
     """A tiny untied ERNIE 4.5 with use_bias (random biases on every projection), grouped kv heads
     and head_dim 32, and its score model."""
-    from paddlenlp.transformers import AutoTokenizer
-
-    from ppo.models import load_score_model
-    from ppo.tiny.build import build_causal_lm
-
-    out = tmp_path_factory.mktemp("ernie4_5")
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer"))
-    model = build_causal_lm(str(out / "base"), tokenizer, family="ernie4_5", seed=0, num_key_value_heads=2,
-                            head_dim=32, use_bias=True)
-    randomize_biases(model, seed=10)
-    model.save_pretrained(str(out / "base"), safe_serialization=True)
-    load_score_model(str(out / "base")).save_pretrained(str(out / "score"))
-    tokenizer.save_pretrained(str(out / "score"))
-    return out
+    return family_dir(tiny_dir, tmp_path_factory.mktemp("ernie4_5"), "ernie4_5",
+                      lambda m: randomize_biases(m, seed=10), head_dim=32, use_bias=True)
 
 
 @pytest.fixture(scope="module")
@@ -387,21 +369,10 @@ def folder_bytes(folder):
 @pytest.fixture(scope="module")
 def qwen3_tied_dir(tiny_dir, tmp_path_factory):
     """A tiny tied Qwen3 (grouped kv heads, head_dim 32, random q/k norm weights) and its score model."""
-    from paddlenlp.transformers import AutoTokenizer
-
-    from ppo.models import load_score_model
-    from ppo.tiny.build import build_causal_lm
     from test_qwen3 import randomize_head_norms
 
-    out = tmp_path_factory.mktemp("qwen3-tied")
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer"))
-    model = build_causal_lm(str(out / "base"), tokenizer, family="qwen3", seed=0, num_key_value_heads=2, head_dim=32,
-                            tie_word_embeddings=True)
-    randomize_head_norms(model, seed=9)
-    model.save_pretrained(str(out / "base"), safe_serialization=True)
-    load_score_model(str(out / "base")).save_pretrained(str(out / "score"))
-    tokenizer.save_pretrained(str(out / "score"))
-    return out
+    return family_dir(tiny_dir, tmp_path_factory.mktemp("qwen3-tied"), "qwen3",
+                      lambda m: randomize_head_norms(m, seed=9), head_dim=32, tie_word_embeddings=True)
 
 
 @pytest.mark.slow

@@ -153,12 +153,18 @@ def test_qwen3_refusals_are_one_line(tmp_path):
 def test_main_job_quick_on_qwen3_aligns_the_policy(tmp_path):
     """SFT -> reward model -> PPO on the built-in example with a tiny tied Qwen3 (shortened; DPO and
     online DPO do not depend on the family: test_entrypoints runs them on LLaMA)."""
+    assert_main_job_aligns(tmp_path, "qwen3")
+
+
+def assert_main_job_aligns(tmp_path, family):
+    """The quick main job without DPO on a tiny ``family`` model: every stage saved that family,
+    PPO beat SFT on the gold rule, and the reward model ranks held-out pairs."""
     from ppo.tiny.pipeline import main
 
-    report = main(["--output_dir", str(tmp_path / "tiny"), "--quick", "--family", "qwen3", "--without_dpo"])
+    report = main(["--output_dir", str(tmp_path / "tiny"), "--quick", "--family", family, "--without_dpo"])
     for stage in ("base", "sft", "rm", os.path.join("ppo", "policy")):
         with open(tmp_path / "tiny" / stage / "config.json") as f:
-            assert json.load(f)["model_type"] == "qwen3", stage
+            assert json.load(f)["model_type"] == family, stage
     assert report["ppo_gold_sampled"] > report["sft_gold_sampled"] + 0.2
     assert report["reward_model_heldout_accuracy"] >= 0.9
 

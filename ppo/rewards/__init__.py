@@ -11,6 +11,7 @@ from ppo.rewards.base import (
     build_reward_functions,
     combine,
     parse_reward_functions,
+    run_options,
 )
 from ppo.rewards.builtin import (
     DEFAULT_FORMAT_PATTERN,
@@ -24,5 +25,5 @@ from ppo.rewards.remote import check_reachable, post_batch
 __all__ = [
     "DEFAULT_FORMAT_PATTERN", "RewardFunction", "RewardScores", "RewardSpec", "answers_equal",
     "build_reward_functions", "check_reachable", "combine", "extract_answer", "parse_number",
-    "parse_reward_functions", "post_batch", "reference_answer",
+    "parse_reward_functions", "post_batch", "reference_answer", "run_options",
 ]

@@ -123,6 +123,15 @@ def parse_reward_functions(spec: str | None) -> list[RewardSpec]:
     return out
 
 
+def run_options(args) -> dict:
+    """The run arguments ``args`` as options for :func:`build_reward_functions`; an empty
+    ``reward_format_pattern`` is left out, so the format function keeps its own default."""
+    options = dict(vars(args))
+    if not options.get("reward_format_pattern"):
+        options.pop("reward_format_pattern", None)
+    return options
+
+
 def build_reward_functions(spec: str | None, options: Mapping[str, Any] | None = None
                            ) -> list[tuple[RewardFunction, float]]:
     """``(function, weight)`` per entry of ``spec``, each built with ``options`` (the run arguments)."""

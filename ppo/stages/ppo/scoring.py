@@ -20,7 +20,7 @@ import paddle
 from ppo.distributed import parallel
 from ppo.core.experience import Experience
 from ppo.data.tokenizer_utils import decode_without_special
-from ppo.rewards import build_reward_functions, combine, parse_reward_functions
+from ppo.rewards import build_reward_functions, combine, parse_reward_functions, run_options
 
 
 class RewardScorer:
@@ -31,10 +31,7 @@ class RewardScorer:
         spec = args.reward_functions
         if args.reward_server_url and "remote" not in [s.name for s in parse_reward_functions(spec)]:
             spec = f"{spec},remote" if spec.strip() else "remote"
-        options = dict(vars(args))
-        if not options.get("reward_format_pattern"):
-            options.pop("reward_format_pattern", None)  # the format function's own default
-        self.functions = build_reward_functions(spec, options)
+        self.functions = build_reward_functions(spec, run_options(args))
         self.names = [type(f).NAME for f, _ in self.functions]
         self.rm_weight = float(args.reward_model_weight)
         self.context = {"max_new_tokens": args.max_new_tokens}
