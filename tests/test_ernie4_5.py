@@ -100,8 +100,9 @@ def test_ernie_refusals_are_one_line():
         reason = family.unsupported({**config, key: 64 if key == "moe_num_experts" else True})
         assert reason and "\n" not in reason and words in reason, key
     assert family.unsupported(config) is None
-    reason = family.pipeline_unsupported(Ernie4_5Config(**DIMS))
-    assert reason and "pipeline_parallel_degree must be 1" in reason
+    assert family.pipeline_unsupported(Ernie4_5Config(**DIMS)) is None  # untied: pipeline stages
+    reason = family.pipeline_unsupported(Ernie4_5Config(**DIMS, tie_word_embeddings=True))
+    assert reason and "\n" not in reason and "tie_word_embeddings false" in reason
 
 
 def test_a_moe_folder_stops_with_one_line(tmp_path, monkeypatch):

@@ -42,8 +42,8 @@ LAYERS = [
     ["ppo.data", "ppo.rewards"],
     # models: the score head, the families, loading
     ["ppo.models.score_model"],
-    ["ppo.models.families.llama", "ppo.models.families.mistral", "ppo.models.families.qwen2",
-     "ppo.models.families.qwen3"],
+    ["ppo.models.families.llama", "ppo.models.families.mistral", "ppo.models.families.qwen2"],
+    ["ppo.models.families.qwen3"],
     ["ppo.models.families.ernie4_5"],
     ["ppo.models.families"],
     ["ppo.models.hf"],

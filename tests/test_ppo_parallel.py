@@ -375,13 +375,21 @@ def qwen3_tied_dir(tiny_dir, tmp_path_factory):
                       lambda m: randomize_head_norms(m, seed=9), head_dim=32, tie_word_embeddings=True)
 
 
+@pytest.fixture(scope="module")
+def ernie4_5_tied_dir(tiny_dir, tmp_path_factory):
+    """A tiny tied ERNIE 4.5 (ERNIE-4.5-0.3B's shape of head: tied, use_bias off; grouped kv heads,
+    head_dim 32) and its score model."""
+    return family_dir(tiny_dir, tmp_path_factory.mktemp("ernie4_5-tied"), "ernie4_5", lambda m: None,
+                      head_dim=32, tie_word_embeddings=True)
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-def test_tied_qwen2_from_transformers_folders_under_sharding_matches_one_process(request, family, tmp_path,
-                                                                                 monkeypatch):
-    """Two ranks (sharding stage 1) start from transformers folders (the tied Qwen2 or Qwen3 actor and
-    its reward model, exported by the toolkit) with an empty conversion cache: they race to convert,
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "ernie4_5"])
+def test_tied_models_from_transformers_folders_under_sharding_match_one_process(request, family, tmp_path,
+                                                                                monkeypatch):
+    """Two ranks (sharding stage 1) start from transformers folders (the tied Qwen2, Qwen3 or ERNIE 4.5
+    actor and its reward model, exported by the toolkit) with an empty conversion cache: they race to convert,
     each folder is converted exactly once (one log line across both ranks), the folders stay
     byte-identical, and the run equals one process started from the paddlenlp folders.  A rank that
     loaded other weights would show in the step-0 evaluation, where every rank's share of the
@@ -462,7 +470,8 @@ def from_transformers(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", ["qwen2-tensor-parallel", "qwen2-pipeline-parallel", "mistral-tensor-parallel",
-                                  "qwen3-tensor-parallel", "ernie4_5-tensor-parallel"])
+                                  "qwen3-tensor-parallel", "qwen3-pipeline-parallel", "ernie4_5-tensor-parallel",
+                                  "ernie4_5-pipeline-parallel"])
 def test_ppo_from_transformers_folders_under_tensor_and_pipeline_parallel_matches_one_process(
         request, from_transformers, tmp_path, monkeypatch, case):
     """Two ranks under tensor or pipeline parallel start from transformers folders (the untied Qwen2

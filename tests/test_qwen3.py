@@ -136,8 +136,9 @@ def test_qwen3_refusals_are_one_line(tmp_path):
     for key, word in (("fuse_attention_qkv", "fuse_attention_qkv"), ("sequence_parallel", "sequence_parallel")):
         reason = family.unsupported({**Qwen3Config(**DIMS).to_dict(), key: True})
         assert reason and "\n" not in reason and word in reason
-    reason = family.pipeline_unsupported(Qwen3Config(**DIMS))
-    assert reason and "\n" not in reason and "pipeline_parallel_degree must be 1" in reason
+    assert family.pipeline_unsupported(Qwen3Config(**DIMS)) is None  # untied: pipeline stages
+    reason = family.pipeline_unsupported(Qwen3Config(**DIMS, tie_word_embeddings=True))
+    assert reason and "\n" not in reason and "tie_word_embeddings false" in reason
     # a transformers folder without its q/k norms is refused by name
     tensors = {k: v for k, v in hf_tensors("qwen3", False).items() if not k.endswith("q_norm.weight")}
     write_hf_folder(str(tmp_path / "hf"), tensors, hf_config("qwen3", False))

@@ -33,18 +33,55 @@ def _pipeline_classes(family: ModelFamily):
     from paddle.distributed import fleet
     from paddle.distributed.fleet.meta_parallel import LayerDesc, PipelineLayer
     from paddlenlp.transformers.model_utils import PipelinePretrainedModel
+    from paddlenlp.transformers.refined_recompute import get_skip_recompute_ops
 
     parts = family.pipeline_parts()
-    score_model = family.score_model_class
     prefix = family.prefix
 
-    class PolicyPipe(parts.causal_lm):
-        """The family's paddlenlp pipeline with the PPO actor loss in the last stage."""
+    def stages(pipe, config, head: type, head_prefix: str, skip_ops: bool):
+        """Lay out ``pipe``'s stages (embedding, decoder layers, final norm, ``head``) as the single
+        model names them, then initialise fleet's ``PipelineLayer`` over them."""
+        pipe.config = config
+        hcg = fleet.get_hybrid_communicate_group()
+        config.tensor_parallel_degree = max(hcg.get_model_parallel_world_size(), 1)
+        config.tensor_parallel_rank = max(hcg.get_model_parallel_rank(), 0)
+        pipe.add_sequential_layer(LayerDesc(parts.embedding, config=config), prefix)
+        # as paddlenlp's own pipelines build them: without layerwise_recompute no granularity
+        # of recompute / critic_recompute would ever recompute these layers
+        skipped = config.no_recompute_layers or []
+        for i in range(config.num_hidden_layers):
+            extra = dict(skip_recompute_ops=get_skip_recompute_ops(config, i)) if skip_ops else {}
+            pipe.add_sequential_layer(LayerDesc(parts.decoder_layer, config=config,
+                                                layerwise_recompute=i not in skipped, **extra), f"{prefix}.layers.{i}")
+        pipe.add_sequential_layer(LayerDesc(parts.norm, config=config), prefix)
+        pipe.add_sequential_layer(LayerDesc(head, config=config), head_prefix)
+        PipelineLayer.__init__(
+            pipe, layers=pipe.get_sequential_layers(), loss_fn=PipeLoss(), topology=hcg.topology(),
+            seg_method=f"layer:{parts.decoder_layer_name}"
+            if config.num_hidden_layers % hcg.get_pipe_parallel_world_size() == 0 else "uniform")
 
-        single_class_name = family.causal_lm_class.__name__
+    if parts.causal_lm is not None:
+        class PolicyPipe(parts.causal_lm):
+            """The family's paddlenlp pipeline with the PPO actor loss in the last stage."""
 
-        def get_loss_fn(self, config):
-            return PipeLoss()
+            single_class_name = family.causal_lm_class.__name__
+
+            def get_loss_fn(self, config):
+                return PipeLoss()
+    else:
+        causal_lm = family.causal_lm_class
+
+        class PolicyPipe(PipelinePretrainedModel, PipelineLayer):
+            """The family's causal LM as pipeline stages (its own layers; an untied LM head), the PPO
+            actor loss in the last stage.  Parameter names map to the causal LM's."""
+
+            single_class_name = causal_lm.__name__
+            config_class = causal_lm.config_class
+            _get_tensor_parallel_mappings = causal_lm._get_tensor_parallel_mappings
+            _init_weights = causal_lm._init_weights
+
+            def __init__(self, config):
+                stages(self, config, parts.lm_head, "lm_head", skip_ops=True)
 
     class ScoreHeadPipe(nn.Layer):
         def __init__(self, config):
@@ -55,6 +92,8 @@ def _pipeline_classes(family: ModelFamily):
         def forward(self, args):
             hidden = args[0] if isinstance(args, tuple) else args
             return self.score_head(hidden.astype(self.score_head.weight.dtype))
+
+    score_model = family.score_model_class
 
     class ScorePipe(PipelinePretrainedModel, PipelineLayer):
         """The critic (the family's score model) as pipeline stages, the value loss in the last one.
@@ -67,23 +106,7 @@ def _pipeline_classes(family: ModelFamily):
         _init_weights = score_model._init_weights
 
         def __init__(self, config):
-            self.config = config
-            hcg = fleet.get_hybrid_communicate_group()
-            config.tensor_parallel_degree = max(hcg.get_model_parallel_world_size(), 1)
-            config.tensor_parallel_rank = max(hcg.get_model_parallel_rank(), 0)
-            self.add_sequential_layer(LayerDesc(parts.embedding, config=config), prefix)
-            # as paddlenlp's own pipelines build them: without layerwise_recompute no granularity
-            # of recompute / critic_recompute would ever recompute these layers
-            skipped = config.no_recompute_layers or []
-            for i in range(config.num_hidden_layers):
-                self.add_sequential_layer(LayerDesc(parts.decoder_layer, config=config,
-                                                    layerwise_recompute=i not in skipped), f"{prefix}.layers.{i}")
-            self.add_sequential_layer(LayerDesc(parts.norm, config=config), prefix)
-            self.add_sequential_layer(LayerDesc(ScoreHeadPipe, config=config), "")
-            PipelineLayer.__init__(
-                self, layers=self.get_sequential_layers(), loss_fn=PipeLoss(), topology=hcg.topology(),
-                seg_method=f"layer:{parts.decoder_layer_name}"
-                if config.num_hidden_layers % hcg.get_pipe_parallel_world_size() == 0 else "uniform")
+            stages(self, config, ScoreHeadPipe, "", skip_ops=False)
 
     return PolicyPipe, ScorePipe
 

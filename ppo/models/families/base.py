@@ -92,16 +92,19 @@ class DecoderLayout:
 class PipelineParts:
     """paddlenlp's pipeline stage classes of a family (fleet ``PipelineLayer`` pieces).
 
-    causal_lm: the whole causal LM as stages; embedding / decoder_layer / norm: the stages a score
-    model is assembled from (its head is the toolkit's); decoder_layer_name: the layer class name
-    fleet segments stages by (``seg_method="layer:<name>"``).
+    embedding / decoder_layer / norm: the stages a score model is assembled from (its head is the
+    toolkit's); decoder_layer_name: the layer class name fleet segments stages by
+    (``seg_method="layer:<name>"``); causal_lm: paddlenlp's whole causal LM as stages, or None, and
+    then the toolkit assembles it from the stages above and ``lm_head`` (an untied head stage), as
+    it does the score model.
     """
 
-    causal_lm: type
     embedding: type
     decoder_layer: type
     norm: type
     decoder_layer_name: str
+    causal_lm: type | None = None
+    lm_head: type | None = None
 
 
 def _projection(linear, adapters: bool = True) -> Projection:

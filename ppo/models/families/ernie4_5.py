@@ -17,8 +17,8 @@ fails without it (``tests/test_ernie4_5.py``):
   conversion reads it from the weights).
 
 Parameters are named ``ernie.*`` (``model.*`` in transformers folders).  Refused with one line:
-fused q/k/v or gate/up, sequence parallel, pipeline parallel (no pipeline stages yet), and the
-mixture-of-experts configs (``moe_num_experts``: ERNIE 4.5 MoE is the next step, see
+fused q/k/v or gate/up, sequence parallel, tied embeddings under pipeline parallel (its stages are
+Qwen3's with ERNIE layers, ``qwen3.decoder_pipeline_parts``), and the mixture-of-experts configs (``moe_num_experts``: ERNIE 4.5 MoE is the next step, see
 ``families/base.py``).
 """
 
@@ -29,14 +29,16 @@ import paddle
 from paddlenlp.transformers import Qwen2Config
 from paddlenlp.transformers.qwen2.modeling import Qwen2MLP
 
-from ppo.models.families.base import ModelFamily, config_value, register
+from ppo.models.families.base import ModelFamily, PipelineParts, config_value, register
 from ppo.models.families.qwen3 import (
     Qwen3Attention,
     Qwen3DecoderLayer,
     Qwen3ForCausalLM,
     Qwen3Model,
     Qwen3PretrainedModel,
+    decoder_pipeline_parts,
     linear_pair,
+    untied_for_pipeline,
 )
 from ppo.models.score_model import ScoreModel
 
@@ -158,6 +160,12 @@ class Ernie4_5(ModelFamily):
             return ("is an ERNIE 4.5 mixture-of-experts model (moe_num_experts), which this toolkit does not train "
                     "yet; the dense ERNIE 4.5 models (e.g. ERNIE-4.5-0.3B) are supported")
         return None
+
+    def pipeline_parts(self) -> PipelineParts:
+        return decoder_pipeline_parts(Ernie4_5DecoderLayer)
+
+    def pipeline_unsupported(self, config) -> str | None:
+        return untied_for_pipeline(config)
 
     def _order(self, name: str, config) -> np.ndarray | None:
         """The row order of a transformers q/k projection tensor, or None for any other tensor."""

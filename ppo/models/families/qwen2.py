@@ -24,6 +24,24 @@ class Qwen2ModelForScore(ScoreModel, Qwen2PretrainedModel):
     backbone_class = Qwen2Model
 
 
+def qwen2_stage_layers() -> tuple[type, type, type]:
+    """paddlenlp's Qwen2 pipeline stages (embedding, final norm, untied LM head) for the toolkit's
+    stage input (ids, mask, position_ids [B, T] int64); imported on use (fleet's hybrid group)."""
+    import paddle
+    from paddlenlp.transformers.qwen2.modeling_pp import Qwen2EmbeddingPipe, Qwen2LMHeadPipe, Qwen2RMSNormPipe
+
+    class EmbeddingPipe(Qwen2EmbeddingPipe):
+        """Reads the toolkit's stage input: paddlenlp's Qwen2 embedding takes a third tensor for
+        attention row indices (its decoder layers tell the two apart by dtype, this stage does not)."""
+
+        def forward(self, args):
+            if isinstance(args, tuple) and len(args) == 3 and args[2].dtype == paddle.int64:
+                args = (args[0], args[1], None, args[2])
+            return super().forward(args)
+
+    return EmbeddingPipe, Qwen2RMSNormPipe, Qwen2LMHeadPipe
+
+
 @register
 class Qwen2(ModelFamily):
     name = "qwen2"
@@ -37,23 +55,10 @@ class Qwen2(ModelFamily):
     fused_inference_name = "Qwen2ForCausalLMInferenceModel"
 
     def pipeline_parts(self) -> PipelineParts:
-        import paddle
         from paddlenlp.transformers import Qwen2ForCausalLMPipe
-        from paddlenlp.transformers.qwen2.modeling_pp import (
-            Qwen2DecoderLayerPipe,
-            Qwen2EmbeddingPipe,
-            Qwen2RMSNormPipe,
-        )
+        from paddlenlp.transformers.qwen2.modeling_pp import Qwen2DecoderLayerPipe, Qwen2EmbeddingPipe
 
-        class EmbeddingPipe(Qwen2EmbeddingPipe):
-            """Reads the toolkit's stage input (ids, mask, position_ids [B, T] int64): paddlenlp's Qwen2
-            embedding takes a third tensor for attention row indices (its decoder layers tell the
-            two apart by dtype, this stage does not)."""
-
-            def forward(self, args):
-                if isinstance(args, tuple) and len(args) == 3 and args[2].dtype == paddle.int64:
-                    args = (args[0], args[1], None, args[2])
-                return super().forward(args)
+        EmbeddingPipe, norm, _ = qwen2_stage_layers()
 
         class CausalLMPipe(Qwen2ForCausalLMPipe):
             def __init__(self, config):
@@ -62,9 +67,8 @@ class Qwen2(ModelFamily):
                     if type(layer) is Qwen2EmbeddingPipe:
                         layer.__class__ = EmbeddingPipe
 
-        return PipelineParts(causal_lm=CausalLMPipe, embedding=EmbeddingPipe,
-                             decoder_layer=Qwen2DecoderLayerPipe, norm=Qwen2RMSNormPipe,
-                             decoder_layer_name="Qwen2DecoderLayer")
+        return PipelineParts(causal_lm=CausalLMPipe, embedding=EmbeddingPipe, decoder_layer=Qwen2DecoderLayerPipe,
+                             norm=norm, decoder_layer_name="Qwen2DecoderLayer")
 
     def pipeline_unsupported(self, config) -> str | None:
         if getattr(config, "tie_word_embeddings", False):

@@ -20,7 +20,8 @@ recomputes it as paddlenlp does.  Under tensor parallel each rank normalises its
 replicated norm weights, so their gradients are partial there: the weights are marked and training
 sums their gradients over the group.  Parameters are named ``qwen3.*`` (``model.*`` in transformers
 folders).  What it refuses with one line: fused q/k/v (``fuse_attention_qkv``), sequence parallel,
-and pipeline parallel (no pipeline stages yet).
+and, under pipeline parallel, tied embeddings (as for Qwen2).  Its pipeline stages are paddlenlp's
+Qwen2 stages with Qwen3 decoder layers, assembled by the toolkit (:func:`decoder_pipeline_parts`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from paddlenlp.transformers.qwen2.modeling import (
 )
 from paddlenlp.transformers.refined_recompute import get_skip_recompute_ops
 
-from ppo.models.families.base import ModelFamily, config_value, register
+from ppo.models.families.base import ModelFamily, PipelineParts, config_value, register
+from ppo.models.families.qwen2 import qwen2_stage_layers
 from ppo.models.score_model import ScoreModel
 
 
@@ -173,7 +175,8 @@ class Qwen3PretrainedModel(Qwen2PretrainedModel):
     def _init_weights(self, layer):
         if isinstance(layer, Qwen3RMSNorm):  # ones, as transformers initialises them
             return
-        super()._init_weights(layer)
+        # (named, not super(): the pipeline stages borrow this method without being subclasses)
+        Qwen2PretrainedModel._init_weights(self, layer)
 
 
 class Qwen3Model(Qwen3PretrainedModel, Qwen2Model):
@@ -222,6 +225,28 @@ class Qwen3ForCausalLM(Qwen3PretrainedModel, Qwen2ForCausalLM):
         return self.qwen2
 
 
+def decoder_pipeline_parts(decoder_layer: type) -> PipelineParts:
+    """Pipeline stages for a family built on paddlenlp's Qwen2 layers with its own ``decoder_layer``
+    class: paddlenlp's Qwen2 embedding, norm and LM head stages, and the decoder layer under
+    paddlenlp's Qwen2 stage forward (which reads the stage tuple and recomputes as paddlenlp does).
+    The causal LM is assembled by the toolkit from these (``PipelineParts.causal_lm`` None)."""
+    from paddlenlp.transformers.qwen2.modeling_pp import Qwen2DecoderLayerPipe
+
+    embedding, norm, lm_head = qwen2_stage_layers()
+    layer = type(f"{decoder_layer.__name__}Pipe", (Qwen2DecoderLayerPipe, decoder_layer), {})
+    return PipelineParts(embedding=embedding, decoder_layer=layer, norm=norm, lm_head=lm_head,
+                         decoder_layer_name=decoder_layer.__name__)
+
+
+def untied_for_pipeline(config) -> str | None:
+    """The pipeline refusal of a tied model (the stages do not share one weight between the first
+    and the last stage)."""
+    if config_value(config, "tie_word_embeddings", False):
+        return ("ties its input and output embeddings; pipeline_parallel_degree > 1 needs untied "
+                "embeddings (tie_word_embeddings false)")
+    return None
+
+
 class Qwen3ModelForScore(ScoreModel, Qwen3PretrainedModel):
     """Qwen3 + linear score head (parameters ``qwen3.*``, ``score_head.*``)."""
 
@@ -248,6 +273,12 @@ class Qwen3(ModelFamily):
         if config_value(config, "sequence_parallel", False):
             return "is a qwen3 model, which runs without sequence_parallel; set it false"
         return None
+
+    def pipeline_parts(self) -> PipelineParts:
+        return decoder_pipeline_parts(Qwen3DecoderLayer)
+
+    def pipeline_unsupported(self, config) -> str | None:
+        return untied_for_pipeline(config)
 
     def attention_window(self, config) -> int | None:
         if config_value(config, "use_sliding_window", False) and config_value(config, "sliding_window"):
