@@ -61,6 +61,26 @@ def qwen2_tied_dir(tiny_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def qwen3_tied_dir(tiny_dir, tmp_path_factory):
+    """A tiny tied Qwen3 (grouped kv heads, head_dim 32, random q/k norm weights) and its score model."""
+    from family_models import family_dir
+    from test_qwen3 import randomize_head_norms
+
+    return family_dir(tiny_dir, tmp_path_factory.mktemp("qwen3-tied"), "qwen3",
+                      lambda m: randomize_head_norms(m, seed=9), head_dim=32, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def ernie4_5_tied_dir(tiny_dir, tmp_path_factory):
+    """A tiny tied ERNIE 4.5 (ERNIE-4.5-0.3B's form: tied, use_bias off; grouped kv heads, head_dim
+    32) and its score model."""
+    from family_models import family_dir
+
+    return family_dir(tiny_dir, tmp_path_factory.mktemp("ernie4_5-tied"), "ernie4_5", lambda m: None,
+                      head_dim=32, tie_word_embeddings=True)
+
+
 # The files with the longest runs first (measured with --durations), so that the workers, which
 # take whole files, do not end with one long file running alone.
 LONGEST_FIRST = ["test_ppo_parallel.py", "test_graceful_stop.py", "test_resume.py", "test_entrypoints.py",

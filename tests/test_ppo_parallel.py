@@ -32,6 +32,7 @@ import pytest
 
 from test_entrypoints import run
 from test_hf_checkpoints import check_export_matches
+from family_models import family_dir, randomize_biases
 from trained_weights import assert_bitwise_weights, assert_trained_weights_match, weights
 
 STEPS = 3
@@ -281,35 +282,6 @@ def test_ptx_under_pipeline_parallel_matches_one_process(tiny_dir, tmp_path):
         assert_same_weights(tmp_path / "one" / sub, tmp_path / "pp2" / sub)
 
 
-def randomize_biases(model, seed):
-    """paddlenlp starts the q/k/v biases at zero: make them matter from step 0 (a layout that
-    dropped or mis-split them would then differ from one process)."""
-    import paddle
-
-    rng = np.random.default_rng(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("_proj.bias"):
-            p.set_value(paddle.to_tensor(rng.normal(0, 0.3, p.shape).astype("float32")))
-
-
-def family_dir(tiny_dir, out, family, randomize, **sizes):
-    """A tiny ``family`` model with grouped kv heads on the tiny tokenizer in ``out/base``
-    (``randomize(model)`` makes its family's own weights matter from step 0), and its reward model in
-    ``out/score``: the base with a fresh (fixed-seed) score head, as tiny_dir's score/."""
-    from paddlenlp.transformers import AutoTokenizer
-
-    from ppo.models import load_score_model
-    from ppo.tiny.build import build_causal_lm
-
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_dir / "tokenizer"))
-    model = build_causal_lm(str(out / "base"), tokenizer, family=family, seed=0, num_key_value_heads=2, **sizes)
-    randomize(model)
-    model.save_pretrained(str(out / "base"), safe_serialization=True)
-    load_score_model(str(out / "base")).save_pretrained(str(out / "score"))
-    tokenizer.save_pretrained(str(out / "score"))
-    return out
-
-
 @pytest.fixture(scope="module")
 def qwen2_dir(tiny_dir, tmp_path_factory):
     """A tiny untied Qwen2 (grouped kv heads, random q/k/v biases) on the tiny tokenizer."""
@@ -364,23 +336,6 @@ def folder_bytes(folder):
         with open(path, "rb") as f:
             out[name] = (f.read(), os.stat(path).st_mtime_ns)
     return out
-
-
-@pytest.fixture(scope="module")
-def qwen3_tied_dir(tiny_dir, tmp_path_factory):
-    """A tiny tied Qwen3 (grouped kv heads, head_dim 32, random q/k norm weights) and its score model."""
-    from test_qwen3 import randomize_head_norms
-
-    return family_dir(tiny_dir, tmp_path_factory.mktemp("qwen3-tied"), "qwen3",
-                      lambda m: randomize_head_norms(m, seed=9), head_dim=32, tie_word_embeddings=True)
-
-
-@pytest.fixture(scope="module")
-def ernie4_5_tied_dir(tiny_dir, tmp_path_factory):
-    """A tiny tied ERNIE 4.5 (ERNIE-4.5-0.3B's shape of head: tied, use_bias off; grouped kv heads,
-    head_dim 32) and its score model."""
-    return family_dir(tiny_dir, tmp_path_factory.mktemp("ernie4_5-tied"), "ernie4_5", lambda m: None,
-                      head_dim=32, tie_word_embeddings=True)
 
 
 @pytest.mark.slow

@@ -23,11 +23,11 @@ def dirs(tiny_dir, tiny_tokenizer, tmp_path_factory):
     return {"actor": str(tiny_dir / "base"), "rm": str(out / "rm"), "out": out}
 
 
-@pytest.fixture(scope="module")
-def qwen2_dirs(qwen2_tied_dir, tmp_path_factory):
-    """``dirs`` for a tied-embedding Qwen2 (q/k/v biases): the actor and its score model."""
-    return {"actor": str(qwen2_tied_dir / "base"), "rm": str(qwen2_tied_dir / "score"),
-            "out": tmp_path_factory.mktemp("ppo_smoke_qwen2")}
+def family_dirs(request, family, tmp_path_factory):
+    """``dirs`` for a tied-embedding Qwen2 (q/k/v biases), Qwen3 (q/k norms) or ERNIE 4.5: the actor
+    and its score model."""
+    models = request.getfixturevalue(f"{family.split('-')[0]}_tied_dir")
+    return {"actor": str(models / "base"), "rm": str(models / "score"), "out": tmp_path_factory.mktemp(family)}
 
 
 def args_for(dirs, name, **overrides):
@@ -200,14 +200,15 @@ def test_batch_sizes_must_divide(dirs):
         PPOTrainer(args_for(dirs, "div", per_device_train_batch_size=3))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2-tied"])
-def test_offload_levels_do_not_change_the_result(family, request, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen2-tied", "qwen3-tied", "ernie4_5-tied"])
+def test_offload_levels_do_not_change_the_result(family, request, tmp_path, tmp_path_factory):
     """Two PPO iterations (with evaluation and a checkpoint) with every offload level equal the run
     without offload bit for bit, and the offloaded models really were out of memory during generation;
-    for LLaMA and for a tied-embedding Qwen2 (one weight is both the embedding and the LM head)."""
+    for LLaMA and for tied-embedding Qwen2, Qwen3 and ERNIE 4.5 (one weight is both the embedding and
+    the LM head)."""
     from ppo.stages.ppo.trainer import PPOTrainer
 
-    dirs = request.getfixturevalue("dirs" if family == "llama" else "qwen2_dirs")
+    dirs = request.getfixturevalue("dirs") if family == "llama" else family_dirs(request, family, tmp_path_factory)
     common = dict(max_steps=2, save_steps=1, eval_steps=1, seed=21)
     plain = PPOTrainer(args_for(dirs, "no-offload", **common))
     plain.train()
@@ -224,7 +225,7 @@ def test_offload_levels_do_not_change_the_result(family, request, tmp_path):
 
     offloaded.offload.before_scoring = spy
     offloaded.train()
-    assert bool(offloaded.actor.config.tie_word_embeddings) == (family == "qwen2-tied")
+    assert bool(offloaded.actor.config.tie_word_embeddings) == family.endswith("-tied")
     assert seen == {"reference": True, "critic": True, "files": seen["files"]} and seen["files"] >= 3
     for a, b in ((plain.actor, offloaded.actor), (plain.critic, offloaded.critic)):
         for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):

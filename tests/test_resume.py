@@ -77,12 +77,13 @@ def test_single_model_stage_resume_is_bitwise(stage, tiny_dir, tmp_path):
         assert (a["norm_mean"], a["norm_var"], a["norm_count"]) == (b["norm_mean"], b["norm_var"], b["norm_count"])
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2-tied"])
+@pytest.mark.parametrize("family", ["llama", "qwen2-tied", "qwen3-tied", "ernie4_5-tied"])
 def test_ppo_resume_is_bitwise(family, request, tmp_path):
-    """For LLaMA and for a tied-embedding Qwen2 (q/k/v biases; one weight is embedding and LM head)."""
+    """For LLaMA and for tied-embedding Qwen2 (q/k/v biases), Qwen3 (q/k norms) and ERNIE 4.5 (one
+    weight is embedding and LM head)."""
     from ppo.stages.ppo.trainer import PPOTrainer
 
-    models = request.getfixturevalue("tiny_dir" if family == "llama" else "qwen2_tied_dir")
+    models = request.getfixturevalue("tiny_dir" if family == "llama" else f"{family.split('-')[0]}_tied_dir")
     common = dict(actor_model_name_or_path=str(models / "base"), reward_model_name_or_path=str(models / "score"),
                   train_datasets="tiny-prompts/train", ptx_datasets="tiny-sft", ptx_coeff=0.3, max_length=48,
                   max_new_tokens=6, per_device_prompt_batch_size=4, per_device_train_batch_size=2, update_iters=2,
