@@ -25,6 +25,7 @@ import paddle  # noqa: E402
 from ppo.args import ServeRewardArgs, parse_args  # noqa: E402
 from ppo.core.errors import UserError  # noqa: E402
 from ppo.data.base import import_user_modules  # noqa: E402
+from ppo.models import cpu_gemm  # noqa: E402
 from rm.server import RewardService, make_server  # noqa: E402
 
 
@@ -45,6 +46,9 @@ def main(argv=None):
         except (ValueError, RuntimeError) as e:
             raise UserError(f"device={args.device!r} is not available here: {str(e).strip().splitlines()[0]}") \
                 from None
+    notice = cpu_gemm.select(args.cpu_gemm)
+    if notice:
+        print(notice, file=sys.stderr, flush=True)
     if args.extra_modules:
         import_user_modules(args.extra_modules)
     server = None

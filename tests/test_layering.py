@@ -22,7 +22,7 @@ LAYERS = [
      "ppo.distributed", "ppo.storage", "ppo.stages", "ppo.stages.sft", "ppo.stages.ppo", "ppo.stages.dpo", "ppo.tiny", "rm",
      "rm.losses", "dpo", "ppo.core.preference"],
     # the rest of the pure core; what the by-NAME registries share
-    ["ppo.core.registry", "ppo.core.advantages", "ppo.core.batching"],
+    ["ppo.core.registry", "ppo.core.advantages", "ppo.core.batching", "ppo.models.cpu_gemm"],
     # reading files: the one place that turns damaged files into one-line errors (pickles checked first)
     ["ppo.storage.safe_pickle"],
     ["ppo.storage.files"],

@@ -450,6 +450,7 @@ ELSEWHERE = {
 }
 # reads outside the storage layer's readers, each with the reason it may be there
 RAW_READS = {
+    "ppo/models/cpu_gemm.py:open": "/proc/cpuinfo's flags (a system file, not user input; unreadable: no bf16)",
     "ppo/storage/manifest.py:open": "the manifest and the CRC-32C of checkpoint files: rows checkpoint-manifest-*",
     "ppo/storage/manifest.py:json.load": "the manifest: a damaged one is 'unreadable' (rows checkpoint-manifest-*)",
     "ppo/storage/output_dir.py:open": "the lock and metrics.jsonl the toolkit wrote: rows output-dir-lock-*",

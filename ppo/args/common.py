@@ -127,7 +127,14 @@ class TrainingArgs:
                                       "epoch, or never (the final model is written in every case).", STRATEGIES)
     save_steps: int = arg(0, "Save a checkpoint every this many steps (0: only at the end).", ge=0)
     save_total_limit: int = arg(2, "Keep at most this many step checkpoints (the final model is always kept).", ge=1)
-    bf16: bool = arg(False, "bfloat16 mixed precision (GPU builds; ignored with a warning on CPU).")
+    bf16: bool = arg(False, "bfloat16 mixed precision: on GPU builds autocast with float32 master weights; on a CPU "
+                            "with bf16 units (AVX512-BF16 / AMX) the matmuls run in bf16 with float32 accumulation "
+                            "through oneDNN (cpu_gemm), everything else and the weights in float32; on other CPUs "
+                            "one notice line and float32.")
+    cpu_gemm: str = arg("auto", "CPU matmuls: through oneDNN's GEMM from paddle's own wheel (auto, onednn: up to the "
+                                "machine's fp32 peak, bf16 with bf16) or paddle's own matmul (paddle). auto falls back "
+                                "to paddle's with one notice line where oneDNN cannot load. No effect on GPU.",
+                        ("auto", "onednn", "paddle"))
     fp16: bool = arg(False, "float16 mixed precision (GPU builds; ignored with a warning on CPU).")
     disable_tqdm: bool = arg(False, "Hide progress bars.")
     dataloader_drop_last: bool = arg(True, "Drop the samples left over after the last full global batch of an "

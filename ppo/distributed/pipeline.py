@@ -23,6 +23,7 @@ import paddle.nn as nn
 
 from ppo.distributed import parallel
 from ppo.core.errors import UserError
+from ppo.models import cpu_gemm
 from ppo.models.families import ModelFamily, family_of, family_of_model
 from ppo.models.lora import split_adapters
 from ppo.models.score_model import position_ids_from_mask
@@ -158,7 +159,7 @@ def _build(cls, model):
     import copy
 
     config = copy.deepcopy(model.config)
-    pipe = cls(config)
+    pipe = cpu_gemm.install(cls(config))  # (its matmuls through oneDNN where that path is active)
     state = model.state_dict()
     pipe.set_state_dict(dict(state))  # (it renames the keys of the dict it is given)
     mine = pipe.state_dict()

@@ -46,6 +46,7 @@ import paddle.nn.functional as F
 from ppo.distributed import parallel, vocab
 from ppo.core.algorithms import gather_log_probs
 from ppo.rollout.decoding import RolloutDecoder
+from ppo.models import cpu_gemm
 from ppo.models.families import DecoderLayout, LayerWeights, Projection, family_of_model
 from ppo.models.fast_paths import FUSED_RMS_NORM, dense_kernels
 from ppo.models.score_model import last_token_index, position_ids_from_mask
@@ -86,7 +87,7 @@ def _rotary(x, cos, signed_sin):
 def _matmul(x, projection: Projection):
     """x [N, in] @ weight [in, out] (+ the LoRA term x @ A [in, r] @ B [r, out] * scale, applied on
     the fly: always the current adapters) -> [N, out]."""
-    y = paddle.matmul(x, projection.weight)
+    y = cpu_gemm.matmul(x, projection.weight)  # (paddle.matmul unless the oneDNN path is active)
     if projection.lora_a is not None:
         y = y + paddle.matmul(paddle.matmul(x, projection.lora_a), projection.lora_b) * projection.lora_scale
     return y
@@ -171,7 +172,7 @@ class InferenceModel(RolloutDecoder):
 
     def _logits(self, hidden, head):
         """Logits of this rank's vocabulary slice (all of it without tensor parallel)."""
-        return paddle.matmul(hidden, head, transpose_y=self.lm_head_transposed)
+        return cpu_gemm.matmul(hidden, head, transpose_w=self.lm_head_transposed)
 
     def _full_logits(self, hidden, head):
         """Full-vocabulary logits [N, V] in float32 (gathered over tensor parallel to sample from)."""

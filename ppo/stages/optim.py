@@ -10,6 +10,7 @@ import math
 import paddle
 
 from ppo.distributed import parallel
+from ppo.models import cpu_gemm
 
 logger = logging.getLogger("ppo")
 
@@ -83,14 +84,21 @@ def clear_grad(optimizer) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Mixed precision: GPU only; a no-op with one warning on CPU
+# Mixed precision: autocast on GPU; on CPU the matmul path (ppo.models.cpu_gemm), bf16 matmuls
+# where the CPU has bf16 units
 
 
 class Precision:
-    def __init__(self, bf16: bool, fp16: bool, on_gpu: bool):
+    def __init__(self, bf16: bool, fp16: bool, on_gpu: bool, cpu_gemm_mode: str = "auto"):
         self.dtype = "bfloat16" if bf16 else "float16" if fp16 else None
-        if self.dtype and not on_gpu:
-            logger.warning("%s requested but this is a CPU build: training in float32", self.dtype)
+        self.cpu_bf16 = False
+        if not on_gpu:
+            notice = cpu_gemm.select(cpu_gemm_mode, bf16=bf16)
+            if notice:
+                logger.warning("%s", notice)
+            self.cpu_bf16 = cpu_gemm.STATE.bf16
+            if self.dtype and not self.cpu_bf16 and "bf16" not in (notice or ""):
+                logger.warning("%s requested but this is a CPU build: training in float32", self.dtype)
             self.dtype = None
         self.scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**15) if self.dtype == "float16" else None
 

@@ -83,7 +83,7 @@ class SingleModelTrainer:
             beta1=args.adam_beta1, beta2=args.adam_beta2, epsilon=args.adam_epsilon,
             max_grad_norm=args.max_grad_norm)
         self.model, self.optimizer = parallel.wrap_for_training(model, self.optimizer, args.sharding)
-        self.precision = Precision(args.bf16, args.fp16, parallel.device() == "gpu")
+        self.precision = Precision(args.bf16, args.fp16, parallel.device() == "gpu", args.cpu_gemm)
         self.metrics = MetricsLogger(args.output_dir, enabled=self.ctx.is_main)
         self.guard = NonFiniteGuard(args.max_nonfinite_steps, self.stage)
         self.start_step = 0

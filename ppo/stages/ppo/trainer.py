@@ -71,7 +71,7 @@ class PPOTrainer:
             check_reachable(args.reward_server_url, args.reward_server_timeout, args.reward_server_retries)
         self.function_scores: dict = {}   # the last rollout's reward-function scores [B] by name
         self.sampling_stats: dict = {}    # the last rollout's dynamic-sampling counts
-        self.precision = Precision(args.bf16, args.fp16, parallel.device() == "gpu")
+        self.precision = Precision(args.bf16, args.fp16, parallel.device() == "gpu", args.cpu_gemm)
         built = build_ppo_models(args, self.ctx, self.uses_critic, self.precision.dtype)
         self.actor, self.critic, self.tokenizer = built.actor, built.critic, built.tokenizer
         self.models, self.layout = built.rollout, built.layout  # what rolls out; where
