@@ -256,7 +256,7 @@ def run_worker(opts) -> dict:
         per_device_prompt_batch_size=opts.batch, per_device_train_batch_size=train_batch,
         gradient_accumulation_steps=opts.accumulation,
         max_steps=1 + opts.iterations, offload_level=opts.offload_level, offload_dir=opts.workdir,
-        disable_tqdm=True, seed=1)
+        disable_tqdm=True, seed=1, **json.loads(opts.trainer_args or "{}"))
     validate(args)
     trainer = PPOTrainer(args)
     t_trainer = time.time()
@@ -573,7 +573,8 @@ def run_worker(opts) -> dict:
 # Parent: build, launch one worker per configuration, collect
 
 
-def launch(config: str, offload_level: str, dirs: dict, opts, workdir: str, code_root: str = ROOT) -> dict:
+def launch(config: str, offload_level: str, dirs: dict, opts, workdir: str, code_root: str = ROOT,
+           trainer_args: str = "") -> dict:
     """One worker process; ``code_root``: the checkout whose ``ppo`` it imports (this one, or the
     reference of ``--compare``: the same driver, workload and models over that checkout's trainer)."""
     result_file = os.path.join(workdir, "result.json")
@@ -583,7 +584,8 @@ def launch(config: str, offload_level: str, dirs: dict, opts, workdir: str, code
            "--offload_level", offload_level, "--actor", dirs["actor"], "--rm", dirs["rm"], "--workdir", workdir,
            "--result", result_file, "--iterations", str(opts.iterations), "--batch", str(opts.batch),
            "--prompt_length", str(opts.prompt_length), "--new_tokens", str(opts.new_tokens),
-           "--train_batch", str(opts.train_batch), "--accumulation", str(opts.accumulation)]
+           "--train_batch", str(opts.train_batch), "--accumulation", str(opts.accumulation),
+           "--trainer_args", trainer_args]
     env = worker_env(code_root)
     with open(stderr_file, "w") as err:
         t_launch = time.time()
@@ -664,7 +666,8 @@ def compare_checkouts(opts, configs, argv) -> dict:
                         workdir = os.path.join(tmp, config, workload, f"{side}{k}")
                         os.makedirs(workdir)
                         load_before = os.getloadavg()
-                        runs[side].append(launch(config, "", dirs, opts, workdir, code_root=root))
+                        runs[side].append(launch(config, "", dirs, opts, workdir, code_root=root,
+                                                 trainer_args=opts.current_args if side == "current" else ""))
                         # other jobs on a shared machine: the 1/5/15-minute load around each worker
                         runs[side][-1]["load_average_before_after"] = [[round(x, 2) for x in load_before],
                                                                        [round(x, 2) for x in os.getloadavg()]]
@@ -743,6 +746,10 @@ def main(argv=None):
                              "workers for --rounds rounds (offload off); reports medians and current/reference "
                              "ratios")
     parser.add_argument("--rounds", type=int, default=1, help="--compare: alternating rounds (default 1)")
+    parser.add_argument("--current_args", default="",
+                        help="--compare: PPO arguments (a JSON object) of the current side's trainers only, e.g. "
+                             "'{\"bf16\": true}' with --compare on this same checkout")
+    parser.add_argument("--trainer_args", default="", help=argparse.SUPPRESS)
     parser.add_argument("--note", default="", help="a free-text note stored in the JSON (e.g. machine shared)")
     parser.add_argument("--code_root", default=ROOT, help=argparse.SUPPRESS)
     # worker side (internal)

@@ -19,6 +19,7 @@ operators nested inside it) and the rest (Python, dispatch, autograd bookkeeping
 the region's wall time under the profiler.
 
     python benchmarks/profile_phases.py [--reference /tmp/ref ...] [--config 33m] [--top 25]
+        [--variants cpu_gemm=paddle bf16=true]
 
 Each worker runs with the MKL thread setting its checkout gives it (``MKL_NUM_THREADS`` from the
 environment wins: set it to 1 to compare the operators of two checkouts at equal matmul speed).
@@ -139,7 +140,8 @@ def run_worker(opts) -> dict:
         train_datasets="tiny-prompts/train", output_dir=os.path.join(opts.workdir, "output"),
         max_length=opts.prompt_length + opts.new_tokens, max_new_tokens=opts.new_tokens,
         per_device_prompt_batch_size=rows, per_device_train_batch_size=opts.train_batch,
-        gradient_accumulation_steps=opts.accumulation, max_steps=4, disable_tqdm=True, seed=1)
+        gradient_accumulation_steps=opts.accumulation, max_steps=4, disable_tqdm=True, seed=1,
+        **json.loads(opts.overrides or "{}"))
     validate(args)
     trainer = PPOTrainer(args)
     vocab = int(trainer.actor.config.vocab_size)
@@ -188,13 +190,14 @@ def run_worker(opts) -> dict:
     return out
 
 
-def launch(code_root: str, dirs: dict, opts, workdir: str) -> dict:
+def launch(code_root: str, dirs: dict, opts, workdir: str, overrides: dict | None = None) -> dict:
     result = os.path.join(workdir, "result.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--actor", dirs["actor"], "--rm", dirs["rm"],
            "--workdir", workdir, "--result", result, "--commit", _git_head(code_root),
            "--prompt_length", str(opts.prompt_length), "--new_tokens", str(opts.new_tokens),
            "--train_batch", str(opts.train_batch), "--accumulation", str(opts.accumulation),
-           "--repeats", str(opts.repeats), "--top", str(opts.top), "--code_root", code_root]
+           "--repeats", str(opts.repeats), "--top", str(opts.top), "--code_root", code_root,
+           "--overrides", json.dumps(overrides or {})]
     env = worker_env(code_root)
     log = os.path.join(workdir, "stderr.txt")
     with open(log, "w") as err:
@@ -226,12 +229,15 @@ def main(argv=None):
     parser.add_argument("--accumulation", type=int, default=4, help="micro-batches per optimizer step (default 4)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs without the profiler (median)")
     parser.add_argument("--top", type=int, default=25, help="operators listed per region")
+    parser.add_argument("--variants", nargs="+", metavar="KEY=VALUE[,KEY=VALUE]", default=[],
+                        help="also profile this checkout with these PPO arguments, e.g. cpu_gemm=paddle bf16=true "
+                             "(reported as 'after[<variant>]')")
     parser.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine shared)")
     parser.add_argument("--output", default=None,
                         help="JSON file (default benchmarks/results/profile_phases_<config>.json)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--code_root", default=ROOT, help=argparse.SUPPRESS)
-    for hidden in ("--actor", "--rm", "--workdir", "--result", "--commit"):
+    for hidden in ("--actor", "--rm", "--workdir", "--result", "--commit", "--overrides"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
 
@@ -258,12 +264,16 @@ def main(argv=None):
            "results": {}}
     with tempfile.TemporaryDirectory(prefix="ppo-profile-") as tmp:
         dirs = build_models(opts.config, os.path.join(tmp, "models"))
-        sides = [(f"before_{_git_head(p)[:7]}", os.path.abspath(p)) for p in opts.reference] + [("after", ROOT)]
-        for side, root in sides:
-            workdir = os.path.join(tmp, side)
+        sides = [(f"before_{_git_head(p)[:7]}", os.path.abspath(p), {}) for p in opts.reference] + [("after", ROOT, {})]
+        for variant in opts.variants:
+            pairs = dict(item.split("=", 1) for item in variant.split(","))
+            values = {k: {"true": True, "false": False}.get(v.lower(), v) for k, v in pairs.items()}
+            sides.append((f"after[{variant}]", ROOT, values))
+        for i, (side, root, overrides) in enumerate(sides):
+            workdir = os.path.join(tmp, f"side{i}")
             os.makedirs(workdir)
             print(f"[profile_phases] {side}: {root}", file=sys.stderr, flush=True)
-            out["results"][side] = launch(root, dirs, opts, workdir)
+            out["results"][side] = launch(root, dirs, opts, workdir, overrides)
     out["load_average_at_end"] = os.getloadavg()
     text = json.dumps(out, indent=1)
     print(text)

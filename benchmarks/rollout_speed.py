@@ -65,6 +65,17 @@ def timed(fn, repeats: int, cpu: list | None = None) -> list:
     return runs
 
 
+def _matmul_path() -> str:
+    """Switch on the checkout's default CPU matmul path, as its trainers do (``cpu_gemm`` auto), and
+    name it; a checkout without one runs paddle's matmul."""
+    try:
+        from ppo.models import cpu_gemm
+    except ImportError:
+        return "paddle"
+    notice = cpu_gemm.select("auto")
+    return "paddle" if notice and not cpu_gemm.STATE.active else "onednn"
+
+
 def inference_worker(args) -> dict:
     """``--compare`` worker: this process's ``ppo`` (the checkout on its path) decodes the random
     model with its inference model: sampled rollouts timed, greedy tokens saved for the parent."""
@@ -78,6 +89,7 @@ def inference_worker(args) -> dict:
         from ppo.training import quiet_libraries
 
     quiet_libraries()
+    gemm = _matmul_path()
     model, dims, ids, mask = random_model(args)
     eos = dims["vocab_size"] + 1  # outside the vocabulary: every row decodes all steps
     inference = InferenceModel(model)
@@ -87,7 +99,7 @@ def inference_worker(args) -> dict:
     greedy = generate(inference, ids, mask, GenerationConfig(max_new_tokens=args.new, do_sample=False),
                       eos_token_id=eos, pad_token_id=0)[0]
     np.save(args.greedy_file, greedy.numpy())
-    return {"seconds": statistics.median(runs), "runs": runs, "cpu_seconds": statistics.median(cpu),
+    return {"matmul_path": gemm, "seconds": statistics.median(runs), "runs": runs, "cpu_seconds": statistics.median(cpu),
             "mkl_num_threads": mkl_threads(), **step_profile(inference, ids, mask, args.new)}
 
 
@@ -253,6 +265,7 @@ def main(argv=None):
     from ppo.rollout.collect import GenerationConfig, generate
 
     quiet_libraries()
+    _matmul_path()
     model, dims, ids, mask = random_model(args)
     params = sum(p.size for p in model.parameters())
     # never stop early: our loop gets an EOS id outside the vocabulary; stock generate gets

@@ -114,6 +114,8 @@ def main(argv=None) -> dict:
                         help="model family of the base model (qwen2, qwen3, ernie4_5: tied embeddings)")
     parser.add_argument("--without_dpo", action="store_true",
                         help="SFT -> reward model -> PPO only (DPO and online DPO left out)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="every stage with bf16 true (on a CPU with bf16 units: bf16 matmuls, fp32 accumulation)")
     parser.add_argument("--guard_weight", type=float, default=4.0,
                         help="weight of the tiny_guard rule reward beside the reward model in PPO (0: reward model "
                              "only, which PPO games: docs/main-job.md, 'Reward hacking, made visible')")
@@ -133,6 +135,8 @@ def main(argv=None) -> dict:
     guard = ["--reward_functions", f"tiny_guard:{args.guard_weight}", "--extra_modules", "ppo.tiny.task"] \
         if args.guard_weight else []
     paths = {k: os.path.join(out, k) for k in ("base", "sft", "rm", "ppo", "dpo", "online_dpo")}
+    if args.bf16:
+        quick = {k: ["--bf16", "true", *v] for k, v in quick.items()}
     times["sft"] = run_stage("ppo/run_sft.py", "config/tiny/sft_argument.json",
                              ["--model_name_or_path", paths["base"], "--output_dir", paths["sft"],
                               *FAMILY_SFT.get(args.family, []), *quick["sft"]],
