@@ -197,3 +197,33 @@ def test_fallbacks_are_one_line(monkeypatch):
         Precision(False, False, on_gpu=False, cpu_gemm_mode="onednn")
     Precision(False, False, on_gpu=False, cpu_gemm_mode="auto")  # falls back, trains
     assert not cpu_gemm.STATE.active
+
+
+@pytest.mark.skipif(not cpu_gemm.cpu_has_bf16(), reason="this CPU has no bf16 units")
+def test_frozen_weights_casts_each_parameter_once_and_forgets_on_exit():
+    """Within frozen_weights (a rollout) a bf16 parameter is cast once for every product; outside it
+    every product reads the parameter's current value (a changed weight is never served stale)."""
+    lin = paddle.nn.Linear(32, 16)
+    x = tensor(4, 32, grad=False)
+    assert cpu_gemm.activate("onednn", bf16=True) is None
+    casts = []
+    original = cpu_gemm._dense
+    cpu_gemm._dense = lambda t, bf16: casts.append(tuple(t.shape)) or original(t, bf16)
+    try:
+        with paddle.no_grad():
+            with cpu_gemm.frozen_weights():
+                first = [cpu_gemm.matmul(x, lin.weight).numpy() for _ in range(3)]
+            assert casts.count((32, 16)) == 1 and casts.count((4, 32)) == 3
+            lin.weight.set_value(lin.weight * 2)  # (set_value leaves paddle's inplace version as it was)
+            after = cpu_gemm.matmul(x, lin.weight).numpy()
+            with cpu_gemm.frozen_weights():
+                again = cpu_gemm.matmul(x, lin.weight).numpy()
+    finally:
+        cpu_gemm._dense = original
+        cpu_gemm.deactivate()
+    assert cpu_gemm.STATE.cache is None
+    np.testing.assert_array_equal(first[0], first[2])
+    bf = lambda t: t.astype("bfloat16").astype("float32").numpy()  # noqa: E731
+    np.testing.assert_allclose(after, bf(x) @ bf(lin.weight), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(again, after, rtol=0, atol=0)
+    np.testing.assert_allclose(after, 2 * first[0], rtol=1e-2, atol=1e-3)

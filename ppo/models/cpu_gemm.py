@@ -26,6 +26,7 @@ and :func:`activate` says so in one line.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -48,6 +49,7 @@ class _State:
     reason = None  # why it could not be loaded
     active = False  # F.linear routed here
     bf16 = False  # products in bf16 with fp32 accumulation
+    cache = None  # within frozen_weights: {id(parameter): (parameter, its bf16 copy)}
     threads = None
 
 
@@ -133,6 +135,31 @@ def select(mode: str, bf16: bool = False) -> str | None:
     return notice
 
 
+@contextlib.contextmanager
+def frozen_weights():
+    """Within it the parameters do not change (a rollout's decode steps): under bf16 each one is
+    cast once and its copy reused by every step; the copies are dropped on exit.  No effect in fp32."""
+    outer = STATE.cache
+    if outer is None:
+        STATE.cache = {}
+    try:
+        yield
+    finally:
+        if outer is None:
+            STATE.cache = None
+
+
+def _bf16_weight(w):
+    """``w`` as a dense bf16 tensor: the copy made for it within :func:`frozen_weights` (a parameter
+    there), else a fresh one."""
+    if STATE.cache is None or not isinstance(w, paddle.base.framework.EagerParamBase):
+        return _dense(w, True)
+    entry = STATE.cache.get(id(w))
+    if entry is None or entry[0] is not w:
+        entry = STATE.cache[id(w)] = (w, _dense(w, True))
+    return entry[1]
+
+
 def deactivate() -> None:
     STATE.active, STATE.bf16 = False, False
     F.linear = _ORIGINAL_LINEAR
@@ -207,8 +234,8 @@ def matmul(x, w, transpose_w: bool = False):
     x2 = x.reshape([-1, x.shape[-1]])
     if (x.stop_gradient and w.stop_gradient) or not paddle.is_grad_enabled():  # inference: no autograd node
         n = w.shape[0] if transpose_w else w.shape[1]
-        y = _gemm(_dense(x2, STATE.bf16), _dense(w, STATE.bf16), False, transpose_w, x2.shape[0], n, x2.shape[1],
-                  STATE.bf16)
+        wd = _bf16_weight(w) if STATE.bf16 else _dense(w, False)
+        y = _gemm(_dense(x2, STATE.bf16), wd, False, transpose_w, x2.shape[0], n, x2.shape[1], STATE.bf16)
     else:
         y = _Product.apply(x2, w, transpose_w, STATE.bf16)
     return y.reshape([*lead, y.shape[-1]])

@@ -21,7 +21,7 @@ from ppo.rollout.decoding import RolloutDecoder, current_weights
 from ppo.data.tokenizer_utils import decode_without_special, encode_scored_text
 from ppo.core.experience import Experience, real_spans, shift_left
 from ppo.rollout.inference import InferenceModel
-from ppo.models import position_ids_from_mask
+from ppo.models import cpu_gemm, position_ids_from_mask
 from ppo.distributed.parallel import unwrap
 
 
@@ -140,7 +140,9 @@ def generate(model, input_ids, attention_mask, config: GenerationConfig, eos_tok
     generated (mask 1) and is right-padded after it (mask 0).  With ``return_log_probs`` also the
     response tokens' log-probs [B, R] (``sampled_log_probs``; 0 after a row finished).
     """
-    with vocab.full_vocab_logits(None if isinstance(model, RolloutDecoder) else unwrap(model)):
+    # (the weights stay as they are over the decode steps: bf16 copies made once, cpu_gemm)
+    with vocab.full_vocab_logits(None if isinstance(model, RolloutDecoder) else unwrap(model)), \
+            cpu_gemm.frozen_weights():
         return _generate(decoder_for(model), input_ids, attention_mask, config, eos_token_id, pad_token_id,
                          return_log_probs)
 
