@@ -101,7 +101,7 @@ def test_shipped_configs_parse(path):
             assert getattr(args, key) == value, key
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "ernie4_5"])
 def test_family_presets_parse_with_their_stage_arguments(family):
     """config/<family>/*.json: every preset is a valid argument file of its stage (the models they
     name are the user's: not checked here)."""
