@@ -138,3 +138,30 @@ def test_mkl_threads_default_to_this_ranks_share_of_the_cores():
     assert threads(PADDLE_LOCAL_SIZE="2") == str(max(1, cores // 2))
     assert threads(PADDLE_LOCAL_SIZE=str(4 * cores)) == "1"
     assert threads(MKL_NUM_THREADS="3") == "3"
+
+
+@pytest.mark.parametrize("D", [64, 7])
+def test_rotate_half_is_paddlenlps_bit_for_bit_and_installed(D):
+    """The roll form equals paddlenlp's slices + concat exactly, forward and gradient (an odd head
+    size too), and the loaders' install points LLaMA's, Qwen2's and Mistral's modules at it."""
+    import importlib
+
+    def original(x):  # paddlenlp's rotate_half, written out here
+        return paddle.concat([-x[..., D // 2:], x[..., :D // 2]], axis=-1)
+
+    rng = np.random.default_rng(3)
+    x = paddle.to_tensor(rng.normal(size=(2, 5, 3, D)).astype("float32"), stop_gradient=False)
+    upstream = paddle.to_tensor(rng.normal(size=(2, 5, 3, D)).astype("float32"))
+    want = original(x)
+    (want * upstream).sum().backward()
+    want_grad = x.grad.numpy().copy()
+    x.clear_gradient()
+    got = fast_paths.rotate_half(x)
+    (got * upstream).sum().backward()
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    np.testing.assert_array_equal(x.grad.numpy(), want_grad)
+    fast_paths.install(LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                                    num_hidden_layers=1, num_attention_heads=2)))
+    for name in fast_paths.ROTARY_MODULES:
+        assert importlib.import_module(name).rotate_half is fast_paths.rotate_half
+        assert fast_paths.PADDLENLP_ROTATE_HALF[name] is not fast_paths.rotate_half
