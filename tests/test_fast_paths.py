@@ -143,7 +143,7 @@ def test_mkl_threads_default_to_this_ranks_share_of_the_cores():
 @pytest.mark.parametrize("D", [64, 7])
 def test_rotate_half_is_paddlenlps_bit_for_bit_and_installed(D):
     """The roll form equals paddlenlp's slices + concat exactly, forward and gradient (an odd head
-    size too), and the loaders' install points LLaMA's, Qwen2's and Mistral's modules at it."""
+    size too), and every family's rotary module gets it (LLaMA's, Qwen2's, Mistral's paddlenlp modules)."""
     import importlib
 
     def original(x):  # paddlenlp's rotate_half, written out here
@@ -160,8 +160,10 @@ def test_rotate_half_is_paddlenlps_bit_for_bit_and_installed(D):
     (got * upstream).sum().backward()
     np.testing.assert_array_equal(got.numpy(), want.numpy())
     np.testing.assert_array_equal(x.grad.numpy(), want_grad)
-    fast_paths.install(LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-                                                    num_hidden_layers=1, num_attention_heads=2)))
-    for name in fast_paths.ROTARY_MODULES:
+    from ppo.models.families import family_named, supported
+
+    for family in supported():
+        name = family_named(family).rotary_module
+        fast_paths.install_rotate_half(name)  # (what the loaders do for every model they load)
         assert importlib.import_module(name).rotate_half is fast_paths.rotate_half
         assert fast_paths.PADDLENLP_ROTATE_HALF[name] is not fast_paths.rotate_half

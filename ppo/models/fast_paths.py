@@ -18,9 +18,10 @@ three things cost more than their arithmetic outside the matmuls:
   (``FLAGS_use_stride_kernel``) around a forward + backward that does not write through views.
 
 :func:`install` puts the norm and attention paths on a model's layers (instance attributes only:
-other models and paddlenlp's classes are untouched) and, on CPU, points the ``rotate_half`` of
-paddlenlp's LLaMA, Qwen2 and Mistral modules at :func:`rotate_half` (a module global, since
-``apply_rotary_pos_emb`` reads it there; its results are unchanged bit for bit); the loaders (``ppo.models.loading``) install them on every model
+other models and paddlenlp's classes are untouched); :func:`install_rotate_half` points the
+``rotate_half`` of a family's paddlenlp module (``ModelFamily.rotary_module``) at :func:`rotate_half`
+on CPU (a module global, since ``apply_rotary_pos_emb`` reads it there; its results are unchanged
+bit for bit); the loaders (``ppo.models.loading``) install them on every model
 they load, for SFT, reward-model training and PPO alike.
 Anything they do not cover (flash attention, alibi, sequence-split attention, non-float32 norms)
 goes to paddlenlp's own code.
@@ -149,30 +150,27 @@ def rotate_half(x):
     return paddle.roll(x, shift, axis=-1) * sign
 
 
-# paddlenlp modules whose apply_rotary_pos_emb reads the module's rotate_half, and their originals
-ROTARY_MODULES = ("paddlenlp.transformers.llama.modeling", "paddlenlp.transformers.qwen2.modeling",
-                  "paddlenlp.transformers.mistral.modeling")
+# paddlenlp modules given to install_rotate_half, and their own rotate_half
 PADDLENLP_ROTATE_HALF: dict = {}
 
 
-def install_rotate_half() -> None:
-    """On CPU, :func:`rotate_half` in place of paddlenlp's in :data:`ROTARY_MODULES` (once)."""
+def install_rotate_half(module_name: str | None) -> None:
+    """On CPU, :func:`rotate_half` in place of the ``rotate_half`` of the paddlenlp module
+    ``module_name`` (a family's ``rotary_module``, whose ``apply_rotary_pos_emb`` reads it there)."""
     import importlib
 
-    if not on_cpu():
+    if module_name is None or not on_cpu():
         return
-    for name in ROTARY_MODULES:
-        module = importlib.import_module(name)
-        if module.rotate_half is not rotate_half:
-            PADDLENLP_ROTATE_HALF[name] = module.rotate_half
-            module.rotate_half = rotate_half
+    module = importlib.import_module(module_name)
+    if module.rotate_half is not rotate_half:
+        PADDLENLP_ROTATE_HALF[module_name] = module.rotate_half
+        module.rotate_half = rotate_half
 
 
 def install(model):
     """Put the fast RMSNorm and attention on ``model``'s paddlenlp layers (once: a layer so changed
     is marked ``_ppo_fast_path``); returns ``model``.  Norms stay paddlenlp's without paddle's fused
     RMSNorm kernel."""
-    install_rotate_half()
     for layer in [model, *model.sublayers()]:
         if getattr(layer, "_ppo_fast_path", False):
             continue

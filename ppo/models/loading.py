@@ -170,7 +170,9 @@ def load_causal_lm(path: str, what: str = "model_name_or_path", **overrides):
     # a tied head is the input embedding itself: a checkpoint need not (transformers does not) store it
     tied = ("lm_head.",) if getattr(config, "tie_word_embeddings", False) else ()
     check_no_missing_weights(missing, path, what, allowed=tied)
-    # fused RMSNorm, transpose_y attention; oneDNN matmuls where active (same results, faster on CPU)
+    # fused RMSNorm, transpose_y attention, rotate_half; oneDNN matmuls where active (same results,
+    # faster on CPU)
+    fast_paths.install_rotate_half(family.rotary_module)
     return cpu_gemm.install(fast_paths.install(model))
 
 
@@ -208,4 +210,5 @@ def load_score_model(path: str, score_type: str = "reward", score_dim: int = 1, 
     check_no_missing_weights(missing, path, what, allowed=() if is_score else ("score_head.",))
     if not is_score:
         init_score_head(model)
+    fast_paths.install_rotate_half(family.rotary_module)
     return cpu_gemm.install(fast_paths.install(model))

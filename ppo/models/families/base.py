@@ -164,6 +164,9 @@ class ModelFamily:
     backbone_class: ClassVar[type]
     score_model_class: ClassVar[type]
     fused_inference_name: ClassVar[str | None] = None  # in paddlenlp.experimental.transformers
+    # the paddlenlp module whose ``apply_rotary_pos_emb`` the family's attention calls: its
+    # ``rotate_half`` gets the faster, bit-identical form on CPU (``ppo.models.fast_paths``)
+    rotary_module: ClassVar[str | None] = None
 
     # -- models --------------------------------------------------------------------------------
 

@@ -145,6 +145,7 @@ class Ernie4_5(ModelFamily):
     model_types = ("ernie4_5",)
     architectures = ("Ernie4_5ForCausalLM", "Ernie4_5ModelForScore")
     prefix = "ernie"
+    rotary_module = "paddlenlp.transformers.qwen2.modeling"
     config_class = Ernie4_5Config
     causal_lm_class = Ernie4_5ForCausalLM
     backbone_class = Ernie4_5Model

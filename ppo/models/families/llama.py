@@ -24,6 +24,7 @@ class Llama(ModelFamily):
     model_types = ("llama",)
     architectures = ("LlamaForCausalLM", "LlamaModelForScore")
     prefix = "llama"
+    rotary_module = "paddlenlp.transformers.llama.modeling"
     config_class = LlamaConfig
     causal_lm_class = LlamaForCausalLM
     backbone_class = LlamaModel

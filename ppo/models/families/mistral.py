@@ -61,6 +61,7 @@ class Mistral(ModelFamily):
     model_types = ("mistral",)
     architectures = ("MistralForCausalLM", "MistralModelForScore")
     prefix = "mistral"
+    rotary_module = "paddlenlp.transformers.mistral.modeling"
     config_class = MistralConfig
     causal_lm_class = MistralForCausalLM
     backbone_class = MistralModel

@@ -48,6 +48,7 @@ class Qwen2(ModelFamily):
     model_types = ("qwen2",)
     architectures = ("Qwen2ForCausalLM", "Qwen2ModelForScore")
     prefix = "qwen2"
+    rotary_module = "paddlenlp.transformers.qwen2.modeling"
     config_class = Qwen2Config
     causal_lm_class = Qwen2ForCausalLM
     backbone_class = Qwen2Model

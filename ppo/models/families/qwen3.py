@@ -259,6 +259,7 @@ class Qwen3(ModelFamily):
     model_types = ("qwen3",)
     architectures = ("Qwen3ForCausalLM", "Qwen3ModelForScore")
     prefix = "qwen3"
+    rotary_module = "paddlenlp.transformers.qwen2.modeling"
     config_class = Qwen3Config
     causal_lm_class = Qwen3ForCausalLM
     backbone_class = Qwen3Model
