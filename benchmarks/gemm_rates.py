@@ -97,9 +97,9 @@ def worker(repeats: int) -> dict:
 
 
 def peak_gflops(ghz: float, cores: int) -> float:
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    lanes = 16 if "avx512f" in flags else 8
+    from ppo.models.cpu_gemm import cpu_flags
+
+    lanes = 16 if "avx512f" in cpu_flags() else 8
     return round(cores * 2 * lanes * 2 * ghz, 1)
 
 

@@ -80,13 +80,18 @@ def load():
     return lib
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 matmul units (AVX512-BF16 or AMX-BF16), from /proc/cpuinfo."""
+def cpu_flags() -> list[str]:
+    """This CPU's feature flags (``/proc/cpuinfo``; [] where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
-        return False
+        return []
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 matmul units (AVX512-BF16 or AMX-BF16)."""
+    flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

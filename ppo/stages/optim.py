@@ -91,13 +91,11 @@ def clear_grad(optimizer) -> None:
 class Precision:
     def __init__(self, bf16: bool, fp16: bool, on_gpu: bool, cpu_gemm_mode: str = "auto"):
         self.dtype = "bfloat16" if bf16 else "float16" if fp16 else None
-        self.cpu_bf16 = False
         if not on_gpu:
             notice = cpu_gemm.select(cpu_gemm_mode, bf16=bf16)
             if notice:
                 logger.warning("%s", notice)
-            self.cpu_bf16 = cpu_gemm.STATE.bf16
-            if self.dtype and not self.cpu_bf16 and "bf16" not in (notice or ""):
+            if self.dtype and not cpu_gemm.STATE.bf16 and "bf16" not in (notice or ""):
                 logger.warning("%s requested but this is a CPU build: training in float32", self.dtype)
             self.dtype = None
         self.scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**15) if self.dtype == "float16" else None

@@ -180,9 +180,13 @@ class ModelFamily:
 
     def pipeline_unsupported(self, config) -> str | None:
         """Why ``config``'s model cannot train under pipeline parallel (None: it can), as the end of a
-        sentence that starts with the model's path."""
+        sentence that starts with the model's path: a family without stages, or tied embeddings
+        (no family's stages share one weight between the first and the last stage)."""
         if type(self).pipeline_parts is ModelFamily.pipeline_parts:
             return f"is a {self.name} model, which has no pipeline stages; pipeline_parallel_degree must be 1"
+        if config_value(config, "tie_word_embeddings", False):  # the stages do not share one weight
+            return ("ties its input and output embeddings; pipeline_parallel_degree > 1 needs untied "
+                    "embeddings (tie_word_embeddings false)")
         return None
 
     def unsupported(self, config) -> str | None:

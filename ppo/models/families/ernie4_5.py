@@ -38,7 +38,6 @@ from ppo.models.families.qwen3 import (
     Qwen3PretrainedModel,
     decoder_pipeline_parts,
     linear_pair,
-    untied_for_pipeline,
 )
 from ppo.models.score_model import ScoreModel
 
@@ -164,9 +163,6 @@ class Ernie4_5(ModelFamily):
 
     def pipeline_parts(self) -> PipelineParts:
         return decoder_pipeline_parts(Ernie4_5DecoderLayer)
-
-    def pipeline_unsupported(self, config) -> str | None:
-        return untied_for_pipeline(config)
 
     def _order(self, name: str, config) -> np.ndarray | None:
         """The row order of a transformers q/k projection tensor, or None for any other tensor."""

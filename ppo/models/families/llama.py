@@ -42,9 +42,3 @@ class Llama(ModelFamily):
         return PipelineParts(causal_lm=LlamaForCausalLMPipe, embedding=LlamaEmbeddingPipe,
                              decoder_layer=LlamaDecoderLayerPipe, norm=LlamaRMSNormPipe,
                              decoder_layer_name="LlamaDecoderLayer")
-
-    def pipeline_unsupported(self, config) -> str | None:
-        if getattr(config, "tie_word_embeddings", False):  # paddlenlp's stages would not share the weight
-            return ("ties its input and output embeddings; pipeline_parallel_degree > 1 needs untied "
-                    "embeddings (tie_word_embeddings false)")
-        return None

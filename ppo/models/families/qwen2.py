@@ -71,12 +71,6 @@ class Qwen2(ModelFamily):
         return PipelineParts(causal_lm=CausalLMPipe, embedding=EmbeddingPipe, decoder_layer=Qwen2DecoderLayerPipe,
                              norm=norm, decoder_layer_name="Qwen2DecoderLayer")
 
-    def pipeline_unsupported(self, config) -> str | None:
-        if getattr(config, "tie_word_embeddings", False):
-            return ("ties its input and output embeddings; pipeline_parallel_degree > 1 needs untied "
-                    "embeddings (tie_word_embeddings false)")
-        return None
-
     def attention_window(self, config) -> int | None:
         # a window applies only where the config switches it on (Qwen2 / Qwen2.5 ship it off)
         if config_value(config, "use_sliding_window", False) and config_value(config, "sliding_window"):

@@ -238,15 +238,6 @@ def decoder_pipeline_parts(decoder_layer: type) -> PipelineParts:
                          decoder_layer_name=decoder_layer.__name__)
 
 
-def untied_for_pipeline(config) -> str | None:
-    """The pipeline refusal of a tied model (the stages do not share one weight between the first
-    and the last stage)."""
-    if config_value(config, "tie_word_embeddings", False):
-        return ("ties its input and output embeddings; pipeline_parallel_degree > 1 needs untied "
-                "embeddings (tie_word_embeddings false)")
-    return None
-
-
 class Qwen3ModelForScore(ScoreModel, Qwen3PretrainedModel):
     """Qwen3 + linear score head (parameters ``qwen3.*``, ``score_head.*``)."""
 
@@ -277,9 +268,6 @@ class Qwen3(ModelFamily):
 
     def pipeline_parts(self) -> PipelineParts:
         return decoder_pipeline_parts(Qwen3DecoderLayer)
-
-    def pipeline_unsupported(self, config) -> str | None:
-        return untied_for_pipeline(config)
 
     def attention_window(self, config) -> int | None:
         if config_value(config, "use_sliding_window", False) and config_value(config, "sliding_window"):
