@@ -37,6 +37,7 @@ def test_unknown_key_suggests_nearest(tmp_path):
     (["--per_device_train_batch_size", "two"], "must be int"),
     (["--learning_rate", "-1"], "'learning_rate' must be > 0"),
     (["--loss_type", "pairwise"], "must be one of"),
+    (["--cpu_gemm", "mkl"], "'cpu_gemm' must be one of 'auto', 'onednn', 'paddle', got 'mkl'"),
     (["--warmup_ratio", "1.5"], r"must be in \[0, 1\)"),
     (["--sharding_parallel_degree", "2"], "'sharding' must be 'stage1' or 'stage2'"),
     (["stray"], "unexpected command-line argument"),
