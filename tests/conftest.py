@@ -81,6 +81,23 @@ def ernie4_5_tied_dir(tiny_dir, tmp_path_factory):
                       head_dim=32, tie_word_embeddings=True)
 
 
+@pytest.fixture(autouse=True)
+def _matmul_path_per_test():
+    """Every test starts on the matmul path the worker had before it: a trainer built in-process
+    (e.g. from a PaddleNLP config with bf16 true) switches the process-wide oneDNN / bf16 state,
+    which would otherwise carry into the next test's models."""
+    from ppo.models import cpu_gemm
+
+    before = (cpu_gemm.STATE.active, cpu_gemm.STATE.bf16, cpu_gemm.STATE.threads)
+    yield
+    active, bf16, threads = before
+    if (cpu_gemm.STATE.active, cpu_gemm.STATE.bf16) != (active, bf16):
+        if active:
+            cpu_gemm.activate("onednn", bf16=bf16, threads=threads)
+        else:
+            cpu_gemm.deactivate()
+
+
 # The files with the longest runs first (measured with --durations), so that the workers, which
 # take whole files, do not end with one long file running alone.
 LONGEST_FIRST = ["test_ppo_parallel.py", "test_graceful_stop.py", "test_resume.py", "test_entrypoints.py",
