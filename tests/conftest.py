@@ -88,14 +88,9 @@ def _matmul_path_per_test():
     which would otherwise carry into the next test's models."""
     from ppo.models import cpu_gemm
 
-    before = (cpu_gemm.STATE.active, cpu_gemm.STATE.bf16, cpu_gemm.STATE.threads)
+    before = cpu_gemm.snapshot()
     yield
-    active, bf16, threads = before
-    if (cpu_gemm.STATE.active, cpu_gemm.STATE.bf16) != (active, bf16):
-        if active:
-            cpu_gemm.activate("onednn", bf16=bf16, threads=threads)
-        else:
-            cpu_gemm.deactivate()
+    cpu_gemm.restore(before)
 
 
 # The files with the longest runs first (measured with --durations), so that the workers, which

@@ -12,7 +12,26 @@ from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
 from ppo.models import fast_paths
 from ppo.rollout.collect import forward_log_probs
 
-pytestmark = pytest.mark.skipif(fast_paths.FUSED_RMS_NORM is None, reason="no fused RMSNorm kernel in this build")
+
+
+def test_the_fused_norm_kernel_is_never_tried_on_a_cpu_without_avx512():
+    """paddle's CPU RMSNorm kernel is AVX-512 code: called on a CPU without it the process dies of
+    SIGILL, so the probe must not call it there (it calls the kernel it is given otherwise)."""
+    calls = []
+
+    def kernel(*a):
+        calls.append(a)
+        return (a[0],)
+
+    if not paddle.get_device().startswith("cpu"):
+        pytest.skip("the gate is for CPU devices")
+    assert fast_paths._probe(kernel, flags=["avx", "avx2", "fma"]) is None and calls == []
+    assert fast_paths._probe(kernel, flags=["avx2", "avx512f"]) is kernel and len(calls) == 1
+
+    def missing(*a):
+        raise RuntimeError("no kernel")
+
+    assert fast_paths._probe(missing, flags=["avx512f"]) is None
 
 
 def test_fused_rms_norm_forward_and_gradients():

@@ -99,3 +99,36 @@ def test_batch_4x1_equals_batch_1x4(tiny_dir, tmp_path):
     for k in weights_a:
         np.testing.assert_allclose(weights_b[k], weights_a[k], rtol=0, atol=1e-5, err_msg=k)
     assert max(float(np.abs(weights_a[k] - start[k]).max()) for k in weights_a) > 5e-4  # it trained
+
+
+
+@pytest.mark.parametrize("before", ["paddle", "onednn"])
+def test_a_run_leaves_the_matmul_path_it_found(tiny_dir, tmp_path, before):
+    """A run in-process with its own cpu_gemm choice puts the process's matmul path back when it
+    ends: whatever the process runs after training keeps the path it had."""
+    from ppo.models import cpu_gemm
+
+    cpu_gemm.activate(before) if before == "onednn" else cpu_gemm.deactivate()
+    found = cpu_gemm.snapshot()
+    run_mode = "paddle" if before == "onednn" else "onednn"
+    args = SFTArgs(model_name_or_path=str(tiny_dir / "base"), train_datasets="tiny-sft", output_dir=str(tmp_path / "o"),
+                   max_length=48, per_device_train_batch_size=2, max_steps=1, disable_tqdm=True, cpu_gemm=run_mode)
+    trainer = SFTTrainer(args)
+    assert cpu_gemm.STATE.active == (run_mode == "onednn")
+    trainer.train()
+    assert cpu_gemm.snapshot() == found
+
+
+def test_bf16_ends_with_the_precision_that_chose_it(monkeypatch):
+    """bf16 matmuls (a CPU with bf16 units; claimed here, no product runs) last until the run's
+    Precision closes; the fp32 oneDNN path it found comes back."""
+    from ppo.models import cpu_gemm
+    from ppo.stages.optim import Precision
+
+    cpu_gemm.activate("onednn")
+    found = cpu_gemm.snapshot()
+    monkeypatch.setattr(cpu_gemm, "cpu_has_bf16", lambda: True)
+    precision = Precision(bf16=True, fp16=False, on_gpu=False, cpu_gemm_mode="auto")
+    assert cpu_gemm.STATE.active and cpu_gemm.STATE.bf16
+    precision.close()
+    assert cpu_gemm.snapshot() == found and not cpu_gemm.STATE.bf16

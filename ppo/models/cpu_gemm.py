@@ -170,6 +170,23 @@ def deactivate() -> None:
     F.linear = _ORIGINAL_LINEAR
 
 
+def snapshot() -> tuple:
+    """The process's matmul path now (routed, bf16, threads), for :func:`restore`."""
+    return STATE.active, STATE.bf16, STATE.threads
+
+
+def restore(state: tuple) -> None:
+    """Put back the matmul path :func:`snapshot` saw: a run's choice (``cpu_gemm``, ``bf16``) ends
+    with the run instead of carrying into whatever the process does next."""
+    active, bf16, threads = state
+    if (STATE.active, STATE.bf16, STATE.threads) == (active, bf16, threads):
+        return
+    if active:
+        activate("onednn", bf16=bf16, threads=threads)
+    else:
+        deactivate()
+
+
 def _gemm(a, b, trans_a: bool, trans_b: bool, m: int, n: int, k: int, bf16: bool):
     """C [m, n] float32 = op(a) @ op(b) (row-major; op transposes when asked); a, b dense CPU tensors."""
     out = paddle.empty([m, n], dtype="float32")

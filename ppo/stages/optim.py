@@ -91,6 +91,7 @@ def clear_grad(optimizer) -> None:
 class Precision:
     def __init__(self, bf16: bool, fp16: bool, on_gpu: bool, cpu_gemm_mode: str = "auto"):
         self.dtype = "bfloat16" if bf16 else "float16" if fp16 else None
+        self._before = cpu_gemm.snapshot()  # the matmul path the run found, put back by close()
         if not on_gpu:
             notice = cpu_gemm.select(cpu_gemm_mode, bf16=bf16)
             if notice:
@@ -99,6 +100,10 @@ class Precision:
                 logger.warning("%s requested but this is a CPU build: training in float32", self.dtype)
             self.dtype = None
         self.scaler = paddle.amp.GradScaler(init_loss_scaling=2.0**15) if self.dtype == "float16" else None
+
+    def close(self) -> None:
+        """End the run's matmul path: the process goes back to the one it had before the run."""
+        cpu_gemm.restore(self._before)
 
     def autocast(self):
         if self.dtype is None:

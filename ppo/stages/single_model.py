@@ -169,6 +169,7 @@ class SingleModelTrainer:
         stop.close()
         self.metrics.close()
         checkpoint.release_output_dir(args.output_dir)
+        self.precision.close()  # the run's matmul path (cpu_gemm, bf16) ends with it
         return final
 
     def log_eval(self, step: int, echo) -> dict:

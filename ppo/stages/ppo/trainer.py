@@ -166,6 +166,7 @@ class PPOTrainer:
         self.metrics.close()
         checkpoint.release_output_dir(args.output_dir)
         self.offload.close()
+        self.precision.close()  # the run's matmul path (cpu_gemm, bf16) ends with it
         return final
 
     # -- phases ----------------------------------------------------------------------------
