@@ -19,12 +19,19 @@ if __name__ == "__main__":
     quiet_libraries()  # before paddlenlp loads: its import-time warnings stay out of the console
 
 from ppo.args import PPOArgs, check_preset_models, parse_args  # noqa: E402
+from ppo.distributed import parallel  # noqa: E402
+from ppo.stages.ppo.pools import check_frozen_roles, serve  # noqa: E402
 from ppo.stages.ppo.trainer import PPOTrainer  # noqa: E402
 
 
 def main(argv=None):
     args = parse_args(PPOArgs, argv)
     check_preset_models(args)
+    ctx = parallel.init_parallel(args, pipeline=True)
+    if ctx.serves:  # a rank of a frozen role's pool (resource_pools) scores for the actor's pool
+        check_frozen_roles(args)
+        serve(args, ctx)
+        return
     PPOTrainer(args).train()
 
 

@@ -18,11 +18,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [
     # foundations: no ppo imports (the pure core, the decoder protocol, the package markers)
     ["ppo", "ppo.core", "ppo.core.errors", "ppo.core.experience", "ppo.core.algorithms", "ppo.core.metrics",
-     "ppo.data.template", "ppo.models.normalizer", "ppo.models.fast_paths", "ppo.rollout", "ppo.rollout.decoding",
+     "ppo.data.template", "ppo.models.normalizer", "ppo.rollout", "ppo.rollout.decoding",
      "ppo.distributed", "ppo.storage", "ppo.stages", "ppo.stages.sft", "ppo.stages.ppo", "ppo.stages.dpo", "ppo.tiny", "rm",
      "rm.losses", "dpo", "ppo.core.preference"],
     # the rest of the pure core; what the by-NAME registries share
-    ["ppo.core.registry", "ppo.core.advantages", "ppo.core.batching", "ppo.models.cpu_gemm"],
+    ["ppo.core.registry", "ppo.core.advantages", "ppo.core.batching", "ppo.models.cpu_gemm", "ppo.core.placement"],
+    # the fast CPU paths (the fused norm kernel is tried only where the CPU can run it: cpu_gemm's flags)
+    ["ppo.models.fast_paths"],
     # reading files: the one place that turns damaged files into one-line errors (pickles checked first)
     ["ppo.storage.safe_pickle"],
     ["ppo.storage.files"],
@@ -50,7 +52,7 @@ LAYERS = [
     ["ppo.models.loading"],
     ["ppo.models"],
     # the distributed layer: the only modules that touch fleet and process groups
-    ["ppo.distributed.cpu_fleet"],
+    ["ppo.distributed.cpu_fleet", "ppo.distributed.pools"],
     ["ppo.distributed.parallel"],
     ["ppo.distributed.pipeline", "ppo.distributed.offload", "ppo.distributed.vocab"],
     # storage: the output folder's lock and refusal, checkpoint folders, the graceful stop, checkpoints
@@ -64,6 +66,7 @@ LAYERS = [
     ["ppo.stages.entry", "ppo.stages.optim", "ppo.stages.guard"],
     ["ppo.stages.single_model"],
     # the PPO stage: models in their layout, one update step, scoring, evaluation; then its data
+    ["ppo.stages.ppo.pools"],
     ["ppo.stages.ppo.roles", "ppo.stages.ppo.steps", "ppo.stages.ppo.scoring"],
     ["ppo.stages.ppo.evaluation"],
     ["ppo.stages.ppo.data"],
@@ -98,7 +101,7 @@ LOCAL_IMPORT_ALLOWED: dict = {}
 # Private attributes of fleet's wrappers (model, optimizer, pipeline schedule) and the hybrid group.
 FLEET_PRIVATE = {"_layers", "_layer", "_inner_opt", "_optim", "_loss_fn", "_prepare_training", "hcg"}
 DISTRIBUTED = {"ppo/distributed/parallel.py", "ppo/distributed/pipeline.py", "ppo/distributed/cpu_fleet.py",
-               "ppo/distributed/vocab.py"}
+               "ppo/distributed/vocab.py", "ppo/distributed/pools.py"}
 MAX_LINES = 500  # no library module longer
 # Files whose fleet-private code is being moved into ppo/distributed/pipeline.py (the pipeline pass of the PPO
 # trainer); empty this set once it has moved.

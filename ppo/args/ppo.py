@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ppo.core.placement import parse_pools
 from ppo.args.common import (
     RECOMPUTE_GRANULARITIES,
     DataArgs,
@@ -87,6 +88,14 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
                              "rollout batch is split over the ranks of one pipeline. Empty: the training models "
                              "roll out themselves, 'tensor_parallel' under pipeline parallel.",
                          ("", "single", "tensor_parallel"))
+    resource_pools: str = arg("", "Roles on ranks of their own in one launch, comma-separated ROLE[+ROLE...]:RANKS, "
+                                  "the actor's pool first (from rank 0), e.g. 'actor:2,reference:1,reward:1' or "
+                                  "'actor+critic:2,reference+reward:1'. The actor's pool is laid out by "
+                                  "tensor_parallel_degree / sharding_parallel_degree (data parallel takes the "
+                                  "rest of it); a pool of reference and / or reward has one rank per data rank of "
+                                  "the actor's pool and scores at the same time as the actor's pool scores the "
+                                  "rest. The counts add up to the launch's ranks. Empty: every role on every rank "
+                                  "(docs/parallelism.md).")
     # algorithm
     kl_coeff: float = arg(0.02, "KL coefficient (initial value when adaptive_kl).", ge=0)
     kl_estimator: str = arg("k1", "Per-token KL estimator.", ("k1", "k2", "k3"))
@@ -131,6 +140,7 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
     def validate(self) -> None:
         validate_shared(self)
         validate_lora(self, "critic_lora")
+        parse_pools(self.resource_pools)  # the form; what needs the launch's size is checked at start
         require(self.dual_clip == 0 or self.dual_clip > 1, f"'dual_clip' must be 0 (off) or > 1, got {self.dual_clip}")
         # a rollout holds the prompt (at least one token) and the response within max_length
         require(self.max_new_tokens < self.max_length,

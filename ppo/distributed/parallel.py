@@ -18,6 +18,8 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
+from ppo.core.placement import plan_pools
+from ppo.distributed import pools
 from ppo.distributed.cpu_fleet import enable_cpu_fleet
 from ppo.core.errors import UserError
 
@@ -35,6 +37,16 @@ class ParallelContext:
     pp_degree: int = 1
     pp_rank: int = 0
     hcg: object = None           # fleet's HybridCommunicateGroup, None in a single process
+    plan: object = None          # the resource pools (pools.PoolPlan), None: every role on every rank
+    pool: object = None          # this rank's pool (pools.Pool), None without pools
+    group: object = None         # the ranks that train together (the actor's pool); None: the world
+    leaders: tuple = ()          # with pools: the world rank of each data rank's first rank, by data rank
+    links: dict = None           # with pools: {(first rank, peer rank): their process group} (pools.init_fleet)
+
+    @property
+    def serves(self) -> bool:
+        """This rank holds frozen roles for the actor's pool (a pool of its own) instead of training."""
+        return self.pool is not None and self.pool is not self.plan.actor
 
     @property
     def data_world(self) -> int:
@@ -76,15 +88,22 @@ def init_parallel(args, pipeline: bool = False) -> ParallelContext:
     """
     global _CONTEXT
     world = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
-    mp = int(getattr(args, "tensor_parallel_degree", 1))
-    pp = int(getattr(args, "pipeline_parallel_degree", 1))
-    sd = int(getattr(args, "sharding_parallel_degree", 1))
+    mp, pp, sd = (int(getattr(args, f"{k}_parallel_degree", 1)) for k in ("tensor", "pipeline", "sharding"))
     if _CONTEXT.distributed and (_CONTEXT.tp_degree, _CONTEXT.pp_degree, _CONTEXT.sharding_degree) == (mp, pp, sd):
-        return _CONTEXT  # fleet is up in this layout already (online DPO's rounds)
-    if world % (mp * pp * sd) != 0:
-        raise UserError(f"tensor_parallel_degree ({mp}) x pipeline_parallel_degree ({pp}) x "
-                        f"sharding_parallel_degree ({sd}) = {mp * pp * sd} does not divide the world size {world}")
-    dp = world // (mp * pp * sd)
+        return _CONTEXT  # fleet is up in this layout already (online DPO's rounds, a pool's second call)
+
+    def data_world(size: int) -> int:
+        if size % (mp * pp * sd) != 0:
+            where = f"the actor's pool of {size} rank(s) (resource_pools)" if size != world else f"the world size {world}"
+            raise UserError(f"tensor_parallel_degree ({mp}) x pipeline_parallel_degree ({pp}) x "
+                            f"sharding_parallel_degree ({sd}) = {mp * pp * sd} does not divide {where}")
+        return size // (mp * pp * sd)
+
+    plan = plan_pools(getattr(args, "resource_pools", ""), world, data_world, pipeline=pp > 1,
+                            merged_rollout=getattr(args, "eval_mode", "") == "single" and mp > 1,
+                            has_reward_model=bool(getattr(args, "reward_model_name_or_path", "")))
+    size = plan.actor.size if plan is not None else world  # the ranks fleet's hybrid layout covers
+    dp = data_world(size) // sd
     if world == 1:
         _CONTEXT = ParallelContext()
         return _CONTEXT
@@ -93,7 +112,7 @@ def init_parallel(args, pipeline: bool = False) -> ParallelContext:
                         "SFT training use tensor parallel, sharding and data parallel")
     if sd > 1 and getattr(args, "sharding", "") == "stage2" and (mp > 1 or pp > 1 or dp > 1):
         raise UserError(f"sharding 'stage2' shards over all data ranks alone: set sharding_parallel_degree to the "
-                        f"world size {world} (tensor, pipeline and data parallel degree 1), or use 'stage1'")
+                        f"world size {size} (tensor, pipeline and data parallel degree 1), or use 'stage1'")
     paddle.set_device(device())
     from paddle.distributed import fleet
 
@@ -106,13 +125,25 @@ def init_parallel(args, pipeline: bool = False) -> ParallelContext:
         strategy.pipeline_configs = {"accumulate_steps": int(args.gradient_accumulation_steps),
                                      "micro_batch_size": int(args.per_device_train_batch_size),
                                      "p2p_cache_shape": False}
-    fleet.init(is_collective=True, strategy=strategy)
+    group = pool = None
+    leaders, links = (), {}
+    if plan is None:
+        fleet.init(is_collective=True, strategy=strategy)
+    else:  # fleet's hybrid groups over the actor's pool (every rank makes them), the pool's own group
+        rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
+        group, pool, leaders, links = pools.init_fleet(fleet, strategy, plan, rank, sd)
+        if pool is not plan.actor:  # a frozen role's rank: no layout of its own, it serves the actor's pool
+            _CONTEXT = ParallelContext(world_size=world, rank=rank, plan=plan, pool=pool, group=group,
+                                       leaders=leaders, links=links)
+            return _CONTEXT
     hcg = fleet.get_hybrid_communicate_group()
     _CONTEXT = ParallelContext(
         world_size=world, rank=dist.get_rank(), dp_degree=dp, dp_rank=hcg.get_data_parallel_rank(),
         sharding_degree=sd, sharding_rank=hcg.get_sharding_parallel_rank(), tp_degree=mp, pp_degree=pp, hcg=hcg,
-        tp_rank=hcg.get_model_parallel_rank(), pp_rank=hcg.get_stage_id())
+        tp_rank=hcg.get_model_parallel_rank(), pp_rank=hcg.get_stage_id(), plan=plan, pool=pool, group=group,
+        leaders=leaders, links=links)
     return _CONTEXT
+
 
 
 _ROLLOUT_GROUPS: dict = {}
@@ -323,9 +354,9 @@ def wrap_for_training(model, optimizer, sharding_stage: str = ""):
         # (ppo.distributed.cpu_fleet provides the CPU build of this call)
         model, optimizer, _ = group_sharded_parallel(model, optimizer, level="os_g", group=group)
         return model, optimizer
-    model = fleet.distributed_model(model)
-    optimizer = fleet.distributed_optimizer(optimizer)
-    return model, optimizer
+    with pools.parameters_synced_over(_CONTEXT.group):  # (None: the world, without pools)
+        model = fleet.distributed_model(model)
+    return model, fleet.distributed_optimizer(optimizer)
 
 
 def _dp_groups():
@@ -362,8 +393,9 @@ def sum_over_data(value: float) -> float:
 
 
 def barrier() -> None:
+    """Wait for every rank that trains (with resource pools: the actor's pool)."""
     if _CONTEXT.distributed:
-        dist.barrier()
+        dist.barrier(group=_CONTEXT.group)
 
 
 def from_main(value):
@@ -371,16 +403,17 @@ def from_main(value):
     if not _CONTEXT.distributed:
         return value
     shared = [value]
-    dist.broadcast_object_list(shared, src=0)
+    dist.broadcast_object_list(shared, src=0, group=_CONTEXT.group)
     return shared[0]
 
 
 def max_over_ranks(value: int) -> int:
-    """The largest of every rank's ``value`` (an int), on every rank: a max-reduce over the world."""
+    """The largest of every training rank's ``value`` (an int), on each of them: a max-reduce over
+    the world (with resource pools: the actor's pool)."""
     if not _CONTEXT.distributed:
         return int(value)
     t = paddle.to_tensor(np.array([value], dtype=np.int64))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_CONTEXT.group)
     return int(t.numpy()[0])
 
 

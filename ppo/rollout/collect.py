@@ -320,6 +320,9 @@ class Models:
     actor_tokenizer: object
     reward_tokenizer: object | None
     decoder: object | None = None   # rollout decoder over the actor's weights (None: the actor's own forward)
+    # the frozen roles scored on ranks of their own (resource pools): ``roles``, ``submit(sequences,
+    # attention_mask, prompt_length, fast, grouped)``, then ``results(sequences)`` -> {role: tensor}
+    remote: object | None = None
 
 
 def length_groups(lengths, overhead: int = 16) -> list:
@@ -373,6 +376,46 @@ def keeps_log_probs(setting: str, decoder) -> bool:
     return setting == "true" or (setting == "auto" and isinstance(decoder, InferenceModel))
 
 
+def scoring_log_probs(model, sequences, attention_mask, temperature: float, fast: bool, grouped: bool):
+    """Log-probs [B, L-1] of ``sequences`` under a scoring model (the actor's or the reference's):
+    on the inference model's layout when ``fast`` (in packed length groups when ``grouped``), else
+    the model's own forward."""
+    if grouped:
+        view = InferenceModel.of(model)
+        return score_in_length_groups(lambda s, m: (view.log_probs(s, m, temperature),), sequences, attention_mask,
+                                      ("action",))[0]
+    if fast:
+        return InferenceModel.of(model).log_probs(sequences, attention_mask, temperature)
+    return forward_log_probs(model, sequences, attention_mask, temperature)[0]
+
+
+def _scored(model, ids, mask, fast: bool, grouped: bool):
+    """(scores [B, L, 1], end scores [B, 1]) of a score model (the layouts as ``scoring_log_probs``)."""
+    if grouped:
+        return score_in_length_groups(InferenceModel.of(model).scores, ids, mask, ("token", "row"))
+    if fast:
+        return InferenceModel.of(model).scores(ids, mask)
+    out = model(ids, mask)
+    return out.scores, out.end_scores
+
+
+def reward_end_scores(models: Models, sequences, attention_mask, prompt_length: int, max_length: int,
+                      normalize_reward: bool, fast: bool, grouped: bool):
+    """The reward model's end scores [B] of actor ``sequences`` (re-encoded first when its tokenizer
+    differs; normalised with its saved statistics when ``normalize_reward``); 0 without one."""
+    if models.reward is None:
+        return paddle.zeros([sequences.shape[0]], dtype="float32")
+    if same_vocabulary(models.actor_tokenizer, models.reward_tokenizer):
+        end_scores = _scored(models.reward, sequences, attention_mask, fast, grouped)[1].squeeze(-1)
+    else:
+        r_ids, r_mask = retokenize(sequences, attention_mask, prompt_length, models.actor_tokenizer,
+                                   models.reward_tokenizer, max_length)
+        end_scores = _scored(models.reward, r_ids, r_mask, fast, grouped)[1].squeeze(-1)
+    if normalize_reward:
+        end_scores = models.reward.normalizer.normalize(end_scores)
+    return end_scores
+
+
 @paddle.no_grad()
 def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, max_length: int,
             normalize_reward: bool = False, before_scoring=None, group_scoring: bool = False) -> Experience:
@@ -402,25 +445,10 @@ def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, m
     # scoring: no gradients; with the inference model in use (single-shard models) every model is
     # scored on its fast layout, otherwise through the model's own forward
     fast = models.decoder is not None
-
     grouped = fast and group_scoring
-
-    def log_probs(model):
-        if grouped:
-            view = InferenceModel.of(model)
-            return score_in_length_groups(lambda s, m: (view.log_probs(s, m, config.temperature),), sequences,
-                                          attention_mask, ("action",))[0]
-        if fast:
-            return InferenceModel.of(model).log_probs(sequences, attention_mask, config.temperature)
-        return forward_log_probs(model, sequences, attention_mask, config.temperature)[0]
-
-    def scored(model, ids, mask):
-        if grouped:
-            return score_in_length_groups(InferenceModel.of(model).scores, ids, mask, ("token", "row"))
-        if fast:
-            return InferenceModel.of(model).scores(ids, mask)
-        out = model(ids, mask)
-        return out.scores, out.end_scores
+    remote = models.remote.roles if models.remote is not None else ()
+    if remote:  # the frozen roles on their own ranks score while this pool scores the rest
+        models.remote.submit(sequences, attention_mask, P, fast, grouped)
 
     with paddle.no_grad():
         if kept:
@@ -428,25 +456,23 @@ def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, m
             # prompt's columns are 0 (never an action)
             old_log_probs = paddle.concat([paddle.zeros([sequences.shape[0], P - 1], "float32"), kept[0]], axis=1)
         else:
-            old_log_probs = log_probs(models.actor)
+            old_log_probs = scoring_log_probs(models.actor, sequences, attention_mask, config.temperature, fast,
+                                              grouped)
         if was_training:
             models.actor.train()
-        ref_log_probs = log_probs(models.reference)
+        ref_log_probs = None if "reference" in remote else \
+            scoring_log_probs(models.reference, sequences, attention_mask, config.temperature, fast, grouped)
         action_mask = action_mask_of(attention_mask, P)
-
-        if models.reward is None:
-            end_scores = paddle.zeros([sequences.shape[0]], dtype="float32")
-        elif same_vocabulary(tok, models.reward_tokenizer):
-            end_scores = scored(models.reward, sequences, attention_mask)[1].squeeze(-1)
-        else:
-            r_ids, r_mask = retokenize(sequences, attention_mask, P, tok, models.reward_tokenizer, max_length)
-            end_scores = scored(models.reward, r_ids, r_mask)[1].squeeze(-1)
-        if normalize_reward and models.reward is not None:
-            end_scores = models.reward.normalizer.normalize(end_scores)
-
+        end_scores = None if "reward" in remote else \
+            reward_end_scores(models, sequences, attention_mask, P, max_length, normalize_reward, fast, grouped)
         values = None
         if models.critic is not None:
-            values = scored(models.critic, sequences, attention_mask)[0].squeeze(-1)[:, :-1].astype("float32")
+            values = _scored(models.critic, sequences, attention_mask, fast, grouped)[0].squeeze(-1)[:, :-1]
+            values = values.astype("float32")
+        if remote:
+            got = models.remote.results(sequences)
+            ref_log_probs = got.get("reference", ref_log_probs)
+            end_scores = got.get("reward", end_scores)
 
     response_tokens = attention_mask[:, P:]
     response_lengths = response_tokens.astype("int64").sum(axis=1)

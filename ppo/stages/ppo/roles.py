@@ -4,9 +4,10 @@ which roll out, and whether the rollout weights are current.
     actor      trains (a pipeline stage under pipeline parallel); its policy makes the rollout
     reference  frozen copy of the initial actor (KL anchor); with ``lora`` the actor itself with its
                adapters switched off (``ppo.models.lora.AdaptersOff``), unless rollout runs on
-               separate copies (then a frozen copy again: the reference scores the copies' rows)
+               separate copies (then a frozen copy again: the reference scores the copies' rows);
+               None when a resource pool of its own holds it (``ppo.stages.ppo.pools``)
     reward     frozen score model (end scores); None without reward_model_name_or_path (the reward
-               functions score alone)
+               functions score alone) or when a resource pool of its own holds it
     critic     trains (value head); only with the ``gae`` estimator
     rollout_*  the models that decode and score: the training models themselves, or separate
                copies when the training layout cannot decode (pipeline) or ``eval_mode single``
@@ -34,6 +35,7 @@ from ppo.models import (
     load_tokenizer,
 )
 from ppo.rollout.collect import Models, same_vocabulary
+from ppo.stages.ppo.pools import RemoteScoring
 
 
 @dataclass
@@ -125,9 +127,12 @@ def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOMode
     # a LoRA actor's reference is its own base weights with the adapters off: no second copy; but
     # when rollout runs on whole copies (eval_mode single) the reference must be whole as well
     shared_reference = args.lora and not layout.separate_rollout
-    reference = AdaptersOff(actor) if shared_reference else freeze(policy(rollout_tp))
+    # resource pools: the frozen roles of other pools score there (ppo.stages.ppo.pools)
+    remote = ctx.plan.remote_roles() if ctx.plan is not None else ()
+    reference = None if "reference" in remote else AdaptersOff(actor) if shared_reference else freeze(policy(rollout_tp))
     reward = freeze(load_score_model(args.reward_model_name_or_path, score_type="reward",
-                                     what="reward_model_name_or_path", trained_head=True, **rollout_tp)) if with_reward else None
+                                     what="reward_model_name_or_path", trained_head=True, **rollout_tp)) \
+        if with_reward and "reward" not in remote else None
     if args.normalize_reward and reward is not None and reward.normalizer.kind == "none":
         raise UserError(f"normalize_reward is set but the reward model at '{args.reward_model_name_or_path}' "
                         "carries no score statistics (train it with normalizer_type RunningMeanStd)")
@@ -146,7 +151,8 @@ def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOMode
     decoder = (rollout_decoder(rollout_actor, static_decode=args.rollout_static_graph, dtype=dtype)
                if args.use_inference_model else None)
     rollout = Models(actor=rollout_actor, reference=reference, reward=reward, critic=rollout_critic,
-                     actor_tokenizer=tokenizer, reward_tokenizer=reward_tokenizer, decoder=decoder)
+                     actor_tokenizer=tokenizer, reward_tokenizer=reward_tokenizer, decoder=decoder,
+                     remote=RemoteScoring(ctx) if remote else None)
     return PPOModels(actor=actor, critic=trained_critic, tokenizer=tokenizer, rollout=rollout, layout=layout)
 
 

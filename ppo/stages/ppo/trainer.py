@@ -139,7 +139,7 @@ class PPOTrainer:
         bar.update(self.start_step)
         if args.eval_steps > 0 and self.start_step == 0:
             self.evaluate(0, bar.write)  # the starting point of every curve
-        stop = GracefulStop(on_stop=self.offload.close)  # SIGTERM / SIGINT: a checkpoint after this step, exit
+        stop = GracefulStop(on_stop=self.close)  # SIGTERM / SIGINT: a checkpoint after this step, exit
         # index: 0-based position in the run; step: the number of the step being taken (1-based),
         # by which logs, evaluations and checkpoints are named
         for index in range(self.start_step, self.total_steps):
@@ -165,9 +165,15 @@ class PPOTrainer:
         stop.close()
         self.metrics.close()
         checkpoint.release_output_dir(args.output_dir)
-        self.offload.close()
+        self.close()
         self.precision.close()  # the run's matmul path (cpu_gemm, bf16) ends with it
         return final
+
+    def close(self) -> None:
+        """After the last step (or a stop checkpoint): offload files go, the pools' ranks are released."""
+        self.offload.close()
+        if self.models.remote is not None:
+            self.models.remote.stop()
 
     # -- phases ----------------------------------------------------------------------------
 
@@ -305,6 +311,8 @@ class PPOTrainer:
         if exp.values is not None:
             stats["value_mean"] = float(algo.masked_mean(exp.values, mask))
         stats.update(score_metrics(self.function_scores), **self.sampling_stats)
+        if self.models.remote is not None:  # when each pool scored (resource_pools)
+            stats.update(self.models.remote.metrics())
         return {k: parallel.mean_over_data(v) for k, v in stats.items()}
 
     # -- evaluation, checkpoints, the final models -----------------------------------------

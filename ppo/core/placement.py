@@ -1,0 +1,123 @@
+"""Resource pools, the plan: which PPO roles run on which ranks of one launch (``resource_pools``).
+
+``resource_pools`` names the pools, each a ``+``-joined set of roles and its number of ranks,
+comma-separated: ``actor:2,reference:1,reward:1`` gives the actor 2 ranks (laid out by the run's
+tensor / sharding / data-parallel degrees) and the reference and the reward model one rank each;
+``actor:2,reference+reward:1`` puts the two frozen models on one rank.  The actor's pool comes
+first, from rank 0; a role that no pool names stays with the actor (the default, colocated layout).
+Pure: the groups and the transport are ``ppo.distributed.pools``, the roles' work
+``ppo.stages.ppo.pools``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ppo.core.errors import UserError, closest
+
+ROLES = ("actor", "critic", "reference", "reward")
+FROZEN = ("reference", "reward")  # the roles a pool of their own may hold (for now)
+
+
+@dataclass(frozen=True)
+class Pool:
+    roles: tuple        # the roles on these ranks
+    first: int          # the first world rank of the pool
+    size: int           # its number of ranks
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.roles)
+
+    @property
+    def ranks(self) -> list:
+        return list(range(self.first, self.first + self.size))
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    pools: tuple        # the actor's pool first
+
+    @property
+    def actor(self) -> Pool:
+        return self.pools[0]
+
+    @property
+    def remote(self) -> tuple:
+        """The pools of the roles that do not run on the actor's ranks."""
+        return self.pools[1:]
+
+    def remote_roles(self) -> tuple:
+        return tuple(r for p in self.remote for r in p.roles)
+
+    def pool_of_rank(self, rank: int) -> Pool:
+        return next(p for p in self.pools if p.first <= rank < p.first + p.size)
+
+
+def parse_pools(text: str) -> list:
+    """``resource_pools`` -> [(roles tuple, ranks)] in the order given; a UserError (one line) for
+    anything but ``ROLE[+ROLE...]:RANKS`` entries naming each role at most once, the actor first."""
+    what = "'resource_pools'"
+    entries = [e.strip() for e in text.split(",") if e.strip()]
+    if not entries:
+        return []
+    parsed, seen = [], set()
+    for entry in entries:
+        roles_text, sep, count = entry.partition(":")
+        if not sep or not count.strip():
+            raise UserError(f"{what}: '{entry}' must be ROLE[+ROLE...]:RANKS, e.g. 'actor:2,reference+reward:1'")
+        try:
+            ranks = int(count)
+        except ValueError:
+            raise UserError(f"{what}: the rank count of '{entry}' must be a whole number >= 1, got {count!r}") from None
+        if ranks < 1:
+            raise UserError(f"{what}: the rank count of '{entry}' must be >= 1, got {ranks}")
+        roles = tuple(r.strip() for r in roles_text.split("+"))
+        for role in roles:
+            if role not in ROLES:
+                raise UserError(f"{what}: unknown role '{role}'{closest(role, ROLES)}; roles: {', '.join(ROLES)}")
+            if role in seen:
+                raise UserError(f"{what}: role '{role}' is named twice; each role has one pool")
+            seen.add(role)
+        parsed.append((roles, ranks))
+    if "actor" not in parsed[0][0]:
+        raise UserError(f"{what}: the first pool must hold the actor (it starts at rank 0), e.g. 'actor:2,reward:1'")
+    for roles, _ in parsed[1:]:
+        if "critic" in roles:
+            raise UserError(f"{what}: the critic trains beside the actor: put it in the actor's pool "
+                            "('actor+critic:N') or leave it out (it then stays with the actor)")
+    return parsed
+
+
+def plan_pools(text: str, world: int, data_world_of, *, pipeline: bool, merged_rollout: bool,
+               has_reward_model: bool) -> PoolPlan | None:
+    """The plan of ``resource_pools`` for a launch of ``world`` ranks (None: every role on every
+    rank).  ``data_world_of(n)``: the actor's data ranks on a pool of n ranks (a UserError when the
+    run's degrees do not divide n).  Checked before any model loads; each impossible plan is one line."""
+    parsed = parse_pools(text)
+    if not parsed:
+        return None
+    what = "'resource_pools'"
+    total = sum(n for _, n in parsed)
+    if total != world:
+        raise UserError(f"{what} '{text}' places {total} ranks but the launch has {world} "
+                        f"(paddle.distributed.launch --nproc_per_node x nodes): the counts must add up to it")
+    if len(parsed) == 1:
+        raise UserError(f"{what} '{text}' names only the actor's pool: give another role ranks of its own, "
+                        "or leave resource_pools empty (every role on every rank)")
+    if pipeline or merged_rollout:
+        raise UserError(f"{what}: pools need a rollout on the training model itself (no pipeline_parallel_degree "
+                        "> 1, no eval_mode 'single' under tensor parallel)")
+    pools, first = [], 0
+    for roles, n in parsed:
+        pools.append(Pool(roles=tuple(roles), first=first, size=n))
+        first += n
+    actor = pools[0]
+    data_world = data_world_of(actor.size)
+    for pool in pools[1:]:
+        if pool.size != data_world:
+            raise UserError(f"{what}: pool '{pool.name}' has {pool.size} rank(s) but the actor's pool has {data_world} "
+                            f"data rank(s): a pool of frozen roles has one rank per data rank of the actor's pool")
+    if "reward" in (r for p in pools[1:] for r in p.roles) and not has_reward_model:
+        raise UserError(f"{what} gives the reward model ranks but reward_model_name_or_path is empty")
+    return PoolPlan(pools=tuple(pools))

@@ -1,0 +1,127 @@
+"""Resource pools (``resource_pools``): the reference and the reward model on ranks of their own equal
+the colocated run, and every impossible plan is one line before any model loads.
+
+The pooled runs use the settings of ``tests/test_ppo_parallel.py`` (greedy responses, a global
+batch of 8 prompts, 3 iterations of 2 optimizer steps), so they compare with the same
+single-process run, by the same tolerances: the pooled reference and reward model are whole
+models on one rank where the colocated tensor-parallel run splits them (sums in another order,
+about 1e-7 relative), and one wrong row or missing score moves these numbers by 1e-2 or more.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ppo.core.errors import UserError
+from ppo.core.placement import parse_pools, plan_pools
+from test_entrypoints import run
+from test_ppo_parallel import assert_same_eval, assert_same_steps, assert_same_weights, ppo, train_metrics
+
+# ----------------------------------------------------------------------------------- the plan
+
+
+def plan(text, world, divisor=1, **kw):
+    def data_world(n):
+        if n % divisor:
+            raise UserError(f"degrees ({divisor}) do not divide {n}")
+        return n // divisor
+
+    options = dict(pipeline=False, merged_rollout=False, has_reward_model=True)
+    options.update(kw)
+    return plan_pools(text, world, data_world, **options)
+
+
+def test_a_plan_places_the_pools_in_order_from_rank_0():
+    p = plan("actor:2,reference:1,reward:1", 4, divisor=2)
+    assert [(q.roles, q.ranks) for q in p.pools] == [(("actor",), [0, 1]), (("reference",), [2]), (("reward",), [3])]
+    assert p.remote_roles() == ("reference", "reward")
+    assert p.pool_of_rank(0) is p.actor and p.pool_of_rank(3).name == "reward"
+    shared = plan("actor+critic:2,reference+reward:2", 4)  # data parallel 2: a replica per data rank
+    assert shared.pool_of_rank(3).roles == ("reference", "reward") and shared.pool_of_rank(2).ranks == [2, 3]
+    assert plan("", 4) is None
+
+
+@pytest.mark.parametrize("text, world, kw, words", [
+    ("actor:2,reference:1", 4, {}, "places 3 ranks but the launch has 4"),
+    ("actor:2,reference:1,reward:2", 4, {}, "places 5 ranks"),
+    ("actor:4", 4, {}, "names only the actor's pool"),
+    ("actor:3,reference:1", 4, {"divisor": 2}, "do not divide 3"),
+    ("actor:2,reward:2", 4, {"divisor": 2}, "one rank per data rank"),   # TP2: one data rank
+    ("actor:2,reward:1", 3, {}, "one rank per data rank"),                # DP2: two data ranks
+    ("actor:1,reward:1", 2, {"has_reward_model": False}, "reward_model_name_or_path is empty"),
+    ("actor:1,reference:1", 2, {"pipeline": True}, "no pipeline_parallel_degree"),
+    ("actor:1,reference:1", 2, {"merged_rollout": True}, "eval_mode 'single'"),
+])
+def test_impossible_plans_are_one_line(text, world, kw, words):
+    with pytest.raises(UserError, match=words) as e:
+        plan(text, world, **kw)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("actor", "must be ROLE"), ("actor:", "must be ROLE"), ("actor:two", "whole number"), ("actor:0", ">= 1"),
+    ("actor:1,refrence:1", "unknown role 'refrence'.*reference"), ("actor:1,reward:1,reward:1", "named twice"),
+    ("reward:1,actor:1", "first pool must hold the actor"), ("actor:1,critic:1", "critic trains beside the actor"),
+    ("actor+reward+reward:2", "named twice"),
+])
+def test_malformed_pools_are_one_line(text, words):
+    with pytest.raises(UserError, match=words) as e:
+        parse_pools(text)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.distributed
+def test_a_bad_plan_stops_every_rank_with_one_line_before_loading(tiny_dir, tmp_path):
+    out = tmp_path / "bad"
+    proc = run("ppo/run_ppo.py", "config/tiny/ppo_argument.json", "--actor_model_name_or_path", tiny_dir / "base",
+               "--reward_model_name_or_path", tiny_dir / "score", "--output_dir", out, "--max_steps", "1",
+               "--resource_pools", "actor:1,reward:2", nproc=2, check=False)
+    assert proc.returncode != 0
+    logs = "".join(open(os.path.join(out, "launch-logs", f)).read()
+                   for f in os.listdir(os.path.join(out, "launch-logs")) if f.startswith("workerlog"))
+    errors = [line for line in logs.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all("places 3 ranks but the launch has 2" in e for e in errors), logs[-2000:]
+    assert "Traceback" not in logs
+    assert not os.path.exists(out / "policy")
+
+
+# ------------------------------------------------------------------------ equal to colocated
+
+
+# log-probs at a temperature other than 1: a pool that ignored it would score other numbers
+TEMPERATURE = ["--temperature", "0.8"]
+POOLED = {
+    # name: (arguments, per-device prompt batch for the global batch of 8, ranks)
+    "tp2-reference-reward": (["--tensor_parallel_degree", "2", "--resource_pools", "actor:2,reference:1,reward:1"], 8, 4),
+    "dp2-shared-pool": (["--resource_pools", "actor+critic:2,reference+reward:2"], 4, 4),
+    "single-reward-pool": (["--resource_pools", "actor:1,reward:1"], 8, 2),
+}
+
+
+@pytest.fixture(scope="module")
+def single(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo-single")
+    return out, ppo(tiny_dir, out, 8, *TEMPERATURE)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", list(POOLED))
+def test_pooled_runs_equal_the_colocated_run(tiny_dir, single, tmp_path, layout):
+    one_dir, one = single
+    extra, batch, nproc = POOLED[layout]
+    two_dir = tmp_path / layout
+    two = ppo(tiny_dir, two_dir, batch, *TEMPERATURE, *extra, nproc=nproc)
+    assert_same_steps(one, two)
+    assert_same_eval(one_dir, two_dir)
+    for sub in ("policy", "value"):
+        assert_same_weights(one_dir / sub, two_dir / sub)
+    # the pools scored: every step logged when each pool scored, after the sequences were sent
+    names = {"tp2-reference-reward": ("reference", "reward"), "dp2-shared-pool": ("reference_reward",),
+             "single-reward-pool": ("reward",)}[layout]
+    for row in two:
+        for name in ("actor", *names):
+            start, end = row[f"pool_{name}_start"], row[f"pool_{name}_end"]
+            assert 0 <= start <= end, (name, start, end)
