@@ -16,7 +16,9 @@ import pytest
 
 from ppo.core.errors import UserError
 from ppo.core.placement import parse_pools, plan_pools
+from ppo.storage.checkpoint import list_checkpoints
 from test_entrypoints import run
+from test_graceful_stop import ppo_cmd, resume_and_compare, start_run, straight_run  # noqa: F401 (a fixture)
 from test_ppo_parallel import assert_same_eval, assert_same_steps, assert_same_weights, ppo, train_metrics
 
 # ----------------------------------------------------------------------------------- the plan
@@ -123,5 +125,29 @@ def test_pooled_runs_equal_the_colocated_run(tiny_dir, single, tmp_path, layout)
              "single-reward-pool": ("reward",)}[layout]
     for row in two:
         for name in ("actor", *names):
-            start, end = row[f"pool_{name}_start"], row[f"pool_{name}_end"]
+            start, end = row[f"time/pool_{name}_start"], row[f"time/pool_{name}_end"]
             assert 0 <= start <= end, (name, start, end)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigterm_with_pools_checkpoints_and_resumes_exactly(tiny_dir, tmp_path, start_run):
+    """SIGTERM to the launcher of a pooled run (tensor-parallel actor, the reward model on a rank of
+    its own) inside step 2: the actor's pool writes checkpoint-2 and stops, the reward pool's rank
+    keeps serving until then and leaves with it; the resume ends bit for bit where a straight
+    pooled run ends."""
+    layout = ("--tensor_parallel_degree", "2", "--resource_pools", "actor:2,reward:1")
+    straight = tmp_path / "straight"
+    straight_run(ppo_cmd(tiny_dir, straight, *layout), 3, straight)
+    cmd = ppo_cmd(tiny_dir, tmp_path / "stopped", *layout)
+    run = start_run(cmd, 3, tmp_path / "stopped", "step:2")
+    run.paused_at("step2", ranks=range(2))
+    run.signal()
+    run.go("step2")
+    run.proc.wait(timeout=300)
+    logs = run.logs()
+    for log in logs[:2]:
+        assert "Traceback" not in log and log.strip().splitlines()[-1].startswith("stopped by SIGTERM after step 2 of 4")
+    assert "Traceback" not in logs[2] and "SIGTERM" not in logs[2].strip().splitlines()[-1]
+    assert [n for n, _ in list_checkpoints(str(run.out))] == [2]
+    resume_and_compare(cmd, 3, run.out, straight, models=("policy", "value"))

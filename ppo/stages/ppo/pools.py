@@ -80,7 +80,7 @@ class RemoteScoring:
     def metrics(self) -> dict:
         """The last rollout's scoring interval of each pool (start and end, seconds after the
         sequences were sent): intervals that overlap ran at the same time."""
-        return {f"pool_{name.replace('+', '_')}_{edge}": float(span[k]) for name, span in self.timings.items()
+        return {f"time/pool_{name.replace('+', '_')}_{edge}": float(span[k]) for name, span in self.timings.items()
                 for k, edge in ((0, "start"), (1, "end"))}
 
     def stop(self) -> None:
