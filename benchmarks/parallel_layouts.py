@@ -11,7 +11,8 @@ built-in prompts, and reports per rank:
   work, rank 0 reports);
 * ``peak_rss_mb``: the rank's resident-set high-water mark (``VmHWM``) at the end;
 * ``parameter_mb``: bytes of the actor's and critic's parameters held by the rank (a
-  tensor-parallel rank holds its shard);
+  tensor-parallel rank holds its shard); ``frozen_parameter_mb``: the reference's and the reward
+  model's (a resource pool of its own holds them whole, and the actor's ranks none);
 * ``optimizer_state_mb``: bytes of the optimizer moments held by the rank (sharding stage1 keeps
   the moments of the parameters the rank owns only, and so does stage2);
 * ``rollout_copy_mb``: bytes of the separate rollout copies of actor and critic (pipeline layouts
@@ -19,6 +20,11 @@ built-in prompts, and reports per rank:
 
 Ratios to the single process use the largest figure over the ranks (pipeline stages differ: the
 embedding sits on the first, the output head on the last).
+
+With resource pools (``tp2_pools_*``) each iteration also reports when each pool scored
+(``scoring_pools``: start and end in seconds after the sequences were sent, medians), the
+critical path (the latest end) and the sum of the pools' scoring times (what scoring one after
+another would take).
 
 The global batch is the same in every layout (``--prompts`` prompts per iteration), so the figures
 compare like with like.  On this 2-core machine two ranks share two cores: the times show the
@@ -56,6 +62,11 @@ LAYOUTS = {
     "pipeline_parallel_2": (2, ["--pipeline_parallel_degree", "2", "--gradient_accumulation_steps", "2"], 1),
     "tensor_x_pipeline_2x2": (4, ["--tensor_parallel_degree", "2", "--pipeline_parallel_degree", "2",
                                   "--gradient_accumulation_steps", "2"], 1),
+    # resource pools: the frozen roles on ranks of their own beside a tensor-parallel actor
+    "tp2_pools_reference_reward": (4, ["--tensor_parallel_degree", "2", "--resource_pools",
+                                       "actor:2,reference:1,reward:1"], 1),
+    "tp2_pool_reference_and_reward": (3, ["--tensor_parallel_degree", "2", "--resource_pools",
+                                          "actor:2,reference+reward:1"], 1),
 }
 
 
@@ -85,11 +96,23 @@ def worker(argv):
     import paddle.distributed as dist
 
     from ppo.args import PPOArgs, parse_args
+    from ppo.distributed import parallel
+    from ppo.stages.ppo.pools import serve
     from ppo.stages.ppo.trainer import PPOTrainer
     from ppo.stages.entry import quiet_libraries
 
     quiet_libraries()
     args = parse_args(PPOArgs, argv)
+    ctx = parallel.init_parallel(args, pipeline=True)
+    if ctx.serves:  # a rank of a frozen role's pool: its models only
+        models = serve(args, ctx)
+        frozen = [p for m in (models.reference, models.reward) if m is not None for p in m.parameters()]
+        figures = {"rank": ctx.rank, "pool": ctx.pool.name, "peak_rss_mb": round(status_kb("VmHWM") / 1024, 1),
+                   "parameter_mb": 0.0, "frozen_parameter_mb": round(tensor_mb(frozen), 2), "optimizer_state_mb": 0.0,
+                   "rollout_copy_mb": 0.0}
+        with open(os.path.join(args.output_dir, f"figures.rank{ctx.rank}.json"), "w") as f:
+            json.dump(figures, f)
+        return
     trainer = PPOTrainer(args)
     trainer.train()
     rank = dist.get_rank() if trainer.ctx.distributed else 0
@@ -99,8 +122,9 @@ def worker(argv):
     if trainer.layout.separate_rollout:
         copies = list(trainer.models.actor.parameters()) + (list(trainer.models.critic.parameters())
                                                              if trainer.models.critic else [])
+    frozen = [p for m in (trainer.models.reference, trainer.models.reward) if m is not None for p in m.parameters()]
     figures = {"rank": rank, "peak_rss_mb": round(status_kb("VmHWM") / 1024, 1),
-               "parameter_mb": round(tensor_mb(params), 2), "optimizer_state_mb": round(tensor_mb(states), 2),
+               "parameter_mb": round(tensor_mb(params), 2), "frozen_parameter_mb": round(tensor_mb(frozen), 2), "optimizer_state_mb": round(tensor_mb(states), 2),
                "rollout_copy_mb": round(tensor_mb(copies), 2)}
     with open(os.path.join(args.output_dir, f"figures.rank{rank}.json"), "w") as f:
         json.dump(figures, f)
@@ -150,6 +174,13 @@ def run_layout(name: str, models: dict, opts, workdir: str) -> dict:
         rows = [r for r in map(json.loads, f) if r["split"] == "train"]
     phases = ("time/rollout", "time/advantages", "time/update")
     per_step = [sum(r.get(k, 0.0) for k in phases) for r in rows[1:]] or [sum(rows[0].get(k, 0.0) for k in phases)]
+    timed = rows[1:] or rows
+    pools = {}  # each pool's scoring interval (seconds after the sequences were sent), median over iterations
+    for key in sorted(k for k in timed[0] if k.startswith("time/pool_") and k.endswith("_start")):
+        name = key[len("time/pool_"):-len("_start")]
+        start = statistics.median(r[key] for r in timed)
+        end = statistics.median(r[f"time/pool_{name}_end"] for r in timed)
+        pools[name] = {"start": round(start, 3), "end": round(end, 3), "seconds": round(end - start, 3)}
     ranks_figures = []
     for rank in range(ranks):
         with open(os.path.join(out, f"figures.rank{rank}.json")) as f:
@@ -158,7 +189,10 @@ def run_layout(name: str, models: dict, opts, workdir: str) -> dict:
             "iteration_seconds": round(statistics.median(per_step), 3),
             "phase_seconds": {k.split("/")[1]: round(statistics.median(r.get(k, 0.0) for r in rows[1:] or rows), 3)
                               for k in phases},
-            "per_rank": ranks_figures}
+            "per_rank": ranks_figures,
+            **({"scoring_pools": pools, "scoring_critical_path_seconds": max(p["end"] for p in pools.values()),
+                "scoring_sum_of_pools_seconds": round(sum(p["seconds"] for p in pools.values()), 3)}
+               if pools else {})}
 
 
 def main(argv=None):
@@ -172,6 +206,8 @@ def main(argv=None):
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--max_length", type=int, default=96)
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 iterations, 8 prompts, 8 new tokens")
+    parser.add_argument("--layouts", default="", help="comma-separated layouts to run (default: all; 'single' is "
+                                                     "always run, the ratios are to it)")
     opts = parser.parse_args(argv)
     if opts.quick:
         opts.config, opts.steps, opts.prompts, opts.new_tokens = opts.config or "tiny", 2, 8, 8
@@ -188,7 +224,11 @@ def main(argv=None):
         for config in (("tiny", "33m") if opts.config == "both" else (opts.config,)):
             models = build_models(config, os.path.join(tmp, config, "models"))
             results = {}
-            for name in LAYOUTS:
+            chosen = [n for n in opts.layouts.split(",") if n] or list(LAYOUTS)
+            unknown = [n for n in chosen if n not in LAYOUTS]
+            if unknown:
+                parser.error(f"unknown layouts {unknown}; known: {', '.join(LAYOUTS)}")
+            for name in ["single", *[n for n in chosen if n != "single"]]:
                 print(f"[parallel_layouts] {config} {name}", file=sys.stderr, flush=True)
                 results[name] = run_layout(name, models, opts, os.path.join(tmp, config))
             single = results["single"]["per_rank"][0]

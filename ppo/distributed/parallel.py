@@ -97,11 +97,11 @@ def init_parallel(args, pipeline: bool = False) -> ParallelContext:
             where = f"the actor's pool of {size} rank(s) (resource_pools)" if size != world else f"the world size {world}"
             raise UserError(f"tensor_parallel_degree ({mp}) x pipeline_parallel_degree ({pp}) x "
                             f"sharding_parallel_degree ({sd}) = {mp * pp * sd} does not divide {where}")
-        return size // (mp * pp * sd)
+        return size // (mp * pp)  # the ranks that see different data: data parallel x sharding
 
     plan = plan_pools(getattr(args, "resource_pools", ""), world, data_world, pipeline=pp > 1,
-                            merged_rollout=getattr(args, "eval_mode", "") == "single" and mp > 1,
-                            has_reward_model=bool(getattr(args, "reward_model_name_or_path", "")))
+                      merged_rollout=getattr(args, "eval_mode", "") == "single" and mp > 1,
+                      has_reward_model=bool(getattr(args, "reward_model_name_or_path", "")))
     size = plan.actor.size if plan is not None else world  # the ranks fleet's hybrid layout covers
     dp = data_world(size) // sd
     if world == 1:

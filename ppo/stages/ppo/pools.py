@@ -117,8 +117,9 @@ def check_frozen_roles(args) -> None:
                          args.max_length, args.reward_model_name_or_path)
 
 
-def serve(args, ctx) -> None:
-    """A frozen role's rank: score the sequences of its data rank's first rank until it says stop."""
+def serve(args, ctx) -> Models:
+    """A frozen role's rank: score the sequences of its data rank's first rank until it says stop
+    (returns the models it held)."""
     roles = [r for r in ctx.pool.roles if r in FROZEN]
     data_rank = ctx.rank - ctx.pool.first
     leader = ctx.leaders[data_rank]
@@ -153,3 +154,4 @@ def serve(args, ctx) -> None:
         for s, handler in previous.items():
             signal.signal(s, handler)
         precision.close()
+    return models
