@@ -128,6 +128,31 @@ def test_gather_log_probs_and_entropy(shape, temperature):
             np.testing.assert_allclose(ent[b, j], -sum(math.exp(x) * x for x in ls), **TOL)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.5])
+def test_one_pass_log_probs_and_entropy(temperature):
+    """The one-pass pair equals the naive log-softmax and entropy, and its log-probs' gradient is
+    gather_log_probs' (the entropy is a detached statistic)."""
+    rng = np.random.default_rng(5)
+    B, T, V = 2, 5, 13
+    logits = rng.normal(0.0, 3.0, size=(B, T, V)).astype(np.float32)
+    labels = rng.integers(0, V, size=(B, T))
+    x = t(logits)
+    x.stop_gradient = False
+    lp, ent = A.log_probs_and_entropy(x, t(labels, "int64"), temperature=temperature)
+    assert ent.stop_gradient
+    for b in range(B):
+        for j in range(T):
+            ls = ref_log_softmax([float(v) / temperature for v in logits[b, j]])
+            np.testing.assert_allclose(lp.numpy()[b, j], ls[labels[b, j]], **TOL)
+            np.testing.assert_allclose(ent.numpy()[b, j], -sum(math.exp(v) * v for v in ls), **TOL)
+    weights = t(rng.normal(size=(B, T)).astype(np.float32))
+    (lp * weights).sum().backward()
+    y = t(logits)
+    y.stop_gradient = False
+    (A.gather_log_probs(y, t(labels, "int64"), temperature=temperature) * weights).sum().backward()
+    np.testing.assert_allclose(x.grad.numpy(), y.grad.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_gather_log_probs_bf16_is_computed_in_float32():
     rng = np.random.default_rng(3)
     logits = rng.normal(0.0, 3.0, size=(2, 3, 7)).astype(np.float32)

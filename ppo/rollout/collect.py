@@ -16,7 +16,7 @@ import paddle
 import paddle.nn.functional as F
 
 from ppo.distributed import parallel, vocab
-from ppo.core.algorithms import entropy_from_logits, gather_log_probs
+from ppo.core.algorithms import entropy_from_logits, gather_log_probs, log_probs_and_entropy
 from ppo.rollout.decoding import RolloutDecoder, current_weights
 from ppo.data.tokenizer_utils import decode_without_special, encode_scored_text
 from ppo.core.experience import Experience, real_spans, shift_left
@@ -268,6 +268,8 @@ def log_probs_from_logits(logits, sequences, temperature: float = 1.0, split: bo
     if split:
         log_probs, entropy = vocab.vocab_parallel_log_probs(logits, labels, temperature,
                                                                with_entropy and entropy_grad)
+    elif with_entropy and not entropy_grad:  # the entropy a statistic: one pass over the logits
+        return tuple(t[:, :-1] for t in log_probs_and_entropy(logits, labels, temperature))
     else:
         log_probs = gather_log_probs(logits, labels, temperature)
         entropy = entropy_from_logits(logits, temperature) if with_entropy and entropy_grad else None
