@@ -95,7 +95,7 @@ def _matmul_path_per_test():
 
 # The files with the longest runs first (measured with --durations), so that the workers, which
 # take whole files, do not end with one long file running alone.
-LONGEST_FIRST = ["test_ppo_parallel.py", "test_graceful_stop.py", "test_resume.py", "test_entrypoints.py",
+LONGEST_FIRST = ["test_ppo_parallel.py", "test_pools.py", "test_graceful_stop.py", "test_resume.py", "test_entrypoints.py",
                  "test_ppo_rewards.py", "test_resume_parallel.py", "test_cpu_fleet.py", "test_hf_checkpoints.py",
                  "test_bad_inputs.py", "test_lora_parallel.py", "test_ernie4_5.py", "test_qwen3.py", "test_qwen2.py",
                  "test_pipeline.py", "test_reward_service.py"]
