@@ -98,7 +98,6 @@ POOLED = {
     # name: (arguments, per-device prompt batch for the global batch of 8, ranks)
     "tp2-reference-reward": (["--tensor_parallel_degree", "2", "--resource_pools", "actor:2,reference:1,reward:1"], 8, 4),
     "dp2-shared-pool": (["--resource_pools", "actor+critic:2,reference+reward:2"], 4, 4),
-    "single-reward-pool": (["--resource_pools", "actor:1,reward:1"], 8, 2),
     # sharding stage 1 over the actor's 2 ranks: 2 data ranks, so 2 reward ranks
     "sharding-reward-pool": (["--sharding_parallel_degree", "2", "--sharding", "stage1", "--resource_pools",
                               "actor:2,reward:2"], 4, 4),
@@ -125,7 +124,7 @@ def test_pooled_runs_equal_the_colocated_run(tiny_dir, single, tmp_path, layout)
         assert_same_weights(one_dir / sub, two_dir / sub)
     # the pools scored: every step logged when each pool scored, after the sequences were sent
     names = {"tp2-reference-reward": ("reference", "reward"), "dp2-shared-pool": ("reference_reward",),
-             "single-reward-pool": ("reward",), "sharding-reward-pool": ("reward",)}[layout]
+             "sharding-reward-pool": ("reward",)}[layout]
     for row in two:
         for name in ("actor", *names):
             start, end = row[f"time/pool_{name}_start"], row[f"time/pool_{name}_end"]
