@@ -27,9 +27,10 @@ from ppo.stages.ppo.trainer import PPOTrainer  # noqa: E402
 def main(argv=None):
     args = parse_args(PPOArgs, argv)
     check_preset_models(args)
+    if args.resource_pools:  # every rank, before any collective: a bad path is one line on each
+        check_frozen_roles(args)
     ctx = parallel.init_parallel(args, pipeline=True)
     if ctx.serves:  # a rank of a frozen role's pool (resource_pools) scores for the actor's pool
-        check_frozen_roles(args)
         serve(args, ctx)
         return
     PPOTrainer(args).train()

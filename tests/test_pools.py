@@ -19,7 +19,7 @@ from ppo.core.placement import parse_pools, plan_pools
 from ppo.storage.checkpoint import list_checkpoints
 from test_entrypoints import run
 from test_graceful_stop import ppo_cmd, resume_and_compare, start_run, straight_run  # noqa: F401 (a fixture)
-from test_ppo_parallel import assert_same_eval, assert_same_steps, assert_same_weights, ppo, train_metrics
+from test_ppo_parallel import STEPS, assert_same_eval, assert_same_steps, assert_same_weights, ppo, train_metrics
 
 # ----------------------------------------------------------------------------------- the plan
 
@@ -153,3 +153,16 @@ def test_sigterm_with_pools_checkpoints_and_resumes_exactly(tiny_dir, tmp_path, 
     assert "Traceback" not in logs[2] and "SIGTERM" not in logs[2].strip().splitlines()[-1]
     assert [n for n, _ in list_checkpoints(str(run.out))] == [2]
     resume_and_compare(cmd, 3, run.out, straight, models=("policy", "value"))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_reward_pool_samples_what_the_colocated_run_samples(tiny_dir, tmp_path):
+    """With sampling on: the responses come from the rank's random stream, which must not depend
+    on which models the rank built (the reward model lives on its own rank here)."""
+    sampled = ["--do_sample", "true", "--tensor_parallel_degree", "2"]
+    colocated = ppo(tiny_dir, tmp_path / "colocated", 8, *TEMPERATURE, *sampled, nproc=2)
+    pooled = ppo(tiny_dir, tmp_path / "pooled", 8, *TEMPERATURE, *sampled, "--resource_pools", "actor:2,reward:1",
+                 nproc=3)
+    assert_same_steps(colocated, pooled)
+    assert len({r["reward"] for r in colocated}) == STEPS  # sampled: every step's responses differ

@@ -90,7 +90,8 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
                          ("", "single", "tensor_parallel"))
     resource_pools: str = arg("", "Roles on ranks of their own in one launch, comma-separated ROLE[+ROLE...]:RANKS, "
                                   "the actor's pool first (from rank 0), e.g. 'actor:2,reference:1,reward:1' or "
-                                  "'actor+critic:2,reference+reward:1'. The actor's pool is laid out by "
+                                  "'actor+critic:2,reference+reward:1' with tensor_parallel_degree 2 (one data "
+                                  "rank), 'actor:2,reference+reward:2' with data parallel 2. The actor's pool is laid out by "
                                   "tensor_parallel_degree / sharding_parallel_degree (data parallel takes the "
                                   "rest of it); a pool of reference and / or reward has one rank per data rank of "
                                   "the actor's pool and scores at the same time as the actor's pool scores the "

@@ -134,7 +134,11 @@ def serve(args, ctx) -> Models:
     try:
         with paddle.no_grad():
             while True:
-                header, *rows = recv_arrays(leader, link)
+                try:
+                    header, *rows = recv_arrays(leader, link)
+                except RuntimeError:  # the peer is gone: the actor's pool stopped (its log says why)
+                    raise UserError(f"the actor's pool (rank {leader}) stopped before releasing this rank of "
+                                    f"pool '{ctx.pool.name}': see that rank's log for the reason") from None
                 if int(header[0]) == STOP:
                     break
                 prompt_length, fast, grouped = int(header[1]), bool(header[2]), bool(header[3])

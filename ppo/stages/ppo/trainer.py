@@ -89,11 +89,11 @@ class PPOTrainer:
         self.timer = Timer()
         self.shuffle_rng = np.random.default_rng([args.seed, self.ctx.data_rank])
         stream = 1_000_003 * self.ctx.data_rank + 10_007 * self.layout.part
-        if stream > 0:
-            # each data rank (and each share of a split rollout) samples its responses from its own
-            # random stream; the ranks of one tensor-parallel rollout model share theirs and decode
-            # identically
-            paddle.seed(args.seed + stream)
+        # each data rank (and each share of a split rollout) samples its responses from its own
+        # random stream; the ranks of one tensor-parallel rollout model share theirs and decode
+        # identically.  Seeded after the models are built, so that the stream does not depend on
+        # which models this rank built (with resource_pools the frozen ones live elsewhere)
+        paddle.seed(args.seed + stream)
         self.start_step = 0
         folder = start_or_resume(args, self.ctx, "ppo")
         if folder:
