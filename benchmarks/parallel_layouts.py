@@ -124,7 +124,8 @@ def worker(argv):
                                                              if trainer.models.critic else [])
     frozen = [p for m in (trainer.models.reference, trainer.models.reward) if m is not None for p in m.parameters()]
     figures = {"rank": rank, "peak_rss_mb": round(status_kb("VmHWM") / 1024, 1),
-               "parameter_mb": round(tensor_mb(params), 2), "frozen_parameter_mb": round(tensor_mb(frozen), 2), "optimizer_state_mb": round(tensor_mb(states), 2),
+               "parameter_mb": round(tensor_mb(params), 2), "frozen_parameter_mb": round(tensor_mb(frozen), 2),
+               "optimizer_state_mb": round(tensor_mb(states), 2),
                "rollout_copy_mb": round(tensor_mb(copies), 2)}
     with open(os.path.join(args.output_dir, f"figures.rank{rank}.json"), "w") as f:
         json.dump(figures, f)

@@ -13,7 +13,6 @@ from ppo.models import fast_paths
 from ppo.rollout.collect import forward_log_probs
 
 
-
 def test_the_fused_norm_kernel_is_never_tried_on_a_cpu_without_avx512():
     """paddle's CPU RMSNorm kernel is AVX-512 code: called on a CPU without it the process dies of
     SIGILL, so the probe must not call it there (it calls the kernel it is given otherwise)."""

@@ -101,7 +101,6 @@ def test_batch_4x1_equals_batch_1x4(tiny_dir, tmp_path):
     assert max(float(np.abs(weights_a[k] - start[k]).max()) for k in weights_a) > 5e-4  # it trained
 
 
-
 @pytest.mark.parametrize("before", ["paddle", "onednn"])
 def test_a_run_leaves_the_matmul_path_it_found(tiny_dir, tmp_path, before):
     """A run in-process with its own cpu_gemm choice puts the process's matmul path back when it

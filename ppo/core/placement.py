@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from ppo.core.errors import UserError, closest
 
 ROLES = ("actor", "critic", "reference", "reward")
-FROZEN = ("reference", "reward")  # the roles a pool of their own may hold (for now)
+# a pool after the actor's holds frozen roles only (reference, reward): parse_pools keeps the
+# actor to the first pool and the critic with it
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ import numpy as np
 import paddle
 
 from ppo.distributed import parallel
-from ppo.core.placement import FROZEN
 from ppo.distributed.pools import recv_arrays, send_arrays
 from ppo.models import check_max_length, check_model_path, freeze, load_causal_lm, load_score_model, load_tokenizer
 from ppo.rollout.collect import Models, reward_end_scores, scoring_log_probs
@@ -38,8 +37,8 @@ class RemoteScoring:
 
     def __init__(self, ctx):
         self.ctx = ctx
-        self.pools = [p for p in ctx.plan.remote]
-        self.roles = tuple(r for p in self.pools for r in p.roles if r in FROZEN)
+        self.pools = list(ctx.plan.remote)  # (their roles are frozen ones: ppo.core.placement)
+        self.roles = ctx.plan.remote_roles()
         # data rank d's first rank talks to rank d of every pool; the others get its results
         self.leader = ctx.rank == ctx.leaders[ctx.data_rank]
         self.peers = [p.first + ctx.data_rank for p in self.pools]
@@ -67,7 +66,7 @@ class RemoteScoring:
         if self.leader:
             for i, (pool, peer) in enumerate(zip(self.pools, self.peers)):
                 *outs, span = recv_arrays(peer, self.ctx.links[(self.ctx.rank, peer)])
-                for role, out in zip([r for r in pool.roles if r in FROZEN], outs):
+                for role, out in zip(pool.roles, outs):
                     arrays[role] = out
                 spans[i + 1] = span
         out = {}
@@ -90,7 +89,8 @@ class RemoteScoring:
         self.stopped = True
         if self.leader:
             for peer in self.peers:
-                send_arrays([np.array([STOP, 0, 0, 0, 0], dtype=np.int64)], peer, self.ctx.links[(self.ctx.rank, peer)])
+                stop = np.array([STOP, 0, 0, 0, 0], dtype=np.int64)
+                send_arrays([stop], peer, self.ctx.links[(self.ctx.rank, peer)])
 
 
 def load_frozen_roles(args, roles) -> Models:
@@ -108,8 +108,10 @@ def load_frozen_roles(args, roles) -> Models:
 
 
 def check_frozen_roles(args) -> None:
-    """What loading the frozen roles would refuse, checked on every rank before any model loads
-    (a rank that stops alone would leave the others waiting)."""
+    """The actor's folder (the reference's too) and the reward model's, as loading would refuse them:
+    a model path and its position / window limits (the reward model scores whole sequences too).
+    With pools every rank checks them before any collective (a rank that stops alone would leave
+    the others waiting)."""
     config = check_model_path(args.actor_model_name_or_path, "actor_model_name_or_path")
     check_max_length(config, args.max_length, args.actor_model_name_or_path)
     if args.reward_model_name_or_path:
@@ -117,18 +119,23 @@ def check_frozen_roles(args) -> None:
                          args.max_length, args.reward_model_name_or_path)
 
 
+def check_reward_statistics(args, reward) -> None:
+    """``normalize_reward`` needs the statistics a reward model saves (None: no reward model here)."""
+    if args.normalize_reward and reward is not None and reward.normalizer.kind == "none":
+        raise UserError(f"normalize_reward is set but the reward model at '{args.reward_model_name_or_path}' "
+                        "carries no score statistics (train it with normalizer_type RunningMeanStd)")
+
+
 def serve(args, ctx) -> Models:
     """A frozen role's rank: score the sequences of its data rank's first rank until it says stop
     (returns the models it held)."""
-    roles = [r for r in ctx.pool.roles if r in FROZEN]
+    roles = ctx.pool.roles  # frozen ones (ppo.core.placement)
     data_rank = ctx.rank - ctx.pool.first
     leader = ctx.leaders[data_rank]
     link = ctx.links[(leader, ctx.rank)]
     precision = Precision(args.bf16, args.fp16, parallel.device() == "gpu", args.cpu_gemm)
     models = load_frozen_roles(args, roles)
-    if args.normalize_reward and models.reward is not None and models.reward.normalizer.kind == "none":
-        raise UserError(f"normalize_reward is set but the reward model at '{args.reward_model_name_or_path}' "
-                        "carries no score statistics (train it with normalizer_type RunningMeanStd)")
+    check_reward_statistics(args, models.reward)
     # a stop signal reaches the actor's pool too: it checkpoints, then says stop here
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

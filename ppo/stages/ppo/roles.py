@@ -35,7 +35,7 @@ from ppo.models import (
     load_tokenizer,
 )
 from ppo.rollout.collect import Models, same_vocabulary
-from ppo.stages.ppo.pools import RemoteScoring
+from ppo.stages.ppo.pools import RemoteScoring, check_frozen_roles, check_reward_statistics
 
 
 @dataclass
@@ -77,12 +77,8 @@ def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOMode
     """Load the actor, reference, reward model and critic in this run's layout (tensor-parallel
     shards, pipeline stages, rollout copies) and the rollout decoder.  Without
     ``reward_model_name_or_path`` no reward model is loaded (``rollout.reward`` is None)."""
-    actor_config = check_model_path(args.actor_model_name_or_path, "actor_model_name_or_path")
-    check_max_length(actor_config, args.max_length, args.actor_model_name_or_path)
+    check_frozen_roles(args)
     with_reward = bool(args.reward_model_name_or_path)
-    if with_reward:  # it scores whole sequences too: the same position and window limits
-        check_max_length(check_model_path(args.reward_model_name_or_path, "reward_model_name_or_path"),
-                         args.max_length, args.reward_model_name_or_path)
     critic_path = args.reward_critic_model_name_or_path or args.reward_model_name_or_path
     if uses_critic and not critic_path:
         raise UserError("adv_estimator 'gae' without a reward model needs reward_critic_model_name_or_path (the "
@@ -133,9 +129,7 @@ def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOMode
     reward = freeze(load_score_model(args.reward_model_name_or_path, score_type="reward",
                                      what="reward_model_name_or_path", trained_head=True, **rollout_tp)) \
         if with_reward and "reward" not in remote else None
-    if args.normalize_reward and reward is not None and reward.normalizer.kind == "none":
-        raise UserError(f"normalize_reward is set but the reward model at '{args.reward_model_name_or_path}' "
-                        "carries no score statistics (train it with normalizer_type RunningMeanStd)")
+    check_reward_statistics(args, reward)
     trained_critic = trainable(critic(tp), critic_path, "reward_critic_model_name_or_path") if uses_critic else None
     if trained_critic is not None and args.critic_lora:  # adapters + the whole value head train
         apply_lora(trained_critic, args.lora_rank, args.lora_alpha, args.lora_target_modules,
