@@ -67,6 +67,9 @@ LAYOUTS = {
                                        "actor:2,reference:1,reward:1"], 1),
     "tp2_pool_reference_and_reward": (3, ["--tensor_parallel_degree", "2", "--resource_pools",
                                           "actor:2,reference+reward:1"], 1),
+    # every role on ranks of its own: the critic scores and trains on its rank
+    "tp2_pools_critic_reference_reward": (5, ["--tensor_parallel_degree", "2", "--resource_pools",
+                                              "actor:2,critic:1,reference:1,reward:1"], 1),
 }
 
 
@@ -97,18 +100,21 @@ def worker(argv):
 
     from ppo.args import PPOArgs, parse_args
     from ppo.distributed import parallel
-    from ppo.stages.ppo.pools import serve
+    from ppo.stages.ppo.serving import serve
     from ppo.stages.ppo.trainer import PPOTrainer
     from ppo.stages.entry import quiet_libraries
 
     quiet_libraries()
     args = parse_args(PPOArgs, argv)
     ctx = parallel.init_parallel(args, pipeline=True)
-    if ctx.serves:  # a rank of a frozen role's pool: its models only
-        models = serve(args, ctx)
-        frozen = [p for m in (models.reference, models.reward) if m is not None for p in m.parameters()]
+    if ctx.serves:  # a rank of another role's pool: its models only (and the critic's optimizer)
+        held = serve(args, ctx)
+        frozen = [p for m in (held.models.reference, held.models.reward) if m is not None for p in m.parameters()]
+        critic = held.critic
         figures = {"rank": ctx.rank, "pool": ctx.pool.name, "peak_rss_mb": round(status_kb("VmHWM") / 1024, 1),
-                   "parameter_mb": 0.0, "frozen_parameter_mb": round(tensor_mb(frozen), 2), "optimizer_state_mb": 0.0,
+                   "parameter_mb": round(tensor_mb(list(critic.model.parameters())), 2) if critic else 0.0,
+                   "frozen_parameter_mb": round(tensor_mb(frozen), 2),
+                   "optimizer_state_mb": round(tensor_mb(optimizer_state(critic.optimizer)), 2) if critic else 0.0,
                    "rollout_copy_mb": 0.0}
         with open(os.path.join(args.output_dir, f"figures.rank{ctx.rank}.json"), "w") as f:
             json.dump(figures, f)

@@ -20,7 +20,8 @@ if __name__ == "__main__":
 
 from ppo.args import PPOArgs, check_preset_models, parse_args  # noqa: E402
 from ppo.distributed import parallel  # noqa: E402
-from ppo.stages.ppo.pools import check_frozen_roles, serve  # noqa: E402
+from ppo.stages.ppo.pools import check_pool_roles  # noqa: E402
+from ppo.stages.ppo.serving import serve  # noqa: E402
 from ppo.stages.ppo.trainer import PPOTrainer  # noqa: E402
 
 
@@ -28,9 +29,9 @@ def main(argv=None):
     args = parse_args(PPOArgs, argv)
     check_preset_models(args)
     if args.resource_pools:  # every rank, before any collective: a bad path is one line on each
-        check_frozen_roles(args)
+        check_pool_roles(args)
     ctx = parallel.init_parallel(args, pipeline=True)
-    if ctx.serves:  # a rank of a frozen role's pool (resource_pools) scores for the actor's pool
+    if ctx.serves:  # a rank of another role's pool (resource_pools) works for the actor's pool
         serve(args, ctx)
         return
     PPOTrainer(args).train()

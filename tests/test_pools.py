@@ -43,6 +43,10 @@ def test_a_plan_places_the_pools_in_order_from_rank_0():
     shared = plan("actor+critic:2,reference+reward:2", 4)  # data parallel 2: a replica per data rank
     assert shared.pool_of_rank(3).roles == ("reference", "reward") and shared.pool_of_rank(2).ranks == [2, 3]
     assert plan("", 4) is None
+    assert p.critic is None
+    five = plan("actor:2,critic:1,reference:1,reward:1", 5, divisor=2)  # the critic on a rank of its own
+    assert five.critic.ranks == [2] and five.remote_roles() == ("critic", "reference", "reward")
+    assert plan("actor:2,critic+reward:2", 4).critic.roles == ("critic", "reward")
 
 
 @pytest.mark.parametrize("text, world, kw, words", [
@@ -55,6 +59,8 @@ def test_a_plan_places_the_pools_in_order_from_rank_0():
     ("actor:1,reward:1", 2, {"has_reward_model": False}, "reward_model_name_or_path is empty"),
     ("actor:1,reference:1", 2, {"pipeline": True}, "no pipeline_parallel_degree"),
     ("actor:1,reference:1", 2, {"merged_rollout": True}, "eval_mode 'single'"),
+    ("actor:1,critic:1", 2, {"uses_critic": False}, "only adv_estimator 'gae' trains a critic"),
+    ("actor:2,critic:1", 3, {}, "one rank per data rank"),               # DP2: a critic rank per data rank
 ])
 def test_impossible_plans_are_one_line(text, world, kw, words):
     with pytest.raises(UserError, match=words) as e:
@@ -65,7 +71,7 @@ def test_impossible_plans_are_one_line(text, world, kw, words):
 @pytest.mark.parametrize("text, words", [
     ("actor", "must be ROLE"), ("actor:", "must be ROLE"), ("actor:two", "whole number"), ("actor:0", ">= 1"),
     ("actor:1,refrence:1", "unknown role 'refrence'.*reference"), ("actor:1,reward:1,reward:1", "named twice"),
-    ("reward:1,actor:1", "first pool must hold the actor"), ("actor:1,critic:1", "critic trains beside the actor"),
+    ("reward:1,actor:1", "first pool must hold the actor"),
     ("actor+reward+reward:2", "named twice"),
 ])
 def test_malformed_pools_are_one_line(text, words):
@@ -97,7 +103,11 @@ TEMPERATURE = ["--temperature", "0.8"]
 POOLED = {
     # name: (arguments, per-device prompt batch for the global batch of 8, ranks)
     "tp2-reference-reward": (["--tensor_parallel_degree", "2", "--resource_pools", "actor:2,reference:1,reward:1"], 8, 4),
-    "dp2-shared-pool": (["--resource_pools", "actor+critic:2,reference+reward:2"], 4, 4),
+    # every role on its own ranks: the critic scores and trains on its rank while the TP2 actor trains
+    "tp2-critic-reference-reward": (["--tensor_parallel_degree", "2", "--resource_pools",
+                                     "actor:2,critic:1,reference:1,reward:1"], 8, 5),
+    # data parallel 2: the critic's pool of 2 trains data parallel, beside the frozen roles
+    "dp2-shared-pool": (["--resource_pools", "actor:2,critic+reference+reward:2"], 4, 4),
     # sharding stage 1 over the actor's 2 ranks: 2 data ranks, so 2 reward ranks
     "sharding-reward-pool": (["--sharding_parallel_degree", "2", "--sharding", "stage1", "--resource_pools",
                               "actor:2,reward:2"], 4, 4),
@@ -123,7 +133,8 @@ def test_pooled_runs_equal_the_colocated_run(tiny_dir, single, tmp_path, layout)
     for sub in ("policy", "value"):
         assert_same_weights(one_dir / sub, two_dir / sub)
     # the pools scored: every step logged when each pool scored, after the sequences were sent
-    names = {"tp2-reference-reward": ("reference", "reward"), "dp2-shared-pool": ("reference_reward",),
+    names = {"tp2-reference-reward": ("reference", "reward"), "dp2-shared-pool": ("critic_reference_reward",),
+             "tp2-critic-reference-reward": ("critic", "reference", "reward"),
              "sharding-reward-pool": ("reward",)}[layout]
     for row in two:
         for name in ("actor", *names):
@@ -134,11 +145,12 @@ def test_pooled_runs_equal_the_colocated_run(tiny_dir, single, tmp_path, layout)
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_sigterm_with_pools_checkpoints_and_resumes_exactly(tiny_dir, tmp_path, start_run):
-    """SIGTERM to the launcher of a pooled run (tensor-parallel actor, the reward model on a rank of
-    its own) inside step 2: the actor's pool writes checkpoint-2 and stops, the reward pool's rank
-    keeps serving until then and leaves with it; the resume ends bit for bit where a straight
-    pooled run ends."""
-    layout = ("--tensor_parallel_degree", "2", "--resource_pools", "actor:2,reward:1")
+    """SIGTERM to the launcher of a pooled run (tensor-parallel actor; the critic and the reward model
+    on a rank of their own) inside step 2: the actor's pool writes checkpoint-2, the critic's pool
+    its value/ and optimizer states into it, and both stop (the pool's rank keeps working until
+    the actor's pool releases it); the resume, reading value/ and the critic's states back on its
+    pool, ends bit for bit where a straight pooled run ends."""
+    layout = ("--tensor_parallel_degree", "2", "--resource_pools", "actor:2,critic+reward:1")
     straight = tmp_path / "straight"
     straight_run(ppo_cmd(tiny_dir, straight, *layout), 3, straight)
     cmd = ppo_cmd(tiny_dir, tmp_path / "stopped", *layout)
@@ -152,6 +164,9 @@ def test_sigterm_with_pools_checkpoints_and_resumes_exactly(tiny_dir, tmp_path, 
         assert "Traceback" not in log and log.strip().splitlines()[-1].startswith("stopped by SIGTERM after step 2 of 4")
     assert "Traceback" not in logs[2] and "SIGTERM" not in logs[2].strip().splitlines()[-1]
     assert [n for n, _ in list_checkpoints(str(run.out))] == [2]
+    saved = run.out / "checkpoint-2"  # the critic's part, written by its pool (rank 2)
+    assert (saved / "value" / "config.json").is_file() and (saved / "optimizer-critic.rank2.safetensors").is_file()
+    assert not (saved / "optimizer-critic.rank0.safetensors").exists()
     resume_and_compare(cmd, 3, run.out, straight, models=("policy", "value"))
 
 
@@ -166,3 +181,43 @@ def test_a_reward_pool_samples_what_the_colocated_run_samples(tiny_dir, tmp_path
                  nproc=3)
     assert_same_steps(colocated, pooled)
     assert len({r["reward"] for r in colocated}) == STEPS  # sampled: every step's responses differ
+
+
+@pytest.fixture(scope="module")
+def eos_dir(tiny_dir, tmp_path_factory):
+    """The tiny base with its end-of-sequence logit's weights scaled by 6 (``<dir>/base``; the score
+    model copied to ``<dir>/score``): sampled responses end at unequal lengths (about 1 in 20
+    tokens is the end), so the micro-batches of a step carry unequal token counts."""
+    import shutil
+
+    from ppo.models import load_causal_lm, load_tokenizer
+
+    out = tmp_path_factory.mktemp("eos")
+    shutil.copytree(tiny_dir / "score", out / "score")
+    model = load_causal_lm(str(tiny_dir / "base"), "base")
+    tokenizer = load_tokenizer(str(tiny_dir / "base"), "base")
+    weight = model.lm_head.weight.numpy()
+    weight[:, tokenizer.eos_token_id] *= 6
+    model.lm_head.weight.set_value(weight)
+    model.save_pretrained(str(out / "base"), safe_serialization=True)
+    tokenizer.save_pretrained(str(out / "base"))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_critic_pool_takes_the_colocated_critics_steps(eos_dir, tmp_path):
+    """The critic on a pool of its own (data parallel over its 2 ranks) takes the optimizer steps
+    the colocated critic takes, from the rows, micro-batches and weights the actor's pool sends:
+    sampled responses of unequal lengths in length buckets, shuffled mini-batches, two steps of
+    two micro-batches per epoch, so a wrong row, a dropped weight or an unsynchronised gradient
+    moves the critic's numbers."""
+    steps = ["--do_sample", "true", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",
+             "--shuffle_minibatches", "true", "--length_buckets", "true"]
+    colocated = ppo(eos_dir, tmp_path / "colocated", 4, *TEMPERATURE, *steps, nproc=2)
+    pooled = ppo(eos_dir, tmp_path / "pooled", 4, *TEMPERATURE, *steps, "--resource_pools", "actor:2,critic:2", nproc=4)
+    assert_same_steps(colocated, pooled)
+    assert len({r["response_length"] for r in colocated}) > 1  # sampled: the steps' lengths differ
+    for sub in ("policy", "value"):
+        assert_same_weights(tmp_path / "colocated" / sub, tmp_path / "pooled" / sub)
+    assert all(0 <= r["time/pool_critic_start"] <= r["time/pool_critic_end"] for r in pooled)

@@ -3,8 +3,10 @@
 ``resource_pools`` names the pools, each a ``+``-joined set of roles and its number of ranks,
 comma-separated: ``actor:2,reference:1,reward:1`` gives the actor 2 ranks (laid out by the run's
 tensor / sharding / data-parallel degrees) and the reference and the reward model one rank each;
-``actor:2,reference+reward:1`` puts the two frozen models on one rank.  The actor's pool comes
-first, from rank 0; a role that no pool names stays with the actor (the default, colocated layout).
+``actor:2,reference+reward:1`` puts the two frozen models on one rank; ``actor:2,critic:1,...`` gives
+the critic (``gae``) ranks of its own, where it scores and trains while the actor's pool trains the
+actor.  The actor's pool comes first, from rank 0; a role that no pool names stays with the actor
+(the default, colocated layout).
 Pure: the groups and the transport are ``ppo.distributed.pools``, the roles' work
 ``ppo.stages.ppo.pools``.
 """
@@ -16,8 +18,8 @@ from dataclasses import dataclass
 from ppo.core.errors import UserError, closest
 
 ROLES = ("actor", "critic", "reference", "reward")
-# a pool after the actor's holds frozen roles only (reference, reward): parse_pools keeps the
-# actor to the first pool and the critic with it
+# a pool after the actor's holds the frozen roles (reference, reward) and / or the critic, whole
+# on each of its ranks, one rank per data rank of the actor's pool
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,11 @@ class PoolPlan:
     def remote_roles(self) -> tuple:
         return tuple(r for p in self.remote for r in p.roles)
 
+    @property
+    def critic(self) -> Pool | None:
+        """The critic's pool when it is not the actor's (None: the critic trains beside the actor)."""
+        return next((p for p in self.remote if "critic" in p.roles), None)
+
     def pool_of_rank(self, rank: int) -> Pool:
         return next(p for p in self.pools if p.first <= rank < p.first + p.size)
 
@@ -83,18 +90,15 @@ def parse_pools(text: str) -> list:
         parsed.append((roles, ranks))
     if "actor" not in parsed[0][0]:
         raise UserError(f"{what}: the first pool must hold the actor (it starts at rank 0), e.g. 'actor:2,reward:1'")
-    for roles, _ in parsed[1:]:
-        if "critic" in roles:
-            raise UserError(f"{what}: the critic trains beside the actor: put it in the actor's pool "
-                            "('actor+critic:N') or leave it out (it then stays with the actor)")
     return parsed
 
 
 def plan_pools(text: str, world: int, data_world_of, *, pipeline: bool, merged_rollout: bool,
-               has_reward_model: bool) -> PoolPlan | None:
+               has_reward_model: bool, uses_critic: bool = True) -> PoolPlan | None:
     """The plan of ``resource_pools`` for a launch of ``world`` ranks (None: every role on every
     rank).  ``data_world_of(n)``: the actor's data ranks on a pool of n ranks (a UserError when the
-    run's degrees do not divide n).  Checked before any model loads; each impossible plan is one line."""
+    run's degrees do not divide n).  ``uses_critic``: the run trains a critic (the ``gae``
+    estimator).  Checked before any model loads; each impossible plan is one line."""
     parsed = parse_pools(text)
     if not parsed:
         return None
@@ -118,7 +122,10 @@ def plan_pools(text: str, world: int, data_world_of, *, pipeline: bool, merged_r
     for pool in pools[1:]:
         if pool.size != data_world:
             raise UserError(f"{what}: pool '{pool.name}' has {pool.size} rank(s) but the actor's pool has {data_world} "
-                            f"data rank(s): a pool of frozen roles has one rank per data rank of the actor's pool")
+                            f"data rank(s): a pool after the actor's has one rank per data rank of the actor's pool")
     if "reward" in (r for p in pools[1:] for r in p.roles) and not has_reward_model:
         raise UserError(f"{what} gives the reward model ranks but reward_model_name_or_path is empty")
+    if "critic" in (r for p in pools[1:] for r in p.roles) and not uses_critic:
+        raise UserError(f"{what} gives the critic ranks but only adv_estimator 'gae' trains a critic: "
+                        "drop 'critic' from resource_pools")
     return PoolPlan(pools=tuple(pools))

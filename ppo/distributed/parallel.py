@@ -11,6 +11,7 @@ inference paths and the checkpoints never import paddle.distributed themselves.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -42,10 +43,11 @@ class ParallelContext:
     group: object = None         # the ranks that train together (the actor's pool); None: the world
     leaders: tuple = ()          # with pools: the world rank of each data rank's first rank, by data rank
     links: dict = None           # with pools: {(first rank, peer rank): their process group} (pools.init_fleet)
+    pool_group: object = None    # with pools, on a critic pool's rank: the pool's process group (None: one rank)
 
     @property
     def serves(self) -> bool:
-        """This rank holds frozen roles for the actor's pool (a pool of its own) instead of training."""
+        """This rank holds roles for the actor's pool (a pool of its own: frozen roles, the critic)."""
         return self.pool is not None and self.pool is not self.plan.actor
 
     @property
@@ -101,7 +103,8 @@ def init_parallel(args, pipeline: bool = False) -> ParallelContext:
 
     plan = plan_pools(getattr(args, "resource_pools", ""), world, data_world, pipeline=pp > 1,
                       merged_rollout=getattr(args, "eval_mode", "") == "single" and mp > 1,
-                      has_reward_model=bool(getattr(args, "reward_model_name_or_path", "")))
+                      has_reward_model=bool(getattr(args, "reward_model_name_or_path", "")),
+                      uses_critic=getattr(args, "adv_estimator", "gae") == "gae")
     size = plan.actor.size if plan is not None else world  # the ranks fleet's hybrid layout covers
     dp = data_world(size) // sd
     if world == 1:
@@ -131,10 +134,10 @@ def init_parallel(args, pipeline: bool = False) -> ParallelContext:
         fleet.init(is_collective=True, strategy=strategy)
     else:  # fleet's hybrid groups over the actor's pool (every rank makes them), the pool's own group
         rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
-        group, pool, leaders, links = pools.init_fleet(fleet, strategy, plan, rank, sd)
-        if pool is not plan.actor:  # a frozen role's rank: no layout of its own, it serves the actor's pool
+        group, pool, leaders, links, pool_group = pools.init_fleet(fleet, strategy, plan, rank, sd)
+        if pool is not plan.actor:  # a pool's rank: no layout of its own, it serves the actor's pool
             _CONTEXT = ParallelContext(world_size=world, rank=rank, plan=plan, pool=pool, group=group,
-                                       leaders=leaders, links=links)
+                                       leaders=leaders, links=links, pool_group=pool_group)
             return _CONTEXT
     hcg = fleet.get_hybrid_communicate_group()
     _CONTEXT = ParallelContext(
@@ -144,6 +147,18 @@ def init_parallel(args, pipeline: bool = False) -> ParallelContext:
         leaders=leaders, links=links)
     return _CONTEXT
 
+
+
+@contextlib.contextmanager
+def alone():
+    """Within it this rank acts as one process (the main rank, no collectives): a resource pool's
+    rank writing what it alone holds (the critic's pool writes value/)."""
+    global _CONTEXT
+    saved, _CONTEXT = _CONTEXT, ParallelContext()
+    try:
+        yield
+    finally:
+        _CONTEXT = saved
 
 
 _ROLLOUT_GROUPS: dict = {}

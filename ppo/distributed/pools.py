@@ -48,13 +48,17 @@ def pool_topology(pool: Pool, rank: int):
 @contextlib.contextmanager
 def parameters_synced_over(group):
     """Within it ``paddle.DataParallel`` broadcasts the first rank's parameters over ``group`` (the
-    actor's pool) instead of the whole world, whose other pools do not train (None: no change)."""
+    actor's pool, or the critic's) instead of the whole world, whose other pools do not take part
+    (None: no change)."""
     import paddle.distributed.parallel as paddle_parallel
 
     original = paddle_parallel.sync_params_buffers
     if group is not None:
-        paddle_parallel.sync_params_buffers = \
-            lambda model, comm_group=None, *a, **kw: original(model, comm_group or group, *a, **kw)
+        def synced(model, comm_group=None, src_rank=None, *a, **kw):
+            comm_group = comm_group or group
+            return original(model, comm_group, comm_group.ranks[0] if src_rank is None else src_rank, *a, **kw)
+
+        paddle_parallel.sync_params_buffers = synced
     try:
         yield
     finally:
@@ -62,18 +66,23 @@ def parameters_synced_over(group):
 
 
 def init_fleet(fleet, strategy, plan, rank: int, sharding_degree: int):
-    """``fleet.init`` with its hybrid groups over the actor's pool -> (the pool's process group, this
-    rank's pool, the world rank of each data rank's first rank, the links).  Collective: every rank
-    calls it.  A link is a process group of two ranks, a data rank's first rank and its peer in a
-    pool (``links[(first, peer)]``): gloo matches a send with a receive by a count of the messages
-    over the group, so each pair of ranks that talks gets a group of its own."""
+    """``fleet.init`` with its hybrid groups over the actor's pool -> (the actor pool's process group,
+    this rank's pool, the world rank of each data rank's first rank, the links, this rank's pool's
+    group when it is the critic's pool of several ranks, else None).  Collective: every rank calls
+    it.  A link is a process group of two ranks, a data rank's first rank and its peer in a pool
+    (``links[(first, peer)]``): gloo matches a send with a receive by a count of the messages over
+    the group, so each pair of ranks that talks gets a group of its own.  The critic's ranks train
+    data parallel over their pool's group."""
     with pool_topology(plan.actor, rank):
         fleet.init(is_collective=True, strategy=strategy)
     group = dist.new_group(plan.actor.ranks)
     leaders = data_rank_leaders(fleet.get_hybrid_communicate_group().topology(), plan.actor.size, sharding_degree)
     links = {(first, pool.first + d): dist.new_group([first, pool.first + d])
              for pool in plan.remote for d, first in enumerate(leaders)}
-    return group, plan.pool_of_rank(rank), leaders, links
+    critic = plan.critic
+    critic_group = dist.new_group(critic.ranks) if critic is not None and critic.size > 1 else None
+    pool = plan.pool_of_rank(rank)
+    return group, pool, leaders, links, critic_group if pool is critic else None
 
 
 def data_rank_leaders(topology, size: int, sharding_degree: int) -> tuple:
@@ -90,11 +99,11 @@ def data_rank_leaders(topology, size: int, sharding_degree: int) -> tuple:
 # -------------------------------------------------------------------------------- moving arrays
 
 _DTYPES = {0: np.int64, 1: np.float32, 2: np.float64}
-_HEADER = 17  # int64 words: count, then per array its dtype code, ndim and 2 dims (up to 4 arrays)
+_HEADER = 33  # int64 words: count, then per array its dtype code, ndim and 2 dims (up to 8 arrays)
 
 
 def send_arrays(arrays: list, dst: int, group) -> None:
-    """Send numpy arrays (int64 / float32 / float64, rank <= 2, at most 4) to world rank ``dst`` over
+    """Send numpy arrays (int64 / float32 / float64, rank <= 2, at most 8) to world rank ``dst`` over
     ``group`` (the two ranks' link): a fixed-size header with their dtypes and shapes, then each
     array (``recv_arrays`` there)."""
     header = [len(arrays)]
@@ -121,3 +130,13 @@ def recv_arrays(src: int, group) -> list:
         dist.recv(t, src=src, group=group)
         out.append(t.numpy())
     return out
+
+
+def text_array(text: str) -> np.ndarray:
+    """A string as an int64 array for ``send_arrays``: a 0, then its UTF-8 bytes (never empty)."""
+    return np.concatenate([[0], np.frombuffer(text.encode("utf-8"), dtype=np.uint8)]).astype(np.int64)
+
+
+def array_text(array) -> str:
+    """The string of ``text_array``."""
+    return np.asarray(array[1:], dtype=np.uint8).tobytes().decode("utf-8")

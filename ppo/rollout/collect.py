@@ -322,7 +322,7 @@ class Models:
     actor_tokenizer: object
     reward_tokenizer: object | None
     decoder: object | None = None   # rollout decoder over the actor's weights (None: the actor's own forward)
-    # the frozen roles scored on ranks of their own (resource pools): ``roles``, ``submit(sequences,
+    # the roles scored on ranks of their own (resource pools): ``roles``, ``submit(sequences,
     # attention_mask, prompt_length, fast, grouped)``, then ``results(sequences)`` -> {role: tensor}
     remote: object | None = None
 
@@ -401,6 +401,11 @@ def _scored(model, ids, mask, fast: bool, grouped: bool):
     return out.scores, out.end_scores
 
 
+def critic_values(critic, sequences, attention_mask, fast: bool, grouped: bool):
+    """The critic's values [B, L-1] (float32) of ``sequences``: column t values the state before token t+1."""
+    return _scored(critic, sequences, attention_mask, fast, grouped)[0].squeeze(-1)[:, :-1].astype("float32")
+
+
 def reward_end_scores(models: Models, sequences, attention_mask, prompt_length: int, max_length: int,
                       normalize_reward: bool, fast: bool, grouped: bool):
     """The reward model's end scores [B] of actor ``sequences`` (re-encoded first when its tokenizer
@@ -449,7 +454,7 @@ def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, m
     fast = models.decoder is not None
     grouped = fast and group_scoring
     remote = models.remote.roles if models.remote is not None else ()
-    if remote:  # the frozen roles on their own ranks score while this pool scores the rest
+    if remote:  # the roles on ranks of their own score while this pool scores the rest
         models.remote.submit(sequences, attention_mask, P, fast, grouped)
 
     with paddle.no_grad():
@@ -469,12 +474,12 @@ def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, m
             reward_end_scores(models, sequences, attention_mask, P, max_length, normalize_reward, fast, grouped)
         values = None
         if models.critic is not None:
-            values = _scored(models.critic, sequences, attention_mask, fast, grouped)[0].squeeze(-1)[:, :-1]
-            values = values.astype("float32")
+            values = critic_values(models.critic, sequences, attention_mask, fast, grouped)
         if remote:
             got = models.remote.results(sequences)
             ref_log_probs = got.get("reference", ref_log_probs)
             end_scores = got.get("reward", end_scores)
+            values = got.get("critic", values)
 
     response_tokens = attention_mask[:, P:]
     response_lengths = response_tokens.astype("int64").sum(axis=1)

@@ -19,15 +19,16 @@ class NonFiniteGuard:
     naming the step and the quantity.
     """
 
-    def __init__(self, limit: int, stage: str):
+    def __init__(self, limit: int, stage: str, mean=None):
         self.limit, self.stage = limit, stage
+        self.mean = mean or parallel.mean_over_data  # the mean over the ranks that decide together
         self.consecutive = 0
         self.skipped = 0
 
     def ok(self, step: int, **quantities) -> bool:
 
         bad = [name for name, value in quantities.items() if not all_finite(value)]
-        if parallel.mean_over_data(1.0 if bad else 0.0) == 0.0:
+        if self.mean(1.0 if bad else 0.0) == 0.0:
             self.consecutive = 0
             return True
         self.consecutive += 1

@@ -60,6 +60,7 @@ RESUME_CRITICAL = (
     "train_datasets", "ptx_datasets", "max_length", "max_new_tokens", "seed", "per_device_train_batch_size",
     "per_device_prompt_batch_size", "gradient_accumulation_steps", "num_return_sequences", "adv_estimator",
     "tensor_parallel_degree", "pipeline_parallel_degree", "sharding_parallel_degree", "sharding", "world_size",
+    "resource_pools",
 )
 
 
@@ -303,10 +304,12 @@ def load_full_weights(model, state: dict) -> None:
 
 
 def save_checkpoint(target: str, ctx, models: dict, tokenizer, optimizers: dict, state: dict,
-                    rng_extra: dict | None = None) -> None:
+                    rng_extra: dict | None = None, remote=None) -> None:
     """Write a resumable checkpoint from every rank (call on all ranks).
 
     models: {subfolder: model} saved with save_pretrained by the main rank ('' = the folder itself).
+    ``remote(tmp)``: on every rank, the other pools write their part into the unfinished folder
+    (resource_pools: the critic's pool), before it is published.
     """
     tmp = tmp_folder(target)
     if ctx.is_main:
@@ -317,6 +320,8 @@ def save_checkpoint(target: str, ctx, models: dict, tokenizer, optimizers: dict,
     parallel.barrier()
     write_rank_state(tmp, ctx.rank, {role: (inner_optimizer(o), models[role_model(role)])
                                      for role, o in optimizers.items()}, rng_extra)
+    if remote is not None:
+        remote(tmp)
     parallel.barrier()
     if ctx.is_main:
         finalize(tmp, target, {**state, "world_size": ctx.world_size, "versions": versions()})

@@ -1,49 +1,91 @@
-"""PPO on resource pools (``resource_pools``): the reference and the reward model on ranks of their
-own, scoring while the actor's pool scores the rest.
+"""PPO on resource pools (``resource_pools``): the reference, the reward model and the critic on
+ranks of their own, scoring while the actor's pool scores the rest; a critic pool trains the
+critic while the actor's pool trains the actor.
 
-    actor's pool (data rank d's first rank)            pool of reference / reward (its rank d)
+    actor's pool (data rank d's first rank)            a pool's rank d (ppo.stages.ppo.serving)
+      start_critic(optimizer steps) ----------------->  the critic's optimizer
       generate -> submit(sequences)  ---- sequences --->  recv
-      old log-probs, critic values                        ref log-probs / end scores (at the same time)
+      old log-probs [, critic values]                     ref log-probs / end scores / values (meanwhile)
       results() <--- log-probs, scores, timestamps -----  send
-      (tensor-parallel ranks of d get them by broadcast)
+      advantages, then update_critic(plan) --- rows --->  the same optimizer steps of the critic
+      actor steps; critic_stats() <------ its stats ----  (meanwhile)
+      save_critic(tmp) / resume_critic / final -------->  value/ and its optimizer states
+      (tensor-parallel ranks of d get results by broadcast)
 
 The plan, fleet's groups over the actor's pool and the transport are ``ppo.distributed.pools``;
-the scoring functions are the rollout's own (``ppo.rollout.collect``), so a pool scores exactly as
-the colocated run does.
+the scoring functions are the rollout's own (``ppo.rollout.collect``) and the critic's steps the
+trainer's own (``ppo.stages.ppo.steps``), so a pool computes exactly what the colocated run does.
+This module is the actor's side, and the checks and loading both sides share.
 """
 
 from __future__ import annotations
 
-import signal
+import json
 import time
 
 import numpy as np
 import paddle
+import paddle.distributed as dist
 
 from ppo.distributed import parallel
-from ppo.distributed.pools import recv_arrays, send_arrays
+from ppo.distributed.pools import array_text, recv_arrays, send_arrays, text_array
 from ppo.models import check_max_length, check_model_path, freeze, load_causal_lm, load_score_model, load_tokenizer
-from ppo.rollout.collect import Models, reward_end_scores, scoring_log_probs
+from ppo.rollout.collect import Models, same_vocabulary
 from ppo.core.errors import UserError
-from ppo.stages.optim import Precision
 
-SCORE, STOP = 1, 0
+# commands, the first word of every message to a pool's rank
+STOP, SCORE, START, UPDATE, SAVE, RESUME, FINAL = range(7)
 MASK_DTYPES = ("int64", "int32", "bool", "float32")
+CRITIC_STATS = ("critic_loss", "value_clip_frac", "critic_grad_norm")  # per step, from the critic's pool
 
 
-class RemoteScoring:
-    """The actor's side: what ``collect`` calls for the roles on other pools (``Models.remote``).
-    ``timings`` keeps the last rollout's scoring intervals per pool, in seconds after ``submit``."""
+def encode_plan(plan) -> np.ndarray:
+    """An update's plan [(micro-batches' rows, weights)] -> (one int64 array of the rows: steps, then per
+    step its micro-batch count and per micro-batch its row count and rows; the weights, float64)."""
+    words, weights = [len(plan)], []
+    for cut, w in plan:
+        words.append(len(cut))
+        for rows in cut:
+            words += [len(rows), *(int(r) for r in rows)]
+        weights += list(w)
+    return np.array(words, dtype=np.int64), np.array(weights, dtype=np.float64)
+
+
+def decode_plan(words, weights) -> list:
+    plan, at, k = [], 1, 0
+    for _ in range(int(words[0])):
+        count, at = int(words[at]), at + 1
+        cut = []
+        for _ in range(count):
+            n = int(words[at])
+            cut.append(np.asarray(words[at + 1:at + 1 + n], dtype=np.int64))
+            at += 1 + n
+        plan.append((cut, [float(x) for x in weights[k:k + count]]))
+        k += count
+    return plan
+
+
+class RemoteRoles:
+    """The actor's side: what ``collect`` calls for the roles on other pools (``Models.remote``),
+    and what the trainer calls for a critic on its own pool.  ``timings`` keeps the last rollout's
+    scoring intervals per pool, in seconds after ``submit``."""
 
     def __init__(self, ctx):
         self.ctx = ctx
-        self.pools = list(ctx.plan.remote)  # (their roles are frozen ones: ppo.core.placement)
+        self.pools = list(ctx.plan.remote)
         self.roles = ctx.plan.remote_roles()
         # data rank d's first rank talks to rank d of every pool; the others get its results
         self.leader = ctx.rank == ctx.leaders[ctx.data_rank]
         self.peers = [p.first + ctx.data_rank for p in self.pools]
+        critic = ctx.plan.critic
+        self.critic_peer = critic.first + ctx.data_rank if critic is not None else None
         self.timings: dict = {}
         self.stopped = False
+
+    def _link(self, peer):
+        return self.ctx.links[(self.ctx.rank, peer)]
+
+    # -- scoring ---------------------------------------------------------------------------
 
     def submit(self, sequences, attention_mask, prompt_length: int, fast: bool, grouped: bool) -> None:
         self.sent_at = time.time()
@@ -52,20 +94,21 @@ class RemoteScoring:
                                MASK_DTYPES.index(str(attention_mask.dtype).split(".")[-1])], dtype=np.int64)
             ids, mask = sequences.numpy().astype(np.int64), attention_mask.numpy().astype(np.int64)
             for peer in self.peers:
-                send_arrays([header, ids, mask], peer, self.ctx.links[(self.ctx.rank, peer)])
+                send_arrays([header, ids, mask], peer, self._link(peer))
         self.local_start = time.time()
 
     def results(self, sequences) -> dict:
-        """{role: tensor}: reference log-probs [B, L-1] and / or end scores [B] for the submitted rows."""
+        """{role: tensor}: reference log-probs [B, L-1], end scores [B], critic values [B, L-1] for the
+        submitted rows."""
         local_end = time.time()
         B, L = sequences.shape
-        shapes = {"reference": [B, L - 1], "reward": [B]}
+        shapes = {"reference": [B, L - 1], "reward": [B], "critic": [B, L - 1]}
         arrays = {role: np.zeros(shapes[role], np.float32) for role in self.roles}
         spans = np.zeros([len(self.pools) + 1, 2], np.float64)
         spans[0] = (self.local_start, local_end)
         if self.leader:
             for i, (pool, peer) in enumerate(zip(self.pools, self.peers)):
-                *outs, span = recv_arrays(peer, self.ctx.links[(self.ctx.rank, peer)])
+                *outs, span = recv_arrays(peer, self._link(peer))
                 for role, out in zip(pool.roles, outs):
                     arrays[role] = out
                 spans[i + 1] = span
@@ -82,6 +125,65 @@ class RemoteScoring:
         return {f"time/pool_{name.replace('+', '_')}_{edge}": float(span[k]) for name, span in self.timings.items()
                 for k, edge in ((0, "start"), (1, "end"))}
 
+    # -- the critic on its own pool ----------------------------------------------------------
+
+    def _to_critic(self, arrays: list) -> None:
+        if self.leader:
+            send_arrays(arrays, self.critic_peer, self._link(self.critic_peer))
+
+    def _from_critic(self) -> np.ndarray | None:
+        """The critic pool's answer (its payload, or None), on every rank of the actor's pool; a
+        UserError there (a bad checkpoint, diverged training) is raised on every rank here."""
+        message, payload = "", None
+        if self.leader:
+            status, text, *rest = recv_arrays(self.critic_peer, self._link(self.critic_peer))
+            message = array_text(text) if int(status[0]) else ""
+            payload = rest[0] if rest else None
+        messages = []
+        dist.all_gather_object(messages, message, group=self.ctx.group)
+        failed = next((m for m in messages if m), "")
+        if failed:
+            raise UserError(failed)
+        return payload
+
+    def start_critic(self, optimizer_steps: int) -> None:
+        """The critic's optimizer and schedule, for ``optimizer_steps`` steps."""
+        self._to_critic([np.array([START, optimizer_steps], dtype=np.int64)])
+        self._from_critic()
+
+    def update_critic(self, exp, plan: list, packs: bool, step: int) -> None:
+        """Send the critic's share of the update: the rows it trains on and the optimizer steps'
+        micro-batches and weights (the actor's own); ``critic_stats()`` collects the result."""
+        self.critic_steps = len(plan)
+        words, weights = encode_plan(plan)
+        header = np.array([UPDATE, step, int(packs), exp.prompt_length,
+                           MASK_DTYPES.index(str(exp.attention_mask.dtype).split(".")[-1])], dtype=np.int64)
+        self._to_critic([header, words, weights, exp.sequences.numpy().astype(np.int64),
+                         exp.attention_mask.numpy().astype(np.int64),
+                         *(t.numpy().astype(np.float32) for t in (exp.action_mask, exp.values, exp.returns))])
+
+    def critic_stats(self) -> dict:
+        """{stat: [value per optimizer step]} of the critic's update (every rank of the data rank)."""
+        stats = self._from_critic()
+        steps = parallel.broadcast_model_parallel(paddle.to_tensor(
+            stats if stats is not None else np.zeros([self.critic_steps, len(CRITIC_STATS)], np.float64)))
+        return {k: [float(x) for x in steps.numpy()[:, i]] for i, k in enumerate(CRITIC_STATS)}
+
+    def save_critic(self, tmp: str) -> None:
+        """value/ and the critic ranks' optimizer states into the unfinished checkpoint ``tmp``."""
+        self._to_critic([np.array([SAVE], dtype=np.int64), text_array(tmp)])
+        self._from_critic()
+
+    def resume_critic(self, folder: str) -> None:
+        self._to_critic([np.array([RESUME], dtype=np.int64), text_array(folder)])
+        self._from_critic()
+
+    def save_final_critic(self, target: str, state: dict) -> None:
+        """The final value model at ``target`` (written by the critic pool's first rank)."""
+        self._to_critic([np.array([FINAL], dtype=np.int64), text_array(target),
+                         text_array(json.dumps(state, default=str))])
+        self._from_critic()
+
     def stop(self) -> None:
         """Release the pools' ranks (once): they leave their loop and meet this pool at exit."""
         if self.stopped:
@@ -89,8 +191,7 @@ class RemoteScoring:
         self.stopped = True
         if self.leader:
             for peer in self.peers:
-                stop = np.array([STOP, 0, 0, 0, 0], dtype=np.int64)
-                send_arrays([stop], peer, self.ctx.links[(self.ctx.rank, peer)])
+                send_arrays([np.array([STOP], dtype=np.int64)], peer, self._link(peer))
 
 
 def load_frozen_roles(args, roles) -> Models:
@@ -110,13 +211,40 @@ def load_frozen_roles(args, roles) -> Models:
 def check_frozen_roles(args) -> None:
     """The actor's folder (the reference's too) and the reward model's, as loading would refuse them:
     a model path and its position / window limits (the reward model scores whole sequences too).
-    With pools every rank checks them before any collective (a rank that stops alone would leave
-    the others waiting)."""
+    With pools every rank checks them, the critic's too, before any collective (a rank that stops
+    alone would leave the others waiting)."""
     config = check_model_path(args.actor_model_name_or_path, "actor_model_name_or_path")
     check_max_length(config, args.max_length, args.actor_model_name_or_path)
     if args.reward_model_name_or_path:
         check_max_length(check_model_path(args.reward_model_name_or_path, "reward_model_name_or_path"),
                          args.max_length, args.reward_model_name_or_path)
+
+
+def check_pool_roles(args) -> None:
+    """With resource pools, on every rank before any collective: every role's folder (the critic's
+    with the gae estimator)."""
+    check_frozen_roles(args)
+    if args.adv_estimator == "gae":
+        check_critic(args, load_tokenizer(args.actor_model_name_or_path, "actor_model_name_or_path"))
+
+
+def critic_path(args) -> str:
+    """The critic's initialisation: reward_critic_model_name_or_path, else the reward model."""
+    return args.reward_critic_model_name_or_path or args.reward_model_name_or_path
+
+
+def check_critic(args, tokenizer) -> None:
+    """The critic's folder as loading would refuse it, and its vocabulary against the actor's
+    ``tokenizer`` (it scores actor tokens)."""
+    path = critic_path(args)
+    if not path:
+        raise UserError("adv_estimator 'gae' without a reward model needs reward_critic_model_name_or_path (the "
+                        "critic's initialisation), or use grpo / rloo / reinforce_plus_plus")
+    check_max_length(check_model_path(path, "reward_critic_model_name_or_path"), args.max_length, path)
+    critic_tokenizer = load_tokenizer(path, "reward_critic_model_name_or_path")
+    if not same_vocabulary(tokenizer, critic_tokenizer):
+        raise UserError(f"the critic ('{path}') must share the actor's vocabulary "
+                        f"({len(critic_tokenizer)} vs {len(tokenizer)} tokens): it scores actor tokens")
 
 
 def check_reward_statistics(args, reward) -> None:
@@ -126,43 +254,3 @@ def check_reward_statistics(args, reward) -> None:
                         "carries no score statistics (train it with normalizer_type RunningMeanStd)")
 
 
-def serve(args, ctx) -> Models:
-    """A frozen role's rank: score the sequences of its data rank's first rank until it says stop
-    (returns the models it held)."""
-    roles = ctx.pool.roles  # frozen ones (ppo.core.placement)
-    data_rank = ctx.rank - ctx.pool.first
-    leader = ctx.leaders[data_rank]
-    link = ctx.links[(leader, ctx.rank)]
-    precision = Precision(args.bf16, args.fp16, parallel.device() == "gpu", args.cpu_gemm)
-    models = load_frozen_roles(args, roles)
-    check_reward_statistics(args, models.reward)
-    # a stop signal reaches the actor's pool too: it checkpoints, then says stop here
-    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with paddle.no_grad():
-            while True:
-                try:
-                    header, *rows = recv_arrays(leader, link)
-                except RuntimeError:  # the peer is gone: the actor's pool stopped (its log says why)
-                    raise UserError(f"the actor's pool (rank {leader}) stopped before releasing this rank of "
-                                    f"pool '{ctx.pool.name}': see that rank's log for the reason") from None
-                if int(header[0]) == STOP:
-                    break
-                prompt_length, fast, grouped = int(header[1]), bool(header[2]), bool(header[3])
-                ids = paddle.to_tensor(rows[0])
-                mask = paddle.to_tensor(rows[1]).astype(MASK_DTYPES[int(header[4])])
-                start = time.time()
-                outs = []
-                for role in roles:
-                    if role == "reference":
-                        out = scoring_log_probs(models.reference, ids, mask, args.temperature, fast, grouped)
-                    else:
-                        out = reward_end_scores(models, ids, mask, prompt_length, args.max_length,
-                                                args.normalize_reward, fast, grouped)
-                    outs.append(out.astype("float32").numpy())
-                send_arrays(outs + [np.array([start, time.time()], np.float64)], leader, link)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        precision.close()
-    return models

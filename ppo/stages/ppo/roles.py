@@ -8,7 +8,8 @@ which roll out, and whether the rollout weights are current.
                None when a resource pool of its own holds it (``ppo.stages.ppo.pools``)
     reward     frozen score model (end scores); None without reward_model_name_or_path (the reward
                functions score alone) or when a resource pool of its own holds it
-    critic     trains (value head); only with the ``gae`` estimator
+    critic     trains (value head); only with the ``gae`` estimator; None when a resource pool of its
+               own holds it (it scores, trains and saves there: ``ppo.stages.ppo.serving``)
     rollout_*  the models that decode and score: the training models themselves, or separate
                copies when the training layout cannot decode (pipeline) or ``eval_mode single``
                merges the tensor-parallel shards; the copies are refreshed from the training
@@ -35,7 +36,7 @@ from ppo.models import (
     load_tokenizer,
 )
 from ppo.rollout.collect import Models, same_vocabulary
-from ppo.stages.ppo.pools import RemoteScoring, check_frozen_roles, check_reward_statistics
+from ppo.stages.ppo.pools import RemoteRoles, check_critic, check_frozen_roles, check_reward_statistics, critic_path
 
 
 @dataclass
@@ -79,20 +80,11 @@ def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOMode
     ``reward_model_name_or_path`` no reward model is loaded (``rollout.reward`` is None)."""
     check_frozen_roles(args)
     with_reward = bool(args.reward_model_name_or_path)
-    critic_path = args.reward_critic_model_name_or_path or args.reward_model_name_or_path
-    if uses_critic and not critic_path:
-        raise UserError("adv_estimator 'gae' without a reward model needs reward_critic_model_name_or_path (the "
-                        "critic's initialisation), or use grpo / rloo / reinforce_plus_plus")
     tokenizer = load_tokenizer(args.actor_model_name_or_path, "actor_model_name_or_path")
     reward_tokenizer = load_tokenizer(args.reward_model_name_or_path, "reward_model_name_or_path") if with_reward \
         else None
     if uses_critic:
-        check_max_length(check_model_path(critic_path, "reward_critic_model_name_or_path"), args.max_length,
-                         critic_path)
-        critic_tokenizer = load_tokenizer(critic_path, "reward_critic_model_name_or_path")
-        if not same_vocabulary(tokenizer, critic_tokenizer):
-            raise UserError(f"the critic ('{critic_path}') must share the actor's vocabulary "
-                            f"({len(critic_tokenizer)} vs {len(tokenizer)} tokens): it scores actor tokens")
+        check_critic(args, tokenizer)
     layout = rollout_layout(args, ctx)
     # tensor parallel: every rank loads its shard of the single checkpoint; the policies keep
     # their logits split over the vocabulary (log-probs are computed without gathering them)
@@ -106,7 +98,8 @@ def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOMode
                               **({**kwargs, "tensor_parallel_output": True} if kwargs else {}))
 
     def critic(kwargs):
-        return load_score_model(critic_path, score_type="critic", what="reward_critic_model_name_or_path", **kwargs)
+        return load_score_model(critic_path(args), score_type="critic", what="reward_critic_model_name_or_path",
+                                **kwargs)
 
     def trainable(model, path: str, what: str):
         # the model that trains: the model itself, or its pipeline-parallel twin (this rank's stage)
@@ -123,31 +116,38 @@ def build_ppo_models(args, ctx, uses_critic: bool, dtype: str | None) -> PPOMode
     # a LoRA actor's reference is its own base weights with the adapters off: no second copy; but
     # when rollout runs on whole copies (eval_mode single) the reference must be whole as well
     shared_reference = args.lora and not layout.separate_rollout
-    # resource pools: the frozen roles of other pools score there (ppo.stages.ppo.pools)
+    # resource pools: the roles of other pools score (the critic trains too) there (ppo.stages.ppo.pools)
     remote = ctx.plan.remote_roles() if ctx.plan is not None else ()
     reference = None if "reference" in remote else AdaptersOff(actor) if shared_reference else freeze(policy(rollout_tp))
     reward = freeze(load_score_model(args.reward_model_name_or_path, score_type="reward",
                                      what="reward_model_name_or_path", trained_head=True, **rollout_tp)) \
         if with_reward and "reward" not in remote else None
     check_reward_statistics(args, reward)
-    trained_critic = trainable(critic(tp), critic_path, "reward_critic_model_name_or_path") if uses_critic else None
-    if trained_critic is not None and args.critic_lora:  # adapters + the whole value head train
-        apply_lora(trained_critic, args.lora_rank, args.lora_alpha, args.lora_target_modules,
-                   trainable=(r"score_head\..*",), seed=args.seed + 1)
-    if trained_critic is not None and args.critic_recompute:
-        enable_recompute(trained_critic, args.critic_recompute_granularity)
+    trained_critic = None
+    if uses_critic and "critic" not in remote:
+        trained_critic = trainable(critic(tp), critic_path(args), "reward_critic_model_name_or_path")
+        critic_training_options(args, trained_critic)
     rollout_actor, rollout_critic = actor, trained_critic
     if layout.separate_rollout:
         rollout_actor = freeze(policy(rollout_tp))
-        rollout_critic = freeze(critic(rollout_tp)) if uses_critic else None
+        rollout_critic = freeze(critic(rollout_tp)) if trained_critic is not None else None
     # the lean decoder reads the rollout actor's parameters directly (never stale); on GPU builds
     # with paddlenlp_ops, PaddleNLP's fused model holds a copy that RolloutWeights refreshes
     decoder = (rollout_decoder(rollout_actor, static_decode=args.rollout_static_graph, dtype=dtype)
                if args.use_inference_model else None)
     rollout = Models(actor=rollout_actor, reference=reference, reward=reward, critic=rollout_critic,
                      actor_tokenizer=tokenizer, reward_tokenizer=reward_tokenizer, decoder=decoder,
-                     remote=RemoteScoring(ctx) if remote else None)
+                     remote=RemoteRoles(ctx) if remote else None)
     return PPOModels(actor=actor, critic=trained_critic, tokenizer=tokenizer, rollout=rollout, layout=layout)
+
+
+def critic_training_options(args, critic) -> None:
+    """LoRA (adapters + the whole value head train) and recompute on the critic that trains."""
+    if args.critic_lora:
+        apply_lora(critic, args.lora_rank, args.lora_alpha, args.lora_target_modules,
+                   trainable=(r"score_head\..*",), seed=args.seed + 1)
+    if args.critic_recompute:
+        enable_recompute(critic, args.critic_recompute_granularity)
 
 
 class RolloutWeights:

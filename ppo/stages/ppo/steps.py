@@ -20,6 +20,7 @@ from ppo.data import answer_mask
 from ppo.core.experience import Experience
 from ppo.models.fast_paths import dense_kernels
 from ppo.rollout.collect import forward_log_probs, log_probs_from_logits
+from ppo.stages.optim import build_optimizer, clear_grad, global_grad_norm
 
 ACTOR_STATS = ("actor_loss", "abs_actor_loss", "clip_frac", "approx_kl", "entropy")
 CRITIC_STATS = ("critic_loss", "value_clip_frac")
@@ -46,6 +47,30 @@ def critic_objective(scores, m, w: float, clip_range_value: float):
     values = scores.squeeze(-1)[:, :-1].astype("float32")
     loss, s = algo.critic_loss(values, m.values, m.returns, m.action_mask, clip_range_value)
     return loss * w, {"critic_loss": float(loss) * w, "value_clip_frac": s["value_clip_frac"]}
+
+
+def role_optimizer(args, role: str, model, optimizer_steps: int):
+    """(optimizer, schedule) of the PPO ``role`` ('actor' or 'critic') for ``optimizer_steps`` steps."""
+    common = dict(beta1=args.adam_beta1, beta2=args.adam_beta2, epsilon=args.adam_epsilon,
+                  max_grad_norm=args.max_grad_norm)
+    if role == "actor":
+        return build_optimizer(model, args.learning_rate, args.weight_decay, optimizer_steps,
+                               scheduler_type=args.lr_scheduler_type, warmup_ratio=args.warmup_ratio,
+                               warmup_steps=args.warmup_steps, **common)
+    return build_optimizer(model, args.critic_learning_rate, args.critic_weight_decay, optimizer_steps,
+                           scheduler_type=args.critic_lr_scheduler_type, warmup_ratio=args.critic_warmup_ratio, **common)
+
+
+def apply_gradients(optimizer, scheduler, model, precision, guard, step: int, **losses) -> tuple:
+    """Clip and apply the accumulated gradients unless a loss or the gradient norm is not finite
+    (``guard``), then clear them and advance the schedule -> (gradient norm, whether applied)."""
+    norm = global_grad_norm(model.parameters(), optimizer)
+    applied = guard.ok(step, grad_norm=norm, **losses)
+    if applied:
+        precision.step(optimizer)
+    clear_grad(optimizer)  # frees the gradients until the next backward
+    scheduler.step()
+    return norm, applied
 
 
 def combine(parts: list[dict], weighted: tuple) -> dict:

@@ -47,7 +47,7 @@ from ppo.storage.graceful import GracefulStop
 from ppo.stages.guard import NonFiniteGuard
 from ppo.storage.finite import check_weights_finite
 from ppo.core.metrics import MetricsLogger, StepCadence, Timer
-from ppo.stages.optim import Precision, build_optimizer, clear_grad, global_grad_norm
+from ppo.stages.optim import Precision
 from ppo.stages.ppo.scoring import RewardScorer, dynamic_sampling, score_metrics
 from ppo.rewards import check_reachable
 from ppo.rollout.collect import GenerationConfig, collect, gather_experience, keeps_log_probs
@@ -75,6 +75,9 @@ class PPOTrainer:
         built = build_ppo_models(args, self.ctx, self.uses_critic, self.precision.dtype)
         self.actor, self.critic, self.tokenizer = built.actor, built.critic, built.tokenizer
         self.models, self.layout = built.rollout, built.layout  # what rolls out; where
+        # resource_pools with a critic pool: the critic scores, trains and saves there (self.critic None)
+        self.remote_critic = self.models.remote if self.models.remote is not None and \
+            "critic" in self.models.remote.roles else None
         self.gen.keep_log_probs = keeps_log_probs(args.rollout_log_probs, self.models.decoder)
         self.data = load_ppo_data(args, self.ctx, self.tokenizer, self.layout.split_ranks,
                                   self.layout.merge_for_rollout)
@@ -102,16 +105,12 @@ class PPOTrainer:
     def _build_optimizers(self):
         args = self.args
         optimizer_steps = self.total_steps * args.update_iters * self.steps_per_update
-        common = dict(beta1=args.adam_beta1, beta2=args.adam_beta2, epsilon=args.adam_epsilon,
-                      max_grad_norm=args.max_grad_norm)
-        self.actor_opt, self.actor_sched = build_optimizer(
-            self.actor, args.learning_rate, args.weight_decay, optimizer_steps, scheduler_type=args.lr_scheduler_type,
-            warmup_ratio=args.warmup_ratio, warmup_steps=args.warmup_steps, **common)
+        self.actor_opt, self.actor_sched = ppo_steps.role_optimizer(args, "actor", self.actor, optimizer_steps)
         self.actor_train, self.actor_opt = parallel.wrap_for_training(self.actor, self.actor_opt, args.sharding)
-        if self.uses_critic:
-            self.critic_opt, self.critic_sched = build_optimizer(
-                self.critic, args.critic_learning_rate, args.critic_weight_decay, optimizer_steps,
-                scheduler_type=args.critic_lr_scheduler_type, warmup_ratio=args.critic_warmup_ratio, **common)
+        if self.remote_critic is not None:  # the critic's pool builds its optimizer for as many steps
+            self.remote_critic.start_critic(optimizer_steps)
+        elif self.uses_critic:
+            self.critic_opt, self.critic_sched = ppo_steps.role_optimizer(args, "critic", self.critic, optimizer_steps)
             self.critic_train, self.critic_opt = parallel.wrap_for_training(self.critic, self.critic_opt,
                                                                             args.sharding)
 
@@ -119,7 +118,7 @@ class PPOTrainer:
         optimizers = {"actor": parallel.inner_optimizer(self.actor_opt)}
         # the training models leave during generation when copies decode (else the actor decodes)
         trained = {"actor": self.actor} if self.layout.separate_rollout else {}
-        if self.uses_critic:
+        if self.critic is not None:
             optimizers["critic"] = parallel.inner_optimizer(self.critic_opt)
             trained["critic"] = self.critic
         return PhaseOffload(parse_offload_level(self.args.offload_level), self.args.offload_dir,
@@ -244,6 +243,8 @@ class PPOTrainer:
         # its own longest row (the pipeline schedule needs one shape for all micro-batches)
         packs = args.length_buckets and not self.layout.pipeline
         lengths = exp.attention_mask.astype("int64").sum(axis=1).numpy()
+        row_tokens = exp.action_mask.sum(axis=1).numpy()
+        plan = []  # each optimizer step's micro-batches (rows of exp) and their weights
         for _ in range(args.update_iters):
             order = self.shuffle_rng.permutation(exp.batch_size) if args.shuffle_minibatches \
                 else np.arange(exp.batch_size)
@@ -251,16 +252,22 @@ class PPOTrainer:
                 rows = order[s * mb * accum:(s + 1) * mb * accum]
                 # (a fixed number of them when ptx batches are mixed in: one per actor micro-batch)
                 cut = step_micro_batches(rows, lengths if packs else None, mb, accum, free=self.data.ptx is None)
-                micro = [exp.select(r) for r in cut]
-                micro = [m.packed() for m in micro] if packs else micro
                 # the token-mean over the whole optimizer step (every micro-batch and data rank)
-                tokens = [float(m.action_mask.sum()) for m in micro]
-                weights = token_mean_weights(tokens, parallel.sum_over_data(sum(tokens)), self.ctx.data_world)
-                for k, v in self.actor_step(micro, weights, step).items():
+                tokens = [float(row_tokens[r].sum()) for r in cut]
+                plan.append((cut, token_mean_weights(tokens, parallel.sum_over_data(sum(tokens)),
+                                                     self.ctx.data_world)))
+        if self.remote_critic is not None:  # the critic's pool takes the same steps while the actor's are taken
+            self.remote_critic.update_critic(exp, plan, packs, step)
+        for cut, weights in plan:
+            micro = [exp.select(r) for r in cut]
+            micro = [m.packed() for m in micro] if packs else micro
+            for k, v in self.actor_step(micro, weights, step).items():
+                stats.setdefault(k, []).append(v)
+            if self.critic is not None:
+                for k, v in self.critic_step(micro, weights, step).items():
                     stats.setdefault(k, []).append(v)
-                if self.uses_critic:
-                    for k, v in self.critic_step(micro, weights, step).items():
-                        stats.setdefault(k, []).append(v)
+        if self.remote_critic is not None:
+            stats.update(self.remote_critic.critic_stats())
         return {k: parallel.mean_over_data(float(np.mean(v))) for k, v in stats.items()}
 
     def actor_step(self, micro: list[Experience], weights: list[float], step: int) -> dict:
@@ -289,12 +296,10 @@ class PPOTrainer:
 
     def _step(self, optimizer, scheduler, model, step: int, **losses) -> float:
         """Clip and apply the accumulated gradients, unless a loss or the gradient norm is not finite."""
-        norm = global_grad_norm(model.parameters(), optimizer)
-        if self.guard.ok(step, grad_norm=norm, **losses):
-            self.precision.step(optimizer)
+        norm, applied = ppo_steps.apply_gradients(optimizer, scheduler, model, self.precision, self.guard, step,
+                                                  **losses)
+        if applied:
             self.weights.changed()
-        clear_grad(optimizer)  # frees the gradients until the next backward
-        scheduler.step()
         return norm
 
     def rollout_stats(self, exp: Experience) -> dict:
@@ -328,7 +333,7 @@ class PPOTrainer:
 
     def _models_and_optimizers(self):
         models, optimizers = {"policy": self.actor}, {"actor": self.actor_opt}
-        if self.uses_critic:
+        if self.critic is not None:
             models["value"], optimizers["critic"] = self.critic, self.critic_opt
         return models, optimizers
 
@@ -340,6 +345,8 @@ class PPOTrainer:
         if self.data.ptx is not None:
             self.data.ptx.step = int(state["extra"]["ptx_step"])
         self.shuffle_rng.bit_generator.state = rng_extra["shuffle_rng"]
+        if self.remote_critic is not None:  # value/ and the critic's optimizer states, on its pool
+            self.remote_critic.resume_critic(folder)
         print(f"resumed from {folder} at PPO step {self.start_step}")
 
     def save_checkpoint(self, step: int) -> None:
@@ -353,7 +360,8 @@ class PPOTrainer:
             os.path.join(self.args.output_dir, f"checkpoint-{step}"), self.ctx, models, self.tokenizer, optimizers,
             {"global_step": step, "epoch": self.data.prompt_sampler.epoch_of(step), "stage": "ppo",
              "args": vars(self.args), "extra": extra},
-            rng_extra={"shuffle_rng": self.shuffle_rng.bit_generator.state})
+            rng_extra={"shuffle_rng": self.shuffle_rng.bit_generator.state},
+            remote=self.remote_critic.save_critic if self.remote_critic is not None else None)
         if self.ctx.is_main:
             checkpoint.rotate(self.args.output_dir, self.args.save_total_limit)
 
@@ -363,3 +371,5 @@ class PPOTrainer:
         state = {"global_step": step, "stage": "ppo", "kl_coeff": float(self.kl_ctl.value), "args": vars(self.args)}
         for sub, model in self._models_and_optimizers()[0].items():
             checkpoint.save_final_model(model, self.tokenizer, os.path.join(target, sub), state)
+        if self.remote_critic is not None:
+            self.remote_critic.save_final_critic(os.path.join(target, "value"), state)
