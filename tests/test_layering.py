@@ -52,7 +52,7 @@ LAYERS = [
     ["ppo.models.loading"],
     ["ppo.models"],
     # the distributed layer: the only modules that touch fleet and process groups
-    ["ppo.distributed.cpu_fleet", "ppo.distributed.pools"],
+    ["ppo.distributed.cpu_fleet", "ppo.distributed.pools", "ppo.distributed.transfer"],
     ["ppo.distributed.parallel"],
     ["ppo.distributed.pipeline", "ppo.distributed.offload", "ppo.distributed.vocab"],
     # storage: the output folder's lock and refusal, checkpoint folders, the graceful stop, checkpoints
@@ -60,7 +60,7 @@ LAYERS = [
     ["ppo.storage.graceful"],
     ["ppo.storage.checkpoint"],
     # rollout: the lean decode path, the fused GPU model, generation and scoring -> Experience
-    ["ppo.rollout.inference"],
+    ["ppo.rollout.inference", "ppo.rollout.sampling"],
     ["ppo.rollout.fused", "ppo.rollout.collect"],
     # what every stage's loop uses: entry plumbing, optimizer, numeric guard; the single-model loop
     ["ppo.stages.entry", "ppo.stages.optim", "ppo.stages.guard"],
@@ -68,7 +68,7 @@ LAYERS = [
     # the PPO stage: models in their layout, one update step, scoring, evaluation; then its data
     ["ppo.stages.ppo.pools"],
     ["ppo.stages.ppo.roles", "ppo.stages.ppo.steps", "ppo.stages.ppo.scoring"],
-    ["ppo.stages.ppo.evaluation"],
+    ["ppo.stages.ppo.evaluation", "ppo.stages.ppo.serving"],
     ["ppo.stages.ppo.data"],
     # the loops
     # the DPO stage: its objective and reference modes
@@ -101,7 +101,7 @@ LOCAL_IMPORT_ALLOWED: dict = {}
 # Private attributes of fleet's wrappers (model, optimizer, pipeline schedule) and the hybrid group.
 FLEET_PRIVATE = {"_layers", "_layer", "_inner_opt", "_optim", "_loss_fn", "_prepare_training", "hcg"}
 DISTRIBUTED = {"ppo/distributed/parallel.py", "ppo/distributed/pipeline.py", "ppo/distributed/cpu_fleet.py",
-               "ppo/distributed/vocab.py", "ppo/distributed/pools.py"}
+               "ppo/distributed/vocab.py", "ppo/distributed/pools.py", "ppo/distributed/transfer.py"}
 MAX_LINES = 500  # no library module longer
 # Files whose fleet-private code is being moved into ppo/distributed/pipeline.py (the pipeline pass of the PPO
 # trainer); empty this set once it has moved.

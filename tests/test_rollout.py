@@ -6,16 +6,8 @@ import pytest
 from paddlenlp.transformers import LlamaForCausalLM
 
 from ppo.models import position_ids_from_mask
-from ppo.rollout.collect import (
-    GenerationConfig,
-    action_mask_of,
-    apply_repetition_penalty,
-    forward_log_probs,
-    generate,
-    retokenize,
-    top_k_filter,
-    top_p_filter,
-)
+from ppo.rollout.collect import action_mask_of, forward_log_probs, generate, retokenize
+from ppo.rollout.sampling import GenerationConfig, apply_repetition_penalty, top_k_filter, top_p_filter
 
 
 def np_top_p_keep(row, p):

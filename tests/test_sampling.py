@@ -11,7 +11,8 @@ import numpy as np
 import paddle
 import pytest
 
-from ppo.rollout.collect import GenerationConfig, generate, next_token
+from ppo.rollout.collect import generate
+from ppo.rollout.sampling import GenerationConfig, next_token
 
 N = 50_000  # draws per case: one row repeated, so one multinomial call
 LOGITS = np.array([2.0, 1.6, 1.3, 0.9, 0.4, 0.0, -0.6, -1.5])

@@ -187,33 +187,6 @@ def rollout_group(merge_tensor_parallel: bool):
     return _ROLLOUT_GROUPS[merge_tensor_parallel]
 
 
-def gather_rows(arrays: dict, group) -> dict:
-    """Concatenate each array of ``arrays`` (numpy, rows first) over ``group`` in rank order.
-
-    Arrays of rank >= 2 are padded on axis 1 to the longest over the group (with the value given
-    as ``arrays['_pad'][name]``, default 0) before gathering.
-    """
-    pads = arrays.get("_pad", {})
-    arrays = {name: np.asarray(a) for name, a in arrays.items() if name != "_pad"}
-    # the longest axis 1 of every array over the group, in one gather
-    local = np.array([a.shape[1] if a.ndim >= 2 else 0 for a in arrays.values()], dtype=np.int64)
-    gathered = []
-    dist.all_gather(gathered, paddle.to_tensor(local), group=group)
-    widths = np.max([g.numpy() for g in gathered], axis=0)
-    out = {}
-    for (name, a), width in zip(arrays.items(), widths):
-        dtype = a.dtype
-        work = a.astype(np.int64) if dtype == np.bool_ else a
-        if work.ndim >= 2 and work.shape[1] < width:
-            pad = [(0, 0)] * work.ndim
-            pad[1] = (0, int(width) - work.shape[1])
-            work = np.pad(work, pad, constant_values=pads.get(name, 0))
-        parts = []
-        dist.all_gather(parts, paddle.to_tensor(work), group=group)
-        out[name] = np.concatenate([p.numpy() for p in parts]).astype(dtype)
-    return out
-
-
 def pipeline_sum(values) -> list:
     """Element-wise sum of a list of floats over the pipeline stages (identity without pipeline)."""
     if _CONTEXT.pp_degree <= 1:
@@ -474,7 +447,6 @@ def broadcast_model_parallel(tensor):
         dist.broadcast(tensor, src=_CONTEXT.hcg.get_model_parallel_group_src_rank(),
                        group=_CONTEXT.hcg.get_model_parallel_group())
     return tensor
-
 
 
 def broadcast_from_first_rollout_rank(values, with_pipeline: bool) -> np.ndarray:

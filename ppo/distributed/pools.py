@@ -8,8 +8,8 @@ How the ranks are organised:
   rank 0, so its topology ranks are the world ranks);
 * a frozen role's pool has one rank per data rank of the actor's pool: data rank ``d``'s first
   rank (its tensor-parallel rank 0) sends its sequences to rank ``d`` of each such pool and
-  receives the log-probs / scores back, through point-to-point sends over the world's process
-  group (gloo on CPU, NCCL on GPU), never through files (:func:`send_arrays`, :func:`recv_arrays`).
+  receives the log-probs / scores back, through point-to-point sends over a two-rank process
+  group (gloo on CPU, NCCL on GPU), never through files (``ppo.distributed.transfer``).
 
 What a pool's rank computes lives with the PPO stage (``ppo.stages.ppo.pools``).
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 
-import numpy as np
 import paddle
 import paddle.distributed as dist
 
@@ -96,47 +95,8 @@ def data_rank_leaders(topology, size: int, sharding_degree: int) -> tuple:
     return tuple(leaders[d] for d in sorted(leaders))
 
 
-# -------------------------------------------------------------------------------- moving arrays
-
-_DTYPES = {0: np.int64, 1: np.float32, 2: np.float64}
-_HEADER = 33  # int64 words: count, then per array its dtype code, ndim and 2 dims (up to 8 arrays)
-
-
-def send_arrays(arrays: list, dst: int, group) -> None:
-    """Send numpy arrays (int64 / float32 / float64, rank <= 2, at most 8) to world rank ``dst`` over
-    ``group`` (the two ranks' link): a fixed-size header with their dtypes and shapes, then each
-    array (``recv_arrays`` there)."""
-    header = [len(arrays)]
-    for a in arrays:
-        code = next(c for c, t in _DTYPES.items() if np.dtype(t) == a.dtype)
-        header += [code, a.ndim, *a.shape, *([0] * (2 - a.ndim))]
-    assert len(header) <= _HEADER, "too many arrays for one message"
-    dist.send(paddle.to_tensor(np.array(header + [0] * (_HEADER - len(header)), dtype=np.int64)), dst=dst,
-              group=group)
-    for a in arrays:
-        dist.send(paddle.to_tensor(np.ascontiguousarray(a)), dst=dst, group=group)
-
-
-def recv_arrays(src: int, group) -> list:
-    """The arrays ``send_arrays`` sent from world rank ``src`` over ``group``."""
-    header = paddle.zeros([_HEADER], dtype="int64")
-    dist.recv(header, src=src, group=group)
-    h = header.numpy().tolist()
-    out, at = [], 1
-    for _ in range(h[0]):
-        dtype, ndim, dims = _DTYPES[h[at]], h[at + 1], h[at + 2:at + 4]
-        at += 4
-        t = paddle.zeros([int(d) for d in dims[:ndim]], dtype=np.dtype(dtype).name)
-        dist.recv(t, src=src, group=group)
-        out.append(t.numpy())
-    return out
-
-
-def text_array(text: str) -> np.ndarray:
-    """A string as an int64 array for ``send_arrays``: a 0, then its UTF-8 bytes (never empty)."""
-    return np.concatenate([[0], np.frombuffer(text.encode("utf-8"), dtype=np.uint8)]).astype(np.int64)
-
-
-def array_text(array) -> str:
-    """The string of ``text_array``."""
-    return np.asarray(array[1:], dtype=np.uint8).tobytes().decode("utf-8")
+def data_parallel(model, group):
+    """``model`` trained data parallel over ``group`` (a critic's pool): gradients averaged over it,
+    its first rank's parameters broadcast over it at the start."""
+    with parameters_synced_over(group):
+        return paddle.DataParallel(model, group=group)

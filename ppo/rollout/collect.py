@@ -1,9 +1,9 @@
 """Rollout: generate responses with the actor, score them with every model -> ``Experience``.
 
 Generation is an explicit KV-cache decode loop (not paddlenlp's ``generate``) so that sampling
-follows exactly the processors below (repetition penalty -> temperature -> top-k -> top-p), the
-same temperature is applied when the trainer recomputes log-probs, and an EOS the model generates
-is kept as the last action of its response even when pad == eos.
+follows exactly the processors of ``ppo.rollout.sampling`` (repetition penalty -> temperature ->
+top-k -> top-p), the same temperature is applied when the trainer recomputes log-probs, and an EOS
+the model generates is kept as the last action of its response even when pad == eos.
 """
 
 from __future__ import annotations
@@ -15,80 +15,15 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from ppo.distributed import parallel, vocab
+from ppo.distributed import parallel, transfer, vocab
 from ppo.core.algorithms import entropy_from_logits, gather_log_probs, log_probs_and_entropy
 from ppo.rollout.decoding import RolloutDecoder, current_weights
 from ppo.data.tokenizer_utils import decode_without_special, encode_scored_text
 from ppo.core.experience import Experience, real_spans, shift_left
 from ppo.rollout.inference import InferenceModel
+from ppo.rollout.sampling import GenerationConfig, next_token
 from ppo.models import cpu_gemm, position_ids_from_mask
 from ppo.distributed.parallel import unwrap
-
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = 128
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    num_return_sequences: int = 1
-    micro_batch_size: int = 0       # rows generated at a time, grouped by prompt length (0: all at once)
-    # keep each sampled token's log-prob from the decode step's logits (the actor's old log-probs
-    # without a scoring forward): the model's tempered distribution, no penalty / top-k / top-p
-    keep_log_probs: bool = False
-
-
-# ---------------------------------------------------------------------------------------------
-# Logit processors (pure): [B, V] -> [B, V]
-
-
-def apply_repetition_penalty(logits, seen_mask, penalty: float):
-    """CTRL-style penalty on tokens already in the sequence: divide positive logits, multiply negative.
-
-    logits [B, V]; seen_mask [B, V] bool (token occurs in prompt or response so far).
-    """
-    if penalty == 1.0:
-        return logits
-    penalised = paddle.where(logits > 0, logits / penalty, logits * penalty)
-    return paddle.where(seen_mask, penalised, logits)
-
-
-def top_k_filter(logits, k: int):
-    """Keep the k largest logits per row (ties at the k-th value kept); the rest -> -inf."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = paddle.topk(logits, k, axis=-1)[0][:, -1:]
-    return paddle.where(logits < kth, paddle.full_like(logits, float("-inf")), logits)
-
-
-def top_p_filter(logits, p: float):
-    """Nucleus filter: keep the smallest set of top tokens whose probability reaches p (at least one).
-
-    Implemented as a per-row threshold on the logits, so tokens tied with the last kept one stay.
-    """
-    if p >= 1.0:
-        return logits
-    sorted_logits = paddle.sort(logits, axis=-1, descending=True)
-    probs = F.softmax(sorted_logits, axis=-1)
-    # a token is dropped when the tokens ranked before it already reach p
-    drop = (paddle.cumsum(probs, axis=-1) - probs) >= p
-    threshold = paddle.where(drop, paddle.full_like(sorted_logits, float("inf")), sorted_logits).min(
-        axis=-1, keepdim=True)
-    return paddle.where(logits < threshold, paddle.full_like(logits, float("-inf")), logits)
-
-
-def next_token(logits, config: GenerationConfig, seen_mask=None):
-    """Pick the next token for each row of ``logits`` [B, V] -> [B] int64."""
-    logits = logits.astype("float32")
-    if seen_mask is not None:
-        logits = apply_repetition_penalty(logits, seen_mask, config.repetition_penalty)
-    if not config.do_sample:
-        return paddle.argmax(logits, axis=-1)
-    logits = logits / config.temperature
-    logits = top_p_filter(top_k_filter(logits, config.top_k), config.top_p)
-    return paddle.multinomial(F.softmax(logits, axis=-1), num_samples=1).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,6 +435,6 @@ def gather_experience(exp: Experience, group, pad_token_id: int) -> Experience:
     names = [f.name for f in dataclasses.fields(Experience) if isinstance(getattr(exp, f.name), paddle.Tensor)]
     arrays = {n: getattr(exp, n).numpy() for n in names}
     arrays["_pad"] = {"sequences": pad_token_id}
-    out = parallel.gather_rows(arrays, group)
+    out = transfer.gather_rows(arrays, group)
     scalars = {f.name: getattr(exp, f.name) for f in dataclasses.fields(Experience) if f.name not in out}
     return Experience(**{n: paddle.to_tensor(v) for n, v in out.items()}, **scalars)

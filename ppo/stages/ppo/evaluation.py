@@ -79,7 +79,7 @@ def evaluate_policy(step: int, echo, *, args, ctx, prompts, layout, models, gen:
     for name, parts in function_scores.items():
         values[f"function_{name}"] = np.concatenate(parts + [pad])
     if layout.split is not None:
-        values = parallel.gather_rows(values, layout.split)
+        values = transfer.gather_rows(values, layout.split)
     values = {k: parallel.all_gather_data(v) for k, v in values.items()}
     score, kl_all, length = values["score"], values["kl"], values["length"]
     keep = ~np.isnan(score)

@@ -25,10 +25,9 @@ import time
 
 import numpy as np
 import paddle
-import paddle.distributed as dist
 
 from ppo.distributed import parallel
-from ppo.distributed.pools import array_text, recv_arrays, send_arrays, text_array
+from ppo.distributed.transfer import all_messages, array_text, recv_arrays, send_arrays, text_array
 from ppo.models import check_max_length, check_model_path, freeze, load_causal_lm, load_score_model, load_tokenizer
 from ppo.rollout.collect import Models, same_vocabulary
 from ppo.core.errors import UserError
@@ -139,9 +138,7 @@ class RemoteRoles:
             status, text, *rest = recv_arrays(self.critic_peer, self._link(self.critic_peer))
             message = array_text(text) if int(status[0]) else ""
             payload = rest[0] if rest else None
-        messages = []
-        dist.all_gather_object(messages, message, group=self.ctx.group)
-        failed = next((m for m in messages if m), "")
+        failed = next((m for m in all_messages(message, self.ctx.group) if m), "")
         if failed:
             raise UserError(failed)
         return payload

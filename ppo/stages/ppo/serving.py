@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import paddle
-import paddle.distributed as dist
 
 from ppo.core.errors import UserError
 from ppo.core.experience import Experience
 from ppo.distributed import parallel
-from ppo.distributed.pools import array_text, parameters_synced_over, recv_arrays, send_arrays, text_array
+from ppo.distributed.pools import data_parallel
+from ppo.distributed.transfer import array_text, mean_over, recv_arrays, send_arrays, text_array
 from ppo.models import load_score_model
 from ppo.rollout.collect import Models, critic_values, reward_end_scores, scoring_log_probs
 from ppo.stages.guard import NonFiniteGuard
@@ -51,17 +51,10 @@ class CriticOnPool:
         self.group = ctx.pool_group
         self.train_model = self.model
         if self.group is not None:  # gradients averaged over the pool's ranks (its data ranks)
-            with parameters_synced_over(self.group):
-                self.train_model = paddle.DataParallel(self.model, group=self.group)
-        self.guard = NonFiniteGuard(args.max_nonfinite_steps, "PPO (critic)", mean=self._mean)
+            self.train_model = data_parallel(self.model, self.group)
+        # a non-finite loss or gradient norm on any of the pool's ranks skips the step on all
+        self.guard = NonFiniteGuard(args.max_nonfinite_steps, "PPO (critic)", mean=lambda v: mean_over(v, self.group))
         self.optimizer = self.scheduler = None
-
-    def _mean(self, value: float) -> float:
-        if self.group is None:
-            return float(value)
-        t = paddle.to_tensor(np.array([value], dtype=np.float64))
-        dist.all_reduce(t, group=self.group)
-        return float(t.numpy()[0]) / self.ctx.pool.size
 
     def handle(self, command: int, words, arrays: list) -> list:
         """One request of the actor's pool -> the payload arrays of the answer."""

@@ -58,7 +58,8 @@ def role_optimizer(args, role: str, model, optimizer_steps: int):
                                scheduler_type=args.lr_scheduler_type, warmup_ratio=args.warmup_ratio,
                                warmup_steps=args.warmup_steps, **common)
     return build_optimizer(model, args.critic_learning_rate, args.critic_weight_decay, optimizer_steps,
-                           scheduler_type=args.critic_lr_scheduler_type, warmup_ratio=args.critic_warmup_ratio, **common)
+                           scheduler_type=args.critic_lr_scheduler_type, warmup_ratio=args.critic_warmup_ratio,
+                           **common)
 
 
 def apply_gradients(optimizer, scheduler, model, precision, guard, step: int, **losses) -> tuple:
