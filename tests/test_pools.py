@@ -1,5 +1,6 @@
-"""Resource pools (``resource_pools``): the reference and the reward model on ranks of their own equal
-the colocated run, and every impossible plan is one line before any model loads.
+"""Resource pools (``resource_pools``): the reference, the reward model, the critic and the rollout on
+ranks of their own equal the colocated run, and every impossible plan is one line before any model
+loads.
 
 The pooled runs use the settings of ``tests/test_ppo_parallel.py`` (greedy responses, a global
 batch of 8 prompts, 3 iterations of 2 optimizer steps), so they compare with the same
@@ -47,6 +48,8 @@ def test_a_plan_places_the_pools_in_order_from_rank_0():
     five = plan("actor:2,critic:1,reference:1,reward:1", 5, divisor=2)  # the critic on a rank of its own
     assert five.critic.ranks == [2] and five.remote_roles() == ("critic", "reference", "reward")
     assert plan("actor:2,critic+reward:2", 4).critic.roles == ("critic", "reward")
+    rolled = plan("actor:2,rollout+reference:1", 3, divisor=2)
+    assert rolled.rollout.ranks == [2] and rolled.critic is None and plan("actor+rollout:2,reward:2", 4).rollout is None
 
 
 @pytest.mark.parametrize("text, world, kw, words", [
@@ -61,6 +64,8 @@ def test_a_plan_places_the_pools_in_order_from_rank_0():
     ("actor:1,reference:1", 2, {"merged_rollout": True}, "eval_mode 'single'"),
     ("actor:1,critic:1", 2, {"uses_critic": False}, "only adv_estimator 'gae' trains a critic"),
     ("actor:2,critic:1", 3, {}, "one rank per data rank"),               # DP2: a critic rank per data rank
+    ("actor:2,rollout:1", 3, {}, "one rank per data rank"),
+    ("actor:1,rollout:1", 2, {"pipeline": True}, "no pipeline_parallel_degree"),
 ])
 def test_impossible_plans_are_one_line(text, world, kw, words):
     with pytest.raises(UserError, match=words) as e:
@@ -106,6 +111,9 @@ POOLED = {
     # every role on its own ranks: the critic scores and trains on its rank while the TP2 actor trains
     "tp2-critic-reference-reward": (["--tensor_parallel_degree", "2", "--resource_pools",
                                      "actor:2,critic:1,reference:1,reward:1"], 8, 5),
+    # the rollout on a rank of its own beside the reference: the TP2 actor's merged weights go there
+    "tp2-rollout-reference": (["--tensor_parallel_degree", "2", "--resource_pools", "actor:2,rollout+reference:1"],
+                              8, 3),
     # data parallel 2: the critic's pool of 2 trains data parallel, beside the frozen roles
     "dp2-shared-pool": (["--resource_pools", "actor:2,critic+reference+reward:2"], 4, 4),
     # sharding stage 1 over the actor's 2 ranks: 2 data ranks, so 2 reward ranks
@@ -135,6 +143,7 @@ def test_pooled_runs_equal_the_colocated_run(tiny_dir, single, tmp_path, layout)
     # the pools scored: every step logged when each pool scored, after the sequences were sent
     names = {"tp2-reference-reward": ("reference", "reward"), "dp2-shared-pool": ("critic_reference_reward",),
              "tp2-critic-reference-reward": ("critic", "reference", "reward"),
+             "tp2-rollout-reference": ("rollout_reference",),
              "sharding-reward-pool": ("reward",)}[layout]
     for row in two:
         for name in ("actor", *names):
@@ -145,12 +154,13 @@ def test_pooled_runs_equal_the_colocated_run(tiny_dir, single, tmp_path, layout)
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_sigterm_with_pools_checkpoints_and_resumes_exactly(tiny_dir, tmp_path, start_run):
-    """SIGTERM to the launcher of a pooled run (tensor-parallel actor; the critic and the reward model
-    on a rank of their own) inside step 2: the actor's pool writes checkpoint-2, the critic's pool
-    its value/ and optimizer states into it, and both stop (the pool's rank keeps working until
-    the actor's pool releases it); the resume, reading value/ and the critic's states back on its
-    pool, ends bit for bit where a straight pooled run ends."""
-    layout = ("--tensor_parallel_degree", "2", "--resource_pools", "actor:2,critic+reward:1")
+    """SIGTERM to the launcher of a sampled pooled run (tensor-parallel actor; the critic, the reward
+    model and the rollout on a rank of their own) inside step 2: the actor's pool writes
+    checkpoint-2, the pool its value/, the critic's optimizer states and its random state (the
+    rollout samples from it) into it, and both stop (the pool's rank keeps working until the
+    actor's pool releases it); the resume, reading them back on the pool and sending it the
+    actor's weights again, ends bit for bit where a straight pooled run ends."""
+    layout = ("--tensor_parallel_degree", "2", "--resource_pools", "actor:2,critic+reward+rollout:1")
     straight = tmp_path / "straight"
     straight_run(ppo_cmd(tiny_dir, straight, *layout), 3, straight)
     cmd = ppo_cmd(tiny_dir, tmp_path / "stopped", *layout)
@@ -206,18 +216,22 @@ def eos_dir(tiny_dir, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_a_critic_pool_takes_the_colocated_critics_steps(eos_dir, tmp_path):
-    """The critic on a pool of its own (data parallel over its 2 ranks) takes the optimizer steps
-    the colocated critic takes, from the rows, micro-batches and weights the actor's pool sends:
-    sampled responses of unequal lengths in length buckets, shuffled mini-batches, two steps of
-    two micro-batches per epoch, so a wrong row, a dropped weight or an unsynchronised gradient
-    moves the critic's numbers."""
+def test_a_critic_and_rollout_pool_trains_as_colocated(eos_dir, tmp_path):
+    """The critic and the rollout on a pool of their own (2 ranks, one per data rank), beside a
+    data-parallel actor.  The rollout's ranks sample what the colocated actor samples (each data
+    rank's random stream, the actor's weights sent after every update: stale weights change the
+    responses from step 2 on).  The critic takes the optimizer steps the colocated critic takes,
+    from the rows, micro-batches and weights the actor's pool sends: sampled responses of unequal
+    lengths in length buckets, shuffled mini-batches, two steps of two micro-batches per epoch, so
+    a wrong row, a dropped weight or an unsynchronised gradient moves the critic's numbers."""
     steps = ["--do_sample", "true", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",
              "--shuffle_minibatches", "true", "--length_buckets", "true"]
     colocated = ppo(eos_dir, tmp_path / "colocated", 4, *TEMPERATURE, *steps, nproc=2)
-    pooled = ppo(eos_dir, tmp_path / "pooled", 4, *TEMPERATURE, *steps, "--resource_pools", "actor:2,critic:2", nproc=4)
+    pooled = ppo(eos_dir, tmp_path / "pooled", 4, *TEMPERATURE, *steps, "--resource_pools", "actor:2,critic+rollout:2",
+                 nproc=4)
     assert_same_steps(colocated, pooled)
+    assert_same_eval(tmp_path / "colocated", tmp_path / "pooled")  # evaluation's own fixed samples
     assert len({r["response_length"] for r in colocated}) > 1  # sampled: the steps' lengths differ
     for sub in ("policy", "value"):
         assert_same_weights(tmp_path / "colocated" / sub, tmp_path / "pooled" / sub)
-    assert all(0 <= r["time/pool_critic_start"] <= r["time/pool_critic_end"] for r in pooled)
+    assert all(0 <= r["time/pool_critic_rollout_start"] <= r["time/pool_critic_rollout_end"] for r in pooled)

@@ -5,7 +5,8 @@ comma-separated: ``actor:2,reference:1,reward:1`` gives the actor 2 ranks (laid 
 tensor / sharding / data-parallel degrees) and the reference and the reward model one rank each;
 ``actor:2,reference+reward:1`` puts the two frozen models on one rank; ``actor:2,critic:1,...`` gives
 the critic (``gae``) ranks of its own, where it scores and trains while the actor's pool trains the
-actor.  The actor's pool comes first, from rank 0; a role that no pool names stays with the actor
+actor; ``actor:2,rollout:1,...`` generates on a copy of the actor on ranks of its own, its weights
+sent after every update.  The actor's pool comes first, from rank 0; a role that no pool names stays with the actor
 (the default, colocated layout).
 Pure: the groups and the transport are ``ppo.distributed.pools``, the roles' work
 ``ppo.stages.ppo.pools``.
@@ -17,9 +18,10 @@ from dataclasses import dataclass
 
 from ppo.core.errors import UserError, closest
 
-ROLES = ("actor", "critic", "reference", "reward")
-# a pool after the actor's holds the frozen roles (reference, reward) and / or the critic, whole
-# on each of its ranks, one rank per data rank of the actor's pool
+ROLES = ("actor", "critic", "reference", "reward", "rollout")
+# a pool after the actor's holds the frozen roles (reference, reward), the critic and / or the
+# rollout (a copy of the actor that generates), whole on each of its ranks, one rank per data rank
+# of the actor's pool; 'rollout' in the actor's pool is the default (the actor generates itself)
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,16 @@ class PoolPlan:
     @property
     def critic(self) -> Pool | None:
         """The critic's pool when it is not the actor's (None: the critic trains beside the actor)."""
-        return next((p for p in self.remote if "critic" in p.roles), None)
+        return self.pool_of_role("critic")
+
+    @property
+    def rollout(self) -> Pool | None:
+        """The rollout's pool when it is not the actor's (None: the actor generates itself)."""
+        return self.pool_of_role("rollout")
+
+    def pool_of_role(self, role: str) -> Pool | None:
+        """The pool after the actor's that holds ``role`` (None: the actor's pool holds it)."""
+        return next((p for p in self.remote if role in p.roles), None)
 
     def pool_of_rank(self, rank: int) -> Pool:
         return next(p for p in self.pools if p.first <= rank < p.first + p.size)

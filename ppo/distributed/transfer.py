@@ -82,7 +82,9 @@ def array_text(array) -> str:
 
 
 def all_messages(message: str, group) -> list:
-    """Every rank's ``message`` over ``group``, in rank order."""
+    """Every rank's ``message`` over ``group``, in rank order (a group of one rank: None)."""
+    if group is None or group.nranks <= 1:
+        return [message]
     out: list = []
     dist.all_gather_object(out, message, group=group)
     return out

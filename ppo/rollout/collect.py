@@ -257,8 +257,9 @@ class Models:
     actor_tokenizer: object
     reward_tokenizer: object | None
     decoder: object | None = None   # rollout decoder over the actor's weights (None: the actor's own forward)
-    # the roles scored on ranks of their own (resource pools): ``roles``, ``submit(sequences,
-    # attention_mask, prompt_length, fast, grouped)``, then ``results(sequences)`` -> {role: tensor}
+    # the roles on ranks of their own (resource pools): ``roles``, ``submit(sequences,
+    # attention_mask, prompt_length, fast, grouped)``, then ``results(sequences)`` -> {role: tensor};
+    # with a rollout pool (``rollout_peer``) ``generate(...)`` as generate_in_buckets
     remote: object | None = None
 
 
@@ -379,9 +380,13 @@ def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, m
     P = prompt_ids.shape[1]
     was_training = models.actor.training
     models.actor.eval()
-    sequences, attention_mask, *kept = generate_in_buckets(models.decoder or models.actor, prompt_ids, prompt_mask,
-                                                           config, tok.eos_token_id, tok.pad_token_id,
-                                                           config.keep_log_probs)
+    if models.remote is not None and models.remote.rollout_peer is not None:  # a rollout pool generates
+        sequences, attention_mask, *kept = models.remote.generate(prompt_ids, prompt_mask, config,
+                                                                  config.keep_log_probs)
+    else:
+        sequences, attention_mask, *kept = generate_in_buckets(models.decoder or models.actor, prompt_ids,
+                                                               prompt_mask, config, tok.eos_token_id,
+                                                               tok.pad_token_id, config.keep_log_probs)
     if before_scoring is not None:
         before_scoring()
     # scoring: no gradients; with the inference model in use (single-shard models) every model is

@@ -42,6 +42,9 @@ def evaluate_policy(step: int, echo, *, args, ctx, prompts, layout, models, gen:
     mean (``reward_<name>``, ``math_exact_accuracy``) is reported and its scores written per sample."""
     rng_state = paddle.get_rng_state()
     paddle.seed(args.seed + 7919)  # the same eval samples whatever the training history of the RNG
+    rollout_pool = models.remote if models.remote is not None and models.remote.rollout_peer is not None else None
+    if rollout_pool is not None:  # (resource_pools: the rollout's pool samples, and seeds the same way)
+        rollout_pool.seed_next(args.seed + 7919)
     mine, per_part = eval_indices(len(prompts), ctx, layout.split_ranks, layout.part)
     gen = GenerationConfig(**{**gen.__dict__, "num_return_sequences": 1})
     tokenizer = models.actor_tokenizer
@@ -73,6 +76,8 @@ def evaluate_policy(step: int, echo, *, args, ctx, prompts, layout, models, gen:
                 row["rewards"] = {name: float(values[i]) for name, values in per_function.items()}
         rows += new_rows
     paddle.set_rng_state(rng_state)
+    if rollout_pool is not None:
+        rollout_pool.restore_rng()
     pad = np.full(per_part - len(mine), np.nan)  # NaN marks a slot without a prompt
     values = {"score": np.concatenate(scores + [pad]), "kl": np.concatenate(kls + [pad]),
               "length": np.concatenate(lengths + [pad])}

@@ -33,7 +33,8 @@ from ppo.rollout.collect import Models, same_vocabulary
 from ppo.core.errors import UserError
 
 # commands, the first word of every message to a pool's rank
-STOP, SCORE, START, UPDATE, SAVE, RESUME, FINAL = range(7)
+STOP, SCORE, START, UPDATE, SAVE, RESUME, FINAL, GENERATE, WEIGHTS, RESTORE_RNG = range(10)
+SCORED = ("reference", "reward", "critic")  # the roles that score the sequences (pool order)
 MASK_DTYPES = ("int64", "int32", "bool", "float32")
 CRITIC_STATS = ("critic_loss", "value_clip_frac", "critic_grad_norm")  # per step, from the critic's pool
 
@@ -76,10 +77,16 @@ class RemoteRoles:
         # data rank d's first rank talks to rank d of every pool; the others get its results
         self.leader = ctx.rank == ctx.leaders[ctx.data_rank]
         self.peers = [p.first + ctx.data_rank for p in self.pools]
-        critic = ctx.plan.critic
+        self.scoring = [(p, peer, [r for r in p.roles if r in SCORED]) for p, peer in zip(self.pools, self.peers)
+                        if any(r in SCORED for r in p.roles)]
+        critic, rollout = ctx.plan.critic, ctx.plan.rollout
         self.critic_peer = critic.first + ctx.data_rank if critic is not None else None
+        self.rollout_peer = rollout.first + ctx.data_rank if rollout is not None else None
+        # the ranks with state of their own to checkpoint: the critic's, the rollout's random stream
+        self.stateful = sorted({p for p in (self.critic_peer, self.rollout_peer) if p is not None})
         self.timings: dict = {}
         self.stopped = False
+        self.next_seed = -1  # a seed for the rollout's pool to take before its next generation
 
     def _link(self, peer):
         return self.ctx.links[(self.ctx.rank, peer)]
@@ -92,7 +99,7 @@ class RemoteRoles:
             header = np.array([SCORE, prompt_length, int(fast), int(grouped),
                                MASK_DTYPES.index(str(attention_mask.dtype).split(".")[-1])], dtype=np.int64)
             ids, mask = sequences.numpy().astype(np.int64), attention_mask.numpy().astype(np.int64)
-            for peer in self.peers:
+            for _, peer, _ in self.scoring:
                 send_arrays([header, ids, mask], peer, self._link(peer))
         self.local_start = time.time()
 
@@ -102,20 +109,20 @@ class RemoteRoles:
         local_end = time.time()
         B, L = sequences.shape
         shapes = {"reference": [B, L - 1], "reward": [B], "critic": [B, L - 1]}
-        arrays = {role: np.zeros(shapes[role], np.float32) for role in self.roles}
-        spans = np.zeros([len(self.pools) + 1, 2], np.float64)
+        arrays = {role: np.zeros(shapes[role], np.float32) for _, _, roles in self.scoring for role in roles}
+        spans = np.zeros([len(self.scoring) + 1, 2], np.float64)
         spans[0] = (self.local_start, local_end)
         if self.leader:
-            for i, (pool, peer) in enumerate(zip(self.pools, self.peers)):
+            for i, (_, peer, roles) in enumerate(self.scoring):
                 *outs, span = recv_arrays(peer, self._link(peer))
-                for role, out in zip(pool.roles, outs):
+                for role, out in zip(roles, outs):
                     arrays[role] = out
                 spans[i + 1] = span
         out = {}
         for role, a in arrays.items():  # the data rank's tensor-parallel ranks get the first rank's
             out[role] = parallel.broadcast_model_parallel(paddle.to_tensor(a))
         spans = parallel.broadcast_model_parallel(paddle.to_tensor(spans)).numpy() - self.sent_at
-        self.timings = {"actor": spans[0], **{p.name: s for p, s in zip(self.pools, spans[1:])}}
+        self.timings = {"actor": spans[0], **{p.name: s for (p, _, _), s in zip(self.scoring, spans[1:])}}
         return out
 
     def metrics(self) -> dict:
@@ -126,22 +133,32 @@ class RemoteRoles:
 
     # -- the critic on its own pool ----------------------------------------------------------
 
-    def _to_critic(self, arrays: list) -> None:
+    def _to_pool(self, peer: int, arrays: list) -> None:
         if self.leader:
-            send_arrays(arrays, self.critic_peer, self._link(self.critic_peer))
+            send_arrays(arrays, peer, self._link(peer))
 
-    def _from_critic(self) -> np.ndarray | None:
-        """The critic pool's answer (its payload, or None), on every rank of the actor's pool; a
-        UserError there (a bad checkpoint, diverged training) is raised on every rank here."""
-        message, payload = "", None
+    def _from_pool(self, peer: int, payload: bool = False):
+        """The pool's answer (its first payload array, or None; ``payload``: all of them, on the
+        leader alone), on every rank of the actor's pool; a UserError there (a bad checkpoint,
+        diverged training) is raised on every rank here."""
+        message, rest = "", []
         if self.leader:
-            status, text, *rest = recv_arrays(self.critic_peer, self._link(self.critic_peer))
+            status, text, *rest = recv_arrays(peer, self._link(peer))
             message = array_text(text) if int(status[0]) else ""
-            payload = rest[0] if rest else None
+        if payload:  # (the leader alone waits for generation: its tensor-parallel ranks get a broadcast)
+            if message:
+                raise UserError(message)
+            return rest
         failed = next((m for m in all_messages(message, self.ctx.group) if m), "")
         if failed:
             raise UserError(failed)
-        return payload
+        return rest[0] if rest else None
+
+    def _to_critic(self, arrays: list) -> None:
+        self._to_pool(self.critic_peer, arrays)
+
+    def _from_critic(self):
+        return self._from_pool(self.critic_peer)
 
     def start_critic(self, optimizer_steps: int) -> None:
         """The critic's optimizer and schedule, for ``optimizer_steps`` steps."""
@@ -166,14 +183,63 @@ class RemoteRoles:
             stats if stats is not None else np.zeros([self.critic_steps, len(CRITIC_STATS)], np.float64)))
         return {k: [float(x) for x in steps.numpy()[:, i]] for i, k in enumerate(CRITIC_STATS)}
 
-    def save_critic(self, tmp: str) -> None:
-        """value/ and the critic ranks' optimizer states into the unfinished checkpoint ``tmp``."""
-        self._to_critic([np.array([SAVE], dtype=np.int64), text_array(tmp)])
-        self._from_critic()
+    def save_state(self, tmp: str) -> None:
+        """Into the unfinished checkpoint ``tmp``: value/ and the critic ranks' optimizer states, the
+        rollout ranks' random states (the pools with state of their own)."""
+        for peer in self.stateful:
+            self._to_pool(peer, [np.array([SAVE], dtype=np.int64), text_array(tmp)])
+        for peer in self.stateful:
+            self._from_pool(peer)
 
-    def resume_critic(self, folder: str) -> None:
-        self._to_critic([np.array([RESUME], dtype=np.int64), text_array(folder)])
-        self._from_critic()
+    def resume_state(self, folder: str) -> None:
+        for peer in self.stateful:
+            self._to_pool(peer, [np.array([RESUME], dtype=np.int64), text_array(folder)])
+        for peer in self.stateful:
+            self._from_pool(peer)
+
+    # -- generation on the rollout's pool ------------------------------------------------------
+
+    def generate(self, prompt_ids, prompt_mask, config, return_log_probs: bool) -> tuple:
+        """``generate_in_buckets``' result for this data rank's prompts, from the rollout's pool:
+        (sequences, attention_mask[, response log-probs]) on every rank of the data rank."""
+        shapes = np.zeros([5], np.int64)
+        if self.leader:
+            send = [np.array([GENERATE, int(return_log_probs), self.next_seed], dtype=np.int64),
+                    text_array(json.dumps(vars(config))),
+                    prompt_ids.numpy().astype(np.int64), prompt_mask.numpy().astype(np.int64)]
+            self._to_pool(self.rollout_peer, send)
+            sequences, mask, code, *kept = self._from_pool(self.rollout_peer, payload=True)
+            self.next_seed = -1  # (seeded once: later batches continue the stream)
+            shapes[:] = [*sequences.shape, *(kept[0].shape if kept else (0, 0)), int(code[0])]
+        shapes = parallel.broadcast_model_parallel(paddle.to_tensor(shapes)).numpy()
+        if not self.leader:
+            sequences = np.zeros(shapes[:2], np.int64)
+            mask = np.zeros(shapes[:2], np.int64)
+            kept = [np.zeros(shapes[2:4], np.float32)] if return_log_probs else []
+        out = [parallel.broadcast_model_parallel(paddle.to_tensor(a)) for a in (sequences, mask, *kept)]
+        out[1] = out[1].astype(MASK_DTYPES[int(shapes[4])])
+        return tuple(out)
+
+    def seed_next(self, seed: int) -> None:
+        """The rollout's pool keeps its random state and seeds ``seed`` before its next generation
+        (evaluation's fixed samples), until ``restore_rng``."""
+        self.next_seed = seed
+
+    def restore_rng(self) -> None:
+        """The random state the rollout's pool kept at ``seed_next`` comes back (after evaluation)."""
+        self.next_seed = -1
+        self._to_pool(self.rollout_peer, [np.array([RESTORE_RNG], dtype=np.int64)])
+        self._from_pool(self.rollout_peer)
+
+    def send_weights(self, named_arrays: dict) -> None:
+        """The actor's whole weights ({name: numpy}) to the rollout's pool (after an update)."""
+        if self.leader:
+            names = list(named_arrays)
+            self._to_pool(self.rollout_peer, [np.array([WEIGHTS, len(names)], dtype=np.int64),
+                                              text_array("\n".join(names))])
+            for at in range(0, len(names), 8):  # (send_arrays carries up to 8 arrays)
+                self._to_pool(self.rollout_peer, [np.ascontiguousarray(named_arrays[n]) for n in names[at:at + 8]])
+        self._from_pool(self.rollout_peer)
 
     def save_final_critic(self, target: str, state: dict) -> None:
         """The final value model at ``target`` (written by the critic pool's first rank)."""

@@ -150,24 +150,43 @@ def critic_training_options(args, critic) -> None:
         enable_recompute(critic, args.critic_recompute_granularity)
 
 
+def sampling_seed(seed: int, data_rank: int, part: int = 0) -> int:
+    """The random stream each data rank (and each share ``part`` of a split rollout) samples its
+    responses from: the ranks of one tensor-parallel rollout model share theirs and decode alike;
+    a rollout pool's rank uses its data rank's."""
+    return seed + 1_000_003 * data_rank + 10_007 * part
+
+
 class RolloutWeights:
     """Knows whether what rolls out decodes the training weights, and makes it so.
 
-    Two things can hold a copy of the trained weights: the rollout copies (``separate_rollout``)
-    and a rollout decoder with its own weight layout (the fused GPU model).  ``changed()`` after
-    every update marks both stale; ``refresh()`` before a rollout brings them up to date (once).
+    Three things can hold a copy of the trained weights: the rollout copies (``separate_rollout``),
+    a rollout decoder with its own weight layout (the fused GPU model) and the rollout's pool
+    (``resource_pools``: its copy of the actor).  ``changed()`` after every update marks them
+    stale; ``refresh()`` before a rollout brings them up to date (once).
     """
 
     def __init__(self, models: PPOModels, before_export=None):
         self.models = models
         self.before_export = before_export  # brings offloaded training weights back first
         self.copies_stale = models.layout.separate_rollout
+        remote = models.rollout.remote
+        self.pool = remote if remote is not None and remote.rollout_peer is not None else None
+        self.pool_stale = self.pool is not None  # (a resumed run's weights are not the pool's)
 
     def changed(self) -> None:
         self.copies_stale = self.models.layout.separate_rollout
+        self.pool_stale = self.pool is not None
         self._decoder_reloads()
 
     def refresh(self) -> None:
+        if self.pool_stale:
+            if self.before_export is not None:
+                self.before_export()
+            # whole weights (merged over tensor parallel; a LoRA actor's W + scaling A@B)
+            with merged_for_export(parallel.unwrap(self.models.actor)):
+                self.pool.send_weights(pipeline.tensor_parallel_state(self.models.actor))
+            self.pool_stale = False
         if not self.copies_stale:
             return
         if self.before_export is not None:

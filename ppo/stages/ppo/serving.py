@@ -2,6 +2,8 @@
 pool until it says stop.
 
 * the frozen roles (reference, reward model) score the sequences they are sent;
+* the rollout, when its pool is not the actor's, generates the responses to the prompts it is
+  sent, on a copy of the actor whose weights the actor's pool sends after every update;
 * the critic, when its pool is not the actor's, scores its values, then takes the same optimizer
   steps as the colocated critic would (the actor's pool sends the rows, micro-batches and weights
   it computed for its own steps), data parallel over its pool's ranks, and writes ``value/`` and
@@ -27,13 +29,16 @@ from ppo.core.experience import Experience
 from ppo.distributed import parallel
 from ppo.distributed.pools import data_parallel
 from ppo.distributed.transfer import array_text, mean_over, recv_arrays, send_arrays, text_array
-from ppo.models import load_score_model
-from ppo.rollout.collect import Models, critic_values, reward_end_scores, scoring_log_probs
+from ppo.models import freeze, load_causal_lm, load_score_model
+from ppo.rollout.collect import Models, critic_values, generate_in_buckets, reward_end_scores, scoring_log_probs
+from ppo.rollout.decoding import WeightCopyDecoder
+from ppo.rollout.fused import rollout_decoder
+from ppo.rollout.sampling import GenerationConfig
 from ppo.stages.guard import NonFiniteGuard
 from ppo.stages.optim import Precision
 from ppo.stages.ppo import pools
 from ppo.stages.ppo import steps as ppo_steps
-from ppo.stages.ppo.roles import critic_training_options
+from ppo.stages.ppo.roles import critic_training_options, sampling_seed
 from ppo.storage import checkpoint
 from ppo.storage.finite import check_weights_finite
 
@@ -57,26 +62,29 @@ class CriticOnPool:
         self.optimizer = self.scheduler = None
 
     def handle(self, command: int, words, arrays: list) -> list:
-        """One request of the actor's pool -> the payload arrays of the answer."""
+        """A request of the actor's pool for the critic -> the payload arrays of the answer."""
         if command == pools.START:
             self.optimizer, self.scheduler = ppo_steps.role_optimizer(self.args, "critic", self.model, int(words[1]))
             return []
         if command == pools.UPDATE:
             return [self.update(words, *arrays)]
-        folder = array_text(arrays[0])
-        if command == pools.SAVE:
-            check_weights_finite({"value": self.model})
-            if self.first:
-                with parallel.alone():
-                    checkpoint.save_model(self.model, os.path.join(folder, "value"), self.tokenizer)
-            checkpoint.write_rank_state(folder, self.ctx.rank, {"critic": (self.optimizer, self.model)})
-        elif command == pools.RESUME:
-            checkpoint.load_weights(self.model, os.path.join(folder, "value"))
-            checkpoint.load_rank_state(folder, self.ctx.rank, {"critic": (self.optimizer, self.model)})
-        elif command == pools.FINAL and self.first:
+        if command == pools.FINAL and self.first:
             with parallel.alone():
-                checkpoint.save_final_model(self.model, self.tokenizer, folder, json.loads(array_text(arrays[1])))
+                checkpoint.save_final_model(self.model, self.tokenizer, array_text(arrays[0]),
+                                            json.loads(array_text(arrays[1])))
         return []
+
+    def save(self, folder: str) -> dict:
+        """value/ into the checkpoint folder (the pool's first rank) -> this rank's optimizers to save."""
+        check_weights_finite({"value": self.model})
+        if self.first:
+            with parallel.alone():
+                checkpoint.save_model(self.model, os.path.join(folder, "value"), self.tokenizer)
+        return {"critic": (self.optimizer, self.model)}
+
+    def resume(self, folder: str) -> dict:
+        checkpoint.load_weights(self.model, os.path.join(folder, "value"))
+        return {"critic": (self.optimizer, self.model)}
 
     def update(self, header, words, weights, sequences, attention_mask, action_mask, values, returns) -> np.ndarray:
         """The critic's optimizer steps of one update -> [steps, CRITIC_STATS]."""
@@ -97,11 +105,62 @@ class CriticOnPool:
         return np.array(out, dtype=np.float64).reshape(-1, len(pools.CRITIC_STATS))
 
 
+class RolloutOnPool:
+    """The rollout on a pool of its own: a whole copy of the actor that generates for one data rank
+    of the actor's pool, from that data rank's random stream; its weights come from the actor's
+    pool after every update."""
+
+    def __init__(self, args, ctx, precision: Precision, tokenizer):
+        self.tokenizer = tokenizer
+        self.model = freeze(load_causal_lm(args.actor_model_name_or_path, "actor_model_name_or_path"))
+        self.decoder = (rollout_decoder(self.model, static_decode=args.rollout_static_graph, dtype=precision.dtype)
+                        if args.use_inference_model else None)
+        self.saved_rng = None  # the training stream, while evaluation samples from its own
+
+    def handle(self, command: int, words, arrays: list, receive) -> list:
+        """A request of the actor's pool for the rollout -> the payload arrays of the answer."""
+        if command == pools.WEIGHTS:  # the names, then the arrays, 8 to a message
+            names = array_text(arrays[0]).split("\n")
+            values = []
+            while len(values) < len(names):
+                values += receive()
+            own = self.model.state_dict()
+            missing = set(own) - set(names)
+            if missing:
+                raise UserError(f"the rollout's pool got no weights for {sorted(missing)[:3]}")
+            with paddle.no_grad():
+                for name, value in zip(names, values):
+                    if name in own:  # (a LoRA actor's adapters are merged into its weights)
+                        paddle.assign(paddle.to_tensor(value).astype(own[name].dtype), output=own[name])
+            if isinstance(self.decoder, WeightCopyDecoder):
+                self.decoder.weights_changed()
+            return []
+        if command == pools.RESTORE_RNG:  # evaluation is over: the training stream continues
+            if self.saved_rng is not None:
+                paddle.set_rng_state(self.saved_rng)
+            self.saved_rng = None
+            return []
+        config = GenerationConfig(**json.loads(array_text(arrays[0])))
+        keep, seed = bool(words[1]), int(words[2])
+        if seed >= 0:  # evaluation's fixed samples, as the actor's rank seeds them when it generates itself
+            self.saved_rng = paddle.get_rng_state()
+            paddle.seed(seed)
+        with paddle.no_grad():
+            out = generate_in_buckets(self.decoder or self.model, paddle.to_tensor(arrays[1]),
+                                      paddle.to_tensor(arrays[2]), config, self.tokenizer.eos_token_id,
+                                      self.tokenizer.pad_token_id, keep)
+        sequences, mask, *kept = out
+        code = np.array([pools.MASK_DTYPES.index(str(mask.dtype).split(".")[-1])], dtype=np.int64)
+        return [sequences.numpy().astype(np.int64), mask.numpy().astype(np.int64), code,
+                *(k.astype("float32").numpy() for k in kept)]
+
+
 @dataclass
 class PoolRank:
     """What a pool's rank held (the benchmarks read it after the run)."""
     models: Models                  # its frozen roles (None where it holds none)
     critic: CriticOnPool | None     # the critic, on the critic's pool
+    rollout: RolloutOnPool | None   # the actor's copy that generates, on the rollout's pool
 
 
 def serve(args, ctx) -> PoolRank:
@@ -114,6 +173,9 @@ def serve(args, ctx) -> PoolRank:
     models = pools.load_frozen_roles(args, roles)
     pools.check_reward_statistics(args, models.reward)
     critic = CriticOnPool(args, ctx, precision, models.actor_tokenizer) if "critic" in roles else None
+    rollout = RolloutOnPool(args, ctx, precision, models.actor_tokenizer) if "rollout" in roles else None
+    # the data rank's sampling stream, as the actor's rank seeds it when it generates itself
+    paddle.seed(sampling_seed(args.seed, data_rank))
     # a stop signal reaches the actor's pool too: it checkpoints, then says stop here
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -131,7 +193,16 @@ def serve(args, ctx) -> PoolRank:
                 continue
             message, payload = "", []
             try:
-                payload = critic.handle(command, words, rows)
+                if command in (pools.SAVE, pools.RESUME):  # the critic's weights and optimizer, random states
+                    folder = array_text(rows[0])
+                    if command == pools.SAVE:
+                        checkpoint.write_rank_state(folder, ctx.rank, critic.save(folder) if critic else {})
+                    else:
+                        checkpoint.load_rank_state(folder, ctx.rank, critic.resume(folder) if critic else {})
+                elif command in (pools.GENERATE, pools.WEIGHTS, pools.RESTORE_RNG):
+                    payload = rollout.handle(command, words, rows, lambda: recv_arrays(leader, link))
+                else:
+                    payload = critic.handle(command, words, rows)
             except UserError as e:  # the actor's pool raises it on every rank
                 message = str(e)
             send_arrays([np.array([int(bool(message))], dtype=np.int64), text_array(message), *payload], leader, link)
@@ -139,7 +210,7 @@ def serve(args, ctx) -> PoolRank:
         for s, handler in previous.items():
             signal.signal(s, handler)
         precision.close()
-    return PoolRank(models=models, critic=critic)
+    return PoolRank(models=models, critic=critic, rollout=rollout)
 
 
 @paddle.no_grad()
@@ -150,7 +221,7 @@ def score(args, models: Models, critic: CriticOnPool | None, roles, words, rows)
     mask = paddle.to_tensor(rows[1]).astype(pools.MASK_DTYPES[int(words[4])])
     start = time.time()
     outs = []
-    for role in roles:
+    for role in (r for r in roles if r in pools.SCORED):
         if role == "reference":
             out = scoring_log_probs(models.reference, ids, mask, args.temperature, fast, grouped)
         elif role == "reward":

@@ -39,7 +39,7 @@ from ppo.core.experience import Experience
 from ppo.distributed.offload import PhaseOffload, parse_offload_level
 from ppo.stages.ppo.data import load_ppo_data
 from ppo.stages.ppo.evaluation import evaluate_policy, prompt_batch
-from ppo.stages.ppo.roles import RolloutWeights, build_ppo_models
+from ppo.stages.ppo.roles import RolloutWeights, build_ppo_models, sampling_seed
 from ppo.core.batching import step_micro_batches, token_mean_weights
 from ppo.storage.checkpoint import start_or_resume
 from ppo.stages.entry import prepare_output_dir, set_seed
@@ -91,12 +91,10 @@ class PPOTrainer:
         self.guard = NonFiniteGuard(args.max_nonfinite_steps, "PPO")
         self.timer = Timer()
         self.shuffle_rng = np.random.default_rng([args.seed, self.ctx.data_rank])
-        stream = 1_000_003 * self.ctx.data_rank + 10_007 * self.layout.part
         # each data rank (and each share of a split rollout) samples its responses from its own
-        # random stream; the ranks of one tensor-parallel rollout model share theirs and decode
-        # identically.  Seeded after the models are built, so that the stream does not depend on
-        # which models this rank built (with resource_pools the frozen ones live elsewhere)
-        paddle.seed(args.seed + stream)
+        # random stream (roles.sampling_seed), seeded after the models are built, so that the
+        # stream does not depend on which models this rank built (resource_pools)
+        paddle.seed(sampling_seed(args.seed, self.ctx.data_rank, self.layout.part))
         self.start_step = 0
         folder = start_or_resume(args, self.ctx, "ppo")
         if folder:
@@ -345,8 +343,8 @@ class PPOTrainer:
         if self.data.ptx is not None:
             self.data.ptx.step = int(state["extra"]["ptx_step"])
         self.shuffle_rng.bit_generator.state = rng_extra["shuffle_rng"]
-        if self.remote_critic is not None:  # value/ and the critic's optimizer states, on its pool
-            self.remote_critic.resume_critic(folder)
+        if self.models.remote is not None:  # value/, the critic's optimizer and the rollout's random states
+            self.models.remote.resume_state(folder)
         print(f"resumed from {folder} at PPO step {self.start_step}")
 
     def save_checkpoint(self, step: int) -> None:
@@ -361,7 +359,7 @@ class PPOTrainer:
             {"global_step": step, "epoch": self.data.prompt_sampler.epoch_of(step), "stage": "ppo",
              "args": vars(self.args), "extra": extra},
             rng_extra={"shuffle_rng": self.shuffle_rng.bit_generator.state},
-            remote=self.remote_critic.save_critic if self.remote_critic is not None else None)
+            remote=self.models.remote.save_state if self.models.remote is not None else None)
         if self.ctx.is_main:
             checkpoint.rotate(self.args.output_dir, self.args.save_total_limit)
 
