@@ -90,14 +90,15 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
                          ("", "single", "tensor_parallel"))
     resource_pools: str = arg("", "Roles on ranks of their own in one launch, comma-separated ROLE[+ROLE...]:RANKS, "
                                   "the actor's pool first (from rank 0), e.g. 'actor:2,critic:1,reference:1,reward:1' "
-                                  "or 'actor:2,reference+reward:1' with tensor_parallel_degree 2 (one data rank), "
+                                  "or 'actor:2,rollout+reference:1' with tensor_parallel_degree 2 (one data rank), "
                                   "'actor:2,critic+reference+reward:2' with data parallel 2. The actor's pool is laid "
                                   "out by tensor_parallel_degree / sharding_parallel_degree (data parallel takes the "
                                   "rest of it); every other pool has one rank per data rank of the actor's pool and "
                                   "scores at the same time as the actor's pool scores the rest; a critic on a pool "
-                                  "of its own (gae) also trains there while the actor trains. A role no pool names "
-                                  "stays with the actor. The counts add up to the launch's ranks. Empty: every role "
-                                  "on every rank (docs/parallelism.md).")
+                                  "of its own (gae) also trains there while the actor trains; a rollout pool "
+                                  "generates on a copy of the actor, its weights sent after every update. A role no "
+                                  "pool names stays with the actor. The counts add up to the launch's ranks. Empty: "
+                                  "every role on every rank (docs/parallelism.md).")
     # algorithm
     kl_coeff: float = arg(0.02, "KL coefficient (initial value when adaptive_kl).", ge=0)
     kl_estimator: str = arg("k1", "Per-token KL estimator.", ("k1", "k2", "k3"))
