@@ -70,6 +70,9 @@ LAYOUTS = {
     # every role on ranks of its own: the critic scores and trains on its rank
     "tp2_pools_critic_reference_reward": (5, ["--tensor_parallel_degree", "2", "--resource_pools",
                                               "actor:2,critic:1,reference:1,reward:1"], 1),
+    # generation on a rank of its own too (the actor's weights sent there after every update)
+    "tp2_pools_rollout_critic_reference_reward": (6, ["--tensor_parallel_degree", "2", "--resource_pools",
+                                                      "actor:2,rollout:1,critic:1,reference:1,reward:1"], 1),
 }
 
 
@@ -110,12 +113,12 @@ def worker(argv):
     if ctx.serves:  # a rank of another role's pool: its models only (and the critic's optimizer)
         held = serve(args, ctx)
         frozen = [p for m in (held.models.reference, held.models.reward) if m is not None for p in m.parameters()]
-        critic = held.critic
+        critic, copy = held.critic, held.rollout
         figures = {"rank": ctx.rank, "pool": ctx.pool.name, "peak_rss_mb": round(status_kb("VmHWM") / 1024, 1),
                    "parameter_mb": round(tensor_mb(list(critic.model.parameters())), 2) if critic else 0.0,
                    "frozen_parameter_mb": round(tensor_mb(frozen), 2),
                    "optimizer_state_mb": round(tensor_mb(optimizer_state(critic.optimizer)), 2) if critic else 0.0,
-                   "rollout_copy_mb": 0.0}
+                   "rollout_copy_mb": round(tensor_mb(list(copy.model.parameters())), 2) if copy else 0.0}
         with open(os.path.join(args.output_dir, f"figures.rank{ctx.rank}.json"), "w") as f:
             json.dump(figures, f)
         return

@@ -107,7 +107,6 @@ def test_a_bad_plan_stops_every_rank_with_one_line_before_loading(tiny_dir, tmp_
 TEMPERATURE = ["--temperature", "0.8"]
 POOLED = {
     # name: (arguments, per-device prompt batch for the global batch of 8, ranks)
-    "tp2-reference-reward": (["--tensor_parallel_degree", "2", "--resource_pools", "actor:2,reference:1,reward:1"], 8, 4),
     # every role on its own ranks: the critic scores and trains on its rank while the TP2 actor trains
     "tp2-critic-reference-reward": (["--tensor_parallel_degree", "2", "--resource_pools",
                                      "actor:2,critic:1,reference:1,reward:1"], 8, 5),
@@ -141,7 +140,7 @@ def test_pooled_runs_equal_the_colocated_run(tiny_dir, single, tmp_path, layout)
     for sub in ("policy", "value"):
         assert_same_weights(one_dir / sub, two_dir / sub)
     # the pools scored: every step logged when each pool scored, after the sequences were sent
-    names = {"tp2-reference-reward": ("reference", "reward"), "dp2-shared-pool": ("critic_reference_reward",),
+    names = {"dp2-shared-pool": ("critic_reference_reward",),
              "tp2-critic-reference-reward": ("critic", "reference", "reward"),
              "tp2-rollout-reference": ("rollout_reference",),
              "sharding-reward-pool": ("reward",)}[layout]
