@@ -464,6 +464,9 @@ RAW_READS = {
     "ppo/rewards/remote.py:urlopen": "the reward endpoint's answers: tests/test_reward_server.py",
     "ppo/rewards/remote.py:json.loads": "the reward endpoint's answers: tests/test_reward_server.py",
     "rm/server.py:json.loads": "the reward server's requests: tests/test_reward_service.py (BAD_BODIES and the refusals)",
+    "ppo/stages/ppo/serving.py:json.loads": "a resource pool's messages from the actor's pool of the same launch "
+                                            "(the generation settings, the final model's state): written by this "
+                                            "toolkit's ppo/stages/ppo/pools.py, never a file",
     "ppo/tiny/evaluate.py:open": "the demo's own evaluation files",
     "ppo/tiny/evaluate.py:json.loads": "the demo's own evaluation files",
     "ppo/tiny/pipeline.py:open": "the demo reads the metrics its own runs wrote",
