@@ -101,6 +101,31 @@ def test_damaged_checkpoint_is_detected_kept_and_skipped(kind, tiny_dir, finishe
     assert [n for n, _ in list_checkpoints(str(out))] == [1, 2]
 
 
+def test_auto_without_an_intact_checkpoint_keeps_the_folder(tiny_dir, finished, tmp_path):
+    """Every checkpoint damaged: 'auto' has nothing to resume, and a fresh start would write over
+    the damaged checkpoints (the warning says they are left in place) and the finished model; one
+    line, nothing touched.  A folder with only the metrics of a run that never saved (a job
+    restarted before its first checkpoint) starts afresh under 'auto', as before."""
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    for n in (1, 2):
+        flip_byte(str(out / f"checkpoint-{n}" / "optimizer.rank0.safetensors"))
+    before = snapshot(out)
+    with pytest.raises(UserError, match=r"'auto' found no intact checkpoint .*\(checkpoint-1, "
+                                        "checkpoint-2, config.json") as info:
+        sft(tiny_dir, out, resume_from_checkpoint="auto")
+    assert "\n" not in str(info.value) and "--overwrite_output_dir true" in str(info.value)
+    assert snapshot(out) == before
+    # overwrite_output_dir: asked for, the earlier run's checkpoints go
+    assert sft(tiny_dir, out, resume_from_checkpoint="auto", overwrite_output_dir=True).start_step == 0
+    assert list_checkpoints(str(out)) == []
+
+    restarted = tmp_path / "restarted"
+    restarted.mkdir()
+    shutil.copy(finished / "metrics.jsonl", restarted / "metrics.jsonl")
+    assert sft(tiny_dir, restarted, resume_from_checkpoint="auto").start_step == 0
+
+
 @pytest.mark.parametrize("name,what", [("trainer_state.json", "trainer state"), ("rng.rank0.json", "random state"),
                                        ("optimizer.rank0.safetensors", "optimizer state"),
                                        ("model.safetensors", "weights")])

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from ppo.core.errors import UserError
-from ppo.core.placement import parse_pools, plan_pools
+from ppo.core.placement import canonical_pools, parse_pools, plan_pools
 from ppo.storage.checkpoint import list_checkpoints
 from test_entrypoints import run
 from test_graceful_stop import ppo_cmd, resume_and_compare, start_run, straight_run  # noqa: F401 (a fixture)
@@ -77,12 +77,22 @@ def test_impossible_plans_are_one_line(text, world, kw, words):
     ("actor", "must be ROLE"), ("actor:", "must be ROLE"), ("actor:two", "whole number"), ("actor:0", ">= 1"),
     ("actor:1,refrence:1", "unknown role 'refrence'.*reference"), ("actor:1,reward:1,reward:1", "named twice"),
     ("reward:1,actor:1", "first pool must hold the actor"),
-    ("actor+reward+reward:2", "named twice"),
+    ("actor+reward+reward:2", "named twice"), ("actor:1,,critic:1", "empty entry"),
+    ("actor:1,critic:1,", "empty entry"), ("actor:1,critic:+1", "whole number"),
+    ("actor:1,critic:1_0", "whole number"), ("actor:1,critic:\uff11", "whole number"),
 ])
 def test_malformed_pools_are_one_line(text, words):
     with pytest.raises(UserError, match=words) as e:
         parse_pools(text)
     assert "\n" not in str(e.value)
+
+
+def test_pools_are_recorded_one_way():
+    """A checkpoint records the layout, not its spelling: a resume with spaces or the roles of a
+    pool in another order is the same layout."""
+    assert canonical_pools(" actor:1, rollout + critic : 1") == canonical_pools("actor:1,critic+rollout:1") \
+        == "actor:1,critic+rollout:1"
+    assert canonical_pools("") == ""
 
 
 @pytest.mark.distributed
@@ -142,7 +152,7 @@ def test_pooled_runs_equal_the_colocated_run(tiny_dir, single, tmp_path, layout)
     # the pools scored: every step logged when each pool scored, after the sequences were sent
     names = {"dp2-shared-pool": ("critic_reference_reward",),
              "tp2-critic-reference-reward": ("critic", "reference", "reward"),
-             "tp2-rollout-reference": ("rollout_reference",),
+             "tp2-rollout-reference": ("reference_rollout",),
              "sharding-reward-pool": ("reward",)}[layout]
     for row in two:
         for name in ("actor", *names):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ppo.core.placement import parse_pools
+from ppo.core.placement import canonical_pools
 from ppo.args.common import (
     RECOMPUTE_GRANULARITIES,
     DataArgs,
@@ -143,7 +143,8 @@ class PPOArgs(TrainingArgs, ParallelArgs, DataArgs):
     def validate(self) -> None:
         validate_shared(self)
         validate_lora(self, "critic_lora")
-        parse_pools(self.resource_pools)  # the form; what needs the launch's size is checked at start
+        # the form (what needs the launch's size is checked at start), written one way
+        self.resource_pools = canonical_pools(self.resource_pools)
         require(self.dual_clip == 0 or self.dual_clip > 1, f"'dual_clip' must be 0 (off) or > 1, got {self.dual_clip}")
         # a rollout holds the prompt (at least one token) and the response within max_length
         require(self.max_new_tokens < self.max_length,

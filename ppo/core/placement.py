@@ -14,6 +14,7 @@ Pure: the groups and the transport are ``ppo.distributed.pools``, the roles' wor
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ppo.core.errors import UserError, closest
@@ -74,21 +75,23 @@ class PoolPlan:
 
 
 def parse_pools(text: str) -> list:
-    """``resource_pools`` -> [(roles tuple, ranks)] in the order given; a UserError (one line) for
-    anything but ``ROLE[+ROLE...]:RANKS`` entries naming each role at most once, the actor first."""
+    """``resource_pools`` -> [(roles tuple, ranks)] in the order given, each pool's roles in ``ROLES``
+    order; a UserError (one line) for anything but ``ROLE[+ROLE...]:RANKS`` entries (ASCII digits,
+    no empty entry) naming each role at most once, the actor first."""
     what = "'resource_pools'"
-    entries = [e.strip() for e in text.split(",") if e.strip()]
-    if not entries:
+    if not text.strip():
         return []
     parsed, seen = [], set()
-    for entry in entries:
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            raise UserError(f"{what} '{text}' has an empty entry (two commas, or one at an end): give "
+                            "ROLE[+ROLE...]:RANKS entries, e.g. 'actor:2,reference+reward:1'")
         roles_text, sep, count = entry.partition(":")
         if not sep or not count.strip():
             raise UserError(f"{what}: '{entry}' must be ROLE[+ROLE...]:RANKS, e.g. 'actor:2,reference+reward:1'")
-        try:
-            ranks = int(count)
-        except ValueError:
-            raise UserError(f"{what}: the rank count of '{entry}' must be a whole number >= 1, got {count!r}") from None
+        if not re.fullmatch(r"[0-9]+", count.strip()):
+            raise UserError(f"{what}: the rank count of '{entry}' must be a whole number >= 1, got {count!r}")
+        ranks = int(count)
         if ranks < 1:
             raise UserError(f"{what}: the rank count of '{entry}' must be >= 1, got {ranks}")
         roles = tuple(r.strip() for r in roles_text.split("+"))
@@ -98,10 +101,16 @@ def parse_pools(text: str) -> list:
             if role in seen:
                 raise UserError(f"{what}: role '{role}' is named twice; each role has one pool")
             seen.add(role)
-        parsed.append((roles, ranks))
+        parsed.append((tuple(sorted(roles, key=ROLES.index)), ranks))
     if "actor" not in parsed[0][0]:
         raise UserError(f"{what}: the first pool must hold the actor (it starts at rank 0), e.g. 'actor:2,reward:1'")
     return parsed
+
+
+def canonical_pools(text: str) -> str:
+    """``resource_pools`` written one way: no spaces, each pool's roles in ``ROLES`` order (what a
+    checkpoint records, so that a resume compares layouts, not spellings)."""
+    return ",".join("+".join(roles) + f":{n}" for roles, n in parse_pools(text))
 
 
 def plan_pools(text: str, world: int, data_world_of, *, pipeline: bool, merged_rollout: bool,

@@ -46,8 +46,8 @@ from ppo.models.lora import adapter_state, is_lora, merged_for_export, save_adap
 from ppo.storage.files import load_paddle_state, read_json, read_pickle, reading
 from ppo.storage.tensors import (PICKLE_WEIGHTS, SAFE_WEIGHTS, folder_state, max_shard_size, model_weight_files,
                                  read_tensors, remove_weights, save_sharded, save_tensors)
-from ppo.storage.output_dir import (check_output_dir, clear_earlier_run, drop_metrics_after, release_output_dir,  # noqa: F401
-                            take_lock)
+from ppo.storage.output_dir import (check_fresh_start_after_auto, check_output_dir, clear_earlier_run,  # noqa: F401
+                                    drop_metrics_after, release_output_dir, take_lock)
 from ppo.distributed.parallel import inner_optimizer, unwrap
 from ppo.distributed.pipeline import merged_state_dict, tensor_parallel_actions, tensor_parallel_state
 
@@ -449,17 +449,19 @@ def start_or_resume(args, ctx, stage: str) -> str | None:
     removes unfinished writes (``.tmp-*``).  The metric rows after the resumed step go once every
     file of the checkpoint has been read (``drop_metrics_logged_after``, when training starts).
     """
-    resuming, overwrite = bool(args.resume_from_checkpoint), bool(getattr(args, "overwrite_output_dir", False))
+    overwrite = bool(getattr(args, "overwrite_output_dir", False))
 
     def decide():
         folder = resolve_resume(args.resume_from_checkpoint, args.output_dir)
         step = int(load_state(folder, args, stage, ctx.world_size)["global_step"]) if folder else 0
-        take_lock(args.output_dir, check_output_dir(args.output_dir, resuming, overwrite))
+        if args.resume_from_checkpoint and folder is None and not overwrite:  # 'auto' found none intact
+            check_fresh_start_after_auto(args.output_dir)
+        take_lock(args.output_dir, check_output_dir(args.output_dir, bool(args.resume_from_checkpoint), overwrite))
         return folder, step
 
     folder, step = _main_decides(ctx, decide)
     if ctx.is_main:
-        if overwrite and not resuming:
+        if overwrite and folder is None:
             for name in clear_earlier_run(args.output_dir):
                 logger.warning("overwrite_output_dir: removed the earlier run's %s", os.path.join(args.output_dir, name))
         for name in clean_partial(args.output_dir):

@@ -93,6 +93,20 @@ def check_output_dir(path: str, resuming: bool, overwrite: bool) -> dict | None:
     return held if held and not _ours(held) else None
 
 
+def check_fresh_start_after_auto(path: str) -> None:
+    """Main rank: ``resume_from_checkpoint auto`` found no intact checkpoint in ``path``.  A fresh
+    start is right where the folder holds at most the metrics and logs of a run that never saved
+    (a job restarted before its first checkpoint), not over checkpoints (damaged ones are kept for
+    the user to look at) or final models: those need ``overwrite_output_dir``."""
+    kept = [n for n in earlier_results(path) if n not in _CLEARED_BY_OVERWRITE]
+    if kept:
+        listed = ", ".join(kept[:4]) + (", ..." if len(kept) > 4 else "")
+        raise UserError(f"resume_from_checkpoint 'auto' found no intact checkpoint in output_dir '{path}', which "
+                        f"holds another run's results ({listed}); resume from a checkpoint by its path to see what "
+                        "is wrong with it, start afresh over them with --overwrite_output_dir true, or choose "
+                        "another output_dir")
+
+
 def take_lock(path: str, stale: dict | None) -> None:
     """Main rank: hold ``path``'s lock until exit (``stale``: a dead run's lock to replace)."""
     lock = os.path.join(path, LOCK)
