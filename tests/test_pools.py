@@ -9,10 +9,8 @@ models on one rank where the colocated tensor-parallel run splits them (sums in 
 about 1e-7 relative), and one wrong row or missing score moves these numbers by 1e-2 or more.
 """
 
-import json
 import os
 
-import numpy as np
 import pytest
 
 from ppo.core.errors import UserError
@@ -20,7 +18,7 @@ from ppo.core.placement import canonical_pools, parse_pools, plan_pools
 from ppo.storage.checkpoint import list_checkpoints
 from test_entrypoints import run
 from test_graceful_stop import ppo_cmd, resume_and_compare, start_run, straight_run  # noqa: F401 (a fixture)
-from test_ppo_parallel import STEPS, assert_same_eval, assert_same_steps, assert_same_weights, ppo, train_metrics
+from test_ppo_parallel import STEPS, assert_same_eval, assert_same_steps, assert_same_weights, ppo
 
 # ----------------------------------------------------------------------------------- the plan
 

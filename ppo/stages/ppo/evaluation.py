@@ -15,7 +15,7 @@ import numpy as np
 import paddle
 
 from ppo.core import algorithms as algo
-from ppo.distributed import parallel
+from ppo.distributed import parallel, transfer
 from ppo.stages.ppo.scoring import decode_rows, score_metrics
 from ppo.rollout.collect import GenerationConfig, collect
 

@@ -21,21 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ppo.distributed import parallel, pipeline
-from ppo.core.errors import UserError
 from ppo.rollout.fused import rollout_decoder
 from ppo.models.lora import AdaptersOff, apply_lora, merged_for_export
 from ppo.models.recompute import enable_recompute
 from ppo.rollout.decoding import WeightCopyDecoder
-from ppo.models import (
-    ScoreModel,
-    check_max_length,
-    check_model_path,
-    freeze,
-    load_causal_lm,
-    load_score_model,
-    load_tokenizer,
-)
-from ppo.rollout.collect import Models, same_vocabulary
+from ppo.models import ScoreModel, freeze, load_causal_lm, load_score_model, load_tokenizer
+from ppo.rollout.collect import Models
 from ppo.stages.ppo.pools import RemoteRoles, check_critic, check_frozen_roles, check_reward_statistics, critic_path
 
 
