@@ -11,10 +11,14 @@ about 1e-7 relative), and one wrong row or missing score moves these numbers by 
 
 import os
 
+import numpy as np
 import pytest
 
 from ppo.core.errors import UserError
 from ppo.core.placement import canonical_pools, parse_pools, plan_pools
+from ppo.distributed.transfer import send_arrays
+from ppo.stages.ppo.pools import weight_array
+from ppo.storage.checkpoint import canonical_or_text
 from ppo.storage.checkpoint import list_checkpoints
 from test_entrypoints import run
 from test_graceful_stop import ppo_cmd, resume_and_compare, start_run, straight_run  # noqa: F401 (a fixture)
@@ -87,10 +91,30 @@ def test_malformed_pools_are_one_line(text, words):
 
 def test_pools_are_recorded_one_way():
     """A checkpoint records the layout, not its spelling: a resume with spaces or the roles of a
-    pool in another order is the same layout."""
+    pool in another order is the same layout (a checkpoint of an earlier version kept the spelling)."""
     assert canonical_pools(" actor:1, rollout + critic : 1") == canonical_pools("actor:1,critic+rollout:1") \
         == "actor:1,critic+rollout:1"
     assert canonical_pools("") == ""
+    assert canonical_or_text("actor:1, rollout+critic:1") == "actor:1,critic+rollout:1"
+    assert canonical_or_text("not pools") == "not pools"
+
+
+def test_weights_go_to_the_rollout_pool_as_float32_exactly():
+    """bf16 (numpy holds its bits as uint16) and fp16 weights widen to float32 without rounding;
+    any rank flattens (the rollout's copy has the shapes)."""
+    import paddle
+
+    values = np.array([[1.0, -2.5, 0.15625], [3.0e-3, 65504.0, -0.0]], dtype=np.float32)
+    bf16 = paddle.to_tensor(values).astype("bfloat16")
+    assert bf16.numpy().dtype == np.uint16
+    np.testing.assert_array_equal(weight_array(bf16.numpy()), bf16.astype("float32").numpy().reshape(-1))
+    half = values.astype(np.float16)
+    np.testing.assert_array_equal(weight_array(half), half.astype(np.float32).reshape(-1))
+    assert weight_array(np.zeros([2, 3, 4], np.float32)).shape == (24,)
+    with pytest.raises(ValueError, match="rank <= 2"):
+        send_arrays([np.zeros([2, 2, 2], np.float32)], dst=0, group=None)
+    with pytest.raises(ValueError, match="int64 / float32 / float64"):
+        send_arrays([np.zeros([2], np.float16)], dst=0, group=None)
 
 
 @pytest.mark.distributed

@@ -47,7 +47,10 @@ def send_arrays(arrays: list, dst: int, group) -> None:
     array (``recv_arrays`` there)."""
     header = [len(arrays)]
     for a in arrays:
-        code = next(c for c, t in _DTYPES.items() if np.dtype(t) == a.dtype)
+        code = next((c for c, t in _DTYPES.items() if np.dtype(t) == a.dtype), None)
+        if code is None or a.ndim > 2:
+            raise ValueError(f"send_arrays carries int64 / float32 / float64 arrays of rank <= 2, got {a.dtype} "
+                             f"of rank {a.ndim}")
         header += [code, a.ndim, *a.shape, *([0] * (2 - a.ndim))]
     assert len(header) <= _HEADER, "too many arrays for one message"
     dist.send(paddle.to_tensor(np.array(header + [0] * (_HEADER - len(header)), dtype=np.int64)), dst=dst,

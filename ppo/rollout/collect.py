@@ -262,6 +262,11 @@ class Models:
     # with a rollout pool (``rollout_peer``) ``generate(...)`` as generate_in_buckets
     remote: object | None = None
 
+    @property
+    def rollout_pool(self):
+        """The remote roles when a rollout pool generates (``remote.generate``), else None."""
+        return self.remote if self.remote is not None and self.remote.rollout_peer is not None else None
+
 
 def length_groups(lengths, overhead: int = 16) -> list:
     """Rows (indices into ``lengths`` [B]) in groups of similar length, longest first: the contiguous
@@ -380,9 +385,9 @@ def collect(models: Models, prompt_ids, prompt_mask, config: GenerationConfig, m
     P = prompt_ids.shape[1]
     was_training = models.actor.training
     models.actor.eval()
-    if models.remote is not None and models.remote.rollout_peer is not None:  # a rollout pool generates
-        sequences, attention_mask, *kept = models.remote.generate(prompt_ids, prompt_mask, config,
-                                                                  config.keep_log_probs)
+    if models.rollout_pool is not None:  # a rollout pool generates
+        sequences, attention_mask, *kept = models.rollout_pool.generate(prompt_ids, prompt_mask, config,
+                                                                        config.keep_log_probs)
     else:
         sequences, attention_mask, *kept = generate_in_buckets(models.decoder or models.actor, prompt_ids,
                                                                prompt_mask, config, tok.eos_token_id,

@@ -37,6 +37,7 @@ import paddlenlp
 import ppo
 from ppo.distributed import parallel
 from ppo.core.errors import UserError
+from ppo.core.placement import canonical_pools
 from ppo.storage.finite import check_weights_finite
 from ppo.storage.graceful import uninterruptible
 from ppo.storage.manifest import (MANIFEST, STATE, clean_partial, damage, discard, file_crc32c, finalize, is_complete,  # noqa: F401
@@ -201,11 +202,21 @@ def load_state(folder: str, args, stage: str, world_size: int) -> dict:
         raise UserError(f"checkpoint '{folder}' is from the {state.get('stage')!r} stage, not {stage!r}")
     saved = dict(state.get("args", {}), world_size=state.get("world_size"))
     current = dict(vars(args), world_size=world_size)
+    if "resource_pools" in saved:  # the layout, however the checkpoint's run spelled it
+        saved["resource_pools"] = canonical_or_text(saved["resource_pools"])
     for key in RESUME_CRITICAL:
         if key in current and key in saved and saved[key] != current[key]:
             raise UserError(f"cannot resume from '{folder}': '{key}' was {saved[key]!r} there and is "
                             f"{current[key]!r} now")
     return state
+
+
+def canonical_or_text(pools) -> object:
+    """``resource_pools`` as a run records it now (``canonical_pools``); as saved if it does not parse."""
+    try:
+        return canonical_pools(pools)
+    except (UserError, AttributeError):
+        return pools
 
 
 def load_rank_state(folder: str, rank: int, optimizers: dict) -> dict:
@@ -454,9 +465,10 @@ def start_or_resume(args, ctx, stage: str) -> str | None:
     def decide():
         folder = resolve_resume(args.resume_from_checkpoint, args.output_dir)
         step = int(load_state(folder, args, stage, ctx.world_size)["global_step"]) if folder else 0
+        stale = check_output_dir(args.output_dir, bool(args.resume_from_checkpoint), overwrite)
         if args.resume_from_checkpoint and folder is None and not overwrite:  # 'auto' found none intact
             check_fresh_start_after_auto(args.output_dir)
-        take_lock(args.output_dir, check_output_dir(args.output_dir, bool(args.resume_from_checkpoint), overwrite))
+        take_lock(args.output_dir, stale)
         return folder, step
 
     folder, step = _main_decides(ctx, decide)

@@ -42,7 +42,7 @@ def evaluate_policy(step: int, echo, *, args, ctx, prompts, layout, models, gen:
     mean (``reward_<name>``, ``math_exact_accuracy``) is reported and its scores written per sample."""
     rng_state = paddle.get_rng_state()
     paddle.seed(args.seed + 7919)  # the same eval samples whatever the training history of the RNG
-    rollout_pool = models.remote if models.remote is not None and models.remote.rollout_peer is not None else None
+    rollout_pool = models.rollout_pool
     if rollout_pool is not None:  # (resource_pools: the rollout's pool samples, and seeds the same way)
         rollout_pool.seed_next(args.seed + 7919)
     mine, per_part = eval_indices(len(prompts), ctx, layout.split_ranks, layout.part)

@@ -34,9 +34,28 @@ from ppo.core.errors import UserError
 
 # commands, the first word of every message to a pool's rank
 STOP, SCORE, START, UPDATE, SAVE, RESUME, FINAL, GENERATE, WEIGHTS, RESTORE_RNG = range(10)
-SCORED = ("reference", "reward", "critic")  # the roles that score the sequences (pool order)
+SCORED = ("reference", "reward", "critic")  # the roles that score the sequences (in a pool's roles' order)
 MASK_DTYPES = ("int64", "int32", "bool", "float32")
 CRITIC_STATS = ("critic_loss", "value_clip_frac", "critic_grad_norm")  # per step, from the critic's pool
+
+
+def mask_code(mask) -> int:
+    """An attention mask's dtype (paddle or numpy) as a word of a message (``MASK_DTYPES``)."""
+    return MASK_DTYPES.index(str(mask.dtype).split(".")[-1])
+
+
+def mask_of(array, code: int):
+    """The mask sent as int64 ``array``, back in its dtype."""
+    return paddle.to_tensor(array).astype(MASK_DTYPES[int(code)])
+
+
+def weight_array(value) -> np.ndarray:
+    """A weight for the wire: float32 (bf16, which numpy holds as uint16, and fp16 widened exactly),
+    flattened (the receiver has its shape)."""
+    a = np.asarray(value)
+    if a.dtype == np.uint16:  # bfloat16's bits: the upper half of a float32
+        a = (a.astype(np.uint32) << 16).view(np.float32)
+    return np.ascontiguousarray(a.astype(np.float32).reshape(-1))
 
 
 def encode_plan(plan) -> np.ndarray:
@@ -96,8 +115,8 @@ class RemoteRoles:
     def submit(self, sequences, attention_mask, prompt_length: int, fast: bool, grouped: bool) -> None:
         self.sent_at = time.time()
         if self.leader:
-            header = np.array([SCORE, prompt_length, int(fast), int(grouped),
-                               MASK_DTYPES.index(str(attention_mask.dtype).split(".")[-1])], dtype=np.int64)
+            header = np.array([SCORE, prompt_length, int(fast), int(grouped), mask_code(attention_mask)],
+                              dtype=np.int64)
             ids, mask = sequences.numpy().astype(np.int64), attention_mask.numpy().astype(np.int64)
             for _, peer, _ in self.scoring:
                 send_arrays([header, ids, mask], peer, self._link(peer))
@@ -114,7 +133,7 @@ class RemoteRoles:
         spans[0] = (self.local_start, local_end)
         if self.leader:
             for i, (_, peer, roles) in enumerate(self.scoring):
-                *outs, span = recv_arrays(peer, self._link(peer))
+                *outs, span = self._recv(peer)
                 for role, out in zip(roles, outs):
                     arrays[role] = out
                 spans[i + 1] = span
@@ -137,22 +156,26 @@ class RemoteRoles:
         if self.leader:
             send_arrays(arrays, peer, self._link(peer))
 
+    def _recv(self, peer: int) -> list:
+        """The next message from a pool's rank; one line when that rank is gone (its log says why)."""
+        try:
+            return recv_arrays(peer, self._link(peer))
+        except RuntimeError:
+            raise UserError(f"rank {peer} of the pools stopped while this rank waited for it: see that rank's "
+                            "log for the reason") from None
+
     def _from_pool(self, peer: int, payload: bool = False):
         """The pool's answer (its first payload array, or None; ``payload``: all of them, on the
         leader alone), on every rank of the actor's pool; a UserError there (a bad checkpoint,
         diverged training) is raised on every rank here."""
         message, rest = "", []
         if self.leader:
-            status, text, *rest = recv_arrays(peer, self._link(peer))
+            status, text, *rest = self._recv(peer)
             message = array_text(text) if int(status[0]) else ""
-        if payload:  # (the leader alone waits for generation: its tensor-parallel ranks get a broadcast)
-            if message:
-                raise UserError(message)
-            return rest
         failed = next((m for m in all_messages(message, self.ctx.group) if m), "")
         if failed:
             raise UserError(failed)
-        return rest[0] if rest else None
+        return rest if payload else (rest[0] if rest else None)
 
     def _to_critic(self, arrays: list) -> None:
         self._to_pool(self.critic_peer, arrays)
@@ -170,30 +193,31 @@ class RemoteRoles:
         micro-batches and weights (the actor's own); ``critic_stats()`` collects the result."""
         self.critic_steps = len(plan)
         words, weights = encode_plan(plan)
-        header = np.array([UPDATE, step, int(packs), exp.prompt_length,
-                           MASK_DTYPES.index(str(exp.attention_mask.dtype).split(".")[-1])], dtype=np.int64)
+        header = np.array([UPDATE, step, int(packs), exp.prompt_length, mask_code(exp.attention_mask)],
+                          dtype=np.int64)
         self._to_critic([header, words, weights, exp.sequences.numpy().astype(np.int64),
                          exp.attention_mask.numpy().astype(np.int64),
                          *(t.numpy().astype(np.float32) for t in (exp.action_mask, exp.values, exp.returns))])
 
-    def critic_stats(self) -> dict:
-        """{stat: [value per optimizer step]} of the critic's update (every rank of the data rank)."""
+    def critic_stats(self) -> tuple:
+        """({stat: [value per optimizer step]}, steps the critic's guard skipped) of the critic's
+        update (every rank of the data rank)."""
         stats = self._from_critic()
         steps = parallel.broadcast_model_parallel(paddle.to_tensor(
-            stats if stats is not None else np.zeros([self.critic_steps, len(CRITIC_STATS)], np.float64)))
-        return {k: [float(x) for x in steps.numpy()[:, i]] for i, k in enumerate(CRITIC_STATS)}
+            stats if stats is not None else np.zeros([self.critic_steps, len(CRITIC_STATS) + 1], np.float64))).numpy()
+        return {k: [float(x) for x in steps[:, i]] for i, k in enumerate(CRITIC_STATS)}, int(steps[:, -1].sum())
 
     def save_state(self, tmp: str) -> None:
         """Into the unfinished checkpoint ``tmp``: value/ and the critic ranks' optimizer states, the
         rollout ranks' random states (the pools with state of their own)."""
-        for peer in self.stateful:
-            self._to_pool(peer, [np.array([SAVE], dtype=np.int64), text_array(tmp)])
-        for peer in self.stateful:
-            self._from_pool(peer)
+        self._to_stateful(SAVE, tmp)
 
     def resume_state(self, folder: str) -> None:
+        self._to_stateful(RESUME, folder)
+
+    def _to_stateful(self, command: int, folder: str) -> None:
         for peer in self.stateful:
-            self._to_pool(peer, [np.array([RESUME], dtype=np.int64), text_array(folder)])
+            self._to_pool(peer, [np.array([command], dtype=np.int64), text_array(folder)])
         for peer in self.stateful:
             self._from_pool(peer)
 
@@ -203,13 +227,13 @@ class RemoteRoles:
         """``generate_in_buckets``' result for this data rank's prompts, from the rollout's pool:
         (sequences, attention_mask[, response log-probs]) on every rank of the data rank."""
         shapes = np.zeros([5], np.int64)
+        self._to_pool(self.rollout_peer, [np.array([GENERATE, int(return_log_probs), self.next_seed], dtype=np.int64),
+                                          text_array(json.dumps(vars(config))), prompt_ids.numpy().astype(np.int64),
+                                          prompt_mask.numpy().astype(np.int64)])
+        got = self._from_pool(self.rollout_peer, payload=True)  # (a failure there: raised on every rank)
+        self.next_seed = -1  # (seeded once: later batches continue the stream)
         if self.leader:
-            send = [np.array([GENERATE, int(return_log_probs), self.next_seed], dtype=np.int64),
-                    text_array(json.dumps(vars(config))),
-                    prompt_ids.numpy().astype(np.int64), prompt_mask.numpy().astype(np.int64)]
-            self._to_pool(self.rollout_peer, send)
-            sequences, mask, code, *kept = self._from_pool(self.rollout_peer, payload=True)
-            self.next_seed = -1  # (seeded once: later batches continue the stream)
+            sequences, mask, code, *kept = got
             shapes[:] = [*sequences.shape, *(kept[0].shape if kept else (0, 0)), int(code[0])]
         shapes = parallel.broadcast_model_parallel(paddle.to_tensor(shapes)).numpy()
         if not self.leader:
@@ -238,7 +262,7 @@ class RemoteRoles:
             self._to_pool(self.rollout_peer, [np.array([WEIGHTS, len(names)], dtype=np.int64),
                                               text_array("\n".join(names))])
             for at in range(0, len(names), 8):  # (send_arrays carries up to 8 arrays)
-                self._to_pool(self.rollout_peer, [np.ascontiguousarray(named_arrays[n]) for n in names[at:at + 8]])
+                self._to_pool(self.rollout_peer, [weight_array(named_arrays[n]) for n in names[at:at + 8]])
         self._from_pool(self.rollout_peer)
 
     def save_final_critic(self, target: str, state: dict) -> None:

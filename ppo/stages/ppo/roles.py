@@ -161,8 +161,7 @@ class RolloutWeights:
         self.models = models
         self.before_export = before_export  # brings offloaded training weights back first
         self.copies_stale = models.layout.separate_rollout
-        remote = models.rollout.remote
-        self.pool = remote if remote is not None and remote.rollout_peer is not None else None
+        self.pool = models.rollout.rollout_pool
         self.pool_stale = self.pool is not None  # (a resumed run's weights are not the pool's)
 
     def changed(self) -> None:

@@ -87,10 +87,11 @@ class CriticOnPool:
         return {"critic": (self.optimizer, self.model)}
 
     def update(self, header, words, weights, sequences, attention_mask, action_mask, values, returns) -> np.ndarray:
-        """The critic's optimizer steps of one update -> [steps, CRITIC_STATS]."""
+        """The critic's optimizer steps of one update -> [steps, CRITIC_STATS + whether the guard
+        skipped the step]."""
         step, packs, prompt_length, mask_dtype = (int(x) for x in header[1:5])
         exp = Experience(sequences=paddle.to_tensor(sequences),
-                         attention_mask=paddle.to_tensor(attention_mask).astype(pools.MASK_DTYPES[mask_dtype]),
+                         attention_mask=pools.mask_of(attention_mask, mask_dtype),
                          action_mask=paddle.to_tensor(action_mask), old_log_probs=None, ref_log_probs=None,
                          end_scores=None, response_lengths=None, ended_with_eos=None, prompt_length=prompt_length,
                          values=paddle.to_tensor(values), returns=paddle.to_tensor(returns))
@@ -99,10 +100,10 @@ class CriticOnPool:
             micro = [exp.select(r) for r in cut]
             micro = [m.packed() for m in micro] if packs else micro
             stats = ppo_steps.critic_gradients(self.train_model, micro, w, self.args, self.precision)
-            norm, _ = ppo_steps.apply_gradients(self.optimizer, self.scheduler, self.model, self.precision, self.guard,
-                                                step, critic_loss=stats["critic_loss"])
-            out.append([stats["critic_loss"], stats["value_clip_frac"], norm])
-        return np.array(out, dtype=np.float64).reshape(-1, len(pools.CRITIC_STATS))
+            norm, applied = ppo_steps.apply_gradients(self.optimizer, self.scheduler, self.model, self.precision,
+                                                      self.guard, step, critic_loss=stats["critic_loss"])
+            out.append([stats["critic_loss"], stats["value_clip_frac"], norm, float(not applied)])
+        return np.array(out, dtype=np.float64).reshape(-1, len(pools.CRITIC_STATS) + 1)
 
 
 class RolloutOnPool:
@@ -130,8 +131,13 @@ class RolloutOnPool:
                 raise UserError(f"the rollout's pool got no weights for {sorted(missing)[:3]}")
             with paddle.no_grad():
                 for name, value in zip(names, values):
-                    if name in own:  # (a LoRA actor's adapters are merged into its weights)
-                        paddle.assign(paddle.to_tensor(value).astype(own[name].dtype), output=own[name])
+                    if name not in own:  # (a LoRA actor's adapters are merged into its weights)
+                        continue
+                    shape = list(own[name].shape)
+                    if value.size != int(np.prod(shape)):
+                        raise UserError(f"the rollout's pool got {value.size} values for {name} {shape}: the "
+                                        "actor and its copy differ")
+                    paddle.assign(paddle.to_tensor(value.reshape(shape)).astype(own[name].dtype), output=own[name])
             if isinstance(self.decoder, WeightCopyDecoder):
                 self.decoder.weights_changed()
             return []
@@ -150,7 +156,7 @@ class RolloutOnPool:
                                       paddle.to_tensor(arrays[2]), config, self.tokenizer.eos_token_id,
                                       self.tokenizer.pad_token_id, keep)
         sequences, mask, *kept = out
-        code = np.array([pools.MASK_DTYPES.index(str(mask.dtype).split(".")[-1])], dtype=np.int64)
+        code = np.array([pools.mask_code(mask)], dtype=np.int64)
         return [sequences.numpy().astype(np.int64), mask.numpy().astype(np.int64), code,
                 *(k.astype("float32").numpy() for k in kept)]
 
@@ -218,7 +224,7 @@ def score(args, models: Models, critic: CriticOnPool | None, roles, words, rows)
     """The pool's roles' scores of the sequences sent, in ``roles`` order, then the interval."""
     prompt_length, fast, grouped = int(words[1]), bool(words[2]), bool(words[3])
     ids = paddle.to_tensor(rows[0])
-    mask = paddle.to_tensor(rows[1]).astype(pools.MASK_DTYPES[int(words[4])])
+    mask = pools.mask_of(rows[1], words[4])
     start = time.time()
     outs = []
     for role in (r for r in roles if r in pools.SCORED):

@@ -264,8 +264,10 @@ class PPOTrainer:
             if self.critic is not None:
                 for k, v in self.critic_step(micro, weights, step).items():
                     stats.setdefault(k, []).append(v)
-        if self.remote_critic is not None:
-            stats.update(self.remote_critic.critic_stats())
+        if self.remote_critic is not None:  # (its guard's skips count with this one's)
+            critic_stats, skipped = self.remote_critic.critic_stats()
+            stats.update(critic_stats)
+            self.guard.skipped += skipped
         return {k: parallel.mean_over_data(float(np.mean(v))) for k, v in stats.items()}
 
     def actor_step(self, micro: list[Experience], weights: list[float], step: int) -> dict:
