@@ -267,6 +267,11 @@ class Models:
         """The remote roles when a rollout pool generates (``remote.generate``), else None."""
         return self.remote if self.remote is not None and self.remote.rollout_peer is not None else None
 
+    @property
+    def critic_pool(self):
+        """The remote roles when a critic pool scores and trains the critic (``remote.update_critic``), else None."""
+        return self.remote if self.remote is not None and self.remote.critic_peer is not None else None
+
 
 def length_groups(lengths, overhead: int = 16) -> list:
     """Rows (indices into ``lengths`` [B]) in groups of similar length, longest first: the contiguous

@@ -97,8 +97,7 @@ class CriticOnPool:
                          values=paddle.to_tensor(values), returns=paddle.to_tensor(returns))
         out = []
         for cut, w in pools.decode_plan(words, weights):
-            micro = [exp.select(r) for r in cut]
-            micro = [m.packed() for m in micro] if packs else micro
+            micro = ppo_steps.micro_batches(exp, cut, bool(packs))
             stats = ppo_steps.critic_gradients(self.train_model, micro, w, self.args, self.precision)
             norm, applied = ppo_steps.apply_gradients(self.optimizer, self.scheduler, self.model, self.precision,
                                                       self.guard, step, critic_loss=stats["critic_loss"])

@@ -49,6 +49,13 @@ def critic_objective(scores, m, w: float, clip_range_value: float):
     return loss * w, {"critic_loss": float(loss) * w, "value_clip_frac": s["value_clip_frac"]}
 
 
+def micro_batches(exp: Experience, cut: list, packs: bool) -> list[Experience]:
+    """An optimizer step's micro-batches: the rows ``cut`` of ``exp``, each packed to its own longest
+    real row when ``packs`` (length buckets)."""
+    micro = [exp.select(r) for r in cut]
+    return [m.packed() for m in micro] if packs else micro
+
+
 def role_optimizer(args, role: str, model, optimizer_steps: int):
     """(optimizer, schedule) of the PPO ``role`` ('actor' or 'critic') for ``optimizer_steps`` steps."""
     common = dict(beta1=args.adam_beta1, beta2=args.adam_beta2, epsilon=args.adam_epsilon,

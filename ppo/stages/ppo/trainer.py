@@ -76,8 +76,7 @@ class PPOTrainer:
         self.actor, self.critic, self.tokenizer = built.actor, built.critic, built.tokenizer
         self.models, self.layout = built.rollout, built.layout  # what rolls out; where
         # resource_pools with a critic pool: the critic scores, trains and saves there (self.critic None)
-        self.remote_critic = self.models.remote if self.models.remote is not None and \
-            "critic" in self.models.remote.roles else None
+        self.remote_critic = self.models.critic_pool
         self.gen.keep_log_probs = keeps_log_probs(args.rollout_log_probs, self.models.decoder)
         self.data = load_ppo_data(args, self.ctx, self.tokenizer, self.layout.split_ranks,
                                   self.layout.merge_for_rollout)
@@ -257,8 +256,7 @@ class PPOTrainer:
         if self.remote_critic is not None:  # the critic's pool takes the same steps while the actor's are taken
             self.remote_critic.update_critic(exp, plan, packs, step)
         for cut, weights in plan:
-            micro = [exp.select(r) for r in cut]
-            micro = [m.packed() for m in micro] if packs else micro
+            micro = ppo_steps.micro_batches(exp, cut, packs)
             for k, v in self.actor_step(micro, weights, step).items():
                 stats.setdefault(k, []).append(v)
             if self.critic is not None:
