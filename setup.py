@@ -4,7 +4,16 @@ GPU users install Paddle's GPU wheel first and then ``pip install .``; the CPU w
 by the ``cpu`` extra (``pip install .[cpu]``) so that two Paddle builds never share one environment.
 """
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+
+# The toolkit's CPU kernels (RMSNorm, rotary, SwiGLU; ppo/models/cpu_kernels.py), loaded with ctypes.
+# Optional: where no C compiler is found the install goes on and the toolkit runs paddle's kernels.
+CPU_KERNELS = Extension(
+    "ppo.models._cpu_kernels",
+    sources=["ppo/models/_cpu_kernels.c"],
+    extra_compile_args=["-O3", "-ffp-contract=off", "-fno-trapping-math", "-std=c99"],
+    optional=True,
+)
 
 setup(
     name="paddle-rlhf",
@@ -12,6 +21,7 @@ setup(
     description="PaddlePaddle-native RLHF: supervised fine-tuning, reward modelling and PPO with 3D parallelism",
     packages=find_packages(include=["ppo", "ppo.*", "rm", "rm.*", "dpo", "dpo.*"]),
     package_data={"ppo.tiny": ["data/*.jsonl", "data/arithmetic/*.jsonl"]},
+    ext_modules=[CPU_KERNELS],
     python_requires=">=3.9",
     install_requires=[
         "paddlenlp==3.0.0b4",

@@ -184,4 +184,7 @@ def test_rotate_half_is_paddlenlps_bit_for_bit_and_installed(D):
         name = family_named(family).rotary_module
         fast_paths.install_rotate_half(name)  # (what the loaders do for every model they load)
         assert importlib.import_module(name).rotate_half is fast_paths.rotate_half
-        assert fast_paths.PADDLENLP_ROTATE_HALF[name] is not fast_paths.rotate_half
+        assert fast_paths.PADDLENLP_ROTATE_HALF[name]["rotate_half"] is not fast_paths.rotate_half
+        module = importlib.import_module(name)
+        assert module.apply_rotary_pos_emb.func is fast_paths.apply_rotary_pos_emb
+        assert module.apply_rotary_pos_emb.args == (fast_paths.PADDLENLP_ROTATE_HALF[name]["apply_rotary_pos_emb"],)

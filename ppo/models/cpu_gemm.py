@@ -51,6 +51,8 @@ class _State:
     bf16 = False  # products in bf16 with fp32 accumulation
     cache = None  # within frozen_weights: {id(parameter): (parameter, its bf16 copy)}
     threads = None
+    kernels = None  # the toolkit's compiled CPU kernels (ppo.models.cpu_kernels), loaded and switched on
+    kernels_library = None  # loaded once: (handle or None, why not)
 
 
 STATE = _State()
@@ -123,12 +125,20 @@ def activate(mode: str = "auto", bf16: bool = False, threads: int | None = None)
         threads = max(1, int(os.environ.get("MKL_NUM_THREADS") or 1))
     # paddle runs its own OpenMP kernels on one thread; the products get ``threads`` for their duration only
     STATE.openmp, STATE.threads = _openmp(), threads
-    notice = None
+    notices = []
+    if STATE.kernels_library is None:
+        from ppo.models import cpu_kernels
+
+        STATE.kernels_library = cpu_kernels.load(STATE.openmp)
+    STATE.kernels, why_not = STATE.kernels_library
+    if why_not:
+        notices.append(f"{why_not}: norms, rotary and SwiGLU run paddle's")
     if bf16 and not cpu_has_bf16():
-        notice, bf16 = "bf16 requested but this CPU has no bf16 units (avx512_bf16 / amx_bf16): training in float32", False
+        notices.append("bf16 requested but this CPU has no bf16 units (avx512_bf16 / amx_bf16): training in float32")
+        bf16 = False
     STATE.active, STATE.bf16 = True, bool(bf16)
     F.linear = linear
-    return notice
+    return "; ".join(notices) or None
 
 
 def select(mode: str, bf16: bool = False) -> str | None:
@@ -166,7 +176,7 @@ def _bf16_weight(w):
 
 
 def deactivate() -> None:
-    STATE.active, STATE.bf16 = False, False
+    STATE.active, STATE.bf16, STATE.kernels = False, False, None
     F.linear = _ORIGINAL_LINEAR
 
 

@@ -39,6 +39,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
+from ppo.models import cpu_kernels
 from ppo.models.cpu_gemm import cpu_flags
 
 try:
@@ -68,6 +69,12 @@ def _probe(kernel, flags=None):
 # paddle's fused RMSNorm ``(x, weight, bias, eps, begin_norm_axis, residual=...)`` (CPU too, with
 # AVX-512; no CPU backward kernel), or None
 FUSED_RMS_NORM = _probe(_fused_rms_norm) if _fused_rms_norm is not None else None
+
+
+try:
+    from paddle.incubate.nn.functional import swiglu as _PADDLE_SWIGLU
+except ImportError:  # an older paddle
+    _PADDLE_SWIGLU = None
 
 
 def on_cpu() -> bool:
@@ -116,7 +123,10 @@ class FusedRMSNorm(PyLayer):
 
 
 def rms_norm(x, weight, eps: float):
-    """Differentiable RMSNorm [..., H] of float32 ``x`` and ``weight`` [H] (:class:`FusedRMSNorm`)."""
+    """Differentiable RMSNorm [..., H] of float32 ``x`` and ``weight`` [H]: the compiled kernels where
+    they run (``cpu_kernels.RMSNorm``), else :class:`FusedRMSNorm`."""
+    if cpu_kernels.ready(x, weight):
+        return cpu_kernels.RMSNorm.apply(x, weight, eps)
     return FusedRMSNorm.apply(x, weight, eps)
 
 
@@ -163,21 +173,46 @@ def rotate_half(x):
     return paddle.roll(x, shift, axis=-1) * sign
 
 
-# paddlenlp modules given to install_rotate_half, and their own rotate_half
+def apply_rotary_pos_emb(original, q, k, cos, sin, position_ids):
+    """paddlenlp's ``apply_rotary_pos_emb`` (``original``, same arguments and results) as one
+    compiled pass for q and k where the kernels take it (``cpu_kernels.Rotary``), else ``original``."""
+    if cpu_kernels.ready(q, k, cos, sin):
+        tables = cpu_kernels.rotary_tables(q, cos, sin, position_ids)
+        if tables is not None and q.ndim == 4 and k.ndim == 4:
+            return cpu_kernels.Rotary.apply(q, k, *tables)
+    return original(q, k, cos, sin, position_ids)
+
+
+def swiglu(original, x, y=None, name=None):
+    """paddle's fused ``swiglu(x, y)`` (``original``): ``silu(x) * y`` through the compiled kernels
+    where they take it (``cpu_kernels.SwiGLU``), else ``original``."""
+    if y is not None and x.shape == y.shape and cpu_kernels.ready(x, y):
+        return cpu_kernels.SwiGLU.apply(x, y)
+    return original(x, y)
+
+
+# paddlenlp modules given to install_rotate_half: {module: {name: its own function}}
 PADDLENLP_ROTATE_HALF: dict = {}
 
 
 def install_rotate_half(module_name: str | None) -> None:
-    """On CPU, :func:`rotate_half` in place of the ``rotate_half`` of the paddlenlp module
-    ``module_name`` (a family's ``rotary_module``, whose ``apply_rotary_pos_emb`` reads it there)."""
+    """On CPU, in the paddlenlp module ``module_name`` (a family's ``rotary_module``, whose decoder
+    layers read these as module globals): :func:`rotate_half` for its ``rotate_half``, and
+    :func:`apply_rotary_pos_emb` and :func:`swiglu` around its own (results unchanged; the compiled
+    kernels decide per call)."""
     import importlib
 
     if module_name is None or not on_cpu():
         return
     module = importlib.import_module(module_name)
-    if module.rotate_half is not rotate_half:
-        PADDLENLP_ROTATE_HALF[module_name] = module.rotate_half
-        module.rotate_half = rotate_half
+    if module_name in PADDLENLP_ROTATE_HALF:
+        return
+    own = PADDLENLP_ROTATE_HALF[module_name] = {"rotate_half": module.rotate_half}
+    module.rotate_half = rotate_half
+    for name, wrapper in (("apply_rotary_pos_emb", apply_rotary_pos_emb), ("swiglu", swiglu)):
+        if callable(getattr(module, name, None)):
+            own[name] = getattr(module, name)
+            setattr(module, name, functools.partial(wrapper, own[name]))
 
 
 def install(model):
@@ -194,6 +229,8 @@ def install(model):
             layer.forward = types.MethodType(_norm_forward, layer)  # (a deep copy re-binds to the copy)
         elif callable(getattr(layer, "attn_func", None)):
             layer.attn_func = functools.partial(attention, layer.attn_func)
+        elif getattr(layer, "act_fn", None) is _PADDLE_SWIGLU and _PADDLE_SWIGLU is not None:  # Qwen2's MLP
+            layer.act_fn = functools.partial(swiglu, _PADDLE_SWIGLU)
         else:
             continue
         layer._ppo_fast_path = True

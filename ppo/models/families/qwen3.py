@@ -38,10 +38,10 @@ from paddlenlp.transformers.qwen2.modeling import (
     Qwen2LMHead,
     Qwen2PretrainingCriterion,
     Qwen2RotaryEmbedding,
-    apply_rotary_pos_emb,
     recompute,  # fleet's, as paddlenlp's Qwen2 attention recomputes with it
     repeat_kv,
 )
+from paddlenlp.transformers.qwen2 import modeling as qwen2_modeling
 from paddlenlp.transformers.refined_recompute import get_skip_recompute_ops
 
 from ppo.models.families.base import ModelFamily, PipelineParts, config_value, register
@@ -132,7 +132,9 @@ class Qwen3Attention(Qwen2Attention):
         if past_key_value is not None:
             kv_seq_len += past_key_value[0].shape[-3]
         cos, sin = self.rotary_emb(value_states, seq_len=kv_seq_len)
-        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin, position_ids)
+        # (read from the module at each call: on CPU the loaders put the toolkit's faster form there)
+        query_states, key_states = qwen2_modeling.apply_rotary_pos_emb(query_states, key_states, cos, sin,
+                                                                       position_ids)
         if past_key_value is not None:
             key_states = paddle.concat([past_key_value[0], key_states], axis=1)
             value_states = paddle.concat([past_key_value[1], value_states], axis=1)

@@ -1,0 +1,272 @@
+/* The toolkit's CPU kernels for the elementwise work around the matmuls (ppo/models/cpu_kernels.py).
+ *
+ * paddle's CPU kernels for these run on one thread and as several passes, each with its own
+ * autograd node: RMSNorm (a square, a mean, an rsqrt, two broadcasting multiplies; their
+ * gradients), rotary embedding (two broadcasting multiplies, a roll, an add; their gradients) and
+ * SwiGLU.  Each is one pass here, forward and backward, over float32 contiguous buffers, split over
+ * the threads the caller asks for.
+ *
+ * Built by `pip install` (setup.py, an optional extension: where it cannot be compiled the toolkit
+ * keeps paddle's kernels and says so in one line) and loaded with ctypes, never imported.  No
+ * OpenMP library is linked: the caller hands over the GOMP_parallel entry point of the OpenMP
+ * runtime the process already runs (paddle's libiomp5, whose threads oneDNN's GEMM uses too), so
+ * the kernels share one thread team with the matmuls.
+ *
+ * Results do not depend on the number of threads: every sum over rows (the norm's weight
+ * gradient) is taken over fixed blocks of rows, then over the blocks in order.
+ * Compiled without floating-point contraction, so x * c + y * s rounds as paddle's separate ops do.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* the loops also get an AVX2 build, chosen at load time on CPUs that have it */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CLONES
+#endif
+
+typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+typedef int (*omp_int_fn)(void);
+
+static gomp_parallel_fn g_parallel = 0;
+static omp_int_fn g_thread_num = 0;
+static omp_int_fn g_num_threads = 0;
+
+/* The OpenMP runtime's GOMP_parallel, omp_get_thread_num and omp_get_num_threads (NULL: one thread). */
+void ppk_init(void *parallel, void *thread_num, void *num_threads) {
+    g_parallel = (gomp_parallel_fn)parallel;
+    g_thread_num = (omp_int_fn)thread_num;
+    g_num_threads = (omp_int_fn)num_threads;
+}
+
+int ppk_version(void) { return 1; }
+
+typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
+
+typedef struct {
+    range_fn body;
+    void *ctx;
+    int64_t n;
+} job_t;
+
+static void job_worker(void *p) {
+    job_t *job = (job_t *)p;
+    int64_t t = g_thread_num(), nt = g_num_threads();
+    int64_t chunk = (job->n + nt - 1) / nt;
+    int64_t begin = t * chunk, end = begin + chunk < job->n ? begin + chunk : job->n;
+    if (begin < end) job->body(job->ctx, begin, end);
+}
+
+/* body(ctx, begin, end) over [0, n), in one static chunk per thread; `work` is the elements per
+ * item, so that small calls stay on the calling thread. */
+static void parallel_for(int64_t n, int64_t work, int threads, range_fn body, void *ctx) {
+    if (threads <= 1 || g_parallel == 0 || n < 2 || n * work < 32768) {
+        body(ctx, 0, n);
+        return;
+    }
+    if (threads > n) threads = (int)n;
+    job_t job = {body, ctx, n};
+    g_parallel(job_worker, &job, (unsigned)threads, 0);
+}
+
+/* ---------------------------------------------------------------- RMSNorm */
+/* y = x * r * w with r = 1 / sqrt(mean(x^2) + eps) per row of H; rstd[row] = r when rstd. */
+
+typedef struct {
+    const float *x, *w;
+    float *y, *rstd;
+    int64_t H;
+    float eps;
+} norm_fwd_t;
+
+CLONES static void norm_fwd_rows(void *p, int64_t begin, int64_t end) {
+    norm_fwd_t *a = (norm_fwd_t *)p;
+    const int64_t H = a->H;
+    for (int64_t row = begin; row < end; ++row) {
+        const float *x = a->x + row * H;
+        float *y = a->y + row * H;
+        double sum = 0.0;
+        for (int64_t i = 0; i < H; ++i) sum += (double)x[i] * (double)x[i];
+        const float r = (float)(1.0 / sqrt(sum / (double)H + (double)a->eps));
+        if (a->rstd) a->rstd[row] = r;
+        for (int64_t i = 0; i < H; ++i) y[i] = (x[i] * r) * a->w[i];
+    }
+}
+
+void ppk_rms_norm_forward(const float *x, const float *w, float *y, float *rstd, int64_t rows, int64_t H,
+                          float eps, int threads) {
+    norm_fwd_t a = {x, w, y, rstd, H, eps};
+    parallel_for(rows, H, threads, norm_fwd_rows, &a);
+}
+
+#define NORM_BLOCK 32 /* rows per partial sum of the weight gradient */
+
+typedef struct {
+    const float *g, *x, *w, *rstd;
+    float *dx, *partial;
+    int64_t rows, H;
+} norm_bwd_t;
+
+/* over blocks of NORM_BLOCK rows: dx = r (g w - x_hat mean(g w x_hat)), partial[block] = sum g x_hat */
+CLONES static void norm_bwd_blocks(void *p, int64_t begin, int64_t end) {
+    norm_bwd_t *a = (norm_bwd_t *)p;
+    const int64_t H = a->H;
+    for (int64_t block = begin; block < end; ++block) {
+        float *part = a->partial ? a->partial + block * H : 0;
+        if (part) memset(part, 0, sizeof(float) * H);
+        int64_t last = (block + 1) * NORM_BLOCK < a->rows ? (block + 1) * NORM_BLOCK : a->rows;
+        for (int64_t row = block * NORM_BLOCK; row < last; ++row) {
+            const float *g = a->g + row * H, *x = a->x + row * H;
+            const float r = a->rstd[row];
+            if (a->dx) {
+                double dot = 0.0;
+                for (int64_t i = 0; i < H; ++i) dot += (double)(g[i] * a->w[i]) * (double)(x[i] * r);
+                const float mean = (float)(dot / (double)H);
+                float *dx = a->dx + row * H;
+                for (int64_t i = 0; i < H; ++i) dx[i] = (g[i] * a->w[i] - (x[i] * r) * mean) * r;
+            }
+            if (part)
+                for (int64_t i = 0; i < H; ++i) part[i] += g[i] * (x[i] * r);
+        }
+    }
+}
+
+typedef struct {
+    const float *partial;
+    float *dw;
+    int64_t blocks, H;
+} colsum_t;
+
+CLONES static void colsum_columns(void *p, int64_t begin, int64_t end) {
+    colsum_t *a = (colsum_t *)p;
+    for (int64_t i = begin; i < end; ++i) a->dw[i] = 0.0f;
+    for (int64_t b = 0; b < a->blocks; ++b) {
+        const float *part = a->partial + b * a->H;
+        for (int64_t i = begin; i < end; ++i) a->dw[i] += part[i];
+    }
+}
+
+/* dx (when dx) and dw (when dw) of the norm, from the saved rstd.  Returns 0, or 1 when out of memory. */
+int ppk_rms_norm_backward(const float *g, const float *x, const float *w, const float *rstd, float *dx, float *dw,
+                          int64_t rows, int64_t H, int threads) {
+    int64_t blocks = (rows + NORM_BLOCK - 1) / NORM_BLOCK;
+    float *partial = 0;
+    if (dw) {
+        partial = (float *)malloc(sizeof(float) * blocks * H);
+        if (!partial) return 1;
+    }
+    norm_bwd_t a = {g, x, w, rstd, dx, partial, rows, H};
+    parallel_for(blocks, NORM_BLOCK * H, threads, norm_bwd_blocks, &a);
+    if (dw) {
+        colsum_t c = {partial, dw, blocks, H};
+        parallel_for(H, blocks, threads, colsum_columns, &c);
+        free(partial);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- rotary embedding */
+/* x [B, A1, A2, D]; cos, sin [cos_batches, T, D] where the time axis of x is A1 (time_axis 1) or A2
+ * (time_axis 2), cos_batches 1 (shared) or B.  With h = D / 2 (D even):
+ *   forward   y = x cos + rotate_half(x) sin,  rotate_half(x) = [-x[h:], x[:h]]
+ *   backward  dx = g cos - rotate_half(g sin)  = g cos + [ (g sin)[h:], -(g sin)[:h] ]            */
+
+typedef struct {
+    const float *x, *cos, *sin;
+    float *y;
+    int64_t A1, A2, D, T, cos_batch_stride;
+    int time_axis, backward;
+} rope_t;
+
+CLONES static void rope_rows(void *p, int64_t begin, int64_t end) {
+    rope_t *a = (rope_t *)p;
+    const int64_t D = a->D, h = D / 2;
+    for (int64_t row = begin; row < end; ++row) { /* row = (b * A1 + i1) * A2 + i2 */
+        int64_t i2 = row % a->A2, rest = row / a->A2;
+        int64_t i1 = rest % a->A1, b = rest / a->A1;
+        int64_t t = a->time_axis == 1 ? i1 : i2;
+        const float *c = a->cos + b * a->cos_batch_stride + t * D;
+        const float *s = a->sin + b * a->cos_batch_stride + t * D;
+        const float *x = a->x + row * D;
+        float *y = a->y + row * D;
+        if (!a->backward) {
+            for (int64_t i = 0; i < h; ++i) y[i] = x[i] * c[i] + (-x[i + h]) * s[i];
+            for (int64_t i = h; i < D; ++i) y[i] = x[i] * c[i] + x[i - h] * s[i];
+        } else {
+            for (int64_t i = 0; i < h; ++i) y[i] = x[i] * c[i] + x[i + h] * s[i + h];
+            for (int64_t i = h; i < D; ++i) y[i] = x[i] * c[i] - x[i - h] * s[i - h];
+        }
+    }
+}
+
+void ppk_rope(const float *x, const float *cos, const float *sin, float *y, int64_t B, int64_t A1, int64_t A2,
+              int64_t D, int time_axis, int64_t cos_batches, int backward, int threads) {
+    int64_t T = time_axis == 1 ? A1 : A2;
+    rope_t a = {x, cos, sin, y, A1, A2, D, T, cos_batches == 1 ? 0 : T * D, time_axis, backward};
+    parallel_for(B * A1 * A2, D, threads, rope_rows, &a);
+}
+
+/* ---------------------------------------------------------------- SwiGLU */
+/* out = silu(gate) up = gate sigmoid(gate) up; backward with s = sigmoid(gate):
+ * dgate = dout up s (1 + gate (1 - s)),  dup = dout gate s */
+
+/* exp(x) for float32 (Cephes' expf polynomial: relative error within 2e-7 on [-87, 88]), written
+ * so that the compiler vectorizes it (no calls; the clamp and the rounding to the nearest integer
+ * are arithmetic). */
+static inline float exp_approx(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23; /* 2^n */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+typedef struct {
+    const float *gate, *up, *dout;
+    float *out, *dgate, *dup;
+} swiglu_t;
+
+CLONES static void swiglu_fwd_range(void *p, int64_t begin, int64_t end) {
+    swiglu_t *a = (swiglu_t *)p;
+    const float *restrict g = a->gate, *restrict u = a->up;
+    float *restrict o = a->out;
+    for (int64_t i = begin; i < end; ++i) o[i] = g[i] / (1.0f + exp_approx(-g[i])) * u[i];
+}
+
+CLONES static void swiglu_bwd_range(void *p, int64_t begin, int64_t end) {
+    swiglu_t *a = (swiglu_t *)p;
+    const float *restrict g = a->gate, *restrict u = a->up, *restrict d = a->dout;
+    float *restrict dg = a->dgate, *restrict du = a->dup;
+    for (int64_t i = begin; i < end; ++i) {
+        float s = 1.0f / (1.0f + exp_approx(-g[i]));
+        float ds = d[i] * s;
+        dg[i] = ds * u[i] * (1.0f + g[i] * (1.0f - s));
+        du[i] = ds * g[i];
+    }
+}
+
+void ppk_swiglu_forward(const float *gate, const float *up, float *out, int64_t n, int threads) {
+    swiglu_t a = {gate, up, 0, out, 0, 0};
+    parallel_for(n, 1, threads, swiglu_fwd_range, &a);
+}
+
+/* both gradients (dgate and dup must be given) */
+void ppk_swiglu_backward(const float *gate, const float *up, const float *dout, float *dgate, float *dup, int64_t n,
+                         int threads) {
+    swiglu_t a = {gate, up, dout, 0, dgate, dup};
+    parallel_for(n, 1, threads, swiglu_bwd_range, &a);
+}

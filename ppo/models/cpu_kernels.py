@@ -1,0 +1,200 @@
+"""RMSNorm, rotary embedding and SwiGLU on CPU through the toolkit's compiled kernels (``_cpu_kernels.c``).
+
+paddle runs these on one thread, as several elementwise ops with an autograd node each (profiled in
+``docs/performance.md``: in an actor update the norm's and rotary's multiplies and their gradients
+took as long as the matmuls' backward).  Each is one pass here, forward and backward, on the
+threads the matmuls use (``cpu_gemm.STATE.threads``), as a ``PyLayer`` so autograd, recompute
+and LoRA see ordinary tensors.  Results equal paddle's ops within float32 rounding and do not
+depend on the number of threads (``tests/test_cpu_kernels.py``).
+
+They are a declared CPU adaptation of the same switch as the matmuls: on while ``cpu_gemm`` is
+(``auto`` / ``onednn``; ``cpu_gemm.activate`` loads them), off with ``cpu_gemm: paddle``, never on
+a GPU device, never in a static graph, never for other dtypes.  Where the library was not built
+(``pip install`` compiles it from the C file; a machine without a C compiler skips it) the run
+says so in one line and paddle's ops run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import math
+
+import paddle
+from paddle.autograd import PyLayer
+
+from ppo.models import cpu_gemm
+
+_LIBRARY_MODULE = "ppo.models._cpu_kernels"
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_SIGNATURES = {
+    "ppk_init": (None, [_P, _P, _P]),
+    "ppk_version": (ctypes.c_int, []),
+    "ppk_rms_norm_forward": (None, [_P, _P, _P, _P, _I64, _I64, ctypes.c_float, ctypes.c_int]),
+    "ppk_rms_norm_backward": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _I64, _I64, ctypes.c_int]),
+    "ppk_rope": (None, [_P, _P, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_int, _I64, ctypes.c_int, ctypes.c_int]),
+    "ppk_swiglu_forward": (None, [_P, _P, _P, _I64, ctypes.c_int]),
+    "ppk_swiglu_backward": (None, [_P, _P, _P, _P, _P, _I64, ctypes.c_int]),
+}
+
+
+def load(openmp=None):
+    """The compiled kernels (a ctypes handle, given ``openmp``'s GOMP_parallel so they share the
+    matmuls' thread team), or ``(None, reason)`` when the library is not there or not loadable."""
+    try:
+        spec = importlib.util.find_spec(_LIBRARY_MODULE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:
+        return None, "the toolkit's CPU kernels were not built (pip install compiles ppo/models/_cpu_kernels.c)"
+    try:
+        lib = ctypes.CDLL(spec.origin)
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+    except (OSError, AttributeError) as error:
+        return None, f"the toolkit's CPU kernels are not usable ({spec.origin}: {error})"
+    if openmp is not None:
+        try:
+            entries = [ctypes.cast(getattr(openmp, name), _P).value
+                       for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")]
+        except AttributeError:  # a runtime without the GOMP entry point: the kernels run on one thread
+            entries = [None, None, None]
+        lib.ppk_init(*entries)
+    return lib, None
+
+
+def ready(*tensors) -> bool:
+    """Whether the kernels take these tensors: loaded and switched on, dynamic mode, float32 on CPU."""
+    return (cpu_gemm.STATE.kernels is not None and paddle.in_dynamic_mode()
+            and all(t.dtype == paddle.float32 and t.place.is_cpu_place() for t in tensors))
+
+
+def _lib():
+    return cpu_gemm.STATE.kernels
+
+
+def _threads() -> int:
+    return cpu_gemm.STATE.threads or 1
+
+
+def _dense(t):
+    return t if t.is_contiguous() else t.contiguous()
+
+
+class RMSNorm(PyLayer):
+    """``x * rsqrt(mean(x^2, -1) + eps) * weight``, x [..., H] and weight [H] float32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        x, weight = _dense(x), _dense(weight)
+        H = x.shape[-1]
+        rows = math.prod(x.shape[:-1])
+        y = paddle.empty_like(x)
+        rstd = paddle.empty([max(rows, 1)], dtype="float32")
+        _lib().ppk_rms_norm_forward(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr(), rows, H,
+                                    float(eps), _threads())
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.rows = rows
+        # paddle wants None for the gradient of an input that does not need one (a frozen weight)
+        ctx.needs = (not x.stop_gradient, not weight.stop_gradient)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensor()
+        grad = _dense(grad)
+        dx = paddle.empty_like(x) if ctx.needs[0] else None
+        dw = paddle.empty_like(weight) if ctx.needs[1] else None
+        status = _lib().ppk_rms_norm_backward(grad.data_ptr(), x.data_ptr(), weight.data_ptr(), rstd.data_ptr(),
+                                              dx.data_ptr() if dx is not None else None,
+                                              dw.data_ptr() if dw is not None else None,
+                                              ctx.rows, x.shape[-1], _threads())
+        if status:
+            raise MemoryError("RMSNorm backward: out of memory for the weight gradient's partial sums")
+        return dx, dw
+
+
+def _rope(x, cos, sin, time_axis: int, backward: bool):
+    """One rotary pass over x [B, A1, A2, D] with tables [1 or B, T, D] (see ``ppk_rope``)."""
+    B, A1, A2, D = x.shape
+    y = paddle.empty_like(x)
+    _lib().ppk_rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), B, A1, A2, D, time_axis,
+                    cos.shape[0], int(backward), _threads())
+    return y
+
+
+class Rotary(PyLayer):
+    """``(q cos + rotate_half(q) sin, k cos + rotate_half(k) sin)`` with ``rotate_half(x) = [-x2, x1]``
+    (the halves of the head); q, k [B, A1, A2, D] with the time axis at ``time_axis`` (1 or 2),
+    cos and sin [1 or B, T, D] constants."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, time_axis: int):
+        q, k = _dense(q), _dense(k)
+        ctx.save_for_backward(cos, sin)
+        ctx.time_axis = time_axis
+        ctx.needs = (not q.stop_gradient, not k.stop_gradient)
+        return _rope(q, cos, sin, time_axis, False), _rope(k, cos, sin, time_axis, False)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensor()
+        return (_rope(_dense(dq), cos, sin, ctx.time_axis, True) if ctx.needs[0] else None,
+                _rope(_dense(dk), cos, sin, ctx.time_axis, True) if ctx.needs[1] else None)
+
+
+def rotary_tables(q, cos, sin, position_ids):
+    """paddlenlp's rotary tables as ``(cos, sin, time_axis)`` for :class:`Rotary`, or None for a form
+    it does not take.  LLaMA / Qwen2: q [B, S, heads, D], tables [1, max, 1, D]; Mistral: q [B, heads,
+    S, D], tables [max, D]; ``position_ids`` [B, S] (or None: positions 0..S-1)."""
+    if cos.ndim == 4 and cos.shape[0] == 1 and cos.shape[2] == 1:
+        time_axis, table, table_sin = 1, cos.reshape([cos.shape[1], cos.shape[3]]), sin.reshape([sin.shape[1], sin.shape[3]])
+    elif cos.ndim == 2 and position_ids is not None:
+        time_axis, table, table_sin = 2, cos, sin
+    else:
+        return None
+    S, D = q.shape[time_axis], q.shape[-1]
+    if D % 2 or table.shape[-1] != D or cos.stop_gradient is False or sin.stop_gradient is False:
+        return None
+    if position_ids is None:
+        if table.shape[0] < S:
+            return None
+        return _dense(table[:S]).unsqueeze(0), _dense(table_sin[:S]).unsqueeze(0), time_axis
+    if position_ids.ndim != 2 or position_ids.shape[1] != S:
+        return None
+    flat = position_ids.reshape([-1])
+    B = position_ids.shape[0]
+    return (paddle.index_select(table, flat).reshape([B, S, D]), paddle.index_select(table_sin, flat).reshape([B, S, D]),
+            time_axis)
+
+
+class SwiGLU(PyLayer):
+    """``silu(gate) * up`` for float32 tensors of one shape."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        gate, up = _dense(gate), _dense(up)
+        out = paddle.empty_like(gate)
+        _lib().ppk_swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), math.prod(gate.shape), _threads())
+        ctx.save_for_backward(gate, up)
+        ctx.needs = (not gate.stop_gradient, not up.stop_gradient)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensor()
+        grad = _dense(grad)
+        dgate, dup = paddle.empty_like(gate), paddle.empty_like(up)
+        _lib().ppk_swiglu_backward(gate.data_ptr(), up.data_ptr(), grad.data_ptr(), dgate.data_ptr(), dup.data_ptr(),
+                                   math.prod(gate.shape), _threads())
+        return dgate if ctx.needs[0] else None, dup if ctx.needs[1] else None
+
+
+def swiglu_forward(gate, up):
+    """``silu(gate) * up`` without autograd (inference: neither needs a gradient, or no grad mode)."""
+    gate, up = _dense(gate), _dense(up)
+    out = paddle.empty_like(gate)
+    _lib().ppk_swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), math.prod(gate.shape), _threads())
+    return out
