@@ -14,7 +14,8 @@
  *
  * Results do not depend on the number of threads: every sum over rows (the norm's weight
  * gradient) is taken over fixed blocks of rows, then over the blocks in order.
- * Compiled without floating-point contraction, so x * c + y * s rounds as paddle's separate ops do.
+ * Compiled without floating-point contraction, so x * c + y * s rounds as paddle's separate ops do;
+ * only the sums within a row (the REDUCE helpers) may be reassociated, to run on vector lanes.
  */
 #include <math.h>
 #include <stdint.h>
@@ -26,6 +27,13 @@
 #define CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define CLONES
+#endif
+
+/* sums whose order the compiler may change (vector lanes); nothing else is reassociated */
+#if defined(__GNUC__) && !defined(__clang__)
+#define REDUCE __attribute__((optimize("associative-math", "no-signed-zeros"), noinline))
+#else
+#define REDUCE
 #endif
 
 typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
@@ -72,6 +80,26 @@ static void parallel_for(int64_t n, int64_t work, int threads, range_fn body, vo
     g_parallel(job_worker, &job, (unsigned)threads, 0);
 }
 
+/* ---------------------------------------------------------------- row sums */
+
+CLONES REDUCE static float dot2(const float *restrict a, const float *restrict b, int64_t n) {
+    float total = 0.0f;
+    for (int64_t i = 0; i < n; ++i) total += a[i] * b[i];
+    return total;
+}
+
+CLONES REDUCE static float dot3(const float *restrict a, const float *restrict b, const float *restrict c, int64_t n) {
+    float total = 0.0f;
+    for (int64_t i = 0; i < n; ++i) total += (a[i] * b[i]) * c[i];
+    return total;
+}
+
+CLONES REDUCE static float sum1(const float *restrict a, int64_t n) {
+    float total = 0.0f;
+    for (int64_t i = 0; i < n; ++i) total += a[i];
+    return total;
+}
+
 /* ---------------------------------------------------------------- RMSNorm */
 /* y = x * r * w with r = 1 / sqrt(mean(x^2) + eps) per row of H; rstd[row] = r when rstd. */
 
@@ -88,9 +116,7 @@ CLONES static void norm_fwd_rows(void *p, int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
         const float *x = a->x + row * H;
         float *y = a->y + row * H;
-        double sum = 0.0;
-        for (int64_t i = 0; i < H; ++i) sum += (double)x[i] * (double)x[i];
-        const float r = (float)(1.0 / sqrt(sum / (double)H + (double)a->eps));
+        const float r = 1.0f / sqrtf(dot2(x, x, H) / (float)H + a->eps);
         if (a->rstd) a->rstd[row] = r;
         for (int64_t i = 0; i < H; ++i) y[i] = (x[i] * r) * a->w[i];
     }
@@ -100,6 +126,32 @@ void ppk_rms_norm_forward(const float *x, const float *w, float *y, float *rstd,
                           float eps, int threads) {
     norm_fwd_t a = {x, w, y, rstd, H, eps};
     parallel_for(rows, H, threads, norm_fwd_rows, &a);
+}
+
+typedef struct {
+    const float *x, *residual, *w;
+    float *y, *sum;
+    int64_t H;
+    float eps;
+} add_norm_t;
+
+/* sum = x + residual; y = RMSNorm(sum) (the residual stream's add and the next norm, inference) */
+CLONES static void add_norm_rows(void *p, int64_t begin, int64_t end) {
+    add_norm_t *a = (add_norm_t *)p;
+    const int64_t H = a->H;
+    for (int64_t row = begin; row < end; ++row) {
+        const float *x = a->x + row * H, *res = a->residual + row * H;
+        float *y = a->y + row * H, *sum = a->sum + row * H;
+        for (int64_t i = 0; i < H; ++i) sum[i] = x[i] + res[i];
+        const float r = 1.0f / sqrtf(dot2(sum, sum, H) / (float)H + a->eps);
+        for (int64_t i = 0; i < H; ++i) y[i] = (sum[i] * r) * a->w[i];
+    }
+}
+
+void ppk_add_rms_norm(const float *x, const float *residual, const float *w, float *y, float *sum, int64_t rows,
+                      int64_t H, float eps, int threads) {
+    add_norm_t a = {x, residual, w, y, sum, H, eps};
+    parallel_for(rows, H, threads, add_norm_rows, &a);
 }
 
 #define NORM_BLOCK 32 /* rows per partial sum of the weight gradient */
@@ -122,9 +174,7 @@ CLONES static void norm_bwd_blocks(void *p, int64_t begin, int64_t end) {
             const float *g = a->g + row * H, *x = a->x + row * H;
             const float r = a->rstd[row];
             if (a->dx) {
-                double dot = 0.0;
-                for (int64_t i = 0; i < H; ++i) dot += (double)(g[i] * a->w[i]) * (double)(x[i] * r);
-                const float mean = (float)(dot / (double)H);
+                const float mean = dot3(g, a->w, x, H) * r / (float)H;
                 float *dx = a->dx + row * H;
                 for (int64_t i = 0; i < H; ++i) dx[i] = (g[i] * a->w[i] - (x[i] * r) * mean) * r;
             }
@@ -178,7 +228,7 @@ typedef struct {
     const float *x, *cos, *sin;
     float *y;
     int64_t A1, A2, D, T, cos_batch_stride;
-    int time_axis, backward;
+    int time_axis, backward, transpose_out;
 } rope_t;
 
 CLONES static void rope_rows(void *p, int64_t begin, int64_t end) {
@@ -191,7 +241,7 @@ CLONES static void rope_rows(void *p, int64_t begin, int64_t end) {
         const float *c = a->cos + b * a->cos_batch_stride + t * D;
         const float *s = a->sin + b * a->cos_batch_stride + t * D;
         const float *x = a->x + row * D;
-        float *y = a->y + row * D;
+        float *y = a->y + (a->transpose_out ? (b * a->A2 + i2) * a->A1 + i1 : row) * D;
         if (!a->backward) {
             for (int64_t i = 0; i < h; ++i) y[i] = x[i] * c[i] + (-x[i + h]) * s[i];
             for (int64_t i = h; i < D; ++i) y[i] = x[i] * c[i] + x[i - h] * s[i];
@@ -202,24 +252,21 @@ CLONES static void rope_rows(void *p, int64_t begin, int64_t end) {
     }
 }
 
+/* transpose_out: y is written [B, A2, A1, D] (the attention's [B, heads, S, D] from [B, S, heads, D]) */
 void ppk_rope(const float *x, const float *cos, const float *sin, float *y, int64_t B, int64_t A1, int64_t A2,
-              int64_t D, int time_axis, int64_t cos_batches, int backward, int threads) {
+              int64_t D, int time_axis, int64_t cos_batches, int backward, int transpose_out, int threads) {
     int64_t T = time_axis == 1 ? A1 : A2;
-    rope_t a = {x, cos, sin, y, A1, A2, D, T, cos_batches == 1 ? 0 : T * D, time_axis, backward};
+    rope_t a = {x, cos, sin, y, A1, A2, D, T, cos_batches == 1 ? 0 : T * D, time_axis, backward, transpose_out};
     parallel_for(B * A1 * A2, D, threads, rope_rows, &a);
 }
-
-/* ---------------------------------------------------------------- SwiGLU */
-/* out = silu(gate) up = gate sigmoid(gate) up; backward with s = sigmoid(gate):
- * dgate = dout up s (1 + gate (1 - s)),  dup = dout gate s */
 
 /* exp(x) for float32 (Cephes' expf polynomial: relative error within 2e-7 on [-87, 88]), written
  * so that the compiler vectorizes it (no calls; the clamp and the rounding to the nearest integer
  * are arithmetic). */
-static inline float exp_approx(float x) {
-    x = x < -87.0f ? -87.0f : x;
+static inline float exp_approx(float x_in) {
+    float x = x_in < -87.0f ? -87.0f : x_in;
     x = x > 88.0f ? 88.0f : x;
-    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
+    float n = (float)(int32_t)(x * 1.44269504088896341f + (x < 0.0f ? -0.5f : 0.5f)); /* round(x / ln 2) */
     float r = x - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -232,8 +279,63 @@ static inline float exp_approx(float x) {
     int32_t bits = ((int32_t)n + 127) << 23; /* 2^n */
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    return x_in < -87.0f ? 0.0f : p * scale; /* (below the smallest normal float: 0, as expf rounds it) */
 }
+
+/* ---------------------------------------------------------------- attention softmax */
+/* p = softmax(scores + bias) over the last axis L, scores [B, H, S, L] and bias [B, bias_heads, S, L]
+ * (bias_heads 1: shared by the heads); backward ds = p (dp - sum(dp p)). */
+
+typedef struct {
+    const float *scores, *bias, *p, *dp;
+    float *out;
+    int64_t H, S, L, bias_heads;
+} softmax_t;
+
+CLONES static void softmax_rows(void *p, int64_t begin, int64_t end) {
+    softmax_t *a = (softmax_t *)p;
+    const int64_t L = a->L;
+    for (int64_t row = begin; row < end; ++row) { /* row = (b * H + h) * S + s */
+        int64_t s = row % a->S, bh = row / a->S, h = bh % a->H, b = bh / a->H;
+        const float *x = a->scores + row * L;
+        const float *bias = a->bias + ((b * a->bias_heads + (a->bias_heads == 1 ? 0 : h)) * a->S + s) * L;
+        float *out = a->out + row * L;
+        float top = -INFINITY;
+        for (int64_t i = 0; i < L; ++i) {
+            out[i] = x[i] + bias[i];
+            top = out[i] > top ? out[i] : top;
+        }
+        for (int64_t i = 0; i < L; ++i) out[i] = exp_approx(out[i] - top);
+        const float inv = 1.0f / sum1(out, L);
+        for (int64_t i = 0; i < L; ++i) out[i] *= inv;
+    }
+}
+
+CLONES static void softmax_grad_rows(void *p, int64_t begin, int64_t end) {
+    softmax_t *a = (softmax_t *)p;
+    const int64_t L = a->L;
+    for (int64_t row = begin; row < end; ++row) {
+        const float *pr = a->p + row * L, *dp = a->dp + row * L;
+        float *ds = a->out + row * L;
+        const float dot = dot2(dp, pr, L);
+        for (int64_t i = 0; i < L; ++i) ds[i] = pr[i] * (dp[i] - dot);
+    }
+}
+
+void ppk_softmax_bias(const float *scores, const float *bias, float *out, int64_t B, int64_t H, int64_t S, int64_t L,
+                      int64_t bias_heads, int threads) {
+    softmax_t a = {scores, bias, 0, 0, out, H, S, L, bias_heads};
+    parallel_for(B * H * S, L, threads, softmax_rows, &a);
+}
+
+void ppk_softmax_grad(const float *p, const float *dp, float *ds, int64_t rows, int64_t L, int threads) {
+    softmax_t a = {0, 0, p, dp, ds, 1, 1, L, 1};
+    parallel_for(rows, L, threads, softmax_grad_rows, &a);
+}
+
+/* ---------------------------------------------------------------- SwiGLU */
+/* out = silu(gate) up = gate sigmoid(gate) up; backward with s = sigmoid(gate):
+ * dgate = dout up s (1 + gate (1 - s)),  dup = dout gate s */
 
 typedef struct {
     const float *gate, *up, *dout;

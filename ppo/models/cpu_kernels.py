@@ -33,7 +33,11 @@ _SIGNATURES = {
     "ppk_version": (ctypes.c_int, []),
     "ppk_rms_norm_forward": (None, [_P, _P, _P, _P, _I64, _I64, ctypes.c_float, ctypes.c_int]),
     "ppk_rms_norm_backward": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _I64, _I64, ctypes.c_int]),
-    "ppk_rope": (None, [_P, _P, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_int, _I64, ctypes.c_int, ctypes.c_int]),
+    "ppk_add_rms_norm": (None, [_P, _P, _P, _P, _P, _I64, _I64, ctypes.c_float, ctypes.c_int]),
+    "ppk_rope": (None, [_P, _P, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_int, _I64, ctypes.c_int, ctypes.c_int,
+                        ctypes.c_int]),
+    "ppk_softmax_bias": (None, [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]),
+    "ppk_softmax_grad": (None, [_P, _P, _P, _I64, _I64, ctypes.c_int]),
     "ppk_swiglu_forward": (None, [_P, _P, _P, _I64, ctypes.c_int]),
     "ppk_swiglu_backward": (None, [_P, _P, _P, _P, _P, _I64, ctypes.c_int]),
 }
@@ -116,13 +120,78 @@ class RMSNorm(PyLayer):
         return dx, dw
 
 
-def _rope(x, cos, sin, time_axis: int, backward: bool):
-    """One rotary pass over x [B, A1, A2, D] with tables [1 or B, T, D] (see ``ppk_rope``)."""
-    B, A1, A2, D = x.shape
+def rms_norm_forward(x, weight, eps: float):
+    """RMSNorm of float32 ``x`` [..., H] without autograd (inference)."""
+    x, weight = _dense(x), _dense(weight)
     y = paddle.empty_like(x)
-    _lib().ppk_rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), B, A1, A2, D, time_axis,
-                    cos.shape[0], int(backward), _threads())
+    _lib().ppk_rms_norm_forward(x.data_ptr(), weight.data_ptr(), y.data_ptr(), None, math.prod(x.shape[:-1]),
+                                x.shape[-1], float(eps), _threads())
     return y
+
+
+def add_rms_norm_forward(x, residual, weight, eps: float):
+    """``(RMSNorm(x + residual), x + residual)`` in one pass, without autograd (inference)."""
+    x, residual, weight = _dense(x), _dense(residual), _dense(weight)
+    y, total = paddle.empty_like(x), paddle.empty_like(x)
+    _lib().ppk_add_rms_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), y.data_ptr(), total.data_ptr(),
+                            math.prod(x.shape[:-1]), x.shape[-1], float(eps), _threads())
+    return y, total
+
+
+def _rope(x, cos, sin, time_axis: int, backward: bool, transpose_out: bool = False):
+    """One rotary pass over x [B, A1, A2, D] with tables [1 or B, T, D] (see ``ppk_rope``); with
+    ``transpose_out`` the result is [B, A2, A1, D]."""
+    B, A1, A2, D = x.shape
+    y = paddle.empty([B, A2, A1, D] if transpose_out else [B, A1, A2, D], dtype=x.dtype)
+    _lib().ppk_rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), B, A1, A2, D, time_axis,
+                    cos.shape[0], int(backward), int(transpose_out), _threads())
+    return y
+
+
+def rotary_heads_first(x, cos, sin):
+    """Rotary of x [B, S, heads, D] with tables [1 or B, S, D], returned [B, heads, S, D] (inference)."""
+    return _rope(_dense(x), _dense(cos), _dense(sin), 1, False, transpose_out=True)
+
+
+def _softmax_bias(scores, bias):
+    B, H, S, L = scores.shape
+    out = paddle.empty_like(scores)
+    _lib().ppk_softmax_bias(scores.data_ptr(), bias.data_ptr(), out.data_ptr(), B, H, S, L, bias.shape[1], _threads())
+    return out
+
+
+def softmax_bias_ready(scores, bias) -> bool:
+    """Whether :func:`softmax_bias` takes scores [B, H, S, L] and bias [B, 1 or H, S, L]."""
+    return (scores.ndim == 4 and bias.ndim == 4 and ready(scores, bias) and bias.shape[0] == scores.shape[0]
+            and bias.shape[1] in (1, scores.shape[1]) and bias.shape[2:] == scores.shape[2:])
+
+
+class SoftmaxBias(PyLayer):
+    """``softmax(scores + bias, -1)``: attention probabilities, the bias a constant mask."""
+
+    @staticmethod
+    def forward(ctx, scores, bias):
+        probs = _softmax_bias(_dense(scores), _dense(bias))
+        ctx.save_for_backward(probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad):
+        (probs,) = ctx.saved_tensor()
+        grad = _dense(grad)
+        out = paddle.empty_like(probs)
+        L = probs.shape[-1]
+        _lib().ppk_softmax_grad(probs.data_ptr(), grad.data_ptr(), out.data_ptr(), math.prod(probs.shape) // L, L,
+                                _threads())
+        return out, None
+
+
+def softmax_bias(scores, bias):
+    """``softmax(scores + bias, -1)`` for scores [B, H, S, L] and a constant bias [B, 1 or H, S, L]
+    (:func:`softmax_bias_ready`), with autograd when the scores need it."""
+    if scores.stop_gradient or not paddle.is_grad_enabled():
+        return _softmax_bias(_dense(scores), _dense(bias))
+    return SoftmaxBias.apply(scores, bias)
 
 
 class Rotary(PyLayer):

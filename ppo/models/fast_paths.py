@@ -152,7 +152,11 @@ def attention(original, query_states, config, key_states, value_states, attentio
     kv_len = value_states.shape[1]
     q, k, v = (t.transpose([0, 2, 1, 3]) for t in (query_states, key_states, value_states))  # [B, heads, S, D]
     weights = paddle.matmul(q * (1 / math.sqrt(head_dim)), k, transpose_y=True)
-    weights = F.softmax(weights + attention_mask.reshape([bsz, 1, q_len, kv_len]), axis=-1)
+    mask = attention_mask.reshape([bsz, 1, q_len, kv_len])
+    if mask.stop_gradient and cpu_kernels.softmax_bias_ready(weights, mask):  # one pass, forward and backward
+        weights = cpu_kernels.softmax_bias(weights, mask)
+    else:
+        weights = F.softmax(weights + mask, axis=-1)
     out = paddle.matmul(weights, v).transpose([0, 2, 1, 3])
     out = out.reshape([bsz * q_len, head_dim * num_heads] if sequence_parallel else [bsz, q_len, head_dim * num_heads])
     return (out, weights) if output_attentions else out

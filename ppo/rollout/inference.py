@@ -46,13 +46,15 @@ import paddle.nn.functional as F
 from ppo.distributed import parallel, vocab
 from ppo.core.algorithms import gather_log_probs
 from ppo.rollout.decoding import RolloutDecoder
-from ppo.models import cpu_gemm
+from ppo.models import cpu_gemm, cpu_kernels
 from ppo.models.families import DecoderLayout, LayerWeights, Projection, family_of_model
 from ppo.models.fast_paths import FUSED_RMS_NORM, dense_kernels
 from ppo.models.score_model import last_token_index, position_ids_from_mask
 
 
 def _rms_norm(x, weight, eps):
+    if cpu_kernels.ready(x, weight):  # the toolkit's CPU kernel: one pass on the matmuls' threads
+        return cpu_kernels.rms_norm_forward(x, weight, eps)
     if FUSED_RMS_NORM is not None and x.dtype == weight.dtype:
         # paddle's fused kernel (CPU too): 8x faster than the composed ops at decode size
         return FUSED_RMS_NORM(x, weight, None, eps, x.ndim - 1)[0]
@@ -66,6 +68,8 @@ def _rms_norm(x, weight, eps):
 def _add_rms_norm(x, residual, weight, eps):
     """(RMSNorm of ``x + residual``, ``x + residual``): the residual stream's add and the next norm,
     one fused kernel where the build has it."""
+    if cpu_kernels.ready(x, residual, weight):
+        return cpu_kernels.add_rms_norm_forward(x, residual, weight, eps)
     if FUSED_RMS_NORM is not None and x.dtype == weight.dtype == residual.dtype:
         normed, summed = FUSED_RMS_NORM(x, weight, None, eps, x.ndim - 1, residual=residual)[:2]
         return normed, summed
@@ -208,7 +212,9 @@ class InferenceModel(RolloutDecoder):
 
     def _mlp(self, h, weights: LayerWeights):
         if weights.gate_up is None:
-            act = F.swiglu(_linear(h, weights.gate), _linear(h, weights.up))  # silu(gate) * up, one op
+            gate, up = _linear(h, weights.gate), _linear(h, weights.up)
+            # silu(gate) * up, one op (the toolkit's CPU kernel where it runs)
+            act = cpu_kernels.swiglu_forward(gate, up) if cpu_kernels.ready(gate, up) else F.swiglu(gate, up)
         else:
             act = F.swiglu(_linear(h, weights.gate_up))  # [gate | up]
         return self._row_parallel(act, weights.down)
@@ -235,24 +241,35 @@ class InferenceModel(RolloutDecoder):
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         # activations stay 2-D [B*S, hidden]: paddle's CPU matmul is 2-3x faster on 2-D inputs
         h = self._embed(ids.reshape([-1]), layout.embed_tokens)
-        sign = _rotary_sign(D, layout.cos.dtype)
-        cos = layout.cos[positions].unsqueeze(1)  # [B, 1, S, D]
-        sin = (layout.sin * sign)[positions].unsqueeze(1)
-        # broadcast factors expanded once for all layers (paddle's CPU kernels broadcast slowly),
-        # the queries' with the attention scale folded in; the mask for a prompt prefill too (a
-        # long scored sequence keeps it [B, 1, S, T])
         scale = 1.0 / math.sqrt(D)
-        cos_q, sin_q = (t.expand([B, H, S, D]) * scale for t in (cos, sin))
-        cos_k, sin_k = (t.expand([B, KV, S, D]) for t in (cos, sin))
+        kernels = cpu_kernels.ready(h, layout.cos)  # the toolkit's CPU kernels: rotary, softmax
         if cache is not None:  # (the cache slots after the prompt are empty: left out)
-            key_bias = key_bias[..., :S].expand([B, H, S, S])
+            key_bias = key_bias[..., :S]
+        if kernels:  # tables [B, S, D], the queries' with the attention scale folded in
+            cos, sin = layout.cos[positions], layout.sin[positions]
+            cos_q, sin_q = cos * scale, sin * scale
+            key_bias = key_bias.contiguous()
+        else:
+            sign = _rotary_sign(D, layout.cos.dtype)
+            cos = layout.cos[positions].unsqueeze(1)  # [B, 1, S, D]
+            sin = (layout.sin * sign)[positions].unsqueeze(1)
+            # broadcast factors expanded once for all layers (paddle's CPU kernels broadcast slowly),
+            # the queries' with the attention scale folded in; the mask for a prompt prefill too (a
+            # long scored sequence keeps it [B, 1, S, T])
+            cos_q, sin_q = (t.expand([B, H, S, D]) * scale for t in (cos, sin))
+            cos_k, sin_k = (t.expand([B, KV, S, D]) for t in (cos, sin))
+            if cache is not None:
+                key_bias = key_bias.expand([B, H, S, S])
         layers = layout.layers
         x = _rms_norm(h, layers[0].input_norm, self.eps)
         for i, weights in enumerate(layers):
             q, k, v = self._qkv(x, weights)
             q, k = self._head_norms(q.reshape([B, S, H, D]), k.reshape([B, S, KV, D]), weights)
-            q = _rotary(q.transpose([0, 2, 1, 3]), cos_q, sin_q)
-            k = _rotary(k.transpose([0, 2, 1, 3]), cos_k, sin_k)
+            if kernels:  # [B, S, heads, D] -> rotated [B, heads, S, D] in one pass
+                q, k = cpu_kernels.rotary_heads_first(q, cos_q, sin_q), cpu_kernels.rotary_heads_first(k, cos, sin)
+            else:
+                q = _rotary(q.transpose([0, 2, 1, 3]), cos_q, sin_q)
+                k = _rotary(k.transpose([0, 2, 1, 3]), cos_k, sin_k)
             v = v.reshape([B, S, KV, D]).transpose([0, 2, 1, 3])
             if cache is not None:
                 # written through the whole cache tensor (under dense kernels cache[0][i] is a copy)
@@ -262,8 +279,11 @@ class InferenceModel(RolloutDecoder):
             if KV != H:
                 keys = paddle.repeat_interleave(keys, H // KV, axis=1)
                 values = paddle.repeat_interleave(values, H // KV, axis=1)
-            scores = paddle.matmul(q, keys, transpose_y=True) + key_bias
-            probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
+            scores = paddle.matmul(q, keys, transpose_y=True)
+            if kernels and cpu_kernels.softmax_bias_ready(scores, key_bias):
+                probs = cpu_kernels.softmax_bias(scores, key_bias)
+            else:
+                probs = F.softmax((scores + key_bias).astype("float32"), axis=-1).astype(q.dtype)
             out = paddle.matmul(probs, values).transpose([0, 2, 1, 3]).reshape([B * S, -1])
             x, h = _add_rms_norm(self._row_parallel(out, weights.o), h, weights.post_attention_norm, self.eps)
             following = layers[i + 1].input_norm if i + 1 < len(layers) else layout.norm
