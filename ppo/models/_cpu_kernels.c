@@ -266,7 +266,8 @@ void ppk_rope(const float *x, const float *cos, const float *sin, float *y, int6
 static inline float exp_approx(float x_in) {
     float x = x_in < -87.0f ? -87.0f : x_in;
     x = x > 88.0f ? 88.0f : x;
-    float n = (float)(int32_t)(x * 1.44269504088896341f + (x < 0.0f ? -0.5f : 0.5f)); /* round(x / ln 2) */
+    /* round(x / ln 2): truncation of a positive number (x >= -87) is its floor */
+    float n = (float)((int32_t)(x * 1.44269504088896341f + 128.5f) - 128);
     float r = x - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;

@@ -148,6 +148,11 @@ def _rope(x, cos, sin, time_axis: int, backward: bool, transpose_out: bool = Fal
     return y
 
 
+def rotary_forward(x, cos, sin, time_axis: int):
+    """Rotary of x [B, A1, A2, D] (time axis 1 or 2) with tables [1 or B, T, D], no autograd (inference)."""
+    return _rope(_dense(x), _dense(cos), _dense(sin), time_axis, False)
+
+
 def rotary_heads_first(x, cos, sin):
     """Rotary of x [B, S, heads, D] with tables [1 or B, S, D], returned [B, heads, S, D] (inference)."""
     return _rope(_dense(x), _dense(cos), _dense(sin), 1, False, transpose_out=True)

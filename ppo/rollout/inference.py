@@ -351,16 +351,25 @@ class InferenceModel(RolloutDecoder):
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         h = self._embed(token, layout.embed_tokens)                        # [B, hidden]
         scale = 1.0 / math.sqrt(D)
-        (cos_q, sin_q), (cos_k, sin_k) = self._per_head(cos, sin)
+        kernels = cpu_kernels.ready(h, cos)  # the toolkit's CPU kernels: rotary in one pass
+        if kernels:  # tables [B, 1, D], the queries' with the attention scale folded in
+            cos_k, sin_k = cos.reshape([B, 1, D]), sin.reshape([B, 1, D])
+            cos_q, sin_q = cos_k * scale, sin_k * scale
+        else:
+            (cos_q, sin_q), (cos_k, sin_k) = self._per_head(cos, sin)
         cache_bias = cache_bias.expand([B, H, 1, cache_bias.shape[-1]])
         new_keys, new_values = [], []
-        for i, weights in enumerate(layout.layers):
-            q, k, v = self._qkv(_rms_norm(h, weights.input_norm, self.eps), weights)
+        layers = layout.layers
+        x = _rms_norm(h, layers[0].input_norm, self.eps)
+        for i, weights in enumerate(layers):
+            q, k, v = self._qkv(x, weights)
             q, k = self._head_norms(q.reshape([B, H, 1, D]), k.reshape([B, KV, 1, D]), weights)
             v = v.reshape([B, KV, 1, D])
-            # rotary with rotate_half as one matmul by a signed permutation (instead of 4 ops)
-            q = (q * cos_q + paddle.matmul(q, self.rotation) * sin_q) * scale
-            k = k * cos_k + paddle.matmul(k, self.rotation) * sin_k
+            if kernels:
+                q, k = cpu_kernels.rotary_forward(q, cos_q, sin_q, 2), cpu_kernels.rotary_forward(k, cos_k, sin_k, 2)
+            else:  # rotary with rotate_half as one matmul by a signed permutation (instead of 4 ops)
+                q = (q * cos_q + paddle.matmul(q, self.rotation) * sin_q) * scale
+                k = k * cos_k + paddle.matmul(k, self.rotation) * sin_k
             new_keys.append(k)
             new_values.append(v)
             keys, values = cache[0][i], cache[1][i]
@@ -371,10 +380,12 @@ class InferenceModel(RolloutDecoder):
                                     (q * k).sum(-1, keepdim=True)], axis=-1)
             probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
             out = paddle.matmul(probs[..., :-1], values) + probs[..., -1:].expand([B, H, 1, D]) * v  # [B, H, 1, D]
-            h = h + self._row_parallel(out.reshape([B, H * D]), weights.o)
-            h = h + self._mlp(_rms_norm(h, weights.post_attention_norm, self.eps), weights)
-        last = _rms_norm(h, layout.norm, self.eps)
-        return self._full_logits(last, layout.lm_head), paddle.stack(new_keys), paddle.stack(new_values)
+            # the residual adds with the norms after them (one op each where fused)
+            x, h = _add_rms_norm(self._row_parallel(out.reshape([B, H * D]), weights.o), h,
+                                 weights.post_attention_norm, self.eps)
+            following = layers[i + 1].input_norm if i + 1 < len(layers) else layout.norm
+            x, h = _add_rms_norm(self._mlp(x, weights), h, following, self.eps)
+        return self._full_logits(x, layout.lm_head), paddle.stack(new_keys), paddle.stack(new_values)
 
     def _per_head(self, cos, sin):
         """RoPE factors [B, 1, S, D] expanded to the query and the key heads, once for all layers:
