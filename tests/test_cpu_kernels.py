@@ -1,0 +1,327 @@
+"""The compiled CPU kernels (ppo/models/_cpu_kernels.c through ppo.models.cpu_kernels): RMSNorm,
+rotary embedding, SwiGLU and the attention softmax, forward and backward, against numpy written
+here (float64); results that do not depend on the number of threads; whole models through them
+equal paddle's own ops; the fallbacks say so in one line."""
+
+
+import numpy as np
+import paddle
+import pytest
+
+from ppo.models import cpu_gemm, cpu_kernels, fast_paths
+
+RNG = np.random.default_rng(7)
+
+
+class Counting:
+    """The kernels' library with a count of the calls of each entry point."""
+
+    def __init__(self, lib):
+        self.lib, self.calls = lib, {}
+
+    def __getattr__(self, name):
+        fn = getattr(self.lib, name)
+
+        def counted(*args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return fn(*args)
+
+        return counted
+
+
+@pytest.fixture
+def kernels():
+    """The kernels on (with the oneDNN matmuls) for one test, counted."""
+    assert cpu_gemm.activate("onednn") is None, cpu_gemm.STATE.kernels_library
+    counting = Counting(cpu_gemm.STATE.kernels)
+    cpu_gemm.STATE.kernels = counting
+    yield counting
+    cpu_gemm.deactivate()
+
+
+def tensor(*shape, grad=True, scale=1.0):
+    return paddle.to_tensor((RNG.normal(size=shape) * scale).astype("float32"), stop_gradient=not grad)
+
+
+def close(got, want, tol=2e-6):
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, float(np.abs(want).max())))
+
+
+# ------------------------------------------------------------------ numpy references (float64)
+
+def np_rms_norm(x, w, eps):
+    r = 1.0 / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    return x * r * w
+
+
+def np_rms_norm_grads(x, w, g, eps):
+    """d/dx and d/dw of sum(g * rms_norm(x)), written out from the definition."""
+    H = x.shape[-1]
+    r = 1.0 / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    x_hat = x * r
+    gw = g * w
+    dx = r * gw - x * r ** 3 * (gw * x).sum(-1, keepdims=True) / H
+    dw = (g * x_hat).reshape(-1, H).sum(0)
+    return dx, dw
+
+
+def np_rotate_half(x):
+    h = x.shape[-1] // 2
+    return np.concatenate([-x[..., h:], x[..., :h]], -1)
+
+
+def np_silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def np_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+# ------------------------------------------------------------------ kernels against numpy
+
+@pytest.mark.parametrize("shape", [(3, 37, 64), (70, 48), (1, 1, 9)])
+def test_rms_norm_forward_and_both_gradients_equal_numpy(kernels, shape):
+    """Rows not a multiple of the kernel's block of 32, an odd H."""
+    x, w = tensor(*shape, scale=3.0), tensor(shape[-1])
+    g = RNG.normal(size=shape)
+    y = fast_paths.rms_norm(x, w, 1e-5)
+    y.backward(paddle.to_tensor(g.astype("float32")))
+    xn, wn = x.numpy().astype(np.float64), w.numpy().astype(np.float64)
+    close(y.numpy(), np_rms_norm(xn, wn, 1e-5))
+    dx, dw = np_rms_norm_grads(xn, wn, g, 1e-5)
+    close(x.grad.numpy(), dx, 1e-5)
+    close(w.grad.numpy(), dw, 1e-5)
+    assert kernels.calls == {"ppk_rms_norm_forward": 1, "ppk_rms_norm_backward": 1}
+
+
+def test_rms_norm_frozen_weight_has_no_gradient(kernels):
+    x, w = tensor(4, 16), tensor(16, grad=False)
+    fast_paths.rms_norm(x, w, 1e-6).sum().backward()
+    assert w.grad is None and x.grad is not None
+
+
+def test_results_do_not_depend_on_the_number_of_threads(kernels):
+    """Sizes above the kernels' one-thread cut-off (32768 elements), odd counts so that the split
+    has a remainder: on 2 threads every result equals numpy, and bit for bit the 1-thread one (the
+    weight gradient's sum over rows is taken in fixed blocks of rows)."""
+    x, w, g = tensor(301, 128), tensor(128), RNG.normal(size=(301, 128))
+    q, k = tensor(2, 81, 4, 64), tensor(2, 81, 2, 64)
+    cos, sin = tensor(1, 81, 64, grad=False), tensor(1, 81, 64, grad=False)
+    gate, up = tensor(3, 5, 3001, scale=3.0), tensor(3, 5, 3001)
+    scores, bias = tensor(2, 4, 101, 101, scale=3.0), tensor(2, 1, 101, 101, grad=False)
+    results = []
+    for threads in (1, 2):
+        cpu_gemm.STATE.threads = threads
+        for t in (x, w, q, k, gate, up, scores):
+            t.clear_gradient()
+        y = cpu_kernels.RMSNorm.apply(x, w, 1e-6)
+        y.backward(paddle.to_tensor(g.astype("float32")))
+        qe, ke = cpu_kernels.Rotary.apply(q, k, cos, sin, 1)
+        (qe.sum() * 2 + ke.sum()).backward()
+        act = cpu_kernels.SwiGLU.apply(gate, up)
+        (act * act).sum().backward()
+        probs = cpu_kernels.softmax_bias(scores, bias)
+        (probs * probs).sum().backward()
+        results.append([t.numpy() for t in (y, x.grad, w.grad, qe, ke, q.grad, k.grad, act, gate.grad, up.grad,
+                                             probs, scores.grad)])
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
+    y, dx, dw, qe, ke, dq, dk, act, dgate, dup, probs, dscores = results[1]
+    xn, wn = x.numpy().astype(np.float64), w.numpy().astype(np.float64)
+    close(y, np_rms_norm(xn, wn, 1e-6))
+    for got, want in zip((dx, dw), np_rms_norm_grads(xn, wn, g, 1e-6)):
+        close(got, want, 1e-5)
+    c, s = cos.numpy()[:, :, None].astype(np.float64), sin.numpy()[:, :, None]
+    for t, emb, grad, factor in ((q, qe, dq, 2.0), (k, ke, dk, 1.0)):
+        tn = t.numpy().astype(np.float64)
+        close(emb, tn * c + np_rotate_half(tn) * s)
+        upstream = np.full_like(tn, factor)
+        close(grad, upstream * c - np_rotate_half(upstream * s))
+    a, b = gate.numpy().astype(np.float64), up.numpy().astype(np.float64)
+    close(act, np_silu(a) * b)
+    sig = 1.0 / (1.0 + np.exp(-a))
+    close(dgate, 2 * act * b * (sig + a * sig * (1 - sig)), 1e-5)
+    close(dup, 2 * act * np_silu(a), 1e-5)
+    p = np_softmax(scores.numpy().astype(np.float64) + bias.numpy())
+    close(probs, p)
+    close(dscores, p * (2 * p - (2 * p * p).sum(-1, keepdims=True)), 1e-5)
+
+
+@pytest.mark.parametrize("layout", ["llama", "mistral"])
+def test_rotary_equals_paddlenlps_and_the_formula(kernels, layout):
+    """paddlenlp's apply_rotary_pos_emb forms: LLaMA / Qwen2 (q [B, S, heads, D], tables
+    [1, max, 1, D]) and Mistral (q [B, heads, S, D], tables [max, D]); positions with offsets (left
+    padding), q and k with other head counts (grouped-query attention)."""
+    import paddlenlp.transformers.llama.modeling as llama
+    import paddlenlp.transformers.mistral.modeling as mistral
+
+    module = llama if layout == "llama" else mistral
+    B, S, H, KV, D, MAX = 2, 7, 4, 2, 16, 20
+    angles = RNG.uniform(0, 6, size=(MAX, D))
+    cos_np, sin_np = np.cos(angles), np.sin(angles)
+    shape_table = (1, MAX, 1, D) if layout == "llama" else (MAX, D)
+    cos = paddle.to_tensor(cos_np.reshape(shape_table).astype("float32"))
+    sin = paddle.to_tensor(sin_np.reshape(shape_table).astype("float32"))
+    positions = np.stack([np.arange(S) + 3, np.maximum(np.arange(S) - 2, 0)])
+    q_shape, k_shape = ((B, S, H, D), (B, S, KV, D)) if layout == "llama" else ((B, H, S, D), (B, KV, S, D))
+    q, k = tensor(*q_shape), tensor(*k_shape)
+    gq, gk = RNG.normal(size=q_shape), RNG.normal(size=k_shape)
+    pos = paddle.to_tensor(positions)
+
+    def run(fn):
+        q.clear_gradient(), k.clear_gradient()
+        qe, ke = fn(q, k, cos, sin, pos)
+        ((qe * paddle.to_tensor(gq.astype("float32"))).sum() + (ke * paddle.to_tensor(gk.astype("float32"))).sum()).backward()
+        return qe.numpy(), ke.numpy(), q.grad.numpy(), k.grad.numpy()
+
+    own = fast_paths.PADDLENLP_ROTATE_HALF.get(module.__name__, {}).get("apply_rotary_pos_emb",
+                                                                         module.apply_rotary_pos_emb)
+    got = run(lambda *a: fast_paths.apply_rotary_pos_emb(own, *a))
+    assert kernels.calls == {"ppk_rope": 4}  # q and k, forward and backward
+    for mine, theirs in zip(got, run(own)):  # paddlenlp's own ops
+        close(mine, theirs)
+    assert kernels.calls == {"ppk_rope": 4}
+    # the formula, in numpy: tables gathered at the positions, broadcast over the heads
+    c, s = cos_np[positions], sin_np[positions]  # [B, S, D]
+    c, s = (c[:, :, None], s[:, :, None]) if layout == "llama" else (c[:, None], s[:, None])
+    for x, g, emb, grad in ((q, gq, got[0], got[2]), (k, gk, got[1], got[3])):
+        xn = x.numpy().astype(np.float64)
+        close(emb, xn * c + np_rotate_half(xn) * s)
+        # d/dx of sum(g * (x c + R x s)) = g c + R^T (g s), R^T = -R
+        close(grad, g * c - np_rotate_half(g * s))
+
+
+def test_swiglu_forward_and_gradients_equal_numpy(kernels):
+    gate, up = tensor(3, 5, 1000, scale=4.0), tensor(3, 5, 1000)
+    g = RNG.normal(size=(3, 5, 1000))
+    out = fast_paths.swiglu(fast_paths._PADDLE_SWIGLU, gate, up)
+    out.backward(paddle.to_tensor(g.astype("float32")))
+    a, b = gate.numpy().astype(np.float64), up.numpy().astype(np.float64)
+    sig = 1.0 / (1.0 + np.exp(-a))
+    close(out.numpy(), np_silu(a) * b)
+    close(gate.grad.numpy(), g * b * (sig + a * sig * (1 - sig)))
+    close(up.grad.numpy(), g * np_silu(a))
+    assert kernels.calls == {"ppk_swiglu_forward": 1, "ppk_swiglu_backward": 1}
+    # far tails: silu is 0 below and x above, without overflow
+    x = paddle.to_tensor(np.array([-200.0, -90.0, -30.0, 0.0, 30.0, 95.0, 200.0], np.float32))
+    close(cpu_kernels.swiglu_forward(x, paddle.ones([7])).numpy(), np_silu(x.numpy().astype(np.float64)))
+
+
+@pytest.mark.parametrize("bias_heads", [1, 3])
+def test_masked_softmax_and_its_gradient_equal_numpy(kernels, bias_heads):
+    """softmax(scores + bias) with a causal mask at the dtype's minimum (a bias shared by the heads,
+    or one per head), and its gradient; fully masked entries are exactly 0."""
+    B, H, S = 2, 3, 9
+    scores = tensor(B, H, S, S, scale=5.0)
+    minimum = np.finfo(np.float32).min
+    causal = np.where(np.tril(np.ones((S, S))) > 0, 0.0, minimum)
+    bias_np = np.broadcast_to(causal, (B, bias_heads, S, S)).copy()
+    bias_np[1, :, :, 0] = minimum  # a padded first key in the second row
+    for head in range(1, bias_heads):  # per-head biases that differ (as ALiBi's would)
+        bias_np[:, head] += np.tril(RNG.normal(size=(S, S)) * head)
+    bias_np[..., 0, 0] = 0.0
+    bias = paddle.to_tensor(bias_np.astype("float32"))
+    g = RNG.normal(size=(B, H, S, S))
+    probs = cpu_kernels.softmax_bias(scores, bias)
+    probs.backward(paddle.to_tensor(g.astype("float32")))
+    z = scores.numpy().astype(np.float64) + np.maximum(bias_np, -1e30)
+    p = np_softmax(z)
+    close(probs.numpy(), p)
+    assert (probs.numpy()[np.broadcast_to(bias_np, p.shape) == minimum] == 0).all()
+    close(scores.grad.numpy(), p * (g - (g * p).sum(-1, keepdims=True)))
+    assert kernels.calls == {"ppk_softmax_bias": 1, "ppk_softmax_grad": 1}
+
+
+def test_inference_forms_equal_numpy(kernels):
+    """The residual add with the next norm, and rotary written heads-first, no autograd."""
+    x, res, w = tensor(6, 32, grad=False), tensor(6, 32, grad=False), tensor(32, grad=False)
+    normed, total = cpu_kernels.add_rms_norm_forward(x, res, w, 1e-6)
+    want_total = x.numpy().astype(np.float64) + res.numpy()
+    close(total.numpy(), want_total)
+    close(normed.numpy(), np_rms_norm(want_total, w.numpy().astype(np.float64), 1e-6))
+    q, cos, sin = tensor(2, 5, 3, 8, grad=False), tensor(2, 5, 8, grad=False), tensor(2, 5, 8, grad=False)
+    got = cpu_kernels.rotary_heads_first(q, cos, sin).numpy()
+    qn = q.numpy().astype(np.float64)
+    want = qn * cos.numpy()[:, :, None] + np_rotate_half(qn) * sin.numpy()[:, :, None]
+    close(got, want.transpose(0, 2, 1, 3))
+
+
+# ------------------------------------------------------------------ whole models, switches, fallbacks
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_whole_models_through_the_kernels_equal_paddles_ops(kernels, family):
+    """Logits, log-probs and every gradient with the kernels equal paddle's own ops (the oneDNN
+    matmuls on in both), and every norm, rotary, SwiGLU and attention softmax went through them."""
+    from test_cpu_gemm import causal_lm, forward_and_grads
+
+    from ppo.models.families import family_named
+
+    model = causal_lm(family, False)
+    fast_paths.install_rotate_half(family_named(family).rotary_module)  # (as the loaders do)
+    ids = paddle.to_tensor(RNG.integers(0, 96, size=(3, 12)))
+    library, cpu_gemm.STATE.kernels = cpu_gemm.STATE.kernels, None
+    reference = forward_and_grads(model, ids)
+    assert not kernels.calls
+    cpu_gemm.STATE.kernels = library
+    got = forward_and_grads(model, ids)
+    layers = model.config.num_hidden_layers
+    norms = 2 * layers + 1 + (2 * layers if family == "qwen3" else 0)  # Qwen3's q/k head norms
+    assert kernels.calls == {"ppk_rms_norm_forward": norms, "ppk_rms_norm_backward": norms,
+                             "ppk_rope": 4 * layers, "ppk_swiglu_forward": layers, "ppk_swiglu_backward": layers,
+                             "ppk_softmax_bias": layers, "ppk_softmax_grad": layers}, kernels.calls
+    np.testing.assert_allclose(got[0], reference[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[1], reference[1], rtol=1e-5, atol=1e-5)
+    for name, g in reference[2].items():
+        np.testing.assert_allclose(got[2][name], g, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_paddle_mode_switches_them_off_and_restore_brings_them_back():
+    x, w = tensor(4, 8), tensor(8)
+    cpu_gemm.activate("paddle")
+    assert cpu_gemm.STATE.kernels is None and not cpu_kernels.ready(x, w)
+    assert cpu_gemm.activate("auto") is None and cpu_kernels.ready(x, w)
+    state = cpu_gemm.snapshot()
+    cpu_gemm.deactivate()
+    assert not cpu_kernels.ready(x, w)
+    cpu_gemm.restore(state)
+    assert cpu_kernels.ready(x, w)
+    assert not cpu_kernels.ready(x.astype("float64"), w.astype("float64"))  # other dtypes: paddle's
+    cpu_gemm.deactivate()
+
+
+def test_a_missing_or_broken_library_is_one_notice_and_paddles_ops(monkeypatch, tmp_path):
+    """Not built (no compiler at install) or not loadable: ``activate`` says so in one line and
+    the models run paddle's ops; the matmuls stay oneDNN's."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    broken = tmp_path / "_cpu_kernels.so"
+    broken.write_bytes(b"\x7fELF truncated")
+    for origin, words in ((None, "were not built"), (str(broken), "are not usable")):
+        def find_spec(name, *args, origin=origin):
+            if name == cpu_kernels._LIBRARY_MODULE:
+                return None if origin is None else importlib.util.spec_from_file_location("x", origin)
+            return real_find_spec(name, *args)
+
+        monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+        monkeypatch.setattr(cpu_gemm.STATE, "kernels_library", None)
+        notice = cpu_gemm.activate("auto")
+        assert words in notice and "\n" not in notice and "paddle's" in notice
+        assert cpu_gemm.STATE.active and cpu_gemm.STATE.kernels is None
+        x, w = tensor(4, 8), tensor(8)
+        y = fast_paths.rms_norm(x, w, 1e-6)  # the composed form
+        close(y.numpy(), np_rms_norm(x.numpy().astype(np.float64), w.numpy().astype(np.float64), 1e-6))
+        # 'onednn' is about the matmuls: it still runs, with the same notice
+        assert words in cpu_gemm.select("onednn")
+    cpu_gemm.deactivate()
+    monkeypatch.setattr(cpu_gemm.STATE, "kernels_library", None)  # (loaded again by the next test)
+
+
+def test_the_library_is_built_with_the_toolkit():
+    """pip install built it: a machine with a C compiler must not fall back silently."""
+    lib, why_not = cpu_kernels.load()
+    assert lib is not None, why_not
+    assert lib.ppk_version() == 1
