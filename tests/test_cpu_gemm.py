@@ -62,8 +62,13 @@ def test_frozen_weight_views_and_no_grad(onednn):
     np.testing.assert_allclose(x.grad.numpy(), expected, rtol=1e-5, atol=1e-5)
     with paddle.no_grad():
         n = len(onednn)
-        out = cpu_gemm.matmul(x, w)
+        out = cpu_gemm.matmul(x, w)  # fewer rows than SMALL_ROWS (a decode step's): paddle's matmul
+        assert out.stop_gradient and len(onednn) == n
+        np.testing.assert_allclose(out.numpy(), x.numpy() @ w.numpy(), rtol=1e-5, atol=1e-5)
+        tall = tensor(cpu_gemm.SMALL_ROWS, 12, grad=False)
+        out = cpu_gemm.matmul(tall, w)
         assert out.stop_gradient and len(onednn) == n + 1
+        np.testing.assert_allclose(out.numpy(), tall.numpy() @ w.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_linear_routes_float32_only(onednn):
