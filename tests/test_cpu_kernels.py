@@ -325,3 +325,65 @@ def test_the_library_is_built_with_the_toolkit():
     lib, why_not = cpu_kernels.load()
     assert lib is not None, why_not
     assert lib.ppk_version() == 1
+
+
+def test_decode_attention_equals_numpy(kernels):
+    """A decode step's attention: grouped-query heads, cache slots masked (padding and slots not
+    written yet) weigh 0, the new token's own key and value as one more column; a layer of the
+    whole cache read in place."""
+    L, B, H, KV, T, D = 3, 2, 4, 2, 11, 8
+    keys, values = tensor(L, B, KV, T, D, grad=False), tensor(L, B, KV, T, D, grad=False)
+    q, k, v = tensor(B, H, 1, D, grad=False, scale=2.0), tensor(B, KV, 1, D, grad=False), tensor(B, KV, 1, D, grad=False)
+    minimum = np.finfo(np.float32).min
+    bias_np = np.zeros((B, 1, 1, T), np.float32)
+    bias_np[:, ..., 7:] = minimum  # not written yet
+    bias_np[1, ..., :2] = minimum  # left padding of the second row
+    out = cpu_kernels.decode_attention(q, k, v, keys, values, 1, paddle.to_tensor(bias_np)).numpy()
+    assert kernels.calls == {"ppk_decode_attention": 1}
+    kn, vn = keys.numpy()[1].astype(np.float64), values.numpy()[1].astype(np.float64)
+    for b in range(B):
+        for h in range(H):
+            g = h // (H // KV)
+            allowed = bias_np[b, 0, 0] == 0
+            qv = q.numpy()[b, h, 0].astype(np.float64)
+            scores = np.concatenate([kn[b, g][allowed] @ qv, [k.numpy()[b, g, 0] @ qv]])
+            p = np_softmax(scores)
+            want = p[:-1] @ vn[b, g][allowed] + p[-1] * v.numpy()[b, g, 0]
+            close(out[b, h, 0], want)
+
+
+@pytest.mark.parametrize("extra", [{}, {"num_key_value_heads": 2, "fuse_attention_qkv": True}],
+                         ids=["plain", "grouped-kv-fused-qkv"])
+def test_rollout_model_through_the_kernels_equals_paddles_ops(kernels, extra):
+    """The rollout model (prefill, decode steps, scoring) with the kernels on: the same greedy tokens
+    as with paddle's ops, and the step logits and scoring log-probs within float32 rounding."""
+    from test_inference import make_model, prompts
+
+    from ppo.models import position_ids_from_mask
+    from ppo.rollout.collect import GenerationConfig, generate
+    from ppo.rollout.inference import InferenceModel
+
+    model = make_model(**extra)
+    ids, mask = prompts()
+    pos = position_ids_from_mask(mask)
+    config = GenerationConfig(max_new_tokens=10, do_sample=False)
+
+    def run():
+        decoder = InferenceModel(model)
+        with paddle.no_grad():
+            first = decoder.start(ids, mask, pos, max_new_tokens=3)
+            second = decoder.step(paddle.argmax(first, axis=-1), paddle.ones([ids.shape[0]], "int64"), pos[:, -1:] + 1)
+        tokens, _ = generate(decoder, ids, mask, config, eos_token_id=2, pad_token_id=3)
+        return first.numpy(), second.numpy(), tokens.numpy(), decoder.log_probs(tokens, paddle.ones_like(tokens),
+                                                                                 temperature=0.7).numpy()
+
+    library, cpu_gemm.STATE.kernels = cpu_gemm.STATE.kernels, None
+    reference = run()
+    assert not kernels.calls
+    cpu_gemm.STATE.kernels = library
+    got = run()
+    for name in ("ppk_decode_attention", "ppk_rope", "ppk_add_rms_norm", "ppk_swiglu_forward", "ppk_softmax_bias"):
+        assert kernels.calls.get(name), (name, kernels.calls)
+    np.testing.assert_array_equal(got[2], reference[2])
+    for mine, theirs in zip(got[:2] + got[3:], reference[:2] + reference[3:]):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-5)

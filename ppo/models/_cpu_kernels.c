@@ -334,6 +334,60 @@ void ppk_softmax_grad(const float *p, const float *dp, float *ds, int64_t rows, 
     parallel_for(rows, L, threads, softmax_grad_rows, &a);
 }
 
+/* ---------------------------------------------------------------- a decode step's attention */
+/* One new query per row against the KV cache and the row's own new key and value (the rollout's
+ * decode step): q [B, H, D] (scaled), k_new, v_new [B, KV, D], the cache's keys and values
+ * [B, KV, T, D] of one layer, bias [B, T] (0, or the dtype's minimum for a slot not to attend:
+ * padding, slots not written yet), out [B, H, D].  Query head h reads key / value head
+ * h / (H / KV) (grouped-query attention).  out = softmax([q k_t + bias_t, q k_new]) [v_t, v_new];
+ * masked slots weigh exactly 0 and are skipped. */
+
+typedef struct {
+    const float *q, *k_new, *v_new, *keys, *values, *bias;
+    float *out;
+    int64_t H, KV, T, D;
+} dattn_t;
+
+CLONES static void dattn_rows(void *p, int64_t begin, int64_t end) {
+    dattn_t *a = (dattn_t *)p;
+    const int64_t T = a->T, D = a->D, group = a->H / a->KV;
+    float *scores = (float *)malloc(sizeof(float) * (T > 0 ? T : 1));
+    if (!scores) return; /* (the caller checks the status word) */
+    for (int64_t row = begin; row < end; ++row) { /* row = b * H + h */
+        const int64_t b = row / a->H, h = row % a->H, kv = b * a->KV + h / group;
+        const float *q = a->q + row * D, *bias = a->bias + b * T;
+        const float *keys = a->keys + kv * T * D, *values = a->values + kv * T * D;
+        const float *v_new = a->v_new + kv * D;
+        float *out = a->out + row * D;
+        const float own = dot2(q, a->k_new + kv * D, D);
+        float top = own;
+        for (int64_t t = 0; t < T; ++t) {
+            if (bias[t] < -1e30f) continue;
+            scores[t] = dot2(q, keys + t * D, D) + bias[t];
+            top = scores[t] > top ? scores[t] : top;
+        }
+        float weight = exp_approx(own - top), total = weight;
+        for (int64_t d = 0; d < D; ++d) out[d] = weight * v_new[d];
+        for (int64_t t = 0; t < T; ++t) {
+            if (bias[t] < -1e30f) continue;
+            weight = exp_approx(scores[t] - top);
+            total += weight;
+            const float *v = values + t * D;
+            for (int64_t d = 0; d < D; ++d) out[d] += weight * v[d];
+        }
+        const float inv = 1.0f / total;
+        for (int64_t d = 0; d < D; ++d) out[d] *= inv;
+    }
+    free(scores);
+}
+
+void ppk_decode_attention(const float *q, const float *k_new, const float *v_new, const float *keys,
+                          const float *values, const float *bias, float *out, int64_t B, int64_t H, int64_t KV,
+                          int64_t T, int64_t D, int threads) {
+    dattn_t a = {q, k_new, v_new, keys, values, bias, out, H, KV, T, D};
+    parallel_for(B * H, (T + 1) * D * 2, threads, dattn_rows, &a);
+}
+
 /* ---------------------------------------------------------------- SwiGLU */
 /* out = silu(gate) up = gate sigmoid(gate) up; backward with s = sigmoid(gate):
  * dgate = dout up s (1 + gate (1 - s)),  dup = dout gate s */

@@ -38,6 +38,7 @@ _SIGNATURES = {
                         ctypes.c_int]),
     "ppk_softmax_bias": (None, [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]),
     "ppk_softmax_grad": (None, [_P, _P, _P, _I64, _I64, ctypes.c_int]),
+    "ppk_decode_attention": (None, [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]),
     "ppk_swiglu_forward": (None, [_P, _P, _P, _I64, ctypes.c_int]),
     "ppk_swiglu_backward": (None, [_P, _P, _P, _P, _P, _I64, ctypes.c_int]),
 }
@@ -146,6 +147,23 @@ def _rope(x, cos, sin, time_axis: int, backward: bool, transpose_out: bool = Fal
     _lib().ppk_rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), B, A1, A2, D, time_axis,
                     cos.shape[0], int(backward), int(transpose_out), _threads())
     return y
+
+
+def decode_attention(q, k, v, keys, values, layer: int, bias):
+    """A decode step's attention (no autograd): q [B, H, 1, D] (scaled), the new k, v [B, KV, 1, D],
+    the whole cache ``keys`` / ``values`` [layers, B, KV, T, D] (``layer`` read in place) and ``bias``
+    [B, 1, 1, T]; returns [B, H, 1, D], the softmax over the cache's slots and the new token."""
+    B, H, _, D = q.shape
+    _, _, KV, T, _ = keys.shape
+    if not (keys.is_contiguous() and values.is_contiguous()) or H % KV:
+        raise ValueError("decode_attention: the cache must be dense and the heads a multiple of the kv heads")
+    q, k, v, bias = _dense(q), _dense(k), _dense(v), _dense(bias.reshape([B, T]))
+    out = paddle.empty_like(q)
+    offset = layer * B * KV * T * D * 4  # bytes: float32
+    _lib().ppk_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), keys.data_ptr() + offset,
+                                values.data_ptr() + offset, bias.data_ptr(), out.data_ptr(), B, H, KV, T, D,
+                                _threads())
+    return out
 
 
 def rotary_forward(x, cos, sin, time_axis: int):

@@ -357,7 +357,7 @@ class InferenceModel(RolloutDecoder):
             cos_q, sin_q = cos_k * scale, sin_k * scale
         else:
             (cos_q, sin_q), (cos_k, sin_k) = self._per_head(cos, sin)
-        cache_bias = cache_bias.expand([B, H, 1, cache_bias.shape[-1]])
+            cache_bias = cache_bias.expand([B, H, 1, cache_bias.shape[-1]])
         new_keys, new_values = [], []
         layers = layout.layers
         x = _rms_norm(h, layers[0].input_norm, self.eps)
@@ -372,20 +372,28 @@ class InferenceModel(RolloutDecoder):
                 k = k * cos_k + paddle.matmul(k, self.rotation) * sin_k
             new_keys.append(k)
             new_values.append(v)
-            keys, values = cache[0][i], cache[1][i]
-            if KV != H:
-                keys, values = (paddle.repeat_interleave(t, H // KV, axis=1) for t in (keys, values))
-                k, v = (paddle.repeat_interleave(t, H // KV, axis=1) for t in (k, v))
-            scores = paddle.concat([paddle.matmul(q, keys, transpose_y=True) + cache_bias,
-                                    (q * k).sum(-1, keepdim=True)], axis=-1)
-            probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
-            out = paddle.matmul(probs[..., :-1], values) + probs[..., -1:].expand([B, H, 1, D]) * v  # [B, H, 1, D]
+            if kernels:  # the whole attention in one pass, the cache read in place
+                out = cpu_kernels.decode_attention(q, k, v, cache[0], cache[1], i, cache_bias)
+            else:
+                out = self._cache_attention(q, k, v, cache[0][i], cache[1][i], cache_bias)
             # the residual adds with the norms after them (one op each where fused)
             x, h = _add_rms_norm(self._row_parallel(out.reshape([B, H * D]), weights.o), h,
                                  weights.post_attention_norm, self.eps)
             following = layers[i + 1].input_norm if i + 1 < len(layers) else layout.norm
             x, h = _add_rms_norm(self._mlp(x, weights), h, following, self.eps)
         return self._full_logits(x, layout.lm_head), paddle.stack(new_keys), paddle.stack(new_values)
+
+    def _cache_attention(self, q, k, v, keys, values, cache_bias):
+        """q [B, H, 1, D] against one layer's cache ``keys`` / ``values`` [B, KV, T, D] (``cache_bias``
+        [B, H, 1, T]) and its own new k, v [B, KV, 1, D] as one extra column; returns [B, H, 1, D]."""
+        B, H, _, D = q.shape
+        if self.n_kv != H:
+            keys, values = (paddle.repeat_interleave(t, H // self.n_kv, axis=1) for t in (keys, values))
+            k, v = (paddle.repeat_interleave(t, H // self.n_kv, axis=1) for t in (k, v))
+        scores = paddle.concat([paddle.matmul(q, keys, transpose_y=True) + cache_bias,
+                                (q * k).sum(-1, keepdim=True)], axis=-1)
+        probs = F.softmax(scores.astype("float32"), axis=-1).astype(q.dtype)
+        return paddle.matmul(probs[..., :-1], values) + probs[..., -1:].expand([B, H, 1, D]) * v
 
     def _per_head(self, cos, sin):
         """RoPE factors [B, 1, S, D] expanded to the query and the key heads, once for all layers:
