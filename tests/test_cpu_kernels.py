@@ -387,3 +387,19 @@ def test_rollout_model_through_the_kernels_equals_paddles_ops(kernels, extra):
     np.testing.assert_array_equal(got[2], reference[2])
     for mine, theirs in zip(got[:2] + got[3:], reference[:2] + reference[3:]):
         np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_slot_write_equals_paddles_assignment(kernels):
+    """A decode step's new keys into their slot of every layer, in place; other slots untouched;
+    shapes it does not take are left to paddle (False)."""
+    cache = tensor(2, 3, 2, 5, 4, grad=False)
+    rows = tensor(2, 3, 2, 1, 4, grad=False)
+    want = cache.numpy().copy()
+    want[:, :, :, 3] = rows.numpy()[:, :, :, 0]
+    pointer = cache.data_ptr()
+    assert cpu_kernels.write_cache_slot(cache, rows, 3)
+    assert cache.data_ptr() == pointer
+    np.testing.assert_array_equal(cache.numpy(), want)
+    assert not cpu_kernels.write_cache_slot(cache, rows, 5)  # out of range
+    assert not cpu_kernels.write_cache_slot(cache, rows[:, :2], 0)  # wrong shape
+    np.testing.assert_array_equal(cache.numpy(), want)

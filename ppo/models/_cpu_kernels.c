@@ -388,6 +388,12 @@ void ppk_decode_attention(const float *q, const float *k_new, const float *v_new
     parallel_for(B * H, (T + 1) * D * 2, threads, dattn_rows, &a);
 }
 
+/* cache[r, slot, :] = rows[r, :] for the r < n rows of a cache [n, T, D] (a decode step's new keys or
+ * values into their slot, all layers at once) */
+void ppk_cache_write(float *cache, const float *rows, int64_t n, int64_t T, int64_t D, int64_t slot) {
+    for (int64_t r = 0; r < n; ++r) memcpy(cache + (r * T + slot) * D, rows + r * D, sizeof(float) * D);
+}
+
 /* ---------------------------------------------------------------- SwiGLU */
 /* out = silu(gate) up = gate sigmoid(gate) up; backward with s = sigmoid(gate):
  * dgate = dout up s (1 + gate (1 - s)),  dup = dout gate s */

@@ -38,6 +38,7 @@ _SIGNATURES = {
                         ctypes.c_int]),
     "ppk_softmax_bias": (None, [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]),
     "ppk_softmax_grad": (None, [_P, _P, _P, _I64, _I64, ctypes.c_int]),
+    "ppk_cache_write": (None, [_P, _P, _I64, _I64, _I64, _I64]),
     "ppk_decode_attention": (None, [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]),
     "ppk_swiglu_forward": (None, [_P, _P, _P, _I64, ctypes.c_int]),
     "ppk_swiglu_backward": (None, [_P, _P, _P, _P, _P, _I64, ctypes.c_int]),
@@ -164,6 +165,20 @@ def decode_attention(q, k, v, keys, values, layer: int, bias):
                                 values.data_ptr() + offset, bias.data_ptr(), out.data_ptr(), B, H, KV, T, D,
                                 _threads())
     return out
+
+
+def write_cache_slot(cache, rows, slot: int) -> bool:
+    """``cache[..., slot, :] = rows`` in place for a dense float32 cache [L, B, KV, T, D] and rows
+    [L, B, KV, 1, D] (a decode step's new keys or values); False (nothing written) where the kernels
+    do not take them."""
+    if not (ready(cache, rows) and cache.is_contiguous() and cache.ndim == 5 and rows.ndim == 5):
+        return False
+    L, B, KV, T, D = cache.shape
+    if list(rows.shape) != [L, B, KV, 1, D] or not 0 <= slot < T:
+        return False
+    rows = _dense(rows)
+    _lib().ppk_cache_write(cache.data_ptr(), rows.data_ptr(), L * B * KV, T, D, slot)
+    return True
 
 
 def rotary_forward(x, cos, sin, time_axis: int):

@@ -442,8 +442,9 @@ class InferenceModel(RolloutDecoder):
         sin = self.sin_table[pos].reshape([-1, 1, 1, self.head_dim])
         logits, keys, values = self._decode_step(token, cos, sin, cache_bias)
         # a finished row's token is padding: written but masked from later steps
-        self.cache[0][:, :, :, self.length] = keys.squeeze(3)
-        self.cache[1][:, :, :, self.length] = values.squeeze(3)
+        for cache, new in zip(self.cache, (keys, values)):
+            if not cpu_kernels.write_cache_slot(cache, new, self.length):  # (a copy in place, where it runs)
+                cache[:, :, :, self.length] = new.squeeze(3)
         self.key_mask[:, self.length] = token_mask.astype("int64")
         self.length += 1
         return logits
