@@ -131,9 +131,11 @@ class TrainingArgs:
                             "with bf16 units (AVX512-BF16 / AMX) the matmuls run in bf16 with float32 accumulation "
                             "through oneDNN (cpu_gemm), everything else and the weights in float32; on other CPUs "
                             "one notice line and float32.")
-    cpu_gemm: str = arg("auto", "CPU matmuls: through oneDNN's GEMM from paddle's own wheel (auto, onednn: up to the "
-                                "machine's fp32 peak, bf16 with bf16) or paddle's own matmul (paddle). auto falls back "
-                                "to paddle's with one notice line where oneDNN cannot load. No effect on GPU.",
+    cpu_gemm: str = arg("auto", "CPU kernels: auto / onednn run the matmuls through oneDNN's GEMM from paddle's own "
+                                "wheel (bf16 with bf16; a decode step's few rows stay on paddle's matmul) and RMSNorm, "
+                                "rotary, SwiGLU and attention through the toolkit's compiled kernels on the same "
+                                "threads; paddle runs paddle's own ops throughout. auto falls back to paddle's with one "
+                                "notice line where oneDNN or the kernels cannot load. No effect on GPU.",
                         ("auto", "onednn", "paddle"))
     fp16: bool = arg(False, "float16 mixed precision (GPU builds; ignored with a warning on CPU).")
     disable_tqdm: bool = arg(False, "Hide progress bars.")

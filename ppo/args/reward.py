@@ -40,8 +40,8 @@ class ServeRewardArgs:
                                  "(the protocol has no authentication).")
     port: int = arg(8000, "Port to bind; 0: a free port (the bound URL is printed).", ge=0, le=65535)
     device: str = arg("", "Paddle device of the reward model: cpu, gpu, gpu:N (empty: paddle's default).")
-    cpu_gemm: str = arg("auto", "CPU matmuls of the reward model: oneDNN's GEMM from paddle's wheel (auto, onednn) or "
-                                "paddle's own (paddle), as in training.", ("auto", "onednn", "paddle"))
+    cpu_gemm: str = arg("auto", "CPU kernels of the reward model: oneDNN's GEMM from paddle's wheel and the toolkit's "
+                                "compiled kernels (auto, onednn) or paddle's own ops (paddle), as in training.", ("auto", "onednn", "paddle"))
     max_batch_size: int = arg(32, "Rows per reward-model forward; rows of concurrent requests are batched together.",
                               ge=1)
     max_wait_ms: float = arg(5.0, "Milliseconds a forward waits for more rows before it runs with fewer.", ge=0)
