@@ -32,7 +32,8 @@ class Counting:
 @pytest.fixture
 def kernels():
     """The kernels on (with the oneDNN matmuls) for one test, counted."""
-    assert cpu_gemm.activate("onednn") is None, cpu_gemm.STATE.kernels_library
+    notice = cpu_gemm.activate("onednn")
+    assert notice is None, f"{notice} (a C compiler, e.g. gcc, then the set-up's pip install again)"
     counting = Counting(cpu_gemm.STATE.kernels)
     cpu_gemm.STATE.kernels = counting
     yield counting
@@ -324,7 +325,7 @@ def test_the_library_is_built_with_the_toolkit():
     """pip install built it: a machine with a C compiler must not fall back silently."""
     lib, why_not = cpu_kernels.load()
     assert lib is not None, why_not
-    assert lib.ppk_version() == 1
+    assert lib.ppk_version() == cpu_kernels.VERSION
 
 
 def test_decode_attention_equals_numpy(kernels):
@@ -403,3 +404,54 @@ def test_cache_slot_write_equals_paddles_assignment(kernels):
     assert not cpu_kernels.write_cache_slot(cache, rows, 5)  # out of range
     assert not cpu_kernels.write_cache_slot(cache, rows[:, :2], 0)  # wrong shape
     np.testing.assert_array_equal(cache.numpy(), want)
+
+
+def test_shapes_the_kernels_cannot_read_go_to_paddle_or_are_refused(kernels):
+    """Tables or positions that do not broadcast never reach the C code (it would read past them):
+    paddlenlp's own ops say what is wrong; the wrappers refuse shapes they cannot read."""
+    import paddlenlp.transformers.llama.modeling as llama
+
+    own = fast_paths.PADDLENLP_ROTATE_HALF.get(llama.__name__, {}).get("apply_rotary_pos_emb",
+                                                                        llama.apply_rotary_pos_emb)
+    q, k = tensor(4, 6, 2, 8), tensor(4, 6, 2, 8)
+    table = tensor(1, 16, 1, 8, grad=False)
+    positions = paddle.to_tensor(np.tile(np.arange(6), (2, 1)))  # a batch of 2 for inputs of 4
+    with pytest.raises(ValueError):
+        fast_paths.apply_rotary_pos_emb(own, q, k, table, table, positions)
+    assert not kernels.calls
+    with pytest.raises(ValueError, match="rotary: tables"):
+        cpu_kernels.Rotary.apply(q, k, tensor(2, 6, 8, grad=False), tensor(2, 6, 8, grad=False), 1)
+    with pytest.raises(ValueError, match="RMSNorm: weight"):
+        cpu_kernels.RMSNorm.apply(q, tensor(7), 1e-6)
+    with pytest.raises(ValueError, match="RMSNorm: residual"):
+        cpu_kernels.add_rms_norm_forward(tensor(3, 8, grad=False), tensor(2, 8, grad=False), tensor(8), 1e-6)
+    cache = tensor(2, 4, 2, 5, 8, grad=False)
+    with pytest.raises(ValueError, match="decode_attention"):
+        cpu_kernels.decode_attention(tensor(4, 4, 1, 8, grad=False), tensor(4, 2, 1, 8, grad=False),
+                                     tensor(4, 2, 1, 8, grad=False), cache, cache, 2, tensor(4, 1, 1, 5, grad=False))
+    assert not kernels.calls
+
+
+def test_a_library_built_from_another_version_is_refused(monkeypatch, tmp_path):
+    """A checkout updated without re-running pip install keeps an old build: refused by its
+    version, in one line that says what to do, instead of called with other arguments."""
+    import importlib.util
+    import os
+    import subprocess
+
+    source = open(os.path.join(os.path.dirname(cpu_kernels.__file__), "_cpu_kernels.c")).read()
+    assert f"return {cpu_kernels.VERSION}; }}" in source
+    old = tmp_path / "old.c"
+    old.write_text(source.replace(f"return {cpu_kernels.VERSION}; }}", "return 1; }"))
+    built = tmp_path / "_cpu_kernels.so"
+    subprocess.run(["gcc", "-O1", "-std=c99", "-fPIC", "-shared", "-o", str(built), str(old)], check=True)
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        if name == cpu_kernels._LIBRARY_MODULE:
+            return importlib.util.spec_from_file_location("x", str(built))
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    lib, why_not = cpu_kernels.load()
+    assert lib is None and "another version (1, these need" in why_not and "pip install again" in why_not

@@ -50,7 +50,8 @@ void ppk_init(void *parallel, void *thread_num, void *num_threads) {
     g_num_threads = (omp_int_fn)num_threads;
 }
 
-int ppk_version(void) { return 1; }
+/* the entry points' version: ppo/models/cpu_kernels.py refuses a library built from another one */
+int ppk_version(void) { return 2; }
 
 typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
 
@@ -346,13 +347,17 @@ typedef struct {
     const float *q, *k_new, *v_new, *keys, *values, *bias;
     float *out;
     int64_t H, KV, T, D;
+    volatile int failed; /* a thread could not allocate its scores */
 } dattn_t;
 
 CLONES static void dattn_rows(void *p, int64_t begin, int64_t end) {
     dattn_t *a = (dattn_t *)p;
     const int64_t T = a->T, D = a->D, group = a->H / a->KV;
     float *scores = (float *)malloc(sizeof(float) * (T > 0 ? T : 1));
-    if (!scores) return; /* (the caller checks the status word) */
+    if (!scores) {
+        a->failed = 1;
+        return;
+    }
     for (int64_t row = begin; row < end; ++row) { /* row = b * H + h */
         const int64_t b = row / a->H, h = row % a->H, kv = b * a->KV + h / group;
         const float *q = a->q + row * D, *bias = a->bias + b * T;
@@ -381,11 +386,13 @@ CLONES static void dattn_rows(void *p, int64_t begin, int64_t end) {
     free(scores);
 }
 
-void ppk_decode_attention(const float *q, const float *k_new, const float *v_new, const float *keys,
-                          const float *values, const float *bias, float *out, int64_t B, int64_t H, int64_t KV,
-                          int64_t T, int64_t D, int threads) {
-    dattn_t a = {q, k_new, v_new, keys, values, bias, out, H, KV, T, D};
+/* Returns 0, or 1 when out of memory (out is then not written in full). */
+int ppk_decode_attention(const float *q, const float *k_new, const float *v_new, const float *keys,
+                         const float *values, const float *bias, float *out, int64_t B, int64_t H, int64_t KV,
+                         int64_t T, int64_t D, int threads) {
+    dattn_t a = {q, k_new, v_new, keys, values, bias, out, H, KV, T, D, 0};
     parallel_for(B * H, (T + 1) * D * 2, threads, dattn_rows, &a);
+    return a.failed;
 }
 
 /* cache[r, slot, :] = rows[r, :] for the r < n rows of a cache [n, T, D] (a decode step's new keys or

@@ -26,6 +26,7 @@ from paddle.autograd import PyLayer
 from ppo.models import cpu_gemm
 
 _LIBRARY_MODULE = "ppo.models._cpu_kernels"
+VERSION = 2  # ppk_version() of the C file these wrappers call (bumped with every change of an entry point)
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _SIGNATURES = {
@@ -39,7 +40,7 @@ _SIGNATURES = {
     "ppk_softmax_bias": (None, [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]),
     "ppk_softmax_grad": (None, [_P, _P, _P, _I64, _I64, ctypes.c_int]),
     "ppk_cache_write": (None, [_P, _P, _I64, _I64, _I64, _I64]),
-    "ppk_decode_attention": (None, [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]),
+    "ppk_decode_attention": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]),
     "ppk_swiglu_forward": (None, [_P, _P, _P, _I64, ctypes.c_int]),
     "ppk_swiglu_backward": (None, [_P, _P, _P, _P, _P, _I64, ctypes.c_int]),
 }
@@ -54,13 +55,17 @@ def load(openmp=None):
         spec = None
     if spec is None or not spec.origin:
         return None, "the toolkit's CPU kernels were not built (pip install compiles ppo/models/_cpu_kernels.c)"
+    rebuild = "run the set-up's pip install again"
     try:
         lib = ctypes.CDLL(spec.origin)
         for name, (restype, argtypes) in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = restype, argtypes
-    except (OSError, AttributeError) as error:
-        return None, f"the toolkit's CPU kernels are not usable ({spec.origin}: {error})"
+    except (OSError, AttributeError) as error:  # (the error names the file)
+        return None, f"the toolkit's CPU kernels are not usable ({error}; {rebuild})"
+    if lib.ppk_version() != VERSION:
+        return None, (f"the toolkit's CPU kernels in {spec.origin} were built from another version "
+                      f"({lib.ppk_version()}, these need {VERSION}; {rebuild})")
     if openmp is not None:
         try:
             entries = [ctypes.cast(getattr(openmp, name), _P).value
@@ -95,7 +100,7 @@ class RMSNorm(PyLayer):
     @staticmethod
     def forward(ctx, x, weight, eps: float):
         x, weight = _dense(x), _dense(weight)
-        H = x.shape[-1]
+        H = _norm_width(x, weight)
         rows = math.prod(x.shape[:-1])
         y = paddle.empty_like(x)
         rstd = paddle.empty([max(rows, 1)], dtype="float32")
@@ -122,18 +127,28 @@ class RMSNorm(PyLayer):
         return dx, dw
 
 
+def _norm_width(x, weight) -> int:
+    """H of a norm over x [..., H] with weight [H] (a ValueError for any other weight shape)."""
+    if list(weight.shape) != [x.shape[-1]]:
+        raise ValueError(f"RMSNorm: weight of shape {weight.shape} for inputs of shape {x.shape}")
+    return x.shape[-1]
+
+
 def rms_norm_forward(x, weight, eps: float):
     """RMSNorm of float32 ``x`` [..., H] without autograd (inference)."""
     x, weight = _dense(x), _dense(weight)
     y = paddle.empty_like(x)
     _lib().ppk_rms_norm_forward(x.data_ptr(), weight.data_ptr(), y.data_ptr(), None, math.prod(x.shape[:-1]),
-                                x.shape[-1], float(eps), _threads())
+                                _norm_width(x, weight), float(eps), _threads())
     return y
 
 
 def add_rms_norm_forward(x, residual, weight, eps: float):
     """``(RMSNorm(x + residual), x + residual)`` in one pass, without autograd (inference)."""
     x, residual, weight = _dense(x), _dense(residual), _dense(weight)
+    _norm_width(x, weight)
+    if residual.shape != x.shape:
+        raise ValueError(f"RMSNorm: residual of shape {residual.shape} for inputs of shape {x.shape}")
     y, total = paddle.empty_like(x), paddle.empty_like(x)
     _lib().ppk_add_rms_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), y.data_ptr(), total.data_ptr(),
                             math.prod(x.shape[:-1]), x.shape[-1], float(eps), _threads())
@@ -144,6 +159,12 @@ def _rope(x, cos, sin, time_axis: int, backward: bool, transpose_out: bool = Fal
     """One rotary pass over x [B, A1, A2, D] with tables [1 or B, T, D] (see ``ppk_rope``); with
     ``transpose_out`` the result is [B, A2, A1, D]."""
     B, A1, A2, D = x.shape
+    T = A1 if time_axis == 1 else A2
+    for table in (cos, sin):  # (the kernel reads [batches, T, D] of each)
+        if table.ndim != 3 or table.shape[0] not in (1, B) or list(table.shape[1:]) != [T, D] or D % 2:
+            raise ValueError(f"rotary: tables of shape {table.shape} for inputs of shape {x.shape}")
+    if list(sin.shape) != list(cos.shape):
+        raise ValueError(f"rotary: sin of shape {sin.shape} against cos of shape {cos.shape}")
     y = paddle.empty([B, A2, A1, D] if transpose_out else [B, A1, A2, D], dtype=x.dtype)
     _lib().ppk_rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), B, A1, A2, D, time_axis,
                     cos.shape[0], int(backward), int(transpose_out), _threads())
@@ -155,15 +176,20 @@ def decode_attention(q, k, v, keys, values, layer: int, bias):
     the whole cache ``keys`` / ``values`` [layers, B, KV, T, D] (``layer`` read in place) and ``bias``
     [B, 1, 1, T]; returns [B, H, 1, D], the softmax over the cache's slots and the new token."""
     B, H, _, D = q.shape
-    _, _, KV, T, _ = keys.shape
-    if not (keys.is_contiguous() and values.is_contiguous()) or H % KV:
-        raise ValueError("decode_attention: the cache must be dense and the heads a multiple of the kv heads")
+    L, _, KV, T, _ = keys.shape
+    if (list(keys.shape) != [L, B, KV, T, D] or values.shape != keys.shape or not 0 <= layer < L or H % KV
+            or list(k.shape) != [B, KV, 1, D] or v.shape != k.shape or list(q.shape) != [B, H, 1, D]
+            or math.prod(bias.shape) != B * T or not ready(q, k, v, keys, values, bias)
+            or not (keys.is_contiguous() and values.is_contiguous())):
+        raise ValueError(f"decode_attention: q {q.shape}, k {k.shape}, v {v.shape}, cache {keys.shape} / "
+                         f"{values.shape} (dense float32), layer {layer}, bias {bias.shape}")
     q, k, v, bias = _dense(q), _dense(k), _dense(v), _dense(bias.reshape([B, T]))
     out = paddle.empty_like(q)
     offset = layer * B * KV * T * D * 4  # bytes: float32
-    _lib().ppk_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), keys.data_ptr() + offset,
-                                values.data_ptr() + offset, bias.data_ptr(), out.data_ptr(), B, H, KV, T, D,
-                                _threads())
+    if _lib().ppk_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), keys.data_ptr() + offset,
+                                   values.data_ptr() + offset, bias.data_ptr(), out.data_ptr(), B, H, KV, T, D,
+                                   _threads()):
+        raise MemoryError("decode attention: out of memory for the scores")
     return out
 
 
@@ -256,6 +282,8 @@ def rotary_tables(q, cos, sin, position_ids):
     """paddlenlp's rotary tables as ``(cos, sin, time_axis)`` for :class:`Rotary`, or None for a form
     it does not take.  LLaMA / Qwen2: q [B, S, heads, D], tables [1, max, 1, D]; Mistral: q [B, heads,
     S, D], tables [max, D]; ``position_ids`` [B, S] (or None: positions 0..S-1)."""
+    if sin.shape != cos.shape:
+        return None
     if cos.ndim == 4 and cos.shape[0] == 1 and cos.shape[2] == 1:
         time_axis, table, table_sin = 1, cos.reshape([cos.shape[1], cos.shape[3]]), sin.reshape([sin.shape[1], sin.shape[3]])
     elif cos.ndim == 2 and position_ids is not None:
@@ -269,8 +297,8 @@ def rotary_tables(q, cos, sin, position_ids):
         if table.shape[0] < S:
             return None
         return _dense(table[:S]).unsqueeze(0), _dense(table_sin[:S]).unsqueeze(0), time_axis
-    if position_ids.ndim != 2 or position_ids.shape[1] != S:
-        return None
+    if position_ids.ndim != 2 or position_ids.shape[1] != S or position_ids.shape[0] not in (1, q.shape[0]):
+        return None  # (paddlenlp's own ops then say what does not broadcast)
     flat = position_ids.reshape([-1])
     B = position_ids.shape[0]
     return (paddle.index_select(table, flat).reshape([B, S, D]), paddle.index_select(table_sin, flat).reshape([B, S, D]),
