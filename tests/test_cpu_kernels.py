@@ -8,7 +8,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ppo.models import cpu_gemm, cpu_kernels, fast_paths
+from ppo.models import cpu_gemm, cpu_kernels, fast_paths, kernel_library
 
 RNG = np.random.default_rng(7)
 
@@ -303,7 +303,7 @@ def test_a_missing_or_broken_library_is_one_notice_and_paddles_ops(monkeypatch, 
     broken.write_bytes(b"\x7fELF truncated")
     for origin, words in ((None, "were not built"), (str(broken), "are not usable")):
         def find_spec(name, *args, origin=origin):
-            if name == cpu_kernels._LIBRARY_MODULE:
+            if name == kernel_library._LIBRARY_MODULE:
                 return None if origin is None else importlib.util.spec_from_file_location("x", origin)
             return real_find_spec(name, *args)
 
@@ -323,9 +323,9 @@ def test_a_missing_or_broken_library_is_one_notice_and_paddles_ops(monkeypatch, 
 
 def test_the_library_is_built_with_the_toolkit():
     """pip install built it: a machine with a C compiler must not fall back silently."""
-    lib, why_not = cpu_kernels.load()
+    lib, why_not = kernel_library.load()
     assert lib is not None, why_not
-    assert lib.ppk_version() == cpu_kernels.VERSION
+    assert lib.ppk_version() == kernel_library.VERSION
 
 
 def test_decode_attention_equals_numpy(kernels):
@@ -440,18 +440,18 @@ def test_a_library_built_from_another_version_is_refused(monkeypatch, tmp_path):
     import subprocess
 
     source = open(os.path.join(os.path.dirname(cpu_kernels.__file__), "_cpu_kernels.c")).read()
-    assert f"return {cpu_kernels.VERSION}; }}" in source
+    assert f"return {kernel_library.VERSION}; }}" in source
     old = tmp_path / "old.c"
-    old.write_text(source.replace(f"return {cpu_kernels.VERSION}; }}", "return 1; }"))
+    old.write_text(source.replace(f"return {kernel_library.VERSION}; }}", "return 1; }"))
     built = tmp_path / "_cpu_kernels.so"
     subprocess.run(["gcc", "-O1", "-std=c99", "-fPIC", "-shared", "-o", str(built), str(old)], check=True)
     real_find_spec = importlib.util.find_spec
 
     def find_spec(name, *args):
-        if name == cpu_kernels._LIBRARY_MODULE:
+        if name == kernel_library._LIBRARY_MODULE:
             return importlib.util.spec_from_file_location("x", str(built))
         return real_find_spec(name, *args)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    lib, why_not = cpu_kernels.load()
+    lib, why_not = kernel_library.load()
     assert lib is None and "another version (1, these need" in why_not and "pip install again" in why_not

@@ -20,10 +20,11 @@ LAYERS = [
     ["ppo", "ppo.core", "ppo.core.errors", "ppo.core.experience", "ppo.core.algorithms", "ppo.core.metrics",
      "ppo.data.template", "ppo.models.normalizer", "ppo.rollout", "ppo.rollout.decoding",
      "ppo.distributed", "ppo.storage", "ppo.stages", "ppo.stages.sft", "ppo.stages.ppo", "ppo.stages.dpo", "ppo.tiny", "rm",
-     "rm.losses", "dpo", "ppo.core.preference"],
+     "rm.losses", "dpo", "ppo.core.preference", "ppo.models.kernel_library"],
     # the rest of the pure core; what the by-NAME registries share
     ["ppo.core.registry", "ppo.core.advantages", "ppo.core.batching", "ppo.models.cpu_gemm", "ppo.core.placement"],
     # the fast CPU paths (the fused norm kernel is tried only where the CPU can run it: cpu_gemm's flags)
+    ["ppo.models.cpu_kernels"],
     ["ppo.models.fast_paths"],
     # reading files: the one place that turns damaged files into one-line errors (pickles checked first)
     ["ppo.storage.safe_pickle"],

@@ -36,6 +36,7 @@ import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
 from ppo.core.errors import UserError
+from ppo.models import kernel_library
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class _State:
     bf16 = False  # products in bf16 with fp32 accumulation
     cache = None  # within frozen_weights: {id(parameter): (parameter, its bf16 copy)}
     threads = None
-    kernels = None  # the toolkit's compiled CPU kernels (ppo.models.cpu_kernels), loaded and switched on
+    kernels = None  # the toolkit's compiled CPU kernels (ppo.models.kernel_library), loaded and switched on
     kernels_library = None  # loaded once: (handle or None, why not)
 
 
@@ -127,9 +128,7 @@ def activate(mode: str = "auto", bf16: bool = False, threads: int | None = None)
     STATE.openmp, STATE.threads = _openmp(), threads
     notices = []
     if STATE.kernels_library is None:
-        from ppo.models import cpu_kernels
-
-        STATE.kernels_library = cpu_kernels.load(STATE.openmp)
+        STATE.kernels_library = kernel_library.load(STATE.openmp)
     STATE.kernels, why_not = STATE.kernels_library
     if why_not:
         notices.append(f"{why_not}: norms, rotary and SwiGLU run paddle's")

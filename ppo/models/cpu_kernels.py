@@ -8,72 +8,21 @@ and LoRA see ordinary tensors.  Results equal paddle's ops within float32 roundi
 depend on the number of threads (``tests/test_cpu_kernels.py``).
 
 They are a declared CPU adaptation of the same switch as the matmuls: on while ``cpu_gemm`` is
-(``auto`` / ``onednn``; ``cpu_gemm.activate`` loads them), off with ``cpu_gemm: paddle``, never on
-a GPU device, never in a static graph, never for other dtypes.  Where the library was not built
+(``auto`` / ``onednn``; ``cpu_gemm.activate`` loads them through ``ppo.models.kernel_library``),
+off with ``cpu_gemm: paddle``, never on a GPU device, never in a static graph, never for other
+dtypes.  Where the library was not built
 (``pip install`` compiles it from the C file; a machine without a C compiler skips it) the run
 says so in one line and paddle's ops run.
 """
 
 from __future__ import annotations
 
-import ctypes
-import importlib.util
 import math
 
 import paddle
 from paddle.autograd import PyLayer
 
 from ppo.models import cpu_gemm
-
-_LIBRARY_MODULE = "ppo.models._cpu_kernels"
-VERSION = 2  # ppk_version() of the C file these wrappers call (bumped with every change of an entry point)
-_P = ctypes.c_void_p
-_I64 = ctypes.c_int64
-_SIGNATURES = {
-    "ppk_init": (None, [_P, _P, _P]),
-    "ppk_version": (ctypes.c_int, []),
-    "ppk_rms_norm_forward": (None, [_P, _P, _P, _P, _I64, _I64, ctypes.c_float, ctypes.c_int]),
-    "ppk_rms_norm_backward": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _I64, _I64, ctypes.c_int]),
-    "ppk_add_rms_norm": (None, [_P, _P, _P, _P, _P, _I64, _I64, ctypes.c_float, ctypes.c_int]),
-    "ppk_rope": (None, [_P, _P, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_int, _I64, ctypes.c_int, ctypes.c_int,
-                        ctypes.c_int]),
-    "ppk_softmax_bias": (None, [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]),
-    "ppk_softmax_grad": (None, [_P, _P, _P, _I64, _I64, ctypes.c_int]),
-    "ppk_cache_write": (None, [_P, _P, _I64, _I64, _I64, _I64]),
-    "ppk_decode_attention": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]),
-    "ppk_swiglu_forward": (None, [_P, _P, _P, _I64, ctypes.c_int]),
-    "ppk_swiglu_backward": (None, [_P, _P, _P, _P, _P, _I64, ctypes.c_int]),
-}
-
-
-def load(openmp=None):
-    """The compiled kernels (a ctypes handle, given ``openmp``'s GOMP_parallel so they share the
-    matmuls' thread team), or ``(None, reason)`` when the library is not there or not loadable."""
-    try:
-        spec = importlib.util.find_spec(_LIBRARY_MODULE)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.origin:
-        return None, "the toolkit's CPU kernels were not built (pip install compiles ppo/models/_cpu_kernels.c)"
-    rebuild = "run the set-up's pip install again"
-    try:
-        lib = ctypes.CDLL(spec.origin)
-        for name, (restype, argtypes) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = restype, argtypes
-    except (OSError, AttributeError) as error:  # (the error names the file)
-        return None, f"the toolkit's CPU kernels are not usable ({error}; {rebuild})"
-    if lib.ppk_version() != VERSION:
-        return None, (f"the toolkit's CPU kernels in {spec.origin} were built from another version "
-                      f"({lib.ppk_version()}, these need {VERSION}; {rebuild})")
-    if openmp is not None:
-        try:
-            entries = [ctypes.cast(getattr(openmp, name), _P).value
-                       for name in ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")]
-        except AttributeError:  # a runtime without the GOMP entry point: the kernels run on one thread
-            entries = [None, None, None]
-        lib.ppk_init(*entries)
-    return lib, None
 
 
 def ready(*tensors) -> bool:
