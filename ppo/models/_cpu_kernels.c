@@ -102,11 +102,13 @@ CLONES REDUCE static float sum1(const float *restrict a, int64_t n) {
 }
 
 /* ---------------------------------------------------------------- RMSNorm */
-/* y = x * r * w with r = 1 / sqrt(mean(x^2) + eps) per row of H; rstd[row] = r when rstd. */
+/* y = x * r * w with r = 1 / sqrt(mean(x^2) + eps) per row of H; rstd[row] = r when rstd.  With a
+ * residual (inference: the residual stream's add and the next norm), x + residual is written to
+ * sum and normalised instead of x. */
 
 typedef struct {
-    const float *x, *w;
-    float *y, *rstd;
+    const float *x, *residual, *w;
+    float *y, *sum, *rstd;
     int64_t H;
     float eps;
 } norm_fwd_t;
@@ -117,6 +119,12 @@ CLONES static void norm_fwd_rows(void *p, int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
         const float *x = a->x + row * H;
         float *y = a->y + row * H;
+        if (a->residual) {
+            const float *res = a->residual + row * H;
+            float *sum = a->sum + row * H;
+            for (int64_t i = 0; i < H; ++i) sum[i] = x[i] + res[i];
+            x = sum;
+        }
         const float r = 1.0f / sqrtf(dot2(x, x, H) / (float)H + a->eps);
         if (a->rstd) a->rstd[row] = r;
         for (int64_t i = 0; i < H; ++i) y[i] = (x[i] * r) * a->w[i];
@@ -125,34 +133,14 @@ CLONES static void norm_fwd_rows(void *p, int64_t begin, int64_t end) {
 
 void ppk_rms_norm_forward(const float *x, const float *w, float *y, float *rstd, int64_t rows, int64_t H,
                           float eps, int threads) {
-    norm_fwd_t a = {x, w, y, rstd, H, eps};
+    norm_fwd_t a = {x, 0, w, y, 0, rstd, H, eps};
     parallel_for(rows, H, threads, norm_fwd_rows, &a);
-}
-
-typedef struct {
-    const float *x, *residual, *w;
-    float *y, *sum;
-    int64_t H;
-    float eps;
-} add_norm_t;
-
-/* sum = x + residual; y = RMSNorm(sum) (the residual stream's add and the next norm, inference) */
-CLONES static void add_norm_rows(void *p, int64_t begin, int64_t end) {
-    add_norm_t *a = (add_norm_t *)p;
-    const int64_t H = a->H;
-    for (int64_t row = begin; row < end; ++row) {
-        const float *x = a->x + row * H, *res = a->residual + row * H;
-        float *y = a->y + row * H, *sum = a->sum + row * H;
-        for (int64_t i = 0; i < H; ++i) sum[i] = x[i] + res[i];
-        const float r = 1.0f / sqrtf(dot2(sum, sum, H) / (float)H + a->eps);
-        for (int64_t i = 0; i < H; ++i) y[i] = (sum[i] * r) * a->w[i];
-    }
 }
 
 void ppk_add_rms_norm(const float *x, const float *residual, const float *w, float *y, float *sum, int64_t rows,
                       int64_t H, float eps, int threads) {
-    add_norm_t a = {x, residual, w, y, sum, H, eps};
-    parallel_for(rows, H, threads, add_norm_rows, &a);
+    norm_fwd_t a = {x, residual, w, y, sum, 0, H, eps};
+    parallel_for(rows, H, threads, norm_fwd_rows, &a);
 }
 
 #define NORM_BLOCK 32 /* rows per partial sum of the weight gradient */
