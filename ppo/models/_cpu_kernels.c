@@ -50,7 +50,7 @@ void ppk_init(void *parallel, void *thread_num, void *num_threads) {
     g_num_threads = (omp_int_fn)num_threads;
 }
 
-/* the entry points' version: ppo/models/cpu_kernels.py refuses a library built from another one */
+/* the entry points' version: ppo/models/kernel_library.py refuses a library built from another one */
 int ppk_version(void) { return 2; }
 
 typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);

@@ -121,7 +121,7 @@ def activate(mode: str = "auto", bf16: bool = False, threads: int | None = None)
         return None
     if load() is None:
         deactivate()
-        return f"{STATE.reason}: matmuls stay paddle's"
+        return f"{STATE.reason}: matmuls stay paddle's, and so do the norms, rotary, SwiGLU and attention"
     if threads is None:  # as many as paddle's MKL: the toolkit's default is the process's share of the cores
         threads = max(1, int(os.environ.get("MKL_NUM_THREADS") or 1))
     # paddle runs its own OpenMP kernels on one thread; the products get ``threads`` for their duration only
@@ -131,7 +131,7 @@ def activate(mode: str = "auto", bf16: bool = False, threads: int | None = None)
         STATE.kernels_library = kernel_library.load(STATE.openmp)
     STATE.kernels, why_not = STATE.kernels_library
     if why_not:
-        notices.append(f"{why_not}: norms, rotary and SwiGLU run paddle's")
+        notices.append(f"{why_not}: norms, rotary, SwiGLU and attention run paddle's")
     if bf16 and not cpu_has_bf16():
         notices.append("bf16 requested but this CPU has no bf16 units (avx512_bf16 / amx_bf16): training in float32")
         bf16 = False

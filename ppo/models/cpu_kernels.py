@@ -1,4 +1,7 @@
-"""RMSNorm, rotary embedding and SwiGLU on CPU through the toolkit's compiled kernels (``_cpu_kernels.c``).
+"""RMSNorm, rotary embedding, SwiGLU and attention on CPU through the toolkit's compiled kernels
+(``_cpu_kernels.c``): the training forms with their backward, and inference's (the residual add
+with the norm, rotary written heads-first, a decode step's attention over the KV cache and the
+write of its keys and values).
 
 paddle runs these on one thread, as several elementwise ops with an autograd node each (profiled in
 ``docs/performance.md``: in an actor update the norm's and rotary's multiplies and their gradients
@@ -49,12 +52,9 @@ class RMSNorm(PyLayer):
     @staticmethod
     def forward(ctx, x, weight, eps: float):
         x, weight = _dense(x), _dense(weight)
-        H = _norm_width(x, weight)
         rows = math.prod(x.shape[:-1])
-        y = paddle.empty_like(x)
         rstd = paddle.empty([max(rows, 1)], dtype="float32")
-        _lib().ppk_rms_norm_forward(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr(), rows, H,
-                                    float(eps), _threads())
+        y = _rms_norm(x, weight, eps, rstd)
         ctx.save_for_backward(x, weight, rstd)
         ctx.rows = rows
         # paddle wants None for the gradient of an input that does not need one (a frozen weight)
@@ -83,13 +83,18 @@ def _norm_width(x, weight) -> int:
     return x.shape[-1]
 
 
-def rms_norm_forward(x, weight, eps: float):
-    """RMSNorm of float32 ``x`` [..., H] without autograd (inference)."""
-    x, weight = _dense(x), _dense(weight)
+def _rms_norm(x, weight, eps: float, rstd=None):
+    """RMSNorm of dense float32 ``x`` [..., H]; each row's rsqrt into ``rstd`` when given."""
     y = paddle.empty_like(x)
-    _lib().ppk_rms_norm_forward(x.data_ptr(), weight.data_ptr(), y.data_ptr(), None, math.prod(x.shape[:-1]),
+    _lib().ppk_rms_norm_forward(x.data_ptr(), weight.data_ptr(), y.data_ptr(),
+                                None if rstd is None else rstd.data_ptr(), math.prod(x.shape[:-1]),
                                 _norm_width(x, weight), float(eps), _threads())
     return y
+
+
+def rms_norm_forward(x, weight, eps: float):
+    """RMSNorm of float32 ``x`` [..., H] without autograd (inference)."""
+    return _rms_norm(_dense(x), _dense(weight), eps)
 
 
 def add_rms_norm_forward(x, residual, weight, eps: float):
@@ -185,7 +190,9 @@ class SoftmaxBias(PyLayer):
     @staticmethod
     def forward(ctx, scores, bias):
         probs = _softmax_bias(_dense(scores), _dense(bias))
-        ctx.save_for_backward(probs)
+        # (detached: the output itself would hold its own gradient node, a cycle that leaks it
+        # whenever no backward runs)
+        ctx.save_for_backward(probs.detach())
         return probs
 
     @staticmethod
@@ -260,8 +267,7 @@ class SwiGLU(PyLayer):
     @staticmethod
     def forward(ctx, gate, up):
         gate, up = _dense(gate), _dense(up)
-        out = paddle.empty_like(gate)
-        _lib().ppk_swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), math.prod(gate.shape), _threads())
+        out = swiglu_forward(gate, up)
         ctx.save_for_backward(gate, up)
         ctx.needs = (not gate.stop_gradient, not up.stop_gradient)
         return out
