@@ -234,11 +234,11 @@ class Rotary(PyLayer):
                 _rope(_dense(dk), cos, sin, ctx.time_axis, True) if ctx.needs[1] else None)
 
 
-def rotary_tables(q, cos, sin, position_ids):
+def rotary_tables(q, k, cos, sin, position_ids):
     """paddlenlp's rotary tables as ``(cos, sin, time_axis)`` for :class:`Rotary`, or None for a form
     it does not take.  LLaMA / Qwen2: q [B, S, heads, D], tables [1, max, 1, D]; Mistral: q [B, heads,
     S, D], tables [max, D]; ``position_ids`` [B, S] (or None: positions 0..S-1)."""
-    if sin.shape != cos.shape:
+    if sin.shape != cos.shape or q.ndim != 4 or k.ndim != 4:
         return None
     if cos.ndim == 4 and cos.shape[0] == 1 and cos.shape[2] == 1:
         time_axis, table, table_sin = 1, cos.reshape([cos.shape[1], cos.shape[3]]), sin.reshape([sin.shape[1], sin.shape[3]])
@@ -247,6 +247,8 @@ def rotary_tables(q, cos, sin, position_ids):
     else:
         return None
     S, D = q.shape[time_axis], q.shape[-1]
+    if k.shape[0] != q.shape[0] or k.shape[time_axis] != S or k.shape[-1] != D:
+        return None
     if D % 2 or table.shape[-1] != D or cos.stop_gradient is False or sin.stop_gradient is False:
         return None
     if position_ids is None:

@@ -181,9 +181,8 @@ def apply_rotary_pos_emb(original, q, k, cos, sin, position_ids):
     """paddlenlp's ``apply_rotary_pos_emb`` (``original``, same arguments and results) as one
     compiled pass for q and k where the kernels take it (``cpu_kernels.Rotary``), else ``original``."""
     if cpu_kernels.ready(q, k, cos, sin):
-        tables = cpu_kernels.rotary_tables(q, cos, sin, position_ids) if q.ndim == 4 and k.ndim == 4 else None
-        if tables is not None and q.shape[0] == k.shape[0] and q.shape[-1] == k.shape[-1] \
-                and q.shape[tables[2]] == k.shape[tables[2]]:
+        tables = cpu_kernels.rotary_tables(q, k, cos, sin, position_ids)
+        if tables is not None:
             return cpu_kernels.Rotary.apply(q, k, *tables)
     return original(q, k, cos, sin, position_ids)
 
