@@ -353,11 +353,112 @@ def test_decode_attention_equals_numpy(kernels):
             close(out[b, h, 0], want)
 
 
-@pytest.mark.parametrize("extra", [{}, {"num_key_value_heads": 2, "fuse_attention_qkv": True}],
-                         ids=["plain", "grouped-kv-fused-qkv"])
+def np_decode_layers(x, h, layers, cos_q, sin_q, cos_k, sin_k, keys, values, bias, H, KV, D, eps):
+    """A decode step's layers in float64, written out: returns x (the final norm's output), h and
+    the step's keys and values [layers, B, KV, D]."""
+    B = x.shape[0]
+    new_keys, new_values = [], []
+    for layer, (wq, wk, wv, wo, wg, wu, wd, post, following, q_norm, k_norm) in enumerate(layers):
+        q, k, v = (x @ wq).reshape(B, H, D), (x @ wk).reshape(B, KV, D), (x @ wv).reshape(B, KV, D)
+        if q_norm is not None:
+            q, k = np_rms_norm(q, q_norm, eps), np_rms_norm(k, k_norm, eps)
+        q = q * cos_q[:, None] + np_rotate_half(q) * sin_q[:, None]
+        k = k * cos_k[:, None] + np_rotate_half(k) * sin_k[:, None]
+        new_keys.append(k)
+        new_values.append(v)
+        out = np.zeros((B, H, D))
+        for b in range(B):
+            allowed = bias[b] == 0
+            for head in range(H):
+                g = head // (H // KV)
+                scores = np.concatenate([keys[layer, b, g][allowed] @ q[b, head], [k[b, g] @ q[b, head]]])
+                p = np_softmax(scores)
+                out[b, head] = p[:-1] @ values[layer, b, g][allowed] + p[-1] * v[b, g]
+        h = h + out.reshape(B, H * D) @ wo
+        x = np_rms_norm(h, post, eps)
+        h = h + (np_silu(x @ wg) * (x @ wu)) @ wd
+        x = np_rms_norm(h, following, eps)
+    return x, h, np.stack(new_keys), np.stack(new_values)
+
+
+@pytest.mark.parametrize("gemm", ["mkl", "onednn"])
+def test_decode_layers_equal_numpy(kernels, gemm):
+    """A decode step's layers in one call: grouped-query heads, Qwen3's per-head norms on one layer
+    and not the other, masked cache slots, the rotary tables of queries and keys apart; through
+    either GEMM (MKL's cblas_sgemm, oneDNN's dnnl_sgemm)."""
+    B, hidden, H, KV, D, inter, T, L, eps = 3, 16, 4, 2, 4, 24, 6, 2, 1e-5
+    rng = np.random.default_rng(3)
+
+    def array(*shape, scale=1.0):
+        return (rng.normal(size=shape) * scale).astype(np.float32)
+
+    weights = []
+    for layer in range(L):
+        norms = [array(D, scale=0.3) + 1, array(D, scale=0.3) + 1] if layer == 0 else [None, None]
+        weights.append([array(hidden, H * D, scale=0.3), array(hidden, KV * D, scale=0.3),
+                        array(hidden, KV * D, scale=0.3), array(H * D, hidden, scale=0.3),
+                        array(hidden, inter, scale=0.3), array(hidden, inter, scale=0.3),
+                        array(inter, hidden, scale=0.3), array(hidden, scale=0.3) + 1,
+                        array(hidden, scale=0.3) + 1] + norms)
+    x, h = array(B, hidden), array(B, hidden)
+    cos_q, sin_q, cos_k, sin_k = array(B, D), array(B, D), array(B, D), array(B, D)
+    keys, values = array(L, B, KV, T, D), array(L, B, KV, T, D)
+    bias = np.zeros((B, 1, 1, T), np.float32)
+    bias[..., 4:] = np.finfo(np.float32).min  # not written yet
+    bias[2, ..., :2] = np.finfo(np.float32).min  # left padding of the last row
+    if gemm == "onednn":
+        cpu_gemm.STATE.decode_gemm = (cpu_gemm.ctypes.cast(cpu_gemm.STATE.library.dnnl_sgemm,
+                                                           cpu_gemm.ctypes.c_void_p).value, 2)
+    try:
+        plan = cpu_kernels.DecodePlan([[None if w is None else paddle.to_tensor(w) for w in layer]
+                                       for layer in weights], H, KV, D, eps)
+        assert plan.kind == (1 if gemm == "mkl" else 2)
+        xt, ht = paddle.to_tensor(x), paddle.to_tensor(h)
+        got_keys, got_values = cpu_kernels.decode_layers(
+            plan, xt, ht, *(paddle.to_tensor(t) for t in (cos_q, sin_q, cos_k, sin_k, keys, values, bias)))
+    finally:
+        cpu_gemm.STATE.decode_gemm = None
+    assert kernels.calls == {"ppk_decode_layers": 1}
+    f64 = [[None if w is None else w.astype(np.float64) for w in layer] for layer in weights]
+    want = np_decode_layers(x.astype(np.float64), h.astype(np.float64), f64, cos_q, sin_q, cos_k, sin_k,
+                            keys.astype(np.float64), values.astype(np.float64), bias.reshape(B, T), H, KV, D, eps)
+    for got, expected in zip((xt, ht, got_keys, got_values), want):
+        close(got.numpy().reshape(expected.shape), expected, tol=2e-5)
+
+
+def test_decode_layers_refuse_what_they_cannot_read(kernels):
+    """Weights of another shape or dtype are refused when the plan is made (the rollout model then
+    keeps its per-operator step); inputs that do not match the plan are refused at the call."""
+    D, H = 4, 2
+    layer = [tensor(8, 8, grad=False) for _ in range(4)] + [tensor(8, 12, grad=False), tensor(8, 12, grad=False),
+                                                           tensor(12, 8, grad=False), tensor(8, grad=False),
+                                                           tensor(8, grad=False), None, None]
+    plan = cpu_kernels.DecodePlan([layer], H, H, D, 1e-6)
+    for i, bad in ((1, tensor(8, 6, grad=False)), (6, tensor(12, 8, grad=False).astype("float64")),
+                   (8, None), (9, tensor(5, grad=False))):
+        broken = list(layer)
+        broken[i] = bad
+        with pytest.raises(ValueError):
+            cpu_kernels.DecodePlan([broken], H, H, D, 1e-6)
+    with pytest.raises(ValueError):
+        cpu_kernels.DecodePlan([layer], 3, 2, D, 1e-6)  # heads not a multiple of the kv heads
+    cache = tensor(1, 2, H, 5, D, grad=False)
+    tables = [tensor(2, D, grad=False) for _ in range(4)]
+    bias = paddle.zeros([2, 1, 1, 5])
+    with pytest.raises(ValueError):
+        cpu_kernels.decode_layers(plan, tensor(2, 6, grad=False), tensor(2, 8, grad=False), *tables, cache, cache, bias)
+    with pytest.raises(ValueError):  # a cache of two layers for a plan of one
+        cpu_kernels.decode_layers(plan, tensor(2, 8, grad=False), tensor(2, 8, grad=False), *tables,
+                                  paddle.concat([cache, cache]), paddle.concat([cache, cache]), bias)
+    assert not kernels.calls
+
+
+@pytest.mark.parametrize("extra", [{}, {"num_key_value_heads": 2}, {"num_key_value_heads": 2, "fuse_attention_qkv": True}],
+                         ids=["plain", "grouped-kv", "grouped-kv-fused-qkv"])
 def test_rollout_model_through_the_kernels_equals_paddles_ops(kernels, extra):
     """The rollout model (prefill, decode steps, scoring) with the kernels on: the same greedy tokens
-    as with paddle's ops, and the step logits and scoring log-probs within float32 rounding."""
+    as with paddle's ops, and the step logits and scoring log-probs within float32 rounding.  Its
+    decode steps are one kernel call for separate projections, the per-operator kernels for fused ones."""
     from test_inference import make_model, prompts
 
     from ppo.models import position_ids_from_mask
@@ -383,8 +484,11 @@ def test_rollout_model_through_the_kernels_equals_paddles_ops(kernels, extra):
     assert not kernels.calls
     cpu_gemm.STATE.kernels = library
     got = run()
-    for name in ("ppk_decode_attention", "ppk_rope", "ppk_add_rms_norm", "ppk_swiglu_forward", "ppk_softmax_bias"):
+    fused = bool(extra.get("fuse_attention_qkv"))
+    steps = "ppk_decode_attention" if fused else "ppk_decode_layers"
+    for name in (steps, "ppk_rope", "ppk_add_rms_norm", "ppk_swiglu_forward", "ppk_softmax_bias"):
         assert kernels.calls.get(name), (name, kernels.calls)
+    assert ("ppk_decode_layers" in kernels.calls) != fused, kernels.calls
     np.testing.assert_array_equal(got[2], reference[2])
     for mine, theirs in zip(got[:2] + got[3:], reference[:2] + reference[3:]):
         np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-5)
@@ -455,3 +559,30 @@ def test_a_library_built_from_another_version_is_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     lib, why_not = kernel_library.load()
     assert lib is None and "another version (1, these need" in why_not and "pip install again" in why_not
+
+
+def test_decode_step_keeps_the_per_operator_path_where_a_layer_needs_it(kernels):
+    """Projection biases, LoRA adapters, tensor parallel and weights in another dtype have no place
+    in the one-call step: the rollout model plans none and decodes per operator."""
+    import dataclasses
+
+    from test_inference import make_model
+
+    from ppo.rollout.inference import InferenceModel
+
+    decoder = InferenceModel(make_model())
+    layout = decoder.layout()
+    assert isinstance(decoder._decode_plan(layout), cpu_kernels.DecodePlan)
+    first = layout.layers[0]
+    q = first.q
+    variants = {"bias": dataclasses.replace(q, bias=paddle.zeros([q.weight.shape[1]])),
+                "lora": dataclasses.replace(q, lora_a=paddle.zeros([q.weight.shape[0], 2]),
+                                            lora_b=paddle.zeros([2, q.weight.shape[1]]), lora_scale=1.0),
+                "float64": dataclasses.replace(q, weight=q.weight.astype("float64"))}
+    for name, projection in variants.items():
+        decoder._plan = None
+        changed = dataclasses.replace(layout, layers=[dataclasses.replace(first, q=projection), *layout.layers[1:]])
+        assert decoder._decode_plan(changed) is None, name
+    decoder._plan, decoder.mp = None, 2
+    assert decoder._decode_plan(layout) is None
+    assert not kernels.calls

@@ -51,7 +51,7 @@ void ppk_init(void *parallel, void *thread_num, void *num_threads) {
 }
 
 /* the entry points' version: ppo/models/kernel_library.py refuses a library built from another one */
-int ppk_version(void) { return 2; }
+int ppk_version(void) { return 3; }
 
 typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
 
@@ -427,4 +427,80 @@ void ppk_swiglu_backward(const float *gate, const float *up, const float *dout, 
                          int threads) {
     swiglu_t a = {gate, up, dout, 0, dgate, dup};
     parallel_for(n, 1, threads, swiglu_bwd_range, &a);
+}
+
+/* ---------------------------------------------------------------- a decode step's layers */
+/* The layers of a decode step (one new token per row) in one call, the Python work between the
+ * kernels gone: per layer q, k, v products, the optional per-head norms (Qwen3), rotary, the
+ * attention over the cache, the output product, the residual add with the next norm, gate and up
+ * products, SwiGLU, the down product and its residual add with the next norm.  The products call
+ * the GEMM the caller hands over: MKL's cblas_sgemm (kind 1, paddle's own CPU matmul) or
+ * oneDNN's dnnl_sgemm (kind 2).  Separate projections without biases or adapters only: the
+ * caller keeps every other layout on its own path. */
+
+typedef void (*cblas_sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
+                               float *, int);
+typedef int (*dnnl_sgemm_fn)(char, char, int64_t, int64_t, int64_t, float, const float *, int64_t, const float *,
+                             int64_t, float, float *, int64_t);
+
+/* y [M, N] = x [M, K] @ w [K, N], all row-major; 0 or the GEMM's failure */
+static int decode_product(const void *gemm, int kind, const float *x, const float *w, float *y, int64_t M,
+                          int64_t K, int64_t N) {
+    if (kind == 1) {
+        ((cblas_sgemm_fn)gemm)(101, 111, 111, (int)M, (int)N, (int)K, 1.0f, x, (int)K, w, (int)N, 0.0f, y, (int)N);
+        return 0;
+    }
+    return ((dnnl_sgemm_fn)gemm)('N', 'N', M, N, K, 1.0f, x, K, w, N, 0.0f, y, N) != 0;
+}
+
+enum { DW_Q, DW_K, DW_V, DW_O, DW_GATE, DW_UP, DW_DOWN, DW_POST_NORM, DW_NEXT_NORM, DW_Q_NORM, DW_K_NORM, DW_COUNT };
+
+/* weights: DW_COUNT pointers per layer (q [hidden, H D], k and v [hidden, KV D], o [H D, hidden],
+ * gate and up [hidden, I], down [I, hidden], the post-attention norm and the norm after the layer
+ * [hidden] (the next layer's input norm, or the final norm), the per-head norms [D] or NULL).
+ * x [B, hidden] is the first layer's normalised input and h the residual stream: on return x is
+ * the final norm's output and h the stream.  cos_q, sin_q (the attention scale folded in) and
+ * cos_k, sin_k are [B, D]; the cache keys / values [layers, B, KV, T, D] and bias [B, T] as in
+ * ppk_decode_attention; the step's keys and values are written to new_keys / new_values
+ * [layers, B, KV, D].  Returns 0, 1 when out of memory, 2 when a product failed. */
+int ppk_decode_layers(const void *gemm, int kind, const float *const *weights, int64_t layers, float *x, float *h,
+                      const float *cos_q, const float *sin_q, const float *cos_k, const float *sin_k,
+                      const float *keys, const float *values, const float *bias, float *new_keys, float *new_values,
+                      int64_t B, int64_t hidden, int64_t H, int64_t KV, int64_t D, int64_t I, int64_t T, float eps,
+                      int threads) {
+    const int64_t qw = H * D, kw = KV * D;
+    float *buffer = (float *)malloc(sizeof(float) * (size_t)(B * (3 * qw + 2 * kw + hidden + 3 * I)));
+    if (!buffer) return 1;
+    float *q = buffer, *q_rot = q + B * qw, *attn = q_rot + B * qw, *k = attn + B * qw, *v = k + B * kw;
+    float *o = v + B * kw, *gate = o + B * hidden, *up = gate + B * I, *act = up + B * I;
+    int status = 0;
+    for (int64_t layer = 0; layer < layers && !status; ++layer) {
+        const float *const *w = weights + layer * DW_COUNT;
+        float *k_new = new_keys + layer * B * kw, *v_new = new_values + layer * B * kw;
+        status = decode_product(gemm, kind, x, w[DW_Q], q, B, hidden, qw) ||
+                 decode_product(gemm, kind, x, w[DW_K], k, B, hidden, kw) ||
+                 decode_product(gemm, kind, x, w[DW_V], v_new, B, hidden, kw);
+        if (status) break;
+        if (w[DW_Q_NORM]) ppk_rms_norm_forward(q, w[DW_Q_NORM], q, 0, B * H, D, eps, threads);
+        if (w[DW_K_NORM]) ppk_rms_norm_forward(k, w[DW_K_NORM], k, 0, B * KV, D, eps, threads);
+        ppk_rope(q, cos_q, sin_q, q_rot, B, H, 1, D, 2, B, 0, 0, threads);
+        ppk_rope(k, cos_k, sin_k, k_new, B, KV, 1, D, 2, B, 0, 0, threads);
+        dattn_t a = {q_rot, k_new, v_new, keys + layer * B * kw * T, values + layer * B * kw * T, bias, attn,
+                     H, KV, T, D, 0};
+        parallel_for(B * H, (T + 1) * D * 2, threads, dattn_rows, &a);
+        if (a.failed) {
+            status = 1;
+            break;
+        }
+        if ((status = decode_product(gemm, kind, attn, w[DW_O], o, B, qw, hidden))) break;
+        ppk_add_rms_norm(o, h, w[DW_POST_NORM], x, h, B, hidden, eps, threads);
+        status = decode_product(gemm, kind, x, w[DW_GATE], gate, B, hidden, I) ||
+                 decode_product(gemm, kind, x, w[DW_UP], up, B, hidden, I);
+        if (status) break;
+        ppk_swiglu_forward(gate, up, act, B * I, threads);
+        if ((status = decode_product(gemm, kind, act, w[DW_DOWN], o, B, I, hidden))) break;
+        ppk_add_rms_norm(o, h, w[DW_NEXT_NORM], x, h, B, hidden, eps, threads);
+    }
+    free(buffer);
+    return status == 1 ? 1 : status ? 2 : 0;
 }

@@ -54,6 +54,7 @@ class _State:
     threads = None
     kernels = None  # the toolkit's compiled CPU kernels (ppo.models.kernel_library), loaded and switched on
     kernels_library = None  # loaded once: (handle or None, why not)
+    decode_gemm = None  # (address, kind) for the kernels' decode step, found once
 
 
 STATE = _State()
@@ -196,25 +197,49 @@ def restore(state: tuple) -> None:
         deactivate()
 
 
+@contextlib.contextmanager
+def team():
+    """Within it the OpenMP runtime's parallel regions (oneDNN's, the toolkit's kernels') use
+    ``STATE.threads``; paddle's own setting is put back after."""
+    omp = STATE.openmp
+    before = omp.omp_get_max_threads() if omp is not None else None
+    if omp is not None and before != STATE.threads:
+        omp.omp_set_num_threads(STATE.threads)
+    try:
+        yield
+    finally:
+        if omp is not None and before != STATE.threads:
+            omp.omp_set_num_threads(before)
+
+
 def _gemm(a, b, trans_a: bool, trans_b: bool, m: int, n: int, k: int, bf16: bool):
     """C [m, n] float32 = op(a) @ op(b) (row-major; op transposes when asked); a, b dense CPU tensors."""
     out = paddle.empty([m, n], dtype="float32")
     lda = m if trans_a else k
     ldb = k if trans_b else n
     fn = STATE.library.dnnl_gemm_bf16bf16f32 if bf16 else STATE.library.dnnl_sgemm
-    omp = STATE.openmp
-    before = omp.omp_get_max_threads() if omp is not None else None
-    if omp is not None and before != STATE.threads:
-        omp.omp_set_num_threads(STATE.threads)
-    try:
+    with team():
         status = fn(b"T" if trans_a else b"N", b"T" if trans_b else b"N", m, n, k, 1.0, a.data_ptr(), lda,
                     b.data_ptr(), ldb, 0.0, out.data_ptr(), n)
-    finally:
-        if omp is not None and before != STATE.threads:
-            omp.omp_set_num_threads(before)
     if status != 0:
         raise RuntimeError(f"oneDNN gemm failed with status {status} (m={m}, n={n}, k={k})")
     return out
+
+
+def decode_gemm():
+    """``(address, kind)`` of the GEMM a decode step's layers call from the toolkit's kernels
+    (``cpu_kernels.decode_layers``): MKL's ``cblas_sgemm`` from paddle's wheel (kind 1; paddle's own
+    CPU matmul, the faster one at a decode step's few rows, ``SMALL_ROWS``), else oneDNN's
+    ``dnnl_sgemm`` (kind 2); None where neither is there or the path is off."""
+    if not STATE.active or STATE.bf16:
+        return None
+    if STATE.decode_gemm is None:
+        path = os.path.join(os.path.dirname(paddle.__file__), "libs", "libmklml_intel.so")
+        try:
+            STATE.decode_gemm = (ctypes.cast(ctypes.CDLL(path).cblas_sgemm, ctypes.c_void_p).value, 1)
+        except (OSError, AttributeError):
+            STATE.decode_gemm = (ctypes.cast(STATE.library.dnnl_sgemm, ctypes.c_void_p).value, 2)
+    return STATE.decode_gemm
 
 
 def _dense(t, bf16: bool):

@@ -20,6 +20,7 @@ says so in one line and paddle's ops run.
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import paddle
@@ -290,3 +291,77 @@ def swiglu_forward(gate, up):
     out = paddle.empty_like(gate)
     _lib().ppk_swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), math.prod(gate.shape), _threads())
     return out
+
+
+# the order of a layer's tensors in ppk_decode_layers (its DW_* names): q, k, v, o, gate, up, down
+# projections, the post-attention norm, the norm after the layer, the per-head q / k norms or None
+DECODE_LAYER_TENSORS = ("q", "k", "v", "o", "gate", "up", "down", "post_attention_norm", "next_norm", "q_norm",
+                        "k_norm")
+
+
+class DecodePlan:
+    """A decode step's layers for :func:`decode_layers`: the weights' addresses (checked once, held
+    with the tensors, so they stay alive) and the geometry; built per rollout (the weights are
+    frozen while it decodes)."""
+
+    def __init__(self, layers: list, heads: int, kv_heads: int, head_dim: int, eps: float):
+        gemm = cpu_gemm.decode_gemm()
+        if gemm is None or not layers or heads % kv_heads:
+            raise ValueError(f"decode plan: {len(layers)} layers, {heads} heads over {kv_heads} kv heads, GEMM {gemm}")
+        hidden = layers[0][0].shape[0]
+        inter = layers[0][4].shape[1]
+        H, KV, D = heads, kv_heads, head_dim
+        shapes = ([hidden, H * D], [hidden, KV * D], [hidden, KV * D], [H * D, hidden], [hidden, inter],
+                  [hidden, inter], [inter, hidden], [hidden], [hidden], [D], [D])
+        addresses = []
+        for i, tensors in enumerate(layers):
+            if len(tensors) != len(DECODE_LAYER_TENSORS):
+                raise ValueError(f"decode plan: layer {i} has {len(tensors)} tensors, not {len(DECODE_LAYER_TENSORS)}")
+            for name, t, shape in zip(DECODE_LAYER_TENSORS, tensors, shapes):
+                if t is None and name in ("q_norm", "k_norm"):
+                    addresses.append(None)
+                    continue
+                if t is None or list(t.shape) != shape or not ready(t) or not t.is_contiguous():
+                    raise ValueError(f"decode plan: layer {i} {name} "
+                                     f"{None if t is None else list(t.shape)} (needs a dense float32 {shape})")
+                addresses.append(t.data_ptr())
+        self.gemm, self.kind = gemm
+        self.addresses = (ctypes.c_void_p * len(addresses))(*addresses)
+        self.tensors = layers
+        self.layers, self.hidden, self.inter, self.heads, self.kv_heads, self.head_dim = (
+            len(layers), hidden, inter, H, KV, D)
+        self.eps = float(eps)
+
+
+def decode_layers(plan: DecodePlan, x, h, cos_q, sin_q, cos_k, sin_k, keys, values, bias):
+    """All layers of a decode step in one call (no autograd): x [B, hidden] the first layer's
+    normalised input and h [B, hidden] the residual stream, both updated in place (x to the final
+    norm's output); rotary tables [B, D] (the queries' with the attention scale folded in); the
+    cache ``keys`` / ``values`` [layers, B, KV, T, D] and ``bias`` [B, 1, 1, T] as in
+    :func:`decode_attention`.  Returns the step's keys and values [layers, B, KV, 1, D]."""
+    B = x.shape[0]
+    L, KV, D = plan.layers, plan.kv_heads, plan.head_dim
+    T = keys.shape[3] if keys.ndim == 5 else -1
+    if (list(x.shape) != [B, plan.hidden] or list(h.shape) != [B, plan.hidden]
+            or any(list(t.shape) != [B, D] for t in (cos_q, sin_q, cos_k, sin_k))
+            or list(keys.shape) != [L, B, KV, T, D] or list(values.shape) != list(keys.shape)
+            or math.prod(bias.shape) != B * T
+            or not ready(x, h, cos_q, sin_q, cos_k, sin_k, keys, values, bias)
+            or not all(t.is_contiguous() for t in (x, h, keys, values))):
+        raise ValueError(f"decode_layers: x {x.shape}, h {h.shape}, tables {cos_q.shape}, cache {keys.shape} / "
+                         f"{values.shape}, bias {bias.shape} for {L} layers of {plan.heads} x {D} heads "
+                         f"({KV} kv), hidden {plan.hidden} (dense float32)")
+    cos_q, sin_q, cos_k, sin_k, bias = (_dense(t) for t in (cos_q, sin_q, cos_k, sin_k, bias))
+    new_keys = paddle.empty([L, B, KV, 1, D], dtype="float32")
+    new_values = paddle.empty([L, B, KV, 1, D], dtype="float32")
+    with cpu_gemm.team():
+        status = _lib().ppk_decode_layers(plan.gemm, plan.kind, plan.addresses, L, x.data_ptr(), h.data_ptr(),
+                                          cos_q.data_ptr(), sin_q.data_ptr(), cos_k.data_ptr(), sin_k.data_ptr(),
+                                          keys.data_ptr(), values.data_ptr(), bias.data_ptr(), new_keys.data_ptr(),
+                                          new_values.data_ptr(), B, plan.hidden, plan.heads, KV, D, plan.inter, T,
+                                          plan.eps, _threads())
+    if status == 1:
+        raise MemoryError("decode layers: out of memory for the step's buffers")
+    if status:
+        raise RuntimeError("decode layers: the GEMM failed")
+    return new_keys, new_values

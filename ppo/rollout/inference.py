@@ -148,6 +148,7 @@ class InferenceModel(RolloutDecoder):
         self.lm_head_transposed = layout.lm_head_transposed
         self.max_positions = config.max_position_embeddings
         self.cache = None
+        self._plan = None  # the decode step's kernel plan, per rollout (``_decode_plan``)
 
     # -- tensor parallel ---------------------------------------------------------------------
 
@@ -358,9 +359,14 @@ class InferenceModel(RolloutDecoder):
         else:
             (cos_q, sin_q), (cos_k, sin_k) = self._per_head(cos, sin)
             cache_bias = cache_bias.expand([B, H, 1, cache_bias.shape[-1]])
-        new_keys, new_values = [], []
         layers = layout.layers
         x = _rms_norm(h, layers[0].input_norm, self.eps)
+        plan = self._decode_plan(layout) if kernels else None
+        if plan is not None:  # every layer in one call of the toolkit's kernels: x and h updated in place
+            tables = (t.reshape([B, D]) for t in (cos_q, sin_q, cos_k, sin_k))
+            new_keys, new_values = cpu_kernels.decode_layers(plan, x, h, *tables, cache[0], cache[1], cache_bias)
+            return self._full_logits(x, layout.lm_head), new_keys, new_values
+        new_keys, new_values = [], []
         for i, weights in enumerate(layers):
             q, k, v = self._qkv(x, weights)
             q, k = self._head_norms(q.reshape([B, H, 1, D]), k.reshape([B, KV, 1, D]), weights)
@@ -382,6 +388,25 @@ class InferenceModel(RolloutDecoder):
             following = layers[i + 1].input_norm if i + 1 < len(layers) else layout.norm
             x, h = _add_rms_norm(self._mlp(x, weights), h, following, self.eps)
         return self._full_logits(x, layout.lm_head), paddle.stack(new_keys), paddle.stack(new_values)
+
+    def _decode_plan(self, layout: DecoderLayout):
+        """The decode step's layers as one kernel call (``cpu_kernels.decode_layers``), planned at a
+        rollout's first step; None where a layer needs the per-operator path (tensor parallel, fused
+        projections, biases, LoRA adapters, other dtypes)."""
+        if self._plan is None:
+            self._plan = False
+            layers, tensors = layout.layers, []
+            for i, w in enumerate(layers):
+                projections = (w.q, w.k, w.v, w.o, w.gate, w.up, w.down)
+                if self.mp > 1 or any(p is None or p.bias is not None or p.lora_a is not None for p in projections):
+                    return None
+                following = layers[i + 1].input_norm if i + 1 < len(layers) else layout.norm
+                tensors.append([p.weight for p in projections] + [w.post_attention_norm, following, w.q_norm, w.k_norm])
+            try:
+                self._plan = cpu_kernels.DecodePlan(tensors, self.n_heads, self.n_kv, self.head_dim, self.eps)
+            except ValueError:  # (weights the kernels do not take: the per-operator path)
+                return None
+        return self._plan or None
 
     def _cache_attention(self, q, k, v, keys, values, cache_bias):
         """q [B, H, 1, D] against one layer's cache ``keys`` / ``values`` [B, KV, T, D] (``cache_bias``
@@ -423,6 +448,7 @@ class InferenceModel(RolloutDecoder):
         dtype = layout.embed_tokens.dtype
         L = len(layout.layers)
         # one tensor per K and V for all layers: a decode step writes each with a single assignment
+        self._plan = None  # (planned again at the first step: the weights may have changed since the last rollout)
         self.cache = (paddle.zeros([L, B, self.n_kv, T, self.head_dim], dtype),
                       paddle.zeros([L, B, self.n_kv, T, self.head_dim], dtype))
         self.key_mask = paddle.concat([attention_mask.astype("int64"), paddle.zeros([B, max_new_tokens], "int64")], 1)
@@ -452,3 +478,4 @@ class InferenceModel(RolloutDecoder):
     def release(self) -> None:
         """Drop the KV cache (memory back before the training phases)."""
         self.cache = None
+        self._plan = None
