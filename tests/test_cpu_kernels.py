@@ -586,3 +586,37 @@ def test_decode_step_keeps_the_per_operator_path_where_a_layer_needs_it(kernels)
     decoder._plan, decoder.mp = None, 2
     assert decoder._decode_plan(layout) is None
     assert not kernels.calls
+
+
+def test_row_dot_equals_numpy_on_any_thread_count(kernels):
+    """``sum(a * b, -1)`` per row (rows above the one-thread cut-off, an odd width): numpy's in
+    float64, bit for bit on 1 and 2 threads; shapes or dtypes it does not take are None."""
+    a, b = tensor(3, 37, 1001, grad=False), tensor(3, 37, 1001, grad=False)
+    results = []
+    for threads in (1, 2):
+        cpu_gemm.STATE.threads = threads
+        results.append(cpu_kernels.row_dot(a, b).numpy())
+    np.testing.assert_array_equal(results[0], results[1])
+    assert results[0].shape == (3, 37)
+    close(results[0], (a.numpy().astype(np.float64) * b.numpy()).sum(-1), 1e-5)
+    close(cpu_kernels.row_dot(a[:, 3:9], b[:, 3:9]).numpy(),  # (views: made dense first)
+          (a.numpy()[:, 3:9].astype(np.float64) * b.numpy()[:, 3:9]).sum(-1), 1e-5)
+    assert kernels.calls == {"ppk_row_dot": 3}
+    assert cpu_kernels.row_dot(a, b[:, :5]) is None
+    assert cpu_kernels.row_dot(a.astype("float64"), b.astype("float64")) is None
+    assert kernels.calls == {"ppk_row_dot": 3}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_one_pass_entropy_through_the_row_dot_equals_the_two_pass_formula(kernels, temperature):
+    """The rollout's log-probs with the entropy as a statistic: the kernel's ``sum p z`` gives the
+    entropy of the direct formula (float64 numpy, softmax of logits / temperature)."""
+    from ppo.core.algorithms import log_probs_and_entropy
+
+    logits, labels = tensor(2, 9, 301, scale=3.0, grad=False), paddle.to_tensor(RNG.integers(0, 301, size=(2, 9)))
+    log_probs, entropy = log_probs_and_entropy(logits, labels, temperature, cpu_kernels.row_dot)
+    assert kernels.calls == {"ppk_row_dot": 1}
+    z = logits.numpy().astype(np.float64) / temperature
+    p = np_softmax(z)
+    close(entropy.numpy(), -(p * np.log(p)).sum(-1), 1e-5)
+    close(log_probs.numpy(), np.log(np.take_along_axis(p, labels.numpy()[..., None], -1))[..., 0], 1e-5)

@@ -125,12 +125,13 @@ def entropy_from_logits(logits, temperature=1.0):
     return paddle.log(total) + shift.squeeze(-1) - (e * logits).sum(axis=-1) / total
 
 
-def log_probs_and_entropy(logits, labels, temperature=1.0):
+def log_probs_and_entropy(logits, labels, temperature=1.0, row_dot=None):
     """(``gather_log_probs``, ``entropy_from_logits`` detached) of ``logits`` [B, T, V] from one
     pass: paddle's fused softmax-cross-entropy kernel gives ``log p[label]`` and the softmax ``p``
     of ``z = logits / temperature``; ``H = logsumexp(z) - sum p z`` with ``logsumexp(z) = z[label] -
     log p[label]``.  The log-probs carry gradients, the entropy none (a statistic: half the time of
-    the two passes on [16, 128, 8000], forward + backward)."""
+    the two passes on [16, 128, 8000], forward + backward).  ``row_dot(a, b)``: ``(a * b).sum(-1)``
+    by a faster route (a CPU kernel), or None where it does not take them."""
     logits = _float32_logits(logits)
     z = logits / temperature if temperature != 1.0 else logits
     index = labels.astype(paddle.int64).unsqueeze(-1)
@@ -138,8 +139,13 @@ def log_probs_and_entropy(logits, labels, temperature=1.0):
     log_probs = -loss.squeeze(-1)
     with paddle.no_grad():
         zd = z.detach()
-        entropy = (paddle.take_along_axis(zd, index, axis=-1).squeeze(-1) - log_probs.detach()) - \
-            (p.detach() * zd).sum(axis=-1)
+        # (broadcast=False: with paddle's default the [B, T, V] logits are copied first, 115 ms of
+        # [16, 320, 8000] on CPU against 0.6)
+        picked = paddle.take_along_axis(zd, index, axis=-1, broadcast=False).squeeze(-1)
+        expected = row_dot(p.detach(), zd) if row_dot is not None else None
+        if expected is None:
+            expected = (p.detach() * zd).sum(axis=-1)
+        entropy = (picked - log_probs.detach()) - expected
     return log_probs, entropy
 
 

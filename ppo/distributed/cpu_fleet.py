@@ -211,7 +211,8 @@ class _VocabParallelCrossEntropy(PyLayer):
         shifted = logits - _all_reduce_copy(logits.max(axis=-1, keepdim=True), group, dist.ReduceOp.MAX)
         exp = paddle.exp(shifted)
         total = _all_reduce_copy(exp.sum(axis=-1, keepdim=True), group)
-        picked = paddle.take_along_axis(shifted, local, axis=-1) * inside.astype(logits.dtype)
+        # (broadcast=False: paddle's default copies the [B, T, V] logits first)
+        picked = paddle.take_along_axis(shifted, local, axis=-1, broadcast=False) * inside.astype(logits.dtype)
         picked = _all_reduce_copy(picked, group)
         keep = (label != ignore_index).astype(logits.dtype)
         loss = (paddle.log(total) - picked) * keep

@@ -389,6 +389,26 @@ void ppk_cache_write(float *cache, const float *rows, int64_t n, int64_t T, int6
     for (int64_t r = 0; r < n; ++r) memcpy(cache + (r * T + slot) * D, rows + r * D, sizeof(float) * D);
 }
 
+/* ---------------------------------------------------------------- row dot */
+/* out[r] = sum_i a[r, i] b[r, i] over rows of n (the entropy's sum p z over the vocabulary,
+ * without paddle's [rows, n] product in between) */
+
+typedef struct {
+    const float *a, *b;
+    float *out;
+    int64_t n;
+} rowdot_t;
+
+static void rowdot_rows(void *p, int64_t begin, int64_t end) {
+    rowdot_t *a = (rowdot_t *)p;
+    for (int64_t row = begin; row < end; ++row) a->out[row] = dot2(a->a + row * a->n, a->b + row * a->n, a->n);
+}
+
+void ppk_row_dot(const float *a, const float *b, float *out, int64_t rows, int64_t n, int threads) {
+    rowdot_t args = {a, b, out, n};
+    parallel_for(rows, n, threads, rowdot_rows, &args);
+}
+
 /* ---------------------------------------------------------------- SwiGLU */
 /* out = silu(gate) up = gate sigmoid(gate) up; backward with s = sigmoid(gate):
  * dgate = dout up s (1 + gate (1 - s)),  dup = dout gate s */

@@ -14,7 +14,9 @@ What goes through it once :func:`activate` ran (CPU only):
   fleet's column / row parallel linears (:func:`install` points their ``linear`` at it);
 * the LM heads of a model without tensor parallel (:func:`install`; under tensor parallel the head
   keeps paddlenlp's ``parallel_matmul``);
-* the rollout decoder's projections and head (``ppo.rollout.inference`` calls :func:`matmul`).
+* the rollout decoder's projections and head (``ppo.rollout.inference`` calls :func:`matmul`);
+  with the toolkit's kernels a decode step's layer products are called from their C instead, on
+  the GEMM :func:`decode_gemm` finds (paddle's MKL, faster at so few rows).
 
 Each product runs forward and both backward products (``dx = dy W^T``, ``dW = x^T dy``) as one
 ``PyLayer``, so paddle's autograd, recompute and the optimizer see ordinary tensors; results equal

@@ -28,6 +28,7 @@ _SIGNATURES = {
     "ppk_decode_attention": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]),
     "ppk_swiglu_forward": (None, [_P, _P, _P, _I64, ctypes.c_int]),
     "ppk_swiglu_backward": (None, [_P, _P, _P, _P, _P, _I64, ctypes.c_int]),
+    "ppk_row_dot": (None, [_P, _P, _P, _I64, _I64, ctypes.c_int]),
     "ppk_decode_layers": (ctypes.c_int, [_P, ctypes.c_int, _P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P,
                                          _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int]),
 }

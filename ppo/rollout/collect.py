@@ -22,7 +22,7 @@ from ppo.data.tokenizer_utils import decode_without_special, encode_scored_text
 from ppo.core.experience import Experience, real_spans, shift_left
 from ppo.rollout.inference import InferenceModel
 from ppo.rollout.sampling import GenerationConfig, next_token
-from ppo.models import cpu_gemm, position_ids_from_mask
+from ppo.models import cpu_gemm, cpu_kernels, position_ids_from_mask
 from ppo.distributed.parallel import unwrap
 
 
@@ -204,7 +204,7 @@ def log_probs_from_logits(logits, sequences, temperature: float = 1.0, split: bo
         log_probs, entropy = vocab.vocab_parallel_log_probs(logits, labels, temperature,
                                                                with_entropy and entropy_grad)
     elif with_entropy and not entropy_grad:  # the entropy a statistic: one pass over the logits
-        return tuple(t[:, :-1] for t in log_probs_and_entropy(logits, labels, temperature))
+        return tuple(t[:, :-1] for t in log_probs_and_entropy(logits, labels, temperature, cpu_kernels.row_dot))
     else:
         log_probs = gather_log_probs(logits, labels, temperature)
         entropy = entropy_from_logits(logits, temperature) if with_entropy and entropy_grad else None
