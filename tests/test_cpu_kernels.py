@@ -6,6 +6,7 @@ equal paddle's own ops; the fallbacks say so in one line."""
 
 import numpy as np
 import paddle
+import paddle.nn.functional as F
 import pytest
 
 from ppo.models import cpu_gemm, cpu_kernels, fast_paths, kernel_library
@@ -211,10 +212,10 @@ def test_swiglu_forward_and_gradients_equal_numpy(kernels):
     close(cpu_kernels.swiglu_forward(x, paddle.ones([7])).numpy(), np_silu(x.numpy().astype(np.float64)))
 
 
-@pytest.mark.parametrize("bias_heads", [1, 3])
-def test_masked_softmax_and_its_gradient_equal_numpy(kernels, bias_heads):
-    """softmax(scores + bias) with a causal mask at the dtype's minimum (a bias shared by the heads,
-    or one per head), and its gradient; fully masked entries are exactly 0."""
+@pytest.mark.parametrize("bias_heads,scale", [(1, 1.0), (3, 1.0), (1, 0.125), (3, 0.3)])
+def test_masked_softmax_and_its_gradient_equal_numpy(kernels, bias_heads, scale):
+    """softmax(scores * scale + bias) with a causal mask at the dtype's minimum (a bias shared by
+    the heads, or one per head), and its gradient; fully masked entries are exactly 0."""
     B, H, S = 2, 3, 9
     scores = tensor(B, H, S, S, scale=5.0)
     minimum = np.finfo(np.float32).min
@@ -226,14 +227,17 @@ def test_masked_softmax_and_its_gradient_equal_numpy(kernels, bias_heads):
     bias_np[..., 0, 0] = 0.0
     bias = paddle.to_tensor(bias_np.astype("float32"))
     g = RNG.normal(size=(B, H, S, S))
-    probs = cpu_kernels.softmax_bias(scores, bias)
+    probs = cpu_kernels.softmax_bias(scores, bias, scale)
     probs.backward(paddle.to_tensor(g.astype("float32")))
-    z = scores.numpy().astype(np.float64) + np.maximum(bias_np, -1e30)
+    z = scores.numpy().astype(np.float64) * scale + np.maximum(bias_np, -1e30)
     p = np_softmax(z)
     close(probs.numpy(), p)
     assert (probs.numpy()[np.broadcast_to(bias_np, p.shape) == minimum] == 0).all()
-    close(scores.grad.numpy(), p * (g - (g * p).sum(-1, keepdims=True)))
+    close(scores.grad.numpy(), p * (g - (g * p).sum(-1, keepdims=True)) * scale)
     assert kernels.calls == {"ppk_softmax_bias": 1, "ppk_softmax_grad": 1}
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            cpu_kernels.softmax_bias(scores, bias, bad)
 
 
 def test_inference_forms_equal_numpy(kernels):
@@ -272,7 +276,9 @@ def test_whole_models_through_the_kernels_equal_paddles_ops(kernels, family):
     norms = 2 * layers + 1 + (2 * layers if family == "qwen3" else 0)  # Qwen3's q/k head norms
     assert kernels.calls == {"ppk_rms_norm_forward": norms, "ppk_rms_norm_backward": norms,
                              "ppk_rope": 4 * layers, "ppk_swiglu_forward": layers, "ppk_swiglu_backward": layers,
-                             "ppk_softmax_bias": layers, "ppk_softmax_grad": layers}, kernels.calls
+                             "ppk_softmax_bias": layers, "ppk_softmax_grad": layers,
+                             # the attention's two products forward, and each one's two gradients
+                             "ppk_batched_gemm": 6 * layers}, kernels.calls
     np.testing.assert_allclose(got[0], reference[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got[1], reference[1], rtol=1e-5, atol=1e-5)
     for name, g in reference[2].items():
@@ -407,7 +413,7 @@ def test_decode_layers_equal_numpy(kernels, gemm):
     bias[..., 4:] = np.finfo(np.float32).min  # not written yet
     bias[2, ..., :2] = np.finfo(np.float32).min  # left padding of the last row
     if gemm == "onednn":
-        cpu_gemm.STATE.decode_gemm = (cpu_gemm.ctypes.cast(cpu_gemm.STATE.library.dnnl_sgemm,
+        cpu_gemm.STATE.blas_gemm = (cpu_gemm.ctypes.cast(cpu_gemm.STATE.library.dnnl_sgemm,
                                                            cpu_gemm.ctypes.c_void_p).value, 2)
     try:
         plan = cpu_kernels.DecodePlan([[None if w is None else paddle.to_tensor(w) for w in layer]
@@ -417,7 +423,7 @@ def test_decode_layers_equal_numpy(kernels, gemm):
         got_keys, got_values = cpu_kernels.decode_layers(
             plan, xt, ht, *(paddle.to_tensor(t) for t in (cos_q, sin_q, cos_k, sin_k, keys, values, bias)))
     finally:
-        cpu_gemm.STATE.decode_gemm = None
+        cpu_gemm.STATE.blas_gemm = None
     assert kernels.calls == {"ppk_decode_layers": 1}
     f64 = [[None if w is None else w.astype(np.float64) for w in layer] for layer in weights]
     want = np_decode_layers(x.astype(np.float64), h.astype(np.float64), f64, cos_q, sin_q, cos_k, sin_k,
@@ -620,3 +626,77 @@ def test_one_pass_entropy_through_the_row_dot_equals_the_two_pass_formula(kernel
     p = np_softmax(z)
     close(entropy.numpy(), -(p * np.log(p)).sum(-1), 1e-5)
     close(log_probs.numpy(), np.log(np.take_along_axis(p, labels.numpy()[..., None], -1))[..., 0], 1e-5)
+
+
+@pytest.mark.parametrize("transpose_b,heads_last", [(True, False), (False, True), (False, False)])
+def test_attention_products_equal_numpy_views_read_in_place(kernels, transpose_b, heads_last):
+    """The attention's batched products, operands transposed views of [B, S, heads, D] (read in
+    place): numpy's per-item products forward and both gradients, on 1 and 2 threads; heads_last
+    returns [B, M, H, N]."""
+    B, H, M, K, N = 2, 3, 5, 4, 6
+    a_base = tensor(B, M, H, K)
+    b_base = tensor(B, N, H, K) if transpose_b else tensor(B, K, H, N)
+    g = RNG.normal(size=(B, M, H, N) if heads_last else (B, H, M, N))
+    an = a_base.numpy().transpose(0, 2, 1, 3).astype(np.float64)
+    bn = b_base.numpy().transpose(0, 2, 1, 3).astype(np.float64)
+    op_b = bn.transpose(0, 1, 3, 2) if transpose_b else bn
+    want = an @ op_b
+    gn = g.transpose(0, 2, 1, 3) if heads_last else g  # [B, H, M, N]
+    want_da = (gn @ op_b.transpose(0, 1, 3, 2)).transpose(0, 2, 1, 3)
+    want_db = (an.transpose(0, 1, 3, 2) @ gn)  # d op(b): [B, H, K, N]
+    want_db = (want_db.transpose(0, 1, 3, 2) if transpose_b else want_db).transpose(0, 2, 1, 3)
+    for threads in (1, 2):
+        cpu_gemm.STATE.threads = threads
+        a_base.clear_gradient()
+        b_base.clear_gradient()
+        a, b = a_base.transpose([0, 2, 1, 3]), b_base.transpose([0, 2, 1, 3])
+        assert not a.is_contiguous() and cpu_kernels.attention_matmul_ready(a, b, transpose_b)
+        y = cpu_kernels.attention_matmul(a, b, transpose_b, heads_last)
+        y.backward(paddle.to_tensor(g.astype("float32")))
+        close(y.numpy(), want.transpose(0, 2, 1, 3) if heads_last else want, 1e-5)
+        close(a_base.grad.numpy(), want_da, 1e-5)
+        close(b_base.grad.numpy(), want_db, 1e-5)
+    assert kernels.calls == {"ppk_batched_gemm": 6}
+
+
+def test_attention_products_under_recompute_and_their_fallbacks(kernels):
+    """Under paddle's recompute, reentrant and not (paddlenlp's default), gradients equal paddle's
+    matmul; shapes, dtypes or sizes the kernel does not take go to paddle's matmul."""
+    from paddle.distributed.fleet.utils import recompute
+
+    B, S, H, D = 2, 5, 3, 4
+    x = tensor(B, S, H * D)
+    w = tensor(H * D, 3 * H * D)
+    g = paddle.to_tensor(RNG.normal(size=(B, S, H * D)).astype("float32"))
+
+    def block(x, matmul):
+        q, k, v = (t.transpose([0, 2, 1, 3]) for t in paddle.matmul(x, w).reshape([B, S, 3, H, D]).unbind(2))
+        probs = F.softmax(matmul(q, k, True, False), axis=-1)
+        return matmul(probs, v, False, True).reshape([B, S, H * D])
+
+    def paddles(a, b, transpose_b, heads_last):
+        y = paddle.matmul(a, b, transpose_y=transpose_b)
+        return y.transpose([0, 2, 1, 3]) if heads_last else y
+
+    for reentrant in (True, False):
+        results = []
+        for matmul in (paddles, cpu_kernels.attention_matmul):
+            x.clear_gradient()
+            w.clear_gradient()
+            (recompute(block, x, matmul, use_reentrant=reentrant) * g).sum().backward()
+            results.append((x.grad.numpy(), w.grad.numpy()))
+        for mine, theirs in zip(results[1], results[0]):
+            close(mine, theirs, 1e-5)
+    assert kernels.calls["ppk_batched_gemm"] == 16  # per mode: 2 forward, 2 again in the backward, 4 gradients
+    calls = dict(kernels.calls)
+    a, b = tensor(2, 3, 4, 5, grad=False), tensor(2, 3, 5, 6, grad=False)
+    for x_, y_ in ((a, tensor(2, 1, 5, 6, grad=False)), (a.astype("float64"), b.astype("float64")),
+                   (tensor(2, 3, 0, 5, grad=False), b), (a, tensor(2, 3, 4, 6, grad=False))):
+        try:
+            want = paddle.matmul(x_, y_).numpy()
+        except ValueError:  # (shapes that do not multiply: paddle's error, as before)
+            with pytest.raises(ValueError):
+                cpu_kernels.attention_matmul(x_, y_)
+            continue
+        np.testing.assert_array_equal(cpu_kernels.attention_matmul(x_, y_).numpy(), want)
+    assert kernels.calls == calls

@@ -16,7 +16,8 @@ What goes through it once :func:`activate` ran (CPU only):
   keeps paddlenlp's ``parallel_matmul``);
 * the rollout decoder's projections and head (``ppo.rollout.inference`` calls :func:`matmul`);
   with the toolkit's kernels a decode step's layer products are called from their C instead, on
-  the GEMM :func:`decode_gemm` finds (paddle's MKL, faster at so few rows).
+  the GEMM :func:`blas_gemm` finds (paddle's MKL, faster at so few rows); so are the
+  attention's batched products (``cpu_kernels.attention_matmul``).
 
 Each product runs forward and both backward products (``dx = dy W^T``, ``dW = x^T dy``) as one
 ``PyLayer``, so paddle's autograd, recompute and the optimizer see ordinary tensors; results equal
@@ -56,7 +57,7 @@ class _State:
     threads = None
     kernels = None  # the toolkit's compiled CPU kernels (ppo.models.kernel_library), loaded and switched on
     kernels_library = None  # loaded once: (handle or None, why not)
-    decode_gemm = None  # (address, kind) for the kernels' decode step, found once
+    blas_gemm = None  # (address, kind) of the GEMM the kernels call, found once
 
 
 STATE = _State()
@@ -228,20 +229,21 @@ def _gemm(a, b, trans_a: bool, trans_b: bool, m: int, n: int, k: int, bf16: bool
     return out
 
 
-def decode_gemm():
-    """``(address, kind)`` of the GEMM a decode step's layers call from the toolkit's kernels
-    (``cpu_kernels.decode_layers``): MKL's ``cblas_sgemm`` from paddle's wheel (kind 1; paddle's own
-    CPU matmul, the faster one at a decode step's few rows, ``SMALL_ROWS``), else oneDNN's
-    ``dnnl_sgemm`` (kind 2); None where neither is there or the path is off."""
+def blas_gemm():
+    """``(address, kind)`` of the GEMM the toolkit's kernels call from their C (a decode step's
+    layers, the attention's batched products): MKL's ``cblas_sgemm`` from paddle's wheel (kind 1;
+    paddle's own CPU matmul, the faster one at a decode step's few rows, ``SMALL_ROWS``, and
+    single-threaded inside the kernels' parallel regions), else oneDNN's ``dnnl_sgemm`` (kind 2);
+    None where the path is off or in bf16."""
     if not STATE.active or STATE.bf16:
         return None
-    if STATE.decode_gemm is None:
+    if STATE.blas_gemm is None:
         path = os.path.join(os.path.dirname(paddle.__file__), "libs", "libmklml_intel.so")
         try:
-            STATE.decode_gemm = (ctypes.cast(ctypes.CDLL(path).cblas_sgemm, ctypes.c_void_p).value, 1)
+            STATE.blas_gemm = (ctypes.cast(ctypes.CDLL(path).cblas_sgemm, ctypes.c_void_p).value, 1)
         except (OSError, AttributeError):
-            STATE.decode_gemm = (ctypes.cast(STATE.library.dnnl_sgemm, ctypes.c_void_p).value, 2)
-    return STATE.decode_gemm
+            STATE.blas_gemm = (ctypes.cast(STATE.library.dnnl_sgemm, ctypes.c_void_p).value, 2)
+    return STATE.blas_gemm
 
 
 def _dense(t, bf16: bool):

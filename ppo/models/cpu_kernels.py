@@ -2,7 +2,7 @@
 (``_cpu_kernels.c``): the training forms with their backward, and inference's (the residual add
 with the norm, rotary written heads-first, a decode step's attention over the KV cache and the
 write of its keys and values), and a whole decode step's layers in one call (``decode_layers``:
-the products through the GEMM ``cpu_gemm.decode_gemm`` finds, paddle's MKL).
+the products through the GEMM ``cpu_gemm.blas_gemm`` finds, paddle's MKL).
 
 paddle runs these on one thread, as several elementwise ops with an autograd node each (profiled in
 ``docs/performance.md``: in an actor update the norm's and rotary's multiplies and their gradients
@@ -149,6 +149,89 @@ def decode_attention(q, k, v, keys, values, layer: int, bias):
     return out
 
 
+def _matrices(t):
+    """``t`` (or its dense copy) with (stride of dim 0, stride of dim 1, row stride): a 4-D tensor read
+    as [d0, d1] matrices of [d2, d3] with contiguous rows, a transposed view as it is."""
+    s = t.strides
+    if s[3] != 1 or s[2] < t.shape[3]:
+        t = t.contiguous()
+        s = t.strides
+    return t, s[0], s[1], s[2]
+
+
+def _batched(a, trans_a: bool, b, trans_b: bool, heads_last: bool = False):
+    """op(a) @ op(b) per [d0, d1] item of 4-D float32 tensors (op transposes the last two axes where
+    asked), returned [d0, d1, M, N], or [d0, M, d1, N] with ``heads_last``."""
+    B, H = a.shape[:2]
+    M, K = (a.shape[3], a.shape[2]) if trans_a else (a.shape[2], a.shape[3])
+    N = b.shape[2] if trans_b else b.shape[3]
+    gemm, kind = cpu_gemm.blas_gemm()
+    a, sa0, sa1, lda = _matrices(a)
+    b, sb0, sb1, ldb = _matrices(b)
+    if heads_last:
+        out = paddle.empty([B, M, H, N], dtype="float32")
+        sc0, sc1, ldc = M * H * N, N, H * N
+    else:
+        out = paddle.empty([B, H, M, N], dtype="float32")
+        sc0, sc1, ldc = H * M * N, M * N, N
+    with cpu_gemm.team():
+        status = _lib().ppk_batched_gemm(gemm, kind, B, H, a.data_ptr(), sa0, sa1, lda, int(trans_a), b.data_ptr(),
+                                         sb0, sb1, ldb, int(trans_b), out.data_ptr(), sc0, sc1, ldc, M, N, K,
+                                         _threads())
+    if status:
+        raise RuntimeError(f"attention product: the GEMM failed ({list(a.shape)} x {list(b.shape)})")
+    return out
+
+
+class AttentionProduct(PyLayer):
+    """``a @ b`` (``b`` transposed on its last two axes with ``transpose_b``) per [B, H] item, the
+    attention's products; with ``heads_last`` the result is [B, M, H, N]."""
+
+    @staticmethod
+    def forward(ctx, a, b, transpose_b: bool, heads_last: bool):
+        # saved dense: views saved as they are came back wrong under paddle's non-reentrant recompute
+        # (its saved-tensor hooks), which paddlenlp's recompute uses by default
+        ctx.save_for_backward(_dense(a), _dense(b))
+        ctx.transpose_b, ctx.heads_last = transpose_b, heads_last
+        ctx.needs = (not a.stop_gradient, not b.stop_gradient)
+        return _batched(a, False, b, transpose_b, heads_last)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensor()
+        if ctx.heads_last:  # [B, M, H, N] read as [B, H, M, N] (a view: no copy)
+            grad = grad.transpose([0, 2, 1, 3])
+        da = db = None
+        if ctx.needs[0]:  # da = grad @ op(b)^T
+            da = _batched(grad, False, b, not ctx.transpose_b)
+        if ctx.needs[1]:  # db = grad^T @ a  (b [N, K]),  or  a^T @ grad  (b [K, N])
+            db = _batched(grad, True, a, False) if ctx.transpose_b else _batched(a, True, grad, False)
+        return da, db
+
+
+def attention_matmul_ready(a, b, transpose_b: bool = False) -> bool:
+    """Whether :func:`attention_matmul` takes these: 4-D float32 CPU tensors, the same [B, H], inner
+    sizes that agree, no empty axis, and a GEMM to call."""
+    if not (a.ndim == 4 and b.ndim == 4 and ready(a, b) and list(a.shape[:2]) == list(b.shape[:2])):
+        return False
+    inner = b.shape[3] if transpose_b else b.shape[2]
+    return a.shape[3] == inner and min(*a.shape, *b.shape) > 0 and cpu_gemm.blas_gemm() is not None
+
+
+def attention_matmul(a, b, transpose_b: bool = False, heads_last: bool = False):
+    """``paddle.matmul(a, b, transpose_y=transpose_b)`` of a [B, H, M, K] and b [B, H, K, N] (or [B, H,
+    N, K]) through the kernels where they take them (:func:`attention_matmul_ready`): each item's
+    product one GEMM call, the items split over the threads, transposed views read in place; with
+    ``heads_last`` the result comes [B, M, H, N] (the attention's output before its heads are merged),
+    a transposed view where paddle's matmul ran."""
+    if not attention_matmul_ready(a, b, transpose_b):
+        y = paddle.matmul(a, b, transpose_y=transpose_b)
+        return y.transpose([0, 2, 1, 3]) if heads_last else y
+    if (a.stop_gradient and b.stop_gradient) or not paddle.is_grad_enabled():
+        return _batched(a, False, b, transpose_b, heads_last)
+    return AttentionProduct.apply(a, b, transpose_b, heads_last)
+
+
 def row_dot(a, b):
     """``(a * b).sum(-1)`` of float32 CPU tensors of one shape [..., n], no autograd, without the
     [..., n] product in between (the entropy's ``sum p z`` over the vocabulary: 41M products of
@@ -185,25 +268,29 @@ def rotary_heads_first(x, cos, sin):
     return _rope(_dense(x), _dense(cos), _dense(sin), 1, False, transpose_out=True)
 
 
-def _softmax_bias(scores, bias):
+def _softmax_bias(scores, bias, scale: float):
     B, H, S, L = scores.shape
     out = paddle.empty_like(scores)
-    _lib().ppk_softmax_bias(scores.data_ptr(), bias.data_ptr(), out.data_ptr(), B, H, S, L, bias.shape[1], _threads())
+    _lib().ppk_softmax_bias(scores.data_ptr(), bias.data_ptr(), out.data_ptr(), B, H, S, L, bias.shape[1], scale,
+                            _threads())
     return out
 
 
-def softmax_bias_ready(scores, bias) -> bool:
-    """Whether :func:`softmax_bias` takes scores [B, H, S, L] and bias [B, 1 or H, S, L]."""
-    return (scores.ndim == 4 and bias.ndim == 4 and ready(scores, bias) and bias.shape[0] == scores.shape[0]
-            and bias.shape[1] in (1, scores.shape[1]) and bias.shape[2:] == scores.shape[2:])
+def softmax_bias_ready(scores, bias, length: int | None = None) -> bool:
+    """Whether :func:`softmax_bias` takes scores [B, H, S, L] and bias [B, 1 or H, S, L]; with
+    ``length`` the first argument is the queries [B, H, S, D] of scores [B, H, S, length]."""
+    shape = list(scores.shape) if length is None else [*scores.shape[:-1], length]
+    return (len(shape) == 4 and bias.ndim == 4 and ready(scores, bias) and bias.shape[0] == shape[0]
+            and bias.shape[1] in (1, shape[1]) and list(bias.shape[2:]) == shape[2:])
 
 
 class SoftmaxBias(PyLayer):
-    """``softmax(scores + bias, -1)``: attention probabilities, the bias a constant mask."""
+    """``softmax(scores * scale + bias, -1)``: attention probabilities, the bias a constant mask."""
 
     @staticmethod
-    def forward(ctx, scores, bias):
-        probs = _softmax_bias(_dense(scores), _dense(bias))
+    def forward(ctx, scores, bias, scale: float):
+        probs = _softmax_bias(_dense(scores), _dense(bias), scale)
+        ctx.scale = scale
         # (detached: the output itself would hold its own gradient node, a cycle that leaks it
         # whenever no backward runs)
         ctx.save_for_backward(probs.detach())
@@ -216,16 +303,20 @@ class SoftmaxBias(PyLayer):
         out = paddle.empty_like(probs)
         L = probs.shape[-1]
         _lib().ppk_softmax_grad(probs.data_ptr(), grad.data_ptr(), out.data_ptr(), math.prod(probs.shape) // L, L,
-                                _threads())
+                                ctx.scale, _threads())
         return out, None
 
 
-def softmax_bias(scores, bias):
-    """``softmax(scores + bias, -1)`` for scores [B, H, S, L] and a constant bias [B, 1 or H, S, L]
-    (:func:`softmax_bias_ready`), with autograd when the scores need it."""
+def softmax_bias(scores, bias, scale: float = 1.0):
+    """``softmax(scores * scale + bias, -1)`` for scores [B, H, S, L] and a constant bias [B, 1 or H,
+    S, L] (:func:`softmax_bias_ready`), with autograd when the scores need it.  ``scale``: the
+    attention's 1 / sqrt(head_dim), so the queries need no multiply of their own."""
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"softmax_bias: scale {scale} (needs a finite number)")
     if scores.stop_gradient or not paddle.is_grad_enabled():
-        return _softmax_bias(_dense(scores), _dense(bias))
-    return SoftmaxBias.apply(scores, bias)
+        return _softmax_bias(_dense(scores), _dense(bias), scale)
+    return SoftmaxBias.apply(scores, bias, scale)
 
 
 class Rotary(PyLayer):
@@ -318,7 +409,7 @@ class DecodePlan:
     frozen while it decodes)."""
 
     def __init__(self, layers: list, heads: int, kv_heads: int, head_dim: int, eps: float):
-        gemm = cpu_gemm.decode_gemm()
+        gemm = cpu_gemm.blas_gemm()
         if gemm is None or not layers or heads % kv_heads:
             raise ValueError(f"decode plan: {len(layers)} layers, {heads} heads over {kv_heads} kv heads, GEMM {gemm}")
         hidden = layers[0][0].shape[0]

@@ -288,12 +288,12 @@ class InferenceModel(RolloutDecoder):
             if KV != H:
                 keys = paddle.repeat_interleave(keys, H // KV, axis=1)
                 values = paddle.repeat_interleave(values, H // KV, axis=1)
-            scores = paddle.matmul(q, keys, transpose_y=True)
+            scores = cpu_kernels.attention_matmul(q, keys, transpose_b=True)  # (paddle.matmul where not taken)
             if kernels and cpu_kernels.softmax_bias_ready(scores, key_bias):
                 probs = cpu_kernels.softmax_bias(scores, key_bias)
             else:
                 probs = F.softmax((scores + key_bias).astype("float32"), axis=-1).astype(q.dtype)
-            out = paddle.matmul(probs, values).transpose([0, 2, 1, 3]).reshape([B * S, -1])
+            out = cpu_kernels.attention_matmul(probs, values, heads_last=True).reshape([B * S, -1])
             x, h = _add_rms_norm(self._row_parallel(out, weights.o), h, weights.post_attention_norm, self.eps)
             following = layers[i + 1].input_norm if i + 1 < len(layers) else layout.norm
             x, h = _add_rms_norm(self._mlp(x, weights), h, following, self.eps)
