@@ -448,6 +448,11 @@ def test_decode_layers_refuse_what_they_cannot_read(kernels):
             cpu_kernels.DecodePlan([broken], H, H, D, 1e-6)
     with pytest.raises(ValueError):
         cpu_kernels.DecodePlan([layer], 3, 2, D, 1e-6)  # heads not a multiple of the kv heads
+    for heads, kv_heads, head_dim in ((2, 0, D), (2, 2, 3)):  # no kv heads; an odd head size (rotary halves)
+        with pytest.raises(ValueError):
+            cpu_kernels.DecodePlan([layer], heads, kv_heads, head_dim, 1e-6)
+    with pytest.raises(ValueError):
+        cpu_kernels.DecodePlan([[None] + layer[1:]], H, H, D, 1e-6)
     cache = tensor(1, 2, H, 5, D, grad=False)
     tables = [tensor(2, D, grad=False) for _ in range(4)]
     bias = paddle.zeros([2, 1, 1, 5])
@@ -610,6 +615,7 @@ def test_row_dot_equals_numpy_on_any_thread_count(kernels):
     assert kernels.calls == {"ppk_row_dot": 3}
     assert cpu_kernels.row_dot(a, b[:, :5]) is None
     assert cpu_kernels.row_dot(a.astype("float64"), b.astype("float64")) is None
+    assert cpu_kernels.row_dot(tensor(3, 37, 4), b[:, :, :4]) is None  # (an input that needs a gradient: none here)
     assert kernels.calls == {"ppk_row_dot": 3}
 
 

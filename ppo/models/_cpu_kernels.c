@@ -13,7 +13,9 @@
  * the kernels share one thread team with the matmuls.
  *
  * Results do not depend on the number of threads: every sum over rows (the norm's weight
- * gradient) is taken over fixed blocks of rows, then over the blocks in order.
+ * gradient) is taken over fixed blocks of rows, then over the blocks in order.  (The GEMMs the
+ * decode step and the batched products call are the exception: MKL's own blocking, within float
+ * rounding.)
  * Compiled without floating-point contraction, so x * c + y * s rounds as paddle's separate ops do;
  * only the sums within a row (the REDUCE helpers) may be reassociated, to run on vector lanes.
  */
@@ -467,7 +469,8 @@ typedef int (*dnnl_sgemm_fn)(char, char, int64_t, int64_t, int64_t, float, const
                              int64_t, float, float *, int64_t);
 
 /* c [M, N] = op(a) [M, K] @ op(b) [K, N], row-major with leading dimensions (op transposes where
- * asked); 0 or the GEMM's failure */
+ * asked); 0 or oneDNN's failure (MKL's cblas_sgemm reports none: the callers keep every size and
+ * leading dimension valid and below 2^31) */
 static int gemm_call(const void *gemm, int kind, int trans_a, int trans_b, int64_t M, int64_t N, int64_t K,
                      const float *a, int64_t lda, const float *b, int64_t ldb, float *c, int64_t ldc) {
     if (kind == 1) {
@@ -501,10 +504,10 @@ int ppk_decode_layers(const void *gemm, int kind, const float *const *weights, i
                       int64_t B, int64_t hidden, int64_t H, int64_t KV, int64_t D, int64_t I, int64_t T, float eps,
                       int threads) {
     const int64_t qw = H * D, kw = KV * D;
-    float *buffer = (float *)malloc(sizeof(float) * (size_t)(B * (3 * qw + 2 * kw + hidden + 3 * I)));
+    float *buffer = (float *)malloc(sizeof(float) * (size_t)(B * (3 * qw + kw + hidden + 3 * I)));
     if (!buffer) return 1;
-    float *q = buffer, *q_rot = q + B * qw, *attn = q_rot + B * qw, *k = attn + B * qw, *v = k + B * kw;
-    float *o = v + B * kw, *gate = o + B * hidden, *up = gate + B * I, *act = up + B * I;
+    float *q = buffer, *q_rot = q + B * qw, *attn = q_rot + B * qw, *k = attn + B * qw; /* (v: into new_values) */
+    float *o = k + B * kw, *gate = o + B * hidden, *up = gate + B * I, *act = up + B * I;
     int status = 0;
     for (int64_t layer = 0; layer < layers && !status; ++layer) {
         const float *const *w = weights + layer * DW_COUNT;

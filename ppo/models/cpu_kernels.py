@@ -149,9 +149,13 @@ def decode_attention(q, k, v, keys, values, layer: int, bias):
     return out
 
 
+_INT32 = 2 ** 31  # MKL's cblas_sgemm takes 32-bit sizes and leading dimensions
+
+
 def _matrices(t):
     """``t`` (or its dense copy) with (stride of dim 0, stride of dim 1, row stride): a 4-D tensor read
-    as [d0, d1] matrices of [d2, d3] with contiguous rows, a transposed view as it is."""
+    as [d0, d1] matrices of [d2, d3] with contiguous rows, a transposed view as it is.  (paddle's
+    ``contiguous()`` makes a view dense in place: it stops sharing its base's memory.)"""
     s = t.strides
     if s[3] != 1 or s[2] < t.shape[3]:
         t = t.contiguous()
@@ -215,7 +219,9 @@ def attention_matmul_ready(a, b, transpose_b: bool = False) -> bool:
     if not (a.ndim == 4 and b.ndim == 4 and ready(a, b) and list(a.shape[:2]) == list(b.shape[:2])):
         return False
     inner = b.shape[3] if transpose_b else b.shape[2]
-    return a.shape[3] == inner and min(*a.shape, *b.shape) > 0 and cpu_gemm.blas_gemm() is not None
+    strides = [s for t in (a, b) for s in t.strides]
+    return (a.shape[3] == inner and min(*a.shape, *b.shape) > 0 and cpu_gemm.blas_gemm() is not None
+            and max(*a.shape, *b.shape, *strides, a.shape[1] * b.shape[2 if transpose_b else 3]) < _INT32)
 
 
 def attention_matmul(a, b, transpose_b: bool = False, heads_last: bool = False):
@@ -236,7 +242,8 @@ def row_dot(a, b):
     """``(a * b).sum(-1)`` of float32 CPU tensors of one shape [..., n], no autograd, without the
     [..., n] product in between (the entropy's ``sum p z`` over the vocabulary: 41M products of
     [16, 320, 8000] cost paddle 120-410 ms on two cores); None where the kernels do not take them."""
-    if not ready(a, b) or list(a.shape) != list(b.shape) or a.ndim == 0:
+    if not ready(a, b) or list(a.shape) != list(b.shape) or a.ndim == 0 or (
+            paddle.is_grad_enabled() and not (a.stop_gradient and b.stop_gradient)):  # (no gradient here)
         return None
     a, b = _dense(a), _dense(b)
     out = paddle.empty(a.shape[:-1] if a.ndim > 1 else [1], dtype="float32")
@@ -410,17 +417,20 @@ class DecodePlan:
 
     def __init__(self, layers: list, heads: int, kv_heads: int, head_dim: int, eps: float):
         gemm = cpu_gemm.blas_gemm()
-        if gemm is None or not layers or heads % kv_heads:
-            raise ValueError(f"decode plan: {len(layers)} layers, {heads} heads over {kv_heads} kv heads, GEMM {gemm}")
+        if (gemm is None or not layers or kv_heads <= 0 or heads % kv_heads or head_dim % 2
+                or any(len(layer) != len(DECODE_LAYER_TENSORS) for layer in layers)
+                or any(t is None or t.ndim != 2 for t in (layers[0][0], layers[0][4]))):
+            raise ValueError(f"decode plan: {len(layers)} layers, {heads} heads over {kv_heads} kv heads of "
+                             f"{head_dim}, GEMM {gemm}")
         hidden = layers[0][0].shape[0]
         inter = layers[0][4].shape[1]
+        if max(hidden, inter, heads * head_dim) >= _INT32:
+            raise ValueError(f"decode plan: sizes {hidden}, {inter}, {heads * head_dim} past the GEMM's 32-bit range")
         H, KV, D = heads, kv_heads, head_dim
         shapes = ([hidden, H * D], [hidden, KV * D], [hidden, KV * D], [H * D, hidden], [hidden, inter],
                   [hidden, inter], [inter, hidden], [hidden], [hidden], [D], [D])
         addresses = []
         for i, tensors in enumerate(layers):
-            if len(tensors) != len(DECODE_LAYER_TENSORS):
-                raise ValueError(f"decode plan: layer {i} has {len(tensors)} tensors, not {len(DECODE_LAYER_TENSORS)}")
             for name, t, shape in zip(DECODE_LAYER_TENSORS, tensors, shapes):
                 if t is None and name in ("q_norm", "k_norm"):
                     addresses.append(None)

@@ -152,7 +152,7 @@ def attention(original, query_states, config, key_states, value_states, attentio
     kv_len = value_states.shape[1]
     q, k, v = (t.transpose([0, 2, 1, 3]) for t in (query_states, key_states, value_states))  # [B, heads, S, D]
     mask = attention_mask.reshape([bsz, 1, q_len, kv_len])
-    if mask.stop_gradient and cpu_kernels.softmax_bias_ready(q, mask, kv_len):
+    if mask.stop_gradient and key_states.shape[1] == kv_len and cpu_kernels.softmax_bias_ready(q, mask, kv_len):
         # one pass forward and backward, the scale inside it (the multiply of the queries, a strided
         # view, and its gradient were 8 ms of [16, 8, 320, 64] on CPU)
         weights = cpu_kernels.softmax_bias(cpu_kernels.attention_matmul(q, k, transpose_b=True), mask,
