@@ -464,6 +464,41 @@ def test_decode_layers_refuse_what_they_cannot_read(kernels):
     assert not kernels.calls
 
 
+@pytest.mark.parametrize("extra", [{}, {"num_key_value_heads": 2}], ids=["plain", "grouped-kv"])
+def test_prefill_in_groups_through_the_kernels_equals_paddles_whole_batch(kernels, extra):
+    """The rollout's prefill in length groups with the kernels on (the cache written in place, a row
+    at a time) against the whole batch's prefill on paddle's ops: first logits, the prompts' cache
+    slots and a decode step's logits within float32 rounding."""
+    from test_inference import make_model, uneven_prompts
+
+    from ppo.models import position_ids_from_mask
+    from ppo.rollout.inference import InferenceModel
+
+    model = make_model(**extra)
+    ids, mask = uneven_prompts()
+    pos = position_ids_from_mask(mask)
+    B, P = ids.shape
+
+    def run(overhead):
+        decoder = InferenceModel(model)
+        decoder.PREFILL_GROUP_OVERHEAD = overhead
+        with paddle.no_grad():
+            first = decoder.start(ids, mask, pos, max_new_tokens=3)
+            cache = [c.numpy()[:, :, :, :P].transpose(1, 3, 0, 2, 4)[mask.numpy().astype(bool)] for c in decoder.cache]
+            step = decoder.step(paddle.argmax(first, axis=-1), paddle.ones([B], "int64"), pos[:, -1:] + 1)
+        return [first.numpy(), step.numpy()] + cache
+
+    library, cpu_gemm.STATE.kernels = cpu_gemm.STATE.kernels, None
+    reference = run(10 ** 9)
+    assert not kernels.calls
+    cpu_gemm.STATE.kernels = library
+    got = run(6)
+    layers = model.config.num_hidden_layers
+    assert kernels.calls["ppk_cache_write"] == 2 * layers * B + 2  # a row at a time, then the step's slot
+    for mine, theirs in zip(got, reference):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("extra", [{}, {"num_key_value_heads": 2}, {"num_key_value_heads": 2, "fuse_attention_qkv": True}],
                          ids=["plain", "grouped-kv", "grouped-kv-fused-qkv"])
 def test_rollout_model_through_the_kernels_equals_paddles_ops(kernels, extra):
@@ -505,19 +540,30 @@ def test_rollout_model_through_the_kernels_equals_paddles_ops(kernels, extra):
         np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-5)
 
 
-def test_cache_slot_write_equals_paddles_assignment(kernels):
-    """A decode step's new keys into their slot of every layer, in place; other slots untouched;
-    shapes it does not take are left to paddle (False)."""
-    cache = tensor(2, 3, 2, 5, 4, grad=False)
-    rows = tensor(2, 3, 2, 1, 4, grad=False)
+def test_cache_writes_equal_paddles_assignment(kernels):
+    """A decode step's new keys into their slot of every layer, a prefill's into a layer's slots and
+    one row's into its slots, in place; other slots untouched; shapes and places it does not take
+    are left to paddle (False) with nothing written."""
+    cache = tensor(2, 3, 2, 7, 4, grad=False)
     want = cache.numpy().copy()
-    want[:, :, :, 3] = rows.numpy()[:, :, :, 0]
     pointer = cache.data_ptr()
-    assert cpu_kernels.write_cache_slot(cache, rows, 3)
+    rows = tensor(2, 3, 2, 1, 4, grad=False)
+    assert cpu_kernels.write_cache(cache, rows, 3)
+    want[:, :, :, 3] = rows.numpy()[:, :, :, 0]
+    layer = tensor(3, 2, 4, 4, grad=False)
+    assert cpu_kernels.write_cache(cache, layer, 2, layer=1)
+    want[1, :, :, 2:6] = layer.numpy()
+    one = tensor(2, 5, 4, grad=False)
+    assert cpu_kernels.write_cache(cache, one, 2, layer=0, row=2)
+    want[0, 2, :, 2:7] = one.numpy()
     assert cache.data_ptr() == pointer
     np.testing.assert_array_equal(cache.numpy(), want)
-    assert not cpu_kernels.write_cache_slot(cache, rows, 5)  # out of range
-    assert not cpu_kernels.write_cache_slot(cache, rows[:, :2], 0)  # wrong shape
+    refused = [(rows, 7, {}), (layer, 4, {"layer": 1}), (layer, -1, {"layer": 1}), (layer, 0, {"layer": 2}),
+               (one, 3, {"layer": 0, "row": 2}), (one, 0, {"layer": 0, "row": 3}), (one, 0, {"row": 1}),
+               (rows[:, :2], 0, {}), (layer, 0, {}), (one, 0, {"layer": 1}), (layer[:, :1], 0, {"layer": 0}),
+               (tensor(3, 2, 4, 3, grad=False), 0, {"layer": 0}), (layer.astype("float64"), 0, {"layer": 0})]
+    for new, slot, where in refused:
+        assert not cpu_kernels.write_cache(cache, new, slot, **where), (new.shape, slot, where)
     np.testing.assert_array_equal(cache.numpy(), want)
 
 

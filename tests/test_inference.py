@@ -71,6 +71,62 @@ def test_prefill_and_step_logits_match_the_full_forward():
     np.testing.assert_allclose(second.numpy(), full2.numpy(), rtol=1e-5, atol=1e-5)
 
 
+def uneven_prompts(lengths=(19, 20, 7, 11, 1, 3), vocab=320, seed=4):
+    """Left-padded prompts of very different lengths (the prefill splits them into groups)."""
+    rng = np.random.default_rng(seed)
+    P = max(lengths)
+    ids = np.full((len(lengths), P), 3, dtype="int64")
+    mask = np.zeros((len(lengths), P), dtype="int64")
+    for b, n in enumerate(lengths):
+        ids[b, P - n:] = rng.integers(4, vocab, size=n)
+        mask[b, P - n:] = 1
+    return paddle.to_tensor(ids), paddle.to_tensor(mask)
+
+
+@pytest.mark.parametrize("extra", [{}, {"num_key_value_heads": 2}], ids=["plain", "grouped-kv"])
+@pytest.mark.parametrize("overhead, widths_expected", [(0, [20, 19, 11, 7, 3, 1]), (6, [20, 11, 3])],
+                         ids=["a-group-per-row", "pairs"])
+def test_prefill_in_length_groups_equals_the_whole_batch_prefill(extra, overhead, widths_expected):
+    """Prompts of unequal lengths are prefilled in groups, each cut to its own longest prompt: the
+    first logits, the cache's real slots and the following steps' logits equal the whole batch's
+    prefill, in the input's row order (the pairs: rows (1, 0), (3, 2), (5, 4), the longer first)."""
+    model = make_model(**extra)
+    ids, mask = uneven_prompts()
+    pos = position_ids_from_mask(mask)
+    whole, grouped = InferenceModel(model), InferenceModel(model)
+    whole.PREFILL_GROUP_OVERHEAD = 10 ** 9  # one group: the whole batch, padded to the longest prompt
+    grouped.PREFILL_GROUP_OVERHEAD = overhead
+    widths = []
+    forward = grouped._forward
+    grouped._forward = lambda ids_, *a: widths.append(ids_.shape[1]) or forward(ids_, *a)
+    real = mask.numpy().astype(bool)
+    with paddle.no_grad():
+        first = [m.start(ids, mask, pos, max_new_tokens=3) for m in (whole, grouped)]
+        assert widths == widths_expected  # really in groups, each cut to its longest prompt
+        np.testing.assert_allclose(first[1].numpy(), first[0].numpy(), rtol=1e-5, atol=1e-5)
+        for a, b in zip(whole.cache, grouped.cache):  # [layers, B, kv, T, D]: the prompts' real slots
+            a, b = a.numpy()[:, :, :, :ids.shape[1]], b.numpy()[:, :, :, :ids.shape[1]]
+            np.testing.assert_allclose(b.transpose(1, 3, 0, 2, 4)[real], a.transpose(1, 3, 0, 2, 4)[real],
+                                       rtol=1e-5, atol=1e-5)
+        token, next_pos = paddle.argmax(first[0], axis=-1), pos[:, -1:] + 1
+        for _ in range(2):
+            steps = [m.step(token, paddle.ones_like(token), next_pos) for m in (whole, grouped)]
+            np.testing.assert_allclose(steps[1].numpy(), steps[0].numpy(), rtol=1e-5, atol=1e-5)
+            token, next_pos = paddle.argmax(steps[0], axis=-1), next_pos + 1
+
+
+def test_greedy_tokens_with_a_grouped_prefill_equal_the_training_model():
+    model = make_model()
+    decoder = InferenceModel(model)
+    decoder.PREFILL_GROUP_OVERHEAD = 0
+    ids, mask = uneven_prompts()
+    config = GenerationConfig(max_new_tokens=8, do_sample=False)
+    ref, ref_mask = generate(model, ids, mask, config, eos_token_id=2, pad_token_id=3)
+    got, got_mask = generate(decoder, ids, mask, config, eos_token_id=2, pad_token_id=3)
+    np.testing.assert_array_equal(got.numpy(), ref.numpy())
+    np.testing.assert_array_equal(got_mask.numpy(), ref_mask.numpy())
+
+
 def test_rollout_after_an_update_uses_the_updated_weights():
     """The inference model is built once; an optimizer step on the training model shows up in the
     next rollout: log-probs of that rollout's tokens (from the decode logits) equal the updated
@@ -230,7 +286,7 @@ def test_length_groups_are_the_cheapest_contiguous_partition():
     length-sorted rows costs (brute force), and covers every row once."""
     import itertools
 
-    from ppo.rollout.collect import length_groups
+    from ppo.core.batching import length_groups
 
     rng = np.random.default_rng(0)
     for _ in range(20):

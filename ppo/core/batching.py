@@ -124,3 +124,20 @@ def step_micro_batches(rows, lengths, max_rows: int, count: int, free: bool = Tr
         return length_micro_batches(rows, lengths, max_rows)
     rows = longest_first(rows, lengths) if lengths is not None else rows
     return [rows[i * max_rows:(i + 1) * max_rows] for i in range(count)]
+
+
+def length_groups(lengths, overhead: int = 16) -> list:
+    """Rows (indices into ``lengths`` [B]) in groups of similar length, longest first: the contiguous
+    partition of the length-sorted rows with the fewest computed tokens (rows x the group's longest)
+    plus ``overhead`` tokens per group (a forward's fixed cost), by dynamic programming over B."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    ls = np.asarray(lengths)[order]
+    B = len(ls)
+    best, cut = [0] * (B + 1), [0] * (B + 1)
+    for j in range(1, B + 1):  # best[j]: rows order[:j] grouped; the last group starts at cut[j]
+        best[j], cut[j] = min((best[i] + (j - i) * int(ls[i]) + overhead, i) for i in range(j))
+    groups, j = [], B
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]

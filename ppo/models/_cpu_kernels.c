@@ -53,7 +53,7 @@ void ppk_init(void *parallel, void *thread_num, void *num_threads) {
 }
 
 /* the entry points' version: ppo/models/kernel_library.py refuses a library built from another one */
-int ppk_version(void) { return 3; }
+int ppk_version(void) { return 4; }
 
 typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
 
@@ -388,10 +388,11 @@ int ppk_decode_attention(const float *q, const float *k_new, const float *v_new,
     return a.failed;
 }
 
-/* cache[r, slot, :] = rows[r, :] for the r < n rows of a cache [n, T, D] (a decode step's new keys or
- * values into their slot, all layers at once) */
-void ppk_cache_write(float *cache, const float *rows, int64_t n, int64_t T, int64_t D, int64_t slot) {
-    for (int64_t r = 0; r < n; ++r) memcpy(cache + (r * T + slot) * D, rows + r * D, sizeof(float) * D);
+/* cache[r, slot:slot + S, :] = rows[r, :, :] for the r < n rows of a cache [n, T, D] and rows [n, S, D]
+ * (a decode step's new keys or values into their slot, all layers at once; a prefill's into slots
+ * slot .. slot + S - 1) */
+void ppk_cache_write(float *cache, const float *rows, int64_t n, int64_t T, int64_t D, int64_t slot, int64_t S) {
+    for (int64_t r = 0; r < n; ++r) memcpy(cache + (r * T + slot) * D, rows + r * S * D, sizeof(float) * S * D);
 }
 
 /* ---------------------------------------------------------------- row dot */

@@ -11,7 +11,7 @@ import ctypes
 import importlib.util
 
 _LIBRARY_MODULE = "ppo.models._cpu_kernels"
-VERSION = 3  # ppk_version() of the C file these wrappers call (bumped with every change of an entry point)
+VERSION = 4  # ppk_version() of the C file these wrappers call (bumped with every change of an entry point)
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _SIGNATURES = {
@@ -24,7 +24,7 @@ _SIGNATURES = {
                         ctypes.c_int]),
     "ppk_softmax_bias": (None, [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int]),
     "ppk_softmax_grad": (None, [_P, _P, _P, _I64, _I64, ctypes.c_float, ctypes.c_int]),
-    "ppk_cache_write": (None, [_P, _P, _I64, _I64, _I64, _I64]),
+    "ppk_cache_write": (None, [_P, _P, _I64, _I64, _I64, _I64, _I64]),
     "ppk_decode_attention": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]),
     "ppk_swiglu_forward": (None, [_P, _P, _P, _I64, ctypes.c_int]),
     "ppk_swiglu_backward": (None, [_P, _P, _P, _P, _P, _I64, ctypes.c_int]),

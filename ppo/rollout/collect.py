@@ -19,6 +19,7 @@ from ppo.distributed import parallel, transfer, vocab
 from ppo.core.algorithms import entropy_from_logits, gather_log_probs, log_probs_and_entropy
 from ppo.rollout.decoding import RolloutDecoder, current_weights
 from ppo.data.tokenizer_utils import decode_without_special, encode_scored_text
+from ppo.core.batching import length_groups
 from ppo.core.experience import Experience, real_spans, shift_left
 from ppo.rollout.inference import InferenceModel
 from ppo.rollout.sampling import GenerationConfig, next_token
@@ -271,23 +272,6 @@ class Models:
     def critic_pool(self):
         """The remote roles when a critic pool scores and trains the critic (``remote.update_critic``), else None."""
         return self.remote if self.remote is not None and self.remote.critic_peer is not None else None
-
-
-def length_groups(lengths, overhead: int = 16) -> list:
-    """Rows (indices into ``lengths`` [B]) in groups of similar length, longest first: the contiguous
-    partition of the length-sorted rows with the fewest computed tokens (rows x the group's longest)
-    plus ``overhead`` tokens per group (a forward's fixed cost), by dynamic programming over B."""
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    ls = np.asarray(lengths)[order]
-    B = len(ls)
-    best, cut = [0] * (B + 1), [0] * (B + 1)
-    for j in range(1, B + 1):  # best[j]: rows order[:j] grouped; the last group starts at cut[j]
-        best[j], cut[j] = min((best[i] + (j - i) * int(ls[i]) + overhead, i) for i in range(j))
-    groups, j = [], B
-    while j > 0:
-        groups.append(order[cut[j]:j])
-        j = cut[j]
-    return groups[::-1]
 
 
 def score_in_length_groups(fn, sequences, attention_mask, kinds: tuple):

@@ -48,11 +48,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import paddle
 import paddle.nn.functional as F
 
 from ppo.distributed import parallel, vocab
 from ppo.core.algorithms import gather_log_probs
+from ppo.core.batching import length_groups
 from ppo.rollout.decoding import RolloutDecoder
 from ppo.models import cpu_gemm, cpu_kernels
 from ppo.models.families import DecoderLayout, LayerWeights, Projection, family_of_model
@@ -111,6 +113,20 @@ def _linear(x, projection: Projection):
     return y if projection.bias is None else y + projection.bias
 
 
+def _write_prefill(cache, layer: int, new, rows, slot: int):
+    """``cache[layer, rows, :, slot:slot + S] = new`` [b, KV, S, D] (``rows`` None: every row, in
+    order); written through the whole cache tensor (under dense kernels ``cache[layer]`` is a copy),
+    in place by the toolkit's kernels where they run (paddle's assignment copies the whole cache)."""
+    S = new.shape[2]
+    if rows is None:
+        if not cpu_kernels.write_cache(cache, new, slot, layer=layer):
+            cache[layer, :, :, slot:slot + S] = new
+        return
+    for j, row in enumerate(rows):
+        if not cpu_kernels.write_cache(cache, new[j], slot, layer=layer, row=int(row)):
+            cache[layer, int(row), :, slot:slot + S] = new[j]
+
+
 def _rotation_matrix(D: int, dtype):
     """[D, D] with ``x @ R == rotate_half(x)``: out[j] = -x[j + D/2] (j < D/2), x[j - D/2] (j >= D/2)."""
     import numpy as np
@@ -125,6 +141,10 @@ def _rotation_matrix(D: int, dtype):
 class InferenceModel(RolloutDecoder):
     """KV-cache decoding for a causal LM of any registered family, sharing the model's parameters;
     also no-grad scoring (log-probs, score-model scores) of full sequences on the same fast layout."""
+
+    # a prefill group's fixed cost in prompt tokens (``length_groups``): its ~100 operators and
+    # smaller products, measured on the 33.5M model (benchmarks/rollout_speed.py)
+    PREFILL_GROUP_OVERHEAD = 32
 
     @classmethod
     def of(cls, model) -> "InferenceModel":
@@ -228,10 +248,11 @@ class InferenceModel(RolloutDecoder):
             act = F.swiglu(_linear(h, weights.gate_up))  # [gate | up]
         return self._row_parallel(act, weights.down)
 
-    def _forward(self, ids, positions, key_bias):
-        """Prefill ``ids`` [B, S] into cache slots 0 .. S-1; returns the last position's logits [B, V].
+    def _forward(self, ids, positions, key_bias, rows=None, slot: int = 0):
+        """Prefill ``ids`` [B, S] into the rollout cache's slots slot .. slot+S-1 of rows ``rows`` (its
+        rows in order when None); returns the last position's logits [B, V].
 
-        positions [B, S] are RoPE positions (real tokens counted); key_bias [B, 1, S, T_max] is 0 where
+        positions [B, S] are RoPE positions (real tokens counted); key_bias [B, 1, S, S] is 0 where
         a query may attend and the dtype's minimum elsewhere.
         """
         B, S = ids.shape
@@ -240,20 +261,37 @@ class InferenceModel(RolloutDecoder):
         # (a bucket's columns of the prompts) are made dense first, as those kernels need
         ids, positions = ids.contiguous(), positions.contiguous()
         with dense_kernels():
-            x = self._hidden(ids, positions, key_bias, layout, self.cache)
+            x = self._hidden(ids, positions, key_bias, layout, self.cache, rows, slot)
         return self._full_logits(x.reshape([B, S, -1])[:, -1], layout.lm_head)
 
-    def _hidden(self, ids, positions, key_bias, layout: DecoderLayout, cache=None):
+    def _prefill_in_groups(self, input_ids, attention_mask, position_ids, groups):
+        """Prefill the rows ``groups`` (index arrays, ``length_groups``) one group at a time, each cut
+        to its own longest prompt, into the rollout's cache at the prompts' columns; returns the
+        logits [B, V] for the first new token.  A row's keys, values and logits are those of the
+        whole-batch prefill (left padding is masked either way): only the padding goes."""
+        B, P = input_ids.shape
+        lengths = attention_mask.astype("int64").sum(axis=1).numpy()
+        logits, order = [], []
+        for rows in groups:
+            S = max(1, int(lengths[rows].max()))
+            index = paddle.to_tensor(rows, dtype="int64")
+            ids, mask, positions = (paddle.index_select(t, index)[:, P - S:] for t in
+                                    (input_ids, attention_mask, position_ids))
+            logits.append(self._forward(ids, positions, self._bias(mask.astype("int64"), S, 0), rows, P - S))
+            order.extend(int(r) for r in rows)
+        inverse = paddle.to_tensor(np.argsort(np.asarray(order)), dtype="int64")
+        return paddle.index_select(paddle.concat(logits, axis=0), inverse)
+
+    def _hidden(self, ids, positions, key_bias, layout: DecoderLayout, cache=None, rows=None, slot: int = 0):
         """Hidden states [B*S, hidden] after the final norm; the sequence attends to itself.  With a
-        ``cache`` (prefill) its keys and values are also written to cache slots 0 .. S-1."""
+        ``cache`` (prefill) its keys and values are also written to cache slots slot .. slot+S-1 of
+        the cache rows ``rows`` (all, in order, when None)."""
         B, S = ids.shape
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         # activations stay 2-D [B*S, hidden]: paddle's CPU matmul is 2-3x faster on 2-D inputs
         h = self._embed(ids.reshape([-1]), layout.embed_tokens)
         scale = 1.0 / math.sqrt(D)
         kernels = cpu_kernels.ready(h, layout.cos)  # the toolkit's CPU kernels: rotary, softmax
-        if cache is not None:  # (the cache slots after the prompt are empty: left out)
-            key_bias = key_bias[..., :S]
         if kernels:  # tables [B, S, D], the queries' with the attention scale folded in
             cos, sin = layout.cos[positions], layout.sin[positions]
             cos_q, sin_q = cos * scale, sin * scale
@@ -281,9 +319,8 @@ class InferenceModel(RolloutDecoder):
                 k = _rotary(k.transpose([0, 2, 1, 3]), cos_k, sin_k)
             v = v.reshape([B, S, KV, D]).transpose([0, 2, 1, 3])
             if cache is not None:
-                # written through the whole cache tensor (under dense kernels cache[0][i] is a copy)
-                cache[0][i, :, :, :S] = k
-                cache[1][i, :, :, :S] = v
+                _write_prefill(cache[0], i, k, rows, slot)
+                _write_prefill(cache[1], i, v, rows, slot)
             keys, values = k, v
             if KV != H:
                 keys = paddle.repeat_interleave(keys, H // KV, axis=1)
@@ -464,7 +501,11 @@ class InferenceModel(RolloutDecoder):
         self.cos_table = layout.cos  # [max_positions, D]
         self.rotation = _rotation_matrix(self.head_dim, self.cos_table.dtype)
         self.sin_table = layout.sin
-        return self._forward(input_ids, position_ids, self._bias(self.key_mask, P, 0))
+        # prompts of unequal lengths: prefilled in groups of similar length, not padded to the longest
+        groups = length_groups(attention_mask.astype("int64").sum(axis=1).numpy(), self.PREFILL_GROUP_OVERHEAD)
+        if len(groups) > 1:
+            return self._prefill_in_groups(input_ids, attention_mask, position_ids, groups)
+        return self._forward(input_ids, position_ids, self._bias(attention_mask.astype("int64"), P, 0))
 
     def step(self, token, token_mask, position_ids):
         """Append one token per row (token_mask 0 for rows that already finished); next logits [B, V]."""
@@ -477,7 +518,7 @@ class InferenceModel(RolloutDecoder):
         logits, keys, values = self._decode_step(token, cos, sin, cache_bias)
         # a finished row's token is padding: written but masked from later steps
         for cache, new in zip(self.cache, (keys, values)):
-            if not cpu_kernels.write_cache_slot(cache, new, self.length):  # (a copy in place, where it runs)
+            if not cpu_kernels.write_cache(cache, new, self.length):  # (a copy in place, where it runs)
                 cache[:, :, :, self.length] = new.squeeze(3)
         self.key_mask[:, self.length] = token_mask.astype("int64")
         self.length += 1
