@@ -9,7 +9,7 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
-from ppo.models import cpu_gemm, cpu_kernels, fast_paths, kernel_library
+from ppo.models import cpu_gemm, cpu_kernels, decode_kernels, fast_paths, kernel_library
 
 RNG = np.random.default_rng(7)
 
@@ -248,7 +248,7 @@ def test_inference_forms_equal_numpy(kernels):
     close(total.numpy(), want_total)
     close(normed.numpy(), np_rms_norm(want_total, w.numpy().astype(np.float64), 1e-6))
     q, cos, sin = tensor(2, 5, 3, 8, grad=False), tensor(2, 5, 8, grad=False), tensor(2, 5, 8, grad=False)
-    got = cpu_kernels.rotary_heads_first(q, cos, sin).numpy()
+    got = decode_kernels.rotary_heads_first(q, cos, sin).numpy()
     qn = q.numpy().astype(np.float64)
     want = qn * cos.numpy()[:, :, None] + np_rotate_half(qn) * sin.numpy()[:, :, None]
     close(got, want.transpose(0, 2, 1, 3))
@@ -281,6 +281,39 @@ def test_whole_models_through_the_kernels_equal_paddles_ops(kernels, family):
                              "ppk_batched_gemm": 6 * layers}, kernels.calls
     np.testing.assert_allclose(got[0], reference[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(got[1], reference[1], rtol=1e-5, atol=1e-5)
+    for name, g in reference[2].items():
+        np.testing.assert_allclose(got[2][name], g, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("with_entropy", [False, True], ids=["log-probs", "with-entropy"])
+def test_actor_log_probs_through_the_kernel_equal_paddles_ops(kernels, with_entropy):
+    """The update's log-probs (``forward_log_probs`` at a temperature, the entropy a statistic) and
+    every gradient of their weighted sum, with the token log-prob kernel against paddle's softmax
+    cross-entropy, on left-padded rows."""
+    from test_cpu_gemm import causal_lm
+
+    from ppo.rollout.collect import forward_log_probs
+
+    model = causal_lm("llama", False)
+    ids = paddle.to_tensor(RNG.integers(0, 96, size=(3, 12)))
+    mask = paddle.to_tensor((np.arange(12)[None, :] >= np.array([[0], [3], [5]])).astype("int64"))
+    weights = paddle.to_tensor(RNG.normal(size=(3, 11)).astype("float32"))
+
+    def run():
+        model.clear_gradients()
+        log_probs, entropy = forward_log_probs(model, ids, mask, 0.7, with_entropy, entropy_grad=False)
+        (log_probs * weights).sum().backward()
+        grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters() if p.grad is not None}
+        return log_probs.numpy(), entropy.numpy() if with_entropy else None, grads
+
+    library, cpu_gemm.STATE.kernels = cpu_gemm.STATE.kernels, None
+    reference = run()
+    cpu_gemm.STATE.kernels = library
+    got = run()
+    assert kernels.calls["ppk_token_log_probs"] == 1 and kernels.calls["ppk_token_log_probs_grad"] == 1
+    np.testing.assert_allclose(got[0], reference[0], rtol=1e-5, atol=1e-5)
+    if with_entropy:
+        np.testing.assert_allclose(got[1], reference[1], rtol=1e-5, atol=1e-5)
     for name, g in reference[2].items():
         np.testing.assert_allclose(got[2][name], g, rtol=1e-4, atol=1e-6, err_msg=name)
 
@@ -345,7 +378,7 @@ def test_decode_attention_equals_numpy(kernels):
     bias_np = np.zeros((B, 1, 1, T), np.float32)
     bias_np[:, ..., 7:] = minimum  # not written yet
     bias_np[1, ..., :2] = minimum  # left padding of the second row
-    out = cpu_kernels.decode_attention(q, k, v, keys, values, 1, paddle.to_tensor(bias_np)).numpy()
+    out = decode_kernels.decode_attention(q, k, v, keys, values, 1, paddle.to_tensor(bias_np)).numpy()
     assert kernels.calls == {"ppk_decode_attention": 1}
     kn, vn = keys.numpy()[1].astype(np.float64), values.numpy()[1].astype(np.float64)
     for b in range(B):
@@ -416,11 +449,11 @@ def test_decode_layers_equal_numpy(kernels, gemm):
         cpu_gemm.STATE.blas_gemm = (cpu_gemm.ctypes.cast(cpu_gemm.STATE.library.dnnl_sgemm,
                                                            cpu_gemm.ctypes.c_void_p).value, 2)
     try:
-        plan = cpu_kernels.DecodePlan([[None if w is None else paddle.to_tensor(w) for w in layer]
+        plan = decode_kernels.DecodePlan([[None if w is None else paddle.to_tensor(w) for w in layer]
                                        for layer in weights], H, KV, D, eps)
         assert plan.kind == (1 if gemm == "mkl" else 2)
         xt, ht = paddle.to_tensor(x), paddle.to_tensor(h)
-        got_keys, got_values = cpu_kernels.decode_layers(
+        got_keys, got_values = decode_kernels.decode_layers(
             plan, xt, ht, *(paddle.to_tensor(t) for t in (cos_q, sin_q, cos_k, sin_k, keys, values, bias)))
     finally:
         cpu_gemm.STATE.blas_gemm = None
@@ -439,27 +472,27 @@ def test_decode_layers_refuse_what_they_cannot_read(kernels):
     layer = [tensor(8, 8, grad=False) for _ in range(4)] + [tensor(8, 12, grad=False), tensor(8, 12, grad=False),
                                                            tensor(12, 8, grad=False), tensor(8, grad=False),
                                                            tensor(8, grad=False), None, None]
-    plan = cpu_kernels.DecodePlan([layer], H, H, D, 1e-6)
+    plan = decode_kernels.DecodePlan([layer], H, H, D, 1e-6)
     for i, bad in ((1, tensor(8, 6, grad=False)), (6, tensor(12, 8, grad=False).astype("float64")),
                    (8, None), (9, tensor(5, grad=False))):
         broken = list(layer)
         broken[i] = bad
         with pytest.raises(ValueError):
-            cpu_kernels.DecodePlan([broken], H, H, D, 1e-6)
+            decode_kernels.DecodePlan([broken], H, H, D, 1e-6)
     with pytest.raises(ValueError):
-        cpu_kernels.DecodePlan([layer], 3, 2, D, 1e-6)  # heads not a multiple of the kv heads
+        decode_kernels.DecodePlan([layer], 3, 2, D, 1e-6)  # heads not a multiple of the kv heads
     for heads, kv_heads, head_dim in ((2, 0, D), (2, 2, 3)):  # no kv heads; an odd head size (rotary halves)
         with pytest.raises(ValueError):
-            cpu_kernels.DecodePlan([layer], heads, kv_heads, head_dim, 1e-6)
+            decode_kernels.DecodePlan([layer], heads, kv_heads, head_dim, 1e-6)
     with pytest.raises(ValueError):
-        cpu_kernels.DecodePlan([[None] + layer[1:]], H, H, D, 1e-6)
+        decode_kernels.DecodePlan([[None] + layer[1:]], H, H, D, 1e-6)
     cache = tensor(1, 2, H, 5, D, grad=False)
     tables = [tensor(2, D, grad=False) for _ in range(4)]
     bias = paddle.zeros([2, 1, 1, 5])
     with pytest.raises(ValueError):
-        cpu_kernels.decode_layers(plan, tensor(2, 6, grad=False), tensor(2, 8, grad=False), *tables, cache, cache, bias)
+        decode_kernels.decode_layers(plan, tensor(2, 6, grad=False), tensor(2, 8, grad=False), *tables, cache, cache, bias)
     with pytest.raises(ValueError):  # a cache of two layers for a plan of one
-        cpu_kernels.decode_layers(plan, tensor(2, 8, grad=False), tensor(2, 8, grad=False), *tables,
+        decode_kernels.decode_layers(plan, tensor(2, 8, grad=False), tensor(2, 8, grad=False), *tables,
                                   paddle.concat([cache, cache]), paddle.concat([cache, cache]), bias)
     assert not kernels.calls
 
@@ -548,13 +581,13 @@ def test_cache_writes_equal_paddles_assignment(kernels):
     want = cache.numpy().copy()
     pointer = cache.data_ptr()
     rows = tensor(2, 3, 2, 1, 4, grad=False)
-    assert cpu_kernels.write_cache(cache, rows, 3)
+    assert decode_kernels.write_cache(cache, rows, 3)
     want[:, :, :, 3] = rows.numpy()[:, :, :, 0]
     layer = tensor(3, 2, 4, 4, grad=False)
-    assert cpu_kernels.write_cache(cache, layer, 2, layer=1)
+    assert decode_kernels.write_cache(cache, layer, 2, layer=1)
     want[1, :, :, 2:6] = layer.numpy()
     one = tensor(2, 5, 4, grad=False)
-    assert cpu_kernels.write_cache(cache, one, 2, layer=0, row=2)
+    assert decode_kernels.write_cache(cache, one, 2, layer=0, row=2)
     want[0, 2, :, 2:7] = one.numpy()
     assert cache.data_ptr() == pointer
     np.testing.assert_array_equal(cache.numpy(), want)
@@ -563,7 +596,7 @@ def test_cache_writes_equal_paddles_assignment(kernels):
                (rows[:, :2], 0, {}), (layer, 0, {}), (one, 0, {"layer": 1}), (layer[:, :1], 0, {"layer": 0}),
                (tensor(3, 2, 4, 3, grad=False), 0, {"layer": 0}), (layer.astype("float64"), 0, {"layer": 0})]
     for new, slot, where in refused:
-        assert not cpu_kernels.write_cache(cache, new, slot, **where), (new.shape, slot, where)
+        assert not decode_kernels.write_cache(cache, new, slot, **where), (new.shape, slot, where)
     np.testing.assert_array_equal(cache.numpy(), want)
 
 
@@ -588,7 +621,7 @@ def test_shapes_the_kernels_cannot_read_go_to_paddle_or_are_refused(kernels):
         cpu_kernels.add_rms_norm_forward(tensor(3, 8, grad=False), tensor(2, 8, grad=False), tensor(8), 1e-6)
     cache = tensor(2, 4, 2, 5, 8, grad=False)
     with pytest.raises(ValueError, match="decode_attention"):
-        cpu_kernels.decode_attention(tensor(4, 4, 1, 8, grad=False), tensor(4, 2, 1, 8, grad=False),
+        decode_kernels.decode_attention(tensor(4, 4, 1, 8, grad=False), tensor(4, 2, 1, 8, grad=False),
                                      tensor(4, 2, 1, 8, grad=False), cache, cache, 2, tensor(4, 1, 1, 5, grad=False))
     assert not kernels.calls
 
@@ -629,7 +662,7 @@ def test_decode_step_keeps_the_per_operator_path_where_a_layer_needs_it(kernels)
 
     decoder = InferenceModel(make_model())
     layout = decoder.layout()
-    assert isinstance(decoder._decode_plan(layout), cpu_kernels.DecodePlan)
+    assert isinstance(decoder._decode_plan(layout), decode_kernels.DecodePlan)
     first = layout.layers[0]
     q = first.q
     variants = {"bias": dataclasses.replace(q, bias=paddle.zeros([q.weight.shape[1]])),
@@ -645,39 +678,102 @@ def test_decode_step_keeps_the_per_operator_path_where_a_layer_needs_it(kernels)
     assert not kernels.calls
 
 
-def test_row_dot_equals_numpy_on_any_thread_count(kernels):
-    """``sum(a * b, -1)`` per row (rows above the one-thread cut-off, an odd width): numpy's in
-    float64, bit for bit on 1 and 2 threads; shapes or dtypes it does not take are None."""
-    a, b = tensor(3, 37, 1001, grad=False), tensor(3, 37, 1001, grad=False)
-    results = []
-    for threads in (1, 2):
-        cpu_gemm.STATE.threads = threads
-        results.append(cpu_kernels.row_dot(a, b).numpy())
-    np.testing.assert_array_equal(results[0], results[1])
-    assert results[0].shape == (3, 37)
-    close(results[0], (a.numpy().astype(np.float64) * b.numpy()).sum(-1), 1e-5)
-    close(cpu_kernels.row_dot(a[:, 3:9], b[:, 3:9]).numpy(),  # (views: made dense first)
-          (a.numpy()[:, 3:9].astype(np.float64) * b.numpy()[:, 3:9]).sum(-1), 1e-5)
-    assert kernels.calls == {"ppk_row_dot": 3}
-    assert cpu_kernels.row_dot(a, b[:, :5]) is None
-    assert cpu_kernels.row_dot(a.astype("float64"), b.astype("float64")) is None
-    assert cpu_kernels.row_dot(tensor(3, 37, 4), b[:, :, :4]) is None  # (an input that needs a gradient: none here)
-    assert kernels.calls == {"ppk_row_dot": 3}
+def np_token_log_probs(logits, labels, temperature):
+    """(log-probs, entropy) of softmax(logits / temperature) at the labels, float64."""
+    z = logits.astype(np.float64) / temperature
+    p = np_softmax(z)
+    log_probs = np.log(np.take_along_axis(p, labels[..., None], -1))[..., 0]
+    return log_probs, -(p * np.log(np.maximum(p, 1e-300))).sum(-1)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_one_pass_entropy_through_the_row_dot_equals_the_two_pass_formula(kernels, temperature):
-    """The rollout's log-probs with the entropy as a statistic: the kernel's ``sum p z`` gives the
-    entropy of the direct formula (float64 numpy, softmax of logits / temperature)."""
-    from ppo.core.algorithms import log_probs_and_entropy
-
-    logits, labels = tensor(2, 9, 301, scale=3.0, grad=False), paddle.to_tensor(RNG.integers(0, 301, size=(2, 9)))
-    log_probs, entropy = log_probs_and_entropy(logits, labels, temperature, cpu_kernels.row_dot)
-    assert kernels.calls == {"ppk_row_dot": 1}
+def test_token_log_probs_equal_numpy_on_any_thread_count(kernels, temperature):
+    """Log-probs of the labels, the entropy and the logits' gradient of a weighted sum of the
+    log-probs (rows above the one-thread cut-off, a width that is no multiple of the 16 lanes):
+    numpy's in float64, bit for bit on 1 and 2 threads."""
+    logits, labels = tensor(3, 37, 1001, scale=3.0), RNG.integers(0, 1001, size=(3, 37))
+    weights = RNG.normal(size=(3, 37))
+    want_lp, want_h = np_token_log_probs(logits.numpy(), labels, temperature)
     z = logits.numpy().astype(np.float64) / temperature
-    p = np_softmax(z)
-    close(entropy.numpy(), -(p * np.log(p)).sum(-1), 1e-5)
-    close(log_probs.numpy(), np.log(np.take_along_axis(p, labels.numpy()[..., None], -1))[..., 0], 1e-5)
+    onehot = np.zeros(z.shape)
+    np.put_along_axis(onehot, labels[..., None], 1.0, -1)
+    want_grad = weights[..., None] * (onehot - np_softmax(z)) / temperature
+    results = []
+    for threads in (1, 2):
+        cpu_gemm.STATE.threads = threads
+        log_probs, entropy = cpu_kernels.token_log_probs(logits, paddle.to_tensor(labels), temperature, True)
+        (log_probs * paddle.to_tensor(weights.astype("float32"))).sum().backward()
+        results.append([log_probs.numpy(), entropy.numpy(), logits.grad.numpy()])
+        assert entropy.stop_gradient
+        logits.clear_gradient()
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+    close(results[0][0], want_lp, 1e-5)
+    close(results[0][1], want_h, 1e-5)
+    close(results[0][2], want_grad, 1e-5)
+    assert kernels.calls == {"ppk_token_log_probs": 2, "ppk_token_log_probs_grad": 2}
+    with paddle.no_grad():  # no graph: the log-probs alone, no entropy asked
+        log_probs, entropy = cpu_kernels.token_log_probs(logits, paddle.to_tensor(labels), temperature)
+    assert entropy is None and log_probs.stop_gradient
+    np.testing.assert_array_equal(log_probs.numpy(), results[0][0])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_log_probs_shift_by_the_row_maximum(kernels, temperature):
+    """Logits far beyond exp's float32 range, each row's largest in the tail after the 16-lane
+    blocks: numpy's log-probs and entropy (two near peaks, or one far above the rest), finite."""
+    x = RNG.normal(size=(4, 1001))
+    x[:, -1] = 400.0  # the rows' maximum (the last two rows: far above everything else)
+    x[:2, 5] = 399.7
+    labels = np.array([1000, 5, 0, 1000])
+    log_probs, entropy = cpu_kernels.token_log_probs(paddle.to_tensor(x.astype("float32")), paddle.to_tensor(labels),
+                                                     temperature, True)
+    want_lp, want_h = np_token_log_probs(x.astype("float32"), labels, temperature)
+    assert np.isfinite(log_probs.numpy()).all() and want_h[:2].min() > 0.5
+    close(log_probs.numpy(), want_lp, 1e-5)
+    close(entropy.numpy(), want_h, 1e-5)
+
+
+def test_token_log_probs_refuse_what_they_cannot_take(kernels):
+    """Views, other dtypes, labels outside the vocabulary or of another shape or type, and
+    temperatures that are not positive finite numbers go to paddle's ops (None), unread."""
+    logits = tensor(2, 5, 40, grad=False)
+    labels = paddle.to_tensor(RNG.integers(0, 40, size=(2, 5)))
+    refused = [(logits[:, :4], labels[:, :4], 1.0), (logits.astype("float64"), labels, 1.0),
+               (logits, labels.astype("int32"), 1.0), (logits, labels[:, :4], 1.0),
+               (logits, paddle.full([2, 5], 40, "int64"), 1.0), (logits, paddle.full([2, 5], -1, "int64"), 1.0),
+               (logits, labels, 0.0), (logits, labels, -1.0), (logits, labels, float("inf")),
+               (logits, labels, float("nan")), (logits, labels, 1e-45), (logits, labels, 1e31)]
+    for x, y, temperature in refused:
+        assert cpu_kernels.token_log_probs(x, y, temperature, True) is None, (x.shape, y.dtype, temperature)
+    assert not kernels.calls
+    lib = cpu_gemm.STATE.kernels.lib  # the C code's own guard: a label it is handed outside [0, V)
+    bad = paddle.full([2, 5], 40, "int64")
+    out = paddle.full([2, 5], 7.0)
+    assert lib.ppk_token_log_probs(logits.data_ptr(), bad.data_ptr(), out.data_ptr(), out.data_ptr(), None, 10, 40,
+                                   1.0, 1) == 1
+    np.testing.assert_array_equal(out.numpy(), 7.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_log_probs_with_the_entropy_through_the_kernel_equal_the_formula(kernels, temperature):
+    """The actor's log-probs with the entropy as a statistic and the scoring's log-probs, through
+    the kernel: the direct formula's (float64 numpy), bf16 logits computed in float32."""
+    from ppo.core.algorithms import gather_log_probs, log_probs_and_entropy
+
+    logits, labels = tensor(2, 9, 301, scale=3.0, grad=False), RNG.integers(0, 301, size=(2, 9))
+    log_probs, entropy = log_probs_and_entropy(logits, paddle.to_tensor(labels), temperature,
+                                               cpu_kernels.token_log_probs)
+    assert kernels.calls == {"ppk_token_log_probs": 1}
+    want_lp, want_h = np_token_log_probs(logits.numpy(), labels, temperature)
+    close(entropy.numpy(), want_h, 1e-5)
+    close(log_probs.numpy(), want_lp, 1e-5)
+    close(gather_log_probs(logits, paddle.to_tensor(labels), temperature, cpu_kernels.token_log_probs).numpy(),
+          want_lp, 1e-5)
+    bf16 = logits.astype("bfloat16")
+    got = gather_log_probs(bf16, paddle.to_tensor(labels), temperature, cpu_kernels.token_log_probs)
+    assert kernels.calls == {"ppk_token_log_probs": 3} and got.dtype == paddle.float32
+    close(got.numpy(), np_token_log_probs(bf16.astype("float32").numpy(), labels, temperature)[0], 1e-5)
 
 
 @pytest.mark.parametrize("transpose_b,heads_last", [(True, False), (False, True), (False, False)])

@@ -25,7 +25,7 @@ LAYERS = [
     ["ppo.core.registry", "ppo.core.advantages", "ppo.core.batching", "ppo.models.cpu_gemm", "ppo.core.placement"],
     # the fast CPU paths (the fused norm kernel is tried only where the CPU can run it: cpu_gemm's flags)
     ["ppo.models.cpu_kernels"],
-    ["ppo.models.fast_paths"],
+    ["ppo.models.fast_paths", "ppo.models.decode_kernels"],
     # reading files: the one place that turns damaged files into one-line errors (pickles checked first)
     ["ppo.storage.safe_pickle"],
     ["ppo.storage.files"],
@@ -61,6 +61,7 @@ LAYERS = [
     ["ppo.storage.graceful"],
     ["ppo.storage.checkpoint"],
     # rollout: the lean decode path, the fused GPU model, generation and scoring -> Experience
+    ["ppo.rollout.layer_ops"],
     ["ppo.rollout.inference", "ppo.rollout.sampling"],
     ["ppo.rollout.fused", "ppo.rollout.collect"],
     # what every stage's loop uses: entry plumbing, optimizer, numeric guard; the single-model loop

@@ -98,12 +98,17 @@ def masked_whiten(values, mask, shift_mean=True, eps=1e-8, moments=None):
 # ------------------------------------------------------------------------- log-probs and entropy
 
 
-def gather_log_probs(logits, labels, temperature=1.0):
+def gather_log_probs(logits, labels, temperature=1.0, kernel=None):
     """``log_softmax(logits / temperature)[b, t, labels[b, t]]`` -> ``[B, T]``.
 
     logits ``[B, T, V]``, labels ``[B, T]``; computed in float32 when logits are fp16/bf16.
+    ``kernel(logits, labels, temperature, with_entropy)``: the same (and the entropy) by a faster
+    route, returning None where it does not take them (``ppo.models.cpu_kernels.token_log_probs``).
     """
     logits = _float32_logits(logits)
+    got = kernel(logits, labels, temperature, False) if kernel is not None else None
+    if got is not None:
+        return got[0]
     if temperature != 1.0:
         logits = logits / temperature
     # paddle's fused softmax-cross-entropy kernel: on CPU about 30x faster forward + backward than
@@ -125,14 +130,17 @@ def entropy_from_logits(logits, temperature=1.0):
     return paddle.log(total) + shift.squeeze(-1) - (e * logits).sum(axis=-1) / total
 
 
-def log_probs_and_entropy(logits, labels, temperature=1.0, row_dot=None):
+def log_probs_and_entropy(logits, labels, temperature=1.0, kernel=None):
     """(``gather_log_probs``, ``entropy_from_logits`` detached) of ``logits`` [B, T, V] from one
     pass: paddle's fused softmax-cross-entropy kernel gives ``log p[label]`` and the softmax ``p``
     of ``z = logits / temperature``; ``H = logsumexp(z) - sum p z`` with ``logsumexp(z) = z[label] -
     log p[label]``.  The log-probs carry gradients, the entropy none (a statistic: half the time of
-    the two passes on [16, 128, 8000], forward + backward).  ``row_dot(a, b)``: ``(a * b).sum(-1)``
-    by a faster route (a CPU kernel), or None where it does not take them."""
+    the two passes on [16, 128, 8000], forward + backward).  ``kernel``: both by a faster route,
+    as in ``gather_log_probs``."""
     logits = _float32_logits(logits)
+    got = kernel(logits, labels, temperature, True) if kernel is not None else None
+    if got is not None:
+        return got
     z = logits / temperature if temperature != 1.0 else logits
     index = labels.astype(paddle.int64).unsqueeze(-1)
     loss, p = F.softmax_with_cross_entropy(z, index, return_softmax=True)
@@ -142,10 +150,7 @@ def log_probs_and_entropy(logits, labels, temperature=1.0, row_dot=None):
         # (broadcast=False: with paddle's default the [B, T, V] logits are copied first, 115 ms of
         # [16, 320, 8000] on CPU against 0.6)
         picked = paddle.take_along_axis(zd, index, axis=-1, broadcast=False).squeeze(-1)
-        expected = row_dot(p.detach(), zd) if row_dot is not None else None
-        if expected is None:
-            expected = (p.detach() * zd).sum(axis=-1)
-        entropy = (picked - log_probs.detach()) - expected
+        entropy = (picked - log_probs.detach()) - (p.detach() * zd).sum(axis=-1)
     return log_probs, entropy
 
 

@@ -53,7 +53,7 @@ void ppk_init(void *parallel, void *thread_num, void *num_threads) {
 }
 
 /* the entry points' version: ppo/models/kernel_library.py refuses a library built from another one */
-int ppk_version(void) { return 4; }
+int ppk_version(void) { return 5; }
 
 typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
 
@@ -395,24 +395,111 @@ void ppk_cache_write(float *cache, const float *rows, int64_t n, int64_t T, int6
     for (int64_t r = 0; r < n; ++r) memcpy(cache + (r * T + slot) * D, rows + r * S * D, sizeof(float) * S * D);
 }
 
-/* ---------------------------------------------------------------- row dot */
-/* out[r] = sum_i a[r, i] b[r, i] over rows of n (the entropy's sum p z over the vocabulary,
- * without paddle's [rows, n] product in between) */
+/* ---------------------------------------------------------------- token log-probs */
+/* Per row of logits x [N, V] with z = x inv_t: lse = logsumexp(z), logp = z[label] - lse and the
+ * entropy H = lse - sum softmax(z) z = log s - (sum e d) / s with d = z - max z, e = exp(d),
+ * s = sum e: one pass for the maximum, one for the exponentials.  Backward of logp alone:
+ * dx = g inv_t (onehot(label) - exp(z - lse)), the exponentials again (nothing [N, V] is kept). */
 
 typedef struct {
-    const float *a, *b;
-    float *out;
-    int64_t n;
-} rowdot_t;
+    const float *x, *g;
+    const int64_t *labels;
+    float *logp, *lse, *entropy, *dx;
+    int64_t V;
+    float inv_t;
+} tokens_t;
 
-static void rowdot_rows(void *p, int64_t begin, int64_t end) {
-    rowdot_t *a = (rowdot_t *)p;
-    for (int64_t row = begin; row < end; ++row) a->out[row] = dot2(a->a + row * a->n, a->b + row * a->n, a->n);
+/* (16 lanes of partial results, combined in a fixed order: vector code without reassociation,
+ * which would also keep exp_approx from being inlined) */
+#define LANES 16
+
+CLONES static float row_max(const float *restrict x, int64_t n) {
+    float m[LANES];
+    for (int j = 0; j < LANES; ++j) m[j] = -INFINITY;
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; ++j) m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
+    for (; i < n; ++i) m[0] = x[i] > m[0] ? x[i] : m[0];
+    float top = m[0];
+    for (int j = 1; j < LANES; ++j) top = m[j] > top ? m[j] : top;
+    return top;
 }
 
-void ppk_row_dot(const float *a, const float *b, float *out, int64_t rows, int64_t n, int threads) {
-    rowdot_t args = {a, b, out, n};
-    parallel_for(rows, n, threads, rowdot_rows, &args);
+CLONES static float exp_sums(const float *restrict x, int64_t n, float c, float top, float *weighted) {
+    float s[LANES] = {0}, w[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; ++j) {
+            const float d = x[i + j] * c - top;
+            const float e = exp_approx(d);
+            s[j] += e;
+            w[j] += e * d;
+        }
+    for (; i < n; ++i) {
+        const float d = x[i] * c - top;
+        const float e = exp_approx(d);
+        s[0] += e;
+        w[0] += e * d;
+    }
+    float total = 0.0f, wsum = 0.0f;
+    for (int j = 0; j < LANES; ++j) {
+        total += s[j];
+        wsum += w[j];
+    }
+    *weighted = wsum;
+    return total;
+}
+
+static void tokens_fwd_rows(void *p, int64_t begin, int64_t end) {
+    tokens_t *a = (tokens_t *)p;
+    const int64_t V = a->V;
+    for (int64_t row = begin; row < end; ++row) {
+        const float *x = a->x + row * V;
+        const float top = row_max(x, V) * a->inv_t; /* (inv_t > 0: the maximum of z, rounded the same) */
+        float w;
+        const float s = exp_sums(x, V, a->inv_t, top, &w);
+        const float lse = top + logf(s);
+        a->lse[row] = lse;
+        a->logp[row] = x[a->labels[row]] * a->inv_t - lse;
+        if (a->entropy) a->entropy[row] = logf(s) - w / s;
+    }
+}
+
+CLONES static void tokens_bwd_rows(void *p, int64_t begin, int64_t end) {
+    tokens_t *a = (tokens_t *)p;
+    const int64_t V = a->V;
+    const float c = a->inv_t;
+    for (int64_t row = begin; row < end; ++row) {
+        const float *restrict x = a->x + row * V;
+        float *restrict dx = a->dx + row * V;
+        const float gc = a->g[row] * c, lse = a->lse[row];
+        for (int64_t i = 0; i < V; ++i) dx[i] = -gc * exp_approx(x[i] * c - lse);
+        dx[a->labels[row]] += gc;
+    }
+}
+
+/* 1 (nothing computed) when a label is outside [0, V) or inv_t is not a positive finite number */
+static int tokens_refused(const int64_t *labels, int64_t N, int64_t V, float inv_t) {
+    if (!(inv_t > 0.0f && inv_t <= 3.4e38f)) return 1;
+    for (int64_t r = 0; r < N; ++r)
+        if (labels[r] < 0 || labels[r] >= V) return 1;
+    return 0;
+}
+
+int ppk_token_log_probs(const float *x, const int64_t *labels, float *logp, float *lse, float *entropy, int64_t N,
+                        int64_t V, float inv_t, int threads) {
+    if (tokens_refused(labels, N, V, inv_t)) return 1;
+    tokens_t a = {x, 0, labels, logp, lse, entropy, 0, V, inv_t};
+    parallel_for(N, V, threads, tokens_fwd_rows, &a);
+    return 0;
+}
+
+int ppk_token_log_probs_grad(const float *x, const int64_t *labels, const float *g, const float *lse, float *dx,
+                             int64_t N, int64_t V, float inv_t, int threads) {
+    if (tokens_refused(labels, N, V, inv_t)) return 1;
+    tokens_t a = {x, g, labels, 0, (float *)lse, 0, dx, V, inv_t};
+    parallel_for(N, V, threads, tokens_bwd_rows, &a);
+    return 0;
 }
 
 /* ---------------------------------------------------------------- SwiGLU */

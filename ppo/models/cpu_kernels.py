@@ -1,8 +1,7 @@
-"""RMSNorm, rotary embedding, SwiGLU and attention on CPU through the toolkit's compiled kernels
-(``_cpu_kernels.c``): the training forms with their backward, and inference's (the residual add
-with the norm, rotary written heads-first, a decode step's attention over the KV cache and the
-write of its keys and values), and a whole decode step's layers in one call (``decode_layers``:
-the products through the GEMM ``cpu_gemm.blas_gemm`` finds, paddle's MKL).
+"""RMSNorm, rotary embedding, SwiGLU, attention and the token log-probs on CPU through the toolkit's
+compiled kernels (``_cpu_kernels.c``): the training forms with their backward, and inference's
+residual add with the norm; the rollout's own forms (a decode step's attention over the KV cache,
+the cache writes, a whole decode step's layers in one call) are in ``ppo.models.decode_kernels``.
 
 paddle runs these on one thread, as several elementwise ops with an autograd node each (profiled in
 ``docs/performance.md``: in an actor update the norm's and rotary's multiplies and their gradients
@@ -21,7 +20,6 @@ says so in one line and paddle's ops run.
 
 from __future__ import annotations
 
-import ctypes
 import math
 
 import paddle
@@ -127,28 +125,6 @@ def _rope(x, cos, sin, time_axis: int, backward: bool, transpose_out: bool = Fal
     return y
 
 
-def decode_attention(q, k, v, keys, values, layer: int, bias):
-    """A decode step's attention (no autograd): q [B, H, 1, D] (scaled), the new k, v [B, KV, 1, D],
-    the whole cache ``keys`` / ``values`` [layers, B, KV, T, D] (``layer`` read in place) and ``bias``
-    [B, 1, 1, T]; returns [B, H, 1, D], the softmax over the cache's slots and the new token."""
-    B, H, _, D = q.shape
-    L, _, KV, T, _ = keys.shape
-    if (list(keys.shape) != [L, B, KV, T, D] or values.shape != keys.shape or not 0 <= layer < L or H % KV
-            or list(k.shape) != [B, KV, 1, D] or v.shape != k.shape or list(q.shape) != [B, H, 1, D]
-            or math.prod(bias.shape) != B * T or not ready(q, k, v, keys, values, bias)
-            or not (keys.is_contiguous() and values.is_contiguous())):
-        raise ValueError(f"decode_attention: q {q.shape}, k {k.shape}, v {v.shape}, cache {keys.shape} / "
-                         f"{values.shape} (dense float32), layer {layer}, bias {bias.shape}")
-    q, k, v, bias = _dense(q), _dense(k), _dense(v), _dense(bias.reshape([B, T]))
-    out = paddle.empty_like(q)
-    offset = layer * B * KV * T * D * 4  # bytes: float32
-    if _lib().ppk_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), keys.data_ptr() + offset,
-                                   values.data_ptr() + offset, bias.data_ptr(), out.data_ptr(), B, H, KV, T, D,
-                                   _threads()):
-        raise MemoryError("decode attention: out of memory for the scores")
-    return out
-
-
 _INT32 = 2 ** 31  # MKL's cblas_sgemm takes 32-bit sizes and leading dimensions
 
 
@@ -238,50 +214,65 @@ def attention_matmul(a, b, transpose_b: bool = False, heads_last: bool = False):
     return AttentionProduct.apply(a, b, transpose_b, heads_last)
 
 
-def row_dot(a, b):
-    """``(a * b).sum(-1)`` of float32 CPU tensors of one shape [..., n], no autograd, without the
-    [..., n] product in between (the entropy's ``sum p z`` over the vocabulary: 41M products of
-    [16, 320, 8000] cost paddle 120-410 ms on two cores); None where the kernels do not take them."""
-    if not ready(a, b) or list(a.shape) != list(b.shape) or a.ndim == 0 or (
-            paddle.is_grad_enabled() and not (a.stop_gradient and b.stop_gradient)):  # (no gradient here)
+class TokenLogProbs(PyLayer):
+    """``log_softmax(logits inv_t)[label]`` per row of logits [..., V] (differentiable) and the
+    softmax's entropy (a statistic, no gradient), from two passes over each row; the backward
+    recomputes the exponentials instead of keeping paddle's [..., V] softmax."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, inv_t: float):
+        log_probs, lse, entropy = _token_log_probs(logits, labels, inv_t, True)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.inv_t = inv_t
+        ctx.mark_non_differentiable(entropy)
+        return log_probs, entropy
+
+    @staticmethod
+    def backward(ctx, grad, _entropy_grad=None):
+        logits, labels, lse = ctx.saved_tensor()
+        grad = _dense(grad.astype("float32"))
+        out = paddle.empty_like(logits)
+        V = logits.shape[-1]
+        if _lib().ppk_token_log_probs_grad(logits.data_ptr(), labels.data_ptr(), grad.data_ptr(), lse.data_ptr(),
+                                           out.data_ptr(), math.prod(logits.shape[:-1]), V, ctx.inv_t, _threads()):
+            raise RuntimeError("token log-probs: labels or temperature changed after the forward")
+        return out, None
+
+
+def _token_log_probs(logits, labels, inv_t: float, with_entropy: bool):
+    lead = logits.shape[:-1]
+    log_probs, lse = paddle.empty(lead, "float32"), paddle.empty(lead, "float32")
+    entropy = paddle.empty(lead, "float32") if with_entropy else None
+    if _lib().ppk_token_log_probs(logits.data_ptr(), labels.data_ptr(), log_probs.data_ptr(), lse.data_ptr(),
+                                  entropy.data_ptr() if with_entropy else None, math.prod(lead), logits.shape[-1],
+                                  inv_t, _threads()):
+        raise ValueError(f"token log-probs: a label outside [0, {logits.shape[-1]}) or temperature {1 / inv_t}")
+    return log_probs, lse, entropy
+
+
+def token_log_probs(logits, labels, temperature: float = 1.0, with_entropy: bool = False):
+    """(``log_softmax(logits / temperature)[..., label]`` [...], the entropy of that softmax [...]
+    or None) for dense float32 CPU logits [..., V] and int64 labels [...]: the log-probs with
+    autograd when the logits need it, the entropy always detached.  Two passes over the logits
+    (paddle's softmax cross-entropy took 130 ms forward and 190 ms with its backward on [2560,
+    8000], kept the [..., V] softmax for the backward, and the entropy a third pass).  None where
+    the kernels do not take them: other dtypes or places, views, labels outside the vocabulary or a
+    temperature outside [1e-30, 1e30] (paddle's ops then say what is wrong)."""
+    temperature = float(temperature)
+    if not (ready(logits) and logits.is_contiguous() and logits.ndim >= 1 and labels.dtype == paddle.int64
+            and list(labels.shape) == list(logits.shape[:-1]) and labels.place.is_cpu_place()
+            and 1e-30 <= temperature <= 1e30):  # (1 / temperature a normal float32)
         return None
-    a, b = _dense(a), _dense(b)
-    out = paddle.empty(a.shape[:-1] if a.ndim > 1 else [1], dtype="float32")
-    _lib().ppk_row_dot(a.data_ptr(), b.data_ptr(), out.data_ptr(), math.prod(a.shape[:-1]), a.shape[-1], _threads())
-    return out if a.ndim > 1 else out.reshape([])
-
-
-def write_cache(cache, new, slot: int, layer: int | None = None, row: int | None = None) -> bool:
-    """``cache[(layer, (row,)) ..., slot:slot + S, :] = new`` in place for a dense float32 cache
-    [L, B, KV, T, D]: ``new`` [L, B, KV, S, D] (a decode step's new keys or values, S = 1), [B, KV,
-    S, D] with ``layer`` (a prefill's) or [KV, S, D] with ``layer`` and ``row`` (one row of a
-    prefill in groups).  False (nothing written) where the kernels do not take them; paddle's
-    assignment copies the whole cache per write on CPU (15 ms a layer for a [16, 8, 195, 64] one)."""
-    if not (ready(cache, new) and cache.is_contiguous() and cache.ndim == 5) or (row is not None and layer is None):
-        return False
-    L, B, KV, T, D = cache.shape
-    lead, first = [L, B], 0  # the rows of [.., KV] that new covers and the first of them
-    if layer is not None:
-        if not 0 <= layer < L or (row is not None and not 0 <= row < B):
-            return False
-        lead, first = ([], layer * B + row) if row is not None else ([B], layer * B)
-    S = new.shape[-2] if new.ndim == len(lead) + 3 else 0
-    if list(new.shape) != lead + [KV, S, D] or S < 1 or not 0 <= slot <= T - S:
-        return False
-    new = _dense(new)
-    _lib().ppk_cache_write(cache.data_ptr() + first * KV * T * D * 4, new.data_ptr(), math.prod(lead) * KV, T, D,
-                           slot, S)
-    return True
-
-
-def rotary_forward(x, cos, sin, time_axis: int):
-    """Rotary of x [B, A1, A2, D] (time axis 1 or 2) with tables [1 or B, T, D], no autograd (inference)."""
-    return _rope(_dense(x), _dense(cos), _dense(sin), time_axis, False)
-
-
-def rotary_heads_first(x, cos, sin):
-    """Rotary of x [B, S, heads, D] with tables [1 or B, S, D], returned [B, heads, S, D] (inference)."""
-    return _rope(_dense(x), _dense(cos), _dense(sin), 1, False, transpose_out=True)
+    V = logits.shape[-1]
+    labels = _dense(labels)
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= V):
+        return None
+    inv_t = 1.0 / temperature
+    if logits.stop_gradient or not paddle.is_grad_enabled():
+        log_probs, _, entropy = _token_log_probs(logits, labels, inv_t, with_entropy)
+        return log_probs, entropy
+    log_probs, entropy = TokenLogProbs.apply(logits, labels, inv_t)
+    return log_probs, (entropy if with_entropy else None)
 
 
 def _softmax_bias(scores, bias, scale: float):
@@ -415,76 +406,3 @@ def swiglu_forward(gate, up):
 
 # the order of a layer's tensors in ppk_decode_layers (its DW_* names): q, k, v, o, gate, up, down
 # projections, the post-attention norm, the norm after the layer, the per-head q / k norms or None
-DECODE_LAYER_TENSORS = ("q", "k", "v", "o", "gate", "up", "down", "post_attention_norm", "next_norm", "q_norm",
-                        "k_norm")
-
-
-class DecodePlan:
-    """A decode step's layers for :func:`decode_layers`: the weights' addresses (checked once, held
-    with the tensors, so they stay alive) and the geometry; built per rollout (the weights are
-    frozen while it decodes)."""
-
-    def __init__(self, layers: list, heads: int, kv_heads: int, head_dim: int, eps: float):
-        gemm = cpu_gemm.blas_gemm()
-        if (gemm is None or not layers or kv_heads <= 0 or heads % kv_heads or head_dim % 2
-                or any(len(layer) != len(DECODE_LAYER_TENSORS) for layer in layers)
-                or any(t is None or t.ndim != 2 for t in (layers[0][0], layers[0][4]))):
-            raise ValueError(f"decode plan: {len(layers)} layers, {heads} heads over {kv_heads} kv heads of "
-                             f"{head_dim}, GEMM {gemm}")
-        hidden = layers[0][0].shape[0]
-        inter = layers[0][4].shape[1]
-        if max(hidden, inter, heads * head_dim) >= _INT32:
-            raise ValueError(f"decode plan: sizes {hidden}, {inter}, {heads * head_dim} past the GEMM's 32-bit range")
-        H, KV, D = heads, kv_heads, head_dim
-        shapes = ([hidden, H * D], [hidden, KV * D], [hidden, KV * D], [H * D, hidden], [hidden, inter],
-                  [hidden, inter], [inter, hidden], [hidden], [hidden], [D], [D])
-        addresses = []
-        for i, tensors in enumerate(layers):
-            for name, t, shape in zip(DECODE_LAYER_TENSORS, tensors, shapes):
-                if t is None and name in ("q_norm", "k_norm"):
-                    addresses.append(None)
-                    continue
-                if t is None or list(t.shape) != shape or not ready(t) or not t.is_contiguous():
-                    raise ValueError(f"decode plan: layer {i} {name} "
-                                     f"{None if t is None else list(t.shape)} (needs a dense float32 {shape})")
-                addresses.append(t.data_ptr())
-        self.gemm, self.kind = gemm
-        self.addresses = (ctypes.c_void_p * len(addresses))(*addresses)
-        self.tensors = layers
-        self.layers, self.hidden, self.inter, self.heads, self.kv_heads, self.head_dim = (
-            len(layers), hidden, inter, H, KV, D)
-        self.eps = float(eps)
-
-
-def decode_layers(plan: DecodePlan, x, h, cos_q, sin_q, cos_k, sin_k, keys, values, bias):
-    """All layers of a decode step in one call (no autograd): x [B, hidden] the first layer's
-    normalised input and h [B, hidden] the residual stream, both updated in place (x to the final
-    norm's output); rotary tables [B, D] (the queries' with the attention scale folded in); the
-    cache ``keys`` / ``values`` [layers, B, KV, T, D] and ``bias`` [B, 1, 1, T] as in
-    :func:`decode_attention`.  Returns the step's keys and values [layers, B, KV, 1, D]."""
-    B = x.shape[0]
-    L, KV, D = plan.layers, plan.kv_heads, plan.head_dim
-    T = keys.shape[3] if keys.ndim == 5 else -1
-    if (list(x.shape) != [B, plan.hidden] or list(h.shape) != [B, plan.hidden]
-            or any(list(t.shape) != [B, D] for t in (cos_q, sin_q, cos_k, sin_k))
-            or list(keys.shape) != [L, B, KV, T, D] or list(values.shape) != list(keys.shape)
-            or math.prod(bias.shape) != B * T
-            or not ready(x, h, cos_q, sin_q, cos_k, sin_k, keys, values, bias)
-            or not all(t.is_contiguous() for t in (x, h, keys, values))):
-        raise ValueError(f"decode_layers: x {x.shape}, h {h.shape}, tables {cos_q.shape}, cache {keys.shape} / "
-                         f"{values.shape}, bias {bias.shape} for {L} layers of {plan.heads} x {D} heads "
-                         f"({KV} kv), hidden {plan.hidden} (dense float32)")
-    cos_q, sin_q, cos_k, sin_k, bias = (_dense(t) for t in (cos_q, sin_q, cos_k, sin_k, bias))
-    new_keys = paddle.empty([L, B, KV, 1, D], dtype="float32")
-    new_values = paddle.empty([L, B, KV, 1, D], dtype="float32")
-    with cpu_gemm.team():
-        status = _lib().ppk_decode_layers(plan.gemm, plan.kind, plan.addresses, L, x.data_ptr(), h.data_ptr(),
-                                          cos_q.data_ptr(), sin_q.data_ptr(), cos_k.data_ptr(), sin_k.data_ptr(),
-                                          keys.data_ptr(), values.data_ptr(), bias.data_ptr(), new_keys.data_ptr(),
-                                          new_values.data_ptr(), B, plan.hidden, plan.heads, KV, D, plan.inter, T,
-                                          plan.eps, _threads())
-    if status == 1:
-        raise MemoryError("decode layers: out of memory for the step's buffers")
-    if status:
-        raise RuntimeError("decode layers: the GEMM failed")
-    return new_keys, new_values

@@ -11,7 +11,7 @@ import ctypes
 import importlib.util
 
 _LIBRARY_MODULE = "ppo.models._cpu_kernels"
-VERSION = 4  # ppk_version() of the C file these wrappers call (bumped with every change of an entry point)
+VERSION = 5  # ppk_version() of the C file these wrappers call (bumped with every change of an entry point)
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _SIGNATURES = {
@@ -25,10 +25,11 @@ _SIGNATURES = {
     "ppk_softmax_bias": (None, [_P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int]),
     "ppk_softmax_grad": (None, [_P, _P, _P, _I64, _I64, ctypes.c_float, ctypes.c_int]),
     "ppk_cache_write": (None, [_P, _P, _I64, _I64, _I64, _I64, _I64]),
+    "ppk_token_log_probs": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, ctypes.c_float, ctypes.c_int]),
+    "ppk_token_log_probs_grad": (ctypes.c_int, [_P, _P, _P, _P, _P, _I64, _I64, ctypes.c_float, ctypes.c_int]),
     "ppk_decode_attention": (ctypes.c_int, [_P, _P, _P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int]),
     "ppk_swiglu_forward": (None, [_P, _P, _P, _I64, ctypes.c_int]),
     "ppk_swiglu_backward": (None, [_P, _P, _P, _P, _P, _I64, ctypes.c_int]),
-    "ppk_row_dot": (None, [_P, _P, _P, _I64, _I64, ctypes.c_int]),
     "ppk_batched_gemm": (ctypes.c_int, [_P, ctypes.c_int, _I64, _I64, _P, _I64, _I64, _I64, ctypes.c_int, _P, _I64,
                                         _I64, _I64, ctypes.c_int, _P, _I64, _I64, _I64, _I64, _I64, _I64,
                                         ctypes.c_int]),

@@ -134,7 +134,8 @@ def sampled_log_probs(logits, token, temperature: float):
     """log_softmax(logits / temperature)[b, token[b]] -> [B] from a decode step's full-vocabulary
     logits [B, V]: what the scoring forward computes for that token (``InferenceModel.log_probs``),
     so before the repetition penalty and the top-k / top-p filters, which only steer sampling."""
-    return gather_log_probs(logits.astype("float32").unsqueeze(1), token.unsqueeze(1), temperature).squeeze(1)
+    return gather_log_probs(logits.astype("float32").unsqueeze(1), token.unsqueeze(1), temperature,
+                            cpu_kernels.token_log_probs).squeeze(1)
 
 
 def _generate(decoder: RolloutDecoder, input_ids, attention_mask, config: GenerationConfig, eos_token_id: int,
@@ -205,9 +206,10 @@ def log_probs_from_logits(logits, sequences, temperature: float = 1.0, split: bo
         log_probs, entropy = vocab.vocab_parallel_log_probs(logits, labels, temperature,
                                                                with_entropy and entropy_grad)
     elif with_entropy and not entropy_grad:  # the entropy a statistic: one pass over the logits
-        return tuple(t[:, :-1] for t in log_probs_and_entropy(logits, labels, temperature, cpu_kernels.row_dot))
+        return tuple(t[:, :-1] for t in log_probs_and_entropy(logits, labels, temperature,
+                                                               cpu_kernels.token_log_probs))
     else:
-        log_probs = gather_log_probs(logits, labels, temperature)
+        log_probs = gather_log_probs(logits, labels, temperature, cpu_kernels.token_log_probs)
         entropy = entropy_from_logits(logits, temperature) if with_entropy and entropy_grad else None
     if with_entropy and not entropy_grad:
         with paddle.no_grad():

@@ -14,22 +14,13 @@ by concatenation every step).  ``InferenceModel`` runs the same computation with
   scale folded into the queries' factors, SwiGLU in one kernel, and paddle's dense view kernels
   (``ppo.models.fast_paths.dense_kernels``).
 
-The decode step keeps separate projections and a small operator count per layer.  A fused step
-(q|k|v and gate|up as one GEMM each on copies made once per rollout, one rotary op for q, k and v,
-per-layer cache writes, 206 operators per step instead of 340: commit 536021f) was measured at
-batch 16 on the 33.5M model in alternating processes: its steps 7-16% faster (noise about 5%),
-whole rollouts 0-8% faster, while holding a copy of two thirds of the layer weights during every
-rollout; not adopted.  About 75% of a step is matmuls streaming the weights (one MKL thread: the
-101 MB of layer weights in 15.9 ms, 6.4 GB/s); the operators the fused step removed cost a few
-microseconds each (``benchmarks/rollout_speed.py --compare`` reports each checkout's step profile).
-
-With the toolkit's CPU kernels (``ppo.models.cpu_kernels``) a decode step's layers run as one call
-into them (``decode_layers``): the products through paddle's own MKL GEMM called from the C, the
-norms, rotary, attention over the cache and SwiGLU between them, no Python in between.  On the
-33.5M model at batch 16 that took the step from 18.9 to 14.1 ms (242 operators to 30; the per-op
-step spent 38% of its time outside paddle's operators, in Python and the ctypes calls).  It is
-planned once per rollout for models with separate projections and no biases or LoRA adapters,
-without tensor parallel; anything else decodes per operator as below.
+Prompts of unequal lengths are prefilled in groups of similar length (``length_groups``), each cut
+to its own longest prompt, so the prefill computes little padding.  With the toolkit's CPU kernels
+a decode step's layers run as one call into them (``ppo.models.decode_kernels.decode_layers``: the
+products through paddle's own MKL GEMM called from the C, no Python in between), planned once per
+rollout for models with separate projections and no biases or LoRA adapters, without tensor
+parallel; anything else decodes per operator.  The measurements behind both, and a fused step that
+was measured and not adopted, are in ``docs/performance.md``.
 
 It implements the decoder protocol (``ppo.rollout.decoding.RolloutDecoder``), so sampling, EOS handling
 and masks are shared with the reference path.  It is family-agnostic: it reads the model through its
@@ -56,86 +47,12 @@ from ppo.distributed import parallel, vocab
 from ppo.core.algorithms import gather_log_probs
 from ppo.core.batching import length_groups
 from ppo.rollout.decoding import RolloutDecoder
-from ppo.models import cpu_gemm, cpu_kernels
+from ppo.models import cpu_gemm, cpu_kernels, decode_kernels
 from ppo.models.families import DecoderLayout, LayerWeights, Projection, family_of_model
-from ppo.models.fast_paths import FUSED_RMS_NORM, dense_kernels
+from ppo.models.fast_paths import dense_kernels
+from ppo.rollout.layer_ops import (add_rms_norm, linear, matmul, rms_norm, rotary, rotary_sign, rotation_matrix,
+                                   write_prefill)
 from ppo.models.score_model import last_token_index, position_ids_from_mask
-
-
-def _rms_norm(x, weight, eps):
-    if cpu_kernels.ready(x, weight):  # the toolkit's CPU kernel: one pass on the matmuls' threads
-        return cpu_kernels.rms_norm_forward(x, weight, eps)
-    if FUSED_RMS_NORM is not None and x.dtype == weight.dtype:
-        # paddle's fused kernel (CPU too): 8x faster than the composed ops at decode size
-        return FUSED_RMS_NORM(x, weight, None, eps, x.ndim - 1)[0]
-    # every op counts in a decode step: no dtype casts when everything is float32 already
-    x32 = x if x.dtype == paddle.float32 else x.astype("float32")
-    variance = (x32 * x32).mean(-1, keepdim=True)  # x * x: paddle's pow kernel is ~50x slower on CPU
-    normed = paddle.rsqrt(variance + eps) * x
-    return (normed if normed.dtype == weight.dtype else normed.astype(weight.dtype)) * weight
-
-
-def _add_rms_norm(x, residual, weight, eps):
-    """(RMSNorm of ``x + residual``, ``x + residual``): the residual stream's add and the next norm,
-    one fused kernel where the build has it."""
-    if cpu_kernels.ready(x, residual, weight):
-        return cpu_kernels.add_rms_norm_forward(x, residual, weight, eps)
-    if FUSED_RMS_NORM is not None and x.dtype == weight.dtype == residual.dtype:
-        normed, summed = FUSED_RMS_NORM(x, weight, None, eps, x.ndim - 1, residual=residual)[:2]
-        return normed, summed
-    summed = x + residual
-    return _rms_norm(summed, weight, eps), summed
-
-
-def _rotary_sign(D: int, dtype):
-    """[D]: -1 on the first half, 1 on the second: ``rotate_half(x) == roll(x, D/2) * sign``, so a
-    rotary ``x * cos + rotate_half(x) * sin`` is ``x * cos + roll(x, D/2) * (sin * sign)``."""
-    return paddle.concat([paddle.full([D // 2], -1.0, dtype), paddle.full([D - D // 2], 1.0, dtype)])
-
-
-def _rotary(x, cos, signed_sin):
-    """RoPE of x [..., D] with factors broadcast to it (``signed_sin``: sin times ``_rotary_sign``)."""
-    return x * cos + paddle.roll(x, x.shape[-1] // 2, axis=-1) * signed_sin
-
-
-def _matmul(x, projection: Projection):
-    """x [N, in] @ weight [in, out] (+ the LoRA term x @ A [in, r] @ B [r, out] * scale, applied on
-    the fly: always the current adapters) -> [N, out]."""
-    y = cpu_gemm.matmul(x, projection.weight)  # (paddle.matmul unless the oneDNN path is active)
-    if projection.lora_a is not None:
-        y = y + paddle.matmul(paddle.matmul(x, projection.lora_a), projection.lora_b) * projection.lora_scale
-    return y
-
-
-def _linear(x, projection: Projection):
-    """x [N, in] @ weight [in, out] (+ bias [out]) -> [N, out]."""
-    y = _matmul(x, projection)
-    return y if projection.bias is None else y + projection.bias
-
-
-def _write_prefill(cache, layer: int, new, rows, slot: int):
-    """``cache[layer, rows, :, slot:slot + S] = new`` [b, KV, S, D] (``rows`` None: every row, in
-    order); written through the whole cache tensor (under dense kernels ``cache[layer]`` is a copy),
-    in place by the toolkit's kernels where they run (paddle's assignment copies the whole cache)."""
-    S = new.shape[2]
-    if rows is None:
-        if not cpu_kernels.write_cache(cache, new, slot, layer=layer):
-            cache[layer, :, :, slot:slot + S] = new
-        return
-    for j, row in enumerate(rows):
-        if not cpu_kernels.write_cache(cache, new[j], slot, layer=layer, row=int(row)):
-            cache[layer, int(row), :, slot:slot + S] = new[j]
-
-
-def _rotation_matrix(D: int, dtype):
-    """[D, D] with ``x @ R == rotate_half(x)``: out[j] = -x[j + D/2] (j < D/2), x[j - D/2] (j >= D/2)."""
-    import numpy as np
-
-    half = D // 2
-    r = np.zeros((D, D), dtype="float32")
-    r[np.arange(half) + half, np.arange(half)] = -1.0
-    r[np.arange(half), np.arange(half) + half] = 1.0
-    return paddle.to_tensor(r).astype(dtype)
 
 
 class InferenceModel(RolloutDecoder):
@@ -220,14 +137,14 @@ class InferenceModel(RolloutDecoder):
         """A row-parallel projection (attention output, MLP down): the partial products summed over
         tensor parallel, then the bias (held whole by every rank: added once, after the sum)."""
         # LoRA: this rank's rows of A, B whole, so the sum of x_k W_k + s x_k A_k B is x W + s x A B
-        y = self._reduce(_matmul(x, projection))
+        y = self._reduce(matmul(x, projection))
         return y if projection.bias is None else y + projection.bias
 
     def _qkv(self, h, weights: LayerWeights):
         if weights.qkv is None:
-            return _linear(h, weights.q), _linear(h, weights.k), _linear(h, weights.v)
+            return linear(h, weights.q), linear(h, weights.k), linear(h, weights.v)
         # paddlenlp's fused layout: per kv head, its group of query heads, then its key and value
-        mixed = _linear(h, weights.qkv).reshape([-1, self.n_kv, (self.n_heads // self.n_kv + 2) * self.head_dim])
+        mixed = linear(h, weights.qkv).reshape([-1, self.n_kv, (self.n_heads // self.n_kv + 2) * self.head_dim])
         q, k, v = paddle.split(mixed, [self.n_heads // self.n_kv * self.head_dim, self.head_dim, self.head_dim],
                                axis=-1)
         return q.reshape([-1, self.n_heads * self.head_dim]), k.reshape([-1, self.n_kv * self.head_dim]), \
@@ -237,15 +154,15 @@ class InferenceModel(RolloutDecoder):
         """q, k [..., heads, D] with each head RMS-normalised (Qwen3's q_norm / k_norm), or as they are."""
         if weights.q_norm is None:
             return q, k
-        return _rms_norm(q, weights.q_norm, self.eps), _rms_norm(k, weights.k_norm, self.eps)
+        return rms_norm(q, weights.q_norm, self.eps), rms_norm(k, weights.k_norm, self.eps)
 
     def _mlp(self, h, weights: LayerWeights):
         if weights.gate_up is None:
-            gate, up = _linear(h, weights.gate), _linear(h, weights.up)
+            gate, up = linear(h, weights.gate), linear(h, weights.up)
             # silu(gate) * up, one op (the toolkit's CPU kernel where it runs)
             act = cpu_kernels.swiglu_forward(gate, up) if cpu_kernels.ready(gate, up) else F.swiglu(gate, up)
         else:
-            act = F.swiglu(_linear(h, weights.gate_up))  # [gate | up]
+            act = F.swiglu(linear(h, weights.gate_up))  # [gate | up]
         return self._row_parallel(act, weights.down)
 
     def _forward(self, ids, positions, key_bias, rows=None, slot: int = 0):
@@ -297,7 +214,7 @@ class InferenceModel(RolloutDecoder):
             cos_q, sin_q = cos * scale, sin * scale
             key_bias = key_bias.contiguous()
         else:
-            sign = _rotary_sign(D, layout.cos.dtype)
+            sign = rotary_sign(D, layout.cos.dtype)
             cos = layout.cos[positions].unsqueeze(1)  # [B, 1, S, D]
             sin = (layout.sin * sign)[positions].unsqueeze(1)
             # broadcast factors expanded once for all layers (paddle's CPU kernels broadcast slowly),
@@ -308,19 +225,19 @@ class InferenceModel(RolloutDecoder):
             if cache is not None:
                 key_bias = key_bias.expand([B, H, S, S])
         layers = layout.layers
-        x = _rms_norm(h, layers[0].input_norm, self.eps)
+        x = rms_norm(h, layers[0].input_norm, self.eps)
         for i, weights in enumerate(layers):
             q, k, v = self._qkv(x, weights)
             q, k = self._head_norms(q.reshape([B, S, H, D]), k.reshape([B, S, KV, D]), weights)
             if kernels:  # [B, S, heads, D] -> rotated [B, heads, S, D] in one pass
-                q, k = cpu_kernels.rotary_heads_first(q, cos_q, sin_q), cpu_kernels.rotary_heads_first(k, cos, sin)
+                q, k = decode_kernels.rotary_heads_first(q, cos_q, sin_q), decode_kernels.rotary_heads_first(k, cos, sin)
             else:
-                q = _rotary(q.transpose([0, 2, 1, 3]), cos_q, sin_q)
-                k = _rotary(k.transpose([0, 2, 1, 3]), cos_k, sin_k)
+                q = rotary(q.transpose([0, 2, 1, 3]), cos_q, sin_q)
+                k = rotary(k.transpose([0, 2, 1, 3]), cos_k, sin_k)
             v = v.reshape([B, S, KV, D]).transpose([0, 2, 1, 3])
             if cache is not None:
-                _write_prefill(cache[0], i, k, rows, slot)
-                _write_prefill(cache[1], i, v, rows, slot)
+                write_prefill(cache[0], i, k, rows, slot)
+                write_prefill(cache[1], i, v, rows, slot)
             keys, values = k, v
             if KV != H:
                 keys = paddle.repeat_interleave(keys, H // KV, axis=1)
@@ -331,9 +248,9 @@ class InferenceModel(RolloutDecoder):
             else:
                 probs = F.softmax((scores + key_bias).astype("float32"), axis=-1).astype(q.dtype)
             out = cpu_kernels.attention_matmul(probs, values, heads_last=True).reshape([B * S, -1])
-            x, h = _add_rms_norm(self._row_parallel(out, weights.o), h, weights.post_attention_norm, self.eps)
+            x, h = add_rms_norm(self._row_parallel(out, weights.o), h, weights.post_attention_norm, self.eps)
             following = layers[i + 1].input_norm if i + 1 < len(layers) else layout.norm
-            x, h = _add_rms_norm(self._mlp(x, weights), h, following, self.eps)
+            x, h = add_rms_norm(self._mlp(x, weights), h, following, self.eps)
         return x
 
     # -- scoring: every position of full sequences, no cache ------------------------------------
@@ -358,7 +275,8 @@ class InferenceModel(RolloutDecoder):
         logits = self._logits(hidden, head)
         if self._vocab_split(head):  # no rank gathers the [B, L, V] logits
             return vocab.vocab_parallel_log_probs(logits.reshape([B, L - 1, -1]), sequences[:, 1:], temperature)[0]
-        return gather_log_probs(logits, sequences[:, 1:].reshape([-1]), temperature).reshape([B, L - 1])
+        return gather_log_probs(logits, sequences[:, 1:].reshape([-1]), temperature,
+                                cpu_kernels.token_log_probs).reshape([B, L - 1])
 
     @paddle.no_grad()
     def scores(self, sequences, attention_mask):
@@ -405,11 +323,11 @@ class InferenceModel(RolloutDecoder):
             (cos_q, sin_q), (cos_k, sin_k) = self._per_head(cos, sin)
             cache_bias = cache_bias.expand([B, H, 1, cache_bias.shape[-1]])
         layers = layout.layers
-        x = _rms_norm(h, layers[0].input_norm, self.eps)
+        x = rms_norm(h, layers[0].input_norm, self.eps)
         plan = self._decode_plan(layout) if kernels else None
         if plan is not None:  # every layer in one call of the toolkit's kernels: x and h updated in place
             tables = (t.reshape([B, D]) for t in (cos_q, sin_q, cos_k, sin_k))
-            new_keys, new_values = cpu_kernels.decode_layers(plan, x, h, *tables, cache[0], cache[1], cache_bias)
+            new_keys, new_values = decode_kernels.decode_layers(plan, x, h, *tables, cache[0], cache[1], cache_bias)
             return self._full_logits(x, layout.lm_head), new_keys, new_values
         new_keys, new_values = [], []
         for i, weights in enumerate(layers):
@@ -417,25 +335,25 @@ class InferenceModel(RolloutDecoder):
             q, k = self._head_norms(q.reshape([B, H, 1, D]), k.reshape([B, KV, 1, D]), weights)
             v = v.reshape([B, KV, 1, D])
             if kernels:
-                q, k = cpu_kernels.rotary_forward(q, cos_q, sin_q, 2), cpu_kernels.rotary_forward(k, cos_k, sin_k, 2)
+                q, k = decode_kernels.rotary_forward(q, cos_q, sin_q, 2), decode_kernels.rotary_forward(k, cos_k, sin_k, 2)
             else:  # rotary with rotate_half as one matmul by a signed permutation (instead of 4 ops)
                 q = (q * cos_q + paddle.matmul(q, self.rotation) * sin_q) * scale
                 k = k * cos_k + paddle.matmul(k, self.rotation) * sin_k
             new_keys.append(k)
             new_values.append(v)
             if kernels:  # the whole attention in one pass, the cache read in place
-                out = cpu_kernels.decode_attention(q, k, v, cache[0], cache[1], i, cache_bias)
+                out = decode_kernels.decode_attention(q, k, v, cache[0], cache[1], i, cache_bias)
             else:
                 out = self._cache_attention(q, k, v, cache[0][i], cache[1][i], cache_bias)
             # the residual adds with the norms after them (one op each where fused)
-            x, h = _add_rms_norm(self._row_parallel(out.reshape([B, H * D]), weights.o), h,
+            x, h = add_rms_norm(self._row_parallel(out.reshape([B, H * D]), weights.o), h,
                                  weights.post_attention_norm, self.eps)
             following = layers[i + 1].input_norm if i + 1 < len(layers) else layout.norm
-            x, h = _add_rms_norm(self._mlp(x, weights), h, following, self.eps)
+            x, h = add_rms_norm(self._mlp(x, weights), h, following, self.eps)
         return self._full_logits(x, layout.lm_head), paddle.stack(new_keys), paddle.stack(new_values)
 
     def _decode_plan(self, layout: DecoderLayout):
-        """The decode step's layers as one kernel call (``cpu_kernels.decode_layers``), planned at a
+        """The decode step's layers as one kernel call (``decode_kernels.decode_layers``), planned at a
         rollout's first step; None where a layer needs the per-operator path (tensor parallel, fused
         projections, biases, LoRA adapters, other dtypes)."""
         if self._plan is None:
@@ -448,7 +366,7 @@ class InferenceModel(RolloutDecoder):
                 following = layers[i + 1].input_norm if i + 1 < len(layers) else layout.norm
                 tensors.append([p.weight for p in projections] + [w.post_attention_norm, following, w.q_norm, w.k_norm])
             try:
-                self._plan = cpu_kernels.DecodePlan(tensors, self.n_heads, self.n_kv, self.head_dim, self.eps)
+                self._plan = decode_kernels.DecodePlan(tensors, self.n_heads, self.n_kv, self.head_dim, self.eps)
             except ValueError:  # (weights the kernels do not take: the per-operator path)
                 return None
         return self._plan or None
@@ -499,7 +417,7 @@ class InferenceModel(RolloutDecoder):
         self.key_mask = paddle.concat([attention_mask.astype("int64"), paddle.zeros([B, max_new_tokens], "int64")], 1)
         self.length = P
         self.cos_table = layout.cos  # [max_positions, D]
-        self.rotation = _rotation_matrix(self.head_dim, self.cos_table.dtype)
+        self.rotation = rotation_matrix(self.head_dim, self.cos_table.dtype)
         self.sin_table = layout.sin
         # prompts of unequal lengths: prefilled in groups of similar length, not padded to the longest
         groups = length_groups(attention_mask.astype("int64").sum(axis=1).numpy(), self.PREFILL_GROUP_OVERHEAD)
@@ -518,7 +436,7 @@ class InferenceModel(RolloutDecoder):
         logits, keys, values = self._decode_step(token, cos, sin, cache_bias)
         # a finished row's token is padding: written but masked from later steps
         for cache, new in zip(self.cache, (keys, values)):
-            if not cpu_kernels.write_cache(cache, new, self.length):  # (a copy in place, where it runs)
+            if not decode_kernels.write_cache(cache, new, self.length):  # (a copy in place, where it runs)
                 cache[:, :, :, self.length] = new.squeeze(3)
         self.key_mask[:, self.length] = token_mask.astype("int64")
         self.length += 1
