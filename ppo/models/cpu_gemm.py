@@ -135,7 +135,7 @@ def activate(mode: str = "auto", bf16: bool = False, threads: int | None = None)
         STATE.kernels_library = kernel_library.load(STATE.openmp)
     STATE.kernels, why_not = STATE.kernels_library
     if why_not:
-        notices.append(f"{why_not}: norms, rotary, SwiGLU and attention run paddle's")
+        notices.append(f"{why_not}: norms, rotary, SwiGLU, attention and the log-probs run paddle's")
     if bf16 and not cpu_has_bf16():
         notices.append("bf16 requested but this CPU has no bf16 units (avx512_bf16 / amx_bf16): training in float32")
         bf16 = False
