@@ -5,6 +5,7 @@ import paddle
 import pytest
 from paddlenlp.transformers import LlamaConfig, LlamaForCausalLM
 
+from ppo.models import cpu_gemm
 from ppo.rollout.inference import InferenceModel
 from ppo.models import position_ids_from_mask
 from ppo.rollout.collect import GenerationConfig, forward_log_probs, generate
@@ -89,7 +90,9 @@ def uneven_prompts(lengths=(19, 20, 7, 11, 1, 3), vocab=320, seed=4):
 def test_prefill_in_length_groups_equals_the_whole_batch_prefill(extra, overhead, widths_expected):
     """Prompts of unequal lengths are prefilled in groups, each cut to its own longest prompt: the
     first logits, the cache's real slots and the following steps' logits equal the whole batch's
-    prefill, in the input's row order (the pairs: rows (1, 0), (3, 2), (5, 4), the longer first)."""
+    prefill, in the input's row order (the pairs: rows (1, 0), (3, 2), (5, 4), the longer first);
+    the toolkit's CPU kernels on, which write the cache in place."""
+    assert cpu_gemm.activate("onednn") is None
     model = make_model(**extra)
     ids, mask = uneven_prompts()
     pos = position_ids_from_mask(mask)
@@ -116,6 +119,7 @@ def test_prefill_in_length_groups_equals_the_whole_batch_prefill(extra, overhead
 
 
 def test_greedy_tokens_with_a_grouped_prefill_equal_the_training_model():
+    assert cpu_gemm.activate("onednn") is None
     model = make_model()
     decoder = InferenceModel(model)
     decoder.PREFILL_GROUP_OVERHEAD = 0
@@ -125,6 +129,30 @@ def test_greedy_tokens_with_a_grouped_prefill_equal_the_training_model():
     got, got_mask = generate(decoder, ids, mask, config, eos_token_id=2, pad_token_id=3)
     np.testing.assert_array_equal(got.numpy(), ref.numpy())
     np.testing.assert_array_equal(got_mask.numpy(), ref_mask.numpy())
+
+
+def test_prefill_stays_one_batch_without_in_place_cache_writes_or_left_padding():
+    """No groups where the cache would be written by paddle's assignment (a copy of the whole cache
+    per row and layer) or where a prompt's real tokens are not its last columns; logits as the
+    paddlenlp forward's."""
+    model = make_model()
+    ids, mask = uneven_prompts()
+    right = paddle.to_tensor(np.ascontiguousarray(mask.numpy()[:, ::-1]))
+    right_ids = paddle.to_tensor(np.ascontiguousarray(ids.numpy()[:, ::-1]))
+    for kernels, prompt, prompt_mask in ((False, ids, mask), (True, right_ids, right)):
+        assert cpu_gemm.activate("onednn" if kernels else "paddle") is None
+        decoder = InferenceModel(model)
+        decoder.PREFILL_GROUP_OVERHEAD = 0
+        widths = []
+        forward = decoder._forward
+        decoder._forward = lambda ids_, *a: widths.append(ids_.shape[1]) or forward(ids_, *a)
+        pos = position_ids_from_mask(prompt_mask)
+        with paddle.no_grad():
+            first = decoder.start(prompt, prompt_mask, pos, max_new_tokens=2)
+            full = model(input_ids=prompt, attention_mask=prompt_mask, position_ids=pos, return_dict=True).logits[:, -1]
+        assert widths == [prompt.shape[1]], (kernels, widths)
+        if not kernels:  # (right padding: the last column is padding for most rows, compared nowhere)
+            np.testing.assert_allclose(first.numpy(), full.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_rollout_after_an_update_uses_the_updated_weights():

@@ -133,7 +133,8 @@ class TrainingArgs:
                             "one notice line and float32.")
     cpu_gemm: str = arg("auto", "CPU kernels: auto / onednn run the matmuls through oneDNN's GEMM from paddle's own "
                                 "wheel (bf16 with bf16; a decode step's few rows stay on paddle's matmul) and RMSNorm, "
-                                "rotary, SwiGLU and attention through the toolkit's compiled kernels on the same "
+                                "rotary, SwiGLU, attention and the token log-probs through the toolkit's compiled "
+                                "kernels on the same "
                                 "threads; paddle runs paddle's own ops throughout. auto falls back to paddle's with one "
                                 "notice line where oneDNN or the kernels cannot load. No effect on GPU.",
                         ("auto", "onednn", "paddle"))

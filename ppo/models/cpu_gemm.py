@@ -125,7 +125,7 @@ def activate(mode: str = "auto", bf16: bool = False, threads: int | None = None)
         return None
     if load() is None:
         deactivate()
-        return f"{STATE.reason}: matmuls stay paddle's, and so do the norms, rotary, SwiGLU and attention"
+        return f"{STATE.reason}: matmuls stay paddle's, and so do the norms, rotary, SwiGLU, attention and the log-probs"
     if threads is None:  # as many as paddle's MKL: the toolkit's default is the process's share of the cores
         threads = max(1, int(os.environ.get("MKL_NUM_THREADS") or 1))
     # paddle runs its own OpenMP kernels on one thread; the products get ``threads`` for their duration only

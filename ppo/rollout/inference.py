@@ -185,7 +185,8 @@ class InferenceModel(RolloutDecoder):
         """Prefill the rows ``groups`` (index arrays, ``length_groups``) one group at a time, each cut
         to its own longest prompt, into the rollout's cache at the prompts' columns; returns the
         logits [B, V] for the first new token.  A row's keys, values and logits are those of the
-        whole-batch prefill (left padding is masked either way): only the padding goes."""
+        whole-batch prefill within float rounding (left padding is masked either way; a row without
+        any real token has no meaningful logits in either): only the padding goes."""
         B, P = input_ids.shape
         lengths = attention_mask.astype("int64").sum(axis=1).numpy()
         logits, order = [], []
@@ -419,8 +420,15 @@ class InferenceModel(RolloutDecoder):
         self.cos_table = layout.cos  # [max_positions, D]
         self.rotation = rotation_matrix(self.head_dim, self.cos_table.dtype)
         self.sin_table = layout.sin
-        # prompts of unequal lengths: prefilled in groups of similar length, not padded to the longest
-        groups = length_groups(attention_mask.astype("int64").sum(axis=1).numpy(), self.PREFILL_GROUP_OVERHEAD)
+        # prompts of unequal lengths: prefilled in groups of similar length, not padded to the longest,
+        # where the prompts are left padded (a group keeps its last columns) and the kernels write the
+        # cache in place (a group's rows are written one at a time; paddle's assignment copies the
+        # whole cache per write on CPU)
+        mask = attention_mask.numpy() != 0
+        lengths = mask.sum(axis=1)
+        left_padded = bool((np.cumprod(mask[:, ::-1], axis=1).sum(axis=1) == lengths).all())
+        in_place = cpu_kernels.ready(self.cache[0]) and self.cache[0].is_contiguous()
+        groups = length_groups(lengths, self.PREFILL_GROUP_OVERHEAD) if left_padded and in_place else [None]
         if len(groups) > 1:
             return self._prefill_in_groups(input_ids, attention_mask, position_ids, groups)
         return self._forward(input_ids, position_ids, self._bias(attention_mask.astype("int64"), P, 0))
