@@ -181,14 +181,13 @@ class InferenceModel(RolloutDecoder):
             x = self._hidden(ids, positions, key_bias, layout, self.cache, rows, slot)
         return self._full_logits(x.reshape([B, S, -1])[:, -1], layout.lm_head)
 
-    def _prefill_in_groups(self, input_ids, attention_mask, position_ids, groups):
-        """Prefill the rows ``groups`` (index arrays, ``length_groups``) one group at a time, each cut
-        to its own longest prompt, into the rollout's cache at the prompts' columns; returns the
-        logits [B, V] for the first new token.  A row's keys, values and logits are those of the
+    def _prefill_in_groups(self, input_ids, attention_mask, position_ids, lengths, groups):
+        """Prefill the rows ``groups`` (index arrays, ``length_groups`` of the prompts' ``lengths``
+        [B]) one group at a time, each cut to its own longest prompt, into the rollout's cache at
+        the prompts' columns; returns the logits [B, V] for the first new token.  A row's keys, values and logits are those of the
         whole-batch prefill within float rounding (left padding is masked either way; a row without
         any real token has no meaningful logits in either): only the padding goes."""
         B, P = input_ids.shape
-        lengths = attention_mask.astype("int64").sum(axis=1).numpy()
         logits, order = [], []
         for rows in groups:
             S = max(1, int(lengths[rows].max()))
@@ -430,7 +429,7 @@ class InferenceModel(RolloutDecoder):
         in_place = cpu_kernels.ready(self.cache[0]) and self.cache[0].is_contiguous()
         groups = length_groups(lengths, self.PREFILL_GROUP_OVERHEAD) if left_padded and in_place else [None]
         if len(groups) > 1:
-            return self._prefill_in_groups(input_ids, attention_mask, position_ids, groups)
+            return self._prefill_in_groups(input_ids, attention_mask, position_ids, lengths, groups)
         return self._forward(input_ids, position_ids, self._bias(attention_mask.astype("int64"), P, 0))
 
     def step(self, token, token_mask, position_ids):
